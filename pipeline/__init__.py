@@ -1,0 +1,1 @@
+"""Feature precomputation: dataset readers, region and global encoders, the Zarr store writer."""

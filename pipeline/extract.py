@@ -1,0 +1,353 @@
+"""`userpipe extract`: dataset -> region features + global embeddings -> Zarr store, in Dask tasks.
+
+Reader (datasets, importers) / writer (store) / distributor (this module) split, as img2dataset:
+the driver validates everything and creates the store before any work starts, then submits one
+task per image chunk (and per caption chunk when the global encoder has a text tower). A task owns
+its Zarr chunks, writes them, and only then sets its `*_done` flag, so a rerun after a crash skips
+finished chunks and recomputes the rest bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
+from pipeline.demo import load_demo
+from pipeline.errors import InputError
+from pipeline.global_encoders import GlobalEncoder, resolve_global_config
+from pipeline.importers import ImportPlan, load_precomp, plan_import, read_imported
+from pipeline.regions import BACKBONES, RegionExtractor, resolve_region_config
+from pipeline.store import create_store, open_store, write_attrs
+from schemas.store import (
+    IMPORTED_REGION_KINDS,
+    ExtractorConfig,
+    Failure,
+    SplitSummary,
+    StoreAttrs,
+    caption_chunk_size,
+    num_chunks,
+)
+
+TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    dataset: str
+    root: Path | None
+    out: Path | None
+    splits: tuple[str, ...]
+    regions: str | None  # None: dataset default
+    backbone: str
+    backbone_weights: str | None
+    detector_weights: str | None
+    clip: str | None  # None: dataset default
+    num_regions: int
+    image_size: int | None
+    chunk_size: int
+    images: int | None  # demo size
+    workers: int
+    scheduler: str | None
+    overwrite: bool
+    allow_failures: bool
+
+
+@dataclass
+class Prepared:
+    config: ExtractorConfig
+    index: DatasetIndex
+    imports: ImportPlan | None
+    out: Path
+
+
+def default_out(dataset: str) -> Path:
+    return Path("data") / f"{Path(dataset).stem if dataset.endswith('.json') else dataset}.zarr"
+
+
+def prepare(opts: ExtractOptions) -> Prepared:
+    """Everything that can be wrong with the input is found here, before anything is written."""
+    is_demo = opts.dataset == "demo"
+    region_spec = opts.regions or ("boxes" if is_demo else "butd")
+    kind, _, source = region_spec.partition(":")
+    if kind in IMPORTED_REGION_KINDS and not source:
+        raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
+    if opts.num_regions <= 0 or opts.chunk_size <= 0:
+        raise InputError("--num-regions and --chunk-size must be positive")
+
+    imports = None
+    if kind == "precomp":
+        index, imports = load_precomp(Path(source), opts.dataset, opts.root, opts.splits,
+                                      max_captions=5 if opts.dataset in ("coco", "f30k") else None)
+    else:
+        index = load_demo(opts.root, opts.images) if is_demo else load_dataset(opts.dataset, opts.root)
+        index.select(opts.splits)
+        if kind == "boxes" and not index.has_boxes:
+            raise InputError(f"--regions boxes needs a 'boxes' list on every image record of {opts.dataset}")
+        if kind in ("tsv", "npz"):
+            imports = plan_import(kind, source, index)
+
+    global_config = resolve_global_config(opts.clip or ("imagenet:efficientnet_lite0" if is_demo else
+                                                        "ViT-B-32:openai"))
+    needs_images = kind not in IMPORTED_REGION_KINDS or global_config.kind != "none"
+    if needs_images:
+        if index.image_root is None:
+            raise InputError(f"--clip {opts.clip} needs the images, but {opts.dataset}'s Karpathy JSON was not "
+                             "found under --root to locate them; pass --clip none or --root")
+        check_image_folders(index)
+
+    region_config = resolve_region_config(kind, source or None, opts.backbone, opts.backbone_weights,
+                                          opts.detector_weights)
+    feature_dim = imports.feature_dim if imports else BACKBONES[opts.backbone].feature_dim
+    config = ExtractorConfig(
+        dataset=opts.dataset, dataset_sha256=index.sha256, splits=opts.splits,
+        max_captions=index.max_captions, num_regions=opts.num_regions, feature_dim=feature_dim,
+        image_size=opts.image_size or (256 if is_demo else 600), chunk_size=opts.chunk_size,
+        regions=region_config, global_encoder=global_config,
+    )
+    return Prepared(config, index, imports, opts.out or default_out(opts.dataset))
+
+
+# --------------------------------------------------------------------------- worker side
+
+@dataclass(frozen=True)
+class ImageChunk:
+    store: str
+    split: str
+    chunk: int
+    start: int
+    paths: tuple[str, ...]  # absolute image paths ("" when regions are imported and no global is needed)
+    boxes: tuple  # annotated boxes per image, or None
+    refs: tuple  # importer refs per image, or None
+
+
+@lru_cache(maxsize=2)
+def _models(config_json: str) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
+    """Built once per worker process and configuration."""
+    config = ExtractorConfig.model_validate_json(config_json)
+    regions = None if config.regions.kind in IMPORTED_REGION_KINDS else RegionExtractor(config)
+    encoder = None if config.global_encoder.kind == "none" else GlobalEncoder(config.global_encoder)
+    return config, regions, encoder
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")  # forces a full decode, so truncated files fail here
+
+
+def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None) -> int:
+    _set_threads(threads)
+    config, extractor, encoder = _models(config_json)
+    n, r, d = len(chunk.paths), config.num_regions, config.feature_dim
+    regions = np.full((n, r, d), np.nan, np.float32)
+    boxes = np.full((n, r, 4), np.nan, np.float32)
+    num_regions = np.zeros(n, np.int16)
+    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    errors = [""] * n
+    images: dict[int, Image.Image] = {}
+    for i, path in enumerate(chunk.paths):
+        try:
+            image = _load_image(path) if (extractor or encoder) else None
+            if extractor is not None:
+                feats, found = extractor(image, chunk.boxes[i])
+                k = r
+            else:
+                if chunk.refs[i] is None:
+                    raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
+                imported = read_imported(config.regions.kind, chunk.refs[i], d)
+                k = min(r, len(imported.features))
+                feats, found = imported.features[:k], imported.boxes[:k] if imported.boxes is not None else None
+                width[i], height[i] = imported.width, imported.height
+                regions[i, k:], boxes[i, k:] = 0.0, 0.0  # padding past num_regions is zeros, by contract
+            regions[i, :k] = feats
+            if found is not None:
+                boxes[i, :k] = found
+            num_regions[i] = k
+            if image is not None:
+                width[i], height[i] = image.size
+                images[i] = image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            regions[i], boxes[i], num_regions[i] = np.nan, np.nan, 0
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    valid = np.array([not e for e in errors])
+
+    group = zarr.open_group(chunk.store, mode="r+")[chunk.split]
+    rows = slice(chunk.start, chunk.start + n)
+    if encoder is not None:
+        clip = np.full((n, config.global_encoder.image_dim), np.nan, np.float32)
+        ok = [i for i in range(n) if valid[i]]
+        if ok:
+            clip[ok] = encoder.encode_images([images[i] for i in ok])
+        group["clip_image"][rows] = clip.astype(np.float16)
+    group["regions"][rows] = regions.astype(np.float16)
+    group["boxes"][rows] = boxes
+    group["num_regions"][rows] = num_regions
+    group["width"][rows] = width
+    group["height"][rows] = height
+    group["valid"][rows] = valid
+    group["error"][rows] = np.array(errors, dtype=object)
+    group["images_done"][chunk.chunk] = True  # last: the chunk counts as done only once all is written
+    return n
+
+
+def embed_caption_chunk(config_json: str, store: str, split: str, chunk: int, start: int,
+                        texts: tuple[str, ...], threads: int | None) -> int:
+    _set_threads(threads)
+    _, _, encoder = _models(config_json)
+    embeddings = np.concatenate([encoder.encode_texts(list(texts[i:i + TEXT_BATCH]))
+                                 for i in range(0, len(texts), TEXT_BATCH)])
+    group = zarr.open_group(store, mode="r+")[split]
+    group["clip_text"][start:start + len(texts)] = embeddings.astype(np.float16)
+    group["captions_done"][chunk] = True
+    return len(texts)
+
+
+# --------------------------------------------------------------------------- driver side
+
+def _strip_paths(value):
+    """Config content without local file locations: the same weights elsewhere are the same config."""
+    if isinstance(value, dict):
+        return {k: _strip_paths(v) for k, v in value.items() if k not in ("path", "model_config_file")}
+    return value
+
+
+def same_content(a: ExtractorConfig, b: ExtractorConfig) -> bool:
+    return _strip_paths(a.model_dump(mode="json")) == _strip_paths(b.model_dump(mode="json"))
+
+
+def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, StoreAttrs]:
+    out, config, index = prepared.out, prepared.config, prepared.index
+    if out.exists():
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            try:
+                root, attrs = open_store(out, mode="r+")
+            except InputError:
+                raise InputError(f"{out} exists and is not a userpipe store; pass --overwrite to replace it") from None
+            if not same_content(attrs.extractor, config):
+                raise InputError(f"{out} was extracted with another configuration; pass --overwrite to "
+                                 "replace it, or --out for a new store")
+            return root, attrs
+    splits = {s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
+              for s, recs in index.splits.items()}
+    attrs = StoreAttrs(extractor=config, splits=splits)
+    return create_store(out, attrs, index), attrs
+
+
+def _image_chunks(prepared: Prepared, root: zarr.Group) -> list[ImageChunk]:
+    config, index = prepared.config, prepared.index
+    size = config.chunk_size
+    chunks = []
+    for split, records in index.splits.items():
+        done = root[split]["images_done"][:]
+        refs = prepared.imports.refs[split] if prepared.imports else [None] * len(records)
+        for c in range(num_chunks(len(records), size)):
+            if done[c]:
+                continue
+            part = slice(c * size, (c + 1) * size)
+            paths = tuple(str((index.image_root / r.file).resolve()) if r.file and index.image_root else ""
+                          for r in records[part])
+            chunks.append(ImageChunk(str(prepared.out), split, c, c * size, paths,
+                                     tuple(r.boxes for r in records[part]), tuple(refs[part])))
+    return chunks
+
+
+def _caption_chunks(prepared: Prepared, root: zarr.Group) -> list[tuple]:
+    if not prepared.config.global_encoder.text_dim:
+        return []
+    size = caption_chunk_size(prepared.config)
+    chunks = []
+    for split, records in prepared.index.splits.items():
+        texts = [c for r in records for c in r.captions]
+        done = root[split]["captions_done"][:]
+        chunks += [(str(prepared.out), split, c, c * size, tuple(texts[c * size:(c + 1) * size]))
+                   for c in range(num_chunks(len(texts), size)) if not done[c]]
+    return chunks
+
+
+def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
+    """Failures and per-split counts, read back from the store (so a resumed run reports the same)."""
+    failures, splits = [], {}
+    for split, summary in attrs.splits.items():
+        group = root[split]
+        valid = group["valid"][:]
+        bad = np.flatnonzero(~valid)
+        if len(bad):
+            ids, files, errors = group["image_id"][:], group["file"][:], group["error"][:]
+            failures += [Failure(split=split, index=int(i), image_id=str(ids[i]), file=str(files[i]),
+                                 error=str(errors[i])) for i in bad]
+        splits[split] = summary.model_copy(update={"num_invalid": len(bad)})
+    return attrs.model_copy(update={"splits": splits, "failures": tuple(failures), "complete": True})
+
+
+class _Rate(TextColumn):
+    def __init__(self, unit: str):
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return f"{speed:6.1f} {self.unit}/s" if speed else f"   ... {self.unit}/s"
+
+
+def _client(workers: int, scheduler: str | None):
+    """(client, our LocalCluster or None, torch threads per task or None to leave the worker's default)."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None, None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster, max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
+    """Run (or resume) the extraction; returns the final attributes written to the store."""
+    from distributed import as_completed
+
+    root, attrs = open_or_create(prepared, opts.overwrite)
+    image_chunks = _image_chunks(prepared, root)
+    caption_chunks = _caption_chunks(prepared, root)
+    total_images = sum(s.num_images for s in attrs.splits.values())
+    todo_images = sum(len(c.paths) for c in image_chunks)
+    if todo_images < total_images:
+        console.print(f"resuming {prepared.out}: {total_images - todo_images} of {total_images} images already done")
+    config_json = prepared.config.model_dump_json()
+    if image_chunks or caption_chunks:
+        client, cluster, threads = _client(opts.workers, opts.scheduler)
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          _Rate("items"), TimeRemainingColumn(), console=console) as progress:
+                bars = {"images": progress.add_task("images", total=todo_images)}
+                futures = [client.submit(extract_image_chunk, config_json, c, threads, pure=False)
+                           for c in image_chunks]
+                if caption_chunks:
+                    bars["captions"] = progress.add_task("captions", total=sum(len(c[4]) for c in caption_chunks))
+                    futures += [client.submit(embed_caption_chunk, config_json, *c, threads, pure=False)
+                                for c in caption_chunks]
+                kinds = {f.key: ("images" if i < len(image_chunks) else "captions") for i, f in enumerate(futures)}
+                for future in as_completed(futures):
+                    progress.advance(bars[kinds[future.key]], future.result())
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    final = collect_failures(root, attrs)
+    write_attrs(root, final)
+    return final

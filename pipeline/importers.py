@@ -1,0 +1,292 @@
+"""Importers for region features users already have, read lazily and checked before use.
+
+- precomp:DIR  SCAN layout ({split}_ims.npy, {split}_caps.txt, {split}_ids.txt); also the dataset
+               (captions and ids come from these files). The .npy is memory-mapped.
+- tsv:GLOB     bottom-up-attention TSV (Anderson et al. tools/generate_tsv.py) or its LXMERT variant;
+               indexed once by byte offset, lines read on demand.
+- npz:DIR      bottom-up-attention.pytorch per-image .npz files.
+
+Each importer yields, per dataset image, a small picklable reference (`ref`) that a worker turns
+into features with `read_imported`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import glob
+import hashlib
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets import NAMED_DATASETS, DatasetIndex, ImageRecord, file_sha256, read_karpathy_json
+from pipeline.errors import InputError
+
+# SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
+PRECOMP_SPLIT_FILES = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}
+TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+LXMERT_TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
+                     "num_boxes", "boxes", "features")
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ImportedRegions:
+    features: np.ndarray  # (k, D) float32
+    boxes: np.ndarray | None  # (k, 4) x1, y1, x2, y2 pixels; None when the source has no boxes
+    width: int  # 0 when unknown
+    height: int
+
+
+@dataclass
+class ImportPlan:
+    """What an importer contributes before extraction: the feature width and one ref per image."""
+
+    feature_dim: int
+    refs: dict[str, list]  # split -> per-image ref (None: this image has no features in the source)
+    sha256: str | None = None
+
+
+# --------------------------------------------------------------------------- precomp (SCAN)
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, read from its header only."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        except ValueError as exc:
+            raise InputError(f"{path} is not a .npy file: {exc}") from None
+        if fortran:
+            raise InputError(f"{path} is Fortran-ordered; save it C-ordered")
+        return shape, dtype, f.tell()
+
+
+def checked_npy(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    shape, dtype, offset = npy_header(path)
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise InputError(
+            f"{path} is {'truncated' if actual < expected else 'longer than its header says'}: header says "
+            f"{shape} {dtype} = {expected:,} bytes, the file has {actual:,}"
+        )
+    if len(shape) != 3 or dtype.kind != "f":
+        raise InputError(f"{path} holds {shape} {dtype}; region features must be float (images, regions, dim)")
+    return shape, dtype
+
+
+def _read_lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def _precomp_split(directory: Path, split: str) -> tuple[str, Path] | None:
+    for stem in PRECOMP_SPLIT_FILES[split]:
+        if (directory / f"{stem}_ims.npy").is_file():
+            return stem, directory / f"{stem}_ims.npy"
+    return None
+
+
+def _karpathy_files(dataset: str, root: Path | None) -> dict[str, ImageRecord]:
+    """id -> record from the dataset's Karpathy JSON under root, if it is there (for CLIP globals)."""
+    spec = NAMED_DATASETS.get(dataset)
+    root = root or Path("data") / dataset
+    if spec is None or not (root / spec.json_name).is_file():
+        return {}
+    index = read_karpathy_json(root / spec.json_name, name=dataset, image_root=root / spec.image_dir,
+                               uses_filepath=spec.uses_filepath, max_captions=None)
+    # COCO precomp ids are cocoids (= our image_id); Flickr30K's are Karpathy imgids.
+    key = (lambda r: r.image_id) if dataset == "coco" else (lambda r: str(r.imgid))
+    return {key(r): r for records in index.splits.values() for r in records}
+
+
+def load_precomp(directory: Path, dataset: str, root: Path | None, splits: tuple[str, ...],
+                 max_captions: int | None) -> tuple[DatasetIndex, ImportPlan]:
+    if not directory.is_dir():
+        raise InputError(f"precomp folder not found: {directory}")
+    by_id = _karpathy_files(dataset, root)
+    index_splits: dict[str, list[ImageRecord]] = {}
+    refs: dict[str, list] = {}
+    dims = set()
+    hashes = []
+    for split in splits:
+        found = _precomp_split(directory, split)
+        if found is None:
+            names = " or ".join(f"{s}_ims.npy" for s in PRECOMP_SPLIT_FILES[split])
+            raise InputError(f"precomp folder {directory} has no {names} for split '{split}'")
+        stem, ims = found
+        (n, _, dim), _ = checked_npy(ims)
+        dims.add(dim)
+        caps_path, ids_path = directory / f"{stem}_caps.txt", directory / f"{stem}_ids.txt"
+        for p in (caps_path, ids_path):
+            if not p.is_file():
+                raise InputError(f"precomp folder {directory} has {ims.name} but no {p.name}")
+        caps, ids = _read_lines(caps_path), _read_lines(ids_path)
+        if n == 0 or len(caps) % n:
+            raise InputError(f"{caps_path.name} has {len(caps)} lines, not a multiple of the {n} images in {ims.name}")
+        per_image = len(caps) // n
+        if max_captions is not None and per_image < max_captions:
+            raise InputError(f"{caps_path.name} has {per_image} captions per image, {dataset} needs {max_captions}")
+        if len(ids) == len(caps) and per_image > 1:
+            grouped = [ids[i * per_image:(i + 1) * per_image] for i in range(n)]
+            bad = next((i for i, g in enumerate(grouped) if len(set(g)) != 1), None)
+            if bad is not None:
+                raise InputError(f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})")
+            ids = [g[0] for g in grouped]
+        elif len(ids) != n:
+            raise InputError(
+                f"{ids_path.name} has {len(ids)} lines; expected {n} (one per image) or {len(caps)} (one per caption)"
+            )
+        keep = max_captions or per_image
+        records = []
+        for i, image_id in enumerate(ids):
+            known = by_id.get(image_id)
+            records.append(ImageRecord(
+                image_id=known.image_id if known else image_id,
+                file=known.file if known else "",
+                captions=tuple(" ".join(c.split()) for c in caps[i * per_image:i * per_image + keep]),
+            ))
+        index_splits[split] = records
+        refs[split] = [(str(ims), i) for i in range(n)]
+        hashes += [file_sha256(caps_path), file_sha256(ids_path)]
+    if len(dims) != 1:
+        raise InputError(f"precomp splits in {directory} disagree on the feature dim: {sorted(dims)}")
+    image_root = None
+    if by_id:
+        spec = NAMED_DATASETS[dataset]
+        image_root = (root or Path("data") / dataset) / spec.image_dir
+    index = DatasetIndex(name=dataset, image_root=image_root, splits=index_splits, max_captions=max_captions,
+                         sha256=_combined(hashes))
+    return index, ImportPlan(feature_dim=dims.pop(), refs=refs)
+
+
+def _combined(hashes: list[str]) -> str:
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _memmap(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+# --------------------------------------------------------------------------- TSV
+
+def _b64_bytes(field: bytes) -> int:
+    return len(field) * 3 // 4 - field[-2:].count(b"=") if field else 0
+
+
+def _tsv_layout(num_fields: int, path: str) -> tuple[str, ...]:
+    for layout in (TSV_FIELDS, LXMERT_TSV_FIELDS):
+        if num_fields == len(layout):
+            return layout
+    raise InputError(f"{path}: lines have {num_fields} fields; expected {len(TSV_FIELDS)} (bottom-up-attention) "
+                     f"or {len(LXMERT_TSV_FIELDS)} (LXMERT)")
+
+
+def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
+    """image_id -> (file, byte offset), and the feature dim; every line's field sizes are checked."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise InputError(f"no TSV files match {pattern}")
+    lookup: dict[str, tuple[str, int]] = {}
+    dim = None
+    for path in files:
+        with open(path, "rb") as f:
+            offset, number = 0, 0
+            for line in iter(f.readline, b""):
+                number += 1
+                fields = line.rstrip(b"\r\n").split(b"\t")
+                layout = _tsv_layout(len(fields), path)
+                row = dict(zip(layout, fields, strict=True))
+                image_id = row.get("image_id", row.get("img_id")).decode()
+                try:
+                    boxes_n = int(row["num_boxes"])
+                except ValueError:
+                    raise InputError(f"{path} line {number}: num_boxes is not an integer") from None
+                box_bytes, feat_bytes = _b64_bytes(row["boxes"]), _b64_bytes(row["features"])
+                if boxes_n <= 0 or box_bytes != boxes_n * 4 * FLOAT32_BYTES:
+                    raise InputError(f"{path} line {number} (image {image_id}): boxes hold {box_bytes} bytes, "
+                                     f"num_boxes={boxes_n} needs {boxes_n * 4 * FLOAT32_BYTES} (truncated?)")
+                line_dim = feat_bytes / (boxes_n * FLOAT32_BYTES)
+                if dim is None and line_dim.is_integer():
+                    dim = int(line_dim)
+                if line_dim != dim:
+                    raise InputError(f"{path} line {number} (image {image_id}): features hold {feat_bytes} bytes, "
+                                     f"{boxes_n} boxes x {dim} float32 need {boxes_n * (dim or 0) * FLOAT32_BYTES}")
+                if image_id in lookup:
+                    raise InputError(f"{path} line {number}: image {image_id} already appeared "
+                                     f"in {lookup[image_id][0]} (overlapping TSV parts?)")
+                lookup[image_id] = (path, offset)
+                offset += len(line)
+    return lookup, dim
+
+
+def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
+    csv.field_size_limit(sys.maxsize)  # feature fields are megabytes long
+    with open(path, encoding="ascii", newline="") as f:
+        f.seek(offset)
+        fields = next(csv.reader([f.readline().rstrip("\r\n")], delimiter="\t"))
+    row = dict(zip(_tsv_layout(len(fields), path), fields, strict=True))
+    n = int(row["num_boxes"])
+    boxes = np.frombuffer(base64.b64decode(row["boxes"]), np.float32).reshape(n, 4)
+    features = np.frombuffer(base64.b64decode(row["features"]), np.float32).reshape(n, -1)
+    width = int(float(row.get("image_w", row.get("img_w"))))
+    height = int(float(row.get("image_h", row.get("img_h"))))
+    return ImportedRegions(features, boxes, width, height)
+
+
+# --------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
+
+def index_npz(directory: Path) -> tuple[dict[str, str], int]:
+    if not directory.is_dir():
+        raise InputError(f"npz folder not found: {directory}")
+    files = sorted(directory.glob("*.npz"))
+    if not files:
+        raise InputError(f"no .npz files in {directory}")
+    first = _read_npz(str(files[0]))
+    return {p.stem: str(p) for p in files}, first.features.shape[1]
+
+
+def _read_npz(path: str) -> ImportedRegions:
+    with np.load(path, allow_pickle=True) as z:
+        missing = [k for k in ("x", "bbox", "num_bbox", "image_h", "image_w") if k not in z.files]
+        if missing:
+            raise ValueError(f"{Path(path).name} lacks {', '.join(missing)}")
+        features, boxes, n = z["x"], z["bbox"], int(z["num_bbox"])
+        if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
+            raise ValueError(f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}")
+        return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), int(z["image_w"]),
+                               int(z["image_h"]))
+
+
+# --------------------------------------------------------------------------- common
+
+def match_refs(records: list[ImageRecord], lookup: dict) -> list:
+    """A source keyed by image id or by image file stem (both conventions occur in the wild)."""
+    return [lookup.get(r.image_id, lookup.get(Path(r.file).stem)) for r in records]
+
+
+def plan_import(kind: str, source: str, index: DatasetIndex) -> ImportPlan:
+    """Index a tsv/npz source against the dataset's images (precomp plans itself in `load_precomp`)."""
+    lookup, dim = index_tsv(source) if kind == "tsv" else index_npz(Path(source))
+    refs = {split: match_refs(records, lookup) for split, records in index.splits.items()}
+    if not any(ref is not None for split_refs in refs.values() for ref in split_refs):
+        raise InputError(f"none of the dataset's images has features in {kind}:{source} (ids or file names differ?)")
+    return ImportPlan(feature_dim=dim, refs=refs)
+
+
+def read_imported(kind: str, ref, feature_dim: int) -> ImportedRegions:
+    """Raises ValueError (the image becomes invalid) when one image's source data is unusable."""
+    if kind == "precomp":
+        path, row = ref
+        return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
+    regions = _read_tsv_line(*ref) if kind == "tsv" else _read_npz(ref)
+    if regions.features.shape[1] != feature_dim:
+        raise ValueError(f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}")
+    return regions
+

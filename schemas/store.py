@@ -1,0 +1,224 @@
+"""The feature store: the contract between `userpipe extract` and every later stage.
+
+A store is one Zarr v3 group. Each split is a subgroup holding per-image and per-caption arrays
+whose names, dimensions, dtypes and chunking are fixed here; the extractor configuration and the
+run summary live in the root group's attributes under the key ``userpipe``. Readers validate
+both before use (`validate_store`), writers create arrays only through `split_array_specs`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STORE_SCHEMA_VERSION = "1.0"
+ATTRS_KEY = "userpipe"
+SPLITS = ("train", "val", "test")
+
+RegionKind = Literal["butd", "boxes", "grid", "precomp", "tsv", "npz"]
+IMPORTED_REGION_KINDS = ("precomp", "tsv", "npz")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WeightsRef(_Frozen):
+    """A weights file as it was used: where it came from and its content hash."""
+
+    source: str = Field(description="pretrained tag, package name or path as the user gave it")
+    path: str | None = Field(default=None, description="resolved local file")
+    sha256: str | None = None
+
+
+class RegionConfig(_Frozen):
+    kind: RegionKind
+    source: str | None = Field(default=None, description="importer location (DIR or GLOB)")
+    backbone: str | None = Field(default=None, description="feature backbone for computed regions")
+    backbone_weights: WeightsRef | None = None
+    detector: str | None = None
+    detector_weights: WeightsRef | None = None
+
+    @model_validator(mode="after")
+    def _computed_regions_need_backbone(self) -> RegionConfig:
+        if self.kind in IMPORTED_REGION_KINDS:
+            if self.source is None:
+                raise ValueError(f"region importer '{self.kind}' needs a source location")
+        elif self.backbone is None:
+            raise ValueError(f"computed regions '{self.kind}' need a backbone")
+        if (self.kind == "butd") != (self.detector is not None):
+            raise ValueError("a detector is used exactly when regions are 'butd'")
+        return self
+
+
+class GlobalConfig(_Frozen):
+    """The whole-image (and caption) global encoder: open_clip, an ImageNet backbone, or none."""
+
+    kind: Literal["open_clip", "imagenet", "none"]
+    model: str | None = None
+    model_config_file: str | None = Field(default=None, description="open_clip model-config .json, if not built in")
+    weights: WeightsRef | None = None
+    image_dim: int | None = None
+    text_dim: int | None = Field(default=None, description="None when the encoder has no text tower")
+
+    @model_validator(mode="after")
+    def _dims_match_kind(self) -> GlobalConfig:
+        if self.kind == "none" and (self.image_dim or self.text_dim):
+            raise ValueError("global encoder 'none' has no embedding dims")
+        if self.kind != "none" and not self.image_dim:
+            raise ValueError(f"global encoder '{self.kind}' needs image_dim")
+        return self
+
+
+class ExtractorConfig(_Frozen):
+    """Everything that determines the store's content. A rerun with an equal config resumes."""
+
+    dataset: str = Field(description="dataset name or Karpathy JSON path as given")
+    dataset_sha256: str | None = Field(default=None, description="hash of the dataset's index file(s)")
+    splits: tuple[str, ...]
+    max_captions: int | None = Field(description="captions kept per image (5 for coco/f30k); None keeps all")
+    num_regions: int = Field(gt=0)
+    feature_dim: int = Field(gt=0)
+    image_size: int = Field(gt=0, description="shorter image side fed to the region backbone")
+    chunk_size: int = Field(gt=0, description="images per Zarr chunk and per Dask task")
+    regions: RegionConfig
+    global_encoder: GlobalConfig
+
+    @model_validator(mode="after")
+    def _known_splits(self) -> ExtractorConfig:
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits:
+            raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {self.splits}")
+        return self
+
+
+class Failure(_Frozen):
+    split: str
+    index: int
+    image_id: str
+    file: str
+    error: str
+
+
+class SplitSummary(_Frozen):
+    num_images: int = Field(ge=0)
+    num_captions: int = Field(ge=0)
+    num_invalid: int = Field(default=0, ge=0)
+
+
+class StoreAttrs(_Frozen):
+    schema_version: Literal["1.0"] = STORE_SCHEMA_VERSION
+    extractor: ExtractorConfig
+    splits: dict[str, SplitSummary]
+    complete: bool = False
+    failures: tuple[Failure, ...] = ()
+
+
+class ArraySpec(_Frozen):
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    per: Literal["image", "caption", "chunk"]
+    written_by: Literal["index", "images", "captions", "progress"] = Field(
+        description="who fills it: the driver from the dataset index, image tasks, caption tasks, "
+        "or the resume bookkeeping"
+    )
+
+
+# Chunking: image arrays are chunked `chunk_size` images at a time along the image axis and whole
+# along the others, so a split scan (sharding, evaluation) reads each chunk once, sequentially, and
+# each extraction task owns its chunks (no two processes ever write the same chunk).
+CAPTIONS_PER_CHUNK_FACTOR = 5
+
+
+def caption_chunk_size(config: ExtractorConfig) -> int:
+    return config.chunk_size * CAPTIONS_PER_CHUNK_FACTOR
+
+
+def num_chunks(length: int, chunk: int) -> int:
+    return max(1, -(-length // chunk))
+
+
+def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: int) -> dict[str, ArraySpec]:
+    n, m, r, d = num_images, num_captions, config.num_regions, config.feature_dim
+    c, cc = config.chunk_size, caption_chunk_size(config)
+
+    def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "images") -> ArraySpec:
+        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype,
+                         per="image", written_by=by)
+
+    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "index") -> ArraySpec:
+        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype,
+                         per="caption", written_by=by)
+
+    specs = {
+        "image_id": image((), (), "str", "index"),
+        "file": image((), (), "str", "index"),
+        "width": image((), (), "int32"),
+        "height": image((), (), "int32"),
+        "regions": image(("region", "feature"), (r, d), "float16"),
+        "boxes": image(("region", "coord"), (r, 4), "float32"),
+        "num_regions": image((), (), "int16"),
+        "valid": image((), (), "bool"),
+        "error": image((), (), "str"),
+        "caption_text": caption((), (), "str"),
+        "caption_image": caption((), (), "int32"),
+        "images_done": ArraySpec(dims=("image_chunk",), shape=(num_chunks(n, c),), chunks=(1,), dtype="bool",
+                                 per="chunk", written_by="progress"),
+    }
+    g = config.global_encoder
+    if g.image_dim:
+        specs["clip_image"] = image(("clip_dim",), (g.image_dim,), "float16")
+    if g.text_dim:
+        specs["clip_text"] = caption(("clip_dim",), (g.text_dim,), "float16", "captions")
+        specs["captions_done"] = ArraySpec(dims=("caption_chunk",), shape=(num_chunks(m, cc),), chunks=(1,),
+                                           dtype="bool", per="chunk", written_by="progress")
+    return specs
+
+
+class StoreValidationError(ValueError):
+    pass
+
+
+def validate_store(root) -> StoreAttrs:
+    """Check a zarr group against this schema; return its parsed attributes.
+
+    `root` is a `zarr.Group`. Raises StoreValidationError naming the first problem.
+    """
+    raw = root.attrs.get(ATTRS_KEY)
+    if raw is None:
+        raise StoreValidationError(f"not a userpipe store (no '{ATTRS_KEY}' attributes)")
+    version = raw.get("schema_version")
+    if version != STORE_SCHEMA_VERSION:
+        raise StoreValidationError(
+            f"store schema version {version!r} is not supported (this userpipe reads {STORE_SCHEMA_VERSION})"
+        )
+    try:
+        attrs = StoreAttrs.model_validate(raw)
+    except ValueError as exc:
+        raise StoreValidationError(f"store attributes are invalid: {exc}") from exc
+    for split, summary in attrs.splits.items():
+        if split not in root:
+            raise StoreValidationError(f"split group '{split}' is missing")
+        group = root[split]
+        for name, spec in split_array_specs(attrs.extractor, summary.num_images, summary.num_captions).items():
+            if name not in group:
+                raise StoreValidationError(f"array '{split}/{name}' is missing")
+            arr = group[name]
+            if tuple(arr.shape) != spec.shape:
+                raise StoreValidationError(f"array '{split}/{name}' has shape {arr.shape}, expected {spec.shape}")
+            if not dtype_matches(arr.dtype, spec.dtype):
+                raise StoreValidationError(f"array '{split}/{name}' has dtype {arr.dtype}, expected {spec.dtype}")
+            dims = tuple(arr.metadata.dimension_names or ())
+            if dims != spec.dims:
+                raise StoreValidationError(f"array '{split}/{name}' has dims {dims}, expected {spec.dims}")
+    return attrs
+
+
+def dtype_matches(actual, expected: str) -> bool:
+    if expected == "str":
+        return np.dtype(actual).kind in ("T", "O", "U")
+    return np.dtype(actual) == np.dtype(expected)

@@ -1,0 +1,3 @@
+from userpipe.cli import main
+
+main()

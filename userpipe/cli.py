@@ -1,0 +1,123 @@
+"""The `userpipe` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="USER image-text retrieval: extract features -> shard -> train -> eval.")
+console = Console(stderr=True)
+EXIT_BAD_INPUT, EXIT_FAILURES, EXIT_INTERRUPTED = 2, 1, 130
+SHOWN_FAILURES = 20
+
+
+@contextmanager
+def _reported_errors(resume_hint: bool = False):
+    try:
+        yield
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        console.print("interrupted" + ("; rerun the same command to resume" if resume_hint else ""))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option("demo", help="coco, f30k, demo, or a path to a Karpathy-format JSON"),
+    root: Path = typer.Option(None, help="dataset folder (default data/DATASET)"),
+    out: Path = typer.Option(None, help="output store (default data/DATASET.zarr)"),
+    splits: str = typer.Option("train,val,test", help="comma-separated splits to extract"),
+    regions: str = typer.Option(None, help="butd | boxes | grid | precomp:DIR | tsv:GLOB | npz:DIR "
+                                           "(default: boxes for demo, butd otherwise)"),
+    backbone: str = typer.Option("efficientnet_lite0", help="region feature backbone"),
+    backbone_weights: str = typer.Option(None, help="backbone weights file (default: packaged or torchvision's)"),
+    detector_weights: str = typer.Option(None, help="Faster R-CNN weights file for --regions butd"),
+    clip: str = typer.Option(None, help="MODEL:PRETRAINED (open_clip tag or weights file), imagenet:BACKBONE, "
+                                        "or none (default: imagenet:efficientnet_lite0 for demo, ViT-B-32:openai)"),
+    num_regions: int = typer.Option(36, help="regions per image (R)"),
+    image_size: int = typer.Option(None, help="shorter image side for region features (default 600; demo 256)"),
+    chunk_size: int = typer.Option(64, help="images per Zarr chunk and per Dask task"),
+    images: int = typer.Option(None, help="demo only: number of images to generate (default 3200)"),
+    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes"),
+    scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
+    overwrite: bool = typer.Option(False, help="replace an existing store extracted with another configuration"),
+    allow_failures: bool = typer.Option(False, help="exit 0 even if some images could not be read"),
+) -> None:
+    """Compute region features and global embeddings into a Zarr store (resumable)."""
+    from pipeline.datasets import parse_splits
+    from pipeline.extract import ExtractOptions, prepare, run_extract
+
+    with _reported_errors(resume_hint=True):
+        if workers < 1:
+            raise InputError("--workers must be at least 1")
+        if images is not None and dataset != "demo":
+            raise InputError("--images only applies to --dataset demo")
+        opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
+                              detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
+                              scheduler, overwrite, allow_failures)
+        prepared = prepare(opts)
+        attrs = run_extract(prepared, opts, console)
+    for split, summary in attrs.splits.items():
+        console.print(f"{split}: {summary.num_images} images, {summary.num_captions} captions, "
+                      f"{summary.num_invalid} invalid")
+    console.print(f"wrote {prepared.out}")
+    if attrs.failures:
+        console.print(f"[red]{len(attrs.failures)} image(s) could not be used:[/red]")
+        for f in attrs.failures[:SHOWN_FAILURES]:
+            console.print(f"  {f.split}[{f.index}] {f.image_id} {f.file}: {f.error}", highlight=False)
+        if len(attrs.failures) > SHOWN_FAILURES:
+            console.print(f"  ... {len(attrs.failures) - SHOWN_FAILURES} more (userpipe info {prepared.out} --json)")
+        if not allow_failures:
+            raise typer.Exit(EXIT_FAILURES)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="a store written by userpipe extract"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
+    from pipeline.store import store_summary
+
+    with _reported_errors():
+        summary = store_summary(path)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out = Console()
+    ext = summary["extractor"]
+    out.print(f"[bold]{path}[/bold]  schema {summary['schema_version']}  "
+              f"{'complete' if summary['complete'] else '[yellow]incomplete (rerun extract to resume)[/yellow]'}")
+    regions, glob = ext["regions"], ext["global_encoder"]
+    out.print(f"dataset {ext['dataset']}  regions {regions['kind']}"
+              f"{' ' + (regions.get('backbone') or regions.get('source') or '')}  R={ext['num_regions']} "
+              f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}", highlight=False)
+    table = Table("split", "images", "captions", "invalid", "regions", "clip_image", "clip_text")
+    for split, s in summary["splits"].items():
+        arrays = s["arrays"]
+
+        def shape(name):
+            return "x".join(map(str, arrays[name]["shape"])) + f" {arrays[name]['dtype']}" if name in arrays else "-"
+
+        table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]),
+                      shape("regions"), shape("clip_image"), shape("clip_text"))
+    out.print(table)
+    if summary["failures"]:
+        out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `userpipe info --json | head`
+        sys.exit(0)
