@@ -9,6 +9,7 @@ finished chunks and recomputes the rest bit-for-bit.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -313,7 +314,8 @@ def _client(workers: int, scheduler: str | None):
 
     if scheduler:
         return Client(scheduler), None, None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           silence_logs=logging.ERROR)
     return Client(cluster), cluster, max(1, (os.cpu_count() or 1) // workers)
 
 

@@ -24,6 +24,7 @@ from pipeline.weights import load_weights, local_weights
 from schemas.store import GlobalConfig, WeightsRef
 
 IMAGENET_GLOBAL_SIZE = 224
+IMAGE_BATCH = 8  # larger CPU batches run slower per image (cache), measured on efficientnet_lite0
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -139,7 +140,7 @@ class GlobalEncoder:
             spec = BACKBONES[config.model]
             model, trunk, head = spec.build()
             load_weights(model, config.weights, by_order=spec.weights_by_order)
-            self.model = torch.nn.Sequential(trunk, head).eval()
+            self.model = torch.nn.Sequential(trunk, head).eval().to(memory_format=torch.channels_last)
             self.mean = torch.tensor(spec.mean).view(3, 1, 1)
             self.std = torch.tensor(spec.std).view(3, 1, 1)
             self.preprocess = self._imagenet_preprocess
@@ -154,10 +155,14 @@ class GlobalEncoder:
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        return np.concatenate([self._encode_batch(images[i:i + IMAGE_BATCH])
+                               for i in range(0, len(images), IMAGE_BATCH)])
+
+    def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
         batch = torch.stack([self.preprocess(im) for im in images])
         if self.config.kind == "open_clip":
             return _l2_normalize(self.model.encode_image(batch))
-        return _l2_normalize(self.model(batch).mean(dim=(2, 3)))
+        return _l2_normalize(self.model(batch.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3)))
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:

@@ -151,7 +151,7 @@ class RegionExtractor:
         spec = BACKBONES[regions.backbone]
         model, self.trunk, self.head = spec.build()
         load_weights(model, regions.backbone_weights, by_order=spec.weights_by_order)
-        model.eval()
+        model.eval().to(memory_format=torch.channels_last)  # 1.5-2.5x faster convolutions on CPU
         self.mean = torch.tensor(spec.mean).view(3, 1, 1)
         self.std = torch.tensor(spec.std).view(3, 1, 1)
         self.roi_size = spec.roi_size
@@ -191,9 +191,9 @@ class RegionExtractor:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         resized = nn.functional.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
                                             align_corners=False)
-        fmap = self.trunk((resized - self.mean) / self.std)
+        fmap = self.trunk(((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         rois = torch.from_numpy(boxes * scale)
         pooled = roi_align(fmap, [rois], output_size=self.roi_size, spatial_scale=1.0 / TRUNK_STRIDE,
                            sampling_ratio=2, aligned=True)
-        features = self.head(pooled).mean(dim=(2, 3))
+        features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
         return features.numpy().astype(np.float32), boxes

@@ -27,7 +27,7 @@ def local_weights(path: str, what: str) -> WeightsRef:
 def torchvision_weights(enum_name: str, what: str, flag: str) -> WeightsRef:
     """A torchvision weights enum value such as 'ResNet50_Weights.IMAGENET1K_V2', from the hub cache or a download."""
     import torchvision.models as tvm
-    from torch.hub import get_dir
+    from torch.hub import HASH_REGEX, download_url_to_file, get_dir
 
     cls_name, _, member = enum_name.partition(".")
     try:
@@ -39,8 +39,10 @@ def torchvision_weights(enum_name: str, what: str, flag: str) -> WeightsRef:
             raise InputError(f"unknown torchvision weights '{enum_name}' for the {what}") from None
     cached = Path(get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        prefix = HASH_REGEX.search(cached.name)
         try:
-            torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+            download_url_to_file(weights.url, str(cached), prefix.group(1) if prefix else None, progress=True)
         except Exception as exc:  # any network failure is the same problem for the user
             raise InputError(
                 f"could not download {enum_name} for the {what} ({type(exc).__name__}); "

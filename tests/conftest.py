@@ -1,0 +1,68 @@
+"""Shared fixtures: small datasets written in the real formats users have."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: fail at once instead of retrying for ~46 s
+
+
+def karpathy_record(filename: str, split: str, captions: list[str], imgid: int, cocoid: int | None = None,
+                    filepath: str | None = None, boxes=None) -> dict:
+    record = {"filename": filename, "imgid": imgid, "split": split,
+              "sentences": [{"raw": c, "tokens": c.split(), "imgid": imgid, "sentid": imgid * 10 + k}
+                            for k, c in enumerate(captions)]}
+    if cocoid is not None:
+        record["cocoid"] = cocoid
+    if filepath is not None:
+        record["filepath"] = filepath
+    if boxes is not None:
+        record["boxes"] = boxes
+    return record
+
+
+def write_json(path: Path, images: list[dict], dataset: str = "coco") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "dataset": dataset}))
+    return path
+
+
+def write_image(path: Path, seed: int, size=(96, 72)) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+
+
+@pytest.fixture
+def coco_root(tmp_path: Path) -> Path:
+    """A COCO-layout dataset: dataset_coco.json + images/{train2014,val2014}/, 4 train, 1 restval, 2 val, 2 test."""
+    root = tmp_path / "coco"
+    records = []
+    layout = ["train"] * 4 + ["restval", "val", "val", "test", "test"]
+    for i, split in enumerate(layout):
+        folder = "train2014" if split in ("train", "restval") else "val2014"
+        name = f"COCO_{folder}_{100 + i:012d}.jpg"
+        write_image(root / "images" / folder / name, i)
+        caps = [f"image {i} caption {k}" for k in range(6 if i == 0 else 5)]
+        records.append(karpathy_record(name, split, caps, i, cocoid=100 + i, filepath=folder,
+                                       boxes=[[4, 4, 40, 30], [50, 20, 90, 70]]))
+    write_json(root / "dataset_coco.json", records)
+    return root
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run_cli(runner: CliRunner, *args: str):
+    from userpipe.cli import app
+
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
