@@ -58,7 +58,9 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
         except ValueError as exc:
             raise InputError(f"{path} is not a .npy file: {exc}") from None
         if fortran:

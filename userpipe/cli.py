@@ -16,7 +16,7 @@ from pipeline.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="USER image-text retrieval: extract features -> shard -> train -> eval.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 EXIT_BAD_INPUT, EXIT_FAILURES, EXIT_INTERRUPTED = 2, 1, 130
 SHOWN_FAILURES = 20
 
@@ -26,7 +26,7 @@ def _reported_errors(resume_hint: bool = False):
     try:
         yield
     except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         console.print("interrupted" + ("; rerun the same command to resume" if resume_hint else ""))
