@@ -4,8 +4,8 @@ BUTD-style features (Anderson et al., CVPR 2018, "Bottom-Up and Top-Down Attenti
 through the backbone trunk once (stride 16), each box is RoIAligned from that map (14x14 for ResNet,
 as BUTD's C4 head), run through the backbone's last stage (stride 2) and mean-pooled to one vector.
 
-Backbones are data (`BACKBONES`); a detectron2 Visual Genome BUTD backend is a future
-`RegionBackend` (see `detectron2_backend`), not implemented here.
+Backbones are data (`BACKBONES`). The original Visual Genome BUTD detector needs detectron2, which
+is not installable here: `--regions butd-vg` is reserved for it (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -85,13 +85,11 @@ DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1
 DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 
 
-def detectron2_backend(*_args, **_kwargs):
-    """Extension point: Visual Genome Faster R-CNN (the original BUTD features) through detectron2.
-
-    detectron2 cannot be installed from PyPI on these machines; a later issue adds it as a
-    `--regions butd-vg` kind that yields boxes and pooled features from the same call.
-    """
-    raise InputError("the detectron2 BUTD backend is not available in this build (see docs/architecture.md)")
+# Extension point: region kinds that need a backend this build does not have.
+UNAVAILABLE_REGION_KINDS = {
+    "butd-vg": "the Visual Genome BUTD detector needs detectron2, which this build does not include; "
+               "import features it produced with precomp:DIR, tsv:GLOB or npz:DIR",
+}
 
 
 def resolve_region_config(kind: str, source: str | None, backbone: str, backbone_weights: str | None,
@@ -99,6 +97,8 @@ def resolve_region_config(kind: str, source: str | None, backbone: str, backbone
     """Validate names and resolve weight files for computed regions (imported ones need no models)."""
     if kind in ("precomp", "tsv", "npz"):
         return RegionConfig(kind=kind, source=source)
+    if kind in UNAVAILABLE_REGION_KINDS:
+        raise InputError(f"--regions {kind}: {UNAVAILABLE_REGION_KINDS[kind]}")
     if kind not in ("butd", "boxes", "grid"):
         raise InputError(f"unknown region kind '{kind}': use butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR")
     if backbone not in BACKBONES:

@@ -133,6 +133,7 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, 
     (("--clip", "ViT-B-32:openai"), "no model hub is reachable"),
     (("--regions", "butd"), "could not download FasterRCNN_ResNet50_FPN_Weights.COCO_V1"),
     (("--regions", "tsv"), "needs a location"),
+    (("--regions", "butd-vg"), "needs detectron2"),
     (("--regions", "precomp:/nowhere"), "precomp folder not found"),
     (("--images", "10"), "--images only applies to --dataset demo"),
 ])

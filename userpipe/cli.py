@@ -104,13 +104,9 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
               f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}", highlight=False)
     table = Table("split", "images", "captions", "invalid", "regions", "clip_image", "clip_text")
     for split, s in summary["splits"].items():
-        arrays = s["arrays"]
-
-        def shape(name):
-            return "x".join(map(str, arrays[name]["shape"])) + f" {arrays[name]['dtype']}" if name in arrays else "-"
-
-        table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]),
-                      shape("regions"), shape("clip_image"), shape("clip_text"))
+        shapes = ["x".join(map(str, a["shape"])) + f" {a['dtype']}" if (a := s["arrays"].get(name)) else "-"
+                  for name in ("regions", "clip_image", "clip_text")]
+        table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]), *shapes)
     out.print(table)
     if summary["failures"]:
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
