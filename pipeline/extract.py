@@ -88,8 +88,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
 
     imports = None
     if kind == "precomp":
-        index, imports = load_precomp(Path(source), opts.dataset, opts.root, opts.splits,
-                                      max_captions=5 if opts.dataset in ("coco", "f30k") else None)
+        index, imports = load_precomp(Path(source), opts.dataset, opts.root, opts.splits)
     else:
         index = load_demo(opts.root, opts.images) if is_demo else load_dataset(opts.dataset, opts.root)
         index.select(opts.splits)
@@ -98,12 +97,12 @@ def prepare(opts: ExtractOptions) -> Prepared:
         if kind in ("tsv", "npz"):
             imports = plan_import(kind, source, index)
 
-    global_config = resolve_global_config(opts.clip or ("imagenet:efficientnet_lite0" if is_demo else
-                                                        "ViT-B-32:openai"))
+    clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
+    global_config = resolve_global_config(clip_spec)
     needs_images = kind not in IMPORTED_REGION_KINDS or global_config.kind != "none"
     if needs_images:
         if index.image_root is None:
-            raise InputError(f"--clip {opts.clip} needs the images, but {opts.dataset}'s Karpathy JSON was not "
+            raise InputError(f"--clip {clip_spec} needs the images, but {opts.dataset}'s Karpathy JSON was not "
                              "found under --root to locate them; pass --clip none or --root")
         check_image_folders(index)
 
@@ -149,14 +148,39 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _load_image(path: str) -> Image.Image:
+    if not path:
+        raise FileNotFoundError("no image file is known for this id (not in the dataset's Karpathy JSON)")
     with Image.open(path) as image:
         return image.convert("RGB")  # forces a full decode, so truncated files fail here
+
+
+@dataclass
+class ImageResult:
+    features: np.ndarray  # (k, D), k <= R
+    boxes: np.ndarray | None  # (k, 4); None when the source has none
+    width: int = 0
+    height: int = 0
+
+
+def _one_image(config: ExtractorConfig, extractor: RegionExtractor | None, image: Image.Image | None,
+               annotated_boxes, ref) -> ImageResult:
+    if extractor is not None:
+        features, boxes = extractor(image, annotated_boxes)
+        return ImageResult(features, boxes, *image.size)
+    if ref is None:
+        raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
+    imported = read_imported(config.regions.kind, ref, config.feature_dim)
+    k = config.num_regions  # the first R of the source's boxes (sorted by confidence by BUTD tools)
+    boxes = imported.boxes[:k] if imported.boxes is not None else None
+    width, height = image.size if image is not None else (imported.width, imported.height)
+    return ImageResult(imported.features[:k], boxes, width, height)
 
 
 def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None) -> int:
     _set_threads(threads)
     config, extractor, encoder = _models(config_json)
     n, r, d = len(chunk.paths), config.num_regions, config.feature_dim
+    # Invalid images keep NaN everywhere; valid ones get zeros past num_regions (padding, by contract).
     regions = np.full((n, r, d), np.nan, np.float32)
     boxes = np.full((n, r, 4), np.nan, np.float32)
     num_regions = np.zeros(n, np.int16)
@@ -166,36 +190,26 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
     for i, path in enumerate(chunk.paths):
         try:
             image = _load_image(path) if (extractor or encoder) else None
-            if extractor is not None:
-                feats, found = extractor(image, chunk.boxes[i])
-                k = r
-            else:
-                if chunk.refs[i] is None:
-                    raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
-                imported = read_imported(config.regions.kind, chunk.refs[i], d)
-                k = min(r, len(imported.features))
-                feats, found = imported.features[:k], imported.boxes[:k] if imported.boxes is not None else None
-                width[i], height[i] = imported.width, imported.height
-                regions[i, k:], boxes[i, k:] = 0.0, 0.0  # padding past num_regions is zeros, by contract
-            regions[i, :k] = feats
-            if found is not None:
-                boxes[i, :k] = found
-            num_regions[i] = k
-            if image is not None:
-                width[i], height[i] = image.size
-                images[i] = image
+            result = _one_image(config, extractor, image, chunk.boxes[i], chunk.refs[i])
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            regions[i], boxes[i], num_regions[i] = np.nan, np.nan, 0
             errors[i] = f"{type(exc).__name__}: {exc}"
+            continue
+        k = len(result.features)
+        regions[i, k:], boxes[i, k:] = 0.0, 0.0
+        regions[i, :k] = result.features
+        if result.boxes is not None:
+            boxes[i, :k] = result.boxes
+        num_regions[i], width[i], height[i] = k, result.width, result.height
+        if image is not None:
+            images[i] = image
     valid = np.array([not e for e in errors])
 
     group = zarr.open_group(chunk.store, mode="r+")[chunk.split]
     rows = slice(chunk.start, chunk.start + n)
     if encoder is not None:
         clip = np.full((n, config.global_encoder.image_dim), np.nan, np.float32)
-        ok = [i for i in range(n) if valid[i]]
-        if ok:
-            clip[ok] = encoder.encode_images([images[i] for i in ok])
+        if images:
+            clip[list(images)] = encoder.encode_images(list(images.values()))
         group["clip_image"][rows] = clip.astype(np.float16)
     group["regions"][rows] = regions.astype(np.float16)
     group["boxes"][rows] = boxes

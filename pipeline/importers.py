@@ -48,7 +48,6 @@ class ImportPlan:
 
     feature_dim: int
     refs: dict[str, list]  # split -> per-image ref (None: this image has no features in the source)
-    sha256: str | None = None
 
 
 # --------------------------------------------------------------------------- precomp (SCAN)
@@ -107,11 +106,14 @@ def _karpathy_files(dataset: str, root: Path | None) -> dict[str, ImageRecord]:
     return {key(r): r for records in index.splits.values() for r in records}
 
 
-def load_precomp(directory: Path, dataset: str, root: Path | None, splits: tuple[str, ...],
-                 max_captions: int | None) -> tuple[DatasetIndex, ImportPlan]:
+def load_precomp(directory: Path, dataset: str, root: Path | None,
+                 splits: tuple[str, ...]) -> tuple[DatasetIndex, ImportPlan]:
+    """The dataset and its region features from SCAN files; only the caption and id files are hashed
+    (hashing COCO's 33 GB train_ims.npy would take minutes), the .npy sizes are checked instead."""
     if not directory.is_dir():
         raise InputError(f"precomp folder not found: {directory}")
     by_id = _karpathy_files(dataset, root)
+    max_captions = NAMED_DATASETS[dataset].max_captions if dataset in NAMED_DATASETS else None
     index_splits: dict[str, list[ImageRecord]] = {}
     refs: dict[str, list] = {}
     dims = set()
