@@ -38,6 +38,7 @@ from schemas.store import (
     StoreAttrs,
     caption_chunk_size,
     num_chunks,
+    validate_store,
 )
 
 TEXT_BATCH = 256
@@ -373,4 +374,5 @@ def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> S
                 cluster.close()
     final = collect_failures(root, attrs)
     write_attrs(root, final)
+    validate_store(root)
     return final

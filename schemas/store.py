@@ -120,12 +120,7 @@ class ArraySpec(_Frozen):
     dims: tuple[str, ...]
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
-    dtype: str
-    per: Literal["image", "caption", "chunk"]
-    written_by: Literal["index", "images", "captions", "progress"] = Field(
-        description="who fills it: the driver from the dataset index, image tasks, caption tasks, "
-        "or the resume bookkeeping"
-    )
+    dtype: str  # a numpy dtype name, or "str" for variable-length UTF-8
 
 
 # Chunking: image arrays are chunked `chunk_size` images at a time along the image axis and whole
@@ -146,17 +141,19 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
     n, m, r, d = num_images, num_captions, config.num_regions, config.feature_dim
     c, cc = config.chunk_size, caption_chunk_size(config)
 
-    def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "images") -> ArraySpec:
-        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype,
-                         per="image", written_by=by)
+    def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str) -> ArraySpec:
+        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype)
 
-    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "index") -> ArraySpec:
-        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype,
-                         per="caption", written_by=by)
+    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str) -> ArraySpec:
+        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype)
+
+    def progress(dim: str, length: int) -> ArraySpec:  # one done-flag per chunk, one Zarr chunk each
+        return ArraySpec(dims=(dim,), shape=(num_chunks(length, c if dim == "image_chunk" else cc),), chunks=(1,),
+                         dtype="bool")
 
     specs = {
-        "image_id": image((), (), "str", "index"),
-        "file": image((), (), "str", "index"),
+        "image_id": image((), (), "str"),
+        "file": image((), (), "str"),
         "width": image((), (), "int32"),
         "height": image((), (), "int32"),
         "regions": image(("region", "feature"), (r, d), "float16"),
@@ -166,16 +163,14 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
         "error": image((), (), "str"),
         "caption_text": caption((), (), "str"),
         "caption_image": caption((), (), "int32"),
-        "images_done": ArraySpec(dims=("image_chunk",), shape=(num_chunks(n, c),), chunks=(1,), dtype="bool",
-                                 per="chunk", written_by="progress"),
+        "images_done": progress("image_chunk", n),
     }
     g = config.global_encoder
     if g.image_dim:
         specs["clip_image"] = image(("clip_dim",), (g.image_dim,), "float16")
     if g.text_dim:
-        specs["clip_text"] = caption(("clip_dim",), (g.text_dim,), "float16", "captions")
-        specs["captions_done"] = ArraySpec(dims=("caption_chunk",), shape=(num_chunks(m, cc),), chunks=(1,),
-                                           dtype="bool", per="chunk", written_by="progress")
+        specs["clip_text"] = caption(("clip_dim",), (g.text_dim,), "float16")
+        specs["captions_done"] = progress("caption_chunk", m)
     return specs
 
 
