@@ -9,20 +9,17 @@ finished chunks and recomputes the rest bit-for-bit.
 
 from __future__ import annotations
 
-import logging
-import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import dask
 import numpy as np
 import zarr
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
 from pipeline.demo import load_demo
 from pipeline.errors import InputError
@@ -314,37 +311,8 @@ def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
     return attrs.model_copy(update={"splits": splits, "failures": tuple(failures), "complete": True})
 
 
-class _Rate(TextColumn):
-    def __init__(self, unit: str):
-        super().__init__("")
-        self.unit = unit
-
-    def render(self, task):
-        speed = task.finished_speed or task.speed
-        return f"{speed:6.1f} {self.unit}/s" if speed else f"   ... {self.unit}/s"
-
-
-def _client(workers: int, scheduler: str | None):
-    """(client, our LocalCluster or None, torch threads per task or None to leave the worker's default)."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        return Client(scheduler), None, None
-    # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers; any value turns off glibc's adaptive mmap
-    # threshold, so every large tensor is mmap'd and unmapped again: measured 2x slower extraction,
-    # half the CPU spent in the kernel. Workers get Dask's other settings without it.
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR)
-    return Client(cluster), cluster, max(1, (os.cpu_count() or 1) // workers)
-
-
 def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
     """Run (or resume) the extraction; returns the final attributes written to the store."""
-    from distributed import as_completed
-
     root, attrs = open_or_create(prepared, opts.overwrite)
     image_chunks = _image_chunks(prepared, root)
     caption_chunks = _caption_chunks(prepared, root)
@@ -354,24 +322,11 @@ def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> S
         console.print(f"resuming {prepared.out}: {total_images - todo_images} of {total_images} images already done")
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
-        client, cluster, threads = _client(opts.workers, opts.scheduler)
-        try:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          _Rate("items"), TimeRemainingColumn(), console=console) as progress:
-                bars = {"images": progress.add_task("images", total=todo_images)}
-                futures = [client.submit(extract_image_chunk, config_json, c, threads, pure=False)
-                           for c in image_chunks]
-                if caption_chunks:
-                    bars["captions"] = progress.add_task("captions", total=sum(len(c[4]) for c in caption_chunks))
-                    futures += [client.submit(embed_caption_chunk, config_json, *c, threads, pure=False)
-                                for c in caption_chunks]
-                kinds = {f.key: ("images" if i < len(image_chunks) else "captions") for i, f in enumerate(futures)}
-                for future in as_completed(futures):
-                    progress.advance(bars[kinds[future.key]], future.result())
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        with dask_client(opts.workers, opts.scheduler) as (client, threads):
+            tasks = [("images", len(c.paths), extract_image_chunk, (config_json, c, threads)) for c in image_chunks]
+            tasks += [("captions", len(c[4]), embed_caption_chunk, (config_json, *c, threads))
+                      for c in caption_chunks]
+            run_tasks(client, tasks, console)
     final = collect_failures(root, attrs)
     write_attrs(root, final)
     validate_store(root)

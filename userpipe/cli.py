@@ -94,7 +94,7 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    out = Console()
+    out = Console(soft_wrap=True)
     ext = summary["extractor"]
     out.print(f"[bold]{path}[/bold]  schema {summary['schema_version']}  "
               f"{'complete' if summary['complete'] else '[yellow]incomplete (rerun extract to resume)[/yellow]'}")
@@ -102,14 +102,56 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
     out.print(f"dataset {ext['dataset']}  regions {regions['kind']}"
               f"{' ' + (regions.get('backbone') or regions.get('source') or '')}  R={ext['num_regions']} "
               f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}", highlight=False)
-    table = Table("split", "images", "captions", "invalid", "regions", "clip_image", "clip_text")
+    arrays = ("regions", "clip_image", "clip_text")
+    first = next(iter(summary["splits"].values()))["arrays"]
+    table = Table("split", "images", "captions", "invalid",
+                  *(f"{name} ({first[name]['dtype']})" if name in first else name for name in arrays))
     for split, s in summary["splits"].items():
-        shapes = ["x".join(map(str, a["shape"])) + f" {a['dtype']}" if (a := s["arrays"].get(name)) else "-"
-                  for name in ("regions", "clip_image", "clip_text")]
+        shapes = ["x".join(map(str, s["arrays"][name]["shape"])) if name in s["arrays"] else "-" for name in arrays]
         table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]), *shapes)
     out.print(table)
     if summary["failures"]:
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
+
+
+@app.command()
+def shard(
+    store: Path = typer.Option(..., help="a store written by userpipe extract"),
+    split: str = typer.Option("train", help="the split to shard"),
+    out: Path = typer.Option(None, help="output folder (default: STORE-shards/SPLIT beside the store)"),
+    max_count: int = typer.Option(1000, help="samples (images) per shard at most"),
+    max_size: float = typer.Option(1e9, help="bytes per shard at most (by the encoded sample sizes)"),
+    seed: int = typer.Option(0, help="seed of the image-to-shard assignment and order"),
+    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes"),
+    scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
+    overwrite: bool = typer.Option(False, help="replace shards of another plan in --out"),
+) -> None:
+    """Pack a store split into WebDataset tar shards with a manifest (resumable)."""
+    from pipeline.shard import ShardOptions, run_shard
+
+    out = out or store.with_name(store.stem + "-shards") / split
+    with _reported_errors(resume_hint=True):
+        if workers < 1:
+            raise InputError("--workers must be at least 1")
+        manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
+                                          overwrite), console)
+    console.print(f"wrote {len(manifest.shards)} shards to {out}: {manifest.num_samples} images, "
+                  f"{manifest.num_captions} captions, {manifest.num_invalid_skipped} invalid images left out")
+
+
+@app.command()
+def verify(directory: Path = typer.Argument(..., help="a folder written by userpipe shard")) -> None:
+    """Re-hash every shard against the manifest; exit 1 if any is missing, truncated or altered."""
+    from pipeline.shard import verify_shards
+
+    with _reported_errors():
+        manifest, problems = verify_shards(directory)
+    for problem in problems:
+        console.print(f"[red]{problem.name}[/red]: {problem.problem}", highlight=False)
+    if problems:
+        console.print(f"{len(problems)} of {len(manifest.shards)} shards failed verification")
+        raise typer.Exit(EXIT_FAILURES)
+    console.print(f"{len(manifest.shards)} shards OK ({manifest.num_samples} samples)")
 
 
 def main() -> None:

@@ -1,0 +1,273 @@
+"""`userpipe shard` and `userpipe verify`: a store split -> WebDataset tar shards + manifest.
+
+The plan (which image goes to which shard, in which order) is computed up front from the store's
+metadata alone, deterministically from the seed: store chunks are visited in a seeded random order,
+their valid images cut into shards by `max_count` and `max_size`, and each shard's images shuffled.
+So a shard is a random set of store chunks, and each task reads whole chunks sequentially (Zarr
+decodes whole chunks anyway; random single rows cost a full chunk each).
+
+One Dask task writes one shard: to a temporary name, then hashed, then renamed, then its record
+(`.NAME.json`) is written; a rerun keeps shards whose record exists and whose bytes match it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+import zarr
+from rich.console import Console
+
+from pipeline.cluster import dask_client, run_tasks
+from pipeline.datasets import file_sha256
+from pipeline.errors import InputError
+from pipeline.store import open_store
+from schemas.shard import (
+    MANIFEST_NAME,
+    SIZES_NAME,
+    SampleMeta,
+    ShardManifest,
+    ShardPlanParams,
+    ShardRecord,
+    ShardSample,
+    encode_sample,
+    encoded_size,
+)
+from schemas.store import caption_chunk_size
+
+PLAN_NAME = ".plan.json"
+TAR_MTIME = 0.0  # fixed member times: the same plan gives byte-identical shards
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    store: str
+    split: str
+    out: str
+    name: str
+    indices: tuple[int, ...]  # store rows, in the order they go into the shard
+    caption_starts: tuple[int, ...]  # per index: first caption row
+    caption_counts: tuple[int, ...]
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def plan_shards(valid: np.ndarray, chunk: int, sizes: np.ndarray, seed: int, max_count: int,
+                max_size: int) -> list[np.ndarray]:
+    """Seeded assignment of valid images to shards; see the module docstring."""
+    rng = np.random.default_rng(seed)
+    n = len(valid)
+    chunk_order = rng.permutation(-(-n // chunk))
+    order = np.concatenate([np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in chunk_order])
+    order = order[valid[order]]
+    shards, current, current_bytes = [], [], 0
+    for index in order:
+        if current and (len(current) >= max_count or current_bytes + sizes[index] > max_size):
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += sizes[index]
+    if current:
+        shards.append(current)
+    return [rng.permutation(np.array(s)) for s in shards]
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / f".{name}.json"
+
+
+def write_shard(job: ShardJob) -> ShardRecord:
+    group = zarr.open_group(job.store, mode="r")[job.split]
+    has_clip, has_text = "clip_image" in group, "clip_text" in group
+    chunk = group["regions"].chunks[0]
+    wanted = np.array(job.indices)
+    samples: dict[int, ShardSample] = {}
+    for c in np.unique(wanted // chunk):  # whole chunks, in order: sequential reads
+        rows = slice(c * chunk, (c + 1) * chunk)
+        block = {name: group[name][rows] for name in
+                 ("regions", "boxes", "num_regions", "image_id", "file", "width", "height")}
+        if has_clip:
+            block["clip_image"] = group["clip_image"][rows]
+        mine = [i for i in range(len(job.indices)) if job.indices[i] // chunk == c]
+        first = min(job.caption_starts[i] for i in mine)
+        last = max(job.caption_starts[i] + job.caption_counts[i] for i in mine)
+        texts = group["caption_text"][first:last]
+        text_emb = group["clip_text"][first:last] if has_text else None
+        for i in mine:
+            index, local = job.indices[i], job.indices[i] - c * chunk
+            k = int(block["num_regions"][local])
+            caps = slice(job.caption_starts[i] - first, job.caption_starts[i] - first + job.caption_counts[i])
+            samples[index] = ShardSample(
+                meta=SampleMeta(image_id=str(block["image_id"][local]), split=job.split, index=index,
+                                file=str(block["file"][local]), width=int(block["width"][local]),
+                                height=int(block["height"][local]), num_regions=k,
+                                num_captions=job.caption_counts[i]),
+                regions=block["regions"][local, :k], boxes=block["boxes"][local, :k],
+                captions=[str(t) for t in texts[caps]],
+                clip_image=block["clip_image"][local] if has_clip else None,
+                clip_text=text_emb[caps] if has_text else None,
+            )
+    out = Path(job.out)
+    final, temporary = out / job.name, out / f".{job.name}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as stream:
+        writer = wds.TarWriter(stream, mtime=TAR_MTIME, encoder=False)
+        for index in job.indices:
+            writer.write(encode_sample(samples[index]))
+        writer.close()
+    record = ShardRecord(name=job.name, samples=len(job.indices), captions=sum(job.caption_counts),
+                         bytes=temporary.stat().st_size, sha256=file_sha256(temporary))
+    os.replace(temporary, final)
+    _record_path(out, job.name).write_text(record.model_dump_json())  # last: marks the shard finished
+    return record
+
+
+def _finished(out: Path, name: str) -> ShardRecord | None:
+    """The shard's record if the shard is complete and unaltered, else None (it gets rewritten)."""
+    path = _record_path(out, name)
+    if not path.is_file() or not (out / name).is_file():
+        return None
+    record = ShardRecord.model_validate_json(path.read_text())
+    shard = out / name
+    if shard.stat().st_size != record.bytes or file_sha256(shard) != record.sha256:
+        return None
+    return record
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    store: Path
+    split: str
+    out: Path
+    max_count: int
+    max_size: int
+    seed: int
+    workers: int
+    scheduler: str | None
+    overwrite: bool
+
+
+def _caption_layout(group: zarr.Group, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(group["caption_image"][:], minlength=num_images)
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+
+
+def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
+    if opts.max_count <= 0 or opts.max_size <= 0:
+        raise InputError("--max-count and --max-size must be positive")
+    root, attrs = open_store(opts.store)
+    if not attrs.complete:
+        raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
+    if opts.split not in attrs.splits:
+        raise InputError(f"{opts.store} has no split '{opts.split}' (it has: {', '.join(attrs.splits)})")
+    group = root[opts.split]
+    summary = attrs.splits[opts.split]
+    valid = group["valid"][:]
+    if not valid.any():
+        raise InputError(f"split '{opts.split}' of {opts.store} has no valid images")
+    params = ShardPlanParams(source_store=str(Path(opts.store).resolve()), split=opts.split,
+                             store_config=attrs.extractor, seed=opts.seed, max_count=opts.max_count,
+                             max_size=opts.max_size)
+    out = opts.out
+    _claim_output(out, params, opts.overwrite)
+
+    starts, counts = _caption_layout(group, summary.num_images)
+    text_bytes = _caption_bytes(group, starts, counts, caption_chunk_size(attrs.extractor))
+    glob = attrs.extractor.global_encoder
+    sizes = np.array([encoded_size(int(k), attrs.extractor.feature_dim, int(n), glob.image_dim,
+                                   bool(glob.text_dim), int(t))
+                      for k, n, t in zip(group["num_regions"][:], counts, text_bytes, strict=True)])
+    plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
+    jobs = [ShardJob(str(opts.store), opts.split, str(out), shard_name(opts.split, number), tuple(map(int, idx)),
+                     tuple(int(starts[i]) for i in idx), tuple(int(counts[i]) for i in idx))
+            for number, idx in enumerate(plan)]
+    done = {job.name: record for job in jobs if (record := _finished(out, job.name))}
+    todo = [job for job in jobs if job.name not in done]
+    if done:
+        console.print(f"resuming {out}: {len(done)} of {len(jobs)} shards already written and verified")
+    if todo:
+        with dask_client(opts.workers, opts.scheduler) as (client, _):
+            records = run_tasks(client, [("samples", len(j.indices), write_shard, (j,)) for j in todo], console,
+                                unit="samples")
+        done.update({r.name: r for r in records})
+
+    shards = tuple(done[job.name] for job in jobs)
+    fields = ("regions.npy", "boxes.npy", "captions.json", "meta.json") + \
+        (("clip_image.npy",) if glob.image_dim else ()) + (("clip_text.npy",) if glob.text_dim else ())
+    manifest = ShardManifest(params=params, fields=fields, shards=shards,
+                             num_samples=sum(s.samples for s in shards), num_captions=sum(s.captions for s in shards),
+                             num_invalid_skipped=int((~valid).sum()))
+    _write_atomic(out / SIZES_NAME, json.dumps({s.name: s.samples for s in shards}, indent=1))
+    _write_atomic(out / MANIFEST_NAME, manifest.model_dump_json(indent=1))
+    for job in jobs:
+        _record_path(out, job.name).unlink(missing_ok=True)
+    (out / PLAN_NAME).unlink(missing_ok=True)
+    return manifest
+
+
+def _caption_bytes(group: zarr.Group, starts: np.ndarray, counts: np.ndarray, chunk: int) -> np.ndarray:
+    """UTF-8 bytes of each image's captions, read a caption chunk at a time."""
+    per_caption = np.concatenate([[len(str(t).encode()) for t in group["caption_text"][i:i + chunk]]
+                                  for i in range(0, group["caption_text"].shape[0], chunk)])
+    sums = np.concatenate([[0], np.cumsum(per_caption)])
+    return sums[starts + counts] - sums[starts]
+
+
+def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> None:
+    """Create `out` for these params, or accept it if it holds (part of) the same plan."""
+    plan, manifest = out / PLAN_NAME, out / MANIFEST_NAME
+    if out.exists() and any(out.iterdir()):
+        existing = None
+        if plan.is_file():
+            existing = ShardPlanParams.model_validate_json(plan.read_text())
+        elif manifest.is_file():
+            existing = ShardManifest.model_validate_json(manifest.read_text()).params
+        if existing != params:
+            if not overwrite:
+                what = "shards of another plan" if existing else "files that are not userpipe shards"
+                raise InputError(f"{out} holds {what}; pass --overwrite to replace them, or another --out")
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not plan.is_file():
+        _write_atomic(plan, params.model_dump_json())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    name: str
+    problem: str
+
+
+def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"no {MANIFEST_NAME} in {directory}")
+    try:
+        manifest = ShardManifest.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path} is not a userpipe shard manifest: {exc}") from None
+    problems = []
+    for record in manifest.shards:
+        shard = directory / record.name
+        if not shard.is_file():
+            problems.append(ShardProblem(record.name, "missing"))
+            continue
+        size = shard.stat().st_size
+        if size != record.bytes:
+            kind = "truncated" if size < record.bytes else "longer than recorded"
+            problems.append(ShardProblem(record.name, f"{kind}: {size:,} bytes, manifest says {record.bytes:,}"))
+        elif file_sha256(shard) != record.sha256:
+            problems.append(ShardProblem(record.name, "altered: sha256 differs from the manifest"))
+    return manifest, problems
