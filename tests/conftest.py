@@ -66,3 +66,44 @@ def run_cli(runner: CliRunner, *args: str):
     from userpipe.cli import app
 
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_synthetic_store(path: Path, num_images: int = 23, invalid: tuple[int, ...] = (3, 17), seed: int = 0,
+                          chunk_size: int = 4) -> Path:
+    """A complete store with random contents, variable caption counts and some invalid images, written
+    through the real writer (no models needed)."""
+    from pipeline.datasets import DatasetIndex, ImageRecord
+    from pipeline.extract import collect_failures
+    from pipeline.store import create_store, write_attrs
+    from schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSummary, StoreAttrs
+
+    rng = np.random.default_rng(seed)
+    records = [ImageRecord(f"img{i}", f"{i}.jpg", tuple(f"caption {k} of image {i}" for k in range(1 + i % 5)))
+               for i in range(num_images)]
+    config = ExtractorConfig(dataset="synthetic", splits=("train",), max_captions=None, num_regions=6,
+                             feature_dim=8, image_size=64, chunk_size=chunk_size,
+                             regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
+                             global_encoder=GlobalConfig(kind="open_clip", model="m", image_dim=5, text_dim=5))
+    num_captions = sum(len(r.captions) for r in records)
+    attrs = StoreAttrs(extractor=config, splits={"train": SplitSummary(num_images=num_images,
+                                                                        num_captions=num_captions)})
+    root = create_store(path, attrs, DatasetIndex("synthetic", path.parent, {"train": records}, None))
+    group = root["train"]
+    num_regions = rng.integers(1, 7, num_images).astype(np.int16)
+    regions = rng.normal(size=(num_images, 6, 8)).astype(np.float16)
+    for i, k in enumerate(num_regions):
+        regions[i, k:] = 0
+    valid = np.ones(num_images, bool)
+    valid[list(invalid)] = False
+    group["regions"][:] = regions
+    group["boxes"][:] = rng.uniform(0, 50, (num_images, 6, 4)).astype(np.float32)
+    group["num_regions"][:] = num_regions
+    group["width"][:], group["height"][:] = 64, 48
+    group["valid"][:] = valid
+    group["error"][:] = np.array(["" if v else "OSError: broken" for v in valid], dtype=object)
+    group["clip_image"][:] = rng.normal(size=(num_images, 5)).astype(np.float16)
+    group["clip_text"][:] = rng.normal(size=(num_captions, 5)).astype(np.float16)
+    group["images_done"][:] = True
+    group["captions_done"][:] = True
+    write_attrs(root, collect_failures(root, attrs))
+    return path

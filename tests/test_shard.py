@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+import zarr
+from conftest import run_cli, write_synthetic_store
+
+from pipeline.datasets import file_sha256
+from pipeline.shard import plan_shards
+from schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
+
+
+def shard_args(store: Path, out: Path, *extra) -> tuple:
+    return ("shard", "--store", store, "--split", "train", "--out", out, "--max-count", "5", "--workers", "1",
+            *extra)
+
+
+def read_shards(out: Path) -> list:
+    manifest = ShardManifest.model_validate_json((out / MANIFEST_NAME).read_text())
+    urls = [str(out / s.name) for s in manifest.shards]
+    return [decode_sample(raw) for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
+
+
+def test_shards_hold_every_valid_image_once_with_every_field(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr")
+    out = tmp_path / "shards"
+    result = run_cli(runner, *shard_args(store, out))
+    assert result.exit_code == 0, result.output
+    assert "21 images" in result.output and "2 invalid images left out" in result.output
+
+    manifest = ShardManifest.model_validate_json((out / MANIFEST_NAME).read_text())
+    assert manifest.num_samples == 21 and manifest.num_invalid_skipped == 2
+    assert [s.samples for s in manifest.shards] == [5, 5, 5, 5, 1]
+    assert json.loads((out / "sizes.json").read_text()) == {s.name: s.samples for s in manifest.shards}
+    for record in manifest.shards:
+        assert file_sha256(out / record.name) == record.sha256 and (out / record.name).stat().st_size == record.bytes
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(s.name for s in manifest.shards), MANIFEST_NAME,
+                                                            "sizes.json"])  # no leftovers
+
+    group = zarr.open_group(str(store), mode="r")["train"]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(group["caption_image"][:]))])
+    samples = read_shards(out)
+    assert sorted(s.meta.index for s in samples) == [i for i in range(23) if i not in (3, 17)]
+    assert manifest.num_captions == sum(len(s.captions) for s in samples)
+    for sample in samples:
+        i, k = sample.meta.index, sample.meta.num_regions
+        assert k == group["num_regions"][i] and sample.meta.image_id == f"img{i}"
+        np.testing.assert_array_equal(sample.regions, group["regions"][i, :k])
+        np.testing.assert_array_equal(sample.boxes, group["boxes"][i, :k])
+        np.testing.assert_array_equal(sample.clip_image, group["clip_image"][i])
+        assert sample.captions == [str(t) for t in group["caption_text"][starts[i]:starts[i + 1]]]
+        np.testing.assert_array_equal(sample.clip_text, group["clip_text"][starts[i]:starts[i + 1]])
+
+
+def test_plan_is_seeded_and_respects_count_and_size():
+    valid = np.ones(100, bool)
+    valid[[5, 50]] = False
+    sizes = np.full(100, 10)
+    plan = plan_shards(valid, chunk=8, sizes=sizes, seed=1, max_count=30, max_size=10**9)
+    assert [len(s) for s in plan] == [30, 30, 30, 8]
+    assert sorted(np.concatenate(plan).tolist()) == [i for i in range(100) if i not in (5, 50)]
+    again = plan_shards(valid, chunk=8, sizes=sizes, seed=1, max_count=30, max_size=10**9)
+    assert all((a == b).all() for a, b in zip(plan, again, strict=True))
+    other = plan_shards(valid, chunk=8, sizes=sizes, seed=2, max_count=30, max_size=10**9)
+    assert any(set(a) != set(b) for a, b in zip(plan, other, strict=True))
+    assert max(np.diff(np.sort(plan[0]))) > 8  # a shard mixes chunks from across the split
+    by_size = plan_shards(valid, chunk=8, sizes=sizes, seed=1, max_count=1000, max_size=95)
+    assert all(len(s) <= 9 for s in by_size) and sum(len(s) for s in by_size) == 98
+
+
+def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr")
+    reference = tmp_path / "reference"
+    assert run_cli(runner, *shard_args(store, reference)).exit_code == 0
+
+    out = tmp_path / "shards"
+    assert run_cli(runner, *shard_args(store, out)).exit_code == 0
+    manifest = ShardManifest.model_validate_json((out / MANIFEST_NAME).read_text())
+    # Rebuild what a run killed midway leaves: finished shards with records, one shard renamed but
+    # without its record, one truncated, a temporary file, no manifest.
+    for record in manifest.shards[:2]:
+        (out / f".{record.name}.json").write_text(record.model_dump_json())
+    (out / manifest.shards[3].name).unlink()
+    shard = out / manifest.shards[2].name
+    (out / f".{shard.name}.json").write_text(manifest.shards[2].model_dump_json())
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (out / ".train-000004.tar.tmp-999").write_bytes(b"partial")
+    (out / MANIFEST_NAME).unlink()
+    (out / ".plan.json").write_text(manifest.params.model_dump_json())
+
+    result = run_cli(runner, *shard_args(store, out))
+    assert result.exit_code == 0 and "2 of 5 shards already written and verified" in result.output
+    for record in manifest.shards:
+        assert (out / record.name).read_bytes() == (reference / record.name).read_bytes()
+    assert (out / MANIFEST_NAME).read_text() == (reference / MANIFEST_NAME).read_text().replace(
+        str(reference), str(out))
+
+    other = run_cli(runner, *shard_args(store, out, "--seed", "7"))
+    assert other.exit_code == 2 and "shards of another plan" in other.output
+
+
+def test_verify_names_missing_truncated_and_altered_shards(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr")
+    out = tmp_path / "shards"
+    run_cli(runner, *shard_args(store, out))
+    assert run_cli(runner, "verify", out).exit_code == 0
+    (out / "train-000000.tar").unlink()
+    truncated = out / "train-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:-512])
+    altered = out / "train-000002.tar"
+    data = bytearray(altered.read_bytes())
+    data[2000] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    result = run_cli(runner, "verify", out)
+    assert result.exit_code == 1
+    assert "train-000000.tar: missing" in result.output
+    assert "train-000001.tar: truncated" in result.output
+    assert "train-000002.tar: altered" in result.output
+    assert "3 of 5 shards failed" in result.output
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no Zarr store at"),
+    ("split", "has no split 'val'"),
+    ("empty", "has no valid images"),
+    ("incomplete", "is incomplete"),
+])
+def test_bad_shard_input_is_one_line_exit_2(runner, tmp_path: Path, case: str, message: str):
+    store = tmp_path / "s.zarr"
+    if case != "missing":
+        write_synthetic_store(store, num_images=6, invalid=tuple(range(6)) if case == "empty" else ())
+    if case == "incomplete":
+        root = zarr.open_group(str(store), mode="r+")
+        root.attrs["userpipe"] = {**root.attrs["userpipe"], "complete": False}
+    args = list(shard_args(store, tmp_path / "out"))
+    if case == "split":
+        args[args.index("--split") + 1] = "val"
+    result = run_cli(runner, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert run_cli(runner, "verify", tmp_path).exit_code == 2
