@@ -84,6 +84,7 @@ class ShardSample:
     captions: list[str]
     clip_image: np.ndarray | None = None
     clip_text: np.ndarray | None = None
+    source: str | None = None  # the shard it was read from (set by decode_sample)
 
 
 def sample_key(index: int) -> str:
@@ -128,7 +129,8 @@ def decode_sample(raw: dict) -> ShardSample:
         regions, boxes = array("regions.npy"), array("boxes.npy")
     except (KeyError, ValueError) as exc:
         raise SampleError(f"{where}: unreadable ({exc})") from None
-    sample = ShardSample(meta, regions, boxes, captions, array("clip_image.npy"), array("clip_text.npy"))
+    sample = ShardSample(meta, regions, boxes, captions, array("clip_image.npy"), array("clip_text.npy"),
+                         source=raw.get("__url__"))
     k, n = meta.num_regions, meta.num_captions
     if regions.ndim != 2 or regions.shape[0] != k or boxes.shape != (k, 4) or len(captions) != n:
         raise SampleError(f"{where}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "

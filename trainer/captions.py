@@ -1,0 +1,54 @@
+"""Caption tokenization in the loader, with the reference recipe's training augmentation.
+
+Augmentation (VSE∞, Chen et al. CVPR 2021, lib/datasets/image_caption.py; used by USER): each word,
+with its word pieces, is altered with probability 0.2: 50% of those become [MASK] pieces, 10%
+random vocabulary pieces, 40% are deleted. Only in training; the generator is seeded by the caller.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import numpy as np
+
+ALTER_PROB = 0.2
+MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 of altered words are deleted
+MAX_TOKENS = 64  # captions in COCO/F30K stay well below; longer ones are cut before [SEP]
+
+
+def load_tokenizer(name_or_path: str):
+    """A Hugging Face tokenizer by hub name or local folder (offline: a folder, or a cached name)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.errors import InputError
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load tokenizer '{name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+class CaptionTokenizer:
+    def __init__(self, tokenizer, max_tokens: int = MAX_TOKENS):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.vocab_size = tokenizer.vocab_size
+        self.cls, self.sep, self.mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+
+    def __call__(self, text: str, rng: np.random.Generator | None = None) -> list[int]:
+        """Token ids with [CLS]/[SEP]; `rng` given = training augmentation."""
+        encoding = self.tokenizer(text, add_special_tokens=False)
+        pieces_by_word = [[i for i, _ in group]
+                          for _, group in groupby(zip(encoding["input_ids"], encoding.word_ids(), strict=True),
+                                                  key=lambda pair: pair[1])]
+        ids: list[int] = []
+        for pieces in pieces_by_word:
+            if rng is not None and (draw := rng.random()) < ALTER_PROB:
+                draw /= ALTER_PROB
+                if draw < MASK_SHARE:
+                    ids += [self.mask] * len(pieces)
+                elif draw < MASK_SHARE + RANDOM_SHARE:
+                    ids += rng.integers(0, self.vocab_size, len(pieces)).tolist()
+                continue  # else: deleted
+            ids += pieces
+        return [self.cls, *ids[: self.max_tokens - 2], self.sep]

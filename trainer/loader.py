@@ -1,0 +1,300 @@
+"""The streaming loader: WebDataset shards -> (image, caption) pair batches, flat in memory.
+
+Stages, each a small generator (webdataset style), composed in `pair_pipeline`:
+
+  shard list (manifest) -> per-epoch seeded shard order -> split by rank -> split by DataLoader worker
+  -> tar reading (webdataset) -> shard-count check -> decode (schemas.shard) -> pairs: every caption
+  of every image once, shuffled within the shard -> tokenize (+ augmentation in training) -> batches
+
+Ordering is a pure function of (seed, epoch, rank, world, worker count): shard order is permuted per
+epoch, pairs are permuted within each shard, and augmentation draws from a generator keyed by
+(seed, epoch, image, caption). Because the shuffle never crosses a shard, the manifest's per-shard
+caption counts say exactly where step S of an epoch is, and `StreamingLoader.batches(epoch, start_step)`
+resumes there by dropping whole shards unread and skipping pairs only inside the one partial shard.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.errors import InputError
+from schemas.shard import MANIFEST_NAME, SampleError, ShardManifest, ShardSample, decode_sample
+from trainer.captions import CaptionTokenizer
+
+
+class ShardError(RuntimeError):
+    """A shard could not be read completely; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: tuple[str, ...]
+    samples: tuple[int, ...]
+    captions: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, location: str | Path) -> ShardSet:
+        path = Path(location)
+        path = path / MANIFEST_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise InputError(f"no shard manifest at {path}")
+        try:
+            manifest = ShardManifest.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{path} is not a userpipe shard manifest: {str(exc).splitlines()[0]}") from None
+        return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
+                   tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards))
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+
+@dataclass(frozen=True)
+class Pair:
+    sample: ShardSample
+    caption: int  # index into sample.captions
+
+
+@dataclass
+class Batch:
+    regions: torch.Tensor  # (B, K, D) float32, zero past region_lengths
+    region_lengths: torch.Tensor  # (B,) int64
+    boxes: torch.Tensor  # (B, K, 4)
+    tokens: torch.Tensor  # (B, L) int64, zero past token_lengths
+    token_lengths: torch.Tensor  # (B,)
+    image_index: torch.Tensor  # (B,) row in the store split: equal values = same image (false negatives)
+    caption_index: torch.Tensor  # (B,) caption number within its image
+    clip_image: torch.Tensor | None = None  # (B, C)
+    clip_text: torch.Tensor | None = None  # (B, C)
+    worker: int = 0
+    shards_skipped: int = 0  # cumulative, in the worker that built this batch
+    image_ids: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- stages
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+
+
+def split_shards(order: np.ndarray, part: int, parts: int) -> np.ndarray:
+    """Every parts-th shard from `part`: ranks, then workers, each see disjoint shards."""
+    return order[part::parts]
+
+
+def checked_tar_samples(urls: list[str], expected: dict[str, int], skip_corrupt: bool,
+                        skipped: list[int]) -> Iterator[dict]:
+    """Raw samples from the shards in order; a shard that fails or yields fewer samples than the
+    manifest says raises ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
+    for url in urls:
+        count = 0
+        try:
+            for raw in wds.tarfile_to_samples()([{"url": url}]):
+                count += 1
+                yield raw
+            if count != expected[url]:
+                raise ShardError(f"{url} yielded {count} samples, the manifest says {expected[url]} (truncated?)")
+        except ShardError as exc:
+            if not skip_corrupt:
+                raise
+            skipped[0] += 1
+            warnings.warn(f"skipped: {exc}", stacklevel=2)
+        except Exception as exc:  # noqa: BLE001 - tarfile, gzip and OS errors all mean "this shard is broken"
+            message = f"{url} is unreadable after {count} samples: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+            if not skip_corrupt:
+                raise ShardError(message) from None
+            skipped[0] += 1
+            warnings.warn(f"skipped: {message}", stacklevel=2)
+
+
+def decoded(raws: Iterable[dict]) -> Iterator[ShardSample]:
+    for raw in raws:
+        try:
+            yield decode_sample(raw)
+        except SampleError as exc:
+            raise ShardError(str(exc)) from None
+
+
+def shard_pairs(samples: Iterable[ShardSample], seed: int, epoch: int, skip_pairs: int = 0) -> Iterator[Pair]:
+    """All (image, caption) pairs of each shard, permuted within the shard; samples arrive shard by
+    shard (`source` unchanged within one). The first `skip_pairs` pairs of the stream are dropped."""
+    def flush(pending: list[ShardSample]) -> Iterator[Pair]:
+        pairs = [Pair(s, c) for s in pending for c in range(len(s.captions))]
+        key = [seed, epoch, pending[0].meta.index]
+        for i in np.random.default_rng(key).permutation(len(pairs)):
+            yield pairs[i]
+
+    def all_pairs() -> Iterator[Pair]:
+        pending: list[ShardSample] = []
+        shard = None
+        for sample in samples:
+            if pending and sample.source != shard:
+                yield from flush(pending)
+                pending = []
+            shard = sample.source
+            pending.append(sample)
+        if pending:
+            yield from flush(pending)
+
+    for n, pair in enumerate(all_pairs()):
+        if n >= skip_pairs:
+            yield pair
+
+
+def tokenized(pairs: Iterable[Pair], tokenizer: CaptionTokenizer, augment: bool, seed: int,
+              epoch: int) -> Iterator[tuple[Pair, list[int]]]:
+    for pair in pairs:
+        rng = np.random.default_rng([seed, epoch, pair.sample.meta.index, pair.caption]) if augment else None
+        yield pair, tokenizer(pair.sample.captions[pair.caption], rng)
+
+
+def collate(items: list[tuple[Pair, list[int]]]) -> Batch:
+    samples = [p.sample for p, _ in items]
+    b = len(items)
+    k = max(max(len(s.regions) for s in samples), 1)
+    d = samples[0].regions.shape[1]
+    regions, boxes = torch.zeros(b, k, d), torch.zeros(b, k, 4)
+    tokens = torch.zeros(b, max(len(t) for _, t in items), dtype=torch.long)
+    for i, (pair, ids) in enumerate(items):
+        n = len(pair.sample.regions)
+        regions[i, :n] = torch.from_numpy(pair.sample.regions.astype(np.float32))
+        boxes[i, :n] = torch.from_numpy(pair.sample.boxes)
+        tokens[i, : len(ids)] = torch.tensor(ids)
+    batch = Batch(
+        regions=regions, region_lengths=torch.tensor([len(s.regions) for s in samples]), boxes=boxes,
+        tokens=tokens, token_lengths=torch.tensor([len(t) for _, t in items]),
+        image_index=torch.tensor([s.meta.index for s in samples]),
+        caption_index=torch.tensor([p.caption for p, _ in items]), image_ids=[s.meta.image_id for s in samples],
+    )
+    if samples[0].clip_image is not None:
+        batch.clip_image = torch.from_numpy(np.stack([s.clip_image for s in samples]).astype(np.float32))
+    if samples[0].clip_text is not None:
+        batch.clip_text = torch.from_numpy(np.stack([p.sample.clip_text[p.caption] for p, _ in items])
+                                           .astype(np.float32))
+    return batch
+
+
+def batched(items: Iterable, size: int, drop_last: bool) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch and not drop_last:
+        yield batch
+
+
+# --------------------------------------------------------------------------- the loader
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int
+    seed: int = 0
+    workers: int = 0
+    train: bool = True  # augmentation on, partial batches dropped
+    skip_corrupt: bool = False
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One epoch of one rank; each DataLoader worker takes its shards and its start offset."""
+
+    def __init__(self, shards: ShardSet, settings: LoaderSettings, tokenizer: CaptionTokenizer, epoch: int,
+                 rank_shards: np.ndarray, worker_starts: list[tuple[int, int, int]]):
+        super().__init__()
+        self.shards, self.settings, self.tokenizer, self.epoch = shards, settings, tokenizer, epoch
+        self.rank_shards, self.worker_starts = rank_shards, worker_starts
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, first_shard, skip_pairs = self.worker_starts[info.id if info else 0]
+        mine = split_shards(self.rank_shards, worker, len(self.worker_starts))
+        urls = [self.shards.urls[i] for i in mine[first_shard:]]
+        expected = dict(zip(self.shards.urls, self.shards.samples, strict=True))
+        skipped = [0]
+        raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
+        pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, skip_pairs)
+        items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
+        for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
+            batch = collate(group)
+            batch.worker, batch.shards_skipped = worker, skipped[0]
+            yield batch
+
+
+class StreamingLoader:
+    """Batches of (image, caption) pairs for one rank; `len()` is the batches per epoch."""
+
+    def __init__(self, shards: ShardSet, tokenizer: CaptionTokenizer, settings: LoaderSettings,
+                 rank: int | None = None, world: int | None = None):
+        self.shards, self.tokenizer, self.settings = shards, tokenizer, settings
+        default_rank, default_world = _rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world = default_world if world is None else world
+        if len(shards) < self.world * max(1, settings.workers):
+            raise InputError(f"{len(shards)} shards cannot feed {self.world} rank(s) x {max(1, settings.workers)} "
+                             "worker(s); reshard with a smaller --max-count")
+
+    def _worker_shards(self, epoch: int) -> list[np.ndarray]:
+        rank_shards = split_shards(epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world)
+        workers = max(1, self.settings.workers)
+        return [split_shards(rank_shards, w, workers) for w in range(workers)]
+
+    def _worker_batches(self, epoch: int) -> list[int]:
+        size, drop = self.settings.batch_size, self.settings.train
+        pairs = [sum(self.shards.captions[i] for i in shards) for shards in self._worker_shards(epoch)]
+        return [p // size if drop else -(-p // size) for p in pairs]
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return sum(self._worker_batches(epoch))
+
+    def _starts(self, epoch: int, start_step: int) -> list[tuple[int, int, int]]:
+        """Per DataLoader worker: (its logical worker, shards to drop, pairs to skip in the next shard).
+
+        A logical worker owns a fixed slice of the rank's shards. The DataLoader takes batches from its
+        workers round robin, passing over exhausted ones, so the first start_step batches are the first
+        c_w batches of each logical worker w; and since a fresh DataLoader starts its round at worker
+        0, DataLoader workers take the logical workers in the order the round would have continued.
+        """
+        remaining = self._worker_batches(epoch)
+        workers = len(remaining)
+        consumed = [0] * workers
+        step, last = 0, workers - 1
+        while step < start_step and any(remaining):
+            last = (last + 1) % workers
+            if remaining[last]:
+                remaining[last] -= 1
+                consumed[last] += 1
+                step += 1
+        cycle = [(last + 1 + j) % workers for j in range(workers)]
+        order = [w for w in cycle if remaining[w]] + [w for w in cycle if not remaining[w]]
+        starts = []
+        worker_shards = self._worker_shards(epoch)
+        for w in order:
+            pairs, dropped = consumed[w] * self.settings.batch_size, 0
+            while dropped < len(worker_shards[w]) and pairs >= self.shards.captions[worker_shards[w][dropped]]:
+                pairs -= self.shards.captions[worker_shards[w][dropped]]
+                dropped += 1
+            starts.append((w, dropped, pairs))
+        return starts
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from `start_step` on (0-based, counted in this rank's batches)."""
+        rank_shards = split_shards(epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world)
+        stream = _EpochStream(self.shards, self.settings, self.tokenizer, epoch, rank_shards,
+                              self._starts(epoch, start_step))
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.settings.workers,
+                                             persistent_workers=False)
+        yield from loader
