@@ -168,3 +168,17 @@ def test_npz_by_file_stem_round_trips_and_an_inconsistent_file_invalidates_its_i
     assert train["valid"][:].tolist() == [True, False, True, True, True]
     np.testing.assert_allclose(train["regions"][0].astype(np.float32), rows[0][2][:36], rtol=1e-3, atol=1e-3)
     assert train["num_regions"][0] == 36  # 40 boxes, the first 36 kept
+
+
+def test_existing_dask_scheduler_does_the_work(runner, tmp_path: Path):
+    from distributed import LocalCluster
+
+    arrays = write_precomp(tmp_path / "precomp", {"train": (3, False), "dev": (2, True), "test": (2, True)})
+    out = tmp_path / "p.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        args = [a for a in precomp_args(tmp_path / "precomp", out) if a not in ("--workers", "1")]
+        result = run_cli(runner, *args, "--scheduler", cluster.scheduler_address)
+        assert result.exit_code == 0, result.output
+        assert len(cluster.scheduler.task_prefixes) > 0  # tasks went through that scheduler
+    np.testing.assert_allclose(zarr.open_group(str(out), mode="r")["test"]["regions"][:].astype(np.float32),
+                               arrays["test"], rtol=1e-3, atol=1e-3)

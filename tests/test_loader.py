@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli, write_synthetic_store
+from conftest import run_cli
 
 from pipeline.errors import InputError
+from pipeline.synthetic import write_synthetic_store
 from trainer.captions import CaptionTokenizer, load_tokenizer
 from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
 
@@ -126,6 +127,14 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
                                                                              train=False)).batches(0))
     assert batches[-1].shards_skipped == 1
     assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
+
+
+def test_brace_pattern_selects_shards_with_manifest_counts(shards):
+    every = ShardSet.resolve(shards[1])
+    some = ShardSet.resolve(f"{shards[1]}/train-{{000001..000003}}.tar")
+    assert some.urls == every.urls[1:4] and some.captions == every.captions[1:4]
+    with pytest.raises(InputError, match="does not list"):
+        ShardSet.resolve(f"{shards[1]}/train-{{000001..000099}}.tar")
 
 
 def test_bad_loader_input(shards, tokenizer, tmp_path):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 import zarr
-from conftest import run_cli, write_synthetic_store
+from conftest import run_cli
 
 from pipeline.datasets import file_sha256
 from pipeline.shard import plan_shards
+from pipeline.synthetic import write_synthetic_store
 from schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
 
 
@@ -24,7 +25,7 @@ def read_shards(out: Path) -> list:
 
 
 def test_shards_hold_every_valid_image_once_with_every_field(runner, tmp_path: Path):
-    store = write_synthetic_store(tmp_path / "s.zarr")
+    store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     out = tmp_path / "shards"
     result = run_cli(runner, *shard_args(store, out))
     assert result.exit_code == 0, result.output
@@ -71,7 +72,7 @@ def test_plan_is_seeded_and_respects_count_and_size():
 
 
 def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
-    store = write_synthetic_store(tmp_path / "s.zarr")
+    store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     reference = tmp_path / "reference"
     assert run_cli(runner, *shard_args(store, reference)).exit_code == 0
 
@@ -102,7 +103,7 @@ def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
 
 
 def test_verify_names_missing_truncated_and_altered_shards(runner, tmp_path: Path):
-    store = write_synthetic_store(tmp_path / "s.zarr")
+    store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     out = tmp_path / "shards"
     run_cli(runner, *shard_args(store, out))
     assert run_cli(runner, "verify", out).exit_code == 0

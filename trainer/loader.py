@@ -41,6 +41,7 @@ class ShardSet:
 
     @classmethod
     def from_manifest(cls, location: str | Path) -> ShardSet:
+        """All shards of a manifest (a folder written by `userpipe shard`, or its manifest.json)."""
         path = Path(location)
         path = path / MANIFEST_NAME if path.is_dir() else path
         if not path.is_file():
@@ -51,6 +52,28 @@ class ShardSet:
             raise InputError(f"{path} is not a userpipe shard manifest: {str(exc).splitlines()[0]}") from None
         return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
                    tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards))
+
+    @classmethod
+    def resolve(cls, spec: str | Path) -> ShardSet:
+        """A manifest, or a brace pattern ("shards/train-{000000..000009}.tar") naming some of its shards;
+        the manifest beside them supplies the per-shard counts that epochs and resuming rely on."""
+        text = str(spec)
+        if "{" not in text:
+            return cls.from_manifest(text)
+        from braceexpand import braceexpand
+
+        urls = list(braceexpand(text))
+        folders = {str(Path(u).parent) for u in urls}
+        if len(folders) != 1:
+            raise InputError(f"shard pattern {text} spans several folders; one manifest must cover them")
+        every = cls.from_manifest(folders.pop())
+        index = {Path(u).name: i for i, u in enumerate(every.urls)}
+        unknown = [Path(u).name for u in urls if Path(u).name not in index]
+        if unknown:
+            raise InputError(f"shard pattern {text} names shards the manifest does not list: {unknown[:3]}")
+        picked = [index[Path(u).name] for u in urls]
+        return cls(tuple(every.urls[i] for i in picked), tuple(every.samples[i] for i in picked),
+                   tuple(every.captions[i] for i in picked))
 
     def __len__(self) -> int:
         return len(self.urls)

@@ -1,0 +1,60 @@
+"""Synthetic feature stores with random contents, written through the real store writer.
+
+For tests and benchmarks of the stages after extraction (sharding, loading) at sizes no model
+could extract here: rows are generated and written a block at a time, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets import DatasetIndex, ImageRecord
+from pipeline.extract import collect_failures
+from pipeline.store import create_store, write_attrs
+from schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSummary, StoreAttrs
+
+BLOCK_CHUNKS = 16  # store chunks generated and written per step
+
+
+def write_synthetic_store(path: Path, num_images: int, *, num_regions: int = 6, feature_dim: int = 8,
+                          clip_dim: int = 5, invalid: tuple[int, ...] = (), captions_per_image: int | None = None,
+                          chunk_size: int = 4, seed: int = 0) -> Path:
+    """Split "train" only. Captions per image: fixed, or 1 + i % 5 (variable) when None. Features are
+    ReLU-like (half zeros), region counts vary in [1, num_regions]."""
+    rng = np.random.default_rng(seed)
+    records = [ImageRecord(f"img{i}", f"{i}.jpg",
+                           tuple(f"caption {k} of image {i}" for k in range(captions_per_image or 1 + i % 5)))
+               for i in range(num_images)]
+    config = ExtractorConfig(dataset="synthetic", splits=("train",), max_captions=None, num_regions=num_regions,
+                             feature_dim=feature_dim, image_size=64, chunk_size=chunk_size,
+                             regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
+                             global_encoder=GlobalConfig(kind="open_clip", model="synthetic", image_dim=clip_dim,
+                                                         text_dim=clip_dim))
+    num_captions = sum(len(r.captions) for r in records)
+    attrs = StoreAttrs(extractor=config, splits={"train": SplitSummary(num_images=num_images,
+                                                                        num_captions=num_captions)})
+    root = create_store(path, attrs, DatasetIndex("synthetic", path.parent, {"train": records}, None))
+    group = root["train"]
+    block = chunk_size * BLOCK_CHUNKS
+    for start in range(0, num_images, block):
+        rows = slice(start, min(num_images, start + block))
+        n = rows.stop - rows.start
+        counts = rng.integers(1, num_regions + 1, n)
+        regions = np.maximum(rng.standard_normal((n, num_regions, feature_dim), dtype=np.float32), 0)
+        regions[np.arange(num_regions)[None, :] >= counts[:, None]] = 0  # padding past num_regions
+        group["regions"][rows] = regions.astype(np.float16)
+        group["boxes"][rows] = rng.uniform(0, 50, (n, num_regions, 4)).astype(np.float32)
+        group["num_regions"][rows] = counts
+        group["clip_image"][rows] = rng.standard_normal((n, clip_dim), dtype=np.float32).astype(np.float16)
+    valid = np.ones(num_images, bool)
+    valid[list(invalid)] = False
+    group["width"][:], group["height"][:] = 64, 48
+    group["valid"][:] = valid
+    group["error"][:] = np.array(["" if v else "OSError: synthetic failure" for v in valid], dtype=object)
+    group["clip_text"][:] = rng.standard_normal((num_captions, clip_dim), dtype=np.float32).astype(np.float16)
+    group["images_done"][:] = True
+    group["captions_done"][:] = True
+    write_attrs(root, collect_failures(root, attrs))
+    return path
