@@ -53,13 +53,14 @@ def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer
     batch = batches[0]
     for row in range(len(batch.image_index)):
         i, k = int(batch.image_index[row]), int(batch.region_lengths[row])
-        np.testing.assert_array_equal(batch.regions[row, :k].numpy(), group["regions"][i, :k].astype(np.float32))
+        np.testing.assert_array_equal(batch.regions[row, :k].numpy(), group["regions"][i, :k])
         assert (batch.regions[row, k:] == 0).all()
         n = int(batch.token_lengths[row])
         text = tokenizer.tokenizer.decode(batch.tokens[row, 1:n - 1])
         assert text == f"caption {int(batch.caption_index[row])} of image {i}"
         assert (batch.tokens[row, n:] == 0).all()
     assert batch.clip_image.shape == (16, 5) and batch.clip_text.shape == (16, 5)
+    assert batch.regions.dtype == batch.clip_image.dtype == torch.float16
 
 
 @pytest.mark.parametrize("workers", [0, 2])
