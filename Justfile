@@ -35,6 +35,7 @@ test: setup
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
+    {{bin}}/python bench/queue_loss.py
 
 # style and static checks
 lint: setup
