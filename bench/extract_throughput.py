@@ -7,9 +7,7 @@ store for each worker count, and writes bench/results/extract_throughput.{json,m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import report
 
 
 def main() -> None:
@@ -45,17 +43,11 @@ def main() -> None:
                      "images_per_s": round(args.images / seconds, 2), "store_mb": round(size / 1e6, 1)})
         print(runs[-1])
     result = {"benchmark": "userpipe extract --dataset demo (boxes regions, efficientnet_lite0, imagenet global)",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "runs": runs}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "extract_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {result['benchmark']}", "", f"{result['machine']}, {result['date']}; wall time of the whole "
-             "command (Dask cluster start and model loading included).", "",
-             "| workers | images | seconds | images/s | store MB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['images']} | {r['seconds']} | {r['images_per_s']} | {r['store_mb']} |"
-              for r in runs]
-    (RESULTS / "extract_throughput.md").write_text("\n".join(lines) + "\n")
-
+              **report.machine(), "runs": runs}
+    report.write("extract_throughput", result, result["benchmark"],
+                 "Wall time of the whole command (Dask cluster start and model loading included).",
+                 ["workers", "images", "seconds", "images/s", "store MB"],
+                 [[r["workers"], r["images"], r["seconds"], r["images_per_s"], r["store_mb"]] for r in runs])
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import report
+
 REGIONS, DIM, CAPTIONS = 36, 2048, 5
 
 
@@ -158,19 +158,13 @@ def main() -> None:
             result["pairs_per_s"] = round(result["steady_batches_per_s"] * args.batch, 1)
             runs.append(result)
             print(result, flush=True)
-    report = {"benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
-                           f"{args.workers} DataLoader workers for streaming",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "runs": runs}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loader_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Loader: {report['benchmark']}", "", f"{report['machine']}, {report['date']}. Reference = the "
-             "whole float32 `train_ims.npy` loaded with np.load, one item per caption (SCAN/VSE∞/USER).", "",
-             "| images | loader | pairs/s | first batch (s) | peak RSS (MB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['images']:,} | {r['loader']} | {r['pairs_per_s']:,} | {r['seconds_to_first']} | "
-              f"{r['peak_rss_mb']:,} |" for r in runs]
-    (RESULTS / "loader_throughput.md").write_text("\n".join(lines) + "\n")
-
+    result = {"benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
+                           f"{args.workers} DataLoader workers for streaming", **report.machine(), "runs": runs}
+    report.write("loader_throughput", result, f"Loader: {result['benchmark']}",
+                 "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
+                 "(SCAN/VSE∞/USER).", ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
+                 [[f"{r['images']:,}", r["loader"], f"{r['pairs_per_s']:,}", r["seconds_to_first"],
+                   f"{r['peak_rss_mb']:,}"] for r in runs])
 
 if __name__ == "__main__":
     main()

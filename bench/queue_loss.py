@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import report
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -107,24 +105,16 @@ def main() -> None:
             print(runs[-1], flush=True)
     triton = child("triton-check", 1000, {"TRITON_INTERPRET": "1"})
     print(triton)
-    report = {"benchmark": f"uto_queue_loss forward+backward, B={args.batch}, D={args.dim}, fp32, "
-                           f"chunked tile {args.tile}",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores (CPU), Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "runs": runs, "triton_interpreter_check": triton}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "queue_loss.json").write_text(json.dumps(report, indent=2) + "\n")
+    result = {"benchmark": f"uto_queue_loss forward+backward, B={args.batch}, D={args.dim}, fp32, chunked tile "
+                           f"{args.tile}", **report.machine(), "runs": runs, "triton_interpreter_check": triton}
     by = {(r["backend"], r["M"]): r for r in runs}
-    lines = [f"# {report['benchmark']}", "", f"{report['machine']}, {report['date']}. Peak memory = process peak "
-             "RSS above the inputs.", "", "| M | eager s | chunked s | chunked / eager | eager MB | chunked MB |",
-             "|---|---|---|---|---|---|"]
-    for m in args.queues:
-        e, c = by[("eager", m)], by[("chunked", m)]
-        lines.append(f"| {m:,} | {e['seconds']} | {c['seconds']} | {c['seconds'] / e['seconds']:.2f} | "
-                     f"{e['peak_extra_mb']:,} | {c['peak_extra_mb']:,} |")
-    lines += ["", f"Triton (interpreter, B=16, M=1,000, D=64): loss {triton['loss_triton']:.6f} vs eager "
-              f"{triton['loss_eager']:.6f}, max |grad diff| {triton['max_grad_diff']:.2e}."]
-    (RESULTS / "queue_loss.md").write_text("\n".join(lines) + "\n")
-
+    rows = [[f"{m:,}", by[("eager", m)]["seconds"], by[("chunked", m)]["seconds"],
+             f"{by[('chunked', m)]['seconds'] / by[('eager', m)]['seconds']:.2f}",
+             f"{by[('eager', m)]['peak_extra_mb']:,}", f"{by[('chunked', m)]['peak_extra_mb']:,}"] for m in args.queues]
+    report.write("queue_loss", result, result["benchmark"], "CPU. Peak memory = process peak RSS above the inputs.",
+                 ["M", "eager s", "chunked s", "chunked / eager", "eager MB", "chunked MB"], rows,
+                 ["", f"Triton (interpreter, B=16, M=1,000, D=64): loss {triton['loss_triton']:.6f} vs eager "
+                  f"{triton['loss_eager']:.6f}, max |grad diff| {triton['max_grad_diff']:.2e}."])
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from pipeline.store import open_store
 from schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
+    ManifestError,
     SampleMeta,
     ShardManifest,
     ShardPlanParams,
@@ -37,6 +38,7 @@ from schemas.shard import (
     ShardSample,
     encode_sample,
     encoded_size,
+    read_manifest,
 )
 from schemas.store import caption_chunk_size
 
@@ -251,13 +253,10 @@ class ShardProblem:
 
 
 def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(f"no {MANIFEST_NAME} in {directory}")
     try:
-        manifest = ShardManifest.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not a userpipe shard manifest: {exc}") from None
+        _, manifest = read_manifest(directory)
+    except ManifestError as exc:
+        raise InputError(str(exc)) from None
     problems = []
     for record in manifest.shards:
         shard = directory / record.name

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -74,6 +75,22 @@ class ShardManifest(_Frozen):
     num_samples: int
     num_captions: int
     num_invalid_skipped: int = Field(description="invalid images in the store split, left out")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
+    """A shard folder or its manifest.json -> (manifest path, validated manifest)."""
+    path = Path(location)
+    path = path / MANIFEST_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise ManifestError(f"no shard manifest at {path}")
+    try:
+        return path, ShardManifest.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not a userpipe shard manifest: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass

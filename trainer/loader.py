@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 
 from pipeline.errors import InputError
-from schemas.shard import MANIFEST_NAME, SampleError, ShardManifest, ShardSample, decode_sample
+from schemas.shard import ManifestError, SampleError, ShardSample, decode_sample, read_manifest
 from trainer.captions import CaptionTokenizer
 
 
@@ -42,14 +42,10 @@ class ShardSet:
     @classmethod
     def from_manifest(cls, location: str | Path) -> ShardSet:
         """All shards of a manifest (a folder written by `userpipe shard`, or its manifest.json)."""
-        path = Path(location)
-        path = path / MANIFEST_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise InputError(f"no shard manifest at {path}")
         try:
-            manifest = ShardManifest.model_validate_json(path.read_text())
-        except ValueError as exc:
-            raise InputError(f"{path} is not a userpipe shard manifest: {str(exc).splitlines()[0]}") from None
+            path, manifest = read_manifest(location)
+        except ManifestError as exc:
+            raise InputError(str(exc)) from None
         return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
                    tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards))
 
