@@ -121,3 +121,15 @@ def test_low_precision_inputs_stay_finite_and_close_at_mu_90(backend, dtype):
     tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
     assert ours.item() == pytest.approx(ref.item(), abs=tolerance)
     torch.testing.assert_close(grad.cpu().double(), torch.autograd.grad(ref, qd)[0], rtol=0.2, atol=tolerance)
+
+
+def test_backend_choice_and_argument_errors():
+    from trainer.losses import choose_backend
+
+    small, large = torch.zeros(128, 8), torch.zeros(1 << 17, 8)
+    assert choose_backend(small, small) == "eager" and choose_backend(small, large) == "chunked"
+    q = unit(4, 8, 0).float()
+    with pytest.raises(ValueError, match="unknown queue-loss backend 'fast'"):
+        uto_queue_loss(q, q, q, MU, GAMMA, backend="fast")
+    with pytest.raises(ValueError, match="pass both query_ids and queue_ids"):
+        uto_queue_loss(q, q, q, MU, GAMMA, query_ids=torch.arange(4))
