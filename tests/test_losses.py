@@ -126,7 +126,7 @@ def test_low_precision_inputs_stay_finite_and_close_at_mu_90(backend, dtype):
 def test_backend_choice_and_argument_errors():
     from trainer.losses import choose_backend
 
-    small, large = torch.zeros(128, 8), torch.zeros(1 << 17, 8)
+    small, large = torch.zeros(128, 8), torch.zeros(1 << 18, 8)
     assert choose_backend(small, small) == "eager" and choose_backend(small, large) == "chunked"
     q = unit(4, 8, 0).float()
     with pytest.raises(ValueError, match="unknown queue-loss backend 'fast'"):
