@@ -1,6 +1,8 @@
-"""Model configuration: what `trainer.model.build_model` builds, saved beside every checkpoint.
+"""Run configuration: the model (`ModelConfig`, what `trainer.model.build_model` builds) and the
+training recipe (`TrainRecipe`), saved resolved into every run directory and beside every checkpoint.
 
-Presets are data (trainer/configs/*.yaml); `coco` and `f30k` are the released USER recipe.
+Presets are data (trainer/configs/*.yaml, sections `model:` and `train:`); `coco` and `f30k` are the
+released USER recipe.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class ModelConfig(BaseModel):
                                        "negatives (False = the released code)")
     keys_in_train_mode: bool = Field(default=True, description="key encoders keep dropout/BN in train mode, "
                                      "as the released code does")
+    use_queue: bool = Field(default=True, description="momentum queues and their loss (False: in-batch UTO "
+                            "only, the VSE∞-style ablation)")
 
     @model_validator(mode="after")
     def _cge_needs_clip(self) -> ModelConfig:
@@ -43,9 +47,48 @@ class ModelConfig(BaseModel):
         return self
 
 
-def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
-    """A preset name (coco, f30k, demo) or a YAML/JSON file, with keyword overrides."""
+class TrainRecipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    text_lr_scale: float = Field(default=0.1, gt=0, description="text backbone lr = lr x this")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    grad_clip: float = Field(default=2.0, gt=0)
+    lr_decay_epochs: tuple[int, ...] = Field(default=(), description="lr x lr_decay from each of these epochs")
+    lr_decay: float = Field(default=0.1, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    seed: int = 1
+    workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
+    backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
+    val_images: int | None = Field(default=None, gt=0, description="validate on the first N images "
+                                   "(the reference uses 1,000 of COCO's dev split)")
+    val_every: int | None = Field(default=None, gt=0, description="also validate every N steps")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
+    model: ModelConfig
+    train: TrainRecipe
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *path, leaf = dotted.split(".")
+    for key in path:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConfig:
+    """A preset name (coco, f30k, demo) or a YAML/JSON file, with dotted overrides
+    ({"train.lr": 1e-4, "model.enhancement": "none"})."""
     import yaml
+    from pydantic import ValidationError
+
+    from pipeline.errors import InputError
 
     path = Path(name_or_path)
     if not path.suffix:
@@ -53,7 +96,13 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
 
         path = Path(str(files("trainer") / "configs" / f"{name_or_path}.yaml"))
     if not path.is_file():
-        from pipeline.errors import InputError
-
-        raise InputError(f"unknown model config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
-    return ModelConfig(**{**yaml.safe_load(path.read_text()), **overrides})
+        raise InputError(f"unknown config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
+    tree = yaml.safe_load(path.read_text())
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig(**tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"config {name_or_path}: {where}: {first['msg']}") from None

