@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: fail at once instead of retrying for ~46 s
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as `userpipe train` sets it: resumed runs reproduce exactly  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
 
 
 def karpathy_record(filename: str, split: str, captions: list[str], imgid: int, cocoid: int | None = None,

@@ -313,6 +313,9 @@ class StreamingLoader:
         rank_shards = split_shards(epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world)
         stream = _EpochStream(self.shards, self.settings, self.tokenizer, epoch, rank_shards,
                               self._starts(epoch, start_step))
+        # its own generator: creating the DataLoader must not draw from the global RNG (dropout's),
+        # or a run resumed mid-epoch would not continue the uninterrupted run's random stream
+        generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.settings.workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False, generator=generator)
         yield from loader

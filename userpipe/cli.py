@@ -154,6 +154,84 @@ def verify(directory: Path = typer.Argument(..., help="a folder written by userp
     console.print(f"{len(manifest.shards)} shards OK ({manifest.num_samples} samples)")
 
 
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set needs key=value, got '{pair}'")
+        parsed[key] = yaml.safe_load(value)  # numbers, booleans and lists as YAML reads them
+    return parsed
+
+
+@app.command()
+def train(
+    shards: str = typer.Option(..., help="shard folder (or a brace pattern) written by userpipe shard"),
+    val_store: Path = typer.Option(..., help="store whose 'val' split is used for model selection"),
+    config: str = typer.Option("demo", help="coco, f30k, demo, or a YAML file"),
+    out: Path = typer.Option(..., help="run directory"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.lr=1e-4 --set model.enhancement=none"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+) -> None:
+    """Train USER on streamed shards, validating and checkpointing every epoch."""
+    # MKL picks matmul kernels by memory alignment, so the same CPU run differs in the last bits
+    # between processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it).
+    # Its conditional-reproducibility mode fixes that; MKL_CBWR=AUTO trades it for speed.
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    from schemas.run import load_run_config
+    from trainer.evaluate import format_table
+    from trainer.train import train as run_training
+
+    with _reported_errors(resume_hint=True):
+        run_config = load_run_config(config, _overrides(set_))
+        best = run_training(out, shards, val_store, run_config, resume, console)
+    Console().print(format_table(best, f"best validation ({out})"))
+    console.print(f"report: {out / 'summary.md'}")
+
+
+@app.command("eval")
+def evaluate(
+    store: Path = typer.Option(..., help="store to evaluate on"),
+    run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
+    checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
+    ensemble: str = typer.Option(None, help="comma-separated run directories whose similarities are averaged"),
+    split: str = typer.Option("test", help="split of the store"),
+    protocol: str = typer.Option("full", help="coco1k (5-fold mean), coco5k, f30k or full"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
+    from trainer.captions import CaptionTokenizer, load_tokenizer
+    from trainer.encode import encode_split
+    from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
+    from trainer.model import resolve_text_model
+    from trainer.train import CHECKPOINTS, load_checkpoint
+
+    with _reported_errors():
+        if protocol not in PROTOCOLS:
+            raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+        sources = ([Path(r) / CHECKPOINTS / "best" for r in ensemble.split(",")] if ensemble else
+                   [checkpoint] if checkpoint else [run / CHECKPOINTS / "best"] if run else [])
+        if not sources:
+            raise InputError("pass --run, --checkpoint or --ensemble")
+        sims, caption_image = 0, None
+        for source in sources:
+            model, config = load_checkpoint(source)
+            tokenizer = CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
+            emb = encode_split(model, store, split, tokenizer)
+            sims = sims + emb.images @ emb.captions.T / len(sources)
+            caption_image = emb.caption_image
+        try:
+            metrics = protocol_metrics(sims, caption_image, protocol)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    if as_json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
+    else:
+        Console().print(format_table(metrics, f"{protocol} on {store} [{split}]"))
+
+
 def main() -> None:
     try:
         app()
