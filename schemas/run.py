@@ -25,6 +25,8 @@ class ModelConfig(BaseModel):
     num_regions: int = Field(gt=0, description="R, the region axis SGE's BatchNorm runs over")
     clip_dim: int | None = Field(default=None, description="width of the CLIP global (CGE only)")
     text_model: str = Field(description="Hugging Face BERT-family model: hub name or local folder")
+    text_layers: int | None = Field(default=None, gt=0, description="keep only the first N transformer "
+                                    "layers of the text model (None: all)")
     dropout: float = Field(default=0.4, ge=0, lt=1)
     gpo_pe_dim: int = 32
     gpo_hidden: int = 32

@@ -45,7 +45,8 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert len([r for r in records if "val" in r]) == 3
+    per_epoch = len(steps) // 3
+    assert [r["step"] for r in records if "val" in r] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
     assert {"lr", "batch", "queue", "samples_per_s"} <= set(steps[0])
     for name in ("summary.md", "loss.png", "val_rsum.png", "config.json", "checkpoints/best/model.safetensors",

@@ -154,6 +154,12 @@ class TextEncoder(nn.Module):
             from transformers import AutoModel
 
             bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
+        if config.text_layers is not None:
+            layers = bert.encoder.layer
+            if config.text_layers > len(layers):
+                raise ValueError(f"text_layers={config.text_layers} but {config.text_model} has {len(layers)}")
+            bert.encoder.layer = layers[: config.text_layers]
+            bert.config.num_hidden_layers = config.text_layers
         self.bert = bert
         self.linear = nn.Linear(bert.config.hidden_size, config.embed_dim)
         self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)

@@ -173,6 +173,8 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     per_epoch = loader.batches_per_epoch()
     if per_epoch == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
+    if not resume:  # the untrained model's numbers, the baseline every run is compared with
+        log.write({"step": 0, "epoch": 0, "val": validate(model, val_store, tokenizer, recipe.val_images)})
     model.train()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console) as bar:
@@ -243,7 +245,9 @@ def write_report(run: Path, records: list[dict]) -> None:
     from trainer.evaluate import format_table
 
     best = max(vals, key=lambda r: r["val"]["rsum"])
+    untrained = [r for r in vals if r["step"] == 0]
     (run / "summary.md").write_text(
         f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
         f"(epoch {best['epoch']}).\n\n" + format_table(best["val"], "## Best validation") +
+        (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "") +
         "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n")
