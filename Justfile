@@ -20,12 +20,15 @@ setup:
     {{bin}}/python -m pip install -q -e '.[test]'
     touch "$stamp"
 
-# the embedded offline demo: generate the demo dataset, extract its features, shard them, verify
+# the embedded offline demo: generate the demo dataset, extract, shard, train, evaluate (finished stages are reused)
 demo: setup
     HF_HUB_OFFLINE=1 {{bin}}/userpipe extract --dataset demo
     {{bin}}/userpipe info data/demo.zarr
     {{bin}}/userpipe shard --store data/demo.zarr --split train --max-count 250
     {{bin}}/userpipe verify data/demo-shards/train
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe train --shards data/demo-shards/train --val-store data/demo.zarr \
+        --config demo --out runs/demo $([ -d runs/demo/checkpoints/last ] && echo --resume)
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe eval --run runs/demo --store data/demo.zarr --split test
 
 # the test suite (offline)
 test: setup
@@ -35,6 +38,7 @@ test: setup
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
+    {{bin}}/python bench/ranking.py
     {{bin}}/python bench/queue_loss.py
 
 # style and static checks
