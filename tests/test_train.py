@@ -109,3 +109,19 @@ def test_resume_refuses_another_architecture(runner, data, tmp_path):
     assert run_cli(runner, *train_args(data, out, "--set", "train.epochs=1")).exit_code == 0
     result = run_cli(runner, *train_args(data, out, "--resume", "--set", "model.embed_dim=32"))
     assert result.exit_code == 2 and "another model configuration" in result.output
+
+
+@pytest.mark.parametrize("switches", [
+    ("model.enhancement=none", "model.use_queue=false"),  # the VSE∞-style baseline
+    ("model.enhancement=cge", "model.clip_dim=5"),
+    ("model.mask_false_negatives=true", "train.backend=chunked", "model.keys_in_train_mode=false"),
+])
+def test_ablation_switches_train_from_the_config(runner, data, tmp_path, switches):
+    sets = [arg for switch in switches for arg in ("--set", switch)]
+    result = run_cli(runner, *train_args(data, tmp_path / "run", "--set", "train.epochs=1", *sets))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    for switch in switches:
+        section, rest = switch.split(".", 1)
+        key, value = rest.split("=")
+        assert str(saved[section][key]).lower() == value

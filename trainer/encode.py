@@ -55,6 +55,7 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
     if needs_clip and "clip_image" not in group:
         raise InputError(f"a cge model needs CLIP image features, and {store} has none")
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         caption_image_all = group["caption_image"][:]
@@ -68,14 +69,15 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
                 ok = valid[rows]
                 if not ok.any():
                     continue
-                regions = torch.from_numpy(group["regions"][rows][ok].astype(np.float32))
-                lengths = torch.from_numpy(group["num_regions"][rows][ok].astype(np.int64))
-                clip = torch.from_numpy(group["clip_image"][rows][ok].astype(np.float32)) if needs_clip else None
-                images.append(model.encode_images(regions, lengths, clip))
+                regions = torch.from_numpy(group["regions"][rows][ok].astype(np.float32)).to(device)
+                lengths = torch.from_numpy(group["num_regions"][rows][ok].astype(np.int64)).to(device)
+                clip = (torch.from_numpy(group["clip_image"][rows][ok].astype(np.float32)).to(device)
+                        if needs_clip else None)
+                images.append(model.encode_images(regions, lengths, clip).float().cpu())
                 bar.advance(task, int(ok.sum()))
             for start in range(0, len(caption_rows), TEXT_BATCH):
                 tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start:start + TEXT_BATCH]])
-                captions.append(model.encode_texts(tokens, lengths))
+                captions.append(model.encode_texts(tokens.to(device), lengths.to(device)).float().cpu())
                 bar.advance(task, len(tokens))
     finally:
         model.train(was_training)

@@ -245,12 +245,13 @@ class USER(nn.Module):
         with torch.no_grad():
             img_key = self.image_key(regions, region_lengths, clip)
             txt_key = self.text_key(tokens, token_lengths)
-        text_queue, text_ids = self.text_queue.keys, self.text_queue.ids
-        image_queue, image_ids_queue = self.image_queue.keys, self.image_queue.ids
+        # copies: the queues are updated in place below, before backward reads what the loss saved
+        text_queue, text_ids = self.text_queue.keys.clone(), self.text_queue.ids.clone()
+        image_queue, image_ids_queue = self.image_queue.keys.clone(), self.image_queue.ids.clone()
         ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
-        image_to_text = uto_queue_loss(img, txt_key, text_queue.clone(), cfg.mu, cfg.gamma, backend, *ids)
+        image_to_text = uto_queue_loss(img, txt_key, text_queue, cfg.mu, cfg.gamma, backend, *ids)
         ids = (image_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
-        text_to_image = uto_queue_loss(txt, img_key, image_queue.clone(), cfg.mu, cfg.gamma, backend, *ids)
+        text_to_image = uto_queue_loss(txt, img_key, image_queue, cfg.mu, cfg.gamma, backend, *ids)
         self.image_queue.push(img_key, image_ids)
         self.text_queue.push(txt_key, image_ids)
         queue = image_to_text + text_to_image

@@ -99,14 +99,15 @@ def _save_checkpoint(run: Path, name: str, model: USER, optimizer, config: RunCo
 
 
 def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
-    """A model and its config from a checkpoint directory (…/checkpoints/best)."""
+    """A model and its config from a checkpoint directory (…/checkpoints/best), on the GPU if any."""
     from safetensors.torch import load_model
 
     if not (directory / "model.safetensors").is_file():
         raise InputError(f"no checkpoint at {directory}")
     config = RunConfig.model_validate_json((directory / "config.json").read_text())
-    model = build_model(config.model, bert)
-    load_model(model, str(directory / "model.safetensors"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(config.model, bert).to(device)
+    load_model(model, str(directory / "model.safetensors"), device=device)
     return model, config
 
 
@@ -151,8 +152,9 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(config.model_dump_json(indent=1))
     torch.manual_seed(recipe.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
-    model = build_model(config.model, bert)
+    model = build_model(config.model, bert).to(device)
     optimizer = build_optimizer(model, recipe)
     position = Position()
     log = JsonLog(run / "log.jsonl")
@@ -160,8 +162,8 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         from safetensors.torch import load_model
 
         last = run / CHECKPOINTS / "last"
-        load_model(model, str(last / "model.safetensors"))
-        state = torch.load(last / "state.pt", weights_only=False)
+        load_model(model, str(last / "model.safetensors"), device=str(device))
+        state = torch.load(last / "state.pt", weights_only=False, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
         torch.set_rng_state(state["torch_rng"])
@@ -186,9 +188,11 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
                 lr = learning_rate(recipe, position.epoch, position.global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["scale"]
-                clip = batch.clip_image if config.model.enhancement == "cge" else None
-                losses = model(batch.regions, batch.region_lengths, batch.tokens, batch.token_lengths,
-                               batch.image_index, clip=clip, backend=recipe.backend)
+                clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    losses = model(batch.regions.to(device), batch.region_lengths.to(device),
+                                   batch.tokens.to(device), batch.token_lengths.to(device),
+                                   batch.image_index.to(device), clip=clip, backend=recipe.backend)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
