@@ -39,6 +39,7 @@ bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
     {{bin}}/python bench/ranking.py
+    HF_HUB_OFFLINE=1 {{bin}}/python bench/train_throughput.py
     {{bin}}/python bench/queue_loss.py
 
 # style and static checks

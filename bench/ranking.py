@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import report
 
+import report
 from trainer.evaluate import i2t_ranks, retrieval_metrics, t2i_ranks
 
 
