@@ -59,7 +59,6 @@ class ExtractOptions:
     workers: int
     scheduler: str | None
     overwrite: bool
-    allow_failures: bool
 
 
 @dataclass

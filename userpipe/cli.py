@@ -66,7 +66,7 @@ def extract(
             raise InputError("--images only applies to --dataset demo")
         opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
                               detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
-                              scheduler, overwrite, allow_failures)
+                              scheduler, overwrite)
         prepared = prepare(opts)
         attrs = run_extract(prepared, opts, console)
     for split, summary in attrs.splits.items():
