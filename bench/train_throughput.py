@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 import report  # noqa: E402
 from pipeline.synthetic import write_synthetic_store  # noqa: E402
-from schemas.run import load_run_config  # noqa: E402
 from trainer.captions import CaptionTokenizer, load_tokenizer  # noqa: E402
+from trainer.config import load_run_config  # noqa: E402
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader  # noqa: E402
 from trainer.model import build_model, resolve_text_model  # noqa: E402
 from trainer.train import build_optimizer  # noqa: E402

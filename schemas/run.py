@@ -1,13 +1,12 @@
 """Run configuration: the model (`ModelConfig`, what `trainer.model.build_model` builds) and the
 training recipe (`TrainRecipe`), saved resolved into every run directory and beside every checkpoint.
 
-Presets are data (trainer/configs/*.yaml, sections `model:` and `train:`); `coco` and `f30k` are the
-released USER recipe.
+Presets are data (trainer/configs/*.yaml, sections `model:` and `train:`, loaded by
+`trainer.config.load_run_config`); `coco` and `f30k` are the released USER recipe.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -75,36 +74,3 @@ class RunConfig(BaseModel):
     schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
     model: ModelConfig
     train: TrainRecipe
-
-
-def _set_dotted(tree: dict, dotted: str, value) -> None:
-    *path, leaf = dotted.split(".")
-    for key in path:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
-
-
-def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConfig:
-    """A preset name (coco, f30k, demo) or a YAML/JSON file, with dotted overrides
-    ({"train.lr": 1e-4, "model.enhancement": "none"})."""
-    import yaml
-    from pydantic import ValidationError
-
-    from pipeline.errors import InputError
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        from importlib.resources import files
-
-        path = Path(str(files("trainer") / "configs" / f"{name_or_path}.yaml"))
-    if not path.is_file():
-        raise InputError(f"unknown config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
-    tree = yaml.safe_load(path.read_text())
-    for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
-    try:
-        return RunConfig(**tree)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError(f"config {name_or_path}: {where}: {first['msg']}") from None

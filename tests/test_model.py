@@ -6,7 +6,8 @@ from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
 from pipeline.errors import InputError
-from schemas.run import ModelConfig, load_run_config
+from schemas.run import ModelConfig
+from trainer.config import load_run_config
 from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_model, sinusoid_positions
 
 

@@ -26,6 +26,7 @@ import webdataset as wds
 
 from pipeline.errors import InputError
 from schemas.shard import ManifestError, SampleError, ShardSample, decode_sample, read_manifest
+from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 
 
@@ -38,6 +39,7 @@ class ShardSet:
     urls: tuple[str, ...]
     samples: tuple[int, ...]
     captions: tuple[int, ...]
+    store_config: ExtractorConfig  # how the features in the shards were extracted
 
     @classmethod
     def from_manifest(cls, location: str | Path) -> ShardSet:
@@ -47,7 +49,8 @@ class ShardSet:
         except ManifestError as exc:
             raise InputError(str(exc)) from None
         return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
-                   tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards))
+                   tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards),
+                   manifest.params.store_config)
 
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
@@ -69,7 +72,7 @@ class ShardSet:
             raise InputError(f"shard pattern {text} names shards the manifest does not list: {unknown[:3]}")
         picked = [index[Path(u).name] for u in urls]
         return cls(tuple(every.urls[i] for i in picked), tuple(every.samples[i] for i in picked),
-                   tuple(every.captions[i] for i in picked))
+                   tuple(every.captions[i] for i in picked), every.store_config)
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -227,33 +230,41 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one DataLoader worker reads in an epoch: its logical worker's shards, minus those a
+    resumed run has already consumed, and the pairs to skip in the first of them."""
+
+    worker: int
+    shards: tuple[int, ...]
+    skip_pairs: int
+
+
 class _EpochStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank; each DataLoader worker takes its shards and its start offset."""
+    """One epoch of one rank; DataLoader worker i follows plans[i]."""
 
     def __init__(self, shards: ShardSet, settings: LoaderSettings, tokenizer: CaptionTokenizer, epoch: int,
-                 rank_shards: np.ndarray, worker_starts: list[tuple[int, int, int]]):
+                 plans: list[WorkerPlan]):
         super().__init__()
-        self.shards, self.settings, self.tokenizer, self.epoch = shards, settings, tokenizer, epoch
-        self.rank_shards, self.worker_starts = rank_shards, worker_starts
+        self.shards, self.settings, self.tokenizer, self.epoch, self.plans = shards, settings, tokenizer, epoch, plans
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
-        worker, first_shard, skip_pairs = self.worker_starts[info.id if info else 0]
-        mine = split_shards(self.rank_shards, worker, len(self.worker_starts))
-        urls = [self.shards.urls[i] for i in mine[first_shard:]]
+        plan = self.plans[info.id if info else 0]
+        urls = [self.shards.urls[i] for i in plan.shards]
         expected = dict(zip(self.shards.urls, self.shards.samples, strict=True))
         skipped = [0]
         raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
-        pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, skip_pairs)
+        pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, plan.skip_pairs)
         items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
         for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
             batch = collate(group)
-            batch.worker, batch.shards_skipped = worker, skipped[0]
+            batch.worker, batch.shards_skipped = plan.worker, skipped[0]
             yield batch
 
 
 class StreamingLoader:
-    """Batches of (image, caption) pairs for one rank; `len()` is the batches per epoch."""
+    """Batches of (image, caption) pairs for one rank; `batches_per_epoch()` counts them."""
 
     def __init__(self, shards: ShardSet, tokenizer: CaptionTokenizer, settings: LoaderSettings,
                  rank: int | None = None, world: int | None = None):
@@ -270,23 +281,24 @@ class StreamingLoader:
         workers = max(1, self.settings.workers)
         return [split_shards(rank_shards, w, workers) for w in range(workers)]
 
-    def _worker_batches(self, epoch: int) -> list[int]:
+    def _worker_batches(self, worker_shards: list[np.ndarray]) -> list[int]:
         size, drop = self.settings.batch_size, self.settings.train
-        pairs = [sum(self.shards.captions[i] for i in shards) for shards in self._worker_shards(epoch)]
+        pairs = [sum(self.shards.captions[i] for i in shards) for shards in worker_shards]
         return [p // size if drop else -(-p // size) for p in pairs]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self._worker_batches(epoch))
+        return sum(self._worker_batches(self._worker_shards(epoch)))
 
-    def _starts(self, epoch: int, start_step: int) -> list[tuple[int, int, int]]:
-        """Per DataLoader worker: (its logical worker, shards to drop, pairs to skip in the next shard).
+    def _plans(self, epoch: int, start_step: int) -> list[WorkerPlan]:
+        """One plan per DataLoader worker, for an epoch entered at start_step.
 
         A logical worker owns a fixed slice of the rank's shards. The DataLoader takes batches from its
         workers round robin, passing over exhausted ones, so the first start_step batches are the first
         c_w batches of each logical worker w; and since a fresh DataLoader starts its round at worker
         0, DataLoader workers take the logical workers in the order the round would have continued.
         """
-        remaining = self._worker_batches(epoch)
+        worker_shards = self._worker_shards(epoch)
+        remaining = self._worker_batches(worker_shards)
         workers = len(remaining)
         consumed = [0] * workers
         step, last = 0, workers - 1
@@ -298,21 +310,18 @@ class StreamingLoader:
                 step += 1
         cycle = [(last + 1 + j) % workers for j in range(workers)]
         order = [w for w in cycle if remaining[w]] + [w for w in cycle if not remaining[w]]
-        starts = []
-        worker_shards = self._worker_shards(epoch)
+        plans = []
         for w in order:
             pairs, dropped = consumed[w] * self.settings.batch_size, 0
             while dropped < len(worker_shards[w]) and pairs >= self.shards.captions[worker_shards[w][dropped]]:
                 pairs -= self.shards.captions[worker_shards[w][dropped]]
                 dropped += 1
-            starts.append((w, dropped, pairs))
-        return starts
+            plans.append(WorkerPlan(w, tuple(int(i) for i in worker_shards[w][dropped:]), pairs))
+        return plans
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The epoch's batches from `start_step` on (0-based, counted in this rank's batches)."""
-        rank_shards = split_shards(epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world)
-        stream = _EpochStream(self.shards, self.settings, self.tokenizer, epoch, rank_shards,
-                              self._starts(epoch, start_step))
+        stream = _EpochStream(self.shards, self.settings, self.tokenizer, epoch, self._plans(epoch, start_step))
         # its own generator: creating the DataLoader must not draw from the global RNG (dropout's),
         # or a run resumed mid-epoch would not continue the uninterrupted run's random stream
         generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)

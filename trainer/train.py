@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import InputError
 from schemas.run import RunConfig
-from schemas.shard import read_manifest
 from trainer.captions import CaptionTokenizer, load_tokenizer
 from trainer.encode import encode_split
 from trainer.evaluate import retrieval_metrics
@@ -46,8 +45,7 @@ class Position:
 
 def check_fits(config: RunConfig, shards: ShardSet, manifest_path: str) -> None:
     """The config must fit the data before any work starts."""
-    _, manifest = read_manifest(Path(shards.urls[0]).parent)
-    store = manifest.params.store_config
+    store = shards.store_config
     model = config.model
     if model.feature_dim != store.feature_dim:
         raise InputError(f"config model.feature_dim={model.feature_dim} but the shards hold {store.feature_dim}-d "

@@ -180,7 +180,7 @@ def train(
     # between processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it).
     # Its conditional-reproducibility mode fixes that; MKL_CBWR=AUTO trades it for speed.
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-    from schemas.run import load_run_config
+    from trainer.config import load_run_config
     from trainer.evaluate import format_table
     from trainer.train import train as run_training
 
