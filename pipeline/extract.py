@@ -173,6 +173,25 @@ def _one_image(config: ExtractorConfig, extractor: RegionExtractor | None, image
     return ImageResult(imported.features[:k], boxes, width, height)
 
 
+def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and float16-rounded,
+    their count, and the global embedding (None without a global encoder). For `userpipe search` queries."""
+    if config.regions.kind in IMPORTED_REGION_KINDS:
+        raise InputError(f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
+                         "a new image; query with an image id from the index")
+    _, extractor, encoder = _models(config.model_dump_json())
+    try:
+        image = _load_image(str(path))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    result = _one_image(config, extractor, image, None, None)
+    k = len(result.features)
+    regions = np.zeros((config.num_regions, config.feature_dim), np.float16)
+    regions[:k] = result.features
+    clip = encoder.encode_images([image])[0].astype(np.float16) if encoder else None
+    return regions, k, clip
+
+
 def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None) -> int:
     _set_threads(threads)
     config, extractor, encoder = _models(config_json)
@@ -260,7 +279,8 @@ def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, Sto
             return root, attrs
     splits = {s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
               for s, recs in index.splits.items()}
-    attrs = StoreAttrs(extractor=config, splits=splits)
+    image_root = str(index.image_root.resolve()) if index.image_root else None
+    attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root)
     return create_store(out, attrs, index), attrs
 
 

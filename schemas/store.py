@@ -114,6 +114,8 @@ class StoreAttrs(_Frozen):
     splits: dict[str, SplitSummary]
     complete: bool = False
     failures: tuple[Failure, ...] = ()
+    image_root: str | None = Field(default=None, description="absolute folder the 'file' paths were relative to "
+                                   "at extraction (None: no images, or an older store)")
 
 
 class ArraySpec(_Frozen):

@@ -124,6 +124,28 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, 
     assert run_cli(runner, *args, "--allow-failures").exit_code == 0
 
 
+def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path, tmp_path: Path):
+    """`userpipe search --captions FILE` embeds a new image with the store's own extractor configuration."""
+    from pipeline.extract import image_file_features
+    from pipeline.store import open_store
+
+    out = tmp_path / "coco.zarr"
+    result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",
+                     "--clip", "imagenet:efficientnet_lite0", "--splits", "test", "--workers", "1",
+                     "--num-regions", "4")
+    assert result.exit_code == 0, result.output
+    root, attrs = open_store(out)
+    assert attrs.image_root == str((coco_root / "images").resolve())
+    test = root["test"]
+    path = Path(attrs.image_root) / str(test["file"][1])
+    regions, count, global_embedding = image_file_features(attrs.extractor, path)
+    assert count == test["num_regions"][1] == 4
+    np.testing.assert_array_equal(regions, test["regions"][1])
+    np.testing.assert_allclose(global_embedding, test["clip_image"][1], rtol=2e-3, atol=1e-4)
+    with pytest.raises(Exception, match="cannot read image"):
+        image_file_features(attrs.extractor, tmp_path / "missing.jpg")
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--dataset", "imagenet"), "unknown dataset 'imagenet'"),
     (("--dataset", "f30k"), "dataset file not found"),

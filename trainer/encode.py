@@ -27,6 +27,8 @@ class SplitEmbeddings:
     captions: torch.Tensor  # (C, E)
     caption_image: torch.Tensor  # (C,) index into `images`
     image_ids: list[str]
+    image_rows: np.ndarray  # (N,) each embedded image's row in the store split
+    caption_texts: list[str]
 
 
 def _pad_tokens(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +36,37 @@ def _pad_tokens(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row)
     return tokens, torch.tensor([len(r) for r in rows])
+
+
+@torch.no_grad()
+def encode_texts(model: USER, tokenizer: CaptionTokenizer, texts, on_batch=None) -> torch.Tensor:
+    """(len(texts), E) caption embeddings; the model must be in eval mode."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), TEXT_BATCH):
+        tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start:start + TEXT_BATCH]])
+        out.append(model.encode_texts(tokens.to(device), lengths.to(device)).float().cpu())
+        if on_batch:
+            on_batch(len(tokens))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_regions(model: USER, regions: np.ndarray, lengths: np.ndarray, clip: np.ndarray | None) -> torch.Tensor:
+    """(n, E) image embeddings of (n, R, D) region features; `clip` (n, C) only for cge models."""
+    device = next(model.parameters()).device
+    return model.encode_images(torch.from_numpy(regions.astype(np.float32)).to(device),
+                               torch.from_numpy(lengths.astype(np.int64)).to(device),
+                               None if clip is None else torch.from_numpy(clip.astype(np.float32)).to(device),
+                               ).float().cpu()
+
+
+def check_store_fits(model: USER, store: Path, attrs, group) -> None:
+    config = model.config
+    if config.feature_dim != attrs.extractor.feature_dim:
+        raise InputError(f"the model takes {config.feature_dim}-d regions, {store} has {attrs.extractor.feature_dim}-d")
+    if config.enhancement == "cge" and "clip_image" not in group:
+        raise InputError(f"a cge model needs CLIP image features, and {store} has none")
 
 
 @torch.no_grad()
@@ -48,20 +81,15 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
     keep = np.flatnonzero(valid)
     if not len(keep):
         raise InputError(f"split '{split}' of {store} has no valid images")
-    config = model.config
-    if config.feature_dim != attrs.extractor.feature_dim:
-        raise InputError(f"the model takes {config.feature_dim}-d regions, {store} has {attrs.extractor.feature_dim}-d")
-    needs_clip = config.enhancement == "cge"
-    if needs_clip and "clip_image" not in group:
-        raise InputError(f"a cge model needs CLIP image features, and {store} has none")
+    check_store_fits(model, store, attrs, group)
+    needs_clip = model.config.enhancement == "cge"
     was_training = model.training
-    device = next(model.parameters()).device
     model.eval()
     try:
         caption_image_all = group["caption_image"][:]
         caption_rows = np.flatnonzero(np.isin(caption_image_all, keep))
         texts = group["caption_text"][:][caption_rows]
-        images, captions = [], []
+        images = []
         with Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task(f"encoding {split}", total=len(keep) + len(caption_rows))
             for start in range(0, n, IMAGE_BATCH):
@@ -69,21 +97,15 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
                 ok = valid[rows]
                 if not ok.any():
                     continue
-                regions = torch.from_numpy(group["regions"][rows][ok].astype(np.float32)).to(device)
-                lengths = torch.from_numpy(group["num_regions"][rows][ok].astype(np.int64)).to(device)
-                clip = (torch.from_numpy(group["clip_image"][rows][ok].astype(np.float32)).to(device)
-                        if needs_clip else None)
-                images.append(model.encode_images(regions, lengths, clip).float().cpu())
+                images.append(encode_regions(model, group["regions"][rows][ok], group["num_regions"][rows][ok],
+                                             group["clip_image"][rows][ok] if needs_clip else None))
                 bar.advance(task, int(ok.sum()))
-            for start in range(0, len(caption_rows), TEXT_BATCH):
-                tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start:start + TEXT_BATCH]])
-                captions.append(model.encode_texts(tokens.to(device), lengths.to(device)).float().cpu())
-                bar.advance(task, len(tokens))
+            captions = encode_texts(model, tokenizer, texts, on_batch=lambda k: bar.advance(task, k))
     finally:
         model.train(was_training)
     position = np.full(n, -1)
     position[keep] = np.arange(len(keep))
     ids = group["image_id"][:n]
-    return SplitEmbeddings(torch.cat(images), torch.cat(captions),
+    return SplitEmbeddings(torch.cat(images), captions,
                            torch.from_numpy(position[caption_image_all[caption_rows]]).long(),
-                           [str(ids[i]) for i in keep])
+                           [str(ids[i]) for i in keep], keep, [str(t) for t in texts])

@@ -152,7 +152,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         if bert is None:
             from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # a bar per model load drowns one-line command output
             bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
         if config.text_layers is not None:
             layers = bert.encoder.layer

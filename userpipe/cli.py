@@ -191,6 +191,23 @@ def train(
     console.print(f"report: {out / 'summary.md'}")
 
 
+def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run or --checkpoint") -> Path:
+    from trainer.train import CHECKPOINTS
+
+    if checkpoint is None and run is None:
+        raise InputError(f"pass {choices}")
+    return checkpoint or run / CHECKPOINTS / "best"
+
+
+def _model_and_tokenizer(checkpoint: Path):
+    from trainer.captions import CaptionTokenizer, load_tokenizer
+    from trainer.model import resolve_text_model
+    from trainer.train import load_checkpoint
+
+    model, config = load_checkpoint(checkpoint)
+    return model, CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
+
+
 @app.command("eval")
 def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
@@ -202,23 +219,18 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
-    from trainer.captions import CaptionTokenizer, load_tokenizer
     from trainer.encode import encode_split
     from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
-    from trainer.model import resolve_text_model
-    from trainer.train import CHECKPOINTS, load_checkpoint
+    from trainer.train import CHECKPOINTS
 
     with _reported_errors():
         if protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
         sources = ([Path(r) / CHECKPOINTS / "best" for r in ensemble.split(",")] if ensemble else
-                   [checkpoint] if checkpoint else [run / CHECKPOINTS / "best"] if run else [])
-        if not sources:
-            raise InputError("pass --run, --checkpoint or --ensemble")
+                   [_checkpoint(run, checkpoint, "--run, --checkpoint or --ensemble")])
         sims, caption_image = 0, None
         for source in sources:
-            model, config = load_checkpoint(source)
-            tokenizer = CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
+            model, tokenizer = _model_and_tokenizer(source)
             emb = encode_split(model, store, split, tokenizer)
             sims = sims + emb.images @ emb.captions.T / len(sources)
             caption_image = emb.caption_image
@@ -230,6 +242,74 @@ def evaluate(
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:
         Console().print(format_table(metrics, f"{protocol} on {store} [{split}]"))
+
+
+@app.command()
+def index(
+    store: Path = typer.Option(..., help="store holding the gallery"),
+    out: Path = typer.Option(..., help="index folder to write (an existing index there is replaced)"),
+    run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
+    checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
+    split: str = typer.Option("test", help="split of the store to index"),
+    image_root: Path = typer.Option(None, help="folder the store's image files are relative to "
+                                               "(default: where extract found them)"),
+) -> None:
+    """Embed a store split's images and captions into flat inner-product faiss indexes."""
+    from trainer.search import build_index
+
+    with _reported_errors():
+        source = _checkpoint(run, checkpoint)
+        model, tokenizer = _model_and_tokenizer(source)
+        manifest = build_index(model, source, tokenizer, store, split, out, image_root)
+    console.print(f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
+                  f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="a text (gallery --images), or an image id or file (gallery --captions)"),
+    index: Path = typer.Option(..., help="folder written by userpipe index"),
+    run: Path = typer.Option(None, help="the run the index was built with (its best checkpoint)"),
+    checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
+    k: int = typer.Option(5, "-k", "--top-k", help="results to show"),
+    images: bool = typer.Option(True, "--images/--captions", help="gallery: images (text query) or captions "
+                                                                  "(image query)"),
+    html_out: Path = typer.Option(None, "--html", help="also write an HTML page with thumbnails"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Text -> image (or image -> text) search in an index, with the model that built it."""
+    from trainer.search import SearchIndex, write_html
+
+    gallery = "images" if images else "captions"
+    with _reported_errors():
+        if not query.strip():
+            raise InputError("the query is empty")
+        if k <= 0:
+            raise InputError(f"-k must be positive, got {k}")
+        source = _checkpoint(run, checkpoint)
+        searcher = SearchIndex(index)
+        searcher.check_model(source)
+        model, tokenizer = _model_and_tokenizer(source)
+        hits = (searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k))
+        if html_out:
+            write_html(html_out, searcher, query, gallery, hits)
+    if as_json:
+        print(json.dumps([{"rank": h.rank, "score": h.score, **h.item, "correct": h.correct} for h in hits], indent=1))
+    else:
+        mark = {True: "[green]yes[/green]", False: "no", None: ""}
+        if images:
+            table = Table("rank", "score", "image id", "file", "match", title=f"{query!r}")
+            for h in hits:
+                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["id"], str(searcher.file(h.row) or h.item["file"]),
+                              mark[h.correct])
+        else:
+            table = Table("rank", "score", "caption", "its image", "match", title=f"captions for {query}")
+            for h in hits:
+                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["text"],
+                              searcher.items["images"][h.item["image"]]["id"], mark[h.correct])
+        Console(soft_wrap=True).print(table)
+    if html_out:
+        console.print(f"wrote {html_out}")
 
 
 def main() -> None:

@@ -1,0 +1,58 @@
+"""Vector indexes: the contract between `userpipe index` and `userpipe search`.
+
+An index is a folder:
+
+  index.json      IndexManifest (below)
+  images.faiss    faiss IndexFlatIP over the L2-normalized image embeddings, row i = images.jsonl line i
+  images.jsonl    {"id", "file"} per indexed image (file relative to `image_root`)
+  captions.faiss  the same over the caption embeddings, row j = captions.jsonl line j
+  captions.jsonl  {"text", "image"} per caption, `image` = its row in images.jsonl
+
+Embeddings are L2-normalized, so inner product = cosine similarity = the score eval ranks by.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.run import ModelConfig
+from schemas.shard import ManifestError
+
+INDEX_SCHEMA_VERSION = "1.0"
+MANIFEST_NAME = "index.json"
+GALLERIES = ("images", "captions")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IndexedModel(_Frozen):
+    checkpoint: str = Field(description="checkpoint directory the embeddings came from, as resolved then")
+    sha256: str = Field(description="hash of its model.safetensors: the identity search checks")
+    config: ModelConfig
+
+
+class IndexManifest(_Frozen):
+    schema_version: Literal["1.0"] = INDEX_SCHEMA_VERSION
+    kind: Literal["faiss.IndexFlatIP"] = "faiss.IndexFlatIP"
+    model: IndexedModel
+    store: str = Field(description="the feature store the gallery was read from")
+    split: str
+    image_root: str | None = Field(description="folder the image files are relative to (None: unknown)")
+    embed_dim: int = Field(gt=0)
+    num_images: int = Field(gt=0)
+    num_captions: int = Field(gt=0)
+
+
+def read_index_manifest(folder: Path) -> IndexManifest:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder} is not an index (no {MANIFEST_NAME}; build one with userpipe index)")
+    try:
+        return IndexManifest.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not a valid index manifest: {str(exc).splitlines()[0]}") from None

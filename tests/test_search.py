@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_cli
+from test_train import TINY
+
+from pipeline.synthetic import write_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A tiny run trained for 2 epochs, and an index of a 16-image gallery built with it."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    tmp = tmp_path_factory.mktemp("search")
+    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=5)
+    gallery = write_synthetic_store(tmp / "gallery.zarr", 16, seed=2, split="test", invalid=(3,))
+    assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
+                   "--workers", "1").exit_code == 0
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
+    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
+    result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
+                     "--out", tmp / "run")
+    assert result.exit_code == 0, result.output
+    result = run_cli(runner, "index", "--run", tmp / "run", "--store", gallery, "--split", "test",
+                     "--out", tmp / "index")
+    assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "run": tmp / "run", "gallery": gallery, "index": tmp / "index"}
+
+
+def _model(trained):
+    from userpipe.cli import _model_and_tokenizer
+
+    return _model_and_tokenizer(trained["run"] / "checkpoints" / "best")
+
+
+def test_index_holds_every_valid_image_and_caption(trained):
+    manifest = json.loads((trained["index"] / "index.json").read_text())
+    assert manifest["num_images"] == 15 and manifest["split"] == "test"  # image 3 is invalid
+    images = [json.loads(line) for line in (trained["index"] / "images.jsonl").read_text().splitlines()]
+    assert [i["id"] for i in images] == [f"img{i}" for i in range(16) if i != 3]
+    captions = [json.loads(line) for line in (trained["index"] / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == manifest["num_captions"] == sum(1 + i % 5 for i in range(16) if i != 3)
+    assert all(c["text"].endswith(f"of image {images[c['image']]['id'][3:]}") for c in captions)
+
+
+def test_search_and_eval_agree_on_r1(runner, trained):
+    from trainer.encode import encode_texts
+    from trainer.search import SearchIndex
+
+    evaluated = run_cli(runner, "eval", "--run", trained["run"], "--store", trained["gallery"], "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout)
+    index = SearchIndex(trained["index"])
+    model, tokenizer = _model(trained)
+    model.eval()
+    captions = index.items["captions"]
+    _, top = index.search(encode_texts(model, tokenizer, [c["text"] for c in captions]), "images", 1)
+    t2i_r1 = 100 * np.mean([row == c["image"] for row, c in zip(top[:, 0], captions, strict=True)])
+    i2t = [index.image_query(model, item["id"], 1)[0].correct for item in index.items["images"]]
+    assert 0 < t2i_r1 < 100  # a task the tiny model neither fails nor solves: agreement means something
+    assert t2i_r1 == pytest.approx(metrics["t2i"]["r1"], abs=1e-9)
+    assert 100 * np.mean(i2t) == pytest.approx(metrics["i2t"]["r1"], abs=1e-9)
+
+
+def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_path):
+    query = "caption 0 of image 7"
+    result = run_cli(runner, "search", query, "--index", trained["index"], "--run", trained["run"], "-k", "20",
+                     "--json", "--html", tmp_path / "page.html")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 15  # k larger than the gallery: all of it
+    assert [h["rank"] for h in hits] == list(range(1, 16))
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:], strict=False))
+    assert [h["id"] for h in hits if h["correct"]] == ["img7"]
+    page = (tmp_path / "page.html").read_text()
+    assert query in page and page.count("<figure") == 15 and page.count("class='correct'") == 1
+    captions = run_cli(runner, "search", "img7", "--captions", "--index", trained["index"], "--run", trained["run"],
+                       "-k", "3", "--json")
+    assert captions.exit_code == 0, captions.output
+    hits = json.loads(captions.stdout)
+    assert len(hits) == 3 and all(h["correct"] == h["text"].endswith("of image 7") for h in hits)
+
+
+def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(trained["run"] / "checkpoints" / "best", other)
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, other / "model.safetensors")
+    base = ("--index", trained["index"])
+    cases = [
+        (("search", "a query", *base, "--checkpoint", other), "was built with the model in"),
+        (("search", "  ", *base, "--run", trained["run"]), "the query is empty"),
+        (("search", "a query", *base, "--run", trained["run"], "-k", "0"), "-k must be positive"),
+        (("search", "no-such-id", "--captions", *base, "--run", trained["run"]), "neither an image file nor the id"),
+        (("search", "a query", "--index", tmp_path, "--run", trained["run"]), "is not an index"),
+        (("search", "a query", *base), "pass --run or --checkpoint"),
+    ]
+    for args, message in cases:
+        result = run_cli(runner, *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_index_refuses_to_replace_a_folder_that_is_not_an_index(runner, trained, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", tmp_path)
+    assert result.exit_code == 2 and "is not an index" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -1,0 +1,218 @@
+"""Vector search with a trained model: `userpipe index` embeds a store split into exact (flat inner
+product) faiss indexes, `userpipe search` embeds a query with the same model and looks it up.
+
+Flat inner product over the L2-normalized embeddings is the similarity eval ranks by, so a caption's
+top-1 image here is its rank-0 image there (tests/test_search.py checks that R@1 agrees).
+Folder layout: schemas/index.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.datasets import file_sha256
+from pipeline.errors import InputError
+from pipeline.store import open_store
+from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
+from schemas.shard import ManifestError
+from trainer.captions import CaptionTokenizer
+from trainer.encode import check_store_fits, encode_regions, encode_split, encode_texts
+from trainer.model import USER
+
+THUMBNAIL = 160  # px, longer side, in the HTML page and the report's query grid
+
+
+def model_sha256(checkpoint: Path) -> str:
+    return file_sha256(checkpoint / "model.safetensors")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _flat_ip(vectors: torch.Tensor):
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+    return index
+
+
+def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, store: Path, split: str, out: Path,
+                image_root: Path | None = None) -> IndexManifest:
+    """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
+    import faiss
+
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        raise InputError(f"{out} exists and is not an index; choose another --out")
+    root, attrs = open_store(store)
+    emb = encode_split(model, store, split, tokenizer)
+    files = root[split]["file"][:]
+    recorded_root = image_root.resolve() if image_root else attrs.image_root
+    manifest = IndexManifest(
+        model=IndexedModel(checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config),
+        store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
+        embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions))
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    faiss.write_index(_flat_ip(emb.images), str(temporary / "images.faiss"))
+    faiss.write_index(_flat_ip(emb.captions), str(temporary / "captions.faiss"))
+    _write_jsonl(temporary / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
+                                              for i, row in zip(emb.image_ids, emb.image_rows, strict=True)])
+    _write_jsonl(temporary / "captions.jsonl", [{"text": t, "image": int(i)}
+                                                for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
+    (temporary / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(temporary, out)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    row: int  # row in the gallery's .jsonl
+    item: dict  # that row: {"id", "file", "row"} for images, {"text", "image"} for captions
+    correct: bool | None  # a ground-truth match; None when the query has no known match
+
+
+class SearchIndex:
+    def __init__(self, folder: Path):
+        try:
+            self.manifest = read_index_manifest(folder)
+        except ManifestError as exc:
+            raise InputError(str(exc)) from None
+        self.folder = folder
+        self.items = {g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
+                      for g in GALLERIES}
+        expected = {"images": self.manifest.num_images, "captions": self.manifest.num_captions}
+        for gallery, rows in self.items.items():
+            if len(rows) != expected[gallery]:
+                raise InputError(f"{folder}/{gallery}.jsonl has {len(rows)} rows, the manifest says "
+                                 f"{expected[gallery]}: rebuild the index")
+        self._faiss: dict = {}
+
+    def check_model(self, checkpoint: Path) -> None:
+        """Embeddings of another model live in another space: refuse instead of returning noise."""
+        if model_sha256(checkpoint) != self.manifest.model.sha256:
+            raise InputError(f"{self.folder} was built with the model in {self.manifest.model.checkpoint}, not "
+                             f"{checkpoint}; rebuild it with userpipe index")
+
+    def file(self, image_row: int) -> Path | None:
+        file = self.items["images"][image_row]["file"]
+        root = self.manifest.image_root
+        return Path(root) / file if root and file else None
+
+    def search(self, queries: torch.Tensor, gallery: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, E) L2-normalized queries -> (q, k') scores and gallery rows, best first; k' = min(k, size)."""
+        import faiss
+
+        if gallery not in self._faiss:
+            self._faiss[gallery] = faiss.read_index(str(self.folder / f"{gallery}.faiss"))
+        index = self._faiss[gallery]
+        return index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), min(k, index.ntotal))
+
+    def text_query(self, model: USER, tokenizer: CaptionTokenizer, text: str, k: int) -> list[Hit]:
+        """Top-k images for a text; an exact caption of the gallery marks its image correct."""
+        model.eval()
+        scores, rows = self.search(encode_texts(model, tokenizer, [text]), "images", k)
+        truth = {c["image"] for c in self.items["captions"] if c["text"].strip() == text.strip()}
+        return self._hits(scores[0], rows[0], "images", lambda row: row in truth if truth else None)
+
+    def image_query(self, model: USER, query: str, k: int) -> list[Hit]:
+        """Top-k captions for an image: an image file, or the id of an indexed image (its captions are correct)."""
+        from pipeline.extract import image_file_features
+
+        root, attrs = open_store(Path(self.manifest.store))
+        group = root[self.manifest.split]
+        check_store_fits(model, Path(self.manifest.store), attrs, group)
+        cge = model.config.enhancement == "cge"
+        by_id = {item["id"]: row for row, item in enumerate(self.items["images"])}
+        if query in by_id:
+            own = by_id[query]
+            store_row = self.items["images"][own]["row"]
+            rows = slice(store_row, store_row + 1)
+            regions, lengths = group["regions"][rows], group["num_regions"][rows]
+            clip = group["clip_image"][rows] if cge else None
+        elif Path(query).is_file():
+            own = None
+            features, count, global_embedding = image_file_features(attrs.extractor, Path(query))
+            regions, lengths = features[None], np.array([count])
+            clip = global_embedding[None] if cge else None
+        else:
+            raise InputError(f"'{query}' is neither an image file nor the id of an image in {self.folder}")
+        model.eval()
+        scores, rows = self.search(encode_regions(model, regions, lengths, clip), "captions", k)
+        return self._hits(scores[0], rows[0], "captions",
+                          lambda row: None if own is None else self.items["captions"][row]["image"] == own)
+
+    def _hits(self, scores, rows, gallery: str, correct) -> list[Hit]:
+        return [Hit(rank, float(score), int(row), self.items[gallery][row], correct(int(row)))
+                for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)]
+
+
+def thumbnail(path: Path | None) -> Image.Image | None:
+    """The image scaled to THUMBNAIL px on its longer side; None when there is no readable file."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, SyntaxError):
+        return None
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return image
+
+
+def _data_uri(image: Image.Image | None) -> str:
+    if image is None:
+        return ""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img_tag(path: Path | None, label: str) -> str:
+    uri = _data_uri(thumbnail(path))
+    return f'<img src="{uri}" alt="{html.escape(label)}">' if uri else f'<div class="missing">{html.escape(label)}</div>'
+
+
+def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: list[Hit]) -> None:
+    """A self-contained page (thumbnails inlined): the query, then the hits best first, matches marked."""
+    if gallery == "images":
+        head = f"<p class='query'>{html.escape(query)}</p>"
+        cards = "".join(
+            f"<figure class='{_mark(h)}'>{_img_tag(index.file(h.row), h.item['id'])}<figcaption>#{h.rank} "
+            f"{html.escape(h.item['id'])}<br>score {h.score:.3f}</figcaption></figure>" for h in hits)
+    else:
+        own = next((row for row, item in enumerate(index.items["images"]) if item["id"] == query), None)
+        head = _img_tag(index.file(own) if own is not None else Path(query), query)
+        cards = "<ol>" + "".join(
+            f"<li class='{_mark(h)}'>{html.escape(h.item['text'])} <small>(image "
+            f"{html.escape(index.items['images'][h.item['image']]['id'])}, score {h.score:.3f})</small></li>"
+            for h in hits) + "</ol>"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "<!doctype html><meta charset='utf-8'><title>userpipe search</title><style>"
+        "body{font-family:sans-serif;margin:2em} figure{display:inline-block;margin:4px;padding:4px;"
+        "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} .missing{width:160px;"
+        "height:120px;background:#eee} li.correct{font-weight:bold} .query{font-size:1.3em}</style>"
+        f"<h1>userpipe search</h1>{head}<p>top {len(hits)} {gallery} from {html.escape(str(index.folder))} "
+        f"({index.manifest.split} split, {index.manifest.num_images} images, {index.manifest.num_captions} "
+        f"captions); ground-truth matches are green</p>{cards}\n")
+
+
+def _mark(hit: Hit) -> str:
+    return "correct" if hit.correct else ""
