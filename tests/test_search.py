@@ -2,34 +2,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 from conftest import run_cli
-from test_train import TINY
-
-from pipeline.synthetic import write_synthetic_store
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A tiny run trained for 2 epochs, and an index of a 16-image gallery built with it."""
-    from typer.testing import CliRunner
-
-    runner = CliRunner()
-    tmp = tmp_path_factory.mktemp("search")
-    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=5)
-    gallery = write_synthetic_store(tmp / "gallery.zarr", 16, seed=2, split="test", invalid=(3,))
-    assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
-                   "--workers", "1").exit_code == 0
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
-    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
-    result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
-                     "--out", tmp / "run")
-    assert result.exit_code == 0, result.output
-    result = run_cli(runner, "index", "--run", tmp / "run", "--store", gallery, "--split", "test",
-                     "--out", tmp / "index")
-    assert result.exit_code == 0, result.output
-    return {"tmp": tmp, "run": tmp / "run", "gallery": gallery, "index": tmp / "index"}
 
 
 def _model(trained):

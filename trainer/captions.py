@@ -35,6 +35,13 @@ class CaptionTokenizer:
         self.vocab_size = tokenizer.vocab_size
         self.cls, self.sep, self.mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
 
+    @classmethod
+    def for_text_model(cls, text_model: str) -> CaptionTokenizer:
+        """The tokenizer of a `ModelConfig.text_model` ("package:NAME", hub name or local folder)."""
+        from trainer.model import resolve_text_model
+
+        return cls(load_tokenizer(resolve_text_model(text_model)))
+
     def __call__(self, text: str, rng: np.random.Generator | None = None) -> list[int]:
         """Token ids with [CLS]/[SEP]; `rng` given = training augmentation."""
         encoding = self.tokenizer(text, add_special_tokens=False)

@@ -26,11 +26,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import InputError
 from schemas.run import RunConfig
-from trainer.captions import CaptionTokenizer, load_tokenizer
+from trainer.captions import CaptionTokenizer
 from trainer.encode import encode_split
 from trainer.evaluate import retrieval_metrics
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
-from trainer.model import USER, build_model, resolve_text_model
+from trainer.model import USER, build_model
 
 CHECKPOINTS = "checkpoints"
 
@@ -96,6 +96,12 @@ def _save_checkpoint(run: Path, name: str, model: USER, optimizer, config: RunCo
     shutil.rmtree(old, ignore_errors=True)
 
 
+def initial_model(config: RunConfig, bert=None) -> USER:
+    """The untrained model a run of `config` starts from (seeded: the same every time)."""
+    torch.manual_seed(config.train.seed)
+    return build_model(config.model, bert)
+
+
 def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
     """A model and its config from a checkpoint directory (…/checkpoints/best), on the GPU if any."""
     from safetensors.torch import load_model
@@ -149,10 +155,9 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(config.model_dump_json(indent=1))
-    torch.manual_seed(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
-    model = build_model(config.model, bert).to(device)
+    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+    model = initial_model(config, bert).to(device)
     optimizer = build_optimizer(model, recipe)
     position = Position()
     log = JsonLog(run / "log.jsonl")

@@ -200,12 +200,11 @@ def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run
 
 
 def _model_and_tokenizer(checkpoint: Path):
-    from trainer.captions import CaptionTokenizer, load_tokenizer
-    from trainer.model import resolve_text_model
+    from trainer.captions import CaptionTokenizer
     from trainer.train import load_checkpoint
 
     model, config = load_checkpoint(checkpoint)
-    return model, CaptionTokenizer(load_tokenizer(resolve_text_model(config.model.text_model)))
+    return model, CaptionTokenizer.for_text_model(config.model.text_model)
 
 
 @app.command("eval")
@@ -310,6 +309,26 @@ def search(
         Console(soft_wrap=True).print(table)
     if html_out:
         console.print(f"wrote {html_out}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Option(..., help="run directory"),
+    store: Path = typer.Option(..., help="store to evaluate on"),
+    split: str = typer.Option("test", help="split of the store"),
+    compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
+) -> None:
+    """Results report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
+    from trainer.run_report import comparison_table, write_run_report
+
+    with _reported_errors():
+        result = write_run_report(run, store, split, compare)
+    rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
+    print(f"{run} on {store} [{split}]: {result['num_images']} images, {result['num_captions']} captions\n")
+    print(comparison_table(rows))
+    if compare:
+        print(comparison_table([(a["label"], a) for a in result["ablation"]]))
+    console.print(f"report: {run / 'report.md'}")
 
 
 def main() -> None:

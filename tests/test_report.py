@@ -1,0 +1,48 @@
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from trainer.evaluate import retrieval_metrics
+from trainer.run_report import chance_metrics
+
+
+def test_chance_is_the_mean_over_every_ranking():
+    """Exact: average the metrics over all orderings of the images (t2i) and of the captions (i2t)."""
+    caption_image = torch.tensor([0, 0, 0, 1, 2, 2])  # 3 images with 3, 1 and 2 captions
+    n, c = 3, len(caption_image)
+    t2i = [retrieval_metrics(torch.tensor(p, dtype=torch.float64)[:, None].expand(n, c), caption_image)["t2i"]
+           for p in itertools.permutations(range(n))]
+    i2t = [retrieval_metrics(torch.tensor(p, dtype=torch.float64)[None, :].expand(n, c), caption_image)["i2t"]
+           for p in itertools.permutations(range(c))]
+    chance = chance_metrics(caption_image, n)
+    for k in (1, 5, 10):
+        assert chance["t2i"][f"r{k}"] == pytest.approx(sum(m[f"r{k}"] for m in t2i) / len(t2i), abs=1e-9)
+        assert chance["i2t"][f"r{k}"] == pytest.approx(sum(m[f"r{k}"] for m in i2t) / len(i2t), abs=1e-9)
+    assert chance_metrics(torch.arange(1000).repeat_interleave(5), 1000)["t2i"]["r1"] == pytest.approx(0.1)
+
+
+def test_report_compares_trained_untrained_and_chance(runner, trained):
+    run = trained["run"]
+    result = run_cli(runner, "report", "--run", run, "--store", trained["val"], "--split", "val",
+                     "--compare", run)
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    validations = {r["step"]: r["val"] for r in log if "val" in r}
+    # the untrained row is the run's seeded start, which training validated at step 0 on this split
+    assert report["untrained"]["rsum"] == pytest.approx(validations[0]["rsum"], abs=1e-6)
+    best = max(v["rsum"] for step, v in validations.items() if step > 0)  # best of the epochs' checkpoints
+    assert report["trained"]["rsum"] == pytest.approx(best, abs=1e-6)
+    assert report["chance"]["t2i"]["r1"] == pytest.approx(100 / 8)
+    assert [a["label"] for a in report["ablation"]] == ["USER-SGE"] * 2
+    assert len(report["queries"]) == 4 and all(len(q["top"]) == 5 for q in report["queries"])
+    for q in report["queries"]:
+        assert [h["correct"] for h in q["top"]] == [h["image_id"] == q["image_id"] for h in q["top"]]
+    text = (run / "report.md").read_text()
+    assert "| chance |" in text and "## Ablation" in text and "![queries](queries.png)" in text
+    assert (run / "queries.png").stat().st_size > 10_000
+    missing = run_cli(runner, "report", "--run", trained["tmp"], "--store", trained["val"], "--split", "val")
+    assert missing.exit_code == 2 and "no checkpoint" in missing.output

@@ -1,0 +1,141 @@
+"""`userpipe report`: what a run learned, on a store split, as markdown + PNG + JSON in the run folder.
+
+  report.md     the trained model next to the untrained one (the run's seeded start) and chance;
+                the training curves; an ablation table when other runs are given; the query grid
+  report.json   the same numbers
+  queries.png   a few captions of the split as text queries with their top-5 images, matches marked
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.run import ModelConfig
+from trainer.captions import CaptionTokenizer
+from trainer.encode import SplitEmbeddings, encode_split
+from trainer.evaluate import KS, retrieval_metrics
+from trainer.search import thumbnail
+from trainer.train import CHECKPOINTS, JsonLog, initial_model, load_checkpoint
+
+GRID_QUERIES, GRID_TOP = 4, 5
+
+
+def chance_metrics(caption_image: torch.Tensor, num_images: int) -> dict:
+    """Expected R@K of a uniformly random ranking. t2i: 1 correct image among N, so K/N. i2t: an image
+    with m of the C captions has none in its top K with probability C(C-m, K)/C(C, K) (hypergeometric)."""
+    counts = torch.bincount(caption_image, minlength=num_images).double()
+    c = len(caption_image)
+    out = {"i2t": {}, "t2i": {}}
+    for k in KS:
+        none_in_top = torch.ones_like(counts)
+        for j in range(min(k, c)):
+            none_in_top *= ((c - counts - j) / (c - j)).clamp(min=0)
+        out["i2t"][f"r{k}"] = 100.0 * (1 - none_in_top).mean().item()
+        out["t2i"][f"r{k}"] = 100.0 * min(k, num_images) / num_images
+    out["rsum"] = sum(out[side][f"r{k}"] for side in ("i2t", "t2i") for k in KS)
+    return out
+
+
+def run_label(config: ModelConfig) -> str:
+    """The names the USER paper's ablation uses."""
+    if config.enhancement == "none" and not config.use_queue:
+        return "VSE∞-style baseline (no enhancement, no queue)"
+    name = {"sge": "USER-SGE", "cge": "USER-CGE", "none": "USER without enhancement"}[config.enhancement]
+    return name if config.use_queue else f"{name} without queue"
+
+
+def _metrics(emb: SplitEmbeddings) -> dict:
+    return retrieval_metrics(emb.images @ emb.captions.T, emb.caption_image)
+
+
+def _row(name: str, m: dict) -> str:
+    cells = [m[side][f"r{k}"] for side in ("i2t", "t2i") for k in KS]
+    return f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {m['rsum']:.1f} |\n"
+
+
+HEADER = ("| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+
+
+def comparison_table(rows: list[tuple[str, dict]]) -> str:
+    return HEADER + "".join(_row(name, m) for name, m in rows)
+
+
+def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> list[dict]:
+    """GRID_QUERIES captions spread over the split, each with its top-5 images (green = its own image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = np.linspace(0, len(emb.captions) - 1, GRID_QUERIES).round().astype(int)
+    scores, top = (emb.captions[picks] @ emb.images.T).topk(min(GRID_TOP, len(emb.images)), dim=1)
+    queries = []
+    fig, axes = plt.subplots(len(picks), top.shape[1], figsize=(2.2 * top.shape[1], 2.6 * len(picks)),
+                             squeeze=False)
+    for q, caption in enumerate(picks):
+        truth = int(emb.caption_image[caption])
+        hits = [{"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
+                for s, i in zip(scores[q], top[q], strict=True)]
+        queries.append({"text": emb.caption_texts[caption], "image_id": emb.image_ids[truth], "top": hits})
+        for col, (hit, i) in enumerate(zip(hits, top[q], strict=True)):
+            ax = axes[q, col]
+            image = thumbnail(files[int(i)])
+            ax.imshow(image if image is not None else np.full((120, 160, 3), 230, np.uint8))
+            ax.set_xticks([]), ax.set_yticks([])
+            color = "#22aa22" if hit["correct"] else "#bbbbbb"
+            for spine in ax.spines.values():
+                spine.set_color(color), spine.set_linewidth(5 if hit["correct"] else 1)
+            ax.set_xlabel(f"#{col + 1} {hit['image_id']}\n{hit['score']:.3f}", fontsize=8)
+        axes[q, 0].set_title(f"“{emb.caption_texts[caption]}”", loc="left", fontsize=9, x=0)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return queries
+
+
+def _evaluate(run: Path, store: Path, split: str):
+    model, config = load_checkpoint(run / CHECKPOINTS / "best")
+    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+    return model, config, tokenizer, encode_split(model, store, split, tokenizer)
+
+
+def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
+    from pipeline.store import open_store
+
+    model, config, tokenizer, trained = _evaluate(run, store, split)
+    untrained_model = initial_model(config).to(next(model.parameters()).device)
+    metrics = {"trained": _metrics(trained), "untrained": _metrics(encode_split(untrained_model, store, split, tokenizer)),
+               "chance": chance_metrics(trained.caption_image, len(trained.images))}
+    validations = [r for r in JsonLog(run / "log.jsonl").records() if "val" in r]
+    best_epoch = max(validations, key=lambda r: r["val"]["rsum"])["epoch"] if validations else "?"
+    ablation = [(run_label(config.model), run, metrics["trained"])]
+    for other in compare:
+        _, other_config, _, embeddings = _evaluate(other, store, split)
+        ablation.append((run_label(other_config.model), other, _metrics(embeddings)))
+    root, attrs = open_store(store)
+    files = root[split]["file"][:]
+    files = [Path(attrs.image_root) / str(files[row]) if attrs.image_root else None for row in trained.image_rows]
+    queries = query_grid(trained, files, run / "queries.png")
+    n, c = len(trained.images), len(trained.captions)
+    main_table = comparison_table([("chance", metrics["chance"]), ("untrained (the run's start)", metrics["untrained"]),
+                                   (f"trained (best validation: after epoch {best_epoch})", metrics["trained"])])
+    text = (f"# {run.name}: {run_label(config.model)} on {store.name} [{split}]\n\n"
+            f"{n} images, {c} captions; full-split ranking (R@K in %).\n\n{main_table}\n"
+            "## Training\n\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n\n")
+    if compare:
+        text += ("## Ablation\n\nEach row a run of its own, evaluated the same way.\n\n" +
+                 comparison_table([(f"{label} (`{path}`)", m) for label, path, m in ablation]) + "\n")
+    text += ("## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
+             "framed green.\n\n![queries](queries.png)\n")
+    (run / "report.md").write_text(text)
+    result = {"run": str(run), "store": str(store), "split": split, "num_images": n, "num_captions": c, **metrics,
+              "ablation": [{"label": label, "run": str(path), **m} for label, path, m in ablation],
+              "queries": queries}
+    (run / "report.json").write_text(json.dumps(result, indent=1))
+    return result
+
