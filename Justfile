@@ -20,27 +20,43 @@ setup:
     {{bin}}/python -m pip install -q -e '.[test]'
     touch "$stamp"
 
-# the embedded offline demo: generate the demo dataset, extract, shard, train, evaluate (finished stages are reused)
+# the embedded offline demo: generate, extract, shard, train, evaluate, index, search, report (finished stages are reused)
 demo: setup
     HF_HUB_OFFLINE=1 {{bin}}/userpipe extract --dataset demo
     {{bin}}/userpipe info data/demo.zarr
     {{bin}}/userpipe shard --store data/demo.zarr --split train --max-count 250
     {{bin}}/userpipe verify data/demo-shards/train
-    HF_HUB_OFFLINE=1 {{bin}}/userpipe train --shards data/demo-shards/train --val-store data/demo.zarr \
-        --config demo --out runs/demo $([ -d runs/demo/checkpoints/last ] && echo --resume)
+    {{just_executable()}} _demo-train runs/demo
     HF_HUB_OFFLINE=1 {{bin}}/userpipe eval --run runs/demo --store data/demo.zarr --split test
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe index --run runs/demo --store data/demo.zarr --split test --out runs/demo/index
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe search "a red circle to the left of a blue square" --index runs/demo/index \
+        --run runs/demo -k 5 --html runs/demo/search.html
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test
+
+# the demo's ablation: USER-SGE (the demo run) vs USER-CGE vs a VSE∞-style baseline, in runs/demo/report.md
+demo-ablation: demo
+    {{just_executable()}} _demo-train runs/demo-cge --set model.enhancement=cge --set model.clip_dim=1280
+    {{just_executable()}} _demo-train runs/demo-vse --set model.enhancement=none --set model.use_queue=false
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test \
+        --compare runs/demo-cge --compare runs/demo-vse
+
+# train the demo config into OUT (resumes a run that is there)
+_demo-train out *overrides:
+    HF_HUB_OFFLINE=1 {{bin}}/userpipe train --shards data/demo-shards/train --val-store data/demo.zarr \
+        --config demo --out {{out}} {{overrides}} $([ -d {{out}}/checkpoints/last ] && echo --resume)
 
 # the test suite (offline)
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
-# throughput benchmarks (about 15 minutes, 20 GB of scratch under data/); results go to bench/results/
+# every benchmark (about 20 minutes, 20 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
     {{bin}}/python bench/ranking.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/train_throughput.py
     {{bin}}/python bench/queue_loss.py
+    {{bin}}/python bench/report.py
 
 # style and static checks
 lint: setup

@@ -160,11 +160,16 @@ def main() -> None:
             print(result, flush=True)
     result = {"benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
                            f"{args.workers} DataLoader workers for streaming", **report.machine(), "runs": runs}
+    by = {(r["images"], r["loader"]): r for r in runs}
     report.write("loader_throughput", result, f"Loader: {result['benchmark']}",
                  "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
                  "(SCAN/VSE∞/USER).", ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
                  [[f"{r['images']:,}", r["loader"], f"{r['pairs_per_s']:,}", r["seconds_to_first"],
-                   f"{r['peak_rss_mb']:,}"] for r in runs])
+                   f"{r['peak_rss_mb']:,}"] for r in runs],
+                 [(f"loader, {size:,} images: streaming vs reference",
+                   f"{by[(size, 'streaming')]['pairs_per_s']:,.0f} vs {by[(size, 'reference')]['pairs_per_s']:,.0f} "
+                   f"pairs/s; peak RSS {by[(size, 'streaming')]['peak_rss_mb'] / 1e3:.1f} vs "
+                   f"{by[(size, 'reference')]['peak_rss_mb'] / 1e3:.1f} GB") for size in args.sizes])
 
 if __name__ == "__main__":
     main()

@@ -111,10 +111,14 @@ def main() -> None:
     rows = [[f"{m:,}", by[("eager", m)]["seconds"], by[("chunked", m)]["seconds"],
              f"{by[('chunked', m)]['seconds'] / by[('eager', m)]['seconds']:.2f}",
              f"{by[('eager', m)]['peak_extra_mb']:,}", f"{by[('chunked', m)]['peak_extra_mb']:,}"] for m in args.queues]
+    headline = [(f"queue loss, M={m:,}: chunked vs eager",
+                 f"{by[('chunked', m)]['seconds']} vs {by[('eager', m)]['seconds']} s; "
+                 f"{by[('chunked', m)]['peak_extra_mb']:,} vs {by[('eager', m)]['peak_extra_mb']:,} MB") for m in args.queues]
     report.write("queue_loss", result, result["benchmark"], "CPU. Peak memory = process peak RSS above the inputs.",
-                 ["M", "eager s", "chunked s", "chunked / eager", "eager MB", "chunked MB"], rows,
+                 ["M", "eager s", "chunked s", "chunked / eager", "eager MB", "chunked MB"], rows, headline,
                  ["", f"Triton (interpreter, B=16, M=1,000, D=64): loss {triton['loss_triton']:.6f} vs eager "
                   f"{triton['loss_eager']:.6f}, max |grad diff| {triton['max_grad_diff']:.2e}."])
+
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,8 @@ def main() -> None:
     report.write("ranking", result, result["benchmark"], "Both directions, i2t and t2i.",
                  ["method", "seconds"], [["counted, in blocks (trainer.evaluate)", result["counted_seconds"]],
                                          ["per-query argsort loops (reference)", result["argsort_loop_seconds"]]],
+                 [("ranking 5,000 x 25,000: counted vs argsort loops",
+                   f"{result['counted_seconds']} vs {result['argsort_loop_seconds']} s, same ranks: {agree}")],
                  ["", f"Same ranks: {agree}."])
 
 
