@@ -75,25 +75,25 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
     picks = np.linspace(0, len(emb.captions) - 1, GRID_QUERIES).round().astype(int)
     scores, top = (emb.captions[picks] @ emb.images.T).topk(min(GRID_TOP, len(emb.images)), dim=1)
     queries = []
-    fig, axes = plt.subplots(len(picks), top.shape[1], figsize=(2.2 * top.shape[1], 2.6 * len(picks)),
-                             squeeze=False)
+    rows, cols = len(picks), top.shape[1]
+    fig = plt.figure(figsize=(2.0 * cols, 2.2 * rows))  # laid out by hand: each row a query line over its images
     for q, caption in enumerate(picks):
         truth = int(emb.caption_image[caption])
         hits = [{"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
                 for s, i in zip(scores[q], top[q], strict=True)]
         queries.append({"text": emb.caption_texts[caption], "image_id": emb.image_ids[truth], "top": hits})
+        row_top = 1 - q / rows
+        fig.text(0.01, row_top - 0.04 / rows, f"“{emb.caption_texts[caption]}”", fontsize=10, va="top")
         for col, (hit, i) in enumerate(zip(hits, top[q], strict=True)):
-            ax = axes[q, col]
+            ax = fig.add_axes((col / cols + 0.03 / cols, row_top - 0.78 / rows, 0.94 / cols, 0.6 / rows))
             image = thumbnail(files[int(i)])
             ax.imshow(image if image is not None else np.full((120, 160, 3), 230, np.uint8))
             ax.set_xticks([]), ax.set_yticks([])
-            color = "#22aa22" if hit["correct"] else "#bbbbbb"
             for spine in ax.spines.values():
-                spine.set_color(color), spine.set_linewidth(5 if hit["correct"] else 1)
-            ax.set_xlabel(f"#{col + 1} {hit['image_id']}\n{hit['score']:.3f}", fontsize=8)
-        axes[q, 0].set_title(f"“{emb.caption_texts[caption]}”", loc="left", fontsize=9, x=0)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+                spine.set_color("#22aa22" if hit["correct"] else "#bbbbbb")
+                spine.set_linewidth(5 if hit["correct"] else 1)
+            ax.set_xlabel(f"#{col + 1} {hit['image_id']}  {hit['score']:.3f}", fontsize=8)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return queries
 

@@ -187,7 +187,7 @@ def train(
     with _reported_errors(resume_hint=True):
         run_config = load_run_config(config, _overrides(set_))
         best = run_training(out, shards, val_store, run_config, resume, console)
-    Console().print(format_table(best, f"best validation ({out})"))
+    print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
 
 
@@ -240,7 +240,7 @@ def evaluate(
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:
-        Console().print(format_table(metrics, f"{protocol} on {store} [{split}]"))
+        print(format_table(metrics, f"{protocol} on {store} [{split}]"))
 
 
 @app.command()
