@@ -92,7 +92,8 @@ def trained(tmp_path_factory) -> dict:
     assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
                    "--workers", "1").exit_code == 0
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
+    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
+                                      "train": {**TINY["train"], "epochs": 2}}))
     val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
     result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
                      "--out", tmp / "run")

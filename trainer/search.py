@@ -95,8 +95,11 @@ class SearchIndex:
         except ManifestError as exc:
             raise InputError(str(exc)) from None
         self.folder = folder
-        self.items = {g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
-                      for g in GALLERIES}
+        try:
+            self.items = {g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
+                          for g in GALLERIES}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{folder} is an incomplete index ({exc}): rebuild it with userpipe index") from None
         expected = {"images": self.manifest.num_images, "captions": self.manifest.num_captions}
         for gallery, rows in self.items.items():
             if len(rows) != expected[gallery]:
