@@ -264,6 +264,16 @@ def index(
                   f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
 
 
+def _shown(path: Path | None, fallback: str) -> str:
+    """A path as short as it can be said: relative to the working directory when it is below it."""
+    if path is None:
+        return fallback
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @app.command()
 def search(
     query: str = typer.Argument(..., help="a text (gallery --images), or an image id or file (gallery --captions)"),
@@ -299,7 +309,7 @@ def search(
         if images:
             table = Table("rank", "score", "image id", "file", "match", title=f"{query!r}")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["id"], str(searcher.file(h.row) or h.item["file"]),
+                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["id"], _shown(searcher.file(h.row), h.item["file"]),
                               mark[h.correct])
         else:
             table = Table("rank", "score", "caption", "its image", "match", title=f"captions for {query}")
