@@ -49,7 +49,7 @@ _demo-train out *overrides:
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
-# every benchmark (about 20 minutes, 20 GB of scratch under data/); one table in bench/results/summary.md
+# every benchmark (about 12 minutes, 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
