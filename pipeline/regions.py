@@ -132,8 +132,10 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 def pad_with_grid(boxes: np.ndarray, width: float, height: float, count: int) -> np.ndarray:
-    """First `count` of `boxes`, topped up with a grid over the whole image (BUTD always yields `count`)."""
-    boxes = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4)[:count], width, height)
+    """First `count` of `boxes` (None: no boxes), topped up with a grid over the whole image (BUTD always
+    yields `count`)."""
+    boxes = np.empty((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+    boxes = clip_boxes(boxes[:count], width, height)
     return np.concatenate([boxes, grid_boxes(width, height, count - len(boxes))])
 
 

@@ -36,6 +36,7 @@ def test_padding_keeps_given_boxes_first_and_clips_them():
     np.testing.assert_array_equal(boxes[:2], [[0, 10, 50, 80], [1, 2, 3, 4]])
     assert_valid_boxes(boxes, 100, 80, 5)
     assert len(pad_with_grid(np.zeros((40, 4)) + [0, 0, 1, 1], 100, 80, 36)) == 36
+    np.testing.assert_array_equal(pad_with_grid(None, 100, 80, 6), grid_boxes(100, 80, 6))  # an image without boxes
 
 
 def test_packaged_backbone_gives_finite_distinct_features_per_box():

@@ -56,7 +56,8 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
                        "-k", "3", "--json")
     assert captions.exit_code == 0, captions.output
     hits = json.loads(captions.stdout)
-    assert len(hits) == 3 and all(h["correct"] == h["text"].endswith("of image 7") for h in hits)
+    assert len(hits) == 3 and all(h["correct"] == (h["image_id"] == "img7") for h in hits)
+    assert all(h["text"].endswith(f"of image {h['image_id'][3:]}") for h in hits)
 
 
 def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path):
@@ -78,6 +79,7 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
         (("search", "no-such-id", "--captions", *base, "--run", trained["run"]), "neither an image file nor the id"),
         (("search", "a query", "--index", tmp_path, "--run", trained["run"]), "is not an index"),
         (("search", "a query", *base), "pass --run or --checkpoint"),
+        (("search", "a query", *base, "--run", tmp_path), "no checkpoint at"),
     ]
     for args, message in cases:
         result = run_cli(runner, *args)

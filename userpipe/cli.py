@@ -196,7 +196,10 @@ def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run
 
     if checkpoint is None and run is None:
         raise InputError(f"pass {choices}")
-    return checkpoint or run / CHECKPOINTS / "best"
+    directory = checkpoint or run / CHECKPOINTS / "best"
+    if not (directory / "model.safetensors").is_file():
+        raise InputError(f"no checkpoint at {directory}")
+    return directory
 
 
 def _model_and_tokenizer(checkpoint: Path):
@@ -303,7 +306,12 @@ def search(
         if html_out:
             write_html(html_out, searcher, query, gallery, hits)
     if as_json:
-        print(json.dumps([{"rank": h.rank, "score": h.score, **h.item, "correct": h.correct} for h in hits], indent=1))
+        rows = [{"rank": h.rank, "score": h.score, **h.item} for h in hits]
+        for row, h in zip(rows, hits, strict=True):
+            if not images:  # a caption's image by id, beside its row number
+                row["image_id"] = searcher.items["images"][h.item["image"]]["id"]
+            row["correct"] = h.correct
+        print(json.dumps(rows, indent=1))
     else:
         mark = {True: "[green]yes[/green]", False: "no", None: ""}
         if images:
