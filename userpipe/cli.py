@@ -15,7 +15,7 @@ from rich.table import Table
 from pipeline.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="USER image-text retrieval: extract features -> shard -> train -> eval.")
+                  help="USER image-text retrieval: extract features -> shard -> train -> eval, then index and search.")
 console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 EXIT_BAD_INPUT, EXIT_FAILURES, EXIT_INTERRUPTED = 2, 1, 130
 SHOWN_FAILURES = 20
