@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.store import open_store
 from schemas.run import ModelConfig
 from trainer.captions import CaptionTokenizer
 from trainer.encode import SplitEmbeddings, encode_split
@@ -105,8 +106,6 @@ def _evaluate(run: Path, store: Path, split: str):
 
 
 def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
-    from pipeline.store import open_store
-
     model, config, tokenizer, trained = _evaluate(run, store, split)
     untrained_model = initial_model(config).to(next(model.parameters()).device)
     metrics = {"trained": _metrics(trained), "untrained": _metrics(encode_split(untrained_model, store, split, tokenizer)),
@@ -118,8 +117,8 @@ def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) ->
         _, other_config, _, embeddings = _evaluate(other, store, split)
         ablation.append((run_label(other_config.model), other, _metrics(embeddings)))
     root, attrs = open_store(store)
-    files = root[split]["file"][:]
-    files = [Path(attrs.image_root) / str(files[row]) if attrs.image_root else None for row in trained.image_rows]
+    relative = root[split]["file"][:]
+    files = [Path(attrs.image_root) / str(relative[row]) if attrs.image_root else None for row in trained.image_rows]
     queries = query_grid(trained, files, run / "queries.png")
     n, c = len(trained.images), len(trained.captions)
     main_table = comparison_table([("chance", metrics["chance"]), ("untrained (the run's start)", metrics["untrained"]),
