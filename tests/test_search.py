@@ -6,9 +6,10 @@ from conftest import run_cli
 
 
 def _model(trained):
-    from userpipe.cli import _model_and_tokenizer
+    from trainer.train import load_trained
 
-    return _model_and_tokenizer(trained["run"] / "checkpoints" / "best")
+    model, _, tokenizer = load_trained(trained["run"] / "checkpoints" / "best")
+    return model, tokenizer
 
 
 def test_index_holds_every_valid_image_and_caption(trained):

@@ -16,11 +16,10 @@ import torch
 
 from pipeline.store import open_store
 from schemas.run import ModelConfig
-from trainer.captions import CaptionTokenizer
 from trainer.encode import SplitEmbeddings, encode_split
 from trainer.evaluate import KS, retrieval_metrics
 from trainer.search import thumbnail
-from trainer.train import CHECKPOINTS, JsonLog, initial_model, load_checkpoint
+from trainer.train import CHECKPOINTS, JsonLog, initial_model, load_trained
 
 GRID_QUERIES, GRID_TOP = 4, 5
 
@@ -100,8 +99,7 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
 
 
 def _evaluate(run: Path, store: Path, split: str):
-    model, config = load_checkpoint(run / CHECKPOINTS / "best")
-    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+    model, config, tokenizer = load_trained(run / CHECKPOINTS / "best")
     return model, config, tokenizer, encode_split(model, store, split, tokenizer)
 
 

@@ -115,6 +115,12 @@ def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
     return model, config
 
 
+def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
+    """A checkpoint's model and config, and the tokenizer of its text model: what encoding needs."""
+    model, config = load_checkpoint(directory)
+    return model, config, CaptionTokenizer.for_text_model(config.model.text_model)
+
+
 def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: int | None) -> dict:
     emb = encode_split(model, store, "val", tokenizer, max_images, progress=False)
     return retrieval_metrics(emb.images @ emb.captions.T, emb.caption_image)

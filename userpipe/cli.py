@@ -202,14 +202,6 @@ def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run
     return directory
 
 
-def _model_and_tokenizer(checkpoint: Path):
-    from trainer.captions import CaptionTokenizer
-    from trainer.train import load_checkpoint
-
-    model, config = load_checkpoint(checkpoint)
-    return model, CaptionTokenizer.for_text_model(config.model.text_model)
-
-
 @app.command("eval")
 def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
@@ -223,7 +215,7 @@ def evaluate(
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
     from trainer.encode import encode_split
     from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
-    from trainer.train import CHECKPOINTS
+    from trainer.train import CHECKPOINTS, load_trained
 
     with _reported_errors():
         if protocol not in PROTOCOLS:
@@ -232,7 +224,7 @@ def evaluate(
                    [_checkpoint(run, checkpoint, "--run, --checkpoint or --ensemble")])
         sims, caption_image = 0, None
         for source in sources:
-            model, tokenizer = _model_and_tokenizer(source)
+            model, _, tokenizer = load_trained(source)
             emb = encode_split(model, store, split, tokenizer)
             sims = sims + emb.images @ emb.captions.T / len(sources)
             caption_image = emb.caption_image
@@ -258,10 +250,11 @@ def index(
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
     from trainer.search import build_index
+    from trainer.train import load_trained
 
     with _reported_errors():
         source = _checkpoint(run, checkpoint)
-        model, tokenizer = _model_and_tokenizer(source)
+        model, _, tokenizer = load_trained(source)
         manifest = build_index(model, source, tokenizer, store, split, out, image_root)
     console.print(f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
                   f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
@@ -291,6 +284,7 @@ def search(
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
     from trainer.search import SearchIndex, write_html
+    from trainer.train import load_trained
 
     gallery = "images" if images else "captions"
     with _reported_errors():
@@ -301,7 +295,7 @@ def search(
         source = _checkpoint(run, checkpoint)
         searcher = SearchIndex(index)
         searcher.check_model(source)
-        model, tokenizer = _model_and_tokenizer(source)
+        model, _, tokenizer = load_trained(source)
         hits = (searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k))
         if html_out:
             write_html(html_out, searcher, query, gallery, hits)
