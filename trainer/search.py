@@ -105,6 +105,7 @@ class SearchIndex:
             if len(rows) != expected[gallery]:
                 raise InputError(f"{folder}/{gallery}.jsonl has {len(rows)} rows, the manifest says "
                                  f"{expected[gallery]}: rebuild the index")
+        self.image_row = {item["id"]: row for row, item in enumerate(self.items["images"])}
         self._faiss: dict = {}
 
     def check_model(self, checkpoint: Path) -> None:
@@ -120,12 +121,15 @@ class SearchIndex:
 
     def search(self, queries: torch.Tensor, gallery: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(q, E) L2-normalized queries -> (q, k') scores and gallery rows, best first; k' = min(k, size)."""
+        index = self._index(gallery)
+        return index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), min(k, index.ntotal))
+
+    def _index(self, gallery: str):
         import faiss
 
         if gallery not in self._faiss:
             self._faiss[gallery] = faiss.read_index(str(self.folder / f"{gallery}.faiss"))
-        index = self._faiss[gallery]
-        return index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), min(k, index.ntotal))
+        return self._faiss[gallery]
 
     def text_query(self, model: USER, tokenizer: CaptionTokenizer, text: str, k: int) -> list[Hit]:
         """Top-k images for a text; an exact caption of the gallery marks its image correct."""
@@ -135,29 +139,25 @@ class SearchIndex:
         return self._hits(scores[0], rows[0], "images", lambda row: row in truth if truth else None)
 
     def image_query(self, model: USER, query: str, k: int) -> list[Hit]:
-        """Top-k captions for an image: an image file, or the id of an indexed image (its captions are correct)."""
+        """Top-k captions for an image: the id of an indexed image (its stored embedding; its captions are
+        correct), or an image file (embedded with the store's extractor and `model`)."""
         from pipeline.extract import image_file_features
 
-        root, attrs = open_store(Path(self.manifest.store))
-        group = root[self.manifest.split]
-        check_store_fits(model, Path(self.manifest.store), attrs, group)
-        cge = model.config.enhancement == "cge"
-        by_id = {item["id"]: row for row, item in enumerate(self.items["images"])}
-        if query in by_id:
-            own = by_id[query]
-            store_row = self.items["images"][own]["row"]
-            rows = slice(store_row, store_row + 1)
-            regions, lengths = group["regions"][rows], group["num_regions"][rows]
-            clip = group["clip_image"][rows] if cge else None
+        own = self.image_row.get(query)
+        if own is not None:
+            embedding = torch.from_numpy(self._index("images").reconstruct(own))[None]
         elif Path(query).is_file():
-            own = None
+            store = Path(self.manifest.store)
+            root, attrs = open_store(store)
+            check_store_fits(model, store, attrs, root[self.manifest.split])
             features, count, global_embedding = image_file_features(attrs.extractor, Path(query))
-            regions, lengths = features[None], np.array([count])
-            clip = global_embedding[None] if cge else None
+            cge = model.config.enhancement == "cge"
+            model.eval()
+            embedding = encode_regions(model, features[None], np.array([count]),
+                                       global_embedding[None] if cge else None)
         else:
             raise InputError(f"'{query}' is neither an image file nor the id of an image in {self.folder}")
-        model.eval()
-        scores, rows = self.search(encode_regions(model, regions, lengths, clip), "captions", k)
+        scores, rows = self.search(embedding, "captions", k)
         return self._hits(scores[0], rows[0], "captions",
                           lambda row: None if own is None else self.items["captions"][row]["image"] == own)
 
@@ -200,7 +200,7 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
             f"<figure class='{_mark(h)}'>{_img_tag(index.file(h.row), h.item['id'])}<figcaption>#{h.rank} "
             f"{html.escape(h.item['id'])}<br>score {h.score:.3f}</figcaption></figure>" for h in hits)
     else:
-        own = next((row for row, item in enumerate(index.items["images"]) if item["id"] == query), None)
+        own = index.image_row.get(query)
         head = _img_tag(index.file(own) if own is not None else Path(query), query)
         cards = "<ol>" + "".join(
             f"<li class='{_mark(h)}'>{html.escape(h.item['text'])} <small>(image "
