@@ -27,6 +27,10 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
     # half the CPU spent in the kernel. Workers get Dask's other settings without it.
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    # The nanny writes those settings (OMP_NUM_THREADS=1, ...) into *this* process's environment to
+    # spawn its worker, and leaves them there: every later subprocess of the caller would run on one
+    # thread (a training run started after an extract computed other numbers than one started before).
+    caller_environ = dict(os.environ)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         # Task errors reach us through the futures; worker logs would add only shutdown races (a last
         # heartbeat to the closed scheduler is logged as an ERROR with a traceback).
@@ -37,6 +41,8 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
             yield client, max(1, (os.cpu_count() or 1) // workers)
     finally:
         cluster.close()
+        os.environ.clear()
+        os.environ.update(caller_environ)
 
 
 class _Rate(TextColumn):

@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: fail at once instead of retrying for ~46 s
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as `userpipe train` sets it: resumed runs reproduce exactly  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as `userpipe train` sets it: resumed runs reproduce exactly
 
 
 def karpathy_record(filename: str, split: str, captions: list[str], imgid: int, cocoid: int | None = None,
@@ -57,6 +57,16 @@ def coco_root(tmp_path: Path) -> Path:
                                        boxes=[[4, 4, 40, 30], [50, 20, 90, 70]]))
     write_json(root / "dataset_coco.json", records)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that starts a Dask LocalCluster in-process gets the nanny's OMP_NUM_THREADS=1 & co. written
+    into os.environ; later subprocesses must not inherit it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

@@ -185,3 +185,14 @@ def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp
     assert not (tmp_path / "x.zarr").exists()
     info = run_cli(runner, "info", tmp_path)
     assert info.exit_code == 2 and "no Zarr store" in info.output
+
+
+def test_local_cluster_leaves_the_callers_environment_as_it_was():
+    """The Dask nanny writes OMP_NUM_THREADS=1 & co. into the calling process to spawn its workers;
+    a training run started after an extract (same process tree) would otherwise run on one thread."""
+    from pipeline.cluster import dask_client
+
+    before = dict(os.environ)
+    with dask_client(1, None) as (client, threads):
+        assert client.submit(os.getenv, "OMP_NUM_THREADS").result() == "1"  # the workers still get it
+    assert dict(os.environ) == before

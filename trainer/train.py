@@ -87,7 +87,7 @@ def _save_checkpoint(run: Path, name: str, model: USER, optimizer, config: RunCo
     save_model(model, str(temporary / "model.safetensors"))
     (temporary / "config.json").write_text(config.model_dump_json(indent=1))
     torch.save({"optimizer": optimizer.state_dict(), "position": position.__dict__,
-                "torch_rng": torch.get_rng_state()}, temporary / "state.pt")
+                "torch_rng": torch.get_rng_state(), "threads": torch.get_num_threads()}, temporary / "state.pt")
     old = run / CHECKPOINTS / f".{name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -176,6 +176,12 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            # CPU reductions split work by thread, so the thread count is part of what makes a resumed
+            # run compute the bits the uninterrupted one would have
+            console.print(f"using the run's {state['threads']} CPU threads (this process had "
+                          f"{torch.get_num_threads()})")
+            torch.set_num_threads(state["threads"])
         log.truncate_after(position.global_step)
         console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
 
