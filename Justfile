@@ -58,6 +58,10 @@ bench: setup
     {{bin}}/python bench/queue_loss.py
     {{bin}}/python bench/report.py
 
+# the GPU benchmark (a CUDA GPU; about 4 minutes on an H100/H200): bench/results/gpu.{json,md}
+bench-gpu: setup
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 {{bin}}/python bench/gpu.py
+
 # style and static checks
 lint: setup
     {{bin}}/ruff check .
