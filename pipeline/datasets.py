@@ -7,11 +7,14 @@ id, its file (relative to the image root) and its captions. Nothing here opens a
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.base import first_problem, parse_json
+from schemas.errors import InputError
 from schemas.store import SPLITS
 
 # Karpathy split names -> store split names; restval joins train by convention (VSE++, SCAN).
@@ -77,17 +80,39 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _record_image_id(record: dict) -> str:
-    if "cocoid" in record:
-        return str(record["cocoid"])
-    return Path(record["filename"]).stem
+class KarpathySentence(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    raw: str | None = None
+    tokens: list[str] | None = None
+
+    def text(self) -> str:
+        """The caption with whitespace normalised; `tokens` joined when there is no `raw`."""
+        return " ".join((self.raw if self.raw is not None else " ".join(self.tokens or ())).split())
 
 
-def _caption_text(sentence: dict) -> str:
-    raw = sentence.get("raw")
-    if raw is None:
-        raw = " ".join(sentence.get("tokens", []))
-    return " ".join(str(raw).split())
+class KarpathyRecord(BaseModel):
+    """One image of a Karpathy split file, typed: the fields userpipe reads (others are kept, unread)."""
+
+    model_config = ConfigDict(extra="allow")
+    filename: str = Field(min_length=1)
+    split: str
+    sentences: list[KarpathySentence] = []
+    filepath: str = ""
+    cocoid: int | str | None = None
+    imgid: int | None = None
+    boxes: list[tuple[float, float, float, float]] | None = None
+
+    def image_id(self) -> str:
+        return str(self.cocoid) if self.cocoid is not None else Path(self.filename).stem
+
+
+def _typed_record(json_path: Path, position: int, record) -> KarpathyRecord:
+    try:
+        return KarpathyRecord.model_validate(record)
+    except ValidationError as exc:
+        name = record.get("filename") if isinstance(record, dict) else None
+        which = f"image record {position}" + (f" ({name})" if isinstance(name, str) else "")
+        raise InputError(f"{json_path}: {which}: {first_problem(exc)}") from None
 
 
 def read_karpathy_json(
@@ -96,53 +121,47 @@ def read_karpathy_json(
     """Parse a Karpathy-format split file. `max_captions` set: keep the first that many, fewer is an error."""
     if not json_path.is_file():
         raise InputError(f"dataset file not found: {json_path}")
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{json_path} is not valid JSON: {exc}") from exc
+    data = parse_json(json_path.read_bytes(), json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise InputError(f"{json_path} is not a Karpathy split file (no top-level 'images' list)")
 
     splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     seen: set[str] = set()
     has_boxes = True
-    for position, record in enumerate(data["images"]):
-        if not isinstance(record, dict) or "filename" not in record or "split" not in record:
-            raise InputError(f"{json_path}: image record {position} lacks 'filename' or 'split'")
-        image_id = _record_image_id(record)
-        if record["split"] not in KARPATHY_SPLITS:
+    for position, raw_record in enumerate(data["images"]):
+        record = _typed_record(json_path, position, raw_record)
+        image_id = record.image_id()
+        if record.split not in KARPATHY_SPLITS:
             raise InputError(
-                f"{json_path}: image {image_id} has unknown split '{record['split']}' "
+                f"{json_path}: image {image_id} has unknown split '{record.split}' "
                 f"(expected one of {', '.join(KARPATHY_SPLITS)})"
             )
         if image_id in seen:
             raise InputError(f"{json_path}: image id {image_id} appears more than once")
         seen.add(image_id)
-        captions = tuple(_caption_text(s) for s in record.get("sentences", []))
+        captions = tuple(s.text() for s in record.sentences)
         if max_captions is not None:
             if len(captions) < max_captions:
                 raise InputError(
-                    f"{json_path}: image {image_id} ({record['filename']}) has {len(captions)} captions, "
+                    f"{json_path}: image {image_id} ({record.filename}) has {len(captions)} captions, "
                     f"{name} needs {max_captions}"
                 )
             captions = captions[:max_captions]
         elif not captions:
-            raise InputError(f"{json_path}: image {image_id} ({record['filename']}) has no captions")
-        boxes = record.get("boxes")
-        if boxes is not None:
-            boxes = tuple(tuple(float(v) for v in b) for b in boxes)
-            if any(len(b) != 4 or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
-                raise InputError(f"{json_path}: image {image_id} has a box that is not [x1, y1, x2, y2]")
+            raise InputError(f"{json_path}: image {image_id} ({record.filename}) has no captions")
+        check_captions(captions, f"{json_path}: image {image_id} ({record.filename})")
+        boxes = tuple(record.boxes) if record.boxes is not None else None
+        if boxes is not None and any(not all(map(math.isfinite, b)) or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
+            raise InputError(f"{json_path}: image {image_id} has a box that is not [x1, y1, x2, y2]")
         has_boxes = has_boxes and boxes is not None
-        folder = record.get("filepath", "") if uses_filepath else ""
-        splits[KARPATHY_SPLITS[record["split"]]].append(
+        folder = record.filepath if uses_filepath else ""
+        splits[KARPATHY_SPLITS[record.split]].append(
             ImageRecord(
                 image_id=image_id,
-                file=str(Path(folder) / record["filename"]),
+                file=str(Path(folder) / record.filename),
                 captions=captions,
                 boxes=boxes,
-                imgid=record.get("imgid"),
+                imgid=record.imgid,
             )
         )
     return DatasetIndex(
@@ -153,6 +172,14 @@ def read_karpathy_json(
         sha256=file_sha256(json_path),
         has_boxes=has_boxes and bool(data["images"]),
     )
+
+
+def check_captions(captions, where: str) -> None:
+    """Empty captions are refused, not dropped: dropping one would shift every later caption's image
+    (five per image is what the COCO/F30K protocols count on), and an empty query retrieves noise."""
+    empty = [k for k, c in enumerate(captions) if not c]
+    if empty:
+        raise InputError(f"{where}: caption {empty[0]} is empty ({len(empty)} empty in all)")
 
 
 def load_dataset(dataset: str, root: Path | None) -> DatasetIndex:

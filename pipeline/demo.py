@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from pipeline.datasets import DatasetIndex, read_karpathy_json
+from pipeline.outputs import DEMO, existing, replacement, swap_in
+from schemas.errors import InputError
 
 DEMO_JSON = "dataset_demo.json"
 DEMO_VERSION = 1
@@ -55,7 +56,7 @@ class SceneObject:
 
 def split_sizes(total: int) -> dict[str, int]:
     if total < 3:
-        raise ValueError("the demo needs at least 3 images (one per split)")
+        raise InputError(f"--images {total}: the demo needs at least 3 images (one per split)")
     sizes = {name: max(1, int(round(total * frac))) for name, frac in SPLIT_FRACTIONS[1:]}
     sizes = {"train": total - sum(sizes.values()), **sizes}
     return sizes
@@ -178,15 +179,18 @@ def generator_tag(images: int, seed: int) -> dict:
 
 
 def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path:
-    """Write the demo dataset under `root` unless an identical one is there; return its JSON path."""
+    """Write the demo dataset under `root` unless an identical one is there; return its JSON path.
+
+    `root` must be new, empty, or hold a demo written by userpipe (of another size: it is replaced).
+    """
     json_path = root / DEMO_JSON
     tag = generator_tag(images, seed)
-    if json_path.is_file():
+    sizes = split_sizes(images)
+    if existing(root, DEMO, "--root") == "own":
         with open(json_path, encoding="utf-8") as f:
             if json.load(f).get("userpipe_demo") == tag:
                 return json_path
-    sizes = split_sizes(images)
-    tmp = root.with_name(root.name + ".partial")
+    tmp = replacement(root)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     records = []
@@ -209,14 +213,13 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
                 progress.advance(task)
     with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:
         json.dump({"dataset": "demo", "userpipe_demo": tag, "images": records}, f)
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    if existing(root, DEMO, "--root") == "empty":
+        root.rmdir()
+    swap_in(tmp, root)
     return json_path
 
 
 def load_demo(root: Path | None, images: int | None, seed: int = 0) -> DatasetIndex:
     root = root or Path("data") / "demo"
-    json_path = ensure_demo(root, images or DEFAULT_IMAGES, seed)
+    json_path = ensure_demo(root, DEFAULT_IMAGES if images is None else images, seed)
     return read_karpathy_json(json_path, name="demo", image_root=root, uses_filepath=True, max_captions=5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
+from glob import glob
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from rich.console import Console
 from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
 from pipeline.demo import load_demo
-from pipeline.errors import InputError
 from pipeline.global_encoders import GlobalEncoder, resolve_global_config
 from pipeline.importers import ImportPlan, load_precomp, plan_import, read_imported
+from pipeline.outputs import STORE, check_apart, existing, replacement, swap_in
 from pipeline.regions import BACKBONES, RegionExtractor, resolve_region_config
 from pipeline.store import create_store, open_store, write_attrs
+from schemas.errors import InputError
 from schemas.store import (
     IMPORTED_REGION_KINDS,
     ExtractorConfig,
@@ -73,8 +75,18 @@ def default_out(dataset: str) -> Path:
     return Path("data") / f"{Path(dataset).stem if dataset.endswith('.json') else dataset}.zarr"
 
 
+def _given_inputs(opts: ExtractOptions) -> list:
+    """The files and folders named on the command line that the extraction reads."""
+    _, _, source = (opts.regions or "").partition(":")
+    located = glob(source) if any(c in source for c in "*?[") else [source]
+    return [opts.dataset if opts.dataset.endswith(".json") else None, opts.root, *located,
+            opts.backbone_weights, opts.detector_weights]
+
+
 def prepare(opts: ExtractOptions) -> Prepared:
     """Everything that can be wrong with the input is found here, before anything is written."""
+    out = opts.out or default_out(opts.dataset)
+    check_apart(out, _given_inputs(opts))
     is_demo = opts.dataset == "demo"
     region_spec = opts.regions or ("boxes" if is_demo else "butd")
     kind, _, source = region_spec.partition(":")
@@ -112,7 +124,8 @@ def prepare(opts: ExtractOptions) -> Prepared:
         image_size=opts.image_size or (256 if is_demo else 600), chunk_size=opts.chunk_size,
         regions=region_config, global_encoder=global_config,
     )
-    return Prepared(config, index, imports, opts.out or default_out(opts.dataset))
+    check_apart(out, [index.image_root])
+    return Prepared(config, index, imports, out)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -210,6 +223,9 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"
             continue
+        if not np.isfinite(result.features.astype(np.float16)).all():  # as the store keeps them
+            errors[i] = "ValueError: non-finite region features (NaN, inf, or beyond float16's range)"
+            continue
         k = len(result.features)
         regions[i, k:], boxes[i, k:] = 0.0, 0.0
         regions[i, :k] = result.features
@@ -263,28 +279,31 @@ def same_content(a: ExtractorConfig, b: ExtractorConfig) -> bool:
     return _strip_paths(a.model_dump(mode="json")) == _strip_paths(b.model_dump(mode="json"))
 
 
-def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, StoreAttrs]:
+def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, StoreAttrs, Path]:
+    """The store to extract into (a new one, or one to resume) and where it is being written: `out`
+    itself, or beside it when `--overwrite` replaces a store (swapped in at the end)."""
     out, config, index = prepared.out, prepared.config, prepared.index
-    if out.exists():
-        if overwrite:
-            shutil.rmtree(out)
-        else:
-            try:
-                root, attrs = open_store(out, mode="r+")
-            except InputError:
-                raise InputError(f"{out} exists and is not a userpipe store; pass --overwrite to replace it") from None
-            if not same_content(attrs.extractor, config):
-                raise InputError(f"{out} was extracted with another configuration; pass --overwrite to "
-                                 "replace it, or --out for a new store")
-            return root, attrs
+    state = existing(out, STORE)
+    if state == "own" and not overwrite:
+        root, attrs = open_store(out, mode="r+")
+        if not same_content(attrs.extractor, config):
+            raise InputError(f"{out} was extracted with another configuration; pass --overwrite to "
+                             "replace it, or --out for a new store")
+        return root, attrs, out
+    work = replacement(out) if state == "own" else out
+    if work != out and existing(work, STORE) == "own":  # an interrupted replacement: resume it if it fits
+        root, attrs = open_store(work, mode="r+")
+        if same_content(attrs.extractor, config):
+            return root, attrs, work
+        shutil.rmtree(work)
     splits = {s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
               for s, recs in index.splits.items()}
     image_root = str(index.image_root.resolve()) if index.image_root else None
     attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root)
-    return create_store(out, attrs, index), attrs
+    return create_store(work, attrs, index), attrs, work
 
 
-def _image_chunks(prepared: Prepared, root: zarr.Group) -> list[ImageChunk]:
+def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[ImageChunk]:
     config, index = prepared.config, prepared.index
     size = config.chunk_size
     chunks = []
@@ -297,12 +316,12 @@ def _image_chunks(prepared: Prepared, root: zarr.Group) -> list[ImageChunk]:
             part = slice(c * size, (c + 1) * size)
             paths = tuple(str((index.image_root / r.file).resolve()) if r.file and index.image_root else ""
                           for r in records[part])
-            chunks.append(ImageChunk(str(prepared.out), split, c, c * size, paths,
+            chunks.append(ImageChunk(str(work), split, c, c * size, paths,
                                      tuple(r.boxes for r in records[part]), tuple(refs[part])))
     return chunks
 
 
-def _caption_chunks(prepared: Prepared, root: zarr.Group) -> list[tuple]:
+def _caption_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[tuple]:
     if not prepared.config.global_encoder.text_dim:
         return []
     size = caption_chunk_size(prepared.config)
@@ -310,7 +329,7 @@ def _caption_chunks(prepared: Prepared, root: zarr.Group) -> list[tuple]:
     for split, records in prepared.index.splits.items():
         texts = [c for r in records for c in r.captions]
         done = root[split]["captions_done"][:]
-        chunks += [(str(prepared.out), split, c, c * size, tuple(texts[c * size:(c + 1) * size]))
+        chunks += [(str(work), split, c, c * size, tuple(texts[c * size:(c + 1) * size]))
                    for c in range(num_chunks(len(texts), size)) if not done[c]]
     return chunks
 
@@ -332,13 +351,13 @@ def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
 
 def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
     """Run (or resume) the extraction; returns the final attributes written to the store."""
-    root, attrs = open_or_create(prepared, opts.overwrite)
-    image_chunks = _image_chunks(prepared, root)
-    caption_chunks = _caption_chunks(prepared, root)
+    root, attrs, work = open_or_create(prepared, opts.overwrite)
+    image_chunks = _image_chunks(prepared, root, work)
+    caption_chunks = _caption_chunks(prepared, root, work)
     total_images = sum(s.num_images for s in attrs.splits.values())
     todo_images = sum(len(c.paths) for c in image_chunks)
     if todo_images < total_images:
-        console.print(f"resuming {prepared.out}: {total_images - todo_images} of {total_images} images already done")
+        console.print(f"resuming {work}: {total_images - todo_images} of {total_images} images already done")
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
         with dask_client(opts.workers, opts.scheduler) as (client, threads):
@@ -349,4 +368,6 @@ def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> S
     final = collect_failures(root, attrs)
     write_attrs(root, final)
     validate_store(root)
+    if work != prepared.out:
+        swap_in(work, prepared.out)
     return final

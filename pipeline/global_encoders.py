@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import InputError
 from pipeline.regions import BACKBONES
 from pipeline.weights import load_weights, local_weights
+from schemas.errors import InputError
 from schemas.store import GlobalConfig, WeightsRef
 
 IMAGENET_GLOBAL_SIZE = 224

@@ -13,18 +13,27 @@ into features with `read_imported`.
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import glob
 import hashlib
 import sys
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import NAMED_DATASETS, DatasetIndex, ImageRecord, file_sha256, read_karpathy_json
-from pipeline.errors import InputError
+from pipeline.datasets import (
+    NAMED_DATASETS,
+    DatasetIndex,
+    ImageRecord,
+    check_captions,
+    file_sha256,
+    read_karpathy_json,
+)
+from schemas.errors import InputError
 
 # SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
 PRECOMP_SPLIT_FILES = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}
@@ -82,8 +91,10 @@ def checked_npy(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _precomp_split(directory: Path, split: str) -> tuple[str, Path] | None:
@@ -131,21 +142,21 @@ def load_precomp(directory: Path, dataset: str, root: Path | None,
             if not p.is_file():
                 raise InputError(f"precomp folder {directory} has {ims.name} but no {p.name}")
         caps, ids = _read_lines(caps_path), _read_lines(ids_path)
-        if n == 0 or len(caps) % n:
-            raise InputError(f"{caps_path.name} has {len(caps)} lines, not a multiple of the {n} images in {ims.name}")
+        counts = (f"{ims.name} has {n} images, {ids_path.name} {len(ids)} ids, {caps_path.name} {len(caps)} "
+                  "captions")
+        if n == 0 or len(caps) % n or (max_captions is not None and len(caps) != n * max_captions):
+            needs = f"{max_captions} per image" if max_captions is not None else "the same number per image"
+            raise InputError(f"{counts}: the captions must be {needs}")
         per_image = len(caps) // n
-        if max_captions is not None and per_image < max_captions:
-            raise InputError(f"{caps_path.name} has {per_image} captions per image, {dataset} needs {max_captions}")
+        if len(ids) not in (n, len(caps)):
+            raise InputError(f"{counts}: expected one id per image or one per caption")
+        check_captions([" ".join(c.split()) for c in caps], str(caps_path))
         if len(ids) == len(caps) and per_image > 1:
             grouped = [ids[i * per_image:(i + 1) * per_image] for i in range(n)]
             bad = next((i for i, g in enumerate(grouped) if len(set(g)) != 1), None)
             if bad is not None:
                 raise InputError(f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})")
             ids = [g[0] for g in grouped]
-        elif len(ids) != n:
-            raise InputError(
-                f"{ids_path.name} has {len(ids)} lines; expected {n} (one per image) or {len(caps)} (one per caption)"
-            )
         keep = max_captions or per_image
         records = []
         for i, image_id in enumerate(ids):
@@ -230,6 +241,16 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
     return lookup, dim
 
 
+def _b64_floats(text: str, field: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"the {field} field is not valid base64 ({exc})") from None
+    if len(raw) % FLOAT32_BYTES:
+        raise ValueError(f"the {field} field decodes to {len(raw)} bytes, not whole float32 values")
+    return np.frombuffer(raw, np.float32)
+
+
 def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
     csv.field_size_limit(sys.maxsize)  # feature fields are megabytes long
     with open(path, encoding="ascii", newline="") as f:
@@ -237,8 +258,8 @@ def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
         fields = next(csv.reader([f.readline().rstrip("\r\n")], delimiter="\t"))
     row = dict(zip(_tsv_layout(len(fields), path), fields, strict=True))
     n = int(row["num_boxes"])
-    boxes = np.frombuffer(base64.b64decode(row["boxes"]), np.float32).reshape(n, 4)
-    features = np.frombuffer(base64.b64decode(row["features"]), np.float32).reshape(n, -1)
+    boxes = _b64_floats(row["boxes"], "boxes").reshape(n, 4)
+    features = _b64_floats(row["features"], "features").reshape(n, -1)
     width = int(float(row.get("image_w", row.get("img_w"))))
     height = int(float(row.get("image_h", row.get("img_h"))))
     return ImportedRegions(features, boxes, width, height)
@@ -252,20 +273,27 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int]:
     files = sorted(directory.glob("*.npz"))
     if not files:
         raise InputError(f"no .npz files in {directory}")
-    first = _read_npz(str(files[0]))
+    try:
+        first = _read_npz(str(files[0]))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}") from None
     return {p.stem: str(p) for p in files}, first.features.shape[1]
 
 
 def _read_npz(path: str) -> ImportedRegions:
-    with np.load(path, allow_pickle=True) as z:
-        missing = [k for k in ("x", "bbox", "num_bbox", "image_h", "image_w") if k not in z.files]
-        if missing:
-            raise ValueError(f"{Path(path).name} lacks {', '.join(missing)}")
-        features, boxes, n = z["x"], z["bbox"], int(z["num_bbox"])
-        if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
-            raise ValueError(f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}")
-        return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), int(z["image_w"]),
-                               int(z["image_h"]))
+    """Raises ValueError (its image becomes invalid) for a file that is not a usable npz."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "bbox", "num_bbox", "image_h", "image_w") if k not in z.files]
+            if missing:
+                raise ValueError(f"{Path(path).name} lacks {', '.join(missing)}")
+            features, boxes, n = z["x"], z["bbox"], int(z["num_bbox"])
+            width, height = int(z["image_w"]), int(z["image_h"])
+    except (OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:  # cut, not a zip, or not arrays
+        raise ValueError(f"{Path(path).name} is not a readable npz ({exc})") from None
+    if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
+        raise ValueError(f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}")
+    return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height)
 
 
 # --------------------------------------------------------------------------- common

@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
-from pipeline.errors import InputError
 from pipeline.weights import load_weights, local_weights, torchvision_weights
+from schemas.errors import InputError
 from schemas.store import ExtractorConfig, RegionConfig, WeightsRef
 
 TRUNK_STRIDE = 16

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,13 @@ from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import file_sha256
-from pipeline.errors import InputError
+from pipeline.outputs import SHARDS, check_apart, existing, replacement, swap_in, write_text_atomic
 from pipeline.store import open_store
+from schemas.errors import InputError
 from schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
-    ManifestError,
+    HashingReader,
     SampleMeta,
     ShardManifest,
     ShardPlanParams,
@@ -176,8 +178,8 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
     params = ShardPlanParams(source_store=str(Path(opts.store).resolve()), split=opts.split,
                              store_config=attrs.extractor, seed=opts.seed, max_count=opts.max_count,
                              max_size=opts.max_size)
-    out = opts.out
-    _claim_output(out, params, opts.overwrite)
+    check_apart(opts.out, [opts.store])
+    work = _claim_output(opts.out, params, opts.overwrite)
 
     starts, counts = _caption_layout(group, summary.num_images)
     text_bytes = _caption_bytes(group, starts, counts, caption_chunk_size(attrs.extractor))
@@ -186,13 +188,13 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
                                    bool(glob.text_dim), int(t))
                       for k, n, t in zip(group["num_regions"][:], counts, text_bytes, strict=True)])
     plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
-    jobs = [ShardJob(str(opts.store), opts.split, str(out), shard_name(opts.split, number), tuple(map(int, idx)),
+    jobs = [ShardJob(str(opts.store), opts.split, str(work), shard_name(opts.split, number), tuple(map(int, idx)),
                      tuple(int(starts[i]) for i in idx), tuple(int(counts[i]) for i in idx))
             for number, idx in enumerate(plan)]
-    done = {job.name: record for job in jobs if (record := _finished(out, job.name))}
+    done = {job.name: record for job in jobs if (record := _finished(work, job.name))}
     todo = [job for job in jobs if job.name not in done]
     if done:
-        console.print(f"resuming {out}: {len(done)} of {len(jobs)} shards already written and verified")
+        console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
     if todo:
         with dask_client(opts.workers, opts.scheduler) as (client, _):
             records = run_tasks(client, [("samples", len(j.indices), write_shard, (j,)) for j in todo], console,
@@ -205,11 +207,13 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
     manifest = ShardManifest(params=params, fields=fields, shards=shards,
                              num_samples=sum(s.samples for s in shards), num_captions=sum(s.captions for s in shards),
                              num_invalid_skipped=int((~valid).sum()))
-    _write_atomic(out / SIZES_NAME, json.dumps({s.name: s.samples for s in shards}, indent=1))
-    _write_atomic(out / MANIFEST_NAME, manifest.model_dump_json(indent=1))
+    write_text_atomic(work / SIZES_NAME, json.dumps({s.name: s.samples for s in shards}, indent=1))
+    write_text_atomic(work / MANIFEST_NAME, manifest.model_dump_json(indent=1))
     for job in jobs:
-        _record_path(out, job.name).unlink(missing_ok=True)
-    (out / PLAN_NAME).unlink(missing_ok=True)
+        _record_path(work, job.name).unlink(missing_ok=True)
+    (work / PLAN_NAME).unlink(missing_ok=True)
+    if work != opts.out:
+        swap_in(work, opts.out)
     return manifest
 
 
@@ -221,29 +225,30 @@ def _caption_bytes(group: zarr.Group, starts: np.ndarray, counts: np.ndarray, ch
     return sums[starts + counts] - sums[starts]
 
 
-def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> None:
-    """Create `out` for these params, or accept it if it holds (part of) the same plan."""
-    plan, manifest = out / PLAN_NAME, out / MANIFEST_NAME
-    if out.exists() and any(out.iterdir()):
-        existing = None
-        if plan.is_file():
-            existing = ShardPlanParams.model_validate_json(plan.read_text())
-        elif manifest.is_file():
-            existing = ShardManifest.model_validate_json(manifest.read_text()).params
-        if existing != params:
-            if not overwrite:
-                what = "shards of another plan" if existing else "files that are not userpipe shards"
-                raise InputError(f"{out} holds {what}; pass --overwrite to replace them, or another --out")
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not plan.is_file():
-        _write_atomic(plan, params.model_dump_json())
+def _plan_of(folder: Path) -> ShardPlanParams | None:
+    """The plan a folder of userpipe shards was (or is being) written for."""
+    plan, manifest = folder / PLAN_NAME, folder / MANIFEST_NAME
+    if plan.is_file():
+        return ShardPlanParams.model_validate_json(plan.read_text())
+    if manifest.is_file():
+        return ShardManifest.model_validate_json(manifest.read_text()).params
+    return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> Path:
+    """The folder to write shards of this plan into: `out` (new, or holding part of the same plan) or,
+    when `--overwrite` replaces shards of another plan, a folder beside it swapped in at the end."""
+    work = out
+    if existing(out, SHARDS) == "own" and _plan_of(out) != params:
+        if not overwrite:
+            raise InputError(f"{out} holds shards of another plan; pass --overwrite to replace them, or another --out")
+        work = replacement(out)
+        if existing(work, SHARDS) == "own" and _plan_of(work) != params:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / PLAN_NAME).is_file():
+        write_text_atomic(work / PLAN_NAME, params.model_dump_json())
+    return work
 
 
 @dataclass(frozen=True)
@@ -253,11 +258,13 @@ class ShardProblem:
 
 
 def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
-    try:
-        _, manifest = read_manifest(directory)
-    except ManifestError as exc:
-        raise InputError(str(exc)) from None
+    _, manifest = read_manifest(directory)
     problems = []
+    totals = (sum(s.samples for s in manifest.shards), sum(s.captions for s in manifest.shards))
+    if totals != (manifest.num_samples, manifest.num_captions):
+        problems.append(ShardProblem(MANIFEST_NAME, f"its shards add up to {totals[0]} samples and {totals[1]} "
+                                                    f"captions, its totals say {manifest.num_samples} and "
+                                                    f"{manifest.num_captions}"))
     for record in manifest.shards:
         shard = directory / record.name
         if not shard.is_file():
@@ -267,6 +274,30 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
         if size != record.bytes:
             kind = "truncated" if size < record.bytes else "longer than recorded"
             problems.append(ShardProblem(record.name, f"{kind}: {size:,} bytes, manifest says {record.bytes:,}"))
-        elif file_sha256(shard) != record.sha256:
+            continue
+        sha256, samples, captions, error = count_shard(shard)
+        if sha256 != record.sha256:
             problems.append(ShardProblem(record.name, "altered: sha256 differs from the manifest"))
+        elif error:
+            problems.append(ShardProblem(record.name, error))
+        elif (samples, captions) != (record.samples, record.captions):
+            problems.append(ShardProblem(record.name, f"holds {samples} samples and {captions} captions, the "
+                                                      f"manifest says {record.samples} and {record.captions}"))
     return manifest, problems
+
+
+def count_shard(path: Path) -> tuple[str, int, int, str | None]:
+    """sha256, samples and captions of a shard in one read; the last item names what is unreadable."""
+    keys, captions, error = set(), 0, None
+    with open(path, "rb") as f:
+        reader = HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    key, _, field = member.name.partition(".")
+                    keys.add(key)
+                    if field == "captions.json":
+                        captions += len(json.loads(tar.extractfile(member).read()))
+        except (tarfile.TarError, ValueError, TypeError) as exc:
+            error = f"not a readable shard ({type(exc).__name__}: {exc})"
+        return reader.finish(), len(keys), captions, error

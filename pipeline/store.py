@@ -9,7 +9,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.datasets import DatasetIndex
-from pipeline.errors import InputError
+from schemas.base import parse_json
+from schemas.errors import InputError
 from schemas.store import (
     ATTRS_KEY,
     STORE_SCHEMA_VERSION,
@@ -57,14 +58,19 @@ def write_attrs(root: zarr.Group, attrs: StoreAttrs) -> None:
 
 
 def open_store(path: Path, mode: str = "r") -> tuple[zarr.Group, StoreAttrs]:
-    """Open and validate; a missing or foreign store is an InputError (exit 2 at the command line)."""
-    if not (Path(path) / "zarr.json").is_file():
+    """Open and validate; a missing, foreign or damaged store is an InputError naming the file."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
         raise InputError(f"no Zarr store at {path}")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    for meta in [path / "zarr.json", *sorted(path.glob("*/zarr.json")), *sorted(path.glob("*/*/zarr.json"))]:
+        parse_json(meta.read_bytes(), meta)  # split groups and arrays: metadata only, no chunk is read
     try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
         return root, validate_store(root)
     except StoreValidationError as exc:
         raise InputError(f"{path}: {exc}") from None
+    except (zarr.errors.BaseZarrError, ValueError, KeyError, TypeError) as exc:  # metadata that parses but is wrong
+        raise InputError(f"{path} has damaged metadata: {type(exc).__name__}: {exc}") from None
 
 
 def store_summary(path: Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.datasets import file_sha256
-from pipeline.errors import InputError
+from schemas.errors import InputError
 from schemas.store import WeightsRef
 
 

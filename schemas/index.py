@@ -16,8 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from schemas.base import Frozen, parse_json, validate_as
+from schemas.errors import InputError
 from schemas.run import ModelConfig
 from schemas.shard import ManifestError
 
@@ -26,17 +28,13 @@ MANIFEST_NAME = "index.json"
 GALLERIES = ("images", "captions")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class IndexedModel(_Frozen):
+class IndexedModel(Frozen):
     checkpoint: str = Field(description="checkpoint directory the embeddings came from, as resolved then")
     sha256: str = Field(description="hash of its model.safetensors: the identity search checks")
     config: ModelConfig
 
 
-class IndexManifest(_Frozen):
+class IndexManifest(Frozen):
     schema_version: Literal["1.0"] = INDEX_SCHEMA_VERSION
     kind: Literal["faiss.IndexFlatIP"] = "faiss.IndexFlatIP"
     model: IndexedModel
@@ -53,6 +51,6 @@ def read_index_manifest(folder: Path) -> IndexManifest:
     if not path.is_file():
         raise ManifestError(f"{folder} is not an index (no {MANIFEST_NAME}; build one with userpipe index)")
     try:
-        return IndexManifest.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise ManifestError(f"{path} is not a valid index manifest: {str(exc).splitlines()[0]}") from None
+        return validate_as(IndexManifest, parse_json(path.read_bytes(), path), f"{path} (index manifest)")
+    except InputError as exc:
+        raise ManifestError(str(exc)) from None

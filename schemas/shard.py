@@ -16,6 +16,7 @@ reads it). `encode_sample` / `decode_sample` are the only code that knows the me
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from schemas.base import Frozen, parse_json, validate_as
+from schemas.errors import InputError
 from schemas.store import ExtractorConfig
 
 SHARD_SCHEMA_VERSION = "1.0"
@@ -33,11 +36,7 @@ SIZES_NAME = "sizes.json"
 KEY_DIGITS = 9
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SampleMeta(_Frozen):
+class SampleMeta(Frozen):
     image_id: str
     split: str
     index: int = Field(ge=0, description="row of the image in the store's split")
@@ -48,7 +47,7 @@ class SampleMeta(_Frozen):
     num_captions: int = Field(ge=1)
 
 
-class ShardRecord(_Frozen):
+class ShardRecord(Frozen):
     name: str
     samples: int = Field(ge=1)
     captions: int = Field(ge=1)
@@ -56,7 +55,7 @@ class ShardRecord(_Frozen):
     sha256: str
 
 
-class ShardPlanParams(_Frozen):
+class ShardPlanParams(Frozen):
     """What determines the shards' content; a rerun with equal params resumes."""
 
     source_store: str
@@ -67,7 +66,7 @@ class ShardPlanParams(_Frozen):
     max_size: int = Field(gt=0)
 
 
-class ShardManifest(_Frozen):
+class ShardManifest(Frozen):
     schema_version: Literal["1.0"] = SHARD_SCHEMA_VERSION
     params: ShardPlanParams
     fields: tuple[str, ...] = Field(description="tar members present in every sample")
@@ -77,8 +76,8 @@ class ShardManifest(_Frozen):
     num_invalid_skipped: int = Field(description="invalid images in the store split, left out")
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(InputError):
+    """A shard or index manifest is missing or damaged; the message names it."""
 
 
 def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
@@ -88,9 +87,9 @@ def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
     if not path.is_file():
         raise ManifestError(f"no shard manifest at {path}")
     try:
-        return path, ShardManifest.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise ManifestError(f"{path} is not a userpipe shard manifest: {str(exc).splitlines()[0]}") from None
+        return path, validate_as(ShardManifest, parse_json(path.read_bytes(), path), f"{path} (shard manifest)")
+    except InputError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 @dataclass
@@ -102,6 +101,24 @@ class ShardSample:
     clip_image: np.ndarray | None = None
     clip_text: np.ndarray | None = None
     source: str | None = None  # the shard it was read from (set by decode_sample)
+
+
+class HashingReader:
+    """A binary file that hashes the bytes read through it; `finish()` hashes the rest and returns the digest.
+    Reading a shard once gives its samples and its sha256 together (verify, and training's streaming check)."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        while data := self.file.read(1 << 22):
+            self.digest.update(data)
+        return self.digest.hexdigest()
 
 
 def sample_key(index: int) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from schemas.base import Frozen
+from schemas.errors import InputError
 
 STORE_SCHEMA_VERSION = "1.0"
 ATTRS_KEY = "userpipe"
@@ -21,11 +24,7 @@ RegionKind = Literal["butd", "boxes", "grid", "precomp", "tsv", "npz"]
 IMPORTED_REGION_KINDS = ("precomp", "tsv", "npz")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class WeightsRef(_Frozen):
+class WeightsRef(Frozen):
     """A weights file as it was used: where it came from and its content hash."""
 
     source: str = Field(description="pretrained tag, package name or path as the user gave it")
@@ -33,7 +32,7 @@ class WeightsRef(_Frozen):
     sha256: str | None = None
 
 
-class RegionConfig(_Frozen):
+class RegionConfig(Frozen):
     kind: RegionKind
     source: str | None = Field(default=None, description="importer location (DIR or GLOB)")
     backbone: str | None = Field(default=None, description="feature backbone for computed regions")
@@ -53,7 +52,7 @@ class RegionConfig(_Frozen):
         return self
 
 
-class GlobalConfig(_Frozen):
+class GlobalConfig(Frozen):
     """The whole-image (and caption) global encoder: open_clip, an ImageNet backbone, or none."""
 
     kind: Literal["open_clip", "imagenet", "none"]
@@ -72,7 +71,7 @@ class GlobalConfig(_Frozen):
         return self
 
 
-class ExtractorConfig(_Frozen):
+class ExtractorConfig(Frozen):
     """Everything that determines the store's content. A rerun with an equal config resumes."""
 
     dataset: str = Field(description="dataset name or Karpathy JSON path as given")
@@ -94,7 +93,7 @@ class ExtractorConfig(_Frozen):
         return self
 
 
-class Failure(_Frozen):
+class Failure(Frozen):
     split: str
     index: int
     image_id: str
@@ -102,13 +101,13 @@ class Failure(_Frozen):
     error: str
 
 
-class SplitSummary(_Frozen):
+class SplitSummary(Frozen):
     num_images: int = Field(ge=0)
     num_captions: int = Field(ge=0)
     num_invalid: int = Field(default=0, ge=0)
 
 
-class StoreAttrs(_Frozen):
+class StoreAttrs(Frozen):
     schema_version: Literal["1.0"] = STORE_SCHEMA_VERSION
     extractor: ExtractorConfig
     splits: dict[str, SplitSummary]
@@ -118,7 +117,7 @@ class StoreAttrs(_Frozen):
                                    "at extraction (None: no images, or an older store)")
 
 
-class ArraySpec(_Frozen):
+class ArraySpec(Frozen):
     dims: tuple[str, ...]
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
@@ -176,7 +175,7 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
     return specs
 
 
-class StoreValidationError(ValueError):
+class StoreValidationError(InputError):
     pass
 
 

@@ -4,7 +4,7 @@ import pytest
 from conftest import karpathy_record, write_image, write_json
 
 from pipeline.datasets import load_dataset, parse_splits, read_karpathy_json
-from pipeline.errors import InputError
+from schemas.errors import InputError
 
 
 def test_coco_layout_restval_joins_train_and_six_captions_keep_first_five(coco_root: Path):
@@ -52,7 +52,17 @@ def test_custom_json_keeps_any_number_of_captions(tmp_path: Path):
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"dataset": "coco"}', "no top-level 'images' list"),
-    ('{"images": [{"filename": "a.jpg"}]}', "lacks 'filename' or 'split'"),
+    ('{"images": [{"filename": "a.jpg"}]}', r"image record 0 \(a.jpg\): split: Field required"),
+    ('{"images": [{"filename": "a.jpg", "split": "train", "sentences": "a cat"}]}',
+     r"image record 0 \(a.jpg\): sentences: Input should be a valid list"),
+    ('{"images": [{"filename": "a.jpg", "split": ["train"], "sentences": []}]}',
+     r"image record 0 \(a.jpg\): split: Input should be a valid string"),
+    ('{"images": [{"filename": 7, "split": "train", "sentences": []}]}', "image record 0: filename: Input should be"),
+    ('{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}], "boxes": [[1, 2, "b", 4]]}]}',
+     r"image record 0 \(a.jpg\): boxes.0.2: Input should be a valid number"),
+    ('{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}, {"raw": "  "}]}]}',
+     "caption 1 is empty"),
+    ('{"images": ["a.jpg"]}', "image record 0: Input should be a valid dictionary"),
     ('{"images": [{"filename": "a.jpg", "split": "holdout", "sentences": []}]}', "unknown split 'holdout'"),
     ('{"images": [{"filename": "a.jpg", "split": "train", "sentences": []}]}', "has no captions"),
     ('{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}]},'

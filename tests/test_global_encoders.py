@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import InputError
 from pipeline.global_encoders import GlobalEncoder, resolve_global_config
+from schemas.errors import InputError
 
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},

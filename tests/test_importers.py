@@ -56,8 +56,13 @@ def test_precomp_round_trips_captions_and_ids_from_the_files(runner, tmp_path: P
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "train_ims.npy is truncated: header says (3, 36, 16) float32"),
-    ("caps", "train_caps.txt has 14 lines, not a multiple of the 3 images"),
-    ("ids", "train_ids.txt has 2 lines; expected 3 (one per image) or 15"),
+    ("caps", "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 14 captions: the captions must "
+             "be 5 per image"),
+    ("ten-per-image", "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 30 captions"),
+    ("empty-caption", "train_caps.txt: caption 4 is empty"),
+    ("not-utf8", "train_caps.txt is not UTF-8 text"),
+    ("ids", "train_ims.npy has 3 images, train_ids.txt 2 ids, train_caps.txt 15 captions: expected one id per "
+            "image or one per caption"),
     ("id-groups", "dev_ids.txt: the 5 caption ids of image 1 disagree"),
     ("no-caps", "has train_ims.npy but no train_caps.txt"),
     ("not-npy", "train_ims.npy is not a .npy file"),
@@ -73,6 +78,15 @@ def test_precomp_files_that_disagree_are_rejected(runner, tmp_path: Path, damage
         (folder / "train_caps.txt").write_text("\n".join(lines) + "\n")
     elif damage == "ids":
         (folder / "train_ids.txt").write_text("1\n2\n")
+    elif damage == "ten-per-image":  # each image's captions twice: images would get each other's captions
+        lines = (folder / "train_caps.txt").read_text().splitlines()
+        (folder / "train_caps.txt").write_text("\n".join(lines + lines) + "\n")
+    elif damage == "empty-caption":
+        lines = (folder / "train_caps.txt").read_text().splitlines()
+        lines[4] = "   "
+        (folder / "train_caps.txt").write_text("\n".join(lines) + "\n")
+    elif damage == "not-utf8":
+        (folder / "train_caps.txt").write_bytes(b"a caption \xff\xfe\n" * 15)
     elif damage == "id-groups":
         ids = (folder / "dev_ids.txt").read_text().splitlines()
         ids[7] = "999"

@@ -6,8 +6,8 @@ import torch
 import zarr
 from conftest import run_cli
 
-from pipeline.errors import InputError
 from pipeline.synthetic import write_synthetic_store
+from schemas.errors import InputError
 from trainer.captions import CaptionTokenizer, load_tokenizer
 from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
 

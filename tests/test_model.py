@@ -5,7 +5,7 @@ import torch
 from pydantic import ValidationError
 from transformers import BertConfig, BertModel
 
-from pipeline.errors import InputError
+from schemas.errors import InputError
 from schemas.run import ModelConfig
 from trainer.config import load_run_config
 from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_model, sinusoid_positions

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import InputError
 from pipeline.regions import RegionExtractor, grid_boxes, pad_with_grid, resolve_region_config
+from schemas.errors import InputError
 from schemas.store import ExtractorConfig, GlobalConfig
 
 

@@ -91,5 +91,5 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
 def test_index_refuses_to_replace_a_folder_that_is_not_an_index(runner, trained, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", tmp_path)
-    assert result.exit_code == 2 and "is not an index" in result.output
+    assert result.exit_code == 2 and "holds files that are not a userpipe index" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

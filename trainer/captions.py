@@ -20,7 +20,7 @@ def load_tokenizer(name_or_path: str):
     """A Hugging Face tokenizer by hub name or local folder (offline: a folder, or a cached name)."""
     from transformers import AutoTokenizer
 
-    from pipeline.errors import InputError
+    from schemas.errors import InputError
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)

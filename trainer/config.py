@@ -6,17 +6,33 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 
-from pipeline.errors import InputError
+from schemas.base import validate_as
+from schemas.errors import InputError
 from schemas.run import RunConfig
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     *path, leaf = dotted.split(".")
-    for key in path:
+    for depth, key in enumerate(path):
         tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise InputError(f"--set {dotted}: {'.'.join(path[:depth + 1])} is a value, not a section")
     tree[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` strings -> {key: value}, the value read as YAML (numbers, booleans, lists)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set needs key=value, got {pair!r}")
+        try:
+            parsed[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(f"--set {pair}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parsed
 
 
 def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConfig:
@@ -27,12 +43,12 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConf
         path = Path(str(files("trainer") / "configs" / f"{name_or_path}.yaml"))
     if not path.is_file():
         raise InputError(f"unknown config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
-    tree = yaml.safe_load(path.read_text())
+    try:
+        tree = yaml.safe_load(path.read_bytes())
+    except yaml.YAMLError as exc:
+        raise InputError(f"config {path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise InputError(f"config {path} is {'empty' if tree is None else 'not a mapping of sections'}")
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    try:
-        return RunConfig(**tree)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError(f"config {name_or_path}: {where}: {first['msg']}") from None
+    return validate_as(RunConfig, tree, f"config {name_or_path}")

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from pipeline.errors import InputError
 from pipeline.store import open_store
+from schemas.errors import InputError
+from schemas.run import ModelConfig
 from trainer.captions import CaptionTokenizer
 from trainer.model import USER
 
@@ -61,17 +62,15 @@ def encode_regions(model: USER, regions: np.ndarray, lengths: np.ndarray, clip: 
                                ).float().cpu()
 
 
-def check_store_fits(model: USER, store: Path, attrs, group) -> None:
-    config = model.config
+def check_store_fits(config: ModelConfig, store: Path, attrs, group) -> None:
     if config.feature_dim != attrs.extractor.feature_dim:
         raise InputError(f"the model takes {config.feature_dim}-d regions, {store} has {attrs.extractor.feature_dim}-d")
     if config.enhancement == "cge" and "clip_image" not in group:
         raise InputError(f"a cge model needs CLIP image features, and {store} has none")
 
 
-@torch.no_grad()
-def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokenizer, max_images: int | None = None,
-                 progress: bool = True) -> SplitEmbeddings:
+def open_split(store: Path, split: str, config: ModelConfig, max_images: int | None = None):
+    """The store's split checked against the model that will encode it: (group, attrs, n, valid rows)."""
     root, attrs = open_store(store)
     if split not in attrs.splits:
         raise InputError(f"{store} has no split '{split}' (it has: {', '.join(attrs.splits)})")
@@ -81,7 +80,14 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
     keep = np.flatnonzero(valid)
     if not len(keep):
         raise InputError(f"split '{split}' of {store} has no valid images")
-    check_store_fits(model, store, attrs, group)
+    check_store_fits(config, store, attrs, group)
+    return group, attrs, n, valid, keep
+
+
+@torch.no_grad()
+def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokenizer, max_images: int | None = None,
+                 progress: bool = True) -> SplitEmbeddings:
+    group, attrs, n, valid, keep = open_split(store, split, model.config, max_images)
     needs_clip = model.config.enhancement == "cge"
     was_training = model.training
     model.eval()

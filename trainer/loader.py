@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.errors import InputError
-from schemas.shard import ManifestError, SampleError, ShardSample, decode_sample, read_manifest
+from schemas.errors import InputError
+from schemas.shard import HashingReader, SampleError, ShardSample, decode_sample, read_manifest
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """A shard could not be read completely; the message names it."""
 
 
@@ -39,18 +39,16 @@ class ShardSet:
     urls: tuple[str, ...]
     samples: tuple[int, ...]
     captions: tuple[int, ...]
+    sha256: tuple[str, ...]
     store_config: ExtractorConfig  # how the features in the shards were extracted
 
     @classmethod
     def from_manifest(cls, location: str | Path) -> ShardSet:
         """All shards of a manifest (a folder written by `userpipe shard`, or its manifest.json)."""
-        try:
-            path, manifest = read_manifest(location)
-        except ManifestError as exc:
-            raise InputError(str(exc)) from None
+        path, manifest = read_manifest(location)
         return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
                    tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards),
-                   manifest.params.store_config)
+                   tuple(s.sha256 for s in manifest.shards), manifest.params.store_config)
 
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
@@ -72,7 +70,8 @@ class ShardSet:
             raise InputError(f"shard pattern {text} names shards the manifest does not list: {unknown[:3]}")
         picked = [index[Path(u).name] for u in urls]
         return cls(tuple(every.urls[i] for i in picked), tuple(every.samples[i] for i in picked),
-                   tuple(every.captions[i] for i in picked), every.store_config)
+                   tuple(every.captions[i] for i in picked), tuple(every.sha256[i] for i in picked),
+                   every.store_config)
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -111,18 +110,34 @@ def split_shards(order: np.ndarray, part: int, parts: int) -> np.ndarray:
     return order[part::parts]
 
 
-def checked_tar_samples(urls: list[str], expected: dict[str, int], skip_corrupt: bool,
+def shard_stream(url: str) -> Iterator[dict]:
+    """Raw samples of one shard (a path, or any URL webdataset opens) read through a HashingReader; after
+    the last sample, yields {"__sha256__": digest of every byte of the shard}."""
+    for source in wds.tariterators.url_opener([{"url": url}]):
+        reader = HashingReader(source["stream"])
+        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{**source, "stream": reader}]))
+        yield {"__sha256__": reader.finish()}
+
+
+def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str]], skip_corrupt: bool,
                         skipped: list[int]) -> Iterator[dict]:
-    """Raw samples from the shards in order; a shard that fails or yields fewer samples than the
-    manifest says raises ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
+    """Raw samples from the shards in order. A shard that fails, yields another number of samples than the
+    manifest says, or whose bytes hash to another sha256 (checked as it is read, at no extra read) raises
+    ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
     for url in urls:
         count = 0
+        samples, sha256 = expected[url]
         try:
-            for raw in wds.tarfile_to_samples()([{"url": url}]):
+            for raw in shard_stream(url):
+                if "__sha256__" in raw:
+                    if raw["__sha256__"] != sha256:
+                        raise ShardError(f"{url} was altered: its sha256 differs from the manifest "
+                                         "(userpipe verify lists every damaged shard)")
+                    continue
                 count += 1
                 yield raw
-            if count != expected[url]:
-                raise ShardError(f"{url} yielded {count} samples, the manifest says {expected[url]} (truncated?)")
+            if count != samples:
+                raise ShardError(f"{url} yielded {count} samples, the manifest says {samples} (truncated?)")
         except ShardError as exc:
             if not skip_corrupt:
                 raise
@@ -252,7 +267,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         plan = self.plans[info.id if info else 0]
         urls = [self.shards.urls[i] for i in plan.shards]
-        expected = dict(zip(self.shards.urls, self.shards.samples, strict=True))
+        expected = dict(zip(self.shards.urls, zip(self.shards.samples, self.shards.sha256, strict=True),
+                            strict=True))
         skipped = [0]
         raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
         pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, plan.skip_pairs)
@@ -327,4 +343,7 @@ class StreamingLoader:
         generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.settings.workers,
                                              persistent_workers=False, generator=generator)
-        yield from loader
+        try:
+            yield from loader
+        except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
+            raise ShardError(str(exc).strip().splitlines()[-1].removeprefix("trainer.loader.ShardError: ")) from None

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,18 @@ import torch
 from PIL import Image
 
 from pipeline.datasets import file_sha256
-from pipeline.errors import InputError
+from pipeline.outputs import (
+    INDEX,
+    check_apart,
+    check_file_target,
+    existing,
+    replacement,
+    swap_in,
+    write_text_atomic,
+)
 from pipeline.store import open_store
+from schemas.errors import InputError
 from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
-from schemas.shard import ManifestError
 from trainer.captions import CaptionTokenizer
 from trainer.encode import check_store_fits, encode_regions, encode_split, encode_texts
 from trainer.model import USER
@@ -54,8 +61,8 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
     import faiss
 
-    if out.exists() and not (out / MANIFEST_NAME).is_file():
-        raise InputError(f"{out} exists and is not an index; choose another --out")
+    check_apart(out, [store, checkpoint])
+    existing(out, INDEX)  # refuses a folder that holds anything but an index
     root, attrs = open_store(store)
     emb = encode_split(model, store, split, tokenizer)
     files = root[split]["file"][:]
@@ -64,7 +71,7 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
         model=IndexedModel(checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config),
         store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
         embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions))
-    temporary = out.with_name(f".{out.name}.tmp")
+    temporary = replacement(out)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     faiss.write_index(_flat_ip(emb.images), str(temporary / "images.faiss"))
@@ -74,8 +81,9 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     _write_jsonl(temporary / "captions.jsonl", [{"text": t, "image": int(i)}
                                                 for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
     (temporary / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(temporary, out)
+    if existing(out, INDEX) == "empty":
+        out.rmdir()
+    swap_in(temporary, out)
     return manifest
 
 
@@ -90,10 +98,7 @@ class Hit:
 
 class SearchIndex:
     def __init__(self, folder: Path):
-        try:
-            self.manifest = read_index_manifest(folder)
-        except ManifestError as exc:
-            raise InputError(str(exc)) from None
+        self.manifest = read_index_manifest(folder)
         self.folder = folder
         try:
             self.items = {g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
@@ -128,7 +133,17 @@ class SearchIndex:
         import faiss
 
         if gallery not in self._faiss:
-            self._faiss[gallery] = faiss.read_index(str(self.folder / f"{gallery}.faiss"))
+            path = self.folder / f"{gallery}.faiss"
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as exc:
+                raise InputError(f"{path} is damaged ({str(exc).splitlines()[-1][:160]}): rebuild the index "
+                                 "with userpipe index") from None
+            expected = self.manifest.num_images if gallery == "images" else self.manifest.num_captions
+            if index.ntotal != expected or index.d != self.manifest.embed_dim:
+                raise InputError(f"{path} holds {index.ntotal} x {index.d}, the manifest says {expected} x "
+                                 f"{self.manifest.embed_dim}: rebuild the index with userpipe index")
+            self._faiss[gallery] = index
         return self._faiss[gallery]
 
     def text_query(self, model: USER, tokenizer: CaptionTokenizer, text: str, k: int) -> list[Hit]:
@@ -149,7 +164,7 @@ class SearchIndex:
         elif Path(query).is_file():
             store = Path(self.manifest.store)
             root, attrs = open_store(store)
-            check_store_fits(model, store, attrs, root[self.manifest.split])
+            check_store_fits(model.config, store, attrs, root[self.manifest.split])
             features, count, global_embedding = image_file_features(attrs.extractor, Path(query))
             cge = model.config.enhancement == "cge"
             model.eval()
@@ -192,8 +207,16 @@ def _img_tag(path: Path | None, label: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(label)}">' if uri else f'<div class="missing">{html.escape(label)}</div>'
 
 
+HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
+
+
+def check_html_target(out: Path) -> None:
+    check_file_target(out, HTML_SIGNATURE, "--html")
+
+
 def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: list[Hit]) -> None:
     """A self-contained page (thumbnails inlined): the query, then the hits best first, matches marked."""
+    check_html_target(out)
     if gallery == "images":
         head = f"<p class='query'>{html.escape(query)}</p>"
         cards = "".join(
@@ -207,8 +230,8 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
             f"{html.escape(index.items['images'][h.item['image']]['id'])}, score {h.score:.3f})</small></li>"
             for h in hits) + "</ol>"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        "<!doctype html><meta charset='utf-8'><title>userpipe search</title><style>"
+    write_text_atomic(out,
+        HTML_SIGNATURE + "<style>"
         "body{font-family:sans-serif;margin:2em} figure{display:inline-block;margin:4px;padding:4px;"
         "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} .missing{width:160px;"
         "height:120px;background:#eee} li.correct{font-weight:bold} .query{font-size:1.3em}</style>"

@@ -24,10 +24,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.errors import InputError
+from pipeline.outputs import RUN, check_apart, existing
+from schemas.base import parse_json, read_model
+from schemas.errors import InputError
 from schemas.run import RunConfig
 from trainer.captions import CaptionTokenizer
-from trainer.encode import encode_split
+from trainer.encode import encode_split, open_split
 from trainer.evaluate import retrieval_metrics
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
 from trainer.model import USER, build_model
@@ -104,15 +106,25 @@ def initial_model(config: RunConfig, bert=None) -> USER:
 
 def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
     """A model and its config from a checkpoint directory (…/checkpoints/best), on the GPU if any."""
-    from safetensors.torch import load_model
 
     if not (directory / "model.safetensors").is_file():
         raise InputError(f"no checkpoint at {directory}")
-    config = RunConfig.model_validate_json((directory / "config.json").read_text())
+    config = read_model(RunConfig, directory / "config.json", "checkpoint configuration")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(config.model, bert).to(device)
-    load_model(model, str(directory / "model.safetensors"), device=device)
+    load_weights(model, directory / "model.safetensors", device)
     return model, config
+
+
+def load_weights(model: USER, path: Path, device) -> None:
+    """A checkpoint's weights into `model`; a damaged or foreign file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path), device=str(device))
+    except (SafetensorError, RuntimeError) as exc:
+        raise InputError(f"{path} is damaged or holds another model: {str(exc).splitlines()[0][:200]}") from None
 
 
 def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
@@ -135,7 +147,10 @@ class JsonLog:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
+        if not self.path.is_file():
+            return []
+        return [parse_json(line, f"{self.path} line {number}")
+                for number, line in enumerate(self.path.read_bytes().splitlines(), 1)]
 
     def truncate_after(self, global_step: int) -> None:
         """On resume: drop what the killed run logged past the checkpoint it resumes from."""
@@ -149,29 +164,40 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     recipe = config.train
     shards = ShardSet.resolve(shards_spec)
     check_fits(config, shards, shards_spec)
+    check_apart(run, [Path(shards.urls[0]).parent, val_store])
+    found = existing(run, RUN)
     if resume:
         saved = run / CHECKPOINTS / "last" / "config.json"
-        if not saved.is_file():
+        if found != "own" or not saved.is_file():
             raise InputError(f"--resume: no checkpoint in {run}")
         previous = RunConfig.model_validate_json(saved.read_text())
         if previous.model != config.model:
             raise InputError(f"--resume: {run} holds a checkpoint of another model configuration")
         config = previous
+        recipe = config.train
+        JsonLog(run / "log.jsonl").records()  # a damaged log is refused before anything is written
     elif (run / CHECKPOINTS).exists():
         raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
+    open_split(val_store, "val", config.model, recipe.val_images)
+    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+    loader = StreamingLoader(shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers,
+                                                               train=True))
+    per_epoch = loader.batches_per_epoch()
+    if per_epoch == 0:
+        raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
+    # every check above ran before the first write
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(config.model_dump_json(indent=1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
     model = initial_model(config, bert).to(device)
     optimizer = build_optimizer(model, recipe)
     position = Position()
     log = JsonLog(run / "log.jsonl")
-    if resume:
-        from safetensors.torch import load_model
-
+    if not resume:  # a run stopped before its first checkpoint starts again from nothing
+        log.path.unlink(missing_ok=True)
+    else:
         last = run / CHECKPOINTS / "last"
-        load_model(model, str(last / "model.safetensors"), device=str(device))
+        load_weights(model, last / "model.safetensors", device)
         state = torch.load(last / "state.pt", weights_only=False, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
@@ -185,11 +211,6 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         log.truncate_after(position.global_step)
         console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
 
-    loader = StreamingLoader(shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers,
-                                                               train=True))
-    per_epoch = loader.batches_per_epoch()
-    if per_epoch == 0:
-        raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
     if not resume:  # the untrained model's numbers, the baseline every run is compared with
         log.write({"step": 0, "epoch": 0, "val": validate(model, val_store, tokenizer, recipe.val_images)})
     model.train()

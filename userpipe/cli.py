@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import InputError
+from schemas.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="USER image-text retrieval: extract features -> shard -> train -> eval, then index and search.")
@@ -21,19 +22,46 @@ EXIT_BAD_INPUT, EXIT_FAILURES, EXIT_INTERRUPTED = 2, 1, 130
 SHOWN_FAILURES = 20
 
 
-@contextmanager
-def _reported_errors(resume_hint: bool = False):
-    try:
-        yield
-    except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        console.print("interrupted" + ("; rerun the same command to resume" if resume_hint else ""))
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+# OS errors that a user's paths and disks cause (not bugs in userpipe): reported in one line
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENOSPC,
+                  errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EDQUOT}
 
 
-@app.command()
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an expected failure; None for a bug, which keeps its traceback."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror}" if where else exc.strerror or str(exc)
+    return None
+
+
+def command(*args, resumable: bool = False, **kwargs):
+    """Register a command behind the one error boundary: expected failures print `error: <line>` and
+    exit 2; Ctrl-C exits 130 (with the resume hint for resumable stages); bugs keep their traceback."""
+
+    def register(function):
+        @functools.wraps(function)
+        def bounded(*a, **k):
+            try:
+                return function(*a, **k)
+            except KeyboardInterrupt:
+                console.print("interrupted" + ("; rerun the same command to resume" if resumable else ""))
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            except (InputError, OSError) as exc:
+                message = user_error(exc)
+                if message is None:
+                    raise
+                console.print(f"[red]error:[/red] {message}", highlight=False)
+                raise typer.Exit(EXIT_BAD_INPUT) from None
+
+        return app.command(*args, **kwargs)(bounded)
+
+    return register
+
+
+@command(resumable=True)
 def extract(
     dataset: str = typer.Option("demo", help="coco, f30k, demo, or a path to a Karpathy-format JSON"),
     root: Path = typer.Option(None, help="dataset folder (default data/DATASET)"),
@@ -59,16 +87,15 @@ def extract(
     from pipeline.datasets import parse_splits
     from pipeline.extract import ExtractOptions, prepare, run_extract
 
-    with _reported_errors(resume_hint=True):
-        if workers < 1:
-            raise InputError("--workers must be at least 1")
-        if images is not None and dataset != "demo":
-            raise InputError("--images only applies to --dataset demo")
-        opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
-                              detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
-                              scheduler, overwrite)
-        prepared = prepare(opts)
-        attrs = run_extract(prepared, opts, console)
+    if workers < 1:
+        raise InputError("--workers must be at least 1")
+    if images is not None and dataset != "demo":
+        raise InputError("--images only applies to --dataset demo")
+    opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
+                          detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
+                          scheduler, overwrite)
+    prepared = prepare(opts)
+    attrs = run_extract(prepared, opts, console)
     for split, summary in attrs.splits.items():
         console.print(f"{split}: {summary.num_images} images, {summary.num_captions} captions, "
                       f"{summary.num_invalid} invalid")
@@ -83,14 +110,13 @@ def extract(
             raise typer.Exit(EXIT_FAILURES)
 
 
-@app.command()
+@command()
 def info(path: Path = typer.Argument(..., help="a store written by userpipe extract"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
     from pipeline.store import store_summary
 
-    with _reported_errors():
-        summary = store_summary(path)
+    summary = store_summary(path)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -114,7 +140,7 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
 
 
-@app.command()
+@command(resumable=True)
 def shard(
     store: Path = typer.Option(..., help="a store written by userpipe extract"),
     split: str = typer.Option("train", help="the split to shard"),
@@ -130,22 +156,20 @@ def shard(
     from pipeline.shard import ShardOptions, run_shard
 
     out = out or store.with_name(store.stem + "-shards") / split
-    with _reported_errors(resume_hint=True):
-        if workers < 1:
-            raise InputError("--workers must be at least 1")
-        manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
-                                          overwrite), console)
+    if workers < 1:
+        raise InputError("--workers must be at least 1")
+    manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
+                                      overwrite), console)
     console.print(f"wrote {len(manifest.shards)} shards to {out}: {manifest.num_samples} images, "
                   f"{manifest.num_captions} captions, {manifest.num_invalid_skipped} invalid images left out")
 
 
-@app.command()
+@command()
 def verify(directory: Path = typer.Argument(..., help="a folder written by userpipe shard")) -> None:
     """Re-hash every shard against the manifest; exit 1 if any is missing, truncated or altered."""
     from pipeline.shard import verify_shards
 
-    with _reported_errors():
-        manifest, problems = verify_shards(directory)
+    manifest, problems = verify_shards(directory)
     for problem in problems:
         console.print(f"[red]{problem.name}[/red]: {problem.problem}", highlight=False)
     if problems:
@@ -154,19 +178,7 @@ def verify(directory: Path = typer.Argument(..., help="a folder written by userp
     console.print(f"{len(manifest.shards)} shards OK ({manifest.num_samples} samples)")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set needs key=value, got '{pair}'")
-        parsed[key] = yaml.safe_load(value)  # numbers, booleans and lists as YAML reads them
-    return parsed
-
-
-@app.command()
+@command(resumable=True)
 def train(
     shards: str = typer.Option(..., help="shard folder (or a brace pattern) written by userpipe shard"),
     val_store: Path = typer.Option(..., help="store whose 'val' split is used for model selection"),
@@ -180,13 +192,12 @@ def train(
     # between processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it).
     # Its conditional-reproducibility mode fixes that; MKL_CBWR=AUTO trades it for speed.
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-    from trainer.config import load_run_config
+    from trainer.config import load_run_config, parse_overrides
     from trainer.evaluate import format_table
     from trainer.train import train as run_training
 
-    with _reported_errors(resume_hint=True):
-        run_config = load_run_config(config, _overrides(set_))
-        best = run_training(out, shards, val_store, run_config, resume, console)
+    run_config = load_run_config(config, parse_overrides(set_))
+    best = run_training(out, shards, val_store, run_config, resume, console)
     print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
 
@@ -202,7 +213,7 @@ def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run
     return directory
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
@@ -217,28 +228,27 @@ def evaluate(
     from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
     from trainer.train import CHECKPOINTS, load_trained
 
-    with _reported_errors():
-        if protocol not in PROTOCOLS:
-            raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
-        sources = ([Path(r) / CHECKPOINTS / "best" for r in ensemble.split(",")] if ensemble else
-                   [_checkpoint(run, checkpoint, "--run, --checkpoint or --ensemble")])
-        sims, caption_image = 0, None
-        for source in sources:
-            model, _, tokenizer = load_trained(source)
-            emb = encode_split(model, store, split, tokenizer)
-            sims = sims + emb.images @ emb.captions.T / len(sources)
-            caption_image = emb.caption_image
-        try:
-            metrics = protocol_metrics(sims, caption_image, protocol)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    sources = ([Path(r) / CHECKPOINTS / "best" for r in ensemble.split(",")] if ensemble else
+               [_checkpoint(run, checkpoint, "--run, --checkpoint or --ensemble")])
+    sims, caption_image = 0, None
+    for source in sources:
+        model, _, tokenizer = load_trained(source)
+        emb = encode_split(model, store, split, tokenizer)
+        sims = sims + emb.images @ emb.captions.T / len(sources)
+        caption_image = emb.caption_image
+    try:
+        metrics = protocol_metrics(sims, caption_image, protocol)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:
         print(format_table(metrics, f"{protocol} on {store} [{split}]"))
 
 
-@app.command()
+@command()
 def index(
     store: Path = typer.Option(..., help="store holding the gallery"),
     out: Path = typer.Option(..., help="index folder to write (an existing index there is replaced)"),
@@ -252,10 +262,9 @@ def index(
     from trainer.search import build_index
     from trainer.train import load_trained
 
-    with _reported_errors():
-        source = _checkpoint(run, checkpoint)
-        model, _, tokenizer = load_trained(source)
-        manifest = build_index(model, source, tokenizer, store, split, out, image_root)
+    source = _checkpoint(run, checkpoint)
+    model, _, tokenizer = load_trained(source)
+    manifest = build_index(model, source, tokenizer, store, split, out, image_root)
     console.print(f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
                   f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
 
@@ -270,7 +279,7 @@ def _shown(path: Path | None, fallback: str) -> str:
         return str(path)
 
 
-@app.command()
+@command()
 def search(
     query: str = typer.Argument(..., help="a text (gallery --images), or an image id or file (gallery --captions)"),
     index: Path = typer.Option(..., help="folder written by userpipe index"),
@@ -283,22 +292,23 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
-    from trainer.search import SearchIndex, write_html
+    from trainer.search import SearchIndex, check_html_target, write_html
     from trainer.train import load_trained
 
     gallery = "images" if images else "captions"
-    with _reported_errors():
-        if not query.strip():
-            raise InputError("the query is empty")
-        if k <= 0:
-            raise InputError(f"-k must be positive, got {k}")
-        source = _checkpoint(run, checkpoint)
-        searcher = SearchIndex(index)
-        searcher.check_model(source)
-        model, _, tokenizer = load_trained(source)
-        hits = (searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k))
-        if html_out:
-            write_html(html_out, searcher, query, gallery, hits)
+    if html_out:
+        check_html_target(html_out)
+    if not query.strip():
+        raise InputError("the query is empty")
+    if k <= 0:
+        raise InputError(f"-k must be positive, got {k}")
+    source = _checkpoint(run, checkpoint)
+    searcher = SearchIndex(index)
+    searcher.check_model(source)
+    model, _, tokenizer = load_trained(source)
+    hits = (searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k))
+    if html_out:
+        write_html(html_out, searcher, query, gallery, hits)
     if as_json:
         rows = [{"rank": h.rank, "score": h.score, **h.item} for h in hits]
         for row, h in zip(rows, hits, strict=True):
@@ -323,7 +333,7 @@ def search(
         console.print(f"wrote {html_out}")
 
 
-@app.command()
+@command()
 def report(
     run: Path = typer.Option(..., help="run directory"),
     store: Path = typer.Option(..., help="store to evaluate on"),
@@ -333,8 +343,7 @@ def report(
     """Results report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
     from trainer.run_report import comparison_table, write_run_report
 
-    with _reported_errors():
-        result = write_run_report(run, store, split, compare)
+    result = write_run_report(run, store, split, compare)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
     print(f"{run} on {store} [{split}]: {result['num_images']} images, {result['num_captions']} captions\n")
     print(comparison_table(rows))

@@ -1,0 +1,12 @@
+"""The one family of expected failures: the command line prints them as `error: <one line>`, exit 2.
+
+Anything else that escapes a stage is a bug and keeps its traceback (so that users can report it).
+"""
+
+
+class InputError(Exception):
+    """The user's input (or an artefact userpipe wrote, since damaged) is wrong; the message names it."""
+
+    def __str__(self) -> str:
+        # one line, whatever a quoted value or a library's explanation brought in (YAML's are multi-line)
+        return " ".join(super().__str__().split())

@@ -1,0 +1,362 @@
+"""Bad input, generated rather than listed: every reader either accepts its input or refuses it with
+InputError (one line at the command line, exit 2), and damaged artefacts are refused the same way.
+
+Readers are fuzzed directly (fast); the command line is fuzzed on the artefacts userpipe writes (store
+metadata, shard manifests, checkpoints, indexes, logs), with bytes cut or flipped. The number of
+generated cases per test is `max_examples` below (`HYPOTHESIS_PROFILE=thorough` for ten times more).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from schemas.errors import InputError
+
+settings.register_profile("default", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+some_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+
+
+def one_line_refusal(exc: InputError) -> None:
+    message = str(exc)
+    assert message and "\n" not in message and "Traceback" not in message, message
+
+
+# --------------------------------------------------------------------------- Karpathy JSON
+
+VALID_RECORD = {"filename": "a.jpg", "filepath": "imgs", "split": "train", "cocoid": 7, "imgid": 0,
+                "sentences": [{"raw": "a cat", "tokens": ["a", "cat"]}], "boxes": [[1, 2, 30, 40]]}
+
+
+@st.composite
+def karpathy_documents(draw) -> bytes:
+    """A valid file with one part replaced, removed or mangled, or arbitrary JSON, or cut short."""
+    records = [json.loads(json.dumps(VALID_RECORD)) for _ in range(draw(st.integers(1, 3)))]
+    for i, record in enumerate(records):
+        record["filename"], record["cocoid"] = f"{i}.jpg", i
+    record = draw(st.sampled_from(records))
+    field = draw(st.sampled_from(sorted(VALID_RECORD)))
+    action = draw(st.sampled_from(["replace", "remove", "sentence", "box", "whole", "cut"]))
+    document = {"images": records, "dataset": "coco"}
+    if action == "replace":
+        record[field] = draw(json_values)
+    elif action == "remove":
+        record.pop(field)
+    elif action == "sentence":
+        record["sentences"][0][draw(st.sampled_from(["raw", "tokens"]))] = draw(json_values | some_text)
+    elif action == "box":
+        record["boxes"] = draw(st.lists(st.lists(json_values | st.floats(-10, 100), max_size=5), max_size=3))
+    elif action == "whole":
+        document = draw(json_values)
+    text = json.dumps(document).encode()
+    if action == "cut":
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    return text
+
+
+@given(karpathy_documents())
+def test_karpathy_reader_accepts_or_refuses_in_one_line(tmp_path_factory, document: bytes):
+    from pipeline.datasets import read_karpathy_json
+
+    path = tmp_path_factory.mktemp("karpathy") / "d.json"
+    path.write_bytes(document)
+    try:
+        index = read_karpathy_json(path, name="d", image_root=path.parent, uses_filepath=True, max_captions=None)
+    except InputError as exc:
+        one_line_refusal(exc)
+        return
+    for records in index.splits.values():  # what was accepted is what the contract says
+        for r in records:
+            assert r.captions and all(isinstance(c, str) and c for c in r.captions)
+            assert r.boxes is None or all(len(b) == 4 and b[0] < b[2] and b[1] < b[3] for b in r.boxes)
+
+
+# --------------------------------------------------------------------------- SCAN precomp
+
+@st.composite
+def precomp_folders(draw):
+    n = draw(st.integers(0, 3))
+    captions = draw(st.integers(0, 12))
+    ids = draw(st.integers(0, 12))
+    lines = draw(st.lists(st.sampled_from(["a caption", "", "   ", "one more caption"]), min_size=captions,
+                          max_size=captions))
+    encoding = draw(st.sampled_from(["utf-8", "latin-1-bytes"]))
+    features = draw(st.sampled_from(["finite", "nan", "inf", "huge", "int", "2d", "garbage"]))
+    return n, lines, ids, encoding, features
+
+
+def write_precomp_split(folder: Path, n, lines, ids, encoding, features) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (n, 4, 8) if features != "2d" else (n, 8)
+    array = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if n and features in ("nan", "inf", "huge"):
+        array[0] = {"nan": np.nan, "inf": np.inf, "huge": 1e6}[features]
+    if features == "int":
+        array = array.astype(np.int32)
+    if features == "garbage":
+        (folder / "train_ims.npy").write_bytes(b"\x93NUMPY garbage")
+    else:
+        np.save(folder / "train_ims.npy", array)
+    text = "".join(line + "\n" for line in lines)
+    (folder / "train_caps.txt").write_bytes(text.encode() if encoding == "utf-8" else text.encode() + b"\xff\n")
+    (folder / "train_ids.txt").write_text("".join(f"{100 + i}\n" for i in range(ids)))
+
+
+@given(precomp_folders())
+def test_precomp_import_accepts_or_refuses_in_one_line(tmp_path_factory, case):
+    from pipeline.importers import load_precomp
+
+    folder = tmp_path_factory.mktemp("precomp") / "p"
+    write_precomp_split(folder, *case)
+    try:
+        index, plan = load_precomp(folder, "coco", folder.parent / "nowhere", ("train",))
+    except InputError as exc:
+        one_line_refusal(exc)
+        return
+    n, lines, ids, _, _ = case
+    records = index.splits["train"]
+    assert len(records) == n and len(lines) == 5 * n and ids in (n, 5 * n)
+    assert all(len(r.captions) == 5 and all(r.captions) for r in records)
+    assert [c for r in records for c in r.captions] == [" ".join(x.split()) for x in lines]
+
+
+def test_precomp_images_with_non_finite_features_are_flagged_invalid(runner, tmp_path: Path):
+    folder = tmp_path / "precomp"
+    write_precomp_split(folder, 3, [f"caption {i}" for i in range(15)], 3, "utf-8", "nan")
+    np.save(folder / "train_ims.npy", np.stack([np.full((4, 8), np.nan), np.full((4, 8), 1e6),
+                                                np.ones((4, 8))]).astype(np.float32))
+    result = run_cli(runner, "extract", "--dataset", "coco", "--root", tmp_path / "nowhere", "--regions",
+                     f"precomp:{folder}", "--clip", "none", "--out", tmp_path / "p.zarr", "--workers", "1",
+                     "--splits", "train", "--allow-failures")
+    assert result.exit_code == 0, result.output
+    assert "train: 3 images, 15 captions, 2 invalid" in result.output
+    assert "non-finite region features" in result.output
+
+
+# --------------------------------------------------------------------------- TSV and npz
+
+TSV_NAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+
+
+@st.composite
+def tsv_lines(draw) -> bytes:
+    n = draw(st.integers(1, 3))
+    fields = {"image_id": "img1", "image_w": "96", "image_h": "72", "num_boxes": str(n),
+              "boxes": base64.b64encode(np.ones((n, 4), np.float32).tobytes()).decode(),
+              "features": base64.b64encode(np.ones((n, 8), np.float32).tobytes()).decode()}
+    field = draw(st.sampled_from(TSV_NAMES))
+    mutation = draw(st.sampled_from(["text", "cut", "flip", "drop-field"]))
+    if mutation == "text":
+        fields[field] = draw(some_text.filter(lambda t: "\t" not in t and "\n" not in t and "\r" not in t))
+    elif mutation == "cut":
+        fields[field] = fields[field][: draw(st.integers(0, max(0, len(fields[field]) - 1)))]
+    elif mutation == "flip":
+        value = fields[field]
+        at = draw(st.integers(0, max(0, len(value) - 1)))
+        fields[field] = value[:at] + draw(st.sampled_from("!*A=/")) + value[at + 1:]
+    values = [fields[name] for name in TSV_NAMES]
+    if mutation == "drop-field":
+        values.pop(TSV_NAMES.index(field))
+    return ("\t".join(values) + "\n").encode("utf-8")
+
+
+@given(tsv_lines())
+def test_tsv_lines_are_indexed_or_refused_and_read_or_flagged(tmp_path_factory, line: bytes):
+    from pipeline.importers import index_tsv, read_imported
+
+    path = tmp_path_factory.mktemp("tsv") / "f.tsv"
+    path.write_bytes(line)
+    try:
+        lookup, dim = index_tsv(str(path))
+    except InputError as exc:
+        one_line_refusal(exc)
+        return
+    for ref in lookup.values():
+        try:  # a line that passed the index but cannot be read makes its image invalid (ValueError)
+            regions = read_imported("tsv", ref, dim)
+        except ValueError:
+            continue
+        assert regions.features.shape[1] == dim and len(regions.boxes) == len(regions.features)
+
+
+@st.composite
+def npz_files(draw) -> bytes:
+    n = draw(st.integers(0, 3))
+    members = {"x": np.ones((n, 8), np.float32), "bbox": np.ones((n, 4), np.float32), "num_bbox": np.array(n),
+               "image_h": np.array(72), "image_w": np.array(96)}
+    action = draw(st.sampled_from(["drop", "reshape", "count", "bytes", "cut"]))
+    name = draw(st.sampled_from(sorted(members)))
+    if action == "drop":
+        members.pop(name)
+    elif action == "reshape":
+        members[name] = np.ones(draw(st.lists(st.integers(0, 3), max_size=3)), np.float32)
+    elif action == "count":
+        members["num_bbox"] = np.array(draw(st.integers(-2, 5)))
+    buffer = io.BytesIO()
+    np.savez(buffer, **members)
+    data = buffer.getvalue()
+    if action == "bytes":
+        return draw(st.binary(max_size=64))
+    if action == "cut":
+        return data[: draw(st.integers(0, len(data) - 1))]
+    return data
+
+
+@given(npz_files(), npz_files())
+def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_path_factory, first, second):
+    from pipeline.importers import index_npz, read_imported
+
+    folder = tmp_path_factory.mktemp("npz")
+    (folder / "a.npz").write_bytes(first)
+    (folder / "b.npz").write_bytes(second)
+    try:
+        lookup, dim = index_npz(folder)
+    except InputError as exc:
+        one_line_refusal(exc)
+        return
+    try:
+        regions = read_imported("npz", lookup["b"], dim)
+    except ValueError:
+        return
+    assert regions.features.shape == (len(regions.boxes), dim)
+
+
+# --------------------------------------------------------------------------- run configs and --set
+
+@given(st.one_of(json_values.map(json.dumps), some_text), st.lists(some_text, max_size=3))
+def test_run_configs_and_overrides_load_or_refuse_in_one_line(tmp_path_factory, config_text, overrides):
+    from trainer.config import load_run_config, parse_overrides
+
+    path = tmp_path_factory.mktemp("config") / "c.yaml"
+    path.write_text(config_text)
+    try:
+        load_run_config(str(path), parse_overrides(overrides))
+    except InputError as exc:
+        one_line_refusal(exc)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["train.lr", "train", "model.embed_dim", "train.lr.x", "x", ""]),
+                          st.sampled_from(["=", ""]), some_text | st.sampled_from(["[1", "{a: 1", "1e-4", "null"])),
+                max_size=3))
+def test_set_strings_on_a_preset_load_or_refuse_in_one_line(pairs):
+    from trainer.config import load_run_config, parse_overrides
+
+    try:
+        load_run_config("demo", parse_overrides(["".join(p) for p in pairs]))
+    except InputError as exc:
+        one_line_refusal(exc)
+
+
+# --------------------------------------------------------------------------- damaged artefacts, at the command line
+
+damage = st.tuples(st.sampled_from(["cut", "flip", "append"]), st.floats(0, 1), st.integers(0, 255))
+
+
+def damaged(data: bytes, how) -> bytes:
+    kind, where, value = how
+    at = min(int(where * len(data)), max(0, len(data) - 1))
+    if kind == "cut":
+        return data[:at]
+    if kind == "flip":
+        return data[:at] + bytes([data[at] ^ (value or 1)]) + data[at + 1:] if data else b"\x00"
+    return data + bytes([value]) * 7
+
+
+def cli_outcome(result, allowed_ok: bool) -> None:
+    """Exit 2 with one `error:` line, or (where damage may be harmless) a normal exit; never a traceback."""
+    assert "Traceback" not in result.output, result.output
+    if result.exit_code == 2:
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    else:
+        assert allowed_ok and result.exit_code in (0, 1), (result.exit_code, result.output)
+
+
+@pytest.fixture(scope="module")
+def artefacts(trained, tmp_path_factory) -> dict:
+    """The trained run, its index and gallery (conftest's `trained`), and a shard folder."""
+    from pipeline.synthetic import write_synthetic_store
+
+    tmp = tmp_path_factory.mktemp("artefacts")
+    store = write_synthetic_store(tmp / "s.zarr", 6)
+    assert run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code == 0
+    return {**trained, "shards": tmp / "shards"}
+
+
+ARTEFACT_FILES = [
+    ("gallery", "zarr.json", ("info", "{copy}")),
+    ("gallery", "test/zarr.json", ("eval", "--run", "{run}", "--store", "{copy}")),
+    ("gallery", "test/regions/zarr.json", ("eval", "--run", "{run}", "--store", "{copy}")),
+    ("shards", "manifest.json", ("verify", "{copy}")),
+    ("run", "checkpoints/best/config.json", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
+                                             "{gallery}")),
+    ("run", "checkpoints/best/model.safetensors", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
+                                                   "{gallery}")),
+    ("index", "index.json", ("search", "caption 1 of image 2", "--index", "{copy}", "--run", "{run}")),
+    ("index", "images.faiss", ("search", "caption 1 of image 2", "--index", "{copy}", "--run", "{run}")),
+    ("index", "captions.jsonl", ("search", "img2", "--captions", "--index", "{copy}", "--run", "{run}")),
+]
+
+
+@pytest.mark.parametrize("kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES])
+@settings(max_examples=12)
+@given(how=damage)
+def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, command, how):
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "copy"
+        shutil.copytree(artefacts[kind], copy)
+        target = copy / name
+        target.write_bytes(damaged(target.read_bytes(), how))
+        before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        args = [a.format(copy=copy, run=artefacts["run"], gallery=artefacts["gallery"]) for a in command]
+        cli_outcome(run_cli(CliRunner(), *args), allowed_ok=True)
+        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # reading changed nothing
+
+
+@settings(max_examples=12)
+@given(how=damage, line=st.integers(0, 50))
+def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, line):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(artefacts["run"], run)
+        lines = (run / "log.jsonl").read_bytes().splitlines(keepends=True)
+        at = line % len(lines)
+        lines[at] = damaged(lines[at].rstrip(b"\n"), how) + b"\n"
+        (run / "log.jsonl").write_bytes(b"".join(lines))
+        config = Path(tmp) / "tiny.yaml"
+        config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1},
+                                      "train": {**TINY["train"], "epochs": 2}}))
+        result = run_cli(CliRunner(), "train", "--shards", artefacts["tmp"] / "shards", "--val-store",
+                         artefacts["val"], "--config", config, "--out", run, "--resume")
+        cli_outcome(result, allowed_ok=True)
+
+
+def test_a_zip_that_is_not_an_npz_names_the_file(tmp_path: Path):
+    from pipeline.importers import index_npz
+
+    with zipfile.ZipFile(tmp_path / "a.npz", "w") as z:
+        z.writestr("readme.txt", "not arrays")
+    with pytest.raises(InputError, match="a.npz .* is unusable"):
+        index_npz(tmp_path)

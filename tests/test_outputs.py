@@ -1,0 +1,196 @@
+"""Nothing lost: userpipe writes only into new or empty folders or its own output of the same kind, never
+onto an input, and replaces its own output atomically (docs/reference.md, "What userpipe may write")."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY, karpathy_record, run_cli, write_image, write_json
+
+from pipeline.synthetic import write_synthetic_store
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def users_folder(path: Path) -> Path:
+    (path / "photos").mkdir(parents=True)
+    (path / "notes.txt").write_text("three years of field notes")
+    (path / "photos" / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return path
+
+
+def assert_refused(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_demo_refuses_a_root_that_holds_the_users_files(runner, tmp_path: Path):
+    mine = users_folder(tmp_path / "mydata")
+    before = tree_bytes(mine)
+    result = run_cli(runner, "extract", "--dataset", "demo", "--root", mine, "--images", "6",
+                     "--out", tmp_path / "d.zarr", "--workers", "1")
+    assert_refused(result, "--root", "not the userpipe demo")
+    assert tree_bytes(mine) == before
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_demo_replaces_only_its_own_demo(tmp_path: Path):
+    from pipeline.demo import DEMO_JSON, ensure_demo
+
+    root = tmp_path / "demo"
+    ensure_demo(root, images=6)
+    ensure_demo(root, images=8)  # userpipe's own demo of another size: replaced whole
+    records = json.loads((root / DEMO_JSON).read_text())["images"]
+    assert len(records) == 8 and len(list((root / "images").iterdir())) == 8
+    assert not list(tmp_path.glob(".demo.*"))
+
+
+@pytest.mark.parametrize("images, message", [("0", "--images 0"), ("2", "--images 2"), ("-1", "--images -1")])
+def test_demo_sizes_below_one_image_per_split_are_refused(runner, tmp_path: Path, images, message):
+    result = run_cli(runner, "extract", "--dataset", "demo", "--root", tmp_path / "demo", "--images", images,
+                     "--out", tmp_path / "d.zarr", "--workers", "1")
+    assert_refused(result, message, "at least 3 images")
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "d.zarr").exists()
+
+
+def karpathy_dataset(root: Path) -> Path:
+    records = []
+    for i, split in enumerate(["train", "train", "val", "test"]):
+        write_image(root / f"{i}.jpg", i)
+        records.append(karpathy_record(f"{i}.jpg", split, [f"image {i} caption"], i))
+    return write_json(root / "karpathy.json", records)
+
+
+@pytest.mark.parametrize("out_of, relation", [(".", "contains the input"), ("..", "contains the input"),
+                                              ("features.zarr", "lies inside the input")])
+def test_extract_output_never_is_contains_or_lies_inside_an_input(runner, tmp_path: Path, out_of, relation):
+    data = tmp_path / "d"
+    dataset = karpathy_dataset(data)
+    before = tree_bytes(tmp_path)
+    out = (data / out_of).resolve()
+    result = run_cli(runner, "extract", "--dataset", dataset, "--out", out, "--overwrite", "--regions", "grid",
+                     "--clip", "none", "--workers", "1")
+    assert_refused(result, relation)
+    assert tree_bytes(tmp_path) == before
+
+
+def test_extract_refuses_a_foreign_folder_without_suggesting_overwrite(runner, tmp_path: Path):
+    dataset = karpathy_dataset(tmp_path / "d")
+    mine = users_folder(tmp_path / "results")
+    before = tree_bytes(mine)
+    for extra in ((), ("--overwrite",)):
+        result = run_cli(runner, "extract", "--dataset", dataset, "--out", mine, "--regions", "grid",
+                         "--clip", "none", "--workers", "1", *extra)
+        assert_refused(result, "holds files that are not a userpipe store")
+        assert "--overwrite" not in result.output
+        assert tree_bytes(mine) == before
+
+
+def test_shard_onto_its_own_store_is_refused_and_the_store_kept(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr", 8)
+    before = tree_bytes(store)
+    for out in (store, store / "shards"):
+        result = run_cli(runner, "shard", "--store", store, "--out", out, "--overwrite", "--workers", "1")
+        assert_refused(result, "the input")
+    assert tree_bytes(store) == before
+
+
+def test_shard_overwrite_replaces_its_own_shards_whole_and_only_them(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr", 12)
+    out = tmp_path / "shards"
+    args = ("shard", "--store", store, "--out", out, "--workers", "1")
+    assert run_cli(runner, *args, "--max-count", "4").exit_code == 0
+    old = tree_bytes(out)
+    refused = run_cli(runner, *args, "--max-count", "6")
+    assert_refused(refused, "shards of another plan", "--overwrite")
+    assert tree_bytes(out) == old
+    assert run_cli(runner, *args, "--max-count", "6", "--overwrite").exit_code == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 6, "train-000001.tar": 6}
+    assert not list(tmp_path.glob(".shards.*"))
+    users_folder(tmp_path / "mine")
+    assert_refused(run_cli(runner, "shard", "--store", store, "--out", tmp_path / "mine", "--overwrite",
+                           "--workers", "1"), "not userpipe shards")
+
+
+def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tmp_path: Path, monkeypatch):
+    import pipeline.extract
+
+    dataset = karpathy_dataset(tmp_path / "d")
+    out = tmp_path / "s.zarr"
+    args = ("extract", "--dataset", dataset, "--out", out, "--regions", "grid", "--clip", "none", "--workers", "1",
+            "--chunk-size", "1")
+    assert run_cli(runner, *args, "--num-regions", "4").exit_code == 0
+    old = tree_bytes(out)
+    real = pipeline.extract.run_tasks
+
+    def interrupted(client, tasks, console, unit="items"):
+        real(client, tasks[:2], console, unit)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extract, "run_tasks", interrupted)
+    result = run_cli(runner, *args, "--num-regions", "2", "--overwrite")
+    assert result.exit_code == 130 and "rerun the same command to resume" in result.output
+    assert tree_bytes(out) == old  # the old store, untouched, while the new one is half built beside it
+    assert (tmp_path / ".s.zarr.replacing").is_dir()
+    monkeypatch.setattr(pipeline.extract, "run_tasks", real)
+    result = run_cli(runner, *args, "--num-regions", "2", "--overwrite")
+    assert result.exit_code == 0 and "resuming" in result.output, result.output
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["userpipe"]["extractor"]["num_regions"] == 2
+    assert not list(tmp_path.glob(".s.zarr.*"))
+
+
+@pytest.fixture(scope="module")
+def shards_and_val(tmp_path_factory) -> dict:
+    from typer.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("outputs")
+    store = write_synthetic_store(tmp / "train.zarr", 16, seed=1)
+    val = write_synthetic_store(tmp / "val.zarr", 6, seed=2, split="val")
+    assert run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code == 0
+    config = tmp / "tiny.yaml"
+    config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"],
+                                                                                         "epochs": 1}}))
+    return {"shards": tmp / "shards", "val": val, "config": config}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("foreign", "holds files that are not a userpipe run"),
+    ("shards", "is the input"),
+    ("val-width", "the model takes 8-d regions"),
+    ("batch", "fewer pairs than one batch"),
+])
+def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path: Path, case, message):
+    out = tmp_path / "run"
+    extra = []
+    if case == "foreign":
+        users_folder(out)
+    elif case == "shards":
+        out = shards_and_val["shards"]
+    elif case == "val-width":
+        extra = ["--val-store", write_synthetic_store(tmp_path / "wide.zarr", 4, feature_dim=12, split="val")]
+    else:
+        extra = ["--set", "train.batch_size=1000"]
+    before = tree_bytes(out) if out.exists() else None
+    result = run_cli(runner, "train", "--shards", shards_and_val["shards"], "--val-store", shards_and_val["val"],
+                     "--config", shards_and_val["config"], "--out", out, *extra)
+    assert_refused(result, message)
+    assert (tree_bytes(out) if out.exists() else None) == before
+
+
+def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, tmp_path: Path):
+    page = tmp_path / "thesis.html"
+    page.write_text("<html>my thesis draft</html>")
+    result = run_cli(runner, "search", "caption 1 of image 2", "--index", trained["index"], "--run", trained["run"],
+                     "--html", page)
+    assert_refused(result, "--html", "was not written by userpipe")
+    assert page.read_text() == "<html>my thesis draft</html>"
+    ours = tmp_path / "ours.html"
+    for _ in range(2):  # its own page is replaced
+        result = run_cli(runner, "search", "caption 1 of image 2", "--index", trained["index"], "--run",
+                         trained["run"], "--html", ours)
+        assert result.exit_code == 0, result.output
