@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -31,7 +33,7 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
     # spawn its worker, and leaves them there: every later subprocess of the caller would run on one
     # thread (a training run started after an extract computed other numbers than one started before).
     caller_environ = dict(os.environ)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _workers_ignore_ctrl_c():
         # Task errors reach us through the futures; worker logs would add only shutdown races (a last
         # heartbeat to the closed scheduler is logged as an ERROR with a traceback).
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -43,6 +45,21 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
         cluster.close()
         os.environ.clear()
         os.environ.update(caller_environ)
+
+
+@contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's foreground group. Worker processes started while
+    SIGINT is ignored keep ignoring it (Python installs no KeyboardInterrupt handler then), so only this
+    process stops, and closing the cluster ends the workers, without a traceback from each."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Rate(TextColumn):

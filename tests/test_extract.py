@@ -196,3 +196,19 @@ def test_local_cluster_leaves_the_callers_environment_as_it_was():
     with dask_client(1, None) as (client, threads):
         assert client.submit(os.getenv, "OMP_NUM_THREADS").result() == "1"  # the workers still get it
     assert dict(os.environ) == before
+
+
+def test_ctrl_c_stops_extract_with_the_resume_hint_and_no_worker_traceback(demo_root: Path, tmp_path: Path):
+    """Ctrl-C reaches the whole foreground process group, Dask's worker processes included."""
+    out = tmp_path / "s.zarr"
+    command = [sys.executable, "-m", "userpipe", "extract", *DEMO_ARGS, "--root", str(demo_root), "--out", str(out)]
+    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done_flags = out / "train" / "images_done" / "c"
+    deadline = time.monotonic() + 120
+    while not (done_flags.is_dir() and any(done_flags.iterdir())):
+        assert job.poll() is None and time.monotonic() < deadline, "extraction ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, stderr
