@@ -146,3 +146,25 @@ def test_bad_loader_input(shards, tokenizer, tmp_path):
                         rank=0, world=8)
     with pytest.raises(InputError, match="cannot load tokenizer"):
         load_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_altered_shard_stops_training_with_one_line_naming_it(shards, tokenizer, tmp_path, workers):
+    """Same size, same sample count, one byte of a feature changed: only the hash can tell."""
+    import shutil
+    import tarfile
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards[1], out)
+    shard_set = ShardSet.from_manifest(out)
+    victim = Path(shard_set.urls[2])
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".regions.npy"))
+    data = bytearray(victim.read_bytes())
+    data[member.offset_data + member.size - 1] ^= 0x01  # the last byte of a feature: headers stay valid
+    victim.write_bytes(bytes(data))
+    loader = StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, workers=workers, train=False))
+    with pytest.raises(ShardError) as caught:
+        list(loader.batches(0))
+    message = str(caught.value)
+    assert f"{victim} was altered" in message and "\n" not in message

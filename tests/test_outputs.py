@@ -194,3 +194,20 @@ def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, t
         result = run_cli(runner, "search", "caption 1 of image 2", "--index", trained["index"], "--run",
                          trained["run"], "--html", ours)
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["extract", "shard", "train", "index"])
+def test_an_output_that_is_a_plain_file_is_refused_and_kept(runner, shards_and_val, trained, tmp_path: Path, command):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    store = write_synthetic_store(tmp_path / "s.zarr", 6)
+    args = {
+        "extract": ("extract", "--dataset", karpathy_dataset(tmp_path / "d"), "--regions", "grid", "--clip", "none",
+                    "--workers", "1", "--overwrite"),
+        "shard": ("shard", "--store", store, "--workers", "1", "--overwrite"),
+        "train": ("train", "--shards", shards_and_val["shards"], "--val-store", shards_and_val["val"], "--config",
+                  shards_and_val["config"]),
+        "index": ("index", "--run", trained["run"], "--store", trained["gallery"]),
+    }[command]
+    assert_refused(run_cli(runner, *args, "--out", target), "is a file, not a folder")
+    assert target.read_text() == "keep me"

@@ -143,3 +143,20 @@ def test_bad_shard_input_is_one_line_exit_2(runner, tmp_path: Path, case: str, m
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert run_cli(runner, "verify", tmp_path).exit_code == 2
+
+
+def test_verify_checks_every_manifest_count(runner, tmp_path: Path):
+    store = write_synthetic_store(tmp_path / "s.zarr", 12)
+    out = tmp_path / "shards"
+    assert run_cli(runner, *shard_args(store, out)).exit_code == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["shards"][1]["samples"] += 1  # an edited count, every byte of every shard intact
+    manifest["shards"][1]["captions"] -= 1
+    manifest["num_samples"] += 1
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    result = run_cli(runner, "verify", out)
+    assert result.exit_code == 1
+    assert "train-000001.tar: holds 5 samples and" in result.output and "the manifest says 6 and" in result.output
+    manifest["num_samples"] += 3
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert "its shards add up to 13 samples" in run_cli(runner, "verify", out).output

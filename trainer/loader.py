@@ -346,4 +346,5 @@ class StreamingLoader:
         try:
             yield from loader
         except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
-            raise ShardError(str(exc).strip().splitlines()[-1].removeprefix("trainer.loader.ShardError: ")) from None
+            raw = str(exc.args[0]) if exc.args else ""
+            raise ShardError(raw.strip().splitlines()[-1].removeprefix("trainer.loader.ShardError: ")) from None
