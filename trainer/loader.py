@@ -110,16 +110,16 @@ def split_shards(order: np.ndarray, part: int, parts: int) -> np.ndarray:
     return order[part::parts]
 
 
-def shard_stream(url: str) -> Iterator[dict]:
-    """Raw samples of one shard (a path, or any URL webdataset opens) read through a HashingReader; after
-    the last sample, yields {"__sha256__": digest of every byte of the shard}."""
+def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
+    """Raw samples of one shard (a path, or any URL webdataset opens), read through a HashingReader when
+    `hashed`; after the last sample, yields {"__sha256__": digest of every byte of the shard, or None}."""
     for source in wds.tariterators.url_opener([{"url": url}]):
-        reader = HashingReader(source["stream"])
+        reader = HashingReader(source["stream"]) if hashed else source["stream"]
         yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{**source, "stream": reader}]))
-        yield {"__sha256__": reader.finish()}
+        yield {"__sha256__": reader.finish() if hashed else None}
 
 
-def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str]], skip_corrupt: bool,
+def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str | None]], skip_corrupt: bool,
                         skipped: list[int]) -> Iterator[dict]:
     """Raw samples from the shards in order. A shard that fails, yields another number of samples than the
     manifest says, or whose bytes hash to another sha256 (checked as it is read, at no extra read) raises
@@ -128,9 +128,9 @@ def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str]], s
         count = 0
         samples, sha256 = expected[url]
         try:
-            for raw in shard_stream(url):
+            for raw in shard_stream(url, hashed=sha256 is not None):
                 if "__sha256__" in raw:
-                    if raw["__sha256__"] != sha256:
+                    if sha256 is not None and raw["__sha256__"] != sha256:
                         raise ShardError(f"{url} was altered: its sha256 differs from the manifest "
                                          "(userpipe verify lists every damaged shard)")
                     continue
@@ -237,6 +237,7 @@ class LoaderSettings:
     workers: int = 0
     train: bool = True  # augmentation on, partial batches dropped
     skip_corrupt: bool = False
+    check_sha256: bool = True  # hash each shard's bytes as they are read (bench/loader_throughput.py: its cost)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -267,8 +268,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         plan = self.plans[info.id if info else 0]
         urls = [self.shards.urls[i] for i in plan.shards]
-        expected = dict(zip(self.shards.urls, zip(self.shards.samples, self.shards.sha256, strict=True),
-                            strict=True))
+        hashes = self.shards.sha256 if self.settings.check_sha256 else [None] * len(self.shards)
+        expected = dict(zip(self.shards.urls, zip(self.shards.samples, hashes, strict=True), strict=True))
         skipped = [0]
         raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
         pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, plan.skip_pairs)

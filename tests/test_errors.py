@@ -1,0 +1,42 @@
+"""The one error boundary: expected failures are one line and exit 2; bugs keep their traceback."""
+
+import errno
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from pipeline.synthetic import write_synthetic_store
+from schemas.errors import InputError
+
+
+def test_an_input_error_is_always_one_line():
+    assert str(InputError("config c.yaml is not valid YAML (found\n  a tab\r\n here)")) == \
+        "config c.yaml is not valid YAML (found a tab here)"
+
+
+@pytest.mark.parametrize("code, words", [(errno.EACCES, "Permission denied"), (errno.ENOSPC, "No space left"),
+                                         (errno.EROFS, "Read-only file system")])
+def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path, monkeypatch, code, words):
+    import pipeline.shard
+
+    store = write_synthetic_store(tmp_path / "s.zarr", 6)
+    out = tmp_path / "shards"
+
+    def refuse(path, text):
+        raise OSError(code, __import__("os").strerror(code), str(path))
+
+    monkeypatch.setattr(pipeline.shard, "write_text_atomic", refuse)  # the first write of `shard`
+    result = run_cli(runner, "shard", "--store", store, "--out", out, "--workers", "1")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {out / '.plan.json'}: {words}" +
+                                                  ("" if code != errno.ENOSPC else " on device")]
+
+
+def test_a_bug_keeps_its_traceback(runner, tmp_path: Path, monkeypatch):
+    import pipeline.shard
+
+    store = write_synthetic_store(tmp_path / "s.zarr", 6)
+    monkeypatch.setattr(pipeline.shard, "plan_shards", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # not turned into "error: ..." (CliRunner re-raises it)
+        run_cli(runner, "shard", "--store", store, "--out", tmp_path / "shards", "--workers", "1")
