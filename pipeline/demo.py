@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from pipeline.datasets import DatasetIndex, read_karpathy_json
-from pipeline.outputs import DEMO, existing, replacement, swap_in
+from pipeline.outputs import DEMO, existing, scratch_beside, swap_in
 from schemas.errors import InputError
 
 DEMO_JSON = "dataset_demo.json"
@@ -190,9 +189,8 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
         with open(json_path, encoding="utf-8") as f:
             if json.load(f).get("userpipe_demo") == tag:
                 return json_path
-    tmp = replacement(root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    tmp = scratch_beside(root)
+    (tmp / "images").mkdir()
     records = []
     with Progress(transient=True) as progress:
         task = progress.add_task("writing demo images", total=images)
@@ -213,8 +211,6 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
                 progress.advance(task)
     with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:
         json.dump({"dataset": "demo", "userpipe_demo": tag, "images": records}, f)
-    if existing(root, DEMO, "--root") == "empty":
-        root.rmdir()
     swap_in(tmp, root)
     return json_path
 

@@ -87,6 +87,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
     """Everything that can be wrong with the input is found here, before anything is written."""
     out = opts.out or default_out(opts.dataset)
     check_apart(out, _given_inputs(opts))
+    existing(out, STORE)  # a folder of someone else's is refused before any work (the demo's included)
     is_demo = opts.dataset == "demo"
     region_spec = opts.regions or ("boxes" if is_demo else "butd")
     kind, _, source = region_spec.partition(":")
@@ -94,6 +95,10 @@ def prepare(opts: ExtractOptions) -> Prepared:
         raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
     if opts.num_regions <= 0 or opts.chunk_size <= 0:
         raise InputError("--num-regions and --chunk-size must be positive")
+    clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
+    global_config = resolve_global_config(clip_spec)
+    region_config = resolve_region_config(kind, source or None, opts.backbone, opts.backbone_weights,
+                                          opts.detector_weights)
 
     imports = None
     if kind == "precomp":
@@ -106,8 +111,6 @@ def prepare(opts: ExtractOptions) -> Prepared:
         if kind in ("tsv", "npz"):
             imports = plan_import(kind, source, index)
 
-    clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
-    global_config = resolve_global_config(clip_spec)
     needs_images = kind not in IMPORTED_REGION_KINDS or global_config.kind != "none"
     if needs_images:
         if index.image_root is None:
@@ -115,8 +118,6 @@ def prepare(opts: ExtractOptions) -> Prepared:
                              "found under --root to locate them; pass --clip none or --root")
         check_image_folders(index)
 
-    region_config = resolve_region_config(kind, source or None, opts.backbone, opts.backbone_weights,
-                                          opts.detector_weights)
     feature_dim = imports.feature_dim if imports else BACKBONES[opts.backbone].feature_dim
     config = ExtractorConfig(
         dataset=opts.dataset, dataset_sha256=index.sha256, splits=opts.splits,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,35 +22,52 @@ from pathlib import Path
 from schemas.errors import InputError
 
 
-def _json_has(path: Path, *keys: str) -> bool:
+def _validates(path: Path, model, key: str | None = None) -> bool:
+    """The file holds JSON that `model` accepts (under `key`, if given): userpipe wrote it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
+        value = json.loads(path.read_bytes())
+        if key is not None:
+            value = value["attributes"][key] if key == "userpipe" else value[key]
+        model.model_validate(value)
+    except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
         return False
-    return isinstance(value, dict) and all(key in value for key in keys)
+    return True
 
 
-def _is_store(folder: Path) -> bool:
+def _is_shards(folder: Path) -> bool:
+    from schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
+
+    return _validates(folder / MANIFEST_NAME, ShardManifest) or _validates(folder / ".plan.json", ShardPlanParams)
+
+
+def _is_demo(folder: Path) -> bool:
     try:
-        with open(folder / "zarr.json", encoding="utf-8") as f:
-            attributes = json.load(f).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
+        tag = json.loads((folder / "dataset_demo.json").read_bytes())["userpipe_demo"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return isinstance(attributes, dict) and "userpipe" in attributes
+    return isinstance(tag, dict) and tag.get("generator") == "userpipe-demo"
 
 
 @dataclass(frozen=True)
 class OutputKind:
-    name: str  # as messages say it: "a store", "shards", ...
-    recognise: Callable[[Path], bool]  # does this folder hold userpipe's output of this kind?
+    name: str  # as messages say it: "a userpipe store", ...
+    recognise: Callable[[Path], bool]  # does this folder hold userpipe's output of this kind (validated)?
 
 
-STORE = OutputKind("a userpipe store", _is_store)
-SHARDS = OutputKind("userpipe shards", lambda f: (f / "manifest.json").is_file() or (f / ".plan.json").is_file())
-RUN = OutputKind("a userpipe run", lambda f: _json_has(f / "config.json", "model", "train"))
-INDEX = OutputKind("a userpipe index", lambda f: (f / "index.json").is_file())
-DEMO = OutputKind("the userpipe demo", lambda f: _json_has(f / "dataset_demo.json", "userpipe_demo"))
+def _lazy(module: str, model: str, file: str, key: str | None = None) -> Callable[[Path], bool]:
+    def recognise(folder: Path) -> bool:
+        import importlib
+
+        return _validates(folder / file, getattr(importlib.import_module(module), model), key)
+
+    return recognise
+
+
+STORE = OutputKind("a userpipe store", _lazy("schemas.store", "StoreAttrs", "zarr.json", "userpipe"))
+SHARDS = OutputKind("userpipe shards", _is_shards)
+RUN = OutputKind("a userpipe run", _lazy("schemas.run", "RunConfig", "config.json"))
+INDEX = OutputKind("a userpipe index", _lazy("schemas.index", "IndexManifest", "index.json"))
+DEMO = OutputKind("the userpipe demo", _is_demo)
 
 
 def check_apart(out: Path, inputs: Iterable[Path | str | None], option: str = "--out") -> None:
@@ -68,11 +86,13 @@ def check_apart(out: Path, inputs: Iterable[Path | str | None], option: str = "-
 
 def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
     """'new' (nothing there), 'empty' (an empty folder) or 'own' (userpipe's output of `kind`);
-    anything else is refused."""
-    if not out.exists() and not out.is_symlink():
+    anything else is refused, as are the working directory and the folders above it."""
+    if not out.exists():  # a link to a folder not made yet counts as new: the folder is made at its target
         return "new"
     if not out.is_dir():
         raise InputError(f"{option} {out} is a file, not a folder")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise InputError(f"{option} {out} is the working directory or holds it; name a folder below it")
     if kind.recognise(out):
         return "own"
     if not any(out.iterdir()):
@@ -92,19 +112,31 @@ def check_file_target(path: Path, signature: str, option: str) -> None:
 
 
 def replacement(out: Path) -> Path:
-    """Where the replacement of `out` is built."""
+    """Where the replacement of `out` is built and, if interrupted, found again by a rerun (extract, shard:
+    resumable); callers check what is there with `existing` before reusing or removing it."""
+    out = Path(out).resolve()
     return out.with_name(f".{out.name}.replacing")
+
+
+def scratch_beside(out: Path) -> Path:
+    """A new, uniquely named folder beside `out` to build a replacement in (never an existing folder)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
 
 
 def swap_in(new: Path, out: Path) -> None:
     """Put the finished `new` in the place of `out` (which may not exist): two renames, then the old
-    output is removed. Only the instant between the renames holds neither."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    output is removed. Only the instant between the renames holds neither. A symlinked `out` keeps its
+    link: the folder it points to is the one replaced."""
+    out = Path(out).resolve()
     if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old)  # onto the empty folder just made: nothing of anyone else's is in the way
+        os.replace(new, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, out)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

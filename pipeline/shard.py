@@ -28,6 +28,7 @@ from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import file_sha256
 from pipeline.outputs import SHARDS, check_apart, existing, replacement, swap_in, write_text_atomic
 from pipeline.store import open_store
+from schemas.base import read_model
 from schemas.errors import InputError
 from schemas.shard import (
     MANIFEST_NAME,
@@ -137,7 +138,7 @@ def _finished(out: Path, name: str) -> ShardRecord | None:
     path = _record_path(out, name)
     if not path.is_file() or not (out / name).is_file():
         return None
-    record = ShardRecord.model_validate_json(path.read_text())
+    record = read_model(ShardRecord, path, "shard record")
     shard = out / name
     if shard.stat().st_size != record.bytes or file_sha256(shard) != record.sha256:
         return None
@@ -229,9 +230,9 @@ def _plan_of(folder: Path) -> ShardPlanParams | None:
     """The plan a folder of userpipe shards was (or is being) written for."""
     plan, manifest = folder / PLAN_NAME, folder / MANIFEST_NAME
     if plan.is_file():
-        return ShardPlanParams.model_validate_json(plan.read_text())
+        return read_model(ShardPlanParams, plan, "shard plan")
     if manifest.is_file():
-        return ShardManifest.model_validate_json(manifest.read_text()).params
+        return read_model(ShardManifest, manifest, "shard manifest").params
     return None
 
 

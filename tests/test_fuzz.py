@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY, run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -271,6 +271,7 @@ def test_set_strings_on_a_preset_load_or_refuse_in_one_line(pairs):
 
 # --------------------------------------------------------------------------- damaged artefacts, at the command line
 
+CLI_PHASES = (Phase.explicit, Phase.reuse, Phase.generate)  # a command per example: report, do not shrink
 damage = st.tuples(st.sampled_from(["cut", "flip", "append"]), st.floats(0, 1), st.integers(0, 255))
 
 
@@ -310,6 +311,7 @@ ARTEFACT_FILES = [
     ("gallery", "test/zarr.json", ("eval", "--run", "{run}", "--store", "{copy}")),
     ("gallery", "test/regions/zarr.json", ("eval", "--run", "{run}", "--store", "{copy}")),
     ("shards", "manifest.json", ("verify", "{copy}")),
+    ("shards", "train-000000.tar", ("verify", "{copy}")),
     ("run", "checkpoints/best/config.json", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
                                              "{gallery}")),
     ("run", "checkpoints/best/model.safetensors", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
@@ -321,7 +323,7 @@ ARTEFACT_FILES = [
 
 
 @pytest.mark.parametrize("kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES])
-@settings(max_examples=12)
+@settings(max_examples=12, phases=CLI_PHASES)
 @given(how=damage)
 def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, command, how):
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,7 +337,28 @@ def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, comman
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # reading changed nothing
 
 
-@settings(max_examples=12)
+@settings(max_examples=8, phases=CLI_PHASES)
+@given(how=damage)
+def test_training_on_a_damaged_shard_stops_in_one_line(artefacts, how):
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        shutil.copytree(artefacts["tmp"] / "shards", shards)
+        target = shards / "train-000001.tar"
+        target.write_bytes(damaged(target.read_bytes(), how))
+        before = {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()}
+        config = Path(tmp) / "tiny.yaml"
+        config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1},
+                                      "train": {**TINY["train"], "epochs": 1}}))
+        result = run_cli(CliRunner(), "train", "--shards", shards, "--val-store", artefacts["val"], "--config",
+                         config, "--out", Path(tmp) / "run")
+        # every change to a shard's bytes is caught (size, tar, sha256), mid-run: progress lines may precede
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "train-000001.tar" in errors[0] and errors[0] == result.output.strip().splitlines()[-1]
+        assert {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()} == before
+
+
+@settings(max_examples=12, phases=CLI_PHASES)
 @given(how=damage, line=st.integers(0, 50))
 def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, line):
     with tempfile.TemporaryDirectory() as tmp:

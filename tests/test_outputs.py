@@ -211,3 +211,48 @@ def test_an_output_that_is_a_plain_file_is_refused_and_kept(runner, shards_and_v
     }[command]
     assert_refused(run_cli(runner, *args, "--out", target), "is a file, not a folder")
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("index.json", '{"title": "my site"}'),
+    ("manifest.json", '{"name": "my web app", "icons": []}'),
+    ("config.json", '{"model": "resnet", "train": {"lr": 0.1}}'),
+])
+def test_a_common_file_name_does_not_make_a_folder_userpipes(runner, trained, tmp_path: Path, name, content):
+    """Only metadata that validates as userpipe's own marks a folder as its output."""
+    mine = users_folder(tmp_path / "site")
+    (mine / name).write_text(content)
+    before = tree_bytes(mine)
+    store = write_synthetic_store(tmp_path / "s.zarr", 6)
+    for args in (("index", "--run", trained["run"], "--store", trained["gallery"]),
+                 ("shard", "--store", store, "--workers", "1", "--overwrite")):
+        assert_refused(run_cli(runner, *args, "--out", mine), "holds files that are not")
+    assert tree_bytes(mine) == before
+
+
+def test_the_working_directory_is_never_an_output(runner, trained, tmp_path: Path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    for out in (".", ".."):
+        result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", out)
+        assert_refused(result, "is the working directory or holds it")
+
+
+def test_a_symlinked_output_keeps_its_link_and_the_new_index_lands_in_its_target(runner, trained, tmp_path: Path):
+    target, link = tmp_path / "big-disk" / "index", tmp_path / "index"
+    target.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    for _ in range(2):  # new, then replacing its own
+        result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", link)
+        assert result.exit_code == 0, result.output
+    assert link.is_symlink() and (target / "index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-disk", "index"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["index"]
+
+
+def test_an_error_message_with_brackets_is_printed_as_it_is(runner, tmp_path: Path):
+    out = tmp_path / "[run]" / "x"
+    out.parent.mkdir()
+    out.write_text("mine")
+    result = run_cli(runner, "shard", "--store", write_synthetic_store(tmp_path / "s.zarr", 6), "--out", out)
+    assert_refused(result, f"{out} is a file")

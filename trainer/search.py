@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.outputs import (
     check_apart,
     check_file_target,
     existing,
-    replacement,
+    scratch_beside,
     swap_in,
     write_text_atomic,
 )
@@ -71,9 +70,7 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
         model=IndexedModel(checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config),
         store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
         embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions))
-    temporary = replacement(out)
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    temporary = scratch_beside(out)
     faiss.write_index(_flat_ip(emb.images), str(temporary / "images.faiss"))
     faiss.write_index(_flat_ip(emb.captions), str(temporary / "captions.faiss"))
     _write_jsonl(temporary / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
@@ -81,8 +78,6 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     _write_jsonl(temporary / "captions.jsonl", [{"text": t, "image": int(i)}
                                                 for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
     (temporary / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
-    if existing(out, INDEX) == "empty":
-        out.rmdir()
     swap_in(temporary, out)
     return manifest
 

@@ -116,6 +116,19 @@ def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
     return model, config
 
 
+def load_state(path: Path) -> dict:
+    """A checkpoint's training state (optimizer, position, RNG); a damaged file is one line naming it."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: the checkpoint is incomplete") from None
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch all report a damaged file their own way
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "position", "torch_rng"} <= set(state):
+        raise InputError(f"{path} is not a userpipe training state")
+    return state
+
+
 def load_weights(model: USER, path: Path, device) -> None:
     """A checkpoint's weights into `model`; a damaged or foreign file is one line naming it."""
     from safetensors import SafetensorError
@@ -149,8 +162,12 @@ class JsonLog:
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [parse_json(line, f"{self.path} line {number}")
-                for number, line in enumerate(self.path.read_bytes().splitlines(), 1)]
+        records = [parse_json(line, f"{self.path} line {number}")
+                   for number, line in enumerate(self.path.read_bytes().splitlines(), 1)]
+        wrong = next((n for n, r in enumerate(records, 1) if not isinstance(r, dict)), None)
+        if wrong is not None:
+            raise InputError(f"{self.path} line {wrong} is not a log record (a JSON object)")
+        return records
 
     def truncate_after(self, global_step: int) -> None:
         """On resume: drop what the killed run logged past the checkpoint it resumes from."""
@@ -170,12 +187,14 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         saved = run / CHECKPOINTS / "last" / "config.json"
         if found != "own" or not saved.is_file():
             raise InputError(f"--resume: no checkpoint in {run}")
-        previous = RunConfig.model_validate_json(saved.read_text())
+        previous = read_model(RunConfig, saved, "checkpoint configuration")
         if previous.model != config.model:
             raise InputError(f"--resume: {run} holds a checkpoint of another model configuration")
         config = previous
         recipe = config.train
-        JsonLog(run / "log.jsonl").records()  # a damaged log is refused before anything is written
+        # everything a resume reads is read (and a damaged file refused) before anything is written
+        JsonLog(run / "log.jsonl").records()
+        state = load_state(run / CHECKPOINTS / "last" / "state.pt")
     elif (run / CHECKPOINTS).exists():
         raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
     open_split(val_store, "val", config.model, recipe.val_images)
@@ -196,9 +215,7 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     if not resume:  # a run stopped before its first checkpoint starts again from nothing
         log.path.unlink(missing_ok=True)
     else:
-        last = run / CHECKPOINTS / "last"
-        load_weights(model, last / "model.safetensors", device)
-        state = torch.load(last / "state.pt", weights_only=False, map_location=device)
+        load_weights(model, run / CHECKPOINTS / "last" / "model.safetensors", device)
         optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
         torch.set_rng_state(state["torch_rng"])

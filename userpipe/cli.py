@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from schemas.errors import InputError
@@ -53,7 +54,7 @@ def command(*args, resumable: bool = False, **kwargs):
                 message = user_error(exc)
                 if message is None:
                     raise
-                console.print(f"[red]error:[/red] {message}", highlight=False)
+                console.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths may hold [ ]
                 raise typer.Exit(EXIT_BAD_INPUT) from None
 
         return app.command(*args, **kwargs)(bounded)
