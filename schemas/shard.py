@@ -146,8 +146,8 @@ def encode_sample(sample: ShardSample) -> dict[str, bytes | str]:
     return encoded
 
 
-class SampleError(ValueError):
-    pass
+class SampleError(InputError):
+    """A shard sample whose members are missing, unreadable or disagree; the message names it."""
 
 
 def decode_sample(raw: dict) -> ShardSample:
@@ -158,11 +158,13 @@ def decode_sample(raw: dict) -> ShardSample:
 
     where = f"sample {raw.get('__key__')} in {raw.get('__url__', '?')}"
     try:
-        meta = SampleMeta.model_validate_json(raw["meta.json"])
-        captions = json.loads(raw["captions.json"])
+        meta = validate_as(SampleMeta, parse_json(raw["meta.json"], "meta.json"), "meta.json")
+        captions = parse_json(raw["captions.json"], "captions.json")
         regions, boxes = array("regions.npy"), array("boxes.npy")
-    except (KeyError, ValueError) as exc:
-        raise SampleError(f"{where}: unreadable ({exc})") from None
+    except KeyError as exc:
+        raise SampleError(f"{where}: no {exc.args[0]} member") from None
+    except (InputError, ValueError, EOFError) as exc:
+        raise SampleError(f"{where}: unreadable ({' '.join(str(exc).split())})") from None
     sample = ShardSample(meta, regions, boxes, captions, array("clip_image.npy"), array("clip_text.npy"),
                          source=raw.get("__url__"))
     k, n = meta.num_regions, meta.num_captions

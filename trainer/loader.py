@@ -348,4 +348,4 @@ class StreamingLoader:
             yield from loader
         except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
             raw = str(exc.args[0]) if exc.args else ""
-            raise ShardError(raw.strip().splitlines()[-1].removeprefix("trainer.loader.ShardError: ")) from None
+            raise ShardError(raw.split("trainer.loader.ShardError: ", 1)[-1]) from None
