@@ -5,8 +5,8 @@
    never deletes or overwrites what it did not write.
 2. An output never is, contains or lies inside an input of the same command.
 3. Replacing one's own output (`--overwrite`) builds the new output beside the old one
-   (`.NAME.replacing`) and swaps it in at the end, so an interrupted replacement leaves the old
-   output as it was; a rerun picks the replacement up again.
+   (`.NAME.replacing` where a rerun resumes it, else a fresh `.NAME.new-*`) and swaps it in at the
+   end, so an interrupted replacement leaves the old output as it was.
 """
 
 from __future__ import annotations
@@ -20,24 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.errors import InputError
+from schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
+from schemas.index import IndexManifest
+from schemas.run import RunConfig
+from schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
+from schemas.store import ATTRS_KEY, StoreAttrs
 
 
-def _validates(path: Path, model, key: str | None = None) -> bool:
-    """The file holds JSON that `model` accepts (under `key`, if given): userpipe wrote it."""
+def _validates(path: Path, model, *keys: str) -> bool:
+    """The file holds JSON (at `keys` inside it, if given) that `model` accepts: userpipe wrote it."""
     try:
         value = json.loads(path.read_bytes())
-        if key is not None:
-            value = value["attributes"][key] if key == "userpipe" else value[key]
+        for key in keys:
+            value = value[key]
         model.model_validate(value)
     except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
         return False
     return True
-
-
-def _is_shards(folder: Path) -> bool:
-    from schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
-
-    return _validates(folder / MANIFEST_NAME, ShardManifest) or _validates(folder / ".plan.json", ShardPlanParams)
 
 
 def _is_demo(folder: Path) -> bool:
@@ -54,19 +53,12 @@ class OutputKind:
     recognise: Callable[[Path], bool]  # does this folder hold userpipe's output of this kind (validated)?
 
 
-def _lazy(module: str, model: str, file: str, key: str | None = None) -> Callable[[Path], bool]:
-    def recognise(folder: Path) -> bool:
-        import importlib
-
-        return _validates(folder / file, getattr(importlib.import_module(module), model), key)
-
-    return recognise
-
-
-STORE = OutputKind("a userpipe store", _lazy("schemas.store", "StoreAttrs", "zarr.json", "userpipe"))
-SHARDS = OutputKind("userpipe shards", _is_shards)
-RUN = OutputKind("a userpipe run", _lazy("schemas.run", "RunConfig", "config.json"))
-INDEX = OutputKind("a userpipe index", _lazy("schemas.index", "IndexManifest", "index.json"))
+PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes it first, removes it last)
+STORE = OutputKind("a userpipe store", lambda f: _validates(f / "zarr.json", StoreAttrs, "attributes", ATTRS_KEY))
+SHARDS = OutputKind("userpipe shards", lambda f: _validates(f / MANIFEST_NAME, ShardManifest) or
+                    _validates(f / PLAN_NAME, ShardPlanParams))
+RUN = OutputKind("a userpipe run", lambda f: _validates(f / "config.json", RunConfig))
+INDEX = OutputKind("a userpipe index", lambda f: _validates(f / INDEX_MANIFEST_NAME, IndexManifest))
 DEMO = OutputKind("the userpipe demo", _is_demo)
 
 

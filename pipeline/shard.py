@@ -26,7 +26,7 @@ from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import file_sha256
-from pipeline.outputs import SHARDS, check_apart, existing, replacement, swap_in, write_text_atomic
+from pipeline.outputs import PLAN_NAME, SHARDS, check_apart, existing, replacement, swap_in, write_text_atomic
 from pipeline.store import open_store
 from schemas.base import read_model
 from schemas.errors import InputError
@@ -45,7 +45,6 @@ from schemas.shard import (
 )
 from schemas.store import caption_chunk_size
 
-PLAN_NAME = ".plan.json"
 TAR_MTIME = 0.0  # fixed member times: the same plan gives byte-identical shards
 
 
