@@ -165,6 +165,8 @@ def decode_sample(raw: dict) -> ShardSample:
         raise SampleError(f"{where}: no {exc.args[0]} member") from None
     except (InputError, ValueError, EOFError) as exc:
         raise SampleError(f"{where}: unreadable ({' '.join(str(exc).split())})") from None
+    if regions is None or boxes is None:
+        raise SampleError(f"{where}: no {'regions.npy' if regions is None else 'boxes.npy'} member")
     sample = ShardSample(meta, regions, boxes, captions, array("clip_image.npy"), array("clip_text.npy"),
                          source=raw.get("__url__"))
     k, n = meta.num_regions, meta.num_captions

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY, run_cli
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from schemas.errors import InputError
 
-settings.register_profile("default", max_examples=40, deadline=None,
+# default: the same examples every run (CI stays reproducible); thorough: new random ones each time
+settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -339,6 +340,7 @@ def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, comman
 
 @settings(max_examples=8, phases=CLI_PHASES)
 @given(how=damage)
+@example(how=("flip", 0.2632313654402066, 102))  # a member's name flipped: the sample lacked regions.npy
 def test_training_on_a_damaged_shard_stops_in_one_line(artefacts, how):
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
