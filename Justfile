@@ -49,6 +49,10 @@ _demo-train out *overrides:
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
+# the crash test at many kill points per writer (about N minutes; `just test` runs 2 per writer)
+test-crash: setup
+    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m slow tests/test_crash.py -s
+
 # every benchmark (about 12 minutes, 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py

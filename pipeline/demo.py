@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from pipeline.datasets import DatasetIndex, read_karpathy_json
-from pipeline.outputs import DEMO, existing, scratch_beside, swap_in
+from pipeline.outputs import DEMO, existing, recover, scratch_beside, swap_in, writer_lock
 from schemas.errors import InputError
 
 DEMO_JSON = "dataset_demo.json"
@@ -182,6 +182,12 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
 
     `root` must be new, empty, or hold a demo written by userpipe (of another size: it is replaced).
     """
+    with writer_lock(root, "--root"):
+        recover(root)
+        return _write_demo(root, images, seed)
+
+
+def _write_demo(root: Path, images: int, seed: int) -> Path:
     json_path = root / DEMO_JSON
     tag = generator_tag(images, seed)
     sizes = split_sizes(images)
@@ -209,7 +215,7 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
                 })
                 imgid += 1
                 progress.advance(task)
-    with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:
+    with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:  # last: the tag makes the folder a demo
         json.dump({"dataset": "demo", "userpipe_demo": tag, "images": records}, f)
     swap_in(tmp, root)
     return json_path

@@ -9,7 +9,9 @@ finished chunks and recomputes the rest bit-for-bit.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from glob import glob
@@ -25,9 +27,28 @@ from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
 from pipeline.demo import load_demo
 from pipeline.global_encoders import GlobalEncoder, resolve_global_config
 from pipeline.importers import ImportPlan, load_precomp, plan_import, read_imported
-from pipeline.outputs import STORE, check_apart, existing, replacement, swap_in
+from pipeline.outputs import (
+    STORE,
+    check_apart,
+    disk_full,
+    existing,
+    recover,
+    replacement,
+    scratch_beside,
+    swap_in,
+    writer_lock,
+)
 from pipeline.regions import BACKBONES, RegionExtractor, resolve_region_config
-from pipeline.store import create_store, open_store, write_attrs
+from pipeline.store import (
+    create_store,
+    done_flags,
+    every_chunk_written,
+    open_store,
+    store_bytes,
+    store_problems,
+    write_attrs,
+    write_index_arrays,
+)
 from schemas.errors import InputError
 from schemas.store import (
     IMPORTED_REGION_KINDS,
@@ -37,6 +58,7 @@ from schemas.store import (
     StoreAttrs,
     caption_chunk_size,
     num_chunks,
+    split_array_specs,
     validate_store,
 )
 
@@ -161,7 +183,16 @@ def _set_threads(threads: int | None) -> None:
 def _load_image(path: str) -> Image.Image:
     if not path:
         raise FileNotFoundError("no image file is known for this id (not in the dataset's Karpathy JSON)")
-    with Image.open(path) as image:
+    # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer; the file's
+    # type is then checked on the open descriptor (no race with a rename), a symlink loop fails in open
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(descriptor)
+        names = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+        raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
+    with open(descriptor, "rb") as file, Image.open(file) as image:
         return image.convert("RGB")  # forces a full decode, so truncated files fail here
 
 
@@ -196,7 +227,7 @@ def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray
     _, extractor, encoder = _models(config.model_dump_json())
     try:
         image = _load_image(str(path))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
     result = _one_image(config, extractor, image, None, None)
     k = len(result.features)
@@ -237,22 +268,29 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
             images[i] = image
     valid = np.array([not e for e in errors])
 
-    group = zarr.open_group(chunk.store, mode="r+")[chunk.split]
-    rows = slice(chunk.start, chunk.start + n)
+    columns = {"regions": regions.astype(np.float16), "boxes": boxes, "num_regions": num_regions, "width": width,
+               "height": height, "valid": valid, "error": np.array(errors, dtype=object)}
     if encoder is not None:
         clip = np.full((n, config.global_encoder.image_dim), np.nan, np.float32)
         if images:
             clip[list(images)] = encoder.encode_images(list(images.values()))
-        group["clip_image"][rows] = clip.astype(np.float16)
-    group["regions"][rows] = regions.astype(np.float16)
-    group["boxes"][rows] = boxes
-    group["num_regions"][rows] = num_regions
-    group["width"][rows] = width
-    group["height"][rows] = height
-    group["valid"][rows] = valid
-    group["error"][rows] = np.array(errors, dtype=object)
-    group["images_done"][chunk.chunk] = True  # last: the chunk counts as done only once all is written
+        columns["clip_image"] = clip.astype(np.float16)
+    _write_rows(chunk.store, chunk.split, chunk.start, columns, ("images_done", chunk.chunk))
     return n
+
+
+def _write_rows(store: str, split: str, start: int, columns: dict[str, np.ndarray], done: tuple[str, int]) -> None:
+    """A task's rows of each array, then its done-flag: the chunk counts as done only once all is written.
+    (Zarr writes each chunk file beside and renames it, so a chunk file is whole or absent.)"""
+    group = zarr.open_group(store, mode="r+")[split]
+    try:
+        with every_chunk_written():
+            for name, values in columns.items():
+                group[name][start:start + len(values)] = values
+            group[done[0]][done[1]] = True
+    except OSError as exc:
+        needed = sum(v.nbytes if v.dtype != object else 64 * len(v) for v in columns.values())
+        raise disk_full(exc, Path(store) / split, needed) or exc from None
 
 
 def embed_caption_chunk(config_json: str, store: str, split: str, chunk: int, start: int,
@@ -261,9 +299,7 @@ def embed_caption_chunk(config_json: str, store: str, split: str, chunk: int, st
     _, _, encoder = _models(config_json)
     embeddings = np.concatenate([encoder.encode_texts(list(texts[i:i + TEXT_BATCH]))
                                  for i in range(0, len(texts), TEXT_BATCH)])
-    group = zarr.open_group(store, mode="r+")[split]
-    group["clip_text"][start:start + len(texts)] = embeddings.astype(np.float16)
-    group["captions_done"][chunk] = True
+    _write_rows(store, split, start, {"clip_text": embeddings.astype(np.float16)}, ("captions_done", chunk))
     return len(texts)
 
 
@@ -280,9 +316,11 @@ def same_content(a: ExtractorConfig, b: ExtractorConfig) -> bool:
     return _strip_paths(a.model_dump(mode="json")) == _strip_paths(b.model_dump(mode="json"))
 
 
-def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, StoreAttrs, Path]:
-    """The store to extract into (a new one, or one to resume) and where it is being written: `out`
-    itself, or beside it when `--overwrite` replaces a store (swapped in at the end)."""
+def open_or_create(prepared: Prepared, overwrite: bool, console: Console) -> tuple[zarr.Group, StoreAttrs, Path]:
+    """The store to extract into (a new one, or one to resume, its damaged chunks marked to redo) and where
+    it is being written: `out` itself, or beside it when `--overwrite` replaces a store (swapped in at the
+    end). A new store is created beside `out` and renamed into place whole, so a kill never leaves a
+    half-created store that is neither resumable nor replaceable."""
     out, config, index = prepared.out, prepared.config, prepared.index
     state = existing(out, STORE)
     if state == "own" and not overwrite:
@@ -290,18 +328,49 @@ def open_or_create(prepared: Prepared, overwrite: bool) -> tuple[zarr.Group, Sto
         if not same_content(attrs.extractor, config):
             raise InputError(f"{out} was extracted with another configuration; pass --overwrite to "
                              "replace it, or --out for a new store")
-        return root, attrs, out
+        return root.group, _mark_damage(out, root.group, attrs, index, console), out
     work = replacement(out) if state == "own" else out
     if work != out and existing(work, STORE) == "own":  # an interrupted replacement: resume it if it fits
         root, attrs = open_store(work, mode="r+")
         if same_content(attrs.extractor, config):
-            return root, attrs, work
+            return root.group, _mark_damage(work, root.group, attrs, index, console), work
         shutil.rmtree(work)
     splits = {s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
               for s, recs in index.splits.items()}
     image_root = str(index.image_root.resolve()) if index.image_root else None
-    attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root)
-    return create_store(work, attrs, index), attrs, work
+    attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root, chunk_checksums=True)
+    building = scratch_beside(out)
+    try:
+        create_store(building, attrs, index)
+    except BaseException as exc:  # a full disk, or an interruption: no half-created store stays
+        shutil.rmtree(building, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise disk_full(exc, out, store_bytes(attrs)) or exc from None
+        raise
+    swap_in(building, work)  # onto nothing, or the empty folder the user named (kept if it is a link)
+    return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
+
+
+def _mark_damage(path: Path, root: zarr.Group, attrs: StoreAttrs, index: DatasetIndex,
+                 console: Console) -> StoreAttrs:
+    """Find missing or damaged chunks (crc32c) and mark them to be extracted again: a task's chunk loses
+    its done-flag, an index array is rewritten from the dataset index. The store is incomplete meanwhile."""
+    problems = store_problems(path, root, attrs)
+    if not problems:
+        return attrs
+    console.print(f"{path}: {len(problems)} missing or damaged chunk(s), e.g. {problems[0].array} chunk "
+                  f"{problems[0].chunk} ({problems[0].problem}); extracting them again")
+    attrs = attrs.model_copy(update={"complete": False})
+    write_attrs(root, attrs)
+    for problem in problems:
+        split, name = problem.array.split("/")
+        written_by = split_array_specs(attrs.extractor, 1, 1)[name].written_by
+        if written_by == "index":
+            write_index_arrays(root[split], index.splits[split])
+        else:
+            with every_chunk_written():
+                root[split][f"{written_by}_done"][problem.chunk] = False
+    return attrs
 
 
 def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[ImageChunk]:
@@ -309,13 +378,14 @@ def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[Imag
     size = config.chunk_size
     chunks = []
     for split, records in index.splits.items():
-        done = root[split]["images_done"][:]
+        done = done_flags(work, root[split], "images_done", num_chunks(len(records), size))
         refs = prepared.imports.refs[split] if prepared.imports else [None] * len(records)
         for c in range(num_chunks(len(records), size)):
             if done[c]:
                 continue
             part = slice(c * size, (c + 1) * size)
-            paths = tuple(str((index.image_root / r.file).resolve()) if r.file and index.image_root else ""
+            # absolute, not resolved: resolving follows links, and a link loop is one invalid image, not a crash
+            paths = tuple(os.path.abspath(index.image_root / r.file) if r.file and index.image_root else ""
                           for r in records[part])
             chunks.append(ImageChunk(str(work), split, c, c * size, paths,
                                      tuple(r.boxes for r in records[part]), tuple(refs[part])))
@@ -329,7 +399,7 @@ def _caption_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[tu
     chunks = []
     for split, records in prepared.index.splits.items():
         texts = [c for r in records for c in r.captions]
-        done = root[split]["captions_done"][:]
+        done = done_flags(work, root[split], "captions_done", num_chunks(len(texts), size))
         chunks += [(str(work), split, c, c * size, tuple(texts[c * size:(c + 1) * size]))
                    for c in range(num_chunks(len(texts), size)) if not done[c]]
     return chunks
@@ -352,7 +422,15 @@ def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
 
 def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
     """Run (or resume) the extraction; returns the final attributes written to the store."""
-    root, attrs, work = open_or_create(prepared, opts.overwrite)
+    with writer_lock(prepared.out):
+        recover(prepared.out)
+        return _extract(prepared, opts, console)
+
+
+def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
+    root, attrs, work = open_or_create(prepared, opts.overwrite, console)
+    for partial in work.rglob("*.partial"):  # Zarr's chunk files being written when a kill came
+        partial.unlink()
     image_chunks = _image_chunks(prepared, root, work)
     caption_chunks = _caption_chunks(prepared, root, work)
     total_images = sum(s.num_images for s in attrs.splits.values())

@@ -6,16 +6,22 @@
 2. An output never is, contains or lies inside an input of the same command.
 3. Replacing one's own output (`--overwrite`) builds the new output beside the old one
    (`.NAME.replacing` where a rerun resumes it, else a fresh `.NAME.new-*`) and swaps it in at the
-   end, so an interrupted replacement leaves the old output as it was.
+   end with one atomic exchange, so a replacement killed at any instant leaves the old output or the
+   new one, whole; `recover` clears what a killed writer left beside it at the next start.
+4. One writer per output: `writer_lock` holds an advisory lock beside it for the whole command.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,22 +123,155 @@ def scratch_beside(out: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
 
 
+def create_with(out: Path, files: dict[str, str]) -> None:
+    """Make the folder `out` (nothing there, or an empty folder) holding `files`, all in one step: an
+    output never exists without the metadata that makes it recognisable as userpipe's (a folder killed
+    half-made would be refused by every rerun as someone else's)."""
+    building = scratch_beside(out)
+    for name, text in files.items():
+        (building / name).write_text(text, encoding="utf-8")
+    swap_in(building, out)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where the kernel or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 on Linux
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def swap_in(new: Path, out: Path) -> None:
-    """Put the finished `new` in the place of `out` (which may not exist): two renames, then the old
-    output is removed. Only the instant between the renames holds neither. A symlinked `out` keeps its
-    link: the folder it points to is the one replaced."""
+    """Put the finished `new` in the place of `out` (which may not exist), then remove the old output.
+
+    Where the filesystem can (ext4, xfs, btrfs, tmpfs), one atomic exchange: every reader and every crash
+    sees the old output or the new one. Elsewhere two renames, the old one moved to `.NAME.old-*` first;
+    `recover` puts it back if the process died between them. A symlinked `out` keeps its link: the
+    folder it points to is the one replaced."""
     out = Path(out).resolve()
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old)  # onto the empty folder just made: nothing of anyone else's is in the way
+    if not out.exists():
         os.replace(new, out)
-        shutil.rmtree(old)
+        return
+    if _exchange(new, out):
+        retired = Path(new)  # now holds the old output
     else:
+        retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, retired)  # onto the empty folder just made: nothing of anyone else's is in the way
         os.replace(new, out)
+    shutil.rmtree(retired)
+
+
+def recover(out: Path) -> None:
+    """Clear what a killed writer of `out` left beside it (call while holding `writer_lock(out)`): an old
+    output moved aside by an interrupted two-rename swap goes back (or away, if the swap completed), and
+    unfinished `.NAME.new-*` builds are removed. `.NAME.replacing` stays: the resumable stages reuse it."""
+    out = Path(out).resolve()
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)
+    for unfinished in out.parent.glob(f".{out.name}.new-*"):
+        shutil.rmtree(unfinished)
+
+
+@contextmanager
+def writer_lock(out: Path, option: str = "--out") -> Iterator[None]:
+    """Hold the one-writer lock of `out` (`.NAME.lock` beside it) while the block runs.
+
+    flock: the kernel releases it when the process ends, however it ends, so a killed writer never leaves
+    a stale lock. The file is removed on release; a locker re-checks after locking that the file it
+    holds is still the one at the path, so two processes can never both hold the lock."""
+    target = Path(out).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise InputError(f"{option} {out} is being written by process {holder}; wait for it to finish or "
+                             f"choose another {option}") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)  # the previous holder removed the file between our open and our lock: retry
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(descriptor)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(InputError):
+    """A write that did not fit; the message names the path and the bytes it needed."""
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that `path` (or its nearest existing parent) is on."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_full(exc: BaseException, path: Path, needed: int) -> DiskFullError | None:
+    """The one-line error for a write of about `needed` bytes into `path` that failed for lack of space
+    (None when `exc` is another failure)."""
+    if not (isinstance(exc, OSError) and exc.errno in DISK_FULL):
+        return None
+    free = free_bytes(path)
+    return DiskFullError(f"{path}: {exc.strerror}: the write needs about {megabytes(needed)}, "
+                         f"{megabytes(free)} are free there")
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse a write of `needed` bytes before starting it when the filesystem cannot hold it."""
+    free = free_bytes(path)
+    if free < needed:
+        raise DiskFullError(f"{path}: no space left: the write needs about {megabytes(needed)}, "
+                            f"{megabytes(free)} are free there")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to the disk (a folder: the names in it, so renames survive a power cut)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """A whole file or the previous one, never a part: write beside, then rename."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise disk_full(exc, path, len(text.encode())) or exc from None

@@ -26,8 +26,20 @@ from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import file_sha256
-from pipeline.outputs import PLAN_NAME, SHARDS, check_apart, existing, replacement, swap_in, write_text_atomic
-from pipeline.store import open_store
+from pipeline.outputs import (
+    PLAN_NAME,
+    SHARDS,
+    check_apart,
+    create_with,
+    disk_full,
+    existing,
+    recover,
+    replacement,
+    swap_in,
+    write_text_atomic,
+    writer_lock,
+)
+from pipeline.store import REPAIR, open_store, store_problems
 from schemas.base import read_model
 from schemas.errors import InputError
 from schemas.shard import (
@@ -57,6 +69,7 @@ class ShardJob:
     indices: tuple[int, ...]  # store rows, in the order they go into the shard
     caption_starts: tuple[int, ...]  # per index: first caption row
     caption_counts: tuple[int, ...]
+    encoded_bytes: int  # the plan's size of the shard (for a full disk's message)
 
 
 def shard_name(split: str, number: int) -> str:
@@ -88,7 +101,7 @@ def _record_path(out: Path, name: str) -> Path:
 
 
 def write_shard(job: ShardJob) -> ShardRecord:
-    group = zarr.open_group(job.store, mode="r")[job.split]
+    group = open_store(Path(job.store))[0][job.split]  # checked reads: damage is named, never read as NaN
     has_clip, has_text = "clip_image" in group, "clip_text" in group
     chunk = group["regions"].chunks[0]
     wanted = np.array(job.indices)
@@ -120,25 +133,38 @@ def write_shard(job: ShardJob) -> ShardRecord:
             )
     out = Path(job.out)
     final, temporary = out / job.name, out / f".{job.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=TAR_MTIME, encoder=False)
-        for index in job.indices:
-            writer.write(encode_sample(samples[index]))
-        writer.close()
+    try:
+        with open(temporary, "wb") as stream:
+            writer = wds.TarWriter(stream, mtime=TAR_MTIME, encoder=False)
+            for index in job.indices:
+                writer.write(encode_sample(samples[index]))
+            writer.close()
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise disk_full(exc, final, job.encoded_bytes) or exc from None
     record = ShardRecord(name=job.name, samples=len(job.indices), captions=sum(job.caption_counts),
                          bytes=temporary.stat().st_size, sha256=file_sha256(temporary))
     os.replace(temporary, final)
-    _record_path(out, job.name).write_text(record.model_dump_json())  # last: marks the shard finished
+    write_text_atomic(_record_path(out, job.name), record.model_dump_json())  # last: marks the shard finished
     return record
 
 
-def _finished(out: Path, name: str) -> ShardRecord | None:
-    """The shard's record if the shard is complete and unaltered, else None (it gets rewritten)."""
+def _finished(out: Path, name: str, recorded: dict[str, ShardRecord]) -> ShardRecord | None:
+    """The shard's record (its own, or the manifest's of the same plan) if the shard is complete and
+    unaltered, else None (it gets rewritten)."""
     path = _record_path(out, name)
-    if not path.is_file() or not (out / name).is_file():
-        return None
-    record = read_model(ShardRecord, path, "shard record")
     shard = out / name
+    if not shard.is_file():
+        return None
+    if path.is_file():
+        try:
+            record = read_model(ShardRecord, path, "shard record")
+        except InputError:  # damaged by the disk: the shard is checked again by rewriting it
+            return None
+    elif name in recorded:
+        record = recorded[name]
+    else:
+        return None
     if shard.stat().st_size != record.bytes or file_sha256(shard) != record.sha256:
         return None
     return record
@@ -170,8 +196,14 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
     if opts.split not in attrs.splits:
         raise InputError(f"{opts.store} has no split '{opts.split}' (it has: {', '.join(attrs.splits)})")
+    # a lost chunk file is refused before anything is written (a listing, no reads); damaged bytes
+    # are found by the crc32c as the tasks read them, leaving a folder that a rerun resumes
+    missing = [p for p in store_problems(opts.store, root, attrs, check_bytes=False)
+               if p.array.startswith(f"{opts.split}/")]
+    if missing:
+        raise InputError(f"{opts.store}: chunk {missing[0].chunk} of array '{missing[0].array}' is missing"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {REPAIR}")
     group = root[opts.split]
-    summary = attrs.splits[opts.split]
     valid = group["valid"][:]
     if not valid.any():
         raise InputError(f"split '{opts.split}' of {opts.store} has no valid images")
@@ -179,7 +211,20 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
                              store_config=attrs.extractor, seed=opts.seed, max_count=opts.max_count,
                              max_size=opts.max_size)
     check_apart(opts.out, [opts.store])
+    with writer_lock(opts.out):
+        recover(opts.out)
+        return _write_shards(opts, console, group, attrs, valid, params)
+
+
+def _write_shards(opts: ShardOptions, console: Console, group, attrs, valid: np.ndarray,
+                  params: ShardPlanParams) -> ShardManifest:
+    summary = attrs.splits[opts.split]
     work = _claim_output(opts.out, params, opts.overwrite)
+    for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
+        leftover.unlink()
+    manifest_path = work / MANIFEST_NAME
+    recorded = ({r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
+                if manifest_path.is_file() and _plan_of(work) == params else {})
 
     starts, counts = _caption_layout(group, summary.num_images)
     text_bytes = _caption_bytes(group, starts, counts, caption_chunk_size(attrs.extractor))
@@ -189,9 +234,9 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
                       for k, n, t in zip(group["num_regions"][:], counts, text_bytes, strict=True)])
     plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
     jobs = [ShardJob(str(opts.store), opts.split, str(work), shard_name(opts.split, number), tuple(map(int, idx)),
-                     tuple(int(starts[i]) for i in idx), tuple(int(counts[i]) for i in idx))
+                     tuple(int(starts[i]) for i in idx), tuple(int(counts[i]) for i in idx), int(sizes[idx].sum()))
             for number, idx in enumerate(plan)]
-    done = {job.name: record for job in jobs if (record := _finished(work, job.name))}
+    done = {job.name: record for job in jobs if (record := _finished(work, job.name, recorded))}
     todo = [job for job in jobs if job.name not in done]
     if done:
         console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
@@ -245,8 +290,9 @@ def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> Path:
         work = replacement(out)
         if existing(work, SHARDS) == "own" and _plan_of(work) != params:
             shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / PLAN_NAME).is_file():
+    if existing(work, SHARDS) != "own":
+        create_with(work, {PLAN_NAME: params.model_dump_json()})
+    elif not (work / PLAN_NAME).is_file():
         write_text_atomic(work / PLAN_NAME, params.model_dump_json())
     return work
 

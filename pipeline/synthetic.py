@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.datasets import DatasetIndex, ImageRecord
 from pipeline.extract import collect_failures
-from pipeline.store import create_store, write_attrs
+from pipeline.store import create_store, every_chunk_written, write_attrs
 from schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSummary, StoreAttrs
 
 BLOCK_CHUNKS = 16  # store chunks generated and written per step
@@ -34,9 +34,18 @@ def write_synthetic_store(path: Path, num_images: int, *, num_regions: int = 6, 
                                                          text_dim=clip_dim))
     num_captions = sum(len(r.captions) for r in records)
     attrs = StoreAttrs(extractor=config, splits={split: SplitSummary(num_images=num_images,
-                                                                      num_captions=num_captions)})
+                                                                      num_captions=num_captions)},
+                       chunk_checksums=True)
     root = create_store(path, attrs, DatasetIndex("synthetic", path.parent, {split: records}, None))
-    group = root[split]
+    with every_chunk_written():
+        _write_features(root[split], rng, num_images, num_regions, feature_dim, clip_dim, chunk_size, invalid,
+                        num_captions)
+    write_attrs(root, collect_failures(root, attrs))
+    return path
+
+
+def _write_features(group, rng, num_images: int, num_regions: int, feature_dim: int, clip_dim: int,
+                    chunk_size: int, invalid: tuple[int, ...], num_captions: int) -> None:
     block = chunk_size * BLOCK_CHUNKS
     for start in range(0, num_images, block):
         rows = slice(start, min(num_images, start + block))
@@ -56,5 +65,3 @@ def write_synthetic_store(path: Path, num_images: int, *, num_regions: int = 6, 
     group["clip_text"][:] = rng.standard_normal((num_captions, clip_dim), dtype=np.float32).astype(np.float16)
     group["images_done"][:] = True
     group["captions_done"][:] = True
-    write_attrs(root, collect_failures(root, attrs))
-    return path

@@ -10,3 +10,8 @@ class InputError(Exception):
     def __str__(self) -> str:
         # one line, whatever a quoted value or a library's explanation brought in (YAML's are multi-line)
         return " ".join(super().__str__().split())
+
+
+class NonFiniteError(InputError):
+    """NaN or infinite numbers where a result would be computed from them (a diverged model, a damaged
+    artefact): refused, since a NaN similarity ranks like a perfect one and a NaN loss trains nothing."""

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.base import Frozen
+
 MODEL_SCHEMA_VERSION = "1.0"
 
 
@@ -74,3 +76,27 @@ class RunConfig(BaseModel):
     schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
     model: ModelConfig
     train: TrainRecipe
+
+
+RUN_RECORD_NAME = "run.json"
+
+
+class RunData(Frozen):
+    """What a run reads: a resume must read the same, or say that it does not (`RunChange`)."""
+
+    shards: str = Field(description="the shard folder or brace pattern, as given")
+    shards_sha256: str = Field(description="hash of the selected shards' manifest records (name, counts, sha256)")
+    val_store: str = Field(description="the validation store, resolved")
+
+
+class RunChange(Frozen):
+    """A difference a resume was allowed to make (`--allow-change`), from the step it applies to."""
+
+    step: int = Field(ge=0)
+    fields: dict[str, tuple] = Field(description="field -> (before, after)")
+
+
+class RunRecord(Frozen):
+    schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
+    data: RunData
+    changes: tuple[RunChange, ...] = ()

@@ -150,13 +150,28 @@ class SampleError(InputError):
     """A shard sample whose members are missing, unreadable or disagree; the message names it."""
 
 
-def decode_sample(raw: dict) -> ShardSample:
-    """From webdataset's raw dict (member name without the key -> bytes); checks every size."""
+MEMBERS = {"regions.npy": "float16", "boxes.npy": "float32", "clip_image.npy": "float16",
+           "clip_text.npy": "float16", "captions.json": None, "meta.json": None}  # member -> dtype of its array
+
+
+def decode_sample(raw: dict, fields: tuple[str, ...] | None = None, feature_dim: int | None = None) -> ShardSample:
+    """From webdataset's raw dict (member name without the key -> bytes); checks the members (exactly
+    `fields`, when given), every dtype and every size."""
     def array(name: str) -> np.ndarray | None:
         data = raw.get(name)
-        return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+        if data is None:
+            return None
+        value = np.load(io.BytesIO(data), allow_pickle=False)
+        if value.dtype != np.dtype(MEMBERS[name]):
+            raise ValueError(f"{name} is {value.dtype}, not {MEMBERS[name]}")
+        return value
 
     where = f"sample {raw.get('__key__')} in {raw.get('__url__', '?')}"
+    members = {name for name in raw if not name.startswith("__")}
+    unexpected = sorted(members - set(fields or MEMBERS))
+    missing = sorted(set(fields or ()) - members)
+    if unexpected or missing:
+        raise SampleError(f"{where}: {'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}")
     try:
         meta = validate_as(SampleMeta, parse_json(raw["meta.json"], "meta.json"), "meta.json")
         captions = parse_json(raw["captions.json"], "captions.json")
@@ -173,6 +188,8 @@ def decode_sample(raw: dict) -> ShardSample:
     if regions.ndim != 2 or regions.shape[0] != k or boxes.shape != (k, 4) or len(captions) != n:
         raise SampleError(f"{where}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
                           f"disagree with meta (num_regions={k}, num_captions={n})")
+    if feature_dim is not None and regions.shape[1] != feature_dim:
+        raise SampleError(f"{where}: regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d")
     if sample.clip_text is not None and sample.clip_text.shape[0] != n:
         raise SampleError(f"{where}: clip_text has {sample.clip_text.shape[0]} rows for {n} captions")
     return sample

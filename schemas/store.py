@@ -115,6 +115,8 @@ class StoreAttrs(Frozen):
     failures: tuple[Failure, ...] = ()
     image_root: str | None = Field(default=None, description="absolute folder the 'file' paths were relative to "
                                    "at extraction (None: no images, or an older store)")
+    chunk_checksums: bool = Field(default=False, description="every chunk is written (empty ones too) with a "
+                                  "crc32c, so a missing or altered chunk is detected (False: an older store)")
 
 
 class ArraySpec(Frozen):
@@ -122,6 +124,9 @@ class ArraySpec(Frozen):
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: str  # a numpy dtype name, or "str" for variable-length UTF-8
+    # who writes its chunks: the store's creation (from the dataset index), an image task, a caption task,
+    # or the tasks' done-flags (a flag chunk exists once its task has finished)
+    written_by: Literal["index", "images", "captions", "progress"]
 
 
 # Chunking: image arrays are chunked `chunk_size` images at a time along the image axis and whole
@@ -142,19 +147,20 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
     n, m, r, d = num_images, num_captions, config.num_regions, config.feature_dim
     c, cc = config.chunk_size, caption_chunk_size(config)
 
-    def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str) -> ArraySpec:
-        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype)
+    def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "images") -> ArraySpec:
+        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype, written_by=by)
 
-    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str) -> ArraySpec:
-        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype)
+    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "captions") -> ArraySpec:
+        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype,
+                         written_by=by)
 
     def progress(dim: str, length: int) -> ArraySpec:  # one done-flag per chunk, one Zarr chunk each
         return ArraySpec(dims=(dim,), shape=(num_chunks(length, c if dim == "image_chunk" else cc),), chunks=(1,),
-                         dtype="bool")
+                         dtype="bool", written_by="progress")
 
     specs = {
-        "image_id": image((), (), "str"),
-        "file": image((), (), "str"),
+        "image_id": image((), (), "str", "index"),
+        "file": image((), (), "str", "index"),
         "width": image((), (), "int32"),
         "height": image((), (), "int32"),
         "regions": image(("region", "feature"), (r, d), "float16"),
@@ -162,8 +168,8 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
         "num_regions": image((), (), "int16"),
         "valid": image((), (), "bool"),
         "error": image((), (), "str"),
-        "caption_text": caption((), (), "str"),
-        "caption_image": caption((), (), "int32"),
+        "caption_text": caption((), (), "str", "index"),
+        "caption_image": caption((), (), "int32", "index"),
         "images_done": progress("image_chunk", n),
     }
     g = config.global_encoder

@@ -6,7 +6,7 @@ from conftest import run_cli
 
 
 def _model(trained):
-    from trainer.train import load_trained
+    from trainer.checkpoint import load_trained
 
     model, _, tokenizer = load_trained(trained["run"] / "checkpoints" / "best")
     return model, tokenizer

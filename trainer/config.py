@@ -35,9 +35,19 @@ def parse_overrides(pairs: list[str]) -> dict:
     return parsed
 
 
-def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConfig:
-    """A preset name (coco, f30k, demo) or a YAML/JSON file, with dotted overrides
+def load_run_config(source: str | RunConfig, overrides: dict | None = None) -> RunConfig:
+    """A preset name (coco, f30k, demo), a YAML/JSON file or a run's configuration, with dotted overrides
     ({"train.lr": 1e-4, "model.enhancement": "none"})."""
+    if isinstance(source, RunConfig):
+        tree, name = source.model_dump(mode="json"), "the run's configuration"
+    else:
+        tree, name = _read_tree(source), f"config {source}"
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return validate_as(RunConfig, tree, name)
+
+
+def _read_tree(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(str(files("trainer") / "configs" / f"{name_or_path}.yaml"))
@@ -49,6 +59,4 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> RunConf
         raise InputError(f"config {path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(tree, dict):
         raise InputError(f"config {path} is {'empty' if tree is None else 'not a mapping of sections'}")
-    for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
-    return validate_as(RunConfig, tree, f"config {name_or_path}")
+    return tree

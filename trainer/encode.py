@@ -17,6 +17,7 @@ from pipeline.store import open_store
 from schemas.errors import InputError
 from schemas.run import ModelConfig
 from trainer.captions import CaptionTokenizer
+from trainer.evaluate import check_finite
 from trainer.model import USER
 
 IMAGE_BATCH, TEXT_BATCH = 128, 256
@@ -72,6 +73,8 @@ def check_store_fits(config: ModelConfig, store: Path, attrs, group) -> None:
 def open_split(store: Path, split: str, config: ModelConfig, max_images: int | None = None):
     """The store's split checked against the model that will encode it: (group, attrs, n, valid rows)."""
     root, attrs = open_store(store)
+    if not attrs.complete:
+        raise InputError(f"{store} is incomplete; finish it with userpipe extract first")
     if split not in attrs.splits:
         raise InputError(f"{store} has no split '{split}' (it has: {', '.join(attrs.splits)})")
     group = root[split]
@@ -109,9 +112,11 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
             captions = encode_texts(model, tokenizer, texts, on_batch=lambda k: bar.advance(task, k))
     finally:
         model.train(was_training)
+    images = torch.cat(images)
+    check_finite(images, captions)
     position = np.full(n, -1)
     position[keep] = np.arange(len(keep))
     ids = group["image_id"][:n]
-    return SplitEmbeddings(torch.cat(images), captions,
+    return SplitEmbeddings(images, captions,
                            torch.from_numpy(position[caption_image_all[caption_rows]]).long(),
                            [str(ids[i]) for i in keep], keep, [str(t) for t in texts])

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from schemas.errors import NonFiniteError
+
 KS = (1, 5, 10)
 BLOCK = 256  # queries per block: BLOCK × (images or captions) comparisons at a time
 PROTOCOLS = ("coco1k", "coco5k", "f30k", "full")
@@ -64,13 +66,28 @@ def _summary(ranks: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def check_finite(images: torch.Tensor, captions: torch.Tensor) -> None:
+    """Embeddings that can be ranked: NaN compares false with everything, so it would rank first."""
+    bad_images, bad_captions = (int((~torch.isfinite(e)).any(1).sum()) for e in (images, captions))
+    if bad_images or bad_captions:
+        raise NonFiniteError(f"{bad_images} of {len(images)} image embeddings and {bad_captions} of {len(captions)} "
+                             "caption embeddings are non-finite (NaN or inf): the model diverged or its input holds "
+                             "non-finite features (userpipe verify checks stores and shards)")
+
+
 def retrieval_metrics(sims, caption_image=None) -> dict:
     """(N, C) image × caption similarities → i2t/t2i R@1/5/10, medr, meanr and RSUM.
 
     `caption_image[c]` is caption c's image; by default C = 5N with 5 contiguous captions per image.
+    Non-finite similarities are refused (NonFiniteError), never ranked.
     """
     sims = _as_tensor(sims)
     n, c = sims.shape
+    finite = torch.isfinite(sims)
+    if not finite.all():
+        raise NonFiniteError(f"{int((~finite).sum())} of {n * c} similarities are non-finite (NaN or inf), in "
+                             f"{int((~finite).any(1).sum())} of {n} images and {int((~finite).any(0).sum())} of {c} "
+                             "captions")
     if caption_image is None:
         if c % n:
             raise ValueError(f"{c} captions for {n} images: pass caption_image")

@@ -41,14 +41,22 @@ class ShardSet:
     captions: tuple[int, ...]
     sha256: tuple[str, ...]
     store_config: ExtractorConfig  # how the features in the shards were extracted
+    fields: tuple[str, ...] = ()  # the members every sample has (the manifest's)
 
     @classmethod
     def from_manifest(cls, location: str | Path) -> ShardSet:
         """All shards of a manifest (a folder written by `userpipe shard`, or its manifest.json)."""
         path, manifest = read_manifest(location)
+        for record in manifest.shards:  # a stat each: the full check (sha256) runs as the shards stream
+            shard = path.parent / record.name
+            if not shard.is_file():
+                raise InputError(f"{shard} is missing (listed in {path})")
+            if shard.stat().st_size != record.bytes:
+                raise InputError(f"{shard} has {shard.stat().st_size:,} bytes, {path} says {record.bytes:,}: it was "
+                                 "cut or altered (userpipe verify lists every damaged shard)")
         return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
                    tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards),
-                   tuple(s.sha256 for s in manifest.shards), manifest.params.store_config)
+                   tuple(s.sha256 for s in manifest.shards), manifest.params.store_config, manifest.fields)
 
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
@@ -71,7 +79,7 @@ class ShardSet:
         picked = [index[Path(u).name] for u in urls]
         return cls(tuple(every.urls[i] for i in picked), tuple(every.samples[i] for i in picked),
                    tuple(every.captions[i] for i in picked), tuple(every.sha256[i] for i in picked),
-                   every.store_config)
+                   every.store_config, every.fields)
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -151,10 +159,11 @@ def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str | No
             warnings.warn(f"skipped: {message}", stacklevel=2)
 
 
-def decoded(raws: Iterable[dict]) -> Iterator[ShardSample]:
+def decoded(raws: Iterable[dict], fields: tuple[str, ...] = (), feature_dim: int | None = None
+            ) -> Iterator[ShardSample]:
     for raw in raws:
         try:
-            yield decode_sample(raw)
+            yield decode_sample(raw, fields or None, feature_dim)
         except SampleError as exc:
             raise ShardError(str(exc)) from None
 
@@ -272,7 +281,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
         expected = dict(zip(self.shards.urls, zip(self.shards.samples, hashes, strict=True), strict=True))
         skipped = [0]
         raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
-        pairs = shard_pairs(decoded(raws), self.settings.seed, self.epoch, plan.skip_pairs)
+        samples = decoded(raws, self.shards.fields, self.shards.store_config.feature_dim)
+        pairs = shard_pairs(samples, self.settings.seed, self.epoch, plan.skip_pairs)
         items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
         for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
             batch = collate(group)

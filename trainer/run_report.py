@@ -16,10 +16,11 @@ import torch
 
 from pipeline.store import open_store
 from schemas.run import ModelConfig
+from trainer.checkpoint import CHECKPOINTS, load_trained
 from trainer.encode import SplitEmbeddings, encode_split
 from trainer.evaluate import KS, retrieval_metrics
 from trainer.search import thumbnail
-from trainer.train import CHECKPOINTS, JsonLog, initial_model, load_trained
+from trainer.train import JsonLog, initial_model
 
 GRID_QUERIES, GRID_TOP = 4, 5
 

@@ -9,9 +9,12 @@ Folder layout: schemas/index.py.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +27,13 @@ from pipeline.outputs import (
     INDEX,
     check_apart,
     check_file_target,
+    disk_full,
     existing,
+    recover,
     scratch_beside,
     swap_in,
     write_text_atomic,
+    writer_lock,
 )
 from pipeline.store import open_store
 from schemas.errors import InputError
@@ -58,8 +64,6 @@ def _flat_ip(vectors: torch.Tensor):
 def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, store: Path, split: str, out: Path,
                 image_root: Path | None = None) -> IndexManifest:
     """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
-    import faiss
-
     check_apart(out, [store, checkpoint])
     existing(out, INDEX)  # refuses a folder that holds anything but an index
     root, attrs = open_store(store)
@@ -67,19 +71,38 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     files = root[split]["file"][:]
     recorded_root = image_root.resolve() if image_root else attrs.image_root
     manifest = IndexManifest(
-        model=IndexedModel(checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config),
+        model=IndexedModel(checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config),
         store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
         embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions))
-    temporary = scratch_beside(out)
-    faiss.write_index(_flat_ip(emb.images), str(temporary / "images.faiss"))
-    faiss.write_index(_flat_ip(emb.captions), str(temporary / "captions.faiss"))
-    _write_jsonl(temporary / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
-                                              for i, row in zip(emb.image_ids, emb.image_rows, strict=True)])
-    _write_jsonl(temporary / "captions.jsonl", [{"text": t, "image": int(i)}
-                                                for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
-    (temporary / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
-    swap_in(temporary, out)
+    with writer_lock(out):
+        recover(out)
+        temporary = scratch_beside(out)
+        try:
+            _write_index(temporary, emb, files, manifest)
+        except BaseException as exc:  # a full disk, or an interruption: nothing half-written stays
+            shutil.rmtree(temporary, ignore_errors=True)
+            needed = 4 * manifest.embed_dim * (manifest.num_images + manifest.num_captions)
+            if isinstance(exc, OSError):
+                raise disk_full(exc, out, needed) or exc from None
+            raise
+        swap_in(temporary, out)
     return manifest
+
+
+def _write_index(folder: Path, emb, files, manifest: IndexManifest) -> None:
+    import faiss
+
+    try:
+        faiss.write_index(_flat_ip(emb.images), str(folder / "images.faiss"))
+        faiss.write_index(_flat_ip(emb.captions), str(folder / "captions.faiss"))
+    except RuntimeError as exc:  # faiss reports a failed write as its own error: keep the errno
+        code = errno.ENOSPC if "No space" in str(exc) else errno.EIO
+        raise OSError(code, os.strerror(code), str(folder)) from None
+    _write_jsonl(folder / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
+                                           for i, row in zip(emb.image_ids, emb.image_rows, strict=True)])
+    _write_jsonl(folder / "captions.jsonl", [{"text": t, "image": int(i)}
+                                             for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))  # last: what makes it an index
 
 
 @dataclass(frozen=True)

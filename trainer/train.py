@@ -2,19 +2,22 @@
 
 One loop, nanoGPT-style. The run directory holds:
   config.json              the resolved RunConfig
+  run.json                 RunRecord: the data it reads (shard set by content) and any change a resume made
   log.jsonl                one line per step ({"step", "epoch", "loss", "batch", "queue", "lr", ...})
                            and per validation ({"val": {...metrics}})
-  checkpoints/last, best   model.safetensors + config.json + state.pt (optimizer, schedule, RNG,
-                           loader position, best RSUM), each directory replaced atomically
+  checkpoints/             states, and the links last and best to them (trainer/checkpoint.py)
   summary.md, loss.png, val_rsum.png   written at the end
 A run killed at any point resumes (`--resume`) from its last checkpoint and, since data order,
-augmentation and dropout are all seeded, ends where the uninterrupted run would have.
+augmentation and dropout are all seeded, ends where the uninterrupted run would have; one killed before
+its first checkpoint starts again. A resume must use the run's recipe and data, or say so
+(`--allow-change`, recorded). A non-finite loss, gradient or validation stops the run (NonFiniteError).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,17 +27,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.outputs import RUN, check_apart, existing
+from pipeline.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
 from schemas.base import parse_json, read_model
-from schemas.errors import InputError
-from schemas.run import RunConfig
+from schemas.errors import InputError, NonFiniteError
+from schemas.run import RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
+from trainer import checkpoint
 from trainer.captions import CaptionTokenizer
+from trainer.checkpoint import CHECKPOINTS
 from trainer.encode import encode_split, open_split
 from trainer.evaluate import retrieval_metrics
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
 from trainer.model import USER, build_model
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -79,71 +82,10 @@ def learning_rate(recipe, epoch: int, global_step: int) -> float:
     return lr
 
 
-def _save_checkpoint(run: Path, name: str, model: USER, optimizer, config: RunConfig, position: Position) -> None:
-    from safetensors.torch import save_model
-
-    final = run / CHECKPOINTS / name
-    temporary = run / CHECKPOINTS / f".{name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_model(model, str(temporary / "model.safetensors"))
-    (temporary / "config.json").write_text(config.model_dump_json(indent=1))
-    torch.save({"optimizer": optimizer.state_dict(), "position": position.__dict__,
-                "torch_rng": torch.get_rng_state(), "threads": torch.get_num_threads()}, temporary / "state.pt")
-    old = run / CHECKPOINTS / f".{name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(temporary, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def initial_model(config: RunConfig, bert=None) -> USER:
     """The untrained model a run of `config` starts from (seeded: the same every time)."""
     torch.manual_seed(config.train.seed)
     return build_model(config.model, bert)
-
-
-def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
-    """A model and its config from a checkpoint directory (…/checkpoints/best), on the GPU if any."""
-
-    if not (directory / "model.safetensors").is_file():
-        raise InputError(f"no checkpoint at {directory}")
-    config = read_model(RunConfig, directory / "config.json", "checkpoint configuration")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(config.model, bert).to(device)
-    load_weights(model, directory / "model.safetensors", device)
-    return model, config
-
-
-def load_state(path: Path) -> dict:
-    """A checkpoint's training state (optimizer, position, RNG); a damaged file is one line naming it."""
-    try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-    except FileNotFoundError:
-        raise InputError(f"{path} is missing: the checkpoint is incomplete") from None
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch all report a damaged file their own way
-        raise InputError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:160]})") from None
-    if not isinstance(state, dict) or not {"optimizer", "position", "torch_rng"} <= set(state):
-        raise InputError(f"{path} is not a userpipe training state")
-    return state
-
-
-def load_weights(model: USER, path: Path, device) -> None:
-    """A checkpoint's weights into `model`; a damaged or foreign file is one line naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    try:
-        load_model(model, str(path), device=str(device))
-    except (SafetensorError, RuntimeError) as exc:
-        raise InputError(f"{path} is damaged or holds another model: {str(exc).splitlines()[0][:200]}") from None
-
-
-def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
-    """A checkpoint's model and config, and the tokenizer of its text model: what encoding needs."""
-    model, config = load_checkpoint(directory)
-    return model, config, CaptionTokenizer.for_text_model(config.model.text_model)
 
 
 def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: int | None) -> dict:
@@ -152,6 +94,9 @@ def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: 
 
 
 class JsonLog:
+    """log.jsonl: one JSON object per line, appended. A kill can cut only the line being appended: reading
+    drops a last line without its newline, and a resume rewrites the log without it."""
+
     def __init__(self, path: Path):
         self.path = path
 
@@ -162,8 +107,8 @@ class JsonLog:
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        records = [parse_json(line, f"{self.path} line {number}")
-                   for number, line in enumerate(self.path.read_bytes().splitlines(), 1)]
+        lines = self.path.read_bytes().split(b"\n")[:-1]  # the part after the last newline: empty, or cut
+        records = [parse_json(line, f"{self.path} line {number}") for number, line in enumerate(lines, 1)]
         wrong = next((n for n, r in enumerate(records, 1) if not isinstance(r, dict)), None)
         if wrong is not None:
             raise InputError(f"{self.path} line {wrong} is not a log record (a JSON object)")
@@ -172,31 +117,102 @@ class JsonLog:
     def truncate_after(self, global_step: int) -> None:
         """On resume: drop what the killed run logged past the checkpoint it resumes from."""
         kept = [r for r in self.records() if r.get("step", 0) <= global_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def shards_identity(shards: ShardSet) -> str:
+    """The shard set a run reads, by content: the manifest records of the selected shards."""
+    records = [[Path(u).name, n, c, h] for u, n, c, h in zip(shards.urls, shards.samples, shards.captions,
+                                                              shards.sha256, strict=True)]
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
+
+
+def _flat(config: RunConfig) -> dict:
+    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
+            if isinstance(fields, dict) for key, value in fields.items()}
+
+
+def differences(before: RunConfig, before_data: RunData | None, after: RunConfig, after_data: RunData) -> dict:
+    """field -> (before, after) for every recipe, model and data field that differs."""
+    old, new = _flat(before), _flat(after)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    if before_data is not None:
+        if before_data.shards_sha256 != after_data.shards_sha256:
+            changed["shards"] = (before_data.shards, after_data.shards)
+        if before_data.val_store != after_data.val_store:
+            changed["val_store"] = (before_data.val_store, after_data.val_store)
+    return changed
+
+
+@dataclass
+class Start:
+    """Where a run begins: from nothing, or from its last checkpoint's state."""
+
+    config: RunConfig
+    record: RunRecord
+    state: dict | None = None
+    change: RunChange | None = None  # made by this resume (--allow-change)
+
+
+def _start(run: Path, config: RunConfig, data: RunData, resume: bool, allow_change: bool,
+           console: Console) -> Start:
+    """Decide how the run starts, refusing before anything is written (called under the writer lock)."""
+    found = existing(run, RUN)
+    checkpoint.recover(run)
+    record_path = run / RUN_RECORD_NAME
+    if found == "own" and checkpoint.has_checkpoint(run):
+        if not resume:
+            raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
+        last = run / CHECKPOINTS / "last"
+        previous = read_model(RunConfig, last / checkpoint.CONFIG, "checkpoint configuration")
+        record = read_model(RunRecord, record_path, "run record") if record_path.is_file() else RunRecord(data=data)
+        changed = differences(previous, record.data if record_path.is_file() else None, config, data)
+        model_changes = [k for k in changed if k.startswith("model.")]
+        if model_changes:
+            raise InputError(f"--resume: {run} holds a checkpoint of another model configuration "
+                             f"({_listed(changed, model_changes)})")
+        # everything a resume reads is read (and a damaged file refused) before anything is written
+        JsonLog(run / "log.jsonl").records()
+        state = checkpoint.load_state(last / checkpoint.STATE)
+        if changed:
+            if not allow_change:
+                raise InputError(f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
+                                 "--allow-change to continue with the change recorded in the run, or resume as it was")
+            change = RunChange(step=state["position"]["global_step"], fields=changed)
+            console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {change.step}")
+            return Start(config, record.model_copy(update={"data": data, "changes": (*record.changes, change)}),
+                         state, change)
+        return Start(config, record, state)
+    if resume and found != "own":
+        raise InputError(f"--resume: no run in {run}")
+    if found == "own":  # killed before its first checkpoint: nothing to continue, so it starts again
+        console.print(f"{run} has no checkpoint yet: starting it again")
+        shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
+        (run / "log.jsonl").unlink(missing_ok=True)
+    return Start(config, RunRecord(data=data))
+
+
+def _listed(changed: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k} {changed[k][0]} -> {changed[k][1]}" for k in keys)
 
 
 def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resume: bool, console: Console,
-          bert=None) -> dict:
+          bert=None, allow_change: bool = False) -> dict:
     """Train (or resume) and return the best validation metrics."""
-    recipe = config.train
     shards = ShardSet.resolve(shards_spec)
     check_fits(config, shards, shards_spec)
     check_apart(run, [Path(shards.urls[0]).parent, val_store])
-    found = existing(run, RUN)
-    if resume:
-        saved = run / CHECKPOINTS / "last" / "config.json"
-        if found != "own" or not saved.is_file():
-            raise InputError(f"--resume: no checkpoint in {run}")
-        previous = read_model(RunConfig, saved, "checkpoint configuration")
-        if previous.model != config.model:
-            raise InputError(f"--resume: {run} holds a checkpoint of another model configuration")
-        config = previous
-        recipe = config.train
-        # everything a resume reads is read (and a damaged file refused) before anything is written
-        JsonLog(run / "log.jsonl").records()
-        state = load_state(run / CHECKPOINTS / "last" / "state.pt")
-    elif (run / CHECKPOINTS).exists():
-        raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
+    existing(run, RUN)
+    data = RunData(shards=str(shards_spec), shards_sha256=shards_identity(shards), val_store=str(val_store.resolve()))
+    with writer_lock(run):
+        start = _start(run, config, data, resume, allow_change, console)
+        return _train(run, shards, shards_spec, val_store, start, console, bert)
+
+
+def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start: Start, console: Console,
+           bert) -> dict:
+    config = start.config
+    recipe = config.train
     open_split(val_store, "val", config.model, recipe.val_images)
     tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
     loader = StreamingLoader(shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers,
@@ -205,17 +221,20 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     if per_epoch == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
     # every check above ran before the first write
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(config.model_dump_json(indent=1))
+    files = {"config.json": config.model_dump_json(indent=1), RUN_RECORD_NAME: start.record.model_dump_json(indent=1)}
+    if existing(run, RUN) == "own":
+        for name, text in files.items():
+            write_text_atomic(run / name, text)
+    else:
+        create_with(run, files)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = initial_model(config, bert).to(device)
     optimizer = build_optimizer(model, recipe)
     position = Position()
     log = JsonLog(run / "log.jsonl")
-    if not resume:  # a run stopped before its first checkpoint starts again from nothing
-        log.path.unlink(missing_ok=True)
-    else:
-        load_weights(model, run / CHECKPOINTS / "last" / "model.safetensors", device)
+    state = start.state
+    if state is not None:
+        checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
         optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
         torch.set_rng_state(state["torch_rng"])
@@ -226,9 +245,11 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
                           f"{torch.get_num_threads()})")
             torch.set_num_threads(state["threads"])
         log.truncate_after(position.global_step)
+        if start.change:
+            log.write({"step": position.global_step, "epoch": position.epoch,
+                       "change": start.change.model_dump(mode="json")["fields"]})
         console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
-
-    if not resume:  # the untrained model's numbers, the baseline every run is compared with
+    else:  # the untrained model's numbers, the baseline every run is compared with
         log.write({"step": 0, "epoch": 0, "val": validate(model, val_store, tokenizer, recipe.val_images)})
     model.train()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -248,7 +269,8 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
                                    batch.image_index.to(device), clip=clip, backend=recipe.backend)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                check_step_finite(losses["loss"], grad_norm, position)
                 optimizer.step()
                 position.step += 1
                 position.global_step += 1
@@ -266,14 +288,23 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     return json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
 
 
+def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Position) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights (and every later number)."""
+    loss_value, norm_value = loss.item(), grad_norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
+        raise NonFiniteError(f"step {position.global_step + 1} (epoch {position.epoch}): {what}; the run stopped "
+                             "without applying it (lower train.lr or raise train.warmup_steps, then --resume "
+                             "from the last checkpoint)")
+
+
 def _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log) -> None:
-    metrics = validate(model, val_store, tokenizer, config.train.val_images)
+    metrics = validate(model, val_store, tokenizer, config.train.val_images)  # non-finite: NonFiniteError
     log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
-    if metrics["rsum"] > position.best_rsum:
+    best = metrics["rsum"] > position.best_rsum
+    if best:
         position.best_rsum = metrics["rsum"]
-        _save_checkpoint(run, "best", model, optimizer, config, position)
-        (run / CHECKPOINTS / "best" / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _save_checkpoint(run, "last", model, optimizer, config, position)
+    checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best)
 
 
 def write_report(run: Path, records: list[dict]) -> None:

@@ -139,6 +139,9 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
     out.print(table)
     if summary["failures"]:
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
+    if summary["missing_chunks"]:
+        out.print(f"[red]damaged: {len(summary['missing_chunks'])} chunk file(s) missing[/red] "
+                  f"({', '.join(summary['missing_chunks'][:3])}); rerun userpipe extract to re-extract them")
 
 
 @command(resumable=True)
@@ -166,11 +169,27 @@ def shard(
 
 
 @command()
-def verify(directory: Path = typer.Argument(..., help="a folder written by userpipe shard")) -> None:
-    """Re-hash every shard against the manifest; exit 1 if any is missing, truncated or altered."""
+def verify(path: Path = typer.Argument(..., help="a store written by userpipe extract, or a folder written by "
+                                                 "userpipe shard")) -> None:
+    """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
+    exit 1 if any is missing, truncated or altered."""
+    if (path / "zarr.json").is_file():
+        from pipeline.store import REPAIR, open_store, store_problems
+
+        root, attrs = open_store(path)
+        problems = store_problems(path, root, attrs)
+        for problem in problems:
+            console.print(f"[red]{problem.array}[/red] chunk {problem.chunk}: {problem.problem}", highlight=False)
+        if problems:
+            console.print(f"{len(problems)} chunk(s) of {path} failed verification; {REPAIR}")
+            raise typer.Exit(EXIT_FAILURES)
+        state = "complete" if attrs.complete else "incomplete (rerun extract to finish it)"
+        checked = "crc32c of every chunk" if attrs.chunk_checksums else "every chunk decoded (no checksums: an older store)"
+        console.print(f"{path} OK, {state}: {checked}")
+        return
     from pipeline.shard import verify_shards
 
-    manifest, problems = verify_shards(directory)
+    manifest, problems = verify_shards(path)
     for problem in problems:
         console.print(f"[red]{problem.name}[/red]: {problem.problem}", highlight=False)
     if problems:
@@ -181,30 +200,43 @@ def verify(directory: Path = typer.Argument(..., help="a folder written by userp
 
 @command(resumable=True)
 def train(
-    shards: str = typer.Option(..., help="shard folder (or a brace pattern) written by userpipe shard"),
-    val_store: Path = typer.Option(..., help="store whose 'val' split is used for model selection"),
-    config: str = typer.Option("demo", help="coco, f30k, demo, or a YAML file"),
+    shards: str = typer.Option(None, help="shard folder (or a brace pattern) written by userpipe shard "
+                                          "(on --resume: the run's)"),
+    val_store: Path = typer.Option(None, help="store whose 'val' split is used for model selection "
+                                              "(on --resume: the run's)"),
+    config: str = typer.Option(None, help="coco, f30k, demo, or a YAML file (default demo; on --resume: the run's)"),
     out: Path = typer.Option(..., help="run directory"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.lr=1e-4 --set model.enhancement=none"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    allow_change: bool = typer.Option(False, help="on --resume: accept a recipe or data different from the run's "
+                                                  "(e.g. more epochs), recorded in run.json and the log"),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     # MKL picks matmul kernels by memory alignment, so the same CPU run differs in the last bits
     # between processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it).
     # Its conditional-reproducibility mode fixes that; MKL_CBWR=AUTO trades it for speed.
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    from schemas.base import read_model
+    from schemas.run import RUN_RECORD_NAME, RunRecord
+    from trainer.checkpoint import run_config_of
     from trainer.config import load_run_config, parse_overrides
     from trainer.evaluate import format_table
     from trainer.train import train as run_training
 
-    run_config = load_run_config(config, parse_overrides(set_))
-    best = run_training(out, shards, val_store, run_config, resume, console)
+    if resume and (shards is None or val_store is None) and (out / RUN_RECORD_NAME).is_file():
+        data = read_model(RunRecord, out / RUN_RECORD_NAME, "run record").data
+        shards, val_store = shards or data.shards, val_store or Path(data.val_store)
+    if shards is None or val_store is None:
+        raise InputError(f"pass {'--shards' if shards is None else '--val-store'}")
+    base = config or (run_config_of(out) if resume else "demo")
+    run_config = load_run_config(base, parse_overrides(set_))
+    best = run_training(out, shards, val_store, run_config, resume, console, allow_change=allow_change)
     print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
 
 
 def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run or --checkpoint") -> Path:
-    from trainer.train import CHECKPOINTS
+    from trainer.checkpoint import CHECKPOINTS
 
     if checkpoint is None and run is None:
         raise InputError(f"pass {choices}")
@@ -225,9 +257,9 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
+    from trainer.checkpoint import CHECKPOINTS, load_trained
     from trainer.encode import encode_split
     from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
-    from trainer.train import CHECKPOINTS, load_trained
 
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
@@ -260,8 +292,8 @@ def index(
                                                "(default: where extract found them)"),
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
+    from trainer.checkpoint import load_trained
     from trainer.search import build_index
-    from trainer.train import load_trained
 
     source = _checkpoint(run, checkpoint)
     model, _, tokenizer = load_trained(source)
@@ -293,8 +325,8 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
+    from trainer.checkpoint import load_trained
     from trainer.search import SearchIndex, check_html_target, write_html
-    from trainer.train import load_trained
 
     gallery = "images" if images else "captions"
     if html_out:

@@ -1,0 +1,204 @@
+"""Crash consistency, tested the way SQLite tests it: kill each writer with SIGKILL at seeded random
+write operations (tests/crash/sitecustomize.py counts them in every process of the command), run it again
+as a user would (the same command; `--resume` for a run that has a checkpoint), and compare with an
+uninterrupted run: the same bytes (store, shards, index) or the same steps and metrics (training), and
+nothing left beside the output. A full disk on each writer: one line naming the path and the bytes
+needed, and no partial file.
+
+`just test` runs CRASH_POINTS kill points per writer; `just test-crash` runs CRASH_POINTS_SLOW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY, karpathy_record, write_image, write_json
+
+from pipeline.synthetic import write_synthetic_store
+
+HOOK = Path(__file__).parent / "crash"
+CRASH_POINTS = 2
+CRASH_POINTS_SLOW = 24
+
+
+def userpipe(args, env_extra: dict | None = None, limit_file_size: int | None = None,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+
+    def limit() -> None:  # a disk that is full after `limit_file_size` bytes of one file (no root needed)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, resource.RLIM_INFINITY))
+
+    return subprocess.run([sys.executable, "-m", "userpipe", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True,
+                          preexec_fn=limit if limit_file_size else None)
+
+
+def crash_env(area: Path, counter: Path, at: int = 0) -> dict:
+    path = os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": path, "USERPIPE_CRASH_SCOPE": str(area), "USERPIPE_CRASH_COUNTER": str(counter),
+            "USERPIPE_CRASH_AT": str(at)}
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def training_outcome(run: Path) -> dict:
+    """What a resumed run must reproduce: every step's losses, every validation, the best state."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["loss"], r["batch"], r["queue"]) for r in records if "loss" in r]
+    vals = [(r["step"], r["val"]["rsum"]) for r in records if "val" in r]
+    best = json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"]
+    return {"steps": steps, "vals": vals, "best": best, "config": (run / "config.json").read_text(),
+            "best_weights": hashlib.sha256((run / "checkpoints/best/model.safetensors").read_bytes()).hexdigest()}
+
+
+@dataclass
+class Writer:
+    name: str
+    args: tuple  # the command, with {out} for the output
+    snapshot: callable
+
+    def command(self, out: Path) -> list:
+        return [str(a).replace("{out}", str(out)) for a in self.args]
+
+    def rerun(self, out: Path) -> list:
+        resume = self.name == "train" and (out / "checkpoints" / "last").is_dir()
+        return self.command(out) + (["--resume"] if resume else [])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, trained) -> dict:
+    tmp = tmp_path_factory.mktemp("crash-inputs")
+    images = tmp / "coco"
+    records = []
+    for i, split in enumerate(["train"] * 6 + ["val"] * 2 + ["test"] * 2):
+        name = f"{i:03d}.jpg"
+        write_image(images / "images" / name, i)
+        records.append(karpathy_record(name, split, [f"image {i} caption {k}" for k in range(5)], i,
+                                       filepath="images", boxes=[[4, 4, 40, 30], [50, 20, 90, 70]]))
+    dataset = write_json(images / "dataset_crash.json", records)
+    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=3)
+    val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
+    shards = tmp / "shards"
+    assert userpipe(["shard", "--store", train_store, "--out", shards, "--max-count", "10",
+                     "--workers", "1"]).returncode == 0
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
+                                      "train": {**TINY["train"], "epochs": 2, "val_every": 4}}))
+    return {"dataset": dataset, "images": images, "train_store": train_store, "val_store": val_store,
+            "shards": shards, "config": config, "run": trained["run"], "gallery": trained["gallery"]}
+
+
+WRITERS = ("extract", "shard", "train", "index")
+
+
+def writer(name: str, inputs: dict) -> Writer:
+    return {
+        "extract": Writer("extract", ("extract", "--dataset", inputs["dataset"], "--root", inputs["images"],
+                                      "--regions", "boxes", "--clip", "imagenet:efficientnet_lite0", "--num-regions",
+                                      "4", "--image-size", "64", "--chunk-size", "2", "--workers", "1",
+                                      "--out", "{out}"), file_hashes),
+        "shard": Writer("shard", ("shard", "--store", inputs["train_store"], "--out", "{out}", "--max-count", "6",
+                                  "--workers", "1"), file_hashes),
+        "train": Writer("train", ("train", "--shards", inputs["shards"], "--val-store", inputs["val_store"],
+                                  "--config", inputs["config"], "--out", "{out}"), training_outcome),
+        "index": Writer("index", ("index", "--run", inputs["run"], "--store", inputs["gallery"], "--out", "{out}"),
+                        file_hashes),
+    }[name]
+
+
+def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> list[str]:
+    """Kill `w` at `points` seeded write operations; after each, rerun and compare. Returns what was seen."""
+    area = tmp / "area"
+    area.mkdir()
+    out = area / "out"
+    counter = tmp / "count"
+    clean = userpipe(w.command(out), crash_env(area, counter))
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    total = counter.stat().st_size
+    reference = w.snapshot(out)
+    rng = np.random.default_rng(seed)
+    seen = []
+    for at in sorted(rng.choice(np.arange(1, total + 1), size=min(points, total), replace=False)):
+        for leftover in area.iterdir():
+            subprocess.run(["rm", "-rf", str(leftover)], check=True)
+        counter.unlink()
+        killed = userpipe(w.command(out), crash_env(area, counter, int(at)))
+        assert killed.returncode in (-signal.SIGKILL, 0), killed.stderr[-2000:]
+        left = sorted(p.name for p in area.iterdir())
+        again = userpipe(w.rerun(out))
+        assert again.returncode == 0, f"after a kill at write {at} ({left}): {again.stderr[-2000:]}"
+        assert w.snapshot(out) == reference, f"after a kill at write {at}, the rerun wrote something else"
+        assert sorted(p.name for p in area.iterdir()) == ["out"], f"left beside the output: {list(area.iterdir())}"
+        seen.append(f"write {at}/{total}: {'killed' if killed.returncode else 'finished first'}, left {left}")
+    return seen
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
+    seen = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS, seed=WRITERS.index(name))
+    assert len(seen) == CRASH_POINTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", WRITERS)
+def test_killed_writer_is_repaired_by_a_rerun_at_many_points(name, inputs, tmp_path):
+    seen = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS_SLOW, seed=100 + WRITERS.index(name))
+    print(f"\n{name}: " + "\n".join(seen))
+    assert len(seen) == CRASH_POINTS_SLOW
+
+
+@contextmanager
+def small_disk(folder: Path, size: int):
+    """A `size`-byte tmpfs mounted at `folder` (needs root; skips the test where mounting fails)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root; the file-size-limit case covers this writer")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextmanager
+def plain_folder(folder: Path, size: int):
+    folder.mkdir()
+    yield
+
+
+# (writer, tmpfs size, file size limit): each makes the writer fail part-way
+DISKS = [("extract", 96 << 10, 4 << 10), ("shard", 64 << 10, 16 << 10), ("train", 256 << 10, 256 << 10),
+         ("index", 8 << 10, 2 << 10)]
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "file-size limit"])
+@pytest.mark.parametrize("name,tmpfs_size,file_limit", DISKS)
+def test_full_disk_is_one_line_and_leaves_no_partial_file(name, tmpfs_size, file_limit, how, inputs, tmp_path):
+    """tmpfs: the disk really fills (ENOSPC); file-size limit (RLIMIT_FSIZE, no root needed): a write fails
+    with EFBIG once a file passes the limit, which the writers treat as a full disk."""
+    w = writer(name, inputs)
+    disk = tmp_path / "disk"
+    with (small_disk if how == "tmpfs" else plain_folder)(disk, tmpfs_size):
+        result = userpipe(w.command(disk / "out"), limit_file_size=file_limit if how != "tmpfs" else None)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert len(errors) == 1 and str(disk) in errors[0] and "needs about" in errors[0], result.stderr[-3000:]
+        partial = [p for p in disk.rglob("*") if p.name.endswith((".partial", ".tmp", ".lock")) or ".tmp-" in p.name
+                   or ".new-" in p.name or ".old-" in p.name]
+        assert not partial, partial

@@ -1,0 +1,200 @@
+"""Checkpoints: a run's saved states, written so that a kill or a full disk at any instant leaves a run
+that `--resume` continues.
+
+  RUN/checkpoints/e002-s000000/   model.safetensors, config.json, state.pt, metrics.json
+  RUN/checkpoints/last -> e002-s000000     the state `--resume` continues from
+  RUN/checkpoints/best -> e001-s000000     the best validation so far (eval, index, search use it)
+
+A state is written whole into `.NAME.partial`, flushed to disk, and renamed to its name; `best` and
+`last` are symbolic links, each switched by one atomic rename of a new link over the old one, `best`
+first. So `last` always names a complete state: the one before the save, or the new one. What a killed
+save leaves (a partial folder, a state no link names) is removed by `recover` at the next start.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.outputs import check_free_space, disk_full, fsync_path
+from schemas.base import read_model
+from schemas.errors import InputError
+from schemas.run import RunConfig
+from trainer.captions import CaptionTokenizer
+from trainer.model import USER, build_model
+
+CHECKPOINTS = "checkpoints"
+LINKS = ("best", "last")
+WEIGHTS, CONFIG, STATE, METRICS = "model.safetensors", "config.json", "state.pt", "metrics.json"
+PARTIAL = ".partial"
+
+
+def state_name(epoch: int, step: int) -> str:
+    return f"e{epoch:03d}-s{step:06d}"
+
+
+def has_checkpoint(run: Path) -> bool:
+    """The run has a committed state to resume from."""
+    return (run / CHECKPOINTS / "last" / STATE).is_file()
+
+
+def recover(run: Path) -> None:
+    """Remove what a killed save left (call under the run's writer lock): partial states, and states that
+    no link names. Folders `last` and `best` of runs written before the links existed become states."""
+    folder = run / CHECKPOINTS
+    if not folder.is_dir():
+        return
+    for link in LINKS:
+        path = folder / link
+        if path.is_dir() and not path.is_symlink():  # the earlier layout: a folder per name
+            os.replace(path, folder / f"legacy-{link}")
+            _point(folder, link, f"legacy-{link}")
+    named = {os.readlink(folder / link) for link in LINKS if (folder / link).is_symlink()}
+    for entry in folder.iterdir():
+        if entry.name in LINKS or entry.name in named:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()  # a link being switched (.NAME.link) or a stray file of a save
+
+
+def _point(folder: Path, link: str, target: str) -> None:
+    """Switch `folder/link` to `target` in one rename: the link is never missing."""
+    temporary = folder / f".{link}.link"
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    os.replace(temporary, folder / link)
+
+
+class _ErrorKeepingFile:
+    """A file for torch.save that keeps the OSError behind a failed write: torch reports it only as
+    'unexpected pos', which would hide a full disk."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _bytes_needed(model: USER, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.state_dict().values())
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
+def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunConfig, position: dict,
+         metrics: dict, best: bool) -> None:
+    """Write the state at `position` and make it `last` (and `best`); see the module docstring."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_model
+
+    folder = run / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    name = state_name(position["epoch"], position["step"])
+    partial = folder / f".{name}{PARTIAL}"
+    shutil.rmtree(partial, ignore_errors=True)
+    needed = _bytes_needed(model, optimizer)
+    check_free_space(folder, needed)
+    partial.mkdir()
+    try:
+        try:
+            save_model(model, str(partial / WEIGHTS))
+        except SafetensorError as exc:  # safetensors reports an I/O error as its own type: keep the errno
+            raise OSError(*_errno_of(str(exc)), str(partial / WEIGHTS)) from None
+        (partial / CONFIG).write_text(config.model_dump_json(indent=1))
+        (partial / METRICS).write_text(json.dumps(metrics, indent=1))
+        with open(partial / STATE, "wb") as file:
+            keeping = _ErrorKeepingFile(file)
+            try:
+                torch.save({"optimizer": optimizer.state_dict(), "position": position,
+                            "torch_rng": torch.get_rng_state(), "threads": torch.get_num_threads()}, keeping)
+            except RuntimeError:
+                if keeping.error is None:
+                    raise
+                raise keeping.error from None
+            file.flush()
+            os.fsync(file.fileno())
+        for entry in (WEIGHTS, CONFIG, METRICS):
+            fsync_path(partial / entry)
+        fsync_path(partial)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise disk_full(exc, folder / name, needed) or exc from None
+    os.replace(partial, folder / name)
+    for link in (("best", "last") if best else ("last",)):
+        _point(folder, link, name)
+    fsync_path(folder)
+    recover(run)  # the states no link names any more
+
+
+def _errno_of(message: str) -> tuple[int, str]:
+    """(errno, strerror) from a Rust I/O error text ('... (os error 28)'); EIO when it names none."""
+    found = re.search(r"os error (\d+)", message)
+    code = int(found.group(1)) if found else errno.EIO
+    return code, os.strerror(code)
+
+
+def run_config_of(run: Path) -> RunConfig:
+    """The configuration a run continues with: its last checkpoint's, or (none saved yet) the run's."""
+    path = run / CHECKPOINTS / "last" / CONFIG
+    if not path.is_file():
+        path = run / CONFIG
+    if not path.is_file():
+        raise InputError(f"--resume: no run in {run}")
+    return read_model(RunConfig, path, "run configuration")
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's training state (optimizer, position, RNG); a damaged file is one line naming it."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: the checkpoint is incomplete") from None
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch all report a damaged file their own way
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "position", "torch_rng"} <= set(state):
+        raise InputError(f"{path} is not a userpipe training state")
+    return state
+
+
+def load_model_weights(model: USER, path: Path, device) -> None:
+    """A checkpoint's weights into `model`; a damaged or foreign file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path), device=str(device))
+    except (SafetensorError, RuntimeError) as exc:
+        raise InputError(f"{path} is damaged or holds another model: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
+    """A model and its config from a checkpoint directory (…/checkpoints/best), on the GPU if any."""
+    if not (directory / WEIGHTS).is_file():
+        raise InputError(f"no checkpoint at {directory}")
+    config = read_model(RunConfig, directory / CONFIG, "checkpoint configuration")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(config.model, bert).to(device)
+    load_model_weights(model, directory / WEIGHTS, device)
+    return model, config
+
+
+def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
+    """A checkpoint's model and config, and the tokenizer of its text model: what encoding needs."""
+    model, config = load_checkpoint(directory)
+    return model, config, CaptionTokenizer.for_text_model(config.model.text_model)
