@@ -33,10 +33,12 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
     # spawn its worker, and leaves them there: every later subprocess of the caller would run on one
     # thread (a training run started after an extract computed other numbers than one started before).
     caller_environ = dict(os.environ)
+    # One worker runs in this process (a thread): starting a worker process and importing torch, zarr
+    # and the models again in it took longer than the whole task list of a small job.
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _workers_ignore_ctrl_c():
         # Task errors reach us through the futures; worker logs would add only shutdown races (a last
         # heartbeat to the closed scheduler is logged as an ERROR with a traceback).
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=workers > 1, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
     try:
         with Client(cluster) as client:

@@ -227,8 +227,11 @@ class DiskFullError(InputError):
     """A write that did not fit; the message names the path and the bytes it needed."""
 
 
-def megabytes(size: float) -> str:
-    return f"{size / 1e6:,.1f} MB"
+def human_bytes(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{int(size)} bytes"
 
 
 def free_bytes(path: Path) -> int:
@@ -245,16 +248,16 @@ def disk_full(exc: BaseException, path: Path, needed: int) -> DiskFullError | No
     if not (isinstance(exc, OSError) and exc.errno in DISK_FULL):
         return None
     free = free_bytes(path)
-    return DiskFullError(f"{path}: {exc.strerror}: the write needs about {megabytes(needed)}, "
-                         f"{megabytes(free)} are free there")
+    return DiskFullError(f"{path}: {exc.strerror}: the write needs about {human_bytes(needed)}, "
+                         f"{human_bytes(free)} are free there")
 
 
 def check_free_space(path: Path, needed: int) -> None:
     """Refuse a write of `needed` bytes before starting it when the filesystem cannot hold it."""
     free = free_bytes(path)
     if free < needed:
-        raise DiskFullError(f"{path}: no space left: the write needs about {megabytes(needed)}, "
-                            f"{megabytes(free)} are free there")
+        raise DiskFullError(f"{path}: no space left: the write needs about {human_bytes(needed)}, "
+                            f"{human_bytes(free)} are free there")
 
 
 def fsync_path(path: Path) -> None:

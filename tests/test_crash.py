@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from conftest import TINY, karpathy_record, write_image, write_json
 from pipeline.synthetic import write_synthetic_store
 
 HOOK = Path(__file__).parent / "crash"
-CRASH_POINTS = 2
+CRASH_POINTS = 1
 CRASH_POINTS_SLOW = 24
 
 
@@ -58,13 +59,18 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def training_outcome(run: Path) -> dict:
-    """What a resumed run must reproduce: every step's losses, every validation, the best state."""
+    """What a resumed run must reproduce: every step (its losses), every validation, the best state, the
+    config; compared to 1e-5, not bit for bit: Adam moves parameters whose true gradient is ~0 (GPO's
+    softmax-shift bias) by its normalised rounding noise, which may differ between two processes."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    steps = [(r["step"], r["loss"], r["batch"], r["queue"]) for r in records if "loss" in r]
-    vals = [(r["step"], r["val"]["rsum"]) for r in records if "val" in r]
-    best = json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"]
-    return {"steps": steps, "vals": vals, "best": best, "config": (run / "config.json").read_text(),
-            "best_weights": hashlib.sha256((run / "checkpoints/best/model.safetensors").read_bytes()).hexdigest()}
+    return {"steps": [r["step"] for r in records if "loss" in r],
+            "losses": pytest.approx([r[k] for r in records if "loss" in r for k in ("loss", "batch", "queue")],
+                                    abs=1e-5),
+            "vals": [r["step"] for r in records if "val" in r],
+            "rsums": pytest.approx([r["val"]["rsum"] for r in records if "val" in r], abs=1e-4),
+            "best": pytest.approx(json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"], abs=1e-4),
+            "config": (run / "config.json").read_text(), "record": (run / "run.json").read_text(),
+            "states": sorted(p.name for p in (run / "checkpoints").iterdir())}
 
 
 @dataclass
@@ -99,7 +105,7 @@ def inputs(tmp_path_factory, trained) -> dict:
                      "--workers", "1"]).returncode == 0
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 2, "val_every": 4}}))
+                                      "train": {**TINY["train"], "epochs": 2}}))
     return {"dataset": dataset, "images": images, "train_store": train_store, "val_store": val_store,
             "shards": shards, "config": config, "run": trained["run"], "gallery": trained["gallery"]}
 
@@ -132,9 +138,11 @@ def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> list[str]
     assert clean.returncode == 0, clean.stderr[-2000:]
     total = counter.stat().st_size
     reference = w.snapshot(out)
+    # stratified: one seeded point in each of `points` equal parts of the run's write operations
     rng = np.random.default_rng(seed)
+    edges = np.linspace(1, total + 1, points + 1).astype(int)
     seen = []
-    for at in sorted(rng.choice(np.arange(1, total + 1), size=min(points, total), replace=False)):
+    for at in [int(rng.integers(lo, max(lo + 1, hi))) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]:
         for leftover in area.iterdir():
             subprocess.run(["rm", "-rf", str(leftover)], check=True)
         counter.unlink()
@@ -187,8 +195,28 @@ DISKS = [("extract", 96 << 10, 4 << 10), ("shard", 64 << 10, 16 << 10), ("train"
          ("index", 8 << 10, 2 << 10)]
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "file-size limit"])
-@pytest.mark.parametrize("name,tmpfs_size,file_limit", DISKS)
+def can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", folder], capture_output=True).returncode:
+            return False
+        subprocess.run(["umount", folder], check=True)
+    return True
+
+
+def full_disk_cases():
+    """Both ways for training (the tmpfs case is refused by the free-space check before the checkpoint is
+    written, the file-size limit fails part-way through it); for the other writers, by default, the real
+    full disk where this test can mount one, else the file-size limit (the other way: `slow`)."""
+    default = "tmpfs" if can_mount_tmpfs() else "file-size limit"
+    for name, tmpfs_size, file_limit in DISKS:
+        for how in ("tmpfs", "file-size limit"):
+            slow = name != "train" and how != default
+            yield pytest.param(name, tmpfs_size, file_limit, how, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("name,tmpfs_size,file_limit,how", full_disk_cases())
 def test_full_disk_is_one_line_and_leaves_no_partial_file(name, tmpfs_size, file_limit, how, inputs, tmp_path):
     """tmpfs: the disk really fills (ENOSPC); file-size limit (RLIMIT_FSIZE, no root needed): a write fails
     with EFBIG once a file passes the limit, which the writers treat as a full disk."""

@@ -23,13 +23,13 @@ def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     out = tmp_path / "shards"
 
-    def refuse(path, text):
+    def refuse(path, files):
         raise OSError(code, __import__("os").strerror(code), str(path))
 
-    monkeypatch.setattr(pipeline.shard, "write_text_atomic", refuse)  # the first write of `shard`
+    monkeypatch.setattr(pipeline.shard, "create_with", refuse)  # the first write of `shard`
     result = run_cli(runner, "shard", "--store", store, "--out", out, "--workers", "1")
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [f"error: {out / '.plan.json'}: {words}" +
+    assert result.output.strip().splitlines() == [f"error: {out}: {words}" +
                                                   ("" if code != errno.ENOSPC else " on device")]
 
 

@@ -193,7 +193,7 @@ def test_local_cluster_leaves_the_callers_environment_as_it_was():
     from pipeline.cluster import dask_client
 
     before = dict(os.environ)
-    with dask_client(1, None) as (client, threads):
+    with dask_client(2, None) as (client, threads):  # worker processes (one worker runs in this process)
         assert client.submit(os.getenv, "OMP_NUM_THREADS").result() == "1"  # the workers still get it
     assert dict(os.environ) == before
 

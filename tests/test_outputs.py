@@ -2,6 +2,7 @@
 onto an input, and replaces its own output atomically (docs/reference.md, "What userpipe may write")."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,63 @@ def test_an_error_message_with_brackets_is_printed_as_it_is(runner, tmp_path: Pa
     out.write_text("mine")
     result = run_cli(runner, "shard", "--store", write_synthetic_store(tmp_path / "s.zarr", 6), "--out", out)
     assert_refused(result, f"{out} is a file")
+
+
+# --------------------------------------------------------------------------- the switch, recovery and the lock
+
+def folder_with(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "content.txt").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch, exchange):
+    from pipeline import outputs
+
+    if not exchange:  # a filesystem without RENAME_EXCHANGE (NFS)
+        monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    out = folder_with(tmp_path / "out", "old")
+    outputs.swap_in(folder_with(tmp_path / ".out.new-1", "new"), out)
+    assert (out / "content.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_recover_undoes_a_swap_killed_between_its_two_renames_and_removes_unfinished_builds(tmp_path: Path):
+    from pipeline.outputs import recover
+
+    folder_with(tmp_path / ".out.old-abc", "old")  # killed after `out -> .out.old-abc`, before `new -> out`
+    folder_with(tmp_path / ".out.new-def", "half-built")
+    recover(tmp_path / "out")
+    assert (tmp_path / "out" / "content.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    folder_with(tmp_path / ".out.old-ghi", "old")  # killed after both renames, before the removal
+    recover(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from pipeline.outputs import writer_lock
+    from schemas.errors import InputError
+
+    out = tmp_path / "out"
+    with writer_lock(out):
+        with pytest.raises(InputError, match=rf"--out {out} is being written by process {os.getpid()}"):
+            with writer_lock(out):
+                pass
+    assert not (tmp_path / ".out.lock").exists()
+    # a holder killed with SIGKILL: its lock file stays, its lock does not
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.outputs import writer_lock\n"
+                               f"with writer_lock(__import__('pathlib').Path({str(out)!r})):\n"
+                               "    print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(InputError, match=f"process {holder.pid}"):
+        with writer_lock(out):
+            pass
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / ".out.lock").exists()
+    with writer_lock(out):
+        assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())

@@ -105,7 +105,11 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
 
     folder = run / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    name = state_name(position["epoch"], position["step"])
+    name = base = state_name(position["epoch"], position["step"])
+    copies = 0
+    while (folder / name).exists():  # a resumed run saving a position again that `best` still names
+        copies += 1
+        name = f"{base}.{copies}"
     partial = folder / f".{name}{PARTIAL}"
     shutil.rmtree(partial, ignore_errors=True)
     needed = _bytes_needed(model, optimizer)

@@ -9,11 +9,9 @@ Folder layout: schemas/index.py.
 from __future__ import annotations
 
 import base64
-import errno
 import html
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +90,10 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
 def _write_index(folder: Path, emb, files, manifest: IndexManifest) -> None:
     import faiss
 
-    try:
-        faiss.write_index(_flat_ip(emb.images), str(folder / "images.faiss"))
-        faiss.write_index(_flat_ip(emb.captions), str(folder / "captions.faiss"))
-    except RuntimeError as exc:  # faiss reports a failed write as its own error: keep the errno
-        code = errno.ENOSPC if "No space" in str(exc) else errno.EIO
-        raise OSError(code, os.strerror(code), str(folder)) from None
+    # serialized here and written by Python: faiss's own writer reports a full disk on stderr and as a
+    # RuntimeError without the errno
+    (folder / "images.faiss").write_bytes(faiss.serialize_index(_flat_ip(emb.images)).tobytes())
+    (folder / "captions.faiss").write_bytes(faiss.serialize_index(_flat_ip(emb.captions)).tobytes())
     _write_jsonl(folder / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
                                            for i, row in zip(emb.image_ids, emb.image_rows, strict=True)])
     _write_jsonl(folder / "captions.jsonl", [{"text": t, "image": int(i)}

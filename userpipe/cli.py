@@ -79,7 +79,8 @@ def extract(
     image_size: int = typer.Option(None, help="shorter image side for region features (default 600; demo 256)"),
     chunk_size: int = typer.Option(64, help="images per Zarr chunk and per Dask task"),
     images: int = typer.Option(None, help="demo only: number of images to generate (default 3200)"),
-    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes"),
+    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes (1: one worker in "
+                                                                    "this process)"),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
     overwrite: bool = typer.Option(False, help="replace an existing store extracted with another configuration"),
     allow_failures: bool = typer.Option(False, help="exit 0 even if some images could not be read"),
@@ -152,7 +153,8 @@ def shard(
     max_count: int = typer.Option(1000, help="samples (images) per shard at most"),
     max_size: float = typer.Option(1e9, help="bytes per shard at most (by the encoded sample sizes)"),
     seed: int = typer.Option(0, help="seed of the image-to-shard assignment and order"),
-    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes"),
+    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes (1: one worker in "
+                                                                    "this process)"),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
     overwrite: bool = typer.Option(False, help="replace shards of another plan in --out"),
 ) -> None:
