@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -91,6 +92,8 @@ def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
         raise InputError(f"{option} {out} is a file, not a folder")
     if Path.cwd().resolve().is_relative_to(out.resolve()):
         raise InputError(f"{option} {out} is the working directory or holds it; name a folder below it")
+    if os.path.ismount(out):  # outputs are built beside their name and renamed into place
+        raise InputError(f"{option} {out} is a mount point; name a folder inside it")
     if kind.recognise(out):
         return "own"
     if not any(out.iterdir()):
@@ -128,8 +131,12 @@ def create_with(out: Path, files: dict[str, str]) -> None:
     output never exists without the metadata that makes it recognisable as userpipe's (a folder killed
     half-made would be refused by every rerun as someone else's)."""
     building = scratch_beside(out)
-    for name, text in files.items():
-        (building / name).write_text(text, encoding="utf-8")
+    try:
+        for name, text in files.items():
+            (building / name).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        shutil.rmtree(building, ignore_errors=True)
+        raise disk_full(exc, out, sum(len(t.encode()) for t in files.values())) or exc from None
     swap_in(building, out)
 
 
@@ -143,6 +150,7 @@ def _exchange(a: Path, b: Path) -> bool:
     except (AttributeError, OSError):  # not glibc >= 2.28 on Linux
         return False
     at_cwd = -100
+    sys.audit("userpipe.exchange", str(a), str(b))  # a system call made through ctypes is not audited
     if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
@@ -162,13 +170,13 @@ def swap_in(new: Path, out: Path) -> None:
     if not out.exists():
         os.replace(new, out)
         return
+    retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     if _exchange(new, out):
-        retired = Path(new)  # now holds the old output
+        os.replace(new, retired)  # the old output, out of the way of a rerun that would resume `new`
     else:
-        retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, retired)  # onto the empty folder just made: nothing of anyone else's is in the way
         os.replace(new, out)
-    shutil.rmtree(retired)
+    shutil.rmtree(retired)  # killed part-way: `recover` finishes it
 
 
 def recover(out: Path) -> None:
@@ -216,7 +224,11 @@ def writer_lock(out: Path, option: str = "--out") -> Iterator[None]:
         os.write(descriptor, f"{os.getpid()}\n".encode())
         yield
     finally:
-        os.unlink(path)
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:  # still ours: never another's lock file
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
 
 

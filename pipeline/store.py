@@ -141,9 +141,12 @@ class CheckedArray:
         return getattr(self.array, name)
 
     def _chunks_read(self, selection) -> range:
-        rows = selection[0] if isinstance(selection, tuple) else selection
+        """The chunks along the first axis that `selection` reads (every chunk for an index array)."""
+        rows = selection[0] if isinstance(selection, tuple) and selection else selection
         size, length = self.array.chunks[0], self.array.shape[0]
         if isinstance(rows, (int, np.integer)):
+            if not -length <= rows < length:
+                return range(0)  # Zarr raises its IndexError
             rows = slice(int(rows) % length, int(rows) % length + 1)
         if not isinstance(rows, slice):
             rows = slice(None)
@@ -199,7 +202,7 @@ def done_flags(store: Path, group, name: str, count: int) -> np.ndarray:
     """A split's done-flags; a flag whose chunk is missing or damaged counts as not done."""
     if name not in group:
         return np.zeros(count, bool)
-    array = group[name].array if isinstance(group, CheckedGroup) else group[name]
+    array = group[name]
     flags = np.zeros(count, bool)
     for chunk in range(count):
         if chunk_file(store, array, chunk).is_file() and chunk_problem(store, array, chunk) is None:
@@ -212,8 +215,7 @@ def store_problems(path: Path, root, attrs: StoreAttrs, check_bytes: bool = True
     missing or, with `check_bytes`, damaged. Stores without chunk checksums: only the bytes are checked."""
     problems = []
     for split, summary in attrs.splits.items():
-        group = root[split]
-        group = group.group if isinstance(group, CheckedGroup) else group
+        group = root.group[split] if isinstance(root, CheckedGroup) else root[split]
         specs = split_array_specs(attrs.extractor, summary.num_images, summary.num_captions)
         done = {"images": done_flags(path, group, "images_done", specs["images_done"].shape[0])}
         if "captions_done" in specs:

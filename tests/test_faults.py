@@ -265,3 +265,24 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     assert "is a FIFO, not an image file" in reasons[fifo.name]
     assert "Too many levels of symbolic links" in reasons[loop.name]
     assert "is a directory, not an image file" in reasons[folder.name]
+
+
+def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_own_names(tmp_path):
+    from trainer.checkpoint import CHECKPOINTS, recover
+
+    folder = tmp_path / "run" / CHECKPOINTS
+    for name in ("e001-s000000", "e002-s000000", "e002-s000004", ".e003-s000000.partial"):
+        (folder / name).mkdir(parents=True)
+    (folder / "last").symlink_to("e001-s000000")
+    (folder / "best").symlink_to("e002-s000000")  # killed after switching best, before switching last
+    (folder / "my-notes.txt").write_text("mine")
+    (folder / "legacy-last").mkdir()  # unreferenced: an earlier layout's state that a save replaced
+    recover(tmp_path / "run")
+    assert os.readlink(folder / "last") == os.readlink(folder / "best") == "e002-s000000"
+    assert sorted(p.name for p in folder.iterdir()) == ["best", "e002-s000000", "last", "my-notes.txt"]
+
+    old_layout = tmp_path / "old" / CHECKPOINTS / "last"
+    old_layout.mkdir(parents=True)
+    (old_layout / "state.pt").write_bytes(b"state")
+    recover(tmp_path / "old")
+    assert os.readlink(old_layout) == "legacy-last" and (old_layout / "state.pt").read_bytes() == b"state"

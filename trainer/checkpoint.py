@@ -35,8 +35,16 @@ WEIGHTS, CONFIG, STATE, METRICS = "model.safetensors", "config.json", "state.pt"
 PARTIAL = ".partial"
 
 
+STATE_NAME = re.compile(r"e(\d{3})-s(\d{6})(?:\.\d+)?|legacy-(?:best|last)")
+
+
 def state_name(epoch: int, step: int) -> str:
     return f"e{epoch:03d}-s{step:06d}"
+
+
+def _position(name: str) -> tuple[int, int] | None:
+    found = STATE_NAME.fullmatch(name)
+    return (int(found.group(1)), int(found.group(2))) if found and found.group(1) else None
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -44,25 +52,37 @@ def has_checkpoint(run: Path) -> bool:
     return (run / CHECKPOINTS / "last" / STATE).is_file()
 
 
+def has_states(run: Path) -> bool:
+    folder = run / CHECKPOINTS
+    return folder.is_dir() and any(STATE_NAME.fullmatch(p.name) for p in folder.iterdir())
+
+
 def recover(run: Path) -> None:
-    """Remove what a killed save left (call under the run's writer lock): partial states, and states that
-    no link names. Folders `last` and `best` of runs written before the links existed become states."""
+    """Finish or undo what a killed save left (call under the run's writer lock), touching only names a
+    save writes: a save killed between switching `best` and `last` gets `last` switched too (the state
+    `best` names is complete and newer); partial states and states no link names are removed. Folders
+    `last` and `best` of runs written before the links existed become states."""
     folder = run / CHECKPOINTS
     if not folder.is_dir():
         return
     for link in LINKS:
-        path = folder / link
+        path, legacy = folder / link, f"legacy-{link}"
         if path.is_dir() and not path.is_symlink():  # the earlier layout: a folder per name
-            os.replace(path, folder / f"legacy-{link}")
-            _point(folder, link, f"legacy-{link}")
-    named = {os.readlink(folder / link) for link in LINKS if (folder / link).is_symlink()}
+            os.replace(path, folder / legacy)
+        if not path.is_symlink() and (folder / legacy).is_dir():
+            _point(folder, link, legacy)
+    named = {link: os.readlink(folder / link) for link in LINKS if (folder / link).is_symlink()}
+    best, last = (_position(named.get(link, "")) for link in ("best", "last"))
+    if best and (last is None or best > last):
+        _point(folder, "last", named["best"])
+        named["last"] = named["best"]
     for entry in folder.iterdir():
-        if entry.name in LINKS or entry.name in named:
+        if entry.name in named.values() or entry.name in LINKS:
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        if STATE_NAME.fullmatch(entry.name) or entry.name.endswith(PARTIAL):
             shutil.rmtree(entry)
-        else:
-            entry.unlink()  # a link being switched (.NAME.link) or a stray file of a save
+        elif entry.name.startswith(".") and entry.name.endswith(".link"):
+            entry.unlink()  # a link being switched
 
 
 def _point(folder: Path, link: str, target: str) -> None:

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
+from pipeline.outputs import RUN, check_apart, create_with, existing, recover, write_text_atomic, writer_lock
 from schemas.base import parse_json, read_model
 from schemas.errors import InputError, NonFiniteError
 from schemas.run import RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
@@ -115,8 +115,10 @@ class JsonLog:
         return records
 
     def truncate_after(self, global_step: int) -> None:
-        """On resume: drop what the killed run logged past the checkpoint it resumes from."""
-        kept = [r for r in self.records() if r.get("step", 0) <= global_step]
+        """On resume: drop what the killed run logged past the checkpoint it resumes from (and the change
+        a killed resume recorded there: the resume records its own)."""
+        kept = [r for r in self.records()
+                if r.get("step", 0) < global_step or r.get("step", 0) == global_step and "change" not in r]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -158,6 +160,7 @@ def _start(run: Path, config: RunConfig, data: RunData, resume: bool, allow_chan
            console: Console) -> Start:
     """Decide how the run starts, refusing before anything is written (called under the writer lock)."""
     found = existing(run, RUN)
+    recover(run)
     checkpoint.recover(run)
     record_path = run / RUN_RECORD_NAME
     if found == "own" and checkpoint.has_checkpoint(run):
@@ -174,17 +177,22 @@ def _start(run: Path, config: RunConfig, data: RunData, resume: bool, allow_chan
         # everything a resume reads is read (and a damaged file refused) before anything is written
         JsonLog(run / "log.jsonl").records()
         state = checkpoint.load_state(last / checkpoint.STATE)
+        step = state["position"]["global_step"]
+        # changes recorded by a resume killed before its next checkpoint were never applied: forget them
+        record = record.model_copy(update={"data": data, "changes": tuple(c for c in record.changes if c.step < step)})
         if changed:
             if not allow_change:
                 raise InputError(f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
                                  "--allow-change to continue with the change recorded in the run, or resume as it was")
-            change = RunChange(step=state["position"]["global_step"], fields=changed)
-            console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {change.step}")
-            return Start(config, record.model_copy(update={"data": data, "changes": (*record.changes, change)}),
-                         state, change)
+            change = RunChange(step=step, fields=changed)
+            console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {step}")
+            return Start(config, record.model_copy(update={"changes": (*record.changes, change)}), state, change)
         return Start(config, record, state)
     if resume and found != "own":
         raise InputError(f"--resume: no run in {run}")
+    if found == "own" and checkpoint.has_states(run):  # damaged or removed by hand: keep what is there
+        raise InputError(f"{run}/{CHECKPOINTS} holds saved states but no usable 'last' checkpoint (removed or "
+                         "damaged); point the link 'last' at one of them to resume, or choose another --out")
     if found == "own":  # killed before its first checkpoint: nothing to continue, so it starts again
         console.print(f"{run} has no checkpoint yet: starting it again")
         shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
@@ -203,7 +211,9 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     check_fits(config, shards, shards_spec)
     check_apart(run, [Path(shards.urls[0]).parent, val_store])
     existing(run, RUN)
-    data = RunData(shards=str(shards_spec), shards_sha256=shards_identity(shards), val_store=str(val_store.resolve()))
+    spec = Path(shards_spec)  # resolved (a brace pattern: its folder), so a resume works from anywhere
+    data = RunData(shards=str(spec.parent.resolve() / spec.name), shards_sha256=shards_identity(shards),
+                   val_store=str(val_store.resolve()))
     with writer_lock(run):
         start = _start(run, config, data, resume, allow_change, console)
         return _train(run, shards, shards_spec, val_store, start, console, bert)

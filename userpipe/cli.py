@@ -25,7 +25,7 @@ SHOWN_FAILURES = 20
 
 # OS errors that a user's paths and disks cause (not bugs in userpipe): reported in one line
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENOSPC,
-                  errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EDQUOT}
+                  errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EDQUOT, errno.EFBIG, errno.EBUSY, errno.EXDEV}
 
 
 def user_error(exc: BaseException) -> str | None:
