@@ -49,7 +49,7 @@ _demo-train out *overrides:
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
-# the crash test at many kill points per writer (about N minutes; `just test` runs 2 per writer)
+# the crash test at 24 kill points per writer (about 30 minutes on 2 cores; `just test` runs 1 per writer)
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m slow tests/test_crash.py -s
 

@@ -255,7 +255,9 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"
             continue
-        if not np.isfinite(result.features.astype(np.float16)).all():  # as the store keeps them
+        with np.errstate(over="ignore"):  # an overflow is what this looks for
+            stored = result.features.astype(np.float16)  # as the store keeps them
+        if not np.isfinite(stored).all():
             errors[i] = "ValueError: non-finite region features (NaN, inf, or beyond float16's range)"
             continue
         k = len(result.features)

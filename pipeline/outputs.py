@@ -126,11 +126,12 @@ def scratch_beside(out: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
 
 
-def create_with(out: Path, files: dict[str, str]) -> None:
+def create_with(out: Path, files: dict[str, str], output: Path | None = None) -> None:
     """Make the folder `out` (nothing there, or an empty folder) holding `files`, all in one step: an
     output never exists without the metadata that makes it recognisable as userpipe's (a folder killed
-    half-made would be refused by every rerun as someone else's)."""
-    building = scratch_beside(out)
+    half-made would be refused by every rerun as someone else's). `output`: the output `out` is built
+    for, when `out` is its `.NAME.replacing` (scratch is named after the output, so `recover` finds it)."""
+    building = scratch_beside(output or out)
     try:
         for name, text in files.items():
             (building / name).write_text(text, encoding="utf-8")

@@ -291,7 +291,7 @@ def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> Path:
         if existing(work, SHARDS) == "own" and _plan_of(work) != params:
             shutil.rmtree(work)
     if existing(work, SHARDS) != "own":
-        create_with(work, {PLAN_NAME: params.model_dump_json()})
+        create_with(work, {PLAN_NAME: params.model_dump_json()}, output=out)
     elif not (work / PLAN_NAME).is_file():
         write_text_atomic(work / PLAN_NAME, params.model_dump_json())
     return work

@@ -273,8 +273,9 @@ def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_
     folder = tmp_path / "run" / CHECKPOINTS
     for name in ("e001-s000000", "e002-s000000", "e002-s000004", ".e003-s000000.partial"):
         (folder / name).mkdir(parents=True)
-    (folder / "last").symlink_to("e001-s000000")
-    (folder / "best").symlink_to("e002-s000000")  # killed after switching best, before switching last
+    (folder / "e002-s000000" / "BEST").touch()
+    (folder / "last").symlink_to("e002-s000000")
+    (folder / "best").symlink_to("e001-s000000")  # killed after switching last, before switching best
     (folder / "my-notes.txt").write_text("mine")
     (folder / "legacy-last").mkdir()  # unreferenced: an earlier layout's state that a save replaced
     recover(tmp_path / "run")

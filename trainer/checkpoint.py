@@ -1,14 +1,16 @@
 """Checkpoints: a run's saved states, written so that a kill or a full disk at any instant leaves a run
 that `--resume` continues.
 
-  RUN/checkpoints/e002-s000000/   model.safetensors, config.json, state.pt, metrics.json
+  RUN/checkpoints/e002-s000000/   model.safetensors, config.json, state.pt, metrics.json (+ BEST)
   RUN/checkpoints/last -> e002-s000000     the state `--resume` continues from
   RUN/checkpoints/best -> e001-s000000     the best validation so far (eval, index, search use it)
 
-A state is written whole into `.NAME.partial`, flushed to disk, and renamed to its name; `best` and
-`last` are symbolic links, each switched by one atomic rename of a new link over the old one, `best`
-first. So `last` always names a complete state: the one before the save, or the new one. What a killed
-save leaves (a partial folder, a state no link names) is removed by `recover` at the next start.
+A state is written whole into `.NAME.partial` (with a `BEST` marker when it is the best so far),
+flushed to disk, and renamed to its name; `last` and `best` are symbolic links, each switched by one
+atomic rename of a new link over the old one, `last` first. So `last` always names a complete state:
+the one before the save, or the new one. At the next start `recover` finishes a save killed between
+the two switches (the marker says `best` should follow) and removes what a killed save left (a partial
+folder, a state no link names).
 """
 
 from __future__ import annotations
@@ -32,19 +34,15 @@ from trainer.model import USER, build_model
 CHECKPOINTS = "checkpoints"
 LINKS = ("best", "last")
 WEIGHTS, CONFIG, STATE, METRICS = "model.safetensors", "config.json", "state.pt", "metrics.json"
+BEST_MARKER = "BEST"
 PARTIAL = ".partial"
 
 
-STATE_NAME = re.compile(r"e(\d{3})-s(\d{6})(?:\.\d+)?|legacy-(?:best|last)")
+STATE_NAME = re.compile(r"e\d{3}-s\d{6}(?:\.\d+)?|legacy-(?:best|last)")
 
 
 def state_name(epoch: int, step: int) -> str:
     return f"e{epoch:03d}-s{step:06d}"
-
-
-def _position(name: str) -> tuple[int, int] | None:
-    found = STATE_NAME.fullmatch(name)
-    return (int(found.group(1)), int(found.group(2))) if found and found.group(1) else None
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -59,9 +57,9 @@ def has_states(run: Path) -> bool:
 
 def recover(run: Path) -> None:
     """Finish or undo what a killed save left (call under the run's writer lock), touching only names a
-    save writes: a save killed between switching `best` and `last` gets `last` switched too (the state
-    `best` names is complete and newer); partial states and states no link names are removed. Folders
-    `last` and `best` of runs written before the links existed become states."""
+    save writes: a save killed between switching `last` and `best` gets `best` switched too (its state
+    carries the BEST marker); partial states and states no link names are removed. Folders `last` and
+    `best` of runs written before the links existed become states."""
     folder = run / CHECKPOINTS
     if not folder.is_dir():
         return
@@ -72,10 +70,9 @@ def recover(run: Path) -> None:
         if not path.is_symlink() and (folder / legacy).is_dir():
             _point(folder, link, legacy)
     named = {link: os.readlink(folder / link) for link in LINKS if (folder / link).is_symlink()}
-    best, last = (_position(named.get(link, "")) for link in ("best", "last"))
-    if best and (last is None or best > last):
-        _point(folder, "last", named["best"])
-        named["last"] = named["best"]
+    if "last" in named and named.get("best") != named["last"] and (folder / named["last"] / BEST_MARKER).is_file():
+        _point(folder, "best", named["last"])
+        named["best"] = named["last"]
     for entry in folder.iterdir():
         if entry.name in named.values() or entry.name in LINKS:
             continue
@@ -142,6 +139,8 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
             raise OSError(*_errno_of(str(exc)), str(partial / WEIGHTS)) from None
         (partial / CONFIG).write_text(config.model_dump_json(indent=1))
         (partial / METRICS).write_text(json.dumps(metrics, indent=1))
+        if best:
+            (partial / BEST_MARKER).touch()
         with open(partial / STATE, "wb") as file:
             keeping = _ErrorKeepingFile(file)
             try:
@@ -153,14 +152,14 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
                 raise keeping.error from None
             file.flush()
             os.fsync(file.fileno())
-        for entry in (WEIGHTS, CONFIG, METRICS):
+        for entry in (WEIGHTS, CONFIG, METRICS, *((BEST_MARKER,) if best else ())):
             fsync_path(partial / entry)
         fsync_path(partial)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise disk_full(exc, folder / name, needed) or exc from None
     os.replace(partial, folder / name)
-    for link in (("best", "last") if best else ("last",)):
+    for link in (("last", "best") if best else ("last",)):
         _point(folder, link, name)
     fsync_path(folder)
     recover(run)  # the states no link names any more
