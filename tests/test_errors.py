@@ -23,7 +23,7 @@ def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     out = tmp_path / "shards"
 
-    def refuse(path, files):
+    def refuse(path, files, output=None):
         raise OSError(code, __import__("os").strerror(code), str(path))
 
     monkeypatch.setattr(pipeline.shard, "create_with", refuse)  # the first write of `shard`
