@@ -12,7 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as `userpipe train` runs
+from trainer.process import reproducible_cpu_math
+
+reproducible_cpu_math()  # as `userpipe train` runs, before torch's first matmul
 
 import torch  # noqa: E402
 

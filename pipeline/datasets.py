@@ -6,14 +6,13 @@ id, its file (relative to the image root) and its captions. Nothing here opens a
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.base import first_problem, parse_json
+from schemas.base import file_sha256, first_problem, parse_json
 from schemas.errors import InputError
 from schemas.store import SPLITS
 
@@ -70,14 +69,6 @@ def parse_splits(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise InputError(f"unknown split name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(SPLITS)}")
     return names
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class KarpathySentence(BaseModel):

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from pipeline.datasets import DatasetIndex, read_karpathy_json
-from pipeline.outputs import DEMO, existing, recover, scratch_beside, swap_in, writer_lock
 from schemas.errors import InputError
+from schemas.outputs import DEMO, existing, recover, scratch_beside, swap_in, writer_lock
 
 DEMO_JSON = "dataset_demo.json"
 DEMO_VERSION = 1

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from dataclasses import dataclass
-from functools import lru_cache
 from glob import glob
 from pathlib import Path
 
@@ -25,9 +23,20 @@ from rich.console import Console
 from pipeline.cluster import dask_client, run_tasks
 from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
 from pipeline.demo import load_demo
-from pipeline.global_encoders import GlobalEncoder, resolve_global_config
-from pipeline.importers import ImportPlan, load_precomp, plan_import, read_imported
-from pipeline.outputs import (
+from pipeline.features import extractor_models, image_features, load_image
+from pipeline.global_encoders import resolve_global_config
+from pipeline.importers import ImportPlan, load_precomp, plan_import
+from pipeline.regions import BACKBONES, resolve_region_config
+from pipeline.store import (
+    collect_failures,
+    create_store,
+    every_chunk_written,
+    store_bytes,
+    write_attrs,
+    write_index_arrays,
+)
+from schemas.errors import InputError
+from schemas.outputs import (
     STORE,
     check_apart,
     disk_full,
@@ -38,22 +47,9 @@ from pipeline.outputs import (
     swap_in,
     writer_lock,
 )
-from pipeline.regions import BACKBONES, RegionExtractor, resolve_region_config
-from pipeline.store import (
-    create_store,
-    done_flags,
-    every_chunk_written,
-    open_store,
-    store_bytes,
-    store_problems,
-    write_attrs,
-    write_index_arrays,
-)
-from schemas.errors import InputError
 from schemas.store import (
     IMPORTED_REGION_KINDS,
     ExtractorConfig,
-    Failure,
     SplitSummary,
     StoreAttrs,
     caption_chunk_size,
@@ -61,6 +57,7 @@ from schemas.store import (
     split_array_specs,
     validate_store,
 )
+from schemas.store_reader import done_flags, open_store, store_problems
 
 TEXT_BATCH = 256
 
@@ -107,6 +104,10 @@ def _given_inputs(opts: ExtractOptions) -> list:
 
 def prepare(opts: ExtractOptions) -> Prepared:
     """Everything that can be wrong with the input is found here, before anything is written."""
+    if opts.workers < 1:
+        raise InputError("--workers must be at least 1")
+    if opts.images is not None and opts.dataset != "demo":
+        raise InputError("--images only applies to --dataset demo")
     out = opts.out or default_out(opts.dataset)
     check_apart(out, _given_inputs(opts))
     existing(out, STORE)  # a folder of someone else's is refused before any work (the demo's included)
@@ -164,15 +165,6 @@ class ImageChunk:
     refs: tuple  # importer refs per image, or None
 
 
-@lru_cache(maxsize=2)
-def _models(config_json: str) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
-    """Built once per worker process and configuration."""
-    config = ExtractorConfig.model_validate_json(config_json)
-    regions = None if config.regions.kind in IMPORTED_REGION_KINDS else RegionExtractor(config)
-    encoder = None if config.global_encoder.kind == "none" else GlobalEncoder(config.global_encoder)
-    return config, regions, encoder
-
-
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -180,66 +172,9 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _load_image(path: str) -> Image.Image:
-    if not path:
-        raise FileNotFoundError("no image file is known for this id (not in the dataset's Karpathy JSON)")
-    # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer; the file's
-    # type is then checked on the open descriptor (no race with a rename), a symlink loop fails in open
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
-    if kind != stat.S_IFREG:
-        os.close(descriptor)
-        names = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
-                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-        raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
-    with open(descriptor, "rb") as file, Image.open(file) as image:
-        return image.convert("RGB")  # forces a full decode, so truncated files fail here
-
-
-@dataclass
-class ImageResult:
-    features: np.ndarray  # (k, D), k <= R
-    boxes: np.ndarray | None  # (k, 4); None when the source has none
-    width: int = 0
-    height: int = 0
-
-
-def _one_image(config: ExtractorConfig, extractor: RegionExtractor | None, image: Image.Image | None,
-               annotated_boxes, ref) -> ImageResult:
-    if extractor is not None:
-        features, boxes = extractor(image, annotated_boxes)
-        return ImageResult(features, boxes, *image.size)
-    if ref is None:
-        raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
-    imported = read_imported(config.regions.kind, ref, config.feature_dim)
-    k = config.num_regions  # the first R of the source's boxes (sorted by confidence by BUTD tools)
-    boxes = imported.boxes[:k] if imported.boxes is not None else None
-    width, height = image.size if image is not None else (imported.width, imported.height)
-    return ImageResult(imported.features[:k], boxes, width, height)
-
-
-def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
-    """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and float16-rounded,
-    their count, and the global embedding (None without a global encoder). For `userpipe search` queries."""
-    if config.regions.kind in IMPORTED_REGION_KINDS:
-        raise InputError(f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
-                         "a new image; query with an image id from the index")
-    _, extractor, encoder = _models(config.model_dump_json())
-    try:
-        image = _load_image(str(path))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from None
-    result = _one_image(config, extractor, image, None, None)
-    k = len(result.features)
-    regions = np.zeros((config.num_regions, config.feature_dim), np.float16)
-    regions[:k] = result.features
-    clip = encoder.encode_images([image])[0].astype(np.float16) if encoder else None
-    return regions, k, clip
-
-
 def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None) -> int:
     _set_threads(threads)
-    config, extractor, encoder = _models(config_json)
+    config, extractor, encoder = extractor_models(config_json)
     n, r, d = len(chunk.paths), config.num_regions, config.feature_dim
     # Invalid images keep NaN everywhere; valid ones get zeros past num_regions (padding, by contract).
     regions = np.full((n, r, d), np.nan, np.float32)
@@ -250,8 +185,8 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
     images: dict[int, Image.Image] = {}
     for i, path in enumerate(chunk.paths):
         try:
-            image = _load_image(path) if (extractor or encoder) else None
-            result = _one_image(config, extractor, image, chunk.boxes[i], chunk.refs[i])
+            image = load_image(path) if (extractor or encoder) else None
+            result = image_features(config, extractor, image, chunk.boxes[i], chunk.refs[i])
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"
             continue
@@ -298,7 +233,7 @@ def _write_rows(store: str, split: str, start: int, columns: dict[str, np.ndarra
 def embed_caption_chunk(config_json: str, store: str, split: str, chunk: int, start: int,
                         texts: tuple[str, ...], threads: int | None) -> int:
     _set_threads(threads)
-    _, _, encoder = _models(config_json)
+    _, _, encoder = extractor_models(config_json)
     embeddings = np.concatenate([encoder.encode_texts(list(texts[i:i + TEXT_BATCH]))
                                  for i in range(0, len(texts), TEXT_BATCH)])
     _write_rows(store, split, start, {"clip_text": embeddings.astype(np.float16)}, ("captions_done", chunk))
@@ -407,26 +342,13 @@ def _caption_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[tu
     return chunks
 
 
-def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
-    """Failures and per-split counts, read back from the store (so a resumed run reports the same)."""
-    failures, splits = [], {}
-    for split, summary in attrs.splits.items():
-        group = root[split]
-        valid = group["valid"][:]
-        bad = np.flatnonzero(~valid)
-        if len(bad):
-            ids, files, errors = group["image_id"][:], group["file"][:], group["error"][:]
-            failures += [Failure(split=split, index=int(i), image_id=str(ids[i]), file=str(files[i]),
-                                 error=str(errors[i])) for i in bad]
-        splits[split] = summary.model_copy(update={"num_invalid": len(bad)})
-    return attrs.model_copy(update={"splits": splits, "failures": tuple(failures), "complete": True})
-
-
-def run_extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
-    """Run (or resume) the extraction; returns the final attributes written to the store."""
+def run_extract(opts: ExtractOptions, console: Console) -> tuple[Path, StoreAttrs]:
+    """`userpipe extract`: check everything (`prepare`), then run (or resume) the extraction; returns the
+    store and the final attributes written to it."""
+    prepared = prepare(opts)
     with writer_lock(prepared.out):
         recover(prepared.out)
-        return _extract(prepared, opts, console)
+        return prepared.out, _extract(prepared, opts, console)
 
 
 def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:

@@ -11,7 +11,6 @@ Every embedding is L2-normalized.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,10 @@ from schemas.store import GlobalConfig, WeightsRef
 
 IMAGENET_GLOBAL_SIZE = 224
 IMAGE_BATCH = 8  # larger CPU batches run slower per image (cache), measured on efficientnet_lite0
-HUB_HOST = ("huggingface.co", 443)
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(HUB_HOST, timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def _register_open_clip_model(model: str) -> tuple[str, str | None]:
@@ -80,13 +72,16 @@ def _open_clip_weights(model: str, pretrained: str) -> WeightsRef:
         raise InputError(f"unknown pretrained tag '{pretrained}' for {model} (known: {', '.join(tags) or 'none'})")
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     path = _cached_open_clip_file(cfg)
-    if path is None:
-        if not _hub_reachable():
-            raise InputError(
-                f"pretrained tag '{pretrained}' for {model} must be downloaded and no model hub is reachable; "
-                f"download the weights elsewhere and pass --clip {model}:/path/to/open_clip_model.safetensors"
-            )
-        path = open_clip.download_pretrained(cfg)
+    if path is None:  # a hub tag not in the local cache: the user asked for a download
+        unreachable = (f"pretrained tag '{pretrained}' for {model} must be downloaded and no model hub is "
+                       "reachable ({}); download the weights elsewhere and pass "
+                       f"--clip {model}:/path/to/open_clip_model.safetensors")
+        if _hub_offline():
+            raise InputError(unreachable.format("HF_HUB_OFFLINE is set"))
+        try:
+            path = open_clip.download_pretrained(cfg)
+        except (OSError, RuntimeError, ValueError) as exc:  # hub and urllib errors are OSError subclasses
+            raise InputError(unreachable.format(type(exc).__name__)) from None
     ref = local_weights(path, "open_clip")
     return ref.model_copy(update={"source": pretrained})
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import glob
 import hashlib
-import sys
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,9 +28,9 @@ from pipeline.datasets import (
     DatasetIndex,
     ImageRecord,
     check_captions,
-    file_sha256,
     read_karpathy_json,
 )
+from schemas.base import file_sha256
 from schemas.errors import InputError
 
 # SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
@@ -252,10 +250,11 @@ def _b64_floats(text: str, field: str) -> np.ndarray:
 
 
 def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
-    csv.field_size_limit(sys.maxsize)  # feature fields are megabytes long
+    # split on tabs as index_tsv does: the fields are numbers and base64, which csv never quotes (and a csv
+    # reader would need its process-wide field size limit raised for megabyte-long feature fields)
     with open(path, encoding="ascii", newline="") as f:
         f.seek(offset)
-        fields = next(csv.reader([f.readline().rstrip("\r\n")], delimiter="\t"))
+        fields = f.readline().rstrip("\r\n").split("\t")
     row = dict(zip(_tsv_layout(len(fields), path), fields, strict=True))
     n = int(row["num_boxes"])
     boxes = _b64_floats(row["boxes"], "boxes").reshape(n, 4)

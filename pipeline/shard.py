@@ -12,6 +12,7 @@ One Dask task writes one shard: to a temporary name, then hashed, then renamed, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,23 +26,21 @@ import zarr
 from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
-from pipeline.datasets import file_sha256
-from pipeline.outputs import (
+from schemas.base import file_sha256, read_model
+from schemas.errors import InputError
+from schemas.outputs import (
     PLAN_NAME,
     SHARDS,
     check_apart,
     create_with,
-    disk_full,
     existing,
     recover,
     replacement,
     swap_in,
     write_text_atomic,
     writer_lock,
+    written_whole,
 )
-from pipeline.store import REPAIR, open_store, store_problems
-from schemas.base import read_model
-from schemas.errors import InputError
 from schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
@@ -56,6 +55,7 @@ from schemas.shard import (
     read_manifest,
 )
 from schemas.store import caption_chunk_size
+from schemas.store_reader import REPAIR, open_store, store_problems
 
 TAR_MTIME = 0.0  # fixed member times: the same plan gives byte-identical shards
 
@@ -132,19 +132,15 @@ def write_shard(job: ShardJob) -> ShardRecord:
                 clip_text=text_emb[caps] if has_text else None,
             )
     out = Path(job.out)
-    final, temporary = out / job.name, out / f".{job.name}.tmp-{os.getpid()}"
-    try:
+    scratch = out / f".{job.name}.tmp-{os.getpid()}"  # per process: two workers never share one
+    with written_whole(out / job.name, job.encoded_bytes, scratch) as temporary:
         with open(temporary, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=TAR_MTIME, encoder=False)
             for index in job.indices:
                 writer.write(encode_sample(samples[index]))
             writer.close()
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise disk_full(exc, final, job.encoded_bytes) or exc from None
-    record = ShardRecord(name=job.name, samples=len(job.indices), captions=sum(job.caption_counts),
-                         bytes=temporary.stat().st_size, sha256=file_sha256(temporary))
-    os.replace(temporary, final)
+        record = ShardRecord(name=job.name, samples=len(job.indices), captions=sum(job.caption_counts),
+                             bytes=temporary.stat().st_size, sha256=file_sha256(temporary))
     write_text_atomic(_record_path(out, job.name), record.model_dump_json())  # last: marks the shard finished
     return record
 
@@ -174,7 +170,7 @@ def _finished(out: Path, name: str, recorded: dict[str, ShardRecord]) -> ShardRe
 class ShardOptions:
     store: Path
     split: str
-    out: Path
+    out: Path | None  # None: STORE-shards/SPLIT beside the store
     max_count: int
     max_size: int
     seed: int
@@ -188,7 +184,12 @@ def _caption_layout(group: zarr.Group, num_images: int) -> tuple[np.ndarray, np.
     return np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
 
 
-def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
+def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest]:
+    """`userpipe shard`: pack a store split into shards (resuming a killed run); returns the folder and manifest."""
+    if opts.out is None:
+        opts = dataclasses.replace(opts, out=opts.store.with_name(opts.store.stem + "-shards") / opts.split)
+    if opts.workers < 1:
+        raise InputError("--workers must be at least 1")
     if opts.max_count <= 0 or opts.max_size <= 0:
         raise InputError("--max-count and --max-size must be positive")
     root, attrs = open_store(opts.store)
@@ -213,7 +214,7 @@ def run_shard(opts: ShardOptions, console: Console) -> ShardManifest:
     check_apart(opts.out, [opts.store])
     with writer_lock(opts.out):
         recover(opts.out)
-        return _write_shards(opts, console, group, attrs, valid, params)
+        return opts.out, _write_shards(opts, console, group, attrs, valid, params)
 
 
 def _write_shards(opts: ShardOptions, console: Console, group, attrs, valid: np.ndarray,

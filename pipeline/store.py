@@ -1,27 +1,15 @@
-"""Reading and writing feature stores: Zarr v3 groups laid out as `schemas.store` says."""
+"""Writing feature stores: Zarr v3 groups laid out as `schemas.store` says (the reader: schemas/store_reader.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.datasets import DatasetIndex
-from schemas.base import parse_json
-from schemas.errors import InputError
-from schemas.store import (
-    ATTRS_KEY,
-    STORE_SCHEMA_VERSION,
-    ArraySpec,
-    StoreAttrs,
-    StoreValidationError,
-    split_array_specs,
-    validate_store,
-)
+from schemas.store import ATTRS_KEY, ArraySpec, Failure, StoreAttrs, split_array_specs
 
 # Float arrays: zstd with byte shuffle (env measurements: ~1.6x on ReLU-like features at 70-100 MB/s).
 FLOAT_CODEC = dict(cname="zstd", clevel=3, shuffle="shuffle")
@@ -84,176 +72,16 @@ def write_attrs(root: zarr.Group, attrs: StoreAttrs) -> None:
     root.attrs[ATTRS_KEY] = attrs.model_dump(mode="json")
 
 
-def open_store(path: Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
-    """Open and validate; a missing, foreign or damaged store is an InputError naming the file.
-    Reads through the returned group turn a missing or undecodable chunk into one line (`CheckedArray`)."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise InputError(f"no Zarr store at {path}")
-    for meta in [path / "zarr.json", *sorted(path.glob("*/zarr.json")), *sorted(path.glob("*/*/zarr.json"))]:
-        parse_json(meta.read_bytes(), meta)  # split groups and arrays: metadata only, no chunk is read
-    try:
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        attrs = validate_store(root)
-        return CheckedGroup(root, path, attrs.chunk_checksums and attrs.complete), attrs
-    except StoreValidationError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    except (zarr.errors.BaseZarrError, ValueError, KeyError, TypeError) as exc:  # metadata that parses but is wrong
-        raise InputError(f"{path} has damaged metadata: {type(exc).__name__}: {exc}") from None
-
-
-REPAIR = "rerun userpipe extract with the same options to repair the store"
-
-
-def chunk_file(store: Path, array: zarr.Array, chunk: int) -> Path:
-    """The file of chunk `chunk` along the first axis (the others are whole, by the schema's chunking)."""
-    return Path(store) / array.path / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-
-
-def chunk_problem(store: Path, array: zarr.Array, chunk: int) -> str | None:
-    """What is wrong with a chunk that should exist: 'missing', 'damaged (...)', or None when it is intact.
-    With a crc32c codec the stored bytes are checked without decoding them; otherwise it is decoded."""
-    path = chunk_file(store, array, chunk)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return "missing"
-    if any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs):
-        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
-            return "damaged (crc32c differs)"
-        return None
-    size = array.chunks[0]
-    try:
-        array[chunk * size:(chunk + 1) * size]
-    except Exception as exc:  # noqa: BLE001 - each codec reports damage its own way
-        return f"damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
-    return None
-
-
-class CheckedArray:
-    """A store array whose reads name the array and chunk of any damage (else as `zarr.Array`). In a complete
-    store with chunk checksums, a chunk file that is not there is reported too, not read as fill values."""
-
-    def __init__(self, array: zarr.Array, store: Path, expect_every_chunk: bool):
-        self.array, self.store, self.expect_every_chunk = array, Path(store), expect_every_chunk
-
-    def __getattr__(self, name):  # shape, dtype, chunks, metadata, ...
-        return getattr(self.array, name)
-
-    def _chunks_read(self, selection) -> range:
-        """The chunks along the first axis that `selection` reads (every chunk for an index array)."""
-        rows = selection[0] if isinstance(selection, tuple) and selection else selection
-        size, length = self.array.chunks[0], self.array.shape[0]
-        if isinstance(rows, (int, np.integer)):
-            if not -length <= rows < length:
-                return range(0)  # Zarr raises its IndexError
-            rows = slice(int(rows) % length, int(rows) % length + 1)
-        if not isinstance(rows, slice):
-            rows = slice(None)
-        start, stop, _ = rows.indices(length)
-        return range(start // size, -(-stop // size)) if stop > start else range(0)
-
-    def _damage(self, chunk: int, problem: str) -> InputError:
-        size = self.array.chunks[0]
-        return InputError(f"{self.store}: chunk {chunk} (rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
-                          f"of array '{self.array.path}' is {problem}; {REPAIR}")
-
-    def __getitem__(self, selection):
-        chunks = self._chunks_read(selection)
-        if self.expect_every_chunk:
-            for chunk in chunks:
-                if not chunk_file(self.store, self.array, chunk).is_file():
-                    raise self._damage(chunk, "missing")
-        try:
-            return self.array[selection]
-        except Exception:  # which chunk, and why: checked one by one
-            for chunk in chunks:
-                if problem := chunk_problem(self.store, self.array, chunk):
-                    raise self._damage(chunk, problem) from None
-            raise
-
-
-class CheckedGroup:
-    """A store group whose arrays are `CheckedArray`s; everything else as `zarr.Group`."""
-
-    def __init__(self, group: zarr.Group, store: Path, expect_every_chunk: bool):
-        self.group, self.store, self.expect_every_chunk = group, Path(store), expect_every_chunk
-
-    def __getattr__(self, name):  # attrs, arrays(), ...
-        return getattr(self.group, name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.group
-
-    def __getitem__(self, name: str):
-        child = self.group[name]
-        wrap = CheckedGroup if isinstance(child, zarr.Group) else CheckedArray
-        return wrap(child, self.store, self.expect_every_chunk)
-
-
-@dataclass(frozen=True)
-class ChunkProblem:
-    array: str  # split/name
-    chunk: int
-    problem: str
-
-
-def done_flags(store: Path, group, name: str, count: int) -> np.ndarray:
-    """A split's done-flags; a flag whose chunk is missing or damaged counts as not done."""
-    if name not in group:
-        return np.zeros(count, bool)
-    array = group[name]
-    flags = np.zeros(count, bool)
-    for chunk in range(count):
-        if chunk_file(store, array, chunk).is_file() and chunk_problem(store, array, chunk) is None:
-            flags[chunk] = bool(array[chunk])
-    return flags
-
-
-def store_problems(path: Path, root, attrs: StoreAttrs, check_bytes: bool = True) -> list[ChunkProblem]:
-    """Every chunk that should be there (index arrays: all; task arrays: those of finished tasks) and is
-    missing or, with `check_bytes`, damaged. Stores without chunk checksums: only the bytes are checked."""
-    problems = []
-    for split, summary in attrs.splits.items():
-        group = root.group[split] if isinstance(root, CheckedGroup) else root[split]
-        specs = split_array_specs(attrs.extractor, summary.num_images, summary.num_captions)
-        done = {"images": done_flags(path, group, "images_done", specs["images_done"].shape[0])}
-        if "captions_done" in specs:
-            done["captions"] = done_flags(path, group, "captions_done", specs["captions_done"].shape[0])
-        for name, spec in specs.items():
-            if spec.written_by == "progress":
-                continue
-            array = group[name]
-            count = -(-spec.shape[0] // spec.chunks[0])
-            expected = done[spec.written_by] if spec.written_by in done else np.ones(count, bool)
-            for chunk in np.flatnonzero(expected[:count]):
-                exists = chunk_file(path, array, int(chunk)).is_file()
-                if not exists and attrs.chunk_checksums:
-                    problems.append(ChunkProblem(f"{split}/{name}", int(chunk), "missing"))
-                elif exists and check_bytes and (problem := chunk_problem(path, array, int(chunk))):
-                    problems.append(ChunkProblem(f"{split}/{name}", int(chunk), problem))
-    return problems
-
-
-def store_summary(path: Path) -> dict:
-    """The store as `userpipe info --json` reports it."""
-    root, attrs = open_store(path)
-    splits = {}
+def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
+    """Failures and per-split counts, read back from the store (so a resumed run reports the same)."""
+    failures, splits = [], {}
     for split, summary in attrs.splits.items():
         group = root[split]
-        splits[split] = {
-            **summary.model_dump(),
-            "arrays": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-                              "dims": list(arr.metadata.dimension_names or ())}
-                       for name, arr in sorted(group.arrays())},
-        }
-    return {
-        "path": str(path),
-        "schema_version": STORE_SCHEMA_VERSION,
-        "complete": attrs.complete,
-        "splits": splits,
-        "extractor": attrs.extractor.model_dump(mode="json"),
-        "failures": [f.model_dump() for f in attrs.failures],
-        # chunk files only listed, not read (userpipe verify reads them)
-        "missing_chunks": [f"{p.array}[{p.chunk}]" for p in store_problems(path, root, attrs, check_bytes=False)],
-    }
+        valid = group["valid"][:]
+        bad = np.flatnonzero(~valid)
+        if len(bad):
+            ids, files, errors = group["image_id"][:], group["file"][:], group["error"][:]
+            failures += [Failure(split=split, index=int(i), image_id=str(ids[i]), file=str(files[i]),
+                                 error=str(errors[i])) for i in bad]
+        splits[split] = summary.model_copy(update={"num_invalid": len(bad)})
+    return attrs.model_copy(update={"splits": splits, "failures": tuple(failures), "complete": True})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.datasets import file_sha256
+from schemas.base import file_sha256
 from schemas.errors import InputError
 from schemas.store import WeightsRef
 

@@ -1,7 +1,9 @@
-"""What every schema shares: the frozen model base and reading a validated model from a file."""
+"""What every schema shares: the frozen model base, reading a validated model from a file, and a file's
+sha256 (the identity manifests record)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TypeVar
@@ -35,15 +37,19 @@ def parse_json(text: str | bytes, source: Path | str):
         raise InputError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
-def read_model(cls: type[Model], path: Path, what: str) -> Model:
-    """A validated `cls` from a JSON file; every way it can be wrong is one line naming the file."""
+def read_model(cls: type[Model], path: Path, what: str, error: type[InputError] = InputError) -> Model:
+    """A validated `cls` from a JSON file; every way it can be wrong is one line naming the file, raised
+    as `error` (e.g. ManifestError for manifests)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"no {what} at {path}") from None
+        raise error(f"no {what} at {path}") from None
     except IsADirectoryError:
-        raise InputError(f"{path} is a folder, not {what}") from None
-    return validate_as(cls, parse_json(data, path), f"{path} ({what})")
+        raise error(f"{path} is a folder, not {what}") from None
+    try:
+        return validate_as(cls, parse_json(data, path), f"{path} ({what})")
+    except InputError as exc:
+        raise error(str(exc)) from None
 
 
 def validate_as(cls: type[Model], value, source: str) -> Model:
@@ -51,3 +57,12 @@ def validate_as(cls: type[Model], value, source: str) -> Model:
         return cls.model_validate(value)
     except ValidationError as exc:
         raise InputError(f"{source}: {first_problem(exc)}") from None
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -12,6 +12,10 @@ class InputError(Exception):
         return " ".join(super().__str__().split())
 
 
+class ManifestError(InputError):
+    """A manifest (of shards, of an index) is missing or damaged; the message names it."""
+
+
 class NonFiniteError(InputError):
     """NaN or infinite numbers where a result would be computed from them (a diverged model, a damaged
     artefact): refused, since a NaN similarity ranks like a perfect one and a NaN loss trains nothing."""

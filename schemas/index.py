@@ -9,6 +9,10 @@ An index is a folder:
   captions.jsonl  {"text", "image"} per caption, `image` = its row in images.jsonl
 
 Embeddings are L2-normalized, so inner product = cosine similarity = the score eval ranks by.
+
+Versions: 1.1 records the extractor configuration of the store the gallery came from, so an image-file
+query is embedded from the index and checkpoint alone; 1.0 indexes (without it) still load and answer
+text and image-id queries, and an image-file query names the rebuild command.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from schemas.base import Frozen, parse_json, validate_as
-from schemas.errors import InputError
+from schemas.base import Frozen, read_model
+from schemas.errors import ManifestError
 from schemas.run import ModelConfig
-from schemas.shard import ManifestError
+from schemas.store import ExtractorConfig
 
-INDEX_SCHEMA_VERSION = "1.0"
+INDEX_SCHEMA_VERSION = "1.1"
 MANIFEST_NAME = "index.json"
 GALLERIES = ("images", "captions")
 
@@ -35,7 +39,7 @@ class IndexedModel(Frozen):
 
 
 class IndexManifest(Frozen):
-    schema_version: Literal["1.0"] = INDEX_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = INDEX_SCHEMA_VERSION
     kind: Literal["faiss.IndexFlatIP"] = "faiss.IndexFlatIP"
     model: IndexedModel
     store: str = Field(description="the feature store the gallery was read from")
@@ -44,13 +48,18 @@ class IndexManifest(Frozen):
     embed_dim: int = Field(gt=0)
     num_images: int = Field(gt=0)
     num_captions: int = Field(gt=0)
+    extractor: ExtractorConfig | None = Field(None, description="the store's extractor: what embeds an image-file "
+                                                                 "query (1.1; None in 1.0 indexes)")
+
+    @model_validator(mode="after")
+    def _extractor_recorded(self) -> IndexManifest:
+        if self.schema_version != "1.0" and self.extractor is None:
+            raise ValueError(f"an index of schema {self.schema_version} records its extractor")
+        return self
 
 
 def read_index_manifest(folder: Path) -> IndexManifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder} is not an index (no {MANIFEST_NAME}; build one with userpipe index)")
-    try:
-        return validate_as(IndexManifest, parse_json(path.read_bytes(), path), f"{path} (index manifest)")
-    except InputError as exc:
-        raise ManifestError(str(exc)) from None
+    return read_model(IndexManifest, path, "index manifest", ManifestError)

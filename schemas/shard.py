@@ -26,8 +26,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from schemas.base import Frozen, parse_json, validate_as
-from schemas.errors import InputError
+from schemas.base import Frozen, parse_json, read_model, validate_as
+from schemas.errors import InputError, ManifestError
 from schemas.store import ExtractorConfig
 
 SHARD_SCHEMA_VERSION = "1.0"
@@ -76,20 +76,11 @@ class ShardManifest(Frozen):
     num_invalid_skipped: int = Field(description="invalid images in the store split, left out")
 
 
-class ManifestError(InputError):
-    """A shard or index manifest is missing or damaged; the message names it."""
-
-
 def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
     """A shard folder or its manifest.json -> (manifest path, validated manifest)."""
     path = Path(location)
     path = path / MANIFEST_NAME if path.is_dir() else path
-    if not path.is_file():
-        raise ManifestError(f"no shard manifest at {path}")
-    try:
-        return path, validate_as(ShardManifest, parse_json(path.read_bytes(), path), f"{path} (shard manifest)")
-    except InputError as exc:
-        raise ManifestError(str(exc)) from None
+    return path, read_model(ShardManifest, path, "shard manifest", ManifestError)
 
 
 @dataclass

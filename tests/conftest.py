@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from trainer.process import quiet_model_loading, reproducible_cpu_math
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: fail at once instead of retrying for ~46 s
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # as `userpipe train` sets it: resumed runs reproduce exactly
+reproducible_cpu_math()  # as `userpipe train` sets it, before any test's first matmul
+quiet_model_loading()  # as every `userpipe` command does
 
 
 def karpathy_record(filename: str, split: str, captions: list[str], imgid: int, cocoid: int | None = None,

@@ -126,8 +126,8 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, 
 
 def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path, tmp_path: Path):
     """`userpipe search --captions FILE` embeds a new image with the store's own extractor configuration."""
-    from pipeline.extract import image_file_features
-    from pipeline.store import open_store
+    from pipeline.features import image_file_features
+    from schemas.store_reader import open_store
 
     out = tmp_path / "coco.zarr"
     result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",

@@ -17,9 +17,9 @@ import yaml
 import zarr
 from conftest import TINY, run_cli
 
-from pipeline.outputs import writer_lock
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import NonFiniteError
+from schemas.outputs import writer_lock
 from trainer.evaluate import retrieval_metrics
 
 
@@ -258,7 +258,7 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",
                      "--clip", "none", "--chunk-size", "2", "--workers", "1", "--num-regions", "4")
     assert result.exit_code == 1 and "3 image(s) could not be used" in result.output, result.output
-    from pipeline.store import open_store
+    from schemas.store_reader import open_store
 
     _, attrs = open_store(out)
     reasons = {f.file.rsplit("/", 1)[-1]: f.error for f in attrs.failures}

@@ -2,7 +2,6 @@
 
 import base64
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +106,6 @@ def b64(array: np.ndarray) -> str:
 
 def write_tsv(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], lxmert: bool = False) -> None:
     """As bottom-up-attention's generate_tsv.py (or LXMERT's variant) writes it."""
-    csv.field_size_limit(sys.maxsize)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
         for image_id, boxes, feats in rows:

@@ -269,7 +269,7 @@ def folder_with(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch, exchange):
-    from pipeline import outputs
+    from schemas import outputs
 
     if not exchange:  # a filesystem without RENAME_EXCHANGE (NFS)
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
@@ -279,7 +279,7 @@ def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch,
 
 
 def test_recover_undoes_a_swap_killed_between_its_two_renames_and_removes_unfinished_builds(tmp_path: Path):
-    from pipeline.outputs import recover
+    from schemas.outputs import recover
 
     folder_with(tmp_path / ".out.old-abc", "old")  # killed after `out -> .out.old-abc`, before `new -> out`
     folder_with(tmp_path / ".out.new-def", "half-built")
@@ -295,8 +295,8 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
     import subprocess
     import sys
 
-    from pipeline.outputs import writer_lock
     from schemas.errors import InputError
+    from schemas.outputs import writer_lock
 
     out = tmp_path / "out"
     with writer_lock(out):
@@ -305,7 +305,7 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
                 pass
     assert not (tmp_path / ".out.lock").exists()
     # a holder killed with SIGKILL: its lock file stays, its lock does not
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.outputs import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from schemas.outputs import writer_lock\n"
                                f"with writer_lock(__import__('pathlib').Path({str(out)!r})):\n"
                                "    print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

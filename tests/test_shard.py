@@ -7,9 +7,9 @@ import webdataset as wds
 import zarr
 from conftest import run_cli
 
-from pipeline.datasets import file_sha256
 from pipeline.shard import plan_shards
 from pipeline.synthetic import write_synthetic_store
+from schemas.base import file_sha256
 from schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
 
 

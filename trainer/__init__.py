@@ -1,1 +1,1 @@
-"""The USER trainer: streaming loader, model, objective, training loop (issues 3-5)."""
+"""The USER trainer: streaming loader, model, objective, training loop; the package graph is in docs/architecture.md."""

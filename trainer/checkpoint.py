@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.outputs import check_free_space, disk_full, fsync_path
 from schemas.base import read_model
 from schemas.errors import InputError
+from schemas.outputs import check_free_space, fsync_path, written_whole
 from schemas.run import RunConfig
 from trainer.captions import CaptionTokenizer
 from trainer.model import USER, build_model
@@ -84,10 +84,8 @@ def recover(run: Path) -> None:
 
 def _point(folder: Path, link: str, target: str) -> None:
     """Switch `folder/link` to `target` in one rename: the link is never missing."""
-    temporary = folder / f".{link}.link"
-    temporary.unlink(missing_ok=True)
-    os.symlink(target, temporary)
-    os.replace(temporary, folder / link)
+    with written_whole(folder / link, scratch=folder / f".{link}.link") as temporary:
+        os.symlink(target, temporary)
 
 
 class _ErrorKeepingFile:
@@ -127,12 +125,10 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
     while (folder / name).exists():  # a resumed run saving a position again that `best` still names
         copies += 1
         name = f"{base}.{copies}"
-    partial = folder / f".{name}{PARTIAL}"
-    shutil.rmtree(partial, ignore_errors=True)
     needed = _bytes_needed(model, optimizer)
     check_free_space(folder, needed)
-    partial.mkdir()
-    try:
+    with written_whole(folder / name, needed, scratch=folder / f".{name}{PARTIAL}") as partial:
+        partial.mkdir()
         try:
             save_model(model, str(partial / WEIGHTS))
         except SafetensorError as exc:  # safetensors reports an I/O error as its own type: keep the errno
@@ -155,10 +151,6 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
         for entry in (WEIGHTS, CONFIG, METRICS, *((BEST_MARKER,) if best else ())):
             fsync_path(partial / entry)
         fsync_path(partial)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise disk_full(exc, folder / name, needed) or exc from None
-    os.replace(partial, folder / name)
     for link in (("last", "best") if best else ("last",)):
         _point(folder, link, name)
     fsync_path(folder)
@@ -221,3 +213,20 @@ def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
     """A checkpoint's model and config, and the tokenizer of its text model: what encoding needs."""
     model, config = load_checkpoint(directory)
     return model, config, CaptionTokenizer.for_text_model(config.model.text_model)
+
+
+def initial_model(config: RunConfig, bert=None) -> USER:
+    """The untrained model a run of `config` starts from (seeded: the same every time)."""
+    torch.manual_seed(config.train.seed)
+    return build_model(config.model, bert)
+
+
+def checkpoint_dir(run: Path | None, checkpoint: Path | None, choices: str = "--run or --checkpoint") -> Path:
+    """The checkpoint a command uses: the one given, else the run's best."""
+    if checkpoint is None and run is None:
+        raise InputError(f"pass {choices}")
+    directory = checkpoint or run / CHECKPOINTS / "best"
+    if not (directory / WEIGHTS).is_file():
+        raise InputError(f"no checkpoint at {directory}")
+    return directory
+

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from pipeline.store import open_store
 from schemas.errors import InputError
 from schemas.run import ModelConfig
+from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
-from trainer.evaluate import check_finite
+from trainer.checkpoint import checkpoint_dir, load_trained
+from trainer.evaluate import PROTOCOLS, check_finite, protocol_metrics
 from trainer.model import USER
 
 IMAGE_BATCH, TEXT_BATCH = 128, 256
@@ -120,3 +121,31 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
     return SplitEmbeddings(images, captions,
                            torch.from_numpy(position[caption_image_all[caption_rows]]).long(),
                            [str(ids[i]) for i in keep], keep, [str(t) for t in texts])
+
+
+def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full") -> dict:
+    """Retrieval metrics of one model's embeddings of a split, or of several models' (an ensemble: their
+    image x caption similarities averaged, as the VSE∞ and USER evaluations ensemble two runs)."""
+    first = embeddings[0]
+    if any(not torch.equal(e.caption_image, first.caption_image) for e in embeddings[1:]):
+        raise InputError("the ensemble's embeddings are of different images or captions; encode one split")
+    sims = sum(e.images @ e.captions.T for e in embeddings) / len(embeddings)
+    try:
+        return protocol_metrics(sims, first.caption_image, protocol)
+    except ValueError as exc:  # a protocol the split does not fit, e.g. coco1k on 1,001 images
+        raise InputError(str(exc)) from None
+
+
+def evaluate_checkpoints(store: Path, split: str, protocol: str, run: Path | None = None,
+                         checkpoint: Path | None = None, ensemble: tuple[Path, ...] = ()) -> dict:
+    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    sources = ([checkpoint_dir(r, None) for r in ensemble] if ensemble else
+               [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")])
+    embeddings = []
+    for source in sources:
+        model, _, tokenizer = load_trained(source)
+        embeddings.append(encode_split(model, store, split, tokenizer))
+    return embedding_metrics(embeddings, protocol)
+

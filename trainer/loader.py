@@ -1,6 +1,6 @@
 """The streaming loader: WebDataset shards -> (image, caption) pair batches, flat in memory.
 
-Stages, each a small generator (webdataset style), composed in `pair_pipeline`:
+Stages, each a small generator (webdataset style), composed in `_EpochStream.__iter__`:
 
   shard list (manifest) -> per-epoch seeded shard order -> split by rank -> split by DataLoader worker
   -> tar reading (webdataset) -> shard-count check -> decode (schemas.shard) -> pairs: every caption

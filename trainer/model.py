@@ -2,8 +2,9 @@
 
 Image: regions (B, K, D) with lengths → enhancement (SGE on raw regions; CGE on projected regions,
 guided by the CLIP global) → fc + MLP residual → GPO → L2 norm.  Text: BERT-family → Linear → GPO →
-L2 norm. Formulas: USER-method.md (Zhang et al. 2023; released code lib/encoders.py), GPO from VSE∞
-(Chen et al. CVPR 2021).
+L2 norm. Formulas: Zhang et al., "Unified Semantic Enhancement with Momentum Contrast for Image-Text
+Retrieval", arXiv 2301.06844 (released code: zhangy0822/USER, lib/encoders.py); GPO from VSE∞ (Chen et al.,
+CVPR 2021).
 """
 
 from __future__ import annotations
@@ -152,9 +153,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         if bert is None:
             from transformers import AutoModel
-            from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # a bar per model load drowns one-line command output
             bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
         if config.text_layers is not None:
             layers = bert.encoder.layer

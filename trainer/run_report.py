@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store import open_store
 from schemas.run import ModelConfig
-from trainer.checkpoint import CHECKPOINTS, load_trained
-from trainer.encode import SplitEmbeddings, encode_split
-from trainer.evaluate import KS, retrieval_metrics
+from schemas.store_reader import open_store
+from trainer.checkpoint import CHECKPOINTS, initial_model, load_trained
+from trainer.encode import SplitEmbeddings, embedding_metrics, encode_split
+from trainer.evaluate import KS, format_table
+from trainer.run_dir import LOG_NAME, JsonLog
 from trainer.search import thumbnail
-from trainer.train import JsonLog, initial_model
 
 GRID_QUERIES, GRID_TOP = 4, 5
 
@@ -49,10 +49,6 @@ def run_label(config: ModelConfig) -> str:
     return name if config.use_queue else f"{name} without queue"
 
 
-def _metrics(emb: SplitEmbeddings) -> dict:
-    return retrieval_metrics(emb.images @ emb.captions.T, emb.caption_image)
-
-
 def _row(name: str, m: dict) -> str:
     cells = [m[side][f"r{k}"] for side in ("i2t", "t2i") for k in KS]
     return f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {m['rsum']:.1f} |\n"
@@ -68,16 +64,13 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
 
 def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> list[dict]:
     """GRID_QUERIES captions spread over the split, each with its top-5 images (green = its own image)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     picks = np.linspace(0, len(emb.captions) - 1, GRID_QUERIES).round().astype(int)
     scores, top = (emb.captions[picks] @ emb.images.T).topk(min(GRID_TOP, len(emb.images)), dim=1)
     queries = []
     rows, cols = len(picks), top.shape[1]
-    fig = plt.figure(figsize=(2.0 * cols, 2.2 * rows))  # laid out by hand: each row a query line over its images
+    fig = Figure(figsize=(2.0 * cols, 2.2 * rows))  # laid out by hand: each row a query line over its images
     for q, caption in enumerate(picks):
         truth = int(emb.caption_image[caption])
         hits = [{"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
@@ -95,7 +88,6 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
                 spine.set_linewidth(5 if hit["correct"] else 1)
             ax.set_xlabel(f"#{col + 1} {hit['image_id']}  {hit['score']:.3f}", fontsize=8)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return queries
 
 
@@ -107,14 +99,14 @@ def _evaluate(run: Path, store: Path, split: str):
 def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
     model, config, tokenizer, trained = _evaluate(run, store, split)
     untrained_model = initial_model(config).to(next(model.parameters()).device)
-    metrics = {"trained": _metrics(trained), "untrained": _metrics(encode_split(untrained_model, store, split, tokenizer)),
+    metrics = {"trained": embedding_metrics([trained]), "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
                "chance": chance_metrics(trained.caption_image, len(trained.images))}
-    validations = [r for r in JsonLog(run / "log.jsonl").records() if "val" in r]
+    validations = [r for r in JsonLog(run / LOG_NAME).records() if "val" in r]
     best_epoch = max(validations, key=lambda r: r["val"]["rsum"])["epoch"] if validations else "?"
     ablation = [(run_label(config.model), run, metrics["trained"])]
     for other in compare:
         _, other_config, _, embeddings = _evaluate(other, store, split)
-        ablation.append((run_label(other_config.model), other, _metrics(embeddings)))
+        ablation.append((run_label(other_config.model), other, embedding_metrics([embeddings])))
     root, attrs = open_store(store)
     relative = root[split]["file"][:]
     files = [Path(attrs.image_root) / str(relative[row]) if attrs.image_root else None for row in trained.image_rows]
@@ -137,3 +129,32 @@ def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) ->
     (run / "report.json").write_text(json.dumps(result, indent=1))
     return result
 
+
+def write_training_summary(run: Path, records: list[dict]) -> None:
+    """loss.png, val_rsum.png and summary.md beside the log, at the end of training.
+    (matplotlib's Figure draws without pyplot, so no process-wide backend is chosen.)"""
+    from matplotlib.figure import Figure
+
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val" in r]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for key in ("loss", "batch", "queue"):
+        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=0.8)
+    ax.set(xlabel="step", ylabel="UTO", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=120)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
+    ax.set(xlabel="step", ylabel="RSUM", title="validation RSUM")
+    fig.tight_layout()
+    fig.savefig(run / "val_rsum.png", dpi=120)
+    best = max(vals, key=lambda r: r["val"]["rsum"])
+    untrained = [r for r in vals if r["step"] == 0]
+    (run / "summary.md").write_text(
+        f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
+        f"(epoch {best['epoch']}).\n\n" + format_table(best["val"], "## Best validation") +
+        (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "") +
+        "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n")

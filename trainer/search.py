@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.datasets import file_sha256
-from pipeline.outputs import (
+from schemas.base import file_sha256
+from schemas.errors import InputError
+from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
+from schemas.outputs import (
     INDEX,
     check_apart,
     check_file_target,
@@ -33,18 +35,17 @@ from pipeline.outputs import (
     write_text_atomic,
     writer_lock,
 )
-from pipeline.store import open_store
-from schemas.errors import InputError
-from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
+from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
-from trainer.encode import check_store_fits, encode_regions, encode_split, encode_texts
+from trainer.checkpoint import WEIGHTS, checkpoint_dir, load_trained
+from trainer.encode import encode_regions, encode_split, encode_texts
 from trainer.model import USER
 
 THUMBNAIL = 160  # px, longer side, in the HTML page and the report's query grid
 
 
 def model_sha256(checkpoint: Path) -> str:
-    return file_sha256(checkpoint / "model.safetensors")
+    return file_sha256(checkpoint / WEIGHTS)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -59,6 +60,14 @@ def _flat_ip(vectors: torch.Tensor):
     return index
 
 
+def index_command(store: Path, out: Path, split: str, run: Path | None = None, checkpoint: Path | None = None,
+                  image_root: Path | None = None) -> IndexManifest:
+    """`userpipe index`: a run's best checkpoint (or the checkpoint given) indexes a store split."""
+    source = checkpoint_dir(run, checkpoint)
+    model, _, tokenizer = load_trained(source)
+    return build_index(model, source, tokenizer, store, split, out, image_root)
+
+
 def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, store: Path, split: str, out: Path,
                 image_root: Path | None = None) -> IndexManifest:
     """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
@@ -71,7 +80,8 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     manifest = IndexManifest(
         model=IndexedModel(checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config),
         store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
-        embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions))
+        embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions),
+        extractor=attrs.extractor)
     with writer_lock(out):
         recover(out)
         temporary = scratch_beside(out)
@@ -108,6 +118,7 @@ class Hit:
     row: int  # row in the gallery's .jsonl
     item: dict  # that row: {"id", "file", "row"} for images, {"text", "image"} for captions
     correct: bool | None  # a ground-truth match; None when the query has no known match
+    image_id: str  # the image's id: the hit's own, or a caption's image's
 
 
 class SearchIndex:
@@ -169,17 +180,18 @@ class SearchIndex:
 
     def image_query(self, model: USER, query: str, k: int) -> list[Hit]:
         """Top-k captions for an image: the id of an indexed image (its stored embedding; its captions are
-        correct), or an image file (embedded with the store's extractor and `model`)."""
-        from pipeline.extract import image_file_features
+        correct), or an image file (embedded with the extractor the index records, and `model`)."""
+        from pipeline.features import image_file_features
 
         own = self.image_row.get(query)
         if own is not None:
             embedding = torch.from_numpy(self._index("images").reconstruct(own))[None]
         elif Path(query).is_file():
-            store = Path(self.manifest.store)
-            root, attrs = open_store(store)
-            check_store_fits(model.config, store, attrs, root[self.manifest.split])
-            features, count, global_embedding = image_file_features(attrs.extractor, Path(query))
+            extractor = self.manifest.extractor
+            if extractor is None:
+                raise InputError(f"{self.folder} is an index of schema 1.0, which does not record its extractor; "
+                                 "rebuild it with userpipe index to query it with image files")
+            features, count, global_embedding = image_file_features(extractor, Path(query))
             cge = model.config.enhancement == "cge"
             model.eval()
             embedding = encode_regions(model, features[None], np.array([count]),
@@ -191,8 +203,32 @@ class SearchIndex:
                           lambda row: None if own is None else self.items["captions"][row]["image"] == own)
 
     def _hits(self, scores, rows, gallery: str, correct) -> list[Hit]:
-        return [Hit(rank, float(score), int(row), self.items[gallery][row], correct(int(row)))
-                for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1)]
+        hits = []
+        for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1):
+            item = self.items[gallery][row]
+            image = item if gallery == "images" else self.items["images"][item["image"]]
+            hits.append(Hit(rank, float(score), int(row), item, correct(int(row)), image["id"]))
+        return hits
+
+
+def search_command(index: Path, query: str, k: int, images: bool, run: Path | None = None,
+                   checkpoint: Path | None = None, html_out: Path | None = None) -> tuple[SearchIndex, list[Hit]]:
+    """`userpipe search`: the top-k images for a text (`images`) or captions for an image id or file, with the
+    model the index was built with; also written as an HTML page to `html_out`."""
+    if html_out:
+        check_html_target(html_out)
+    if not query.strip():
+        raise InputError("the query is empty")
+    if k <= 0:
+        raise InputError(f"-k must be positive, got {k}")
+    source = checkpoint_dir(run, checkpoint)
+    searcher = SearchIndex(index)
+    searcher.check_model(source)
+    model, _, tokenizer = load_trained(source)
+    hits = searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k)
+    if html_out:
+        write_html(html_out, searcher, query, "images" if images else "captions", hits)
+    return searcher, hits
 
 
 def thumbnail(path: Path | None) -> Image.Image | None:
@@ -241,7 +277,7 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
         head = _img_tag(index.file(own) if own is not None else Path(query), query)
         cards = "<ol>" + "".join(
             f"<li class='{_mark(h)}'>{html.escape(h.item['text'])} <small>(image "
-            f"{html.escape(index.items['images'][h.item['image']]['id'])}, score {h.score:.3f})</small></li>"
+            f"{html.escape(h.image_id)}, score {h.score:.3f})</small></li>"
             for h in hits) + "</ol>"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out,

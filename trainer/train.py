@@ -15,10 +15,8 @@ its first checkpoint starts again. A resume must use the run's recipe and data, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +25,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.outputs import RUN, check_apart, create_with, existing, recover, write_text_atomic, writer_lock
-from schemas.base import parse_json, read_model
 from schemas.errors import InputError, NonFiniteError
-from schemas.run import RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
+from schemas.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
+from schemas.run import RUN_RECORD_NAME, RunConfig
 from trainer import checkpoint
 from trainer.captions import CaptionTokenizer
-from trainer.checkpoint import CHECKPOINTS
-from trainer.encode import encode_split, open_split
-from trainer.evaluate import retrieval_metrics
+from trainer.checkpoint import CHECKPOINTS, initial_model
+from trainer.config import load_run_config, parse_overrides
+from trainer.encode import embedding_metrics, encode_split, open_split
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
-from trainer.model import USER, build_model
+from trainer.model import USER
+from trainer.process import reproducible_cpu_math
+from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
+from trainer.run_report import write_training_summary
 
 
 @dataclass
@@ -82,126 +82,19 @@ def learning_rate(recipe, epoch: int, global_step: int) -> float:
     return lr
 
 
-def initial_model(config: RunConfig, bert=None) -> USER:
-    """The untrained model a run of `config` starts from (seeded: the same every time)."""
-    torch.manual_seed(config.train.seed)
-    return build_model(config.model, bert)
-
-
 def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: int | None) -> dict:
-    emb = encode_split(model, store, "val", tokenizer, max_images, progress=False)
-    return retrieval_metrics(emb.images @ emb.captions.T, emb.caption_image)
+    return embedding_metrics([encode_split(model, store, "val", tokenizer, max_images, progress=False)])
 
 
-class JsonLog:
-    """log.jsonl: one JSON object per line, appended. A kill can cut only the line being appended: reading
-    drops a last line without its newline, and a resume rewrites the log without it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_bytes().split(b"\n")[:-1]  # the part after the last newline: empty, or cut
-        records = [parse_json(line, f"{self.path} line {number}") for number, line in enumerate(lines, 1)]
-        wrong = next((n for n, r in enumerate(records, 1) if not isinstance(r, dict)), None)
-        if wrong is not None:
-            raise InputError(f"{self.path} line {wrong} is not a log record (a JSON object)")
-        return records
-
-    def truncate_after(self, global_step: int) -> None:
-        """On resume: drop what the killed run logged past the checkpoint it resumes from (and the change
-        a killed resume recorded there: the resume records its own)."""
-        kept = [r for r in self.records()
-                if r.get("step", 0) < global_step or r.get("step", 0) == global_step and "change" not in r]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def shards_identity(shards: ShardSet) -> str:
-    """The shard set a run reads, by content: the manifest records of the selected shards."""
-    records = [[Path(u).name, n, c, h] for u, n, c, h in zip(shards.urls, shards.samples, shards.captions,
-                                                              shards.sha256, strict=True)]
-    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
-
-
-def _flat(config: RunConfig) -> dict:
-    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
-            if isinstance(fields, dict) for key, value in fields.items()}
-
-
-def differences(before: RunConfig, before_data: RunData | None, after: RunConfig, after_data: RunData) -> dict:
-    """field -> (before, after) for every recipe, model and data field that differs."""
-    old, new = _flat(before), _flat(after)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-    if before_data is not None:
-        if before_data.shards_sha256 != after_data.shards_sha256:
-            changed["shards"] = (before_data.shards, after_data.shards)
-        if before_data.val_store != after_data.val_store:
-            changed["val_store"] = (before_data.val_store, after_data.val_store)
-    return changed
-
-
-@dataclass
-class Start:
-    """Where a run begins: from nothing, or from its last checkpoint's state."""
-
-    config: RunConfig
-    record: RunRecord
-    state: dict | None = None
-    change: RunChange | None = None  # made by this resume (--allow-change)
-
-
-def _start(run: Path, config: RunConfig, data: RunData, resume: bool, allow_change: bool,
-           console: Console) -> Start:
-    """Decide how the run starts, refusing before anything is written (called under the writer lock)."""
-    found = existing(run, RUN)
-    recover(run)
-    checkpoint.recover(run)
-    record_path = run / RUN_RECORD_NAME
-    if found == "own" and checkpoint.has_checkpoint(run):
-        if not resume:
-            raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
-        last = run / CHECKPOINTS / "last"
-        previous = read_model(RunConfig, last / checkpoint.CONFIG, "checkpoint configuration")
-        record = read_model(RunRecord, record_path, "run record") if record_path.is_file() else RunRecord(data=data)
-        changed = differences(previous, record.data if record_path.is_file() else None, config, data)
-        model_changes = [k for k in changed if k.startswith("model.")]
-        if model_changes:
-            raise InputError(f"--resume: {run} holds a checkpoint of another model configuration "
-                             f"({_listed(changed, model_changes)})")
-        # everything a resume reads is read (and a damaged file refused) before anything is written
-        JsonLog(run / "log.jsonl").records()
-        state = checkpoint.load_state(last / checkpoint.STATE)
-        step = state["position"]["global_step"]
-        # changes recorded by a resume killed before its next checkpoint were never applied: forget them
-        record = record.model_copy(update={"data": data, "changes": tuple(c for c in record.changes if c.step < step)})
-        if changed:
-            if not allow_change:
-                raise InputError(f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
-                                 "--allow-change to continue with the change recorded in the run, or resume as it was")
-            change = RunChange(step=step, fields=changed)
-            console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {step}")
-            return Start(config, record.model_copy(update={"changes": (*record.changes, change)}), state, change)
-        return Start(config, record, state)
-    if resume and found != "own":
-        raise InputError(f"--resume: no run in {run}")
-    if found == "own" and checkpoint.has_states(run):  # damaged or removed by hand: keep what is there
-        raise InputError(f"{run}/{CHECKPOINTS} holds saved states but no usable 'last' checkpoint (removed or "
-                         "damaged); point the link 'last' at one of them to resume, or choose another --out")
-    if found == "own":  # killed before its first checkpoint: nothing to continue, so it starts again
-        console.print(f"{run} has no checkpoint yet: starting it again")
-        shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
-        (run / "log.jsonl").unlink(missing_ok=True)
-    return Start(config, RunRecord(data=data))
-
-
-def _listed(changed: dict, keys: list[str]) -> str:
-    return ", ".join(f"{k} {changed[k][0]} -> {changed[k][1]}" for k in keys)
+def train_command(run: Path, shards: str | None, val_store: Path | None, config: str | None, overrides: list[str],
+                  resume: bool, allow_change: bool, console: Console) -> dict:
+    """`userpipe train`: the run's inputs (on --resume, the run's own unless given), its configuration, then
+    `train`. Sets the process's CPU math first (trainer/process.py)."""
+    reproducible_cpu_math()
+    shards, val_store = resume_inputs(run, shards, val_store, resume)
+    base = config or (checkpoint.run_config_of(run) if resume else "demo")
+    return train(run, shards, val_store, load_run_config(base, parse_overrides(overrides)), resume, console,
+                 allow_change=allow_change)
 
 
 def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resume: bool, console: Console,
@@ -211,11 +104,9 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
     check_fits(config, shards, shards_spec)
     check_apart(run, [Path(shards.urls[0]).parent, val_store])
     existing(run, RUN)
-    spec = Path(shards_spec)  # resolved (a brace pattern: its folder), so a resume works from anywhere
-    data = RunData(shards=str(spec.parent.resolve() / spec.name), shards_sha256=shards_identity(shards),
-                   val_store=str(val_store.resolve()))
+    data = run_data(shards_spec, shards, val_store)
     with writer_lock(run):
-        start = _start(run, config, data, resume, allow_change, console)
+        start = start_run(run, config, data, resume, allow_change, console)
         return _train(run, shards, shards_spec, val_store, start, console, bert)
 
 
@@ -241,7 +132,7 @@ def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start
     model = initial_model(config, bert).to(device)
     optimizer = build_optimizer(model, recipe)
     position = Position()
-    log = JsonLog(run / "log.jsonl")
+    log = JsonLog(run / LOG_NAME)
     state = start.state
     if state is not None:
         checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
@@ -294,7 +185,7 @@ def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start
                     _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
             position.epoch, position.step = position.epoch + 1, 0
             _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
-    write_report(run, log.records())
+    write_training_summary(run, log.records())
     return json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
 
 
@@ -317,35 +208,3 @@ def _validate_and_save(run, model, optimizer, config, position, val_store, token
     checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best)
 
 
-def write_report(run: Path, records: list[dict]) -> None:
-    """loss.png, val_rsum.png and summary.md beside the log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in records if "loss" in r]
-    vals = [r for r in records if "val" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "batch", "queue"):
-        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=0.8)
-    ax.set(xlabel="step", ylabel="UTO", title="training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
-    ax.set(xlabel="step", ylabel="RSUM", title="validation RSUM")
-    fig.tight_layout()
-    fig.savefig(run / "val_rsum.png", dpi=120)
-    plt.close(fig)
-    from trainer.evaluate import format_table
-
-    best = max(vals, key=lambda r: r["val"]["rsum"])
-    untrained = [r for r in vals if r["step"] == 0]
-    (run / "summary.md").write_text(
-        f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
-        f"(epoch {best['epoch']}).\n\n" + format_table(best["val"], "## Best validation") +
-        (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "") +
-        "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n")

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from schemas.errors import InputError
+from trainer.process import quiet_model_loading
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="USER image-text retrieval: extract features -> shard -> train -> eval, then index and search.")
@@ -87,27 +88,22 @@ def extract(
 ) -> None:
     """Compute region features and global embeddings into a Zarr store (resumable)."""
     from pipeline.datasets import parse_splits
-    from pipeline.extract import ExtractOptions, prepare, run_extract
+    from pipeline.extract import ExtractOptions, run_extract
 
-    if workers < 1:
-        raise InputError("--workers must be at least 1")
-    if images is not None and dataset != "demo":
-        raise InputError("--images only applies to --dataset demo")
     opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
                           detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
                           scheduler, overwrite)
-    prepared = prepare(opts)
-    attrs = run_extract(prepared, opts, console)
+    out, attrs = run_extract(opts, console)
     for split, summary in attrs.splits.items():
         console.print(f"{split}: {summary.num_images} images, {summary.num_captions} captions, "
                       f"{summary.num_invalid} invalid")
-    console.print(f"wrote {prepared.out}")
+    console.print(f"wrote {out}")
     if attrs.failures:
         console.print(f"[red]{len(attrs.failures)} image(s) could not be used:[/red]")
         for f in attrs.failures[:SHOWN_FAILURES]:
             console.print(f"  {f.split}[{f.index}] {f.image_id} {f.file}: {f.error}", highlight=False)
         if len(attrs.failures) > SHOWN_FAILURES:
-            console.print(f"  ... {len(attrs.failures) - SHOWN_FAILURES} more (userpipe info {prepared.out} --json)")
+            console.print(f"  ... {len(attrs.failures) - SHOWN_FAILURES} more (userpipe info {out} --json)")
         if not allow_failures:
             raise typer.Exit(EXIT_FAILURES)
 
@@ -116,7 +112,7 @@ def extract(
 def info(path: Path = typer.Argument(..., help="a store written by userpipe extract"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
-    from pipeline.store import store_summary
+    from schemas.store_reader import store_summary
 
     summary = store_summary(path)
     if as_json:
@@ -161,11 +157,8 @@ def shard(
     """Pack a store split into WebDataset tar shards with a manifest (resumable)."""
     from pipeline.shard import ShardOptions, run_shard
 
-    out = out or store.with_name(store.stem + "-shards") / split
-    if workers < 1:
-        raise InputError("--workers must be at least 1")
-    manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
-                                      overwrite), console)
+    out, manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
+                                           overwrite), console)
     console.print(f"wrote {len(manifest.shards)} shards to {out}: {manifest.num_samples} images, "
                   f"{manifest.num_captions} captions, {manifest.num_invalid_skipped} invalid images left out")
 
@@ -176,10 +169,9 @@ def verify(path: Path = typer.Argument(..., help="a store written by userpipe ex
     """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
     exit 1 if any is missing, truncated or altered."""
     if (path / "zarr.json").is_file():
-        from pipeline.store import REPAIR, open_store, store_problems
+        from schemas.store_reader import REPAIR, verify_store
 
-        root, attrs = open_store(path)
-        problems = store_problems(path, root, attrs)
+        attrs, problems = verify_store(path)
         for problem in problems:
             console.print(f"[red]{problem.array}[/red] chunk {problem.chunk}: {problem.problem}", highlight=False)
         if problems:
@@ -214,38 +206,12 @@ def train(
                                                   "(e.g. more epochs), recorded in run.json and the log"),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
-    # MKL picks matmul kernels by memory alignment, so the same CPU run differs in the last bits
-    # between processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it).
-    # Its conditional-reproducibility mode fixes that; MKL_CBWR=AUTO trades it for speed.
-    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-    from schemas.base import read_model
-    from schemas.run import RUN_RECORD_NAME, RunRecord
-    from trainer.checkpoint import run_config_of
-    from trainer.config import load_run_config, parse_overrides
     from trainer.evaluate import format_table
-    from trainer.train import train as run_training
+    from trainer.train import train_command
 
-    if resume and (shards is None or val_store is None) and (out / RUN_RECORD_NAME).is_file():
-        data = read_model(RunRecord, out / RUN_RECORD_NAME, "run record").data
-        shards, val_store = shards or data.shards, val_store or Path(data.val_store)
-    if shards is None or val_store is None:
-        raise InputError(f"pass {'--shards' if shards is None else '--val-store'}")
-    base = config or (run_config_of(out) if resume else "demo")
-    run_config = load_run_config(base, parse_overrides(set_))
-    best = run_training(out, shards, val_store, run_config, resume, console, allow_change=allow_change)
+    best = train_command(out, shards, val_store, config, set_, resume, allow_change, console)
     print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
-
-
-def _checkpoint(run: Path | None, checkpoint: Path | None, choices: str = "--run or --checkpoint") -> Path:
-    from trainer.checkpoint import CHECKPOINTS
-
-    if checkpoint is None and run is None:
-        raise InputError(f"pass {choices}")
-    directory = checkpoint or run / CHECKPOINTS / "best"
-    if not (directory / "model.safetensors").is_file():
-        raise InputError(f"no checkpoint at {directory}")
-    return directory
 
 
 @command("eval")
@@ -259,24 +225,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
-    from trainer.checkpoint import CHECKPOINTS, load_trained
-    from trainer.encode import encode_split
-    from trainer.evaluate import PROTOCOLS, format_table, protocol_metrics
+    from trainer.encode import evaluate_checkpoints
+    from trainer.evaluate import format_table
 
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
-    sources = ([Path(r) / CHECKPOINTS / "best" for r in ensemble.split(",")] if ensemble else
-               [_checkpoint(run, checkpoint, "--run, --checkpoint or --ensemble")])
-    sims, caption_image = 0, None
-    for source in sources:
-        model, _, tokenizer = load_trained(source)
-        emb = encode_split(model, store, split, tokenizer)
-        sims = sims + emb.images @ emb.captions.T / len(sources)
-        caption_image = emb.caption_image
-    try:
-        metrics = protocol_metrics(sims, caption_image, protocol)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
+    metrics = evaluate_checkpoints(store, split, protocol, run, checkpoint, runs)
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:
@@ -294,12 +247,9 @@ def index(
                                                "(default: where extract found them)"),
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
-    from trainer.checkpoint import load_trained
-    from trainer.search import build_index
+    from trainer.search import index_command
 
-    source = _checkpoint(run, checkpoint)
-    model, _, tokenizer = load_trained(source)
-    manifest = build_index(model, source, tokenizer, store, split, out, image_root)
+    manifest = index_command(store, out, split, run, checkpoint, image_root)
     console.print(f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
                   f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
 
@@ -327,30 +277,12 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
-    from trainer.checkpoint import load_trained
-    from trainer.search import SearchIndex, check_html_target, write_html
+    from trainer.search import search_command
 
-    gallery = "images" if images else "captions"
-    if html_out:
-        check_html_target(html_out)
-    if not query.strip():
-        raise InputError("the query is empty")
-    if k <= 0:
-        raise InputError(f"-k must be positive, got {k}")
-    source = _checkpoint(run, checkpoint)
-    searcher = SearchIndex(index)
-    searcher.check_model(source)
-    model, _, tokenizer = load_trained(source)
-    hits = (searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k))
-    if html_out:
-        write_html(html_out, searcher, query, gallery, hits)
-    if as_json:
-        rows = [{"rank": h.rank, "score": h.score, **h.item} for h in hits]
-        for row, h in zip(rows, hits, strict=True):
-            if not images:  # a caption's image by id, beside its row number
-                row["image_id"] = searcher.items["images"][h.item["image"]]["id"]
-            row["correct"] = h.correct
-        print(json.dumps(rows, indent=1))
+    searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
+    if as_json:  # a caption's image by id too, beside its row number
+        print(json.dumps([{"rank": h.rank, "score": h.score, **h.item, **({} if images else {"image_id": h.image_id}),
+                           "correct": h.correct} for h in hits], indent=1))
     else:
         mark = {True: "[green]yes[/green]", False: "no", None: ""}
         if images:
@@ -361,8 +293,7 @@ def search(
         else:
             table = Table("rank", "score", "caption", "its image", "match", title=f"captions for {query}")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["text"],
-                              searcher.items["images"][h.item["image"]]["id"], mark[h.correct])
+                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["text"], h.image_id, mark[h.correct])
         Console(soft_wrap=True).print(table)
     if html_out:
         console.print(f"wrote {html_out}")
@@ -388,6 +319,7 @@ def report(
 
 
 def main() -> None:
+    quiet_model_loading()
     try:
         app()
     except BrokenPipeError:  # `userpipe info --json | head`

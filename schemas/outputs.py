@@ -282,12 +282,33 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A whole file or the previous one, never a part: write beside, then rename."""
-    temporary = path.with_name(f".{path.name}.tmp")
+@contextmanager
+def written_whole(path: Path, needed: int = 0, scratch: Path | None = None) -> Iterator[Path]:
+    """The one way a file, link or new folder appears under its name: the caller writes it at the scratch
+    name this yields (beside `path`: `.NAME.tmp` unless given), and it is renamed onto `path` in one step
+    when the block ends, so readers see the previous entry or the new one, whole. A failure removes the
+    scratch entry; a full disk becomes DiskFullError quoting `needed` bytes."""
+    temporary = scratch or path.with_name(f".{path.name}.tmp")
+    _remove(temporary)
     try:
-        temporary.write_text(text, encoding="utf-8")
+        yield temporary
         os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise disk_full(exc, path, len(text.encode())) or exc from None
+    except BaseException as exc:
+        _remove(temporary)
+        if isinstance(exc, OSError):
+            raise disk_full(exc, path, needed) or exc from None
+        raise
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A whole text file or the previous one, never a part."""
+    data = text.encode()
+    with written_whole(path, len(data)) as temporary:
+        temporary.write_bytes(data)

@@ -1,0 +1,86 @@
+"""One image → the features a store row holds, with the extractor a store records: used by the extract
+driver for every image and by `userpipe search` for an image-file query. The driver (pipeline/extract.py)
+distributes it; this module is the library."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.global_encoders import GlobalEncoder
+from pipeline.importers import read_imported
+from pipeline.regions import RegionExtractor
+from schemas.errors import InputError
+from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
+
+
+@lru_cache(maxsize=2)
+def extractor_models(config_json: str) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
+    """Built once per worker process and configuration."""
+    config = ExtractorConfig.model_validate_json(config_json)
+    regions = None if config.regions.kind in IMPORTED_REGION_KINDS else RegionExtractor(config)
+    encoder = None if config.global_encoder.kind == "none" else GlobalEncoder(config.global_encoder)
+    return config, regions, encoder
+
+
+def load_image(path: str) -> Image.Image:
+    if not path:
+        raise FileNotFoundError("no image file is known for this id (not in the dataset's Karpathy JSON)")
+    # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer; the file's
+    # type is then checked on the open descriptor (no race with a rename), a symlink loop fails in open
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(descriptor)
+        names = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+        raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
+    with open(descriptor, "rb") as file, Image.open(file) as image:
+        return image.convert("RGB")  # forces a full decode, so truncated files fail here
+
+
+@dataclass
+class ImageResult:
+    features: np.ndarray  # (k, D), k <= R
+    boxes: np.ndarray | None  # (k, 4); None when the source has none
+    width: int = 0
+    height: int = 0
+
+
+def image_features(config: ExtractorConfig, extractor: RegionExtractor | None, image: Image.Image | None,
+               annotated_boxes, ref) -> ImageResult:
+    if extractor is not None:
+        features, boxes = extractor(image, annotated_boxes)
+        return ImageResult(features, boxes, *image.size)
+    if ref is None:
+        raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
+    imported = read_imported(config.regions.kind, ref, config.feature_dim)
+    k = config.num_regions  # the first R of the source's boxes (sorted by confidence by BUTD tools)
+    boxes = imported.boxes[:k] if imported.boxes is not None else None
+    width, height = image.size if image is not None else (imported.width, imported.height)
+    return ImageResult(imported.features[:k], boxes, width, height)
+
+
+def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and float16-rounded,
+    their count, and the global embedding (None without a global encoder). For `userpipe search` queries."""
+    if config.regions.kind in IMPORTED_REGION_KINDS:
+        raise InputError(f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
+                         "a new image; query with an image id from the index")
+    _, extractor, encoder = extractor_models(config.model_dump_json())
+    try:
+        image = load_image(str(path))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    result = image_features(config, extractor, image, None, None)
+    k = len(result.features)
+    regions = np.zeros((config.num_regions, config.feature_dim), np.float16)
+    regions[:k] = result.features
+    clip = encoder.encode_images([image])[0].astype(np.float16) if encoder else None
+    return regions, k, clip
