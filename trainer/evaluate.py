@@ -2,9 +2,10 @@
 (Lee et al. 2018), VSE∞ (Chen et al. 2021) and USER (its released evaluation.py): 1K as 5-fold means, 5K, F30K 1K.
 
 Ranks are counted, not sorted: an item's 0-based rank is the number of items scoring strictly
-higher, plus the tied items that a stable descending sort of the reference form
-(`np.argsort(d, kind="stable")[::-1]`) puts first, i.e. tied items with a larger index. That equals
-the reference's per-query argsort positions, and runs block by block with bounded memory.
+higher, plus the tied items that a stable descending sort (`np.argsort(d, kind="stable")[::-1]`) puts
+first, i.e. tied items with a larger index. That equals the released evaluation's per-query argsort
+positions wherever the ground truth has no exact tie (where it has one, numpy's default sort leaves the
+order unspecified). Both directions count over one pass of the similarity rows, with bounded memory.
   i2t: rank of image i = the best rank among its captions;  t2i: rank of caption c = rank of its image.
   R@K = 100 · mean(rank < K); medr = floor(median(rank)) + 1; meanr = mean(rank) + 1;
   RSUM = i2t (R@1 + R@5 + R@10) + t2i (R@1 + R@5 + R@10).
@@ -18,7 +19,7 @@ import torch
 from schemas.errors import NonFiniteError
 
 KS = (1, 5, 10)
-BLOCK = 256  # queries per block: BLOCK × (images or captions) comparisons at a time
+ROWS = 64  # image rows per block: a (64, C) slice stays in cache while both directions count over it
 PROTOCOLS = ("coco1k", "coco5k", "f30k", "full")
 FOLDS = 5
 
@@ -27,43 +28,41 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
-def _counted_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per row: position of column `target[row]` in a stable descending argsort of the row."""
-    rows = torch.arange(len(scores))
-    gt = scores[rows, target][:, None]
-    columns = torch.arange(scores.shape[1])[None, :]
-    return (scores > gt).sum(1) + ((scores == gt) & (columns > target[:, None])).sum(1)
+def ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based i2t ranks (N,) and t2i ranks (C,), counted in one pass over the rows of `sims`.
 
-
-def i2t_ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
-    n = sims.shape[0]
-    ranks = torch.empty(n, dtype=torch.long)
-    columns = torch.arange(sims.shape[1])
-    for start in range(0, n, BLOCK):
-        block = sims[start:start + BLOCK]
-        own = caption_image[None, :] == torch.arange(start, start + len(block))[:, None]
-        # the image's best caption: highest score, ties to the larger index (the smaller stable rank)
-        key = torch.where(own, block, torch.tensor(float("-inf"), dtype=block.dtype))
-        best_score = key.max(dim=1, keepdim=True).values
-        best = torch.where(own & (key == best_score), columns[None, :], -1).max(dim=1).values
-        ranks[start:start + len(block)] = _counted_ranks(block, best)
-    return ranks
-
-
-def t2i_ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
-    c = sims.shape[1]
-    ranks = torch.empty(c, dtype=torch.long)
-    for start in range(0, c, BLOCK):
-        block = sims[:, start:start + BLOCK].T  # (captions, images)
-        ranks[start:start + len(block)] = _counted_ranks(block, caption_image[start:start + len(block)])
-    return ranks
+    An item's rank is the number of items scoring strictly higher, plus the tied items with a larger index
+    (what a stable descending argsort puts first). Exact ties are rare in float scores, so they are
+    counted again only for the queries that have any.
+    """
+    n, c = sims.shape
+    columns, rows = torch.arange(c), torch.arange(n)
+    own = sims[caption_image, columns]  # (C,) each caption's score with its own image
+    # i2t: an image's rank is its best caption's: the highest own score, ties to the larger caption index
+    best_score = torch.full((n,), float("-inf"), dtype=sims.dtype).scatter_reduce(0, caption_image, own, "amax")
+    best = torch.full((n,), -1).scatter_reduce(0, caption_image,
+                                               torch.where(own == best_score[caption_image], columns, -1), "amax")
+    i2t, t2i, t2i_at_least = torch.empty(n, dtype=torch.long), torch.zeros(c, dtype=torch.long), torch.zeros(c, dtype=torch.long)
+    for start in range(0, n, ROWS):
+        block, threshold = sims[start:start + ROWS], best_score[start:start + ROWS, None]
+        i2t[start:start + ROWS] = (block > threshold).sum(1)
+        tied = ((block == threshold).sum(1) > 1).nonzero().squeeze(1)  # the best caption ties another caption
+        if len(tied):
+            i2t[start + tied] += ((block[tied] == threshold[tied]) & (columns > best[start + tied, None])).sum(1)
+        t2i += (block > own).sum(0)
+        t2i_at_least += (block >= own).sum(0)
+    tied = (t2i_at_least - t2i > 1).nonzero().squeeze(1)  # the own image ties another image
+    if len(tied):
+        t2i[tied] += ((sims[:, tied] == own[tied]) & (rows[:, None] > caption_image[tied])).sum(0)
+    return i2t, t2i
 
 
 def _summary(ranks: torch.Tensor) -> dict[str, float]:
-    r = ranks.double()
-    out = {f"r{k}": 100.0 * (r < k).double().mean().item() for k in KS}
-    out["medr"] = float(np.floor(np.median(r.numpy())) + 1)
-    out["meanr"] = r.mean().item() + 1
+    """The released evaluation's formulas on the same float64 ranks, so the numbers agree to the last bit."""
+    r = ranks.numpy().astype(np.float64)
+    out = {f"r{k}": 100.0 * int((r < k).sum()) / len(r) for k in KS}
+    out["medr"] = float(np.floor(np.median(r)) + 1)
+    out["meanr"] = float(r.mean() + 1)
     return out
 
 
@@ -84,8 +83,8 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
     """
     sims = _as_tensor(sims)
     n, c = sims.shape
-    finite = torch.isfinite(sims)
-    if not finite.all():
+    if sims.numel() and not all(torch.isfinite(v) for v in torch.aminmax(sims)):  # NaN propagates: one pass
+        finite = torch.isfinite(sims)
         raise NonFiniteError(f"{int((~finite).sum())} of {n * c} similarities are non-finite (NaN or inf), in "
                              f"{int((~finite).any(1).sum())} of {n} images and {int((~finite).any(0).sum())} of {c} "
                              "captions")
@@ -98,7 +97,8 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
         raise ValueError("caption_image must give each caption's image index (0..N-1)")
     if torch.bincount(caption_image, minlength=n).min() == 0:
         raise ValueError("every image needs at least one caption")
-    i2t, t2i = _summary(i2t_ranks(sims, caption_image)), _summary(t2i_ranks(sims, caption_image))
+    i2t_rank, t2i_rank = ranks(sims, caption_image)
+    i2t, t2i = _summary(i2t_rank), _summary(t2i_rank)
     return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
 
 
