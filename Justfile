@@ -13,11 +13,12 @@ setup:
     #!/usr/bin/env bash
     set -euo pipefail
     stamp={{venv}}/.userpipe-installed
-    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then exit 0; fi
     [ -x {{bin}}/python ] || python3 -m venv {{venv}}
     {{bin}}/python -m pip install -q --upgrade pip
-    {{bin}}/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-    {{bin}}/python -m pip install -q -e '.[test]'
+    # the exact versions CI tests (constraints.txt); pyproject.toml states the ranges userpipe works with
+    {{bin}}/python -m pip install -q -c constraints.txt torch torchvision
+    {{bin}}/python -m pip install -q -c constraints.txt -e '.[test]'
     touch "$stamp"
 
 # the embedded offline demo: generate, extract, shard, train, evaluate, index, search, report (finished stages are reused)
@@ -45,13 +46,17 @@ _demo-train out *overrides:
     HF_HUB_OFFLINE=1 {{bin}}/userpipe train --shards data/demo-shards/train --val-store data/demo.zarr \
         --config demo --out {{out}} {{overrides}} $([ -d {{out}}/checkpoints/last ] && echo --resume)
 
-# the test suite (offline)
+# the test suite (offline): everything but the exhaustive crash test
 test: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest
 
+# the inner loop: the tests that are not end-to-end (under a minute)
+test-fast: setup
+    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m "not slow"
+
 # the crash test at 24 kill points per writer (about 30 minutes on 2 cores; `just test` runs 1 per writer)
 test-crash: setup
-    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m slow tests/test_crash.py -s
+    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py -s
 
 # every benchmark (about 12 minutes, 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
@@ -66,6 +71,7 @@ bench: setup
 bench-gpu: setup
     TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 {{bin}}/python bench/gpu.py
 
-# style and static checks
+# style and static checks (as CI and the pre-commit hooks run them)
 lint: setup
     {{bin}}/ruff check .
+    {{bin}}/ruff format --check .

@@ -62,6 +62,13 @@ def coco_root(tmp_path: Path) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the session's trained run is end-to-end: `slow`, like the training it waits for."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """A test that starts a Dask LocalCluster in-process gets the nanny's OMP_NUM_THREADS=1 & co. written

@@ -29,6 +29,8 @@ from conftest import TINY, karpathy_record, write_image, write_json
 
 from pipeline.synthetic import write_synthetic_store
 
+pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
+
 HOOK = Path(__file__).parent / "crash"
 CRASH_POINTS = 1
 CRASH_POINTS_SLOW = 24
@@ -118,7 +120,7 @@ def inputs(tmp_path_factory, trained) -> dict:
 
 
 WRITERS = ("extract", "shard", "train", "index")
-REPLACING = ("shard --overwrite",)  # the swap of a finished replacement into place: slow only
+REPLACING = ("shard --overwrite",)  # the swap of a finished replacement into place: in `just test-crash` only
 
 
 def writer(name: str, inputs: dict) -> Writer:
@@ -184,7 +186,7 @@ def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
     assert len(seen) == CRASH_POINTS
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("name", WRITERS + REPLACING)
 def test_killed_writer_is_repaired_by_a_rerun_at_many_points(name, inputs, tmp_path):
     seen, total = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS_SLOW,
@@ -230,12 +232,12 @@ def can_mount_tmpfs() -> bool:
 def full_disk_cases():
     """Both ways for training (the tmpfs case is refused by the free-space check before the checkpoint is
     written, the file-size limit fails part-way through it); for the other writers, by default, the real
-    full disk where this test can mount one, else the file-size limit (the other way: `slow`)."""
+    full disk where this test can mount one, else the file-size limit (the other way: `exhaustive`)."""
     default = "tmpfs" if can_mount_tmpfs() else "file-size limit"
     for name, tmpfs_size, file_limit in DISKS:
         for how in ("tmpfs", "file-size limit"):
             slow = name != "train" and how != default
-            yield pytest.param(name, tmpfs_size, file_limit, how, marks=[pytest.mark.slow] if slow else [])
+            yield pytest.param(name, tmpfs_size, file_limit, how, marks=[pytest.mark.exhaustive] if slow else [])
 
 
 @pytest.mark.parametrize("name,tmpfs_size,file_limit,how", list(full_disk_cases()))

@@ -30,6 +30,7 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Path):
     out = tmp_path / "demo.zarr"
     result = run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", out)
@@ -68,6 +69,7 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
     assert ds["regions"].dims == ("image", "region", "feature") and ds.sizes["caption"] == 10
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tmp_path: Path):
     reference = tmp_path / "reference.zarr"
     assert run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", reference).exit_code == 0
@@ -99,6 +101,7 @@ def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tm
     assert zarr.open_group(str(resumed), mode="r")["val"]["regions"].shape == (2, 10, 1280)
 
 
+@pytest.mark.slow
 def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, coco_root: Path, tmp_path: Path):
     images = coco_root / "images"
     (images / "train2014" / "COCO_train2014_000000000101.jpg").write_bytes(b"not a jpeg at all")
@@ -124,6 +127,7 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, 
     assert run_cli(runner, *args, "--allow-failures").exit_code == 0
 
 
+@pytest.mark.slow
 def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path, tmp_path: Path):
     """`userpipe search --captions FILE` embeds a new image with the store's own extractor configuration."""
     from pipeline.features import image_file_features
@@ -187,6 +191,7 @@ def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp
     assert info.exit_code == 2 and "no Zarr store" in info.output
 
 
+@pytest.mark.slow
 def test_local_cluster_leaves_the_callers_environment_as_it_was():
     """The Dask nanny writes OMP_NUM_THREADS=1 & co. into the calling process to spawn its workers;
     a training run started after an extract (same process tree) would otherwise run on one thread."""
@@ -198,6 +203,7 @@ def test_local_cluster_leaves_the_callers_environment_as_it_was():
     assert dict(os.environ) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_extract_with_the_resume_hint_and_no_worker_traceback(demo_root: Path, tmp_path: Path):
     """Ctrl-C reaches the whole foreground process group, Dask's worker processes included."""
     out = tmp_path / "s.zarr"

@@ -77,6 +77,7 @@ def copy_store(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_nan_embeddings_make_eval_fail_instead_of_scoring(runner, trained_run, tmp_path):
     store = copy_store(trained_run["val"], tmp_path / "val.zarr")
     with zarr.config.set({"array.write_empty_chunks": True}):
@@ -87,6 +88,7 @@ def test_nan_embeddings_make_eval_fail_instead_of_scoring(runner, trained_run, t
 
 # --------------------------------------------------------------------------- damaged stores
 
+@pytest.mark.slow
 def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract(runner, trained_run, tmp_path):
     store = copy_store(trained_run["val"], tmp_path / "val.zarr")
     chunk = store / "val" / "regions" / "c" / "1" / "0" / "0"
@@ -116,6 +118,7 @@ def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract
     assert "chunk 1 (rows 4-7) of array 'val/regions' is damaged (crc32c differs)" in line
 
 
+@pytest.mark.slow
 def test_an_extract_rerun_re_extracts_damaged_chunks_to_the_same_bytes(runner, coco_root, tmp_path):
     args = ("extract", "--dataset", "coco", "--root", coco_root, "--regions", "grid", "--clip",
             "imagenet:efficientnet_lite0", "--chunk-size", "2", "--workers", "1", "--num-regions", "4")
@@ -177,6 +180,7 @@ def test_a_sample_with_an_extra_member_or_another_dtype_is_named(tmp_path):
 
 # --------------------------------------------------------------------------- resume is the same run
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorded(runner, trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run["run"], run, symlinks=True)
@@ -203,6 +207,7 @@ def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorde
     assert sum("loss" in r for r in log) == 2 * steps_before
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_restarts_and_a_torn_log_line_is_dropped(runner, trained_run,
                                                                                          tmp_path):
     run = tmp_path / "run"
@@ -243,6 +248,7 @@ def test_a_second_writer_is_refused_naming_the_holder(runner, trained_run, tmp_p
 
 # --------------------------------------------------------------------------- inputs that would block
 
+@pytest.mark.slow
 def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner, coco_root, tmp_path):
     images = coco_root / "images"
     fifo = images / "train2014" / "COCO_train2014_000000000101.jpg"

@@ -323,6 +323,7 @@ ARTEFACT_FILES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES])
 @settings(max_examples=12, phases=CLI_PHASES)
 @given(how=damage)
@@ -338,6 +339,7 @@ def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, comman
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # reading changed nothing
 
 
+@pytest.mark.slow
 @settings(max_examples=8, phases=CLI_PHASES)
 @given(how=damage)
 @example(how=("flip", 0.2632313654402066, 102))  # a member's name flipped: the sample lacked regions.npy
@@ -360,6 +362,7 @@ def test_training_on_a_damaged_shard_stops_in_one_line(artefacts, how):
         assert {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 @settings(max_examples=12, phases=CLI_PHASES)
 @given(how=damage, line=st.integers(0, 50))
 def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, line):

@@ -182,6 +182,7 @@ def test_npz_by_file_stem_round_trips_and_an_inconsistent_file_invalidates_its_i
     assert train["num_regions"][0] == 36  # 40 boxes, the first 36 kept
 
 
+@pytest.mark.slow
 def test_existing_dask_scheduler_does_the_work(runner, tmp_path: Path):
     from distributed import LocalCluster
 

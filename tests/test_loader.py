@@ -41,6 +41,7 @@ def pairs_of(batches) -> list[tuple[int, int]]:
     return [(int(i), int(c)) for b in batches for i, c in zip(b.image_index, b.caption_index, strict=True)]
 
 
+@pytest.mark.slow
 def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer):
     store, out = shards
     loader = StreamingLoader(ShardSet.from_manifest(out), tokenizer, LoaderSettings(batch_size=16, train=False))
@@ -63,6 +64,7 @@ def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer
     assert batch.regions.dtype == batch.clip_image.dtype == torch.float16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, workers):
     store, out = shards
@@ -74,6 +76,7 @@ def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, w
     assert sorted(per_rank[0] + per_rank[1]) == sorted(all_pairs(store))
 
 
+@pytest.mark.slow
 def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
     shard_set = ShardSet.from_manifest(shards[1])
 
@@ -86,6 +89,7 @@ def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
     assert sorted(order(1, 0)) != order(1, 0)  # actually shuffled
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_exactly(shards, tokenizer):
     loader = StreamingLoader(ShardSet.from_manifest(shards[1]), tokenizer,
                              LoaderSettings(batch_size=8, seed=5, workers=2, train=True))

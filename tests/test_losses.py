@@ -71,6 +71,7 @@ BACKENDS = ["eager", "chunked", "triton"]
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b, m, e, tile", [(8, 40, 16, 16), (13, 100, 32, 7), (5, 64, 24, 64)])
 def test_queue_loss_backends_match_the_formula(backend, b, m, e, tile):

@@ -103,6 +103,7 @@ def test_queue_is_fifo_for_batches_that_do_not_divide_it():
     assert big.ordered()[1].tolist() == [2, 3, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [False, True])
 def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
     torch.manual_seed(3)

@@ -101,6 +101,7 @@ def test_shard_onto_its_own_store_is_refused_and_the_store_kept(runner, tmp_path
     assert tree_bytes(store) == before
 
 
+@pytest.mark.slow
 def test_shard_overwrite_replaces_its_own_shards_whole_and_only_them(runner, tmp_path: Path):
     store = write_synthetic_store(tmp_path / "s.zarr", 12)
     out = tmp_path / "shards"
@@ -118,6 +119,7 @@ def test_shard_overwrite_replaces_its_own_shards_whole_and_only_them(runner, tmp
                            "--workers", "1"), "not userpipe shards")
 
 
+@pytest.mark.slow
 def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tmp_path: Path, monkeypatch):
     import pipeline.extract
 
@@ -183,6 +185,7 @@ def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path:
     assert (tree_bytes(out) if out.exists() else None) == before
 
 
+@pytest.mark.slow
 def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, tmp_path: Path):
     page = tmp_path / "thesis.html"
     page.write_text("<html>my thesis draft</html>")
@@ -239,6 +242,7 @@ def test_the_working_directory_is_never_an_output(runner, trained, tmp_path: Pat
         assert_refused(result, "is the working directory or holds it")
 
 
+@pytest.mark.slow
 def test_a_symlinked_output_keeps_its_link_and_the_new_index_lands_in_its_target(runner, trained, tmp_path: Path):
     target, link = tmp_path / "big-disk" / "index", tmp_path / "index"
     target.parent.mkdir()

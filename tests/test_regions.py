@@ -51,6 +51,7 @@ def test_packaged_backbone_gives_finite_distinct_features_per_box():
     assert np.linalg.norm(features[0] - features[-1]) > 0.1 * np.linalg.norm(features[0])
 
 
+@pytest.mark.slow
 def test_butd_with_local_detector_and_resnet_weights(tmp_path: Path):
     from torchvision.models import resnet50
     from torchvision.models.detection import fasterrcnn_resnet50_fpn

@@ -24,6 +24,7 @@ def read_shards(out: Path) -> list:
     return [decode_sample(raw) for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
 
 
+@pytest.mark.slow
 def test_shards_hold_every_valid_image_once_with_every_field(runner, tmp_path: Path):
     store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     out = tmp_path / "shards"
@@ -71,6 +72,7 @@ def test_plan_is_seeded_and_respects_count_and_size():
     assert all(len(s) <= 9 for s in by_size) and sum(len(s) for s in by_size) == 98
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
     store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     reference = tmp_path / "reference"
@@ -102,6 +104,7 @@ def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
     assert other.exit_code == 2 and "shards of another plan" in other.output
 
 
+@pytest.mark.slow
 def test_verify_names_missing_truncated_and_altered_shards(runner, tmp_path: Path):
     store = write_synthetic_store(tmp_path / "s.zarr", 23, invalid=(3, 17))
     out = tmp_path / "shards"

@@ -6,6 +6,8 @@ from conftest import TINY, run_cli
 
 from pipeline.synthetic import write_synthetic_store
 
+pytestmark = pytest.mark.slow  # end-to-end: training runs
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
