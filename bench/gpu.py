@@ -48,6 +48,7 @@ MB = 1 << 20
 
 # --------------------------------------------------------------------------- run state and output
 
+
 class Bench:
     """Sizes, the time budget and the results, written after every section."""
 
@@ -56,10 +57,18 @@ class Bench:
         self.dry = args.dry_run
         self.device = torch.device("cuda" if torch.cuda.is_available() and not self.dry else "cpu")
         self.started = time.perf_counter()
-        self.results_dir = Path(args.results_dir or (Path(tempfile.gettempdir()) / "userpipe-gpu-dry-run"
-                                                     if self.dry else RESULTS))
-        self.report = {"benchmark": "GPU path: queue kernel, COCO training step, region extraction (issue 17)",
-                       **report.machine(), "dry_run": self.dry, "sections": {}, "errors": {}, "headline": []}
+        self.results_dir = Path(
+            args.results_dir
+            or (Path(tempfile.gettempdir()) / "userpipe-gpu-dry-run" if self.dry else RESULTS)
+        )
+        self.report = {
+            "benchmark": "GPU path: queue kernel, COCO training step, region extraction (issue 17)",
+            **report.machine(),
+            "dry_run": self.dry,
+            "sections": {},
+            "errors": {},
+            "headline": [],
+        }
         self.markdown: dict[str, list[str]] = {}
 
     def time_left(self) -> float:
@@ -94,12 +103,19 @@ class Bench:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         device = self.report["sections"].get("device", {})
         title = f"# GPU path, {device.get('name', self.device.type)}"
-        lines = [title, "", f"{self.report['machine']}, {self.report['date']}; torch {torch.__version__}, triton "
-                 f"{device.get('triton', '-')}; {self.report.get('elapsed_s', 0)} s in all.", ""]
+        lines = [
+            title,
+            "",
+            f"{self.report['machine']}, {self.report['date']}; torch {torch.__version__}, triton "
+            f"{device.get('triton', '-')}; {self.report.get('elapsed_s', 0)} s in all.",
+            "",
+        ]
         for part in self.markdown.values():
             lines += part
         if self.report["errors"]:
-            lines += ["## Errors", ""] + [f"- {k}: {v.splitlines()[0][:300]}" for k, v in self.report["errors"].items()]
+            lines += ["## Errors", ""] + [
+                f"- {k}: {v.splitlines()[0][:300]}" for k, v in self.report["errors"].items()
+            ]
         paths = [self.results_dir / "gpu.json", self.results_dir / "gpu.md"]
         paths[0].write_text(json.dumps(self.report, indent=1, default=str) + "\n")
         paths[1].write_text("\n".join(lines) + "\n")
@@ -147,19 +163,31 @@ def rounded(x, digits=3):
 
 # --------------------------------------------------------------------------- 0. device and ceilings
 
+
 def device_section(bench: Bench) -> None:
     import triton
 
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", ""), "device": bench.device.type,
-            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "host_cpus": os.cpu_count()}
+    info = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "device": bench.device.type,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "host_cpus": os.cpu_count(),
+    }
     bench.report["sections"]["device"] = info
     if bench.device.type == "cuda":
         props = torch.cuda.get_device_properties(bench.device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / (1 << 30), 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / (1 << 30), 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     else:
         info["name"] = f"CPU dry run ({platform.machine()})"
     # copy bandwidth, bytes read + written: the memory-bound limit of section 1 is counted at this rate
@@ -172,13 +200,19 @@ def device_section(bench: Bench) -> None:
     # matmul rates on random data (zeros run faster): the compute floors of section 1
     for dtype, n in ((torch.bfloat16, 8192), (torch.float32, 4096)):
         n = n if bench.device.type == "cuda" else 256
-        a, b = torch.randn(n, n, device=bench.device, dtype=dtype), torch.randn(n, n, device=bench.device, dtype=dtype)
+        a, b = (
+            torch.randn(n, n, device=bench.device, dtype=dtype),
+            torch.randn(n, n, device=bench.device, dtype=dtype),
+        )
         ms = median_ms(bench, lambda a=a, b=b: a @ b)
-        info[f"matmul_tflops_{str(dtype).split('.')[-1]}"] = rounded(2 * n ** 3 / ms / 1e9)
-    bench.table("device", "Device and measured ceilings", ["what", "value"], [[k, v] for k, v in info.items()])
+        info[f"matmul_tflops_{str(dtype).split('.')[-1]}"] = rounded(2 * n**3 / ms / 1e9)
+    bench.table(
+        "device", "Device and measured ceilings", ["what", "value"], [[k, v] for k, v in info.items()]
+    )
 
 
 # --------------------------------------------------------------------------- 1. queue kernel
+
 
 def queue_inputs(b: int, m: int, e: int, device, seed: int = 0):
     """Unit queries, and a queue whose rows each lean towards one query by a random amount (cosines over
@@ -241,15 +275,32 @@ def measure_backend(bench: Bench, backend: str, q, queue, ref, limit_ms) -> dict
     ms = median_ms(bench, run)
     peak, (loss, grad_q, grad_queue) = peak_bytes(bench, run)
     grads = grad_q.nbytes + grad_queue.nbytes
-    return {"ms": ms, "peak_mb": None if peak is None else peak / MB,
-            "workspace_mb": None if peak is None else (peak - grads) / MB,
-            "loss_rel_err": abs(loss.double().item() - ref[0].item()) / abs(ref[0].item()),
-            "dq_rel_err": max_relative_error(grad_q, ref[1]), "dqueue_rel_err": max_relative_error(grad_queue, ref[2]),
-            "limit_ratio": ms / limit_ms if limit_ms else None, "loss": loss.item()}
+    return {
+        "ms": ms,
+        "peak_mb": None if peak is None else peak / MB,
+        "workspace_mb": None if peak is None else (peak - grads) / MB,
+        "loss_rel_err": abs(loss.double().item() - ref[0].item()) / abs(ref[0].item()),
+        "dq_rel_err": max_relative_error(grad_q, ref[1]),
+        "dqueue_rel_err": max_relative_error(grad_queue, ref[2]),
+        "limit_ratio": ms / limit_ms if limit_ms else None,
+        "loss": loss.item(),
+    }
 
 
-QUEUE_HEADER = ["queue", "M", "backend", "fwd+bwd ms", "eager ms / this", "peak MB", "workspace MB",
-                "workspace / eager's", "loss rel err", "dq rel err", "dQ rel err", "ms / memory-bound limit"]
+QUEUE_HEADER = [
+    "queue",
+    "M",
+    "backend",
+    "fwd+bwd ms",
+    "eager ms / this",
+    "peak MB",
+    "workspace MB",
+    "workspace / eager's",
+    "loss rel err",
+    "dq rel err",
+    "dQ rel err",
+    "ms / memory-bound limit",
+]
 
 
 def queue_section(bench: Bench) -> None:
@@ -259,17 +310,37 @@ def queue_section(bench: Bench) -> None:
     device_info = bench.report["sections"].get("device", {})
     b, e = (16, 64) if bench.dry else (128, 1024)
     queues = [512, 2048] if bench.dry else [65536, 262144, 1048576]
-    if bench.dry:  # several backward chunks, and dq's split product (bf16: chunks of 1,024 rows), at tiny sizes
+    if (
+        bench.dry
+    ):  # several backward chunks, and dq's split product (bf16: chunks of 1,024 rows), at tiny sizes
         kernel.BACKWARD_CHUNK_BYTES = b * 1024 * 2
-    section.update(B=b, E=e, M=queues, mu=MU, gamma=GAMMA, copy_gb_per_s=device_info.get("copy_gb_per_s"),
-                   fp32_dot_precision=kernel.FP32_DOT_PRECISION, backward_chunk_bytes=kernel.BACKWARD_CHUNK_BYTES,
-                   rows=[])
+    section.update(
+        B=b,
+        E=e,
+        M=queues,
+        mu=MU,
+        gamma=GAMMA,
+        copy_gb_per_s=device_info.get("copy_gb_per_s"),
+        fp32_dot_precision=kernel.FP32_DOT_PRECISION,
+        backward_chunk_bytes=kernel.BACKWARD_CHUNK_BYTES,
+        rows=[],
+    )
     rows, notes = section["rows"], []
     # (backend, label, kernel settings); the extra triton rows tell whether to change the module's defaults
-    variants = {torch.bfloat16: [("triton", "", {}), ("eager", "", {}), ("chunked", "", {}),
-                                 ("triton", "4 MB chunks", {"BACKWARD_CHUNK_BYTES": 4 << 20})],
-                torch.float32: [("triton", "", {}), ("eager", "", {}), ("chunked", "", {}),
-                                ("triton", "tf32x3", {"FP32_DOT_PRECISION": "tf32x3"})]}
+    variants = {
+        torch.bfloat16: [
+            ("triton", "", {}),
+            ("eager", "", {}),
+            ("chunked", "", {}),
+            ("triton", "4 MB chunks", {"BACKWARD_CHUNK_BYTES": 4 << 20}),
+        ],
+        torch.float32: [
+            ("triton", "", {}),
+            ("eager", "", {}),
+            ("chunked", "", {}),
+            ("triton", "tf32x3", {"FP32_DOT_PRECISION": "tf32x3"}),
+        ],
+    }
     for dtype, backends in variants.items():
         for m in queues:
             try:
@@ -290,7 +361,9 @@ def queue_section(bench: Bench) -> None:
     _queue_headline(bench, rows)
 
 
-def _queue_point(bench: Bench, dtype, b: int, m: int, e: int, backends, rows: list[dict], notes: list[str]) -> None:
+def _queue_point(
+    bench: Bench, dtype, b: int, m: int, e: int, backends, rows: list[dict], notes: list[str]
+) -> None:
     """Every backend at one queue size and dtype, against one fp64 reference."""
     device_info = bench.report["sections"].get("device", {})
     dtype_name = str(dtype).split(".")[-1]
@@ -301,9 +374,11 @@ def _queue_point(bench: Bench, dtype, b: int, m: int, e: int, backends, rows: li
     ref = fp64_reference(q, queue)
     limit_ms = 2 * queue.nbytes / (bandwidth * 1e6) if bandwidth else None  # read once forward, once backward
     floor_ms = 6 * b * m * e / (rate * 1e9) if rate else None  # forward + the two gradient products
-    notes.append(f"{dtype_name}, M={m:,}: queue {queue.nbytes / MB:,.0f} MB; memory-bound limit {rounded(limit_ms)} ms "
-                 f"(queue read twice at {bandwidth} GB/s); compute floor {rounded(floor_ms)} ms (6·B·M·E flop at "
-                 f"{rate} TFLOP/s)")
+    notes.append(
+        f"{dtype_name}, M={m:,}: queue {queue.nbytes / MB:,.0f} MB; memory-bound limit {rounded(limit_ms)} ms "
+        f"(queue read twice at {bandwidth} GB/s); compute floor {rounded(floor_ms)} ms (6·B·M·E flop at "
+        f"{rate} TFLOP/s)"
+    )
     point = []
     for backend, label, settings in backends:
         name = f"{backend} {label}".strip()
@@ -335,20 +410,41 @@ def _queue_table(bench: Bench, rows: list[dict], notes: list[str]) -> None:
     table = []
     for r in rows:
         if "ms" not in r:
-            table.append([r["queue"], f"{r['M']:,}", r["backend"], r.get("error") or r.get("skipped")]
-                         + [None] * (len(QUEUE_HEADER) - 4))
+            table.append(
+                [r["queue"], f"{r['M']:,}", r["backend"], r.get("error") or r.get("skipped")]
+                + [None] * (len(QUEUE_HEADER) - 4)
+            )
             continue
-        table.append([r["queue"], f"{r['M']:,}", r["backend"], cell(r, "ms"), cell(r, "speedup_vs_eager"),
-                      cell(r, "peak_mb", 4), cell(r, "workspace_mb", 4), cell(r, "workspace_vs_eager", 2),
-                      cell(r, "loss_rel_err", 2), cell(r, "dq_rel_err", 2), cell(r, "dqueue_rel_err", 2),
-                      cell(r, "limit_ratio")])
+        table.append(
+            [
+                r["queue"],
+                f"{r['M']:,}",
+                r["backend"],
+                cell(r, "ms"),
+                cell(r, "speedup_vs_eager"),
+                cell(r, "peak_mb", 4),
+                cell(r, "workspace_mb", 4),
+                cell(r, "workspace_vs_eager", 2),
+                cell(r, "loss_rel_err", 2),
+                cell(r, "dq_rel_err", 2),
+                cell(r, "dqueue_rel_err", 2),
+                cell(r, "limit_ratio"),
+            ]
+        )
     sizes = bench.report["sections"]["queue_kernel"]
-    bench.table("queue_kernel", f"Queue logsumexp, forward + backward (B = {sizes['B']}, E = {sizes['E']})",
-                QUEUE_HEADER, table,
-                ["Peak MB: allocated above the inputs during one forward + backward (both gradients included); "
-                 "workspace MB: the peak less the two gradients. Errors: max |ours − fp64| / max |fp64| over the "
-                 "same (rounded) inputs. Memory-bound limit: the queue's bytes read once forward and once "
-                 "backward at the measured copy bandwidth.", *[f"- {n}" for n in notes]])
+    bench.table(
+        "queue_kernel",
+        f"Queue logsumexp, forward + backward (B = {sizes['B']}, E = {sizes['E']})",
+        QUEUE_HEADER,
+        table,
+        [
+            "Peak MB: allocated above the inputs during one forward + backward (both gradients included); "
+            "workspace MB: the peak less the two gradients. Errors: max |ours − fp64| / max |fp64| over the "
+            "same (rounded) inputs. Memory-bound limit: the queue's bytes read once forward and once "
+            "backward at the measured copy bandwidth.",
+            *[f"- {n}" for n in notes],
+        ],
+    )
 
 
 def _queue_headline(bench: Bench, rows: list[dict]) -> None:
@@ -359,12 +455,16 @@ def _queue_headline(bench: Bench, rows: list[dict]) -> None:
         if backend != "triton" or not eager or m < 262144:
             continue
         bench.report["headline"].append(
-            [f"queue loss fwd+bwd, B=128, M={m:,}, {dtype}, {name}",
-             f"triton {r['ms']:.2f} ms vs eager {eager['ms']:.2f} ms; workspace {r.get('workspace_mb') or 0:,.0f} vs "
-             f"{eager.get('workspace_mb') or 0:,.0f} MB; {r.get('limit_ratio') or 0:.1f}x the memory-bound limit"])
+            [
+                f"queue loss fwd+bwd, B=128, M={m:,}, {dtype}, {name}",
+                f"triton {r['ms']:.2f} ms vs eager {eager['ms']:.2f} ms; workspace {r.get('workspace_mb') or 0:,.0f} vs "
+                f"{eager.get('workspace_mb') or 0:,.0f} MB; {r.get('limit_ratio') or 0:.1f}x the memory-bound limit",
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- 2. training step
+
 
 def build_optimizer(model, recipe) -> torch.optim.AdamW:
     """trainer.train.build_optimizer's groups (importing trainer.train pulls in the shard loader's webdataset)."""
@@ -387,8 +487,9 @@ def train_section(bench: Bench) -> None:
     recipe, model_config = config.train, config.model
     if bench.dry:
         model_config = model_config.model_copy(update={"embed_dim": 32, "feature_dim": 64, "queue_size": 64})
-        bert_config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64)
+        bert_config = BertConfig(
+            vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
         batch, tokens_long, steps, warmup = 4, 8, 2, 1
     else:
         bert_config = BertConfig()  # bert-base-uncased's shape (the coco preset's text_model), random weights
@@ -397,19 +498,32 @@ def train_section(bench: Bench) -> None:
     torch.manual_seed(recipe.seed)
     model = build_model(model_config, BertModel(bert_config)).to(device).train()
     gen = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(batch, model_config.num_regions, model_config.feature_dim, generator=gen),
-              torch.full((batch,), model_config.num_regions),  # BUTD always yields R boxes
-              torch.randint(min(1000, bert_config.vocab_size // 2), bert_config.vocab_size, (batch, tokens_long),
-                            generator=gen),  # bert-base's word pieces start at 1000 (below: specials, unused)
-              torch.randint(tokens_long * 3 // 5, tokens_long + 1, (batch,), generator=gen),  # COCO: 12-20 tokens
-              torch.arange(batch))
+    inputs = (
+        torch.randn(batch, model_config.num_regions, model_config.feature_dim, generator=gen),
+        torch.full((batch,), model_config.num_regions),  # BUTD always yields R boxes
+        torch.randint(
+            min(1000, bert_config.vocab_size // 2),
+            bert_config.vocab_size,
+            (batch, tokens_long),
+            generator=gen,
+        ),  # bert-base's word pieces start at 1000 (below: specials, unused)
+        torch.randint(tokens_long * 3 // 5, tokens_long + 1, (batch,), generator=gen),  # COCO: 12-20 tokens
+        torch.arange(batch),
+    )
     inputs = tuple(x.to(device) for x in inputs)
-    section.update(batch=batch, regions=list(inputs[0].shape[1:]), tokens=tokens_long, embed_dim=model_config.embed_dim,
-                   queue_size=model_config.queue_size, bert_layers=bert_config.num_hidden_layers,
-                   bert_hidden=bert_config.hidden_size, trainable_params=sum(p.numel() for p in model.parameters()
-                                                                             if p.requires_grad),
-                   queue_backend=choose_backend(torch.zeros(batch, 8, device=device),
-                                                torch.zeros(model_config.queue_size, 8, device=device)))
+    section.update(
+        batch=batch,
+        regions=list(inputs[0].shape[1:]),
+        tokens=tokens_long,
+        embed_dim=model_config.embed_dim,
+        queue_size=model_config.queue_size,
+        bert_layers=bert_config.num_hidden_layers,
+        bert_hidden=bert_config.hidden_size,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        queue_backend=choose_backend(
+            torch.zeros(batch, 8, device=device), torch.zeros(model_config.queue_size, 8, device=device)
+        ),
+    )
 
     optimizer = build_optimizer(model, recipe)
     variants = section.setdefault("variants", [])
@@ -424,8 +538,11 @@ def train_section(bench: Bench) -> None:
         return losses["loss"].item()
 
     wanted = bench.args.train_variants.split(",")
-    for key, name, bf16, compiled in (("fp32", "fp32", False, False), ("bf16", "bf16 autocast", True, False),
-                                      ("compile", "bf16 autocast + torch.compile", True, True)):
+    for key, name, bf16, compiled in (
+        ("fp32", "fp32", False, False),
+        ("bf16", "bf16 autocast", True, False),
+        ("compile", "bf16 autocast + torch.compile", True, True),
+    ):
         if key not in wanted:
             continue
         row = {"variant": name}
@@ -451,12 +568,18 @@ def train_section(bench: Bench) -> None:
     if "fp32" in done and len(done) > 1:
         best = min(done.values(), key=lambda v: v["step_ms"])
         name = bench.report["sections"].get("device", {}).get("name", "")
-        bench.report["headline"].append([f"training step, coco preset, batch {batch}, {name}",
-                                         f"{best['variant']}: {best['pairs_per_s']:,.0f} pairs/s vs fp32 "
-                                         f"{done['fp32']['pairs_per_s']:,.0f}"])
+        bench.report["headline"].append(
+            [
+                f"training step, coco preset, batch {batch}, {name}",
+                f"{best['variant']}: {best['pairs_per_s']:,.0f} pairs/s vs fp32 "
+                f"{done['fp32']['pairs_per_s']:,.0f}",
+            ]
+        )
 
 
-def _time_steps(bench: Bench, model, step, bf16: bool, compiled: bool, warmup: int, steps: int, batch: int) -> dict:
+def _time_steps(
+    bench: Bench, model, step, bf16: bool, compiled: bool, warmup: int, steps: int, batch: int
+) -> dict:
     row = {}
     if compiled:
         started = time.perf_counter()
@@ -488,7 +611,10 @@ def _fp32_bf16_agreement(model, inputs, device) -> dict:
     training mode with every dropout at 0 (no draws to differ; cuDNN's GRU backward needs training mode);
     the model's state and dropout rates are restored afterwards."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    towers = {"image": [id(p) for p in model.image.parameters()], "text": [id(p) for p in model.text.parameters()]}
+    towers = {
+        "image": [id(p) for p in model.image.parameters()],
+        "text": [id(p) for p in model.text.parameters()],
+    }
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     rates = [m.p for m in dropouts]
     runs = {}
@@ -502,7 +628,9 @@ def _fp32_bf16_agreement(model, inputs, device) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = model(*inputs)
             losses["loss"].backward()
-            grads = {id(p): p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None}
+            grads = {
+                id(p): p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None
+            }
             runs[bf16] = {k: v.item() for k, v in losses.items()}, grads
     finally:
         for m, rate in zip(dropouts, rates, strict=True):
@@ -518,29 +646,46 @@ def _fp32_bf16_agreement(model, inputs, device) -> dict:
         a = torch.cat([grads32[i] for i in ids if i in grads32])
         b = torch.cat([grads16[i] for i in ids if i in grads16])
         result[f"grad_{tower}_cosine"] = F.cosine_similarity(a, b, dim=0).item()
-        result[f"grad_{tower}_norm_rel_diff"] = (abs(b.norm().item() - a.norm().item()) / a.norm().item()
-                                                 if a.norm().item() else None)
+        result[f"grad_{tower}_norm_rel_diff"] = (
+            abs(b.norm().item() - a.norm().item()) / a.norm().item() if a.norm().item() else None
+        )
     return result
 
 
 def _train_table(bench: Bench, section: dict) -> None:
     rows = []
     for v in section.get("variants", []):
-        rows.append([v["variant"], rounded(v.get("step_ms")), rounded(v.get("pairs_per_s")),
-                     rounded(v.get("peak_mb_above_model_and_optimizer"), 4), rounded(v.get("loss"), 5),
-                     v.get("compile_s"), v.get("error") or v.get("skipped")])
+        rows.append(
+            [
+                v["variant"],
+                rounded(v.get("step_ms")),
+                rounded(v.get("pairs_per_s")),
+                rounded(v.get("peak_mb_above_model_and_optimizer"), 4),
+                rounded(v.get("loss"), 5),
+                v.get("compile_s"),
+                v.get("error") or v.get("skipped"),
+            ]
+        )
     agreement = section.get("agreement", {})
-    notes = [f"Batch {section.get('batch')}, regions {section.get('regions')}, {section.get('tokens')} tokens, "
-             f"E={section.get('embed_dim')}, M={section.get('queue_size')}, BERT {section.get('bert_layers')} x "
-             f"{section.get('bert_hidden')} (random weights), queue backend '{section.get('queue_backend')}'; "
-             "forward + backward + clip + AdamW, median of timed steps after warm-up.",
-             "fp32 vs bf16 autocast, one step from the same state after the fp32 steps (training mode, dropout 0): " +
-             ", ".join(f"{k} {rounded(v, 4)}" for k, v in agreement.items())]
-    bench.table("train_step", "Training step at COCO size",
-                ["variant", "step ms", "pairs/s", "peak MB", "loss", "compile s", "note"], rows, notes)
+    notes = [
+        f"Batch {section.get('batch')}, regions {section.get('regions')}, {section.get('tokens')} tokens, "
+        f"E={section.get('embed_dim')}, M={section.get('queue_size')}, BERT {section.get('bert_layers')} x "
+        f"{section.get('bert_hidden')} (random weights), queue backend '{section.get('queue_backend')}'; "
+        "forward + backward + clip + AdamW, median of timed steps after warm-up.",
+        "fp32 vs bf16 autocast, one step from the same state after the fp32 steps (training mode, dropout 0): "
+        + ", ".join(f"{k} {rounded(v, 4)}" for k, v in agreement.items()),
+    ]
+    bench.table(
+        "train_step",
+        "Training step at COCO size",
+        ["variant", "step ms", "pairs/s", "peak MB", "loss", "compile s", "note"],
+        rows,
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------- 3. region extraction
+
 
 def make_extractor_class():
     import numpy as np
@@ -569,17 +714,31 @@ def make_extractor_class():
         def __call__(self, image, annotated_boxes=None):
             from torchvision.ops import roi_align
 
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(
+                2, 0, 1
+            )
             pixels = pixels.to(self.device)
-            boxes = self.propose(pixels, None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32))
+            boxes = self.propose(
+                pixels, None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32)
+            )
             height, width = pixels.shape[-2:]
             scale = butd_scale(width, height, self.image_size)
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            resized = F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False)
-            fmap = self.trunk(((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+            resized = F.interpolate(
+                pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False
+            )
+            fmap = self.trunk(
+                ((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            )
             rois = torch.from_numpy(boxes * scale).to(self.device)
-            pooled = roi_align(fmap, [rois], output_size=self.roi_size, spatial_scale=1.0 / TRUNK_STRIDE,
-                               sampling_ratio=2, aligned=True)
+            pooled = roi_align(
+                fmap,
+                [rois],
+                output_size=self.roi_size,
+                spatial_scale=1.0 / TRUNK_STRIDE,
+                sampling_ratio=2,
+                aligned=True,
+            )
             features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
             return features.cpu().numpy().astype(np.float32), boxes
 
@@ -598,17 +757,40 @@ def extraction_setup(dry: bool, folder: Path):
 
     torch.manual_seed(0)
     backbone = "resnet50" if dry else "resnet101"  # BUTD's own backbone is ResNet-101; the dry run is smaller
-    torch.save(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), folder / "detector.pth")
+    torch.save(
+        fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), folder / "detector.pth"
+    )
     torch.save((resnet50 if dry else resnet101)(weights=None).state_dict(), folder / "backbone.pth")
-    regions = resolve_region_config("butd", None, backbone, str(folder / "backbone.pth"), str(folder / "detector.pth"))
-    num_regions, image_size, (width, height) = (10, 96, (128, 96)) if dry else (36, 600, (640, 480))  # COCO-sized
-    config = ExtractorConfig(dataset="bench", splits=("train",), max_captions=None, num_regions=num_regions,
-                             feature_dim=2048, image_size=image_size, chunk_size=64, regions=regions,
-                             global_encoder=GlobalConfig(kind="none"))
+    regions = resolve_region_config(
+        "butd", None, backbone, str(folder / "backbone.pth"), str(folder / "detector.pth")
+    )
+    num_regions, image_size, (width, height) = (
+        (10, 96, (128, 96)) if dry else (36, 600, (640, 480))
+    )  # COCO-sized
+    config = ExtractorConfig(
+        dataset="bench",
+        splits=("train",),
+        max_captions=None,
+        num_regions=num_regions,
+        feature_dim=2048,
+        image_size=image_size,
+        chunk_size=64,
+        regions=regions,
+        global_encoder=GlobalConfig(kind="none"),
+    )
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in range(8)]
-    return config, images, {"backbone": backbone, "num_regions": num_regions, "image_size": image_size,
-                            "image": f"{width}x{height}", "weights": "random"}
+    return (
+        config,
+        images,
+        {
+            "backbone": backbone,
+            "num_regions": num_regions,
+            "image_size": image_size,
+            "image": f"{width}x{height}",
+            "weights": "random",
+        },
+    )
 
 
 def images_per_s(extractor, images, count: int, sync) -> float:
@@ -633,8 +815,13 @@ def extraction_section(bench: Bench) -> None:
         extractor = make_extractor_class()(config, bench.device)
         rate = images_per_s(extractor, images, gpu_images, bench.sync)
         section["device_images_per_s"] = rate
-        rows.append([f"{bench.device.type} ({bench.report['sections'].get('device', {}).get('name', '')})",
-                     gpu_images, rounded(rate)])
+        rows.append(
+            [
+                f"{bench.device.type} ({bench.report['sections'].get('device', {}).get('name', '')})",
+                gpu_images,
+                rounded(rate),
+            ]
+        )
         features, boxes = extractor(images[0])
         del extractor
         if bench.time_left() > 30:
@@ -642,30 +829,52 @@ def extraction_section(bench: Bench) -> None:
             cpu_extractor = RegionExtractor(config)
             cpu_features, cpu_boxes = cpu_extractor(images[0])  # the library's own result on the same image
             section["boxes_equal_cpu"] = bool((boxes == cpu_boxes).all())
-            section["features_rel_diff_vs_cpu"] = float(abs(features - cpu_features).max() / abs(cpu_features).max())
+            section["features_rel_diff_vs_cpu"] = float(
+                abs(features - cpu_features).max() / abs(cpu_features).max()
+            )
             if cpu_images:
                 rate = images_per_s(cpu_extractor, images, cpu_images, lambda: None)
                 section["host_cpu_images_per_s"] = rate
-                rows.append([f"this machine's CPU ({os.cpu_count()} cores), pipeline.regions as is", cpu_images,
-                             rounded(rate)])
+                rows.append(
+                    [
+                        f"this machine's CPU ({os.cpu_count()} cores), pipeline.regions as is",
+                        cpu_images,
+                        rounded(rate),
+                    ]
+                )
     if CPU_REFERENCE.is_file():
         reference = json.loads(CPU_REFERENCE.read_text())
         section["cpu_reference"] = reference
-        rows.append([f"development CPU ({reference['machine']}, {reference['date']})", reference["images"],
-                     rounded(reference["images_per_s"])])
+        rows.append(
+            [
+                f"development CPU ({reference['machine']}, {reference['date']})",
+                reference["images"],
+                rounded(reference["images_per_s"]),
+            ]
+        )
         if not bench.dry:
             section["speedup_vs_cpu_reference"] = section["device_images_per_s"] / reference["images_per_s"]
-    bench.table("extraction", "Region extraction (butd: Faster R-CNN boxes + backbone features)",
-                ["where", "images", "images/s"], rows,
-                [f"{setting['backbone']}, {setting['num_regions']} regions, shorter side {setting['image_size']} px, "
-                 f"synthetic {setting['image']} images, random weights; one image at a time, as `userpipe extract` "
-                 f"runs it. Same image on both: boxes equal {section.get('boxes_equal_cpu')}, features max rel diff "
-                 f"{rounded(section.get('features_rel_diff_vs_cpu'), 2)} (cuDNN may use TF32 convolutions)."])
+    bench.table(
+        "extraction",
+        "Region extraction (butd: Faster R-CNN boxes + backbone features)",
+        ["where", "images", "images/s"],
+        rows,
+        [
+            f"{setting['backbone']}, {setting['num_regions']} regions, shorter side {setting['image_size']} px, "
+            f"synthetic {setting['image']} images, random weights; one image at a time, as `userpipe extract` "
+            f"runs it. Same image on both: boxes equal {section.get('boxes_equal_cpu')}, features max rel diff "
+            f"{rounded(section.get('features_rel_diff_vs_cpu'), 2)} (cuDNN may use TF32 convolutions)."
+        ],
+    )
     if "speedup_vs_cpu_reference" in section:
         name = bench.report["sections"].get("device", {}).get("name", "")
-        bench.report["headline"].append([f"butd region extraction, {setting['backbone']}, 600 px, {name}",
-                                         f"{section['device_images_per_s']:.1f} images/s "
-                                         f"({section['speedup_vs_cpu_reference']:.0f}x the development CPU)"])
+        bench.report["headline"].append(
+            [
+                f"butd region extraction, {setting['backbone']}, 600 px, {name}",
+                f"{section['device_images_per_s']:.1f} images/s "
+                f"({section['speedup_vs_cpu_reference']:.0f}x the development CPU)",
+            ]
+        )
 
 
 def write_cpu_reference(count: int) -> None:
@@ -675,27 +884,43 @@ def write_cpu_reference(count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config, images, setting = extraction_setup(False, Path(tmp))
         rate = images_per_s(RegionExtractor(config), images, count, lambda: None)
-    result = {**report.machine(), "images": count, "images_per_s": rate, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), **setting}
+    result = {
+        **report.machine(),
+        "images": count,
+        "images_per_s": rate,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **setting,
+    }
     CPU_REFERENCE.write_text(json.dumps(result, indent=1) + "\n")
     print(result)
 
 
 # --------------------------------------------------------------------------- main
 
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="also copy gpu.json and gpu.md here (the device tool's $OUT)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; results to a temporary folder")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU; results to a temporary folder"
+    )
     parser.add_argument("--results-dir", help="where gpu.json and gpu.md go (default bench/results)")
-    parser.add_argument("--budget-s", type=float, help="optional parts are skipped past this (default 330 s; "
-                        "dry run 3600 s)")
+    parser.add_argument(
+        "--budget-s", type=float, help="optional parts are skipped past this (default 330 s; dry run 3600 s)"
+    )
     parser.add_argument("--sections", default="device,queue,extraction,train")
     parser.add_argument("--train-variants", default="fp32,bf16,compile", help="section 2's variants")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for section 2")
     parser.add_argument("--device-cpu-images", type=int, default=4, help="section 3 on this machine's CPU")
-    parser.add_argument("--cpu-reference", type=int, metavar="N",
-                        help="only measure extraction of N images on this CPU (bench/results/gpu_cpu_reference.json)")
+    parser.add_argument(
+        "--cpu-reference",
+        type=int,
+        metavar="N",
+        help="only measure extraction of N images on this CPU (bench/results/gpu_cpu_reference.json)",
+    )
     args = parser.parse_args()
     args.budget_s = args.budget_s or (3600 if args.dry_run else 330)
     if args.cpu_reference:
@@ -703,13 +928,17 @@ def main() -> None:
         return
     bench = Bench(args)
     if bench.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("TRITON_INTERPRET=1 would interpret the kernels on the GPU machine: run with TRITON_INTERPRET=0")
+        sys.exit(
+            "TRITON_INTERPRET=1 would interpret the kernels on the GPU machine: run with TRITON_INTERPRET=0"
+        )
     wanted = args.sections.split(",")
     # extraction before the training step: torch.compile, last, is the longest and the one the budget may skip
-    for key, name, title, run in (("device", "device", "Device", device_section),
-                                  ("queue", "queue_kernel", "Queue kernel", queue_section),
-                                  ("extraction", "extraction", "Region extraction", extraction_section),
-                                  ("train", "train_step", "Training step", train_section)):
+    for key, name, title, run in (
+        ("device", "device", "Device", device_section),
+        ("queue", "queue_kernel", "Queue kernel", queue_section),
+        ("extraction", "extraction", "Region extraction", extraction_section),
+        ("train", "train_step", "Training step", train_section),
+    ):
         if key in wanted:
             bench.section(name, title, run)
     print("\n" + (bench.results_dir / "gpu.md").read_text(), flush=True)

@@ -64,8 +64,11 @@ def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_s
     from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
 
     start = time.perf_counter()
-    loader = StreamingLoader(ShardSet.resolve(shards), tokenizer(),
-                             LoaderSettings(batch, workers=workers, check_sha256=check_sha256))
+    loader = StreamingLoader(
+        ShardSet.resolve(shards),
+        tokenizer(),
+        LoaderSettings(batch, workers=workers, check_sha256=check_sha256),
+    )
     return _time_batches(loader.batches(epoch=0), pairs // batch, start)
 
 
@@ -81,7 +84,7 @@ def measure_reference(npy: str, pairs: int, batch: int) -> dict:
     def batches():
         order = np.random.default_rng(0).permutation(len(captions))
         for b in range(0, len(order) - batch + 1, batch):
-            idx = order[b:b + batch]
+            idx = order[b : b + batch]
             regions = torch.from_numpy(np.stack([images[i // CAPTIONS] for i in idx]))
             tokens = [tok(captions[i], np.random.default_rng(int(i))) for i in idx]
             yield regions, tokens
@@ -97,8 +100,11 @@ def _time_batches(batches, count: int, start: float) -> dict:
     for _ in range(count - 1):
         next(iterator)
     end = time.perf_counter()
-    return {"seconds_to_first": round(first - start, 2), "batches": count,
-            "steady_batches_per_s": round((count - 1) / (end - first), 2)}
+    return {
+        "seconds_to_first": round(first - start, 2),
+        "batches": count,
+        "steady_batches_per_s": round((count - 1) / (end - first), 2),
+    }
 
 
 def prepare(size: int, root: Path) -> tuple[Path, Path]:
@@ -110,18 +116,39 @@ def prepare(size: int, root: Path) -> tuple[Path, Path]:
     if not (shards / "manifest.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        write_synthetic_store(store, size, num_regions=REGIONS, feature_dim=DIM, clip_dim=512,
-                              captions_per_image=CAPTIONS, chunk_size=64)
-        subprocess.run([sys.executable, "-m", "userpipe", "shard", "--store", str(store), "--out", str(shards),
-                        "--max-count", "500"], check=True)
+        write_synthetic_store(
+            store,
+            size,
+            num_regions=REGIONS,
+            feature_dim=DIM,
+            clip_dim=512,
+            captions_per_image=CAPTIONS,
+            chunk_size=64,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "userpipe",
+                "shard",
+                "--store",
+                str(store),
+                "--out",
+                str(shards),
+                "--max-count",
+                "500",
+            ],
+            check=True,
+        )
         import zarr
 
         group = zarr.open_group(str(store), mode="r")["train"]
         precomp.mkdir()
-        ims = np.lib.format.open_memmap(precomp / "train_ims.npy", mode="w+", dtype=np.float32,
-                                        shape=(size, REGIONS, DIM))
+        ims = np.lib.format.open_memmap(
+            precomp / "train_ims.npy", mode="w+", dtype=np.float32, shape=(size, REGIONS, DIM)
+        )
         for start in range(0, size, 1024):
-            ims[start:start + 1024] = group["regions"][start:start + 1024].astype(np.float32)
+            ims[start : start + 1024] = group["regions"][start : start + 1024].astype(np.float32)
         ims.flush()
         del ims
         (precomp / "train_caps.txt").write_text("\n".join(str(t) for t in group["caption_text"][:]) + "\n")
@@ -141,8 +168,13 @@ def main() -> None:
     if args.measure:  # child process: one measurement, JSON on stdout
         kind, path = args.measure
         rss = PeakTreeRSS()
-        result = (measure_reference(path, args.pairs, args.batch) if kind == "reference" else
-                  measure_streaming(path, args.pairs, args.batch, args.workers, check_sha256=kind == "streaming"))
+        result = (
+            measure_reference(path, args.pairs, args.batch)
+            if kind == "reference"
+            else measure_streaming(
+                path, args.pairs, args.batch, args.workers, check_sha256=kind == "streaming"
+            )
+        )
         result["peak_rss_mb"] = rss.stop_mb()
         print(json.dumps(result))
         return
@@ -151,27 +183,65 @@ def main() -> None:
     for size in args.sizes:
         shards, npy = prepare(size, args.root / str(size))
         for kind, path in (("streaming", shards), ("streaming, no sha256", shards), ("reference", npy)):
-            out = subprocess.run([sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(args.pairs),
-                                  "--batch", str(args.batch), "--workers", str(args.workers)],
-                                 check=True, capture_output=True, text=True,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--measure",
+                    kind,
+                    str(path),
+                    "--pairs",
+                    str(args.pairs),
+                    "--batch",
+                    str(args.batch),
+                    "--workers",
+                    str(args.workers),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            ).stdout
             result = {"images": size, "loader": kind, **json.loads(out.strip().splitlines()[-1])}
             result["pairs_per_s"] = round(result["steady_batches_per_s"] * args.batch, 1)
             runs.append(result)
             print(result, flush=True)
-    result = {"benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
-                           f"{args.workers} DataLoader workers for streaming", **report.machine(), "runs": runs}
+    result = {
+        "benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
+        f"{args.workers} DataLoader workers for streaming",
+        **report.machine(),
+        "runs": runs,
+    }
     by = {(r["images"], r["loader"]): r for r in runs}
-    report.write("loader_throughput", result, f"Loader: {result['benchmark']}",
-                 "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
-                 "(SCAN/VSE∞/USER). Streaming hashes every shard's bytes as it reads them and stops at a shard "
-                 "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check.", ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
-                 [[f"{r['images']:,}", r["loader"], f"{r['pairs_per_s']:,}", r["seconds_to_first"],
-                   f"{r['peak_rss_mb']:,}"] for r in runs],
-                 [(f"loader, {size:,} images: streaming vs reference",
-                   f"{by[(size, 'streaming')]['pairs_per_s']:,.0f} vs {by[(size, 'reference')]['pairs_per_s']:,.0f} "
-                   f"pairs/s; peak RSS {by[(size, 'streaming')]['peak_rss_mb'] / 1e3:.1f} vs "
-                   f"{by[(size, 'reference')]['peak_rss_mb'] / 1e3:.1f} GB") for size in args.sizes])
+    report.write(
+        "loader_throughput",
+        result,
+        f"Loader: {result['benchmark']}",
+        "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
+        "(SCAN/VSE∞/USER). Streaming hashes every shard's bytes as it reads them and stops at a shard "
+        "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check.",
+        ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
+        [
+            [
+                f"{r['images']:,}",
+                r["loader"],
+                f"{r['pairs_per_s']:,}",
+                r["seconds_to_first"],
+                f"{r['peak_rss_mb']:,}",
+            ]
+            for r in runs
+        ],
+        [
+            (
+                f"loader, {size:,} images: streaming vs reference",
+                f"{by[(size, 'streaming')]['pairs_per_s']:,.0f} vs {by[(size, 'reference')]['pairs_per_s']:,.0f} "
+                f"pairs/s; peak RSS {by[(size, 'streaming')]['peak_rss_mb'] / 1e3:.1f} vs "
+                f"{by[(size, 'reference')]['peak_rss_mb'] / 1e3:.1f} GB",
+            )
+            for size in args.sizes
+        ],
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -55,8 +55,15 @@ def measure(backend: str, b: int, m: int, d: int, tile: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     peak = rss_mb("VmHWM")
-    return {"backend": backend, "B": b, "M": m, "D": d, "loss": value, "seconds": round(min(times), 4),
-            "peak_extra_mb": round(peak - base, 1)}
+    return {
+        "backend": backend,
+        "B": b,
+        "M": m,
+        "D": d,
+        "loss": value,
+        "seconds": round(min(times), 4),
+        "peak_extra_mb": round(peak - base, 1),
+    }
 
 
 def check_triton(b: int, m: int, d: int) -> dict:
@@ -71,10 +78,16 @@ def check_triton(b: int, m: int, d: int) -> dict:
     values = {}
     for backend in ("eager", "triton"):
         loss = uto_queue_loss(q, k, queue, 90.0, 0.5, backend=backend)
-        grad, = torch.autograd.grad(loss, q)
+        (grad,) = torch.autograd.grad(loss, q)
         values[backend] = (loss.item(), grad)
-    return {"B": b, "M": m, "D": d, "loss_eager": values["eager"][0], "loss_triton": values["triton"][0],
-            "max_grad_diff": float((values["eager"][1] - values["triton"][1]).abs().max())}
+    return {
+        "B": b,
+        "M": m,
+        "D": d,
+        "loss_eager": values["eager"][0],
+        "loss_triton": values["triton"][0],
+        "max_grad_diff": float((values["eager"][1] - values["triton"][1]).abs().max()),
+    }
 
 
 def main() -> None:
@@ -87,15 +100,34 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         backend, m = args.one
-        result = (check_triton(16, int(m), 64) if backend == "triton-check"
-                  else measure(backend, args.batch, int(m), args.dim, args.tile))
+        result = (
+            check_triton(16, int(m), 64)
+            if backend == "triton-check"
+            else measure(backend, args.batch, int(m), args.dim, args.tile)
+        )
         print(json.dumps(result))
         return
 
     def child(backend: str, m: int, env=None) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--one", backend, str(m), "--batch", str(args.batch),
-                              "--dim", str(args.dim), "--tile", str(args.tile)], check=True, capture_output=True,
-                             text=True, env={**os.environ, **(env or {})}).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                backend,
+                str(m),
+                "--batch",
+                str(args.batch),
+                "--dim",
+                str(args.dim),
+                "--tile",
+                str(args.tile),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     runs = []
@@ -105,19 +137,47 @@ def main() -> None:
             print(runs[-1], flush=True)
     triton = child("triton-check", 1000, {"TRITON_INTERPRET": "1"})
     print(triton)
-    result = {"benchmark": f"uto_queue_loss forward+backward, B={args.batch}, D={args.dim}, fp32, chunked tile "
-                           f"{args.tile}", **report.machine(), "runs": runs, "triton_interpreter_check": triton}
+    result = {
+        "benchmark": f"uto_queue_loss forward+backward, B={args.batch}, D={args.dim}, fp32, chunked tile "
+        f"{args.tile}",
+        **report.machine(),
+        "runs": runs,
+        "triton_interpreter_check": triton,
+    }
     by = {(r["backend"], r["M"]): r for r in runs}
-    rows = [[f"{m:,}", by[("eager", m)]["seconds"], by[("chunked", m)]["seconds"],
-             f"{by[('chunked', m)]['seconds'] / by[('eager', m)]['seconds']:.2f}",
-             f"{by[('eager', m)]['peak_extra_mb']:,}", f"{by[('chunked', m)]['peak_extra_mb']:,}"] for m in args.queues]
-    headline = [(f"queue loss, M={m:,}: chunked vs eager",
-                 f"{by[('chunked', m)]['seconds']} vs {by[('eager', m)]['seconds']} s; "
-                 f"{by[('chunked', m)]['peak_extra_mb']:,} vs {by[('eager', m)]['peak_extra_mb']:,} MB") for m in args.queues]
-    report.write("queue_loss", result, result["benchmark"], "CPU. Peak memory = process peak RSS above the inputs.",
-                 ["M", "eager s", "chunked s", "chunked / eager", "eager MB", "chunked MB"], rows, headline,
-                 ["", f"Triton (interpreter, B=16, M=1,000, D=64): loss {triton['loss_triton']:.6f} vs eager "
-                  f"{triton['loss_eager']:.6f}, max |grad diff| {triton['max_grad_diff']:.2e}."])
+    rows = [
+        [
+            f"{m:,}",
+            by[("eager", m)]["seconds"],
+            by[("chunked", m)]["seconds"],
+            f"{by[('chunked', m)]['seconds'] / by[('eager', m)]['seconds']:.2f}",
+            f"{by[('eager', m)]['peak_extra_mb']:,}",
+            f"{by[('chunked', m)]['peak_extra_mb']:,}",
+        ]
+        for m in args.queues
+    ]
+    headline = [
+        (
+            f"queue loss, M={m:,}: chunked vs eager",
+            f"{by[('chunked', m)]['seconds']} vs {by[('eager', m)]['seconds']} s; "
+            f"{by[('chunked', m)]['peak_extra_mb']:,} vs {by[('eager', m)]['peak_extra_mb']:,} MB",
+        )
+        for m in args.queues
+    ]
+    report.write(
+        "queue_loss",
+        result,
+        result["benchmark"],
+        "CPU. Peak memory = process peak RSS above the inputs.",
+        ["M", "eager s", "chunked s", "chunked / eager", "eager MB", "chunked MB"],
+        rows,
+        headline,
+        [
+            "",
+            f"Triton (interpreter, B=16, M=1,000, D=64): loss {triton['loss_triton']:.6f} vs eager "
+            f"{triton['loss_eager']:.6f}, max |grad diff| {triton['max_grad_diff']:.2e}.",
+        ],
+    )
 
 
 if __name__ == "__main__":

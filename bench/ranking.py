@@ -57,7 +57,7 @@ def without_ground_truth_ties(sims: np.ndarray) -> int:
         tied_t2i = np.flatnonzero((sims == own).sum(0) > 1)  # its image ties another image
         best = sims.reshape(n, n, 5)[np.arange(n), np.arange(n)].max(1)
         tied_i2t = np.flatnonzero((sims == best[:, None]).sum(1) > 1)  # its best caption ties another caption
-        best_caption = [5 * i + int(np.argmax(sims[i, 5 * i:5 * i + 5])) for i in tied_i2t]
+        best_caption = [5 * i + int(np.argmax(sims[i, 5 * i : 5 * i + 5])) for i in tied_i2t]
         fix = np.union1d(tied_t2i, np.array(best_caption, dtype=np.int64)).astype(np.int64)
         if not len(fix):
             return raised
@@ -84,24 +84,42 @@ def main() -> None:
     same = all(ours[side][key] == loops[side][key] for side in ("i2t", "t2i") for key in loops[side])
     ours_m, loops_m = statistics.median(ours_s), statistics.median(loops_s)
     speedup = loops_m / ours_m
-    result = {"benchmark": f"ranking a {N:,} x {5 * N:,} similarity matrix (COCO 5K)", **report.machine(),
-              "repeats": REPEATS, "retrieval_metrics_seconds": [round(s, 3) for s in ours_s],
-              "released_loops_seconds": [round(s, 2) for s in loops_s], "speedup": round(speedup, 1),
-              "identical_metrics": same, "rsum": ours["rsum"],
-              "ground_truth_ties_nudged": raised}
+    result = {
+        "benchmark": f"ranking a {N:,} x {5 * N:,} similarity matrix (COCO 5K)",
+        **report.machine(),
+        "repeats": REPEATS,
+        "retrieval_metrics_seconds": [round(s, 3) for s in ours_s],
+        "released_loops_seconds": [round(s, 2) for s in loops_s],
+        "speedup": round(speedup, 1),
+        "identical_metrics": same,
+        "rsum": ours["rsum"],
+        "ground_truth_ties_nudged": raised,
+    }
     print(result)
 
     def spread(seconds: list[float], digits: int) -> str:
-        return f"{statistics.median(seconds):.{digits}f} ({min(seconds):.{digits}f}–{max(seconds):.{digits}f})"
+        return (
+            f"{statistics.median(seconds):.{digits}f} ({min(seconds):.{digits}f}–{max(seconds):.{digits}f})"
+        )
 
-    report.write("ranking", result, result["benchmark"],
-                 f"Both directions, metrics included; median (range) of {REPEATS} runs.",
-                 ["method", "seconds"],
-                 [["retrieval_metrics (trainer.evaluate: counted ranks, one pass)", spread(ours_s, 3)],
-                  ["released evaluation loops (one default numpy.argsort per query)", spread(loops_s, 2)]],
-                 [(f"ranking {N:,} x {5 * N:,}: retrieval_metrics vs the released argsort loops",
-                   f"{ours_m:.2f} vs {loops_m:.1f} s ({speedup:.0f}x), identical metrics: {same}")],
-                 ["", f"{speedup:.1f}x faster; identical metrics: {same} (RSUM {ours['rsum']:.2f})."])
+    report.write(
+        "ranking",
+        result,
+        result["benchmark"],
+        f"Both directions, metrics included; median (range) of {REPEATS} runs.",
+        ["method", "seconds"],
+        [
+            ["retrieval_metrics (trainer.evaluate: counted ranks, one pass)", spread(ours_s, 3)],
+            ["released evaluation loops (one default numpy.argsort per query)", spread(loops_s, 2)],
+        ],
+        [
+            (
+                f"ranking {N:,} x {5 * N:,}: retrieval_metrics vs the released argsort loops",
+                f"{ours_m:.2f} vs {loops_m:.1f} s ({speedup:.0f}x), identical metrics: {same}",
+            )
+        ],
+        ["", f"{speedup:.1f}x faster; identical metrics: {same} (RSUM {ours['rsum']:.2f})."],
+    )
 
 
 if __name__ == "__main__":

@@ -13,32 +13,56 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
-def write(name: str, report: dict, title: str, note: str, header: list[str], rows: list[list],
-          headline: list[tuple[str, str]], extra=()) -> None:
+def write(
+    name: str,
+    report: dict,
+    title: str,
+    note: str,
+    header: list[str],
+    rows: list[list],
+    headline: list[tuple[str, str]],
+    extra=(),
+) -> None:
     """bench/results/NAME.json (the report, with its `headline` (setting, result) rows for the summary) and
     NAME.md (title, machine line + note, table, extra lines)."""
     RESULTS.mkdir(exist_ok=True)
     report = {**report, "headline": [list(row) for row in headline]}
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# {title}", "", f"{report['machine']}, {report['date']}. {note}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# {title}",
+        "",
+        f"{report['machine']}, {report['date']}. {note}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     (RESULTS / f"{name}.md").write_text("\n".join([*lines, *extra]) + "\n")
 
 
 def summarize() -> Path:
     """bench/results/summary.md: every benchmark's headline rows in one table."""
-    lines = ["# userpipe benchmarks", "", "Written by `just bench`; details in each NAME.md beside this file.", "",
-             "| benchmark | setting | result | machine, date |", "|---|---|---|---|"]
+    lines = [
+        "# userpipe benchmarks",
+        "",
+        "Written by `just bench`; details in each NAME.md beside this file.",
+        "",
+        "| benchmark | setting | result | machine, date |",
+        "|---|---|---|---|",
+    ]
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())
         for setting, result in report.get("headline", []):
-            lines.append(f"| [{path.stem}]({path.stem}.md) | {setting} | {result} | {report['machine']}, "
-                         f"{report['date']} |")
+            lines.append(
+                f"| [{path.stem}]({path.stem}.md) | {setting} | {result} | {report['machine']}, "
+                f"{report['date']} |"
+            )
     out = RESULTS / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -38,8 +38,13 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _workers_ignore_ctrl_c():
         # Task errors reach us through the futures; worker logs would add only shutdown races (a last
         # heartbeat to the closed scheduler is logged as an ERROR with a traceback).
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=workers > 1, dashboard_address=":0",
-                               silence_logs=logging.CRITICAL)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=workers > 1,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        )
     try:
         with Client(cluster) as client:
             yield client, max(1, (os.cpu_count() or 1) // workers)
@@ -74,7 +79,9 @@ class _Rate(TextColumn):
         return f"{speed:6.1f} {self.unit}/s" if speed else f"   ... {self.unit}/s"
 
 
-def run_tasks(client, tasks: list[tuple[str, int, Callable, tuple]], console: Console, unit: str = "items") -> list:
+def run_tasks(
+    client, tasks: list[tuple[str, int, Callable, tuple]], console: Console, unit: str = "items"
+) -> list:
     """Submit (bar name, size, function, args) tasks; advance each bar by the task's size as it ends.
 
     Returns the results in task order. A task's exception propagates (the stage stays resumable).
@@ -82,8 +89,14 @@ def run_tasks(client, tasks: list[tuple[str, int, Callable, tuple]], console: Co
     from distributed import as_completed
 
     results: dict[str, object] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit),
-                  TimeRemainingColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         bars = {}
         for name, size, _, _ in tasks:
             if name not in bars:

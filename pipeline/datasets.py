@@ -58,7 +58,9 @@ class DatasetIndex:
         missing = [s for s in splits if not self.splits.get(s)]
         if missing:
             have = ", ".join(s for s in SPLITS if self.splits.get(s)) or "none"
-            raise InputError(f"dataset '{self.name}' has no images in split(s) {', '.join(missing)} (it has: {have})")
+            raise InputError(
+                f"dataset '{self.name}' has no images in split(s) {', '.join(missing)} (it has: {have})"
+            )
         self.splits = {s: self.splits[s] for s in splits}
         return self
 
@@ -67,7 +69,9 @@ def parse_splits(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in SPLITS]
     if bad or not names:
-        raise InputError(f"unknown split name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(SPLITS)}")
+        raise InputError(
+            f"unknown split name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(SPLITS)}"
+        )
     return names
 
 
@@ -142,7 +146,9 @@ def read_karpathy_json(
             raise InputError(f"{json_path}: image {image_id} ({record.filename}) has no captions")
         check_captions(captions, f"{json_path}: image {image_id} ({record.filename})")
         boxes = tuple(record.boxes) if record.boxes is not None else None
-        if boxes is not None and any(not all(map(math.isfinite, b)) or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
+        if boxes is not None and any(
+            not all(map(math.isfinite, b)) or b[2] <= b[0] or b[3] <= b[1] for b in boxes
+        ):
             raise InputError(f"{json_path}: image {image_id} has a box that is not [x1, y1, x2, y2]")
         has_boxes = has_boxes and boxes is not None
         folder = record.filepath if uses_filepath else ""
@@ -180,8 +186,11 @@ def load_dataset(dataset: str, root: Path | None) -> DatasetIndex:
         root = root or Path("data") / dataset
         image_root = root / spec.image_dir
         index = read_karpathy_json(
-            root / spec.json_name, name=dataset, image_root=image_root,
-            uses_filepath=spec.uses_filepath, max_captions=spec.max_captions,
+            root / spec.json_name,
+            name=dataset,
+            image_root=image_root,
+            uses_filepath=spec.uses_filepath,
+            max_captions=spec.max_captions,
         )
         if not image_root.is_dir():
             raise InputError(f"image folder not found: {image_root} (expected the {dataset} images there)")
@@ -192,7 +201,9 @@ def load_dataset(dataset: str, root: Path | None) -> DatasetIndex:
             f"unknown dataset '{dataset}': use coco, f30k, demo, or a path to a Karpathy-format .json"
         )
     image_root = root or path.parent
-    index = read_karpathy_json(path, name=dataset, image_root=image_root, uses_filepath=True, max_captions=None)
+    index = read_karpathy_json(
+        path, name=dataset, image_root=image_root, uses_filepath=True, max_captions=None
+    )
     if not image_root.is_dir():
         raise InputError(f"image folder not found: {image_root}")
     return index

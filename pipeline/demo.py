@@ -28,12 +28,22 @@ SPLIT_FRACTIONS = (("train", 0.625), ("val", 0.0625), ("test", 0.3125))
 WIDTH, HEIGHT = 320, 256
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-    "purple": (140, 50, 170), "orange": (240, 140, 30), "cyan": (40, 200, 210), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+    "white": (245, 245, 245),
 }
 SHAPES = {
-    "circle": ("circle", "disc", "round shape"), "square": ("square", "box"), "triangle": ("triangle",),
-    "star": ("star",), "cross": ("cross", "plus sign"), "diamond": ("diamond", "rhombus"),
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "cross": ("cross", "plus sign"),
+    "diamond": ("diamond", "rhombus"),
 }
 SIZES = {"small": (14, 22, ("small", "little", "tiny")), "large": (32, 44, ("large", "big", "huge"))}
 
@@ -49,8 +59,12 @@ class SceneObject:
 
     @property
     def box(self) -> tuple[float, float, float, float]:
-        return (max(0.0, self.cx - self.radius), max(0.0, self.cy - self.radius),
-                min(float(WIDTH), self.cx + self.radius), min(float(HEIGHT), self.cy + self.radius))
+        return (
+            max(0.0, self.cx - self.radius),
+            max(0.0, self.cy - self.radius),
+            min(float(WIDTH), self.cx + self.radius),
+            min(float(HEIGHT), self.cy + self.radius),
+        )
 
 
 def split_sizes(total: int) -> dict[str, int]:
@@ -90,7 +104,9 @@ def _article(phrase: str) -> str:
 def captions_for(objects: list[SceneObject], rng: random.Random) -> list[str]:
     a, b = objects[0], objects[1]
     others = objects[2:]
-    listing = ", ".join(_article(_noun(o, rng)) for o in objects[:-1]) + " and " + _article(_noun(objects[-1], rng))
+    listing = (
+        ", ".join(_article(_noun(o, rng)) for o in objects[:-1]) + " and " + _article(_noun(objects[-1], rng))
+    )
     count = {2: "two", 3: "three", 4: "four"}[len(objects)]
     captions = [
         f"{_article(_noun(a, rng))} {_relation(a, b)} {_article(_noun(b, rng))}.",
@@ -98,7 +114,8 @@ def captions_for(objects: list[SceneObject], rng: random.Random) -> list[str]:
         f"and {_article(_noun(b, rng, False))} {_position_phrase(b, rng)}.",
         f"{count} shapes on a cluttered background: {listing}.",
         f"the {b.colour} {rng.choice(SHAPES[b.shape])} is {_relation(b, a)} the {a.size} {a.colour} "
-        f"{rng.choice(SHAPES[a.shape])}" + (f", with {_article(_noun(others[0], rng))} nearby." if others else "."),
+        f"{rng.choice(SHAPES[a.shape])}"
+        + (f", with {_article(_noun(others[0], rng))} nearby." if others else "."),
         f"a busy picture showing {_article(_noun(b, rng))} {_position_phrase(b, rng)} "
         f"and {_article(_noun(a, rng))} {_relation(a, b)} it.",
     ]
@@ -113,8 +130,11 @@ def _draw_background(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
         x, y = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
         if rng.random() < 0.6:
             angle, length = rng.uniform(0, math.pi), rng.uniform(10, 60)
-            draw.line((x, y, x + length * math.cos(angle), y + length * math.sin(angle)), fill=tone,
-                      width=rng.randint(1, 3))
+            draw.line(
+                (x, y, x + length * math.cos(angle), y + length * math.sin(angle)),
+                fill=tone,
+                width=rng.randint(1, 3),
+            )
         else:
             r = rng.uniform(1, 5)
             draw.ellipse((x - r, y - r, x + r, y + r), fill=tone)
@@ -131,10 +151,17 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
     elif obj.shape == "triangle":
         draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill, outline=outline)
     elif obj.shape == "diamond":
-        draw.polygon([(x, y - r), (x + r * 0.75, y), (x, y + r), (x - r * 0.75, y)], fill=fill, outline=outline)
+        draw.polygon(
+            [(x, y - r), (x + r * 0.75, y), (x, y + r), (x - r * 0.75, y)], fill=fill, outline=outline
+        )
     elif obj.shape == "star":
-        points = [(x + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                   y - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+        points = [
+            (
+                x + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                y - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         draw.polygon(points, fill=fill, outline=outline)
     elif obj.shape == "cross":
         t = r * 0.35
@@ -206,13 +233,25 @@ def _write_demo(root: Path, images: int, seed: int) -> Path:
                 image, objects, captions = render_scene(seed * 1_000_003 + imgid)
                 filename = f"demo_{imgid:06d}.jpg"
                 image.save(tmp / "images" / filename, quality=90)
-                records.append({
-                    "filepath": "images", "filename": filename, "imgid": imgid, "split": split,
-                    "sentences": [{"raw": c, "tokens": c.rstrip(".").replace(",", "").replace(":", "").split(),
-                                   "imgid": imgid, "sentid": imgid * 5 + k} for k, c in enumerate(captions)],
-                    "boxes": [[round(v, 2) for v in o.box] for o in objects],
-                    "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size} for o in objects],
-                })
+                records.append(
+                    {
+                        "filepath": "images",
+                        "filename": filename,
+                        "imgid": imgid,
+                        "split": split,
+                        "sentences": [
+                            {
+                                "raw": c,
+                                "tokens": c.rstrip(".").replace(",", "").replace(":", "").split(),
+                                "imgid": imgid,
+                                "sentid": imgid * 5 + k,
+                            }
+                            for k, c in enumerate(captions)
+                        ],
+                        "boxes": [[round(v, 2) for v in o.box] for o in objects],
+                        "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size} for o in objects],
+                    }
+                )
                 imgid += 1
                 progress.advance(task)
     with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:  # last: the tag makes the folder a demo

@@ -98,8 +98,13 @@ def _given_inputs(opts: ExtractOptions) -> list:
     """The files and folders named on the command line that the extraction reads."""
     _, _, source = (opts.regions or "").partition(":")
     located = glob(source) if any(c in source for c in "*?[") else [source]
-    return [opts.dataset if opts.dataset.endswith(".json") else None, opts.root, *located,
-            opts.backbone_weights, opts.detector_weights]
+    return [
+        opts.dataset if opts.dataset.endswith(".json") else None,
+        opts.root,
+        *located,
+        opts.backbone_weights,
+        opts.detector_weights,
+    ]
 
 
 def prepare(opts: ExtractOptions) -> Prepared:
@@ -120,8 +125,9 @@ def prepare(opts: ExtractOptions) -> Prepared:
         raise InputError("--num-regions and --chunk-size must be positive")
     clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
     global_config = resolve_global_config(clip_spec)
-    region_config = resolve_region_config(kind, source or None, opts.backbone, opts.backbone_weights,
-                                          opts.detector_weights)
+    region_config = resolve_region_config(
+        kind, source or None, opts.backbone, opts.backbone_weights, opts.detector_weights
+    )
 
     imports = None
     if kind == "precomp":
@@ -137,22 +143,31 @@ def prepare(opts: ExtractOptions) -> Prepared:
     needs_images = kind not in IMPORTED_REGION_KINDS or global_config.kind != "none"
     if needs_images:
         if index.image_root is None:
-            raise InputError(f"--clip {clip_spec} needs the images, but {opts.dataset}'s Karpathy JSON was not "
-                             "found under --root to locate them; pass --clip none or --root")
+            raise InputError(
+                f"--clip {clip_spec} needs the images, but {opts.dataset}'s Karpathy JSON was not "
+                "found under --root to locate them; pass --clip none or --root"
+            )
         check_image_folders(index)
 
     feature_dim = imports.feature_dim if imports else BACKBONES[opts.backbone].feature_dim
     config = ExtractorConfig(
-        dataset=opts.dataset, dataset_sha256=index.sha256, splits=opts.splits,
-        max_captions=index.max_captions, num_regions=opts.num_regions, feature_dim=feature_dim,
-        image_size=opts.image_size or (256 if is_demo else 600), chunk_size=opts.chunk_size,
-        regions=region_config, global_encoder=global_config,
+        dataset=opts.dataset,
+        dataset_sha256=index.sha256,
+        splits=opts.splits,
+        max_captions=index.max_captions,
+        num_regions=opts.num_regions,
+        feature_dim=feature_dim,
+        image_size=opts.image_size or (256 if is_demo else 600),
+        chunk_size=opts.chunk_size,
+        regions=region_config,
+        global_encoder=global_config,
     )
     check_apart(out, [index.image_root])
     return Prepared(config, index, imports, out)
 
 
 # --------------------------------------------------------------------------- worker side
+
 
 @dataclass(frozen=True)
 class ImageChunk:
@@ -205,8 +220,15 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
             images[i] = image
     valid = np.array([not e for e in errors])
 
-    columns = {"regions": regions.astype(np.float16), "boxes": boxes, "num_regions": num_regions, "width": width,
-               "height": height, "valid": valid, "error": np.array(errors, dtype=object)}
+    columns = {
+        "regions": regions.astype(np.float16),
+        "boxes": boxes,
+        "num_regions": num_regions,
+        "width": width,
+        "height": height,
+        "valid": valid,
+        "error": np.array(errors, dtype=object),
+    }
     if encoder is not None:
         clip = np.full((n, config.global_encoder.image_dim), np.nan, np.float32)
         if images:
@@ -216,31 +238,42 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
     return n
 
 
-def _write_rows(store: str, split: str, start: int, columns: dict[str, np.ndarray], done: tuple[str, int]) -> None:
+def _write_rows(
+    store: str, split: str, start: int, columns: dict[str, np.ndarray], done: tuple[str, int]
+) -> None:
     """A task's rows of each array, then its done-flag: the chunk counts as done only once all is written.
     (Zarr writes each chunk file beside and renames it, so a chunk file is whole or absent.)"""
     group = zarr.open_group(store, mode="r+")[split]
     try:
         with every_chunk_written():
             for name, values in columns.items():
-                group[name][start:start + len(values)] = values
+                group[name][start : start + len(values)] = values
             group[done[0]][done[1]] = True
     except OSError as exc:
         needed = sum(v.nbytes if v.dtype != object else 64 * len(v) for v in columns.values())
         raise disk_full(exc, Path(store) / split, needed) or exc from None
 
 
-def embed_caption_chunk(config_json: str, store: str, split: str, chunk: int, start: int,
-                        texts: tuple[str, ...], threads: int | None) -> int:
+def embed_caption_chunk(
+    config_json: str,
+    store: str,
+    split: str,
+    chunk: int,
+    start: int,
+    texts: tuple[str, ...],
+    threads: int | None,
+) -> int:
     _set_threads(threads)
     _, _, encoder = extractor_models(config_json)
-    embeddings = np.concatenate([encoder.encode_texts(list(texts[i:i + TEXT_BATCH]))
-                                 for i in range(0, len(texts), TEXT_BATCH)])
+    embeddings = np.concatenate(
+        [encoder.encode_texts(list(texts[i : i + TEXT_BATCH])) for i in range(0, len(texts), TEXT_BATCH)]
+    )
     _write_rows(store, split, start, {"clip_text": embeddings.astype(np.float16)}, ("captions_done", chunk))
     return len(texts)
 
 
 # --------------------------------------------------------------------------- driver side
+
 
 def _strip_paths(value):
     """Config content without local file locations: the same weights elsewhere are the same config."""
@@ -253,7 +286,9 @@ def same_content(a: ExtractorConfig, b: ExtractorConfig) -> bool:
     return _strip_paths(a.model_dump(mode="json")) == _strip_paths(b.model_dump(mode="json"))
 
 
-def open_or_create(prepared: Prepared, overwrite: bool, console: Console) -> tuple[zarr.Group, StoreAttrs, Path]:
+def open_or_create(
+    prepared: Prepared, overwrite: bool, console: Console
+) -> tuple[zarr.Group, StoreAttrs, Path]:
     """The store to extract into (a new one, or one to resume, its damaged chunks marked to redo) and where
     it is being written: `out` itself, or beside it when `--overwrite` replaces a store (swapped in at the
     end). A new store is created beside `out` and renamed into place whole, so a kill never leaves a
@@ -263,8 +298,10 @@ def open_or_create(prepared: Prepared, overwrite: bool, console: Console) -> tup
     if state == "own" and not overwrite:
         root, attrs = open_store(out, mode="r+")
         if not same_content(attrs.extractor, config):
-            raise InputError(f"{out} was extracted with another configuration; pass --overwrite to "
-                             "replace it, or --out for a new store")
+            raise InputError(
+                f"{out} was extracted with another configuration; pass --overwrite to "
+                "replace it, or --out for a new store"
+            )
         return root.group, _mark_damage(out, root.group, attrs, index, console), out
     work = replacement(out) if state == "own" else out
     if work != out and existing(work, STORE) == "own":  # an interrupted replacement: resume it if it fits
@@ -272,8 +309,10 @@ def open_or_create(prepared: Prepared, overwrite: bool, console: Console) -> tup
         if same_content(attrs.extractor, config):
             return root.group, _mark_damage(work, root.group, attrs, index, console), work
         shutil.rmtree(work)
-    splits = {s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
-              for s, recs in index.splits.items()}
+    splits = {
+        s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
+        for s, recs in index.splits.items()
+    }
     image_root = str(index.image_root.resolve()) if index.image_root else None
     attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root, chunk_checksums=True)
     building = scratch_beside(out)
@@ -288,15 +327,18 @@ def open_or_create(prepared: Prepared, overwrite: bool, console: Console) -> tup
     return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
 
 
-def _mark_damage(path: Path, root: zarr.Group, attrs: StoreAttrs, index: DatasetIndex,
-                 console: Console) -> StoreAttrs:
+def _mark_damage(
+    path: Path, root: zarr.Group, attrs: StoreAttrs, index: DatasetIndex, console: Console
+) -> StoreAttrs:
     """Find missing or damaged chunks (crc32c) and mark them to be extracted again: a task's chunk loses
     its done-flag, an index array is rewritten from the dataset index. The store is incomplete meanwhile."""
     problems = store_problems(path, root, attrs)
     if not problems:
         return attrs
-    console.print(f"{path}: {len(problems)} missing or damaged chunk(s), e.g. {problems[0].array} chunk "
-                  f"{problems[0].chunk} ({problems[0].problem}); extracting them again")
+    console.print(
+        f"{path}: {len(problems)} missing or damaged chunk(s), e.g. {problems[0].array} chunk "
+        f"{problems[0].chunk} ({problems[0].problem}); extracting them again"
+    )
     attrs = attrs.model_copy(update={"complete": False})
     write_attrs(root, attrs)
     for problem in problems:
@@ -322,10 +364,21 @@ def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[Imag
                 continue
             part = slice(c * size, (c + 1) * size)
             # absolute, not resolved: resolving follows links, and a link loop is one invalid image, not a crash
-            paths = tuple(os.path.abspath(index.image_root / r.file) if r.file and index.image_root else ""
-                          for r in records[part])
-            chunks.append(ImageChunk(str(work), split, c, c * size, paths,
-                                     tuple(r.boxes for r in records[part]), tuple(refs[part])))
+            paths = tuple(
+                os.path.abspath(index.image_root / r.file) if r.file and index.image_root else ""
+                for r in records[part]
+            )
+            chunks.append(
+                ImageChunk(
+                    str(work),
+                    split,
+                    c,
+                    c * size,
+                    paths,
+                    tuple(r.boxes for r in records[part]),
+                    tuple(refs[part]),
+                )
+            )
     return chunks
 
 
@@ -337,8 +390,11 @@ def _caption_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[tu
     for split, records in prepared.index.splits.items():
         texts = [c for r in records for c in r.captions]
         done = done_flags(work, root[split], "captions_done", num_chunks(len(texts), size))
-        chunks += [(str(work), split, c, c * size, tuple(texts[c * size:(c + 1) * size]))
-                   for c in range(num_chunks(len(texts), size)) if not done[c]]
+        chunks += [
+            (str(work), split, c, c * size, tuple(texts[c * size : (c + 1) * size]))
+            for c in range(num_chunks(len(texts), size))
+            if not done[c]
+        ]
     return chunks
 
 
@@ -364,9 +420,13 @@ def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> Stor
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
         with dask_client(opts.workers, opts.scheduler) as (client, threads):
-            tasks = [("images", len(c.paths), extract_image_chunk, (config_json, c, threads)) for c in image_chunks]
-            tasks += [("captions", len(c[4]), embed_caption_chunk, (config_json, *c, threads))
-                      for c in caption_chunks]
+            tasks = [
+                ("images", len(c.paths), extract_image_chunk, (config_json, c, threads)) for c in image_chunks
+            ]
+            tasks += [
+                ("captions", len(c[4]), embed_caption_chunk, (config_json, *c, threads))
+                for c in caption_chunks
+            ]
             run_tasks(client, tasks, console)
     final = collect_failures(root, attrs)
     write_attrs(root, final)

@@ -21,7 +21,9 @@ from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
 
 
 @lru_cache(maxsize=2)
-def extractor_models(config_json: str) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
+def extractor_models(
+    config_json: str,
+) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
     """Built once per worker process and configuration."""
     config = ExtractorConfig.model_validate_json(config_json)
     regions = None if config.regions.kind in IMPORTED_REGION_KINDS else RegionExtractor(config)
@@ -38,8 +40,13 @@ def load_image(path: str) -> Image.Image:
     kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
     if kind != stat.S_IFREG:
         os.close(descriptor)
-        names = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
-                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+        names = {
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFDIR: "a directory",
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket",
+        }
         raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
     with open(descriptor, "rb") as file, Image.open(file) as image:
         return image.convert("RGB")  # forces a full decode, so truncated files fail here
@@ -53,8 +60,13 @@ class ImageResult:
     height: int = 0
 
 
-def image_features(config: ExtractorConfig, extractor: RegionExtractor | None, image: Image.Image | None,
-               annotated_boxes, ref) -> ImageResult:
+def image_features(
+    config: ExtractorConfig,
+    extractor: RegionExtractor | None,
+    image: Image.Image | None,
+    annotated_boxes,
+    ref,
+) -> ImageResult:
     if extractor is not None:
         features, boxes = extractor(image, annotated_boxes)
         return ImageResult(features, boxes, *image.size)
@@ -71,8 +83,10 @@ def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray
     """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and float16-rounded,
     their count, and the global embedding (None without a global encoder). For `userpipe search` queries."""
     if config.regions.kind in IMPORTED_REGION_KINDS:
-        raise InputError(f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
-                         "a new image; query with an image id from the index")
+        raise InputError(
+            f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
+            "a new image; query with an image id from the index"
+        )
     _, extractor, encoder = extractor_models(config.model_dump_json())
     try:
         image = load_image(str(path))

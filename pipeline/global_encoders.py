@@ -41,7 +41,9 @@ def _register_open_clip_model(model: str) -> tuple[str, str | None]:
         open_clip.add_model_config(path)
         return path.stem, str(path.resolve())
     if model not in open_clip.list_models():
-        raise InputError(f"unknown open_clip model '{model}' (see open_clip.list_models(), or pass a config .json)")
+        raise InputError(
+            f"unknown open_clip model '{model}' (see open_clip.list_models(), or pass a config .json)"
+        )
     return model, None
 
 
@@ -69,13 +71,17 @@ def _open_clip_weights(model: str, pretrained: str) -> WeightsRef:
         return local_weights(pretrained, "open_clip")
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
-        raise InputError(f"unknown pretrained tag '{pretrained}' for {model} (known: {', '.join(tags) or 'none'})")
+        raise InputError(
+            f"unknown pretrained tag '{pretrained}' for {model} (known: {', '.join(tags) or 'none'})"
+        )
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     path = _cached_open_clip_file(cfg)
     if path is None:  # a hub tag not in the local cache: the user asked for a download
-        unreachable = (f"pretrained tag '{pretrained}' for {model} must be downloaded and no model hub is "
-                       "reachable ({}); download the weights elsewhere and pass "
-                       f"--clip {model}:/path/to/open_clip_model.safetensors")
+        unreachable = (
+            f"pretrained tag '{pretrained}' for {model} must be downloaded and no model hub is "
+            "reachable ({}); download the weights elsewhere and pass "
+            f"--clip {model}:/path/to/open_clip_model.safetensors"
+        )
         if _hub_offline():
             raise InputError(unreachable.format("HF_HUB_OFFLINE is set"))
         try:
@@ -94,10 +100,14 @@ def resolve_global_config(spec: str) -> GlobalConfig:
     if head == "imagenet":
         backbone, _, path = rest.partition(":")
         if backbone not in BACKBONES:
-            raise InputError(f"unknown backbone '{backbone}' in --clip {spec}: choose from {', '.join(BACKBONES)}")
+            raise InputError(
+                f"unknown backbone '{backbone}' in --clip {spec}: choose from {', '.join(BACKBONES)}"
+            )
         backbone_spec = BACKBONES[backbone]
         weights = local_weights(path, "global backbone") if path else backbone_spec.default_weights()
-        return GlobalConfig(kind="imagenet", model=backbone, weights=weights, image_dim=backbone_spec.feature_dim)
+        return GlobalConfig(
+            kind="imagenet", model=backbone, weights=weights, image_dim=backbone_spec.feature_dim
+        )
     if not rest:
         raise InputError(
             f"--clip {spec} names no weights: use MODEL:PRETRAINED (a tag or a weights file), "
@@ -108,8 +118,14 @@ def resolve_global_config(spec: str) -> GlobalConfig:
     model, config_file = _register_open_clip_model(head)
     weights = _open_clip_weights(model, rest)
     embed_dim = open_clip.get_model_config(model)["embed_dim"]
-    return GlobalConfig(kind="open_clip", model=model, model_config_file=config_file, weights=weights,
-                        image_dim=embed_dim, text_dim=embed_dim)
+    return GlobalConfig(
+        kind="open_clip",
+        model=model,
+        model_config_file=config_file,
+        weights=weights,
+        image_dim=embed_dim,
+        text_dim=embed_dim,
+    )
 
 
 def _l2_normalize(x: torch.Tensor) -> np.ndarray:
@@ -128,7 +144,8 @@ class GlobalEncoder:
             if config.model_config_file:
                 open_clip.add_model_config(config.model_config_file)
             model, _, self.preprocess = open_clip.create_model_and_transforms(
-                config.model, pretrained=config.weights.path)
+                config.model, pretrained=config.weights.path
+            )
             self.model = model.eval()
             self.tokenizer = open_clip.get_tokenizer(config.model)
         elif config.kind == "imagenet":
@@ -150,8 +167,9 @@ class GlobalEncoder:
 
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        return np.concatenate([self._encode_batch(images[i:i + IMAGE_BATCH])
-                               for i in range(0, len(images), IMAGE_BATCH)])
+        return np.concatenate(
+            [self._encode_batch(images[i : i + IMAGE_BATCH]) for i in range(0, len(images), IMAGE_BATCH)]
+        )
 
     def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
         batch = torch.stack([self.preprocess(im) for im in images])

@@ -36,8 +36,18 @@ from schemas.errors import InputError
 # SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
 PRECOMP_SPLIT_FILES = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
-LXMERT_TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-                     "num_boxes", "boxes", "features")
+LXMERT_TSV_FIELDS = (
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+)
 FLOAT32_BYTES = 4
 
 
@@ -59,13 +69,17 @@ class ImportPlan:
 
 # --------------------------------------------------------------------------- precomp (SCAN)
 
+
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a .npy file, read from its header only."""
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(f)
         except ValueError as exc:
             raise InputError(f"{path} is not a .npy file: {exc}") from None
@@ -84,7 +98,9 @@ def checked_npy(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             f"{shape} {dtype} = {expected:,} bytes, the file has {actual:,}"
         )
     if len(shape) != 3 or dtype.kind != "f":
-        raise InputError(f"{path} holds {shape} {dtype}; region features must be float (images, regions, dim)")
+        raise InputError(
+            f"{path} holds {shape} {dtype}; region features must be float (images, regions, dim)"
+        )
     return shape, dtype
 
 
@@ -108,15 +124,21 @@ def _karpathy_files(dataset: str, root: Path | None) -> dict[str, ImageRecord]:
     root = root or Path("data") / dataset
     if spec is None or not (root / spec.json_name).is_file():
         return {}
-    index = read_karpathy_json(root / spec.json_name, name=dataset, image_root=root / spec.image_dir,
-                               uses_filepath=spec.uses_filepath, max_captions=None)
+    index = read_karpathy_json(
+        root / spec.json_name,
+        name=dataset,
+        image_root=root / spec.image_dir,
+        uses_filepath=spec.uses_filepath,
+        max_captions=None,
+    )
     # COCO precomp ids are cocoids (= our image_id); Flickr30K's are Karpathy imgids.
     key = (lambda r: r.image_id) if dataset == "coco" else (lambda r: str(r.imgid))
     return {key(r): r for records in index.splits.values() for r in records}
 
 
-def load_precomp(directory: Path, dataset: str, root: Path | None,
-                 splits: tuple[str, ...]) -> tuple[DatasetIndex, ImportPlan]:
+def load_precomp(
+    directory: Path, dataset: str, root: Path | None, splits: tuple[str, ...]
+) -> tuple[DatasetIndex, ImportPlan]:
     """The dataset and its region features from SCAN files; only the caption and id files are hashed
     (hashing COCO's 33 GB train_ims.npy would take minutes), the .npy sizes are checked instead."""
     if not directory.is_dir():
@@ -140,8 +162,10 @@ def load_precomp(directory: Path, dataset: str, root: Path | None,
             if not p.is_file():
                 raise InputError(f"precomp folder {directory} has {ims.name} but no {p.name}")
         caps, ids = _read_lines(caps_path), _read_lines(ids_path)
-        counts = (f"{ims.name} has {n} images, {ids_path.name} {len(ids)} ids, {caps_path.name} {len(caps)} "
-                  "captions")
+        counts = (
+            f"{ims.name} has {n} images, {ids_path.name} {len(ids)} ids, {caps_path.name} {len(caps)} "
+            "captions"
+        )
         if n == 0 or len(caps) % n or (max_captions is not None and len(caps) != n * max_captions):
             needs = f"{max_captions} per image" if max_captions is not None else "the same number per image"
             raise InputError(f"{counts}: the captions must be {needs}")
@@ -150,20 +174,24 @@ def load_precomp(directory: Path, dataset: str, root: Path | None,
             raise InputError(f"{counts}: expected one id per image or one per caption")
         check_captions([" ".join(c.split()) for c in caps], str(caps_path))
         if len(ids) == len(caps) and per_image > 1:
-            grouped = [ids[i * per_image:(i + 1) * per_image] for i in range(n)]
+            grouped = [ids[i * per_image : (i + 1) * per_image] for i in range(n)]
             bad = next((i for i, g in enumerate(grouped) if len(set(g)) != 1), None)
             if bad is not None:
-                raise InputError(f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})")
+                raise InputError(
+                    f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})"
+                )
             ids = [g[0] for g in grouped]
         keep = max_captions or per_image
         records = []
         for i, image_id in enumerate(ids):
             known = by_id.get(image_id)
-            records.append(ImageRecord(
-                image_id=known.image_id if known else image_id,
-                file=known.file if known else "",
-                captions=tuple(" ".join(c.split()) for c in caps[i * per_image:i * per_image + keep]),
-            ))
+            records.append(
+                ImageRecord(
+                    image_id=known.image_id if known else image_id,
+                    file=known.file if known else "",
+                    captions=tuple(" ".join(c.split()) for c in caps[i * per_image : i * per_image + keep]),
+                )
+            )
         index_splits[split] = records
         refs[split] = [(str(ims), i) for i in range(n)]
         hashes += [file_sha256(caps_path), file_sha256(ids_path)]
@@ -173,8 +201,13 @@ def load_precomp(directory: Path, dataset: str, root: Path | None,
     if by_id:
         spec = NAMED_DATASETS[dataset]
         image_root = (root or Path("data") / dataset) / spec.image_dir
-    index = DatasetIndex(name=dataset, image_root=image_root, splits=index_splits, max_captions=max_captions,
-                         sha256=_combined(hashes))
+    index = DatasetIndex(
+        name=dataset,
+        image_root=image_root,
+        splits=index_splits,
+        max_captions=max_captions,
+        sha256=_combined(hashes),
+    )
     return index, ImportPlan(feature_dim=dims.pop(), refs=refs)
 
 
@@ -189,6 +222,7 @@ def _memmap(path: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- TSV
 
+
 def _b64_bytes(field: bytes) -> int:
     return len(field) * 3 // 4 - field[-2:].count(b"=") if field else 0
 
@@ -197,8 +231,10 @@ def _tsv_layout(num_fields: int, path: str) -> tuple[str, ...]:
     for layout in (TSV_FIELDS, LXMERT_TSV_FIELDS):
         if num_fields == len(layout):
             return layout
-    raise InputError(f"{path}: lines have {num_fields} fields; expected {len(TSV_FIELDS)} (bottom-up-attention) "
-                     f"or {len(LXMERT_TSV_FIELDS)} (LXMERT)")
+    raise InputError(
+        f"{path}: lines have {num_fields} fields; expected {len(TSV_FIELDS)} (bottom-up-attention) "
+        f"or {len(LXMERT_TSV_FIELDS)} (LXMERT)"
+    )
 
 
 def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
@@ -223,17 +259,23 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
                     raise InputError(f"{path} line {number}: num_boxes is not an integer") from None
                 box_bytes, feat_bytes = _b64_bytes(row["boxes"]), _b64_bytes(row["features"])
                 if boxes_n <= 0 or box_bytes != boxes_n * 4 * FLOAT32_BYTES:
-                    raise InputError(f"{path} line {number} (image {image_id}): boxes hold {box_bytes} bytes, "
-                                     f"num_boxes={boxes_n} needs {boxes_n * 4 * FLOAT32_BYTES} (truncated?)")
+                    raise InputError(
+                        f"{path} line {number} (image {image_id}): boxes hold {box_bytes} bytes, "
+                        f"num_boxes={boxes_n} needs {boxes_n * 4 * FLOAT32_BYTES} (truncated?)"
+                    )
                 line_dim = feat_bytes / (boxes_n * FLOAT32_BYTES)
                 if dim is None and line_dim.is_integer():
                     dim = int(line_dim)
                 if line_dim != dim:
-                    raise InputError(f"{path} line {number} (image {image_id}): features hold {feat_bytes} bytes, "
-                                     f"{boxes_n} boxes x {dim} float32 need {boxes_n * (dim or 0) * FLOAT32_BYTES}")
+                    raise InputError(
+                        f"{path} line {number} (image {image_id}): features hold {feat_bytes} bytes, "
+                        f"{boxes_n} boxes x {dim} float32 need {boxes_n * (dim or 0) * FLOAT32_BYTES}"
+                    )
                 if image_id in lookup:
-                    raise InputError(f"{path} line {number}: image {image_id} already appeared "
-                                     f"in {lookup[image_id][0]} (overlapping TSV parts?)")
+                    raise InputError(
+                        f"{path} line {number}: image {image_id} already appeared "
+                        f"in {lookup[image_id][0]} (overlapping TSV parts?)"
+                    )
                 lookup[image_id] = (path, offset)
                 offset += len(line)
     return lookup, dim
@@ -266,6 +308,7 @@ def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
 
 # --------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
 
+
 def index_npz(directory: Path) -> tuple[dict[str, str], int]:
     if not directory.is_dir():
         raise InputError(f"npz folder not found: {directory}")
@@ -275,7 +318,9 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int]:
     try:
         first = _read_npz(str(files[0]))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}") from None
+        raise InputError(
+            f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}"
+        ) from None
     return {p.stem: str(p) for p in files}, first.features.shape[1]
 
 
@@ -291,11 +336,14 @@ def _read_npz(path: str) -> ImportedRegions:
     except (OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:  # cut, not a zip, or not arrays
         raise ValueError(f"{Path(path).name} is not a readable npz ({exc})") from None
     if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
-        raise ValueError(f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}")
+        raise ValueError(
+            f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}"
+        )
     return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height)
 
 
 # --------------------------------------------------------------------------- common
+
 
 def match_refs(records: list[ImageRecord], lookup: dict) -> list:
     """A source keyed by image id or by image file stem (both conventions occur in the wild)."""
@@ -307,7 +355,9 @@ def plan_import(kind: str, source: str, index: DatasetIndex) -> ImportPlan:
     lookup, dim = index_tsv(source) if kind == "tsv" else index_npz(Path(source))
     refs = {split: match_refs(records, lookup) for split, records in index.splits.items()}
     if not any(ref is not None for split_refs in refs.values() for ref in split_refs):
-        raise InputError(f"none of the dataset's images has features in {kind}:{source} (ids or file names differ?)")
+        raise InputError(
+            f"none of the dataset's images has features in {kind}:{source} (ids or file names differ?)"
+        )
     return ImportPlan(feature_dim=dim, refs=refs)
 
 
@@ -318,6 +368,7 @@ def read_imported(kind: str, ref, feature_dim: int) -> ImportedRegions:
         return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
     regions = _read_tsv_line(*ref) if kind == "tsv" else _read_npz(ref)
     if regions.features.shape[1] != feature_dim:
-        raise ValueError(f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}")
+        raise ValueError(
+            f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}"
+        )
     return regions
-

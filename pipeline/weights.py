@@ -71,7 +71,9 @@ def load_weights(module: torch.nn.Module, ref: WeightsRef, *, by_order: bool = F
     if by_order and set(state) != set(target):
         pairs = list(zip(target.items(), state.values(), strict=False))
         if len(state) != len(target) or any(t.shape != s.shape for (_, t), s in pairs):
-            raise InputError(f"weights {ref.source} do not fit {type(module).__name__} (keys differ in count or shape)")
+            raise InputError(
+                f"weights {ref.source} do not fit {type(module).__name__} (keys differ in count or shape)"
+            )
         state = OrderedDict((name, value) for (name, _), value in pairs)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -34,7 +34,9 @@ def parse_json(text: str | bytes, source: Path | str):
     except UnicodeDecodeError:
         raise InputError(f"{source} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise InputError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise InputError(
+            f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
 
 
 def read_model(cls: type[Model], path: Path, what: str, error: type[InputError] = InputError) -> Model:

@@ -48,8 +48,9 @@ class IndexManifest(Frozen):
     embed_dim: int = Field(gt=0)
     num_images: int = Field(gt=0)
     num_captions: int = Field(gt=0)
-    extractor: ExtractorConfig | None = Field(None, description="the store's extractor: what embeds an image-file "
-                                                                 "query (1.1; None in 1.0 indexes)")
+    extractor: ExtractorConfig | None = Field(
+        None, description="the store's extractor: what embeds an image-file query (1.1; None in 1.0 indexes)"
+    )
 
     @model_validator(mode="after")
     def _extractor_recorded(self) -> IndexManifest:

@@ -61,9 +61,13 @@ class OutputKind:
 
 
 PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes it first, removes it last)
-STORE = OutputKind("a userpipe store", lambda f: _validates(f / "zarr.json", StoreAttrs, "attributes", ATTRS_KEY))
-SHARDS = OutputKind("userpipe shards", lambda f: _validates(f / MANIFEST_NAME, ShardManifest) or
-                    _validates(f / PLAN_NAME, ShardPlanParams))
+STORE = OutputKind(
+    "a userpipe store", lambda f: _validates(f / "zarr.json", StoreAttrs, "attributes", ATTRS_KEY)
+)
+SHARDS = OutputKind(
+    "userpipe shards",
+    lambda f: _validates(f / MANIFEST_NAME, ShardManifest) or _validates(f / PLAN_NAME, ShardPlanParams),
+)
 RUN = OutputKind("a userpipe run", lambda f: _validates(f / "config.json", RunConfig))
 INDEX = OutputKind("a userpipe index", lambda f: _validates(f / INDEX_MANIFEST_NAME, IndexManifest))
 DEMO = OutputKind("the userpipe demo", _is_demo)
@@ -77,10 +81,12 @@ def check_apart(out: Path, inputs: Iterable[Path | str | None], option: str = "-
             continue
         source = Path(given).resolve()
         if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            relation = ("is" if target == source else "contains" if source.is_relative_to(target)
-                        else "lies inside")
-            raise InputError(f"{option} {out} {relation} the input {given}; choose an {option} apart from "
-                             "the inputs")
+            relation = (
+                "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
+            )
+            raise InputError(
+                f"{option} {out} {relation} the input {given}; choose an {option} apart from the inputs"
+            )
 
 
 def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
@@ -98,8 +104,10 @@ def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
         return "own"
     if not any(out.iterdir()):
         return "empty"
-    raise InputError(f"{option} {out} holds files that are not {kind.name}; userpipe writes only into new or "
-                     f"empty folders or its own output: choose another {option}")
+    raise InputError(
+        f"{option} {out} holds files that are not {kind.name}; userpipe writes only into new or "
+        f"empty folders or its own output: choose another {option}"
+    )
 
 
 def check_file_target(path: Path, signature: str, option: str) -> None:
@@ -109,7 +117,9 @@ def check_file_target(path: Path, signature: str, option: str) -> None:
     if path.exists():
         with open(path, "rb") as f:
             if f.read(len(signature.encode())) != signature.encode():
-                raise InputError(f"{option} {path} exists and was not written by userpipe; choose another {option}")
+                raise InputError(
+                    f"{option} {path} exists and was not written by userpipe; choose another {option}"
+                )
 
 
 def replacement(out: Path) -> Path:
@@ -211,8 +221,10 @@ def writer_lock(out: Path, option: str = "--out") -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
             os.close(descriptor)
-            raise InputError(f"{option} {out} is being written by process {holder}; wait for it to finish or "
-                             f"choose another {option}") from None
+            raise InputError(
+                f"{option} {out} is being written by process {holder}; wait for it to finish or "
+                f"choose another {option}"
+            ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:
@@ -261,16 +273,20 @@ def disk_full(exc: BaseException, path: Path, needed: int) -> DiskFullError | No
     if not (isinstance(exc, OSError) and exc.errno in DISK_FULL):
         return None
     free = free_bytes(path)
-    return DiskFullError(f"{path}: {exc.strerror}: the write needs about {human_bytes(needed)}, "
-                         f"{human_bytes(free)} are free there")
+    return DiskFullError(
+        f"{path}: {exc.strerror}: the write needs about {human_bytes(needed)}, "
+        f"{human_bytes(free)} are free there"
+    )
 
 
 def check_free_space(path: Path, needed: int) -> None:
     """Refuse a write of `needed` bytes before starting it when the filesystem cannot hold it."""
     free = free_bytes(path)
     if free < needed:
-        raise DiskFullError(f"{path}: no space left: the write needs about {human_bytes(needed)}, "
-                            f"{human_bytes(free)} are free there")
+        raise DiskFullError(
+            f"{path}: no space left: the write needs about {human_bytes(needed)}, "
+            f"{human_bytes(free)} are free there"
+        )
 
 
 def fsync_path(path: Path) -> None:

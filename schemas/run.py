@@ -26,8 +26,11 @@ class ModelConfig(BaseModel):
     num_regions: int = Field(gt=0, description="R, the region axis SGE's BatchNorm runs over")
     clip_dim: int | None = Field(default=None, description="width of the CLIP global (CGE only)")
     text_model: str = Field(description="Hugging Face BERT-family model: hub name or local folder")
-    text_layers: int | None = Field(default=None, gt=0, description="keep only the first N transformer "
-                                    "layers of the text model (None: all)")
+    text_layers: int | None = Field(
+        default=None,
+        gt=0,
+        description="keep only the first N transformer layers of the text model (None: all)",
+    )
     dropout: float = Field(default=0.4, ge=0, lt=1)
     gpo_pe_dim: int = 32
     gpo_hidden: int = 32
@@ -36,12 +39,16 @@ class ModelConfig(BaseModel):
     mu: float = Field(gt=0, description="UTO inverse temperature")
     gamma: float = Field(description="UTO margin")
     batch_weight: float = Field(gt=0, description="lambda: weight of the in-batch part of UTO")
-    mask_false_negatives: bool = Field(default=False, description="leave same-image entries out of the "
-                                       "negatives (False = the released code)")
-    keys_in_train_mode: bool = Field(default=True, description="key encoders keep dropout/BN in train mode, "
-                                     "as the released code does")
-    use_queue: bool = Field(default=True, description="momentum queues and their loss (False: in-batch UTO "
-                            "only, the VSE∞-style ablation)")
+    mask_false_negatives: bool = Field(
+        default=False, description="leave same-image entries out of the negatives (False = the released code)"
+    )
+    keys_in_train_mode: bool = Field(
+        default=True, description="key encoders keep dropout/BN in train mode, as the released code does"
+    )
+    use_queue: bool = Field(
+        default=True,
+        description="momentum queues and their loss (False: in-batch UTO only, the VSE∞-style ablation)",
+    )
 
     @model_validator(mode="after")
     def _cge_needs_clip(self) -> ModelConfig:
@@ -59,14 +66,19 @@ class TrainRecipe(BaseModel):
     text_lr_scale: float = Field(default=0.1, gt=0, description="text backbone lr = lr x this")
     weight_decay: float = Field(default=1e-4, ge=0)
     grad_clip: float = Field(default=2.0, gt=0)
-    lr_decay_epochs: tuple[int, ...] = Field(default=(), description="lr x lr_decay from each of these epochs")
+    lr_decay_epochs: tuple[int, ...] = Field(
+        default=(), description="lr x lr_decay from each of these epochs"
+    )
     lr_decay: float = Field(default=0.1, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
     seed: int = 1
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
-    val_images: int | None = Field(default=None, gt=0, description="validate on the first N images "
-                                   "(the reference uses 1,000 of COCO's dev split)")
+    val_images: int | None = Field(
+        default=None,
+        gt=0,
+        description="validate on the first N images (the reference uses 1,000 of COCO's dev split)",
+    )
     val_every: int | None = Field(default=None, gt=0, description="also validate every N steps")
 
 
@@ -85,7 +97,9 @@ class RunData(Frozen):
     """What a run reads: a resume must read the same, or say that it does not (`RunChange`)."""
 
     shards: str = Field(description="the shard folder or brace pattern, as given")
-    shards_sha256: str = Field(description="hash of the selected shards' manifest records (name, counts, sha256)")
+    shards_sha256: str = Field(
+        description="hash of the selected shards' manifest records (name, counts, sha256)"
+    )
     val_store: str = Field(description="the validation store, resolved")
 
 

@@ -141,13 +141,22 @@ class SampleError(InputError):
     """A shard sample whose members are missing, unreadable or disagree; the message names it."""
 
 
-MEMBERS = {"regions.npy": "float16", "boxes.npy": "float32", "clip_image.npy": "float16",
-           "clip_text.npy": "float16", "captions.json": None, "meta.json": None}  # member -> dtype of its array
+MEMBERS = {
+    "regions.npy": "float16",
+    "boxes.npy": "float32",
+    "clip_image.npy": "float16",
+    "clip_text.npy": "float16",
+    "captions.json": None,
+    "meta.json": None,
+}  # member -> dtype of its array
 
 
-def decode_sample(raw: dict, fields: tuple[str, ...] | None = None, feature_dim: int | None = None) -> ShardSample:
+def decode_sample(
+    raw: dict, fields: tuple[str, ...] | None = None, feature_dim: int | None = None
+) -> ShardSample:
     """From webdataset's raw dict (member name without the key -> bytes); checks the members (exactly
     `fields`, when given), every dtype and every size."""
+
     def array(name: str) -> np.ndarray | None:
         data = raw.get(name)
         if data is None:
@@ -162,7 +171,9 @@ def decode_sample(raw: dict, fields: tuple[str, ...] | None = None, feature_dim:
     unexpected = sorted(members - set(fields or MEMBERS))
     missing = sorted(set(fields or ()) - members)
     if unexpected or missing:
-        raise SampleError(f"{where}: {'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}")
+        raise SampleError(
+            f"{where}: {'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}"
+        )
     try:
         meta = validate_as(SampleMeta, parse_json(raw["meta.json"], "meta.json"), "meta.json")
         captions = parse_json(raw["captions.json"], "captions.json")
@@ -173,21 +184,38 @@ def decode_sample(raw: dict, fields: tuple[str, ...] | None = None, feature_dim:
         raise SampleError(f"{where}: unreadable ({' '.join(str(exc).split())})") from None
     if regions is None or boxes is None:
         raise SampleError(f"{where}: no {'regions.npy' if regions is None else 'boxes.npy'} member")
-    sample = ShardSample(meta, regions, boxes, captions, array("clip_image.npy"), array("clip_text.npy"),
-                         source=raw.get("__url__"))
+    sample = ShardSample(
+        meta,
+        regions,
+        boxes,
+        captions,
+        array("clip_image.npy"),
+        array("clip_text.npy"),
+        source=raw.get("__url__"),
+    )
     k, n = meta.num_regions, meta.num_captions
     if regions.ndim != 2 or regions.shape[0] != k or boxes.shape != (k, 4) or len(captions) != n:
-        raise SampleError(f"{where}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
-                          f"disagree with meta (num_regions={k}, num_captions={n})")
+        raise SampleError(
+            f"{where}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
+            f"disagree with meta (num_regions={k}, num_captions={n})"
+        )
     if feature_dim is not None and regions.shape[1] != feature_dim:
-        raise SampleError(f"{where}: regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d")
+        raise SampleError(
+            f"{where}: regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d"
+        )
     if sample.clip_text is not None and sample.clip_text.shape[0] != n:
         raise SampleError(f"{where}: clip_text has {sample.clip_text.shape[0]} rows for {n} captions")
     return sample
 
 
-def encoded_size(num_regions: int, feature_dim: int, num_captions: int, clip_dim: int | None,
-                 with_text: bool, text_bytes: int) -> int:
+def encoded_size(
+    num_regions: int,
+    feature_dim: int,
+    num_captions: int,
+    clip_dim: int | None,
+    with_text: bool,
+    text_bytes: int,
+) -> int:
     """Tar bytes of one encoded sample (512-byte header + padded body per member), for shard roll-over."""
     npy_header = 128
 

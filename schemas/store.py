@@ -57,7 +57,9 @@ class GlobalConfig(Frozen):
 
     kind: Literal["open_clip", "imagenet", "none"]
     model: str | None = None
-    model_config_file: str | None = Field(default=None, description="open_clip model-config .json, if not built in")
+    model_config_file: str | None = Field(
+        default=None, description="open_clip model-config .json, if not built in"
+    )
     weights: WeightsRef | None = None
     image_dim: int | None = None
     text_dim: int | None = Field(default=None, description="None when the encoder has no text tower")
@@ -113,10 +115,16 @@ class StoreAttrs(Frozen):
     splits: dict[str, SplitSummary]
     complete: bool = False
     failures: tuple[Failure, ...] = ()
-    image_root: str | None = Field(default=None, description="absolute folder the 'file' paths were relative to "
-                                   "at extraction (None: no images, or an older store)")
-    chunk_checksums: bool = Field(default=False, description="every chunk is written (empty ones too) with a "
-                                  "crc32c, so a missing or altered chunk is detected (False: an older store)")
+    image_root: str | None = Field(
+        default=None,
+        description="absolute folder the 'file' paths were relative to "
+        "at extraction (None: no images, or an older store)",
+    )
+    chunk_checksums: bool = Field(
+        default=False,
+        description="every chunk is written (empty ones too) with a "
+        "crc32c, so a missing or altered chunk is detected (False: an older store)",
+    )
 
 
 class ArraySpec(Frozen):
@@ -148,15 +156,25 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
     c, cc = config.chunk_size, caption_chunk_size(config)
 
     def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "images") -> ArraySpec:
-        return ArraySpec(dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype, written_by=by)
+        return ArraySpec(
+            dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype, written_by=by
+        )
 
-    def caption(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "captions") -> ArraySpec:
-        return ArraySpec(dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype,
-                         written_by=by)
+    def caption(
+        name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "captions"
+    ) -> ArraySpec:
+        return ArraySpec(
+            dims=("caption", *name_dims), shape=(m, *tail), chunks=(cc, *tail), dtype=dtype, written_by=by
+        )
 
     def progress(dim: str, length: int) -> ArraySpec:  # one done-flag per chunk, one Zarr chunk each
-        return ArraySpec(dims=(dim,), shape=(num_chunks(length, c if dim == "image_chunk" else cc),), chunks=(1,),
-                         dtype="bool", written_by="progress")
+        return ArraySpec(
+            dims=(dim,),
+            shape=(num_chunks(length, c if dim == "image_chunk" else cc),),
+            chunks=(1,),
+            dtype="bool",
+            written_by="progress",
+        )
 
     specs = {
         "image_id": image((), (), "str", "index"),
@@ -206,14 +224,20 @@ def validate_store(root) -> StoreAttrs:
         if split not in root:
             raise StoreValidationError(f"split group '{split}' is missing")
         group = root[split]
-        for name, spec in split_array_specs(attrs.extractor, summary.num_images, summary.num_captions).items():
+        for name, spec in split_array_specs(
+            attrs.extractor, summary.num_images, summary.num_captions
+        ).items():
             if name not in group:
                 raise StoreValidationError(f"array '{split}/{name}' is missing")
             arr = group[name]
             if tuple(arr.shape) != spec.shape:
-                raise StoreValidationError(f"array '{split}/{name}' has shape {arr.shape}, expected {spec.shape}")
+                raise StoreValidationError(
+                    f"array '{split}/{name}' has shape {arr.shape}, expected {spec.shape}"
+                )
             if not dtype_matches(arr.dtype, spec.dtype):
-                raise StoreValidationError(f"array '{split}/{name}' has dtype {arr.dtype}, expected {spec.dtype}")
+                raise StoreValidationError(
+                    f"array '{split}/{name}' has dtype {arr.dtype}, expected {spec.dtype}"
+                )
             dims = tuple(arr.metadata.dimension_names or ())
             if dims != spec.dims:
                 raise StoreValidationError(f"array '{split}/{name}' has dims {dims}, expected {spec.dims}")

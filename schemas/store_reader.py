@@ -40,7 +40,12 @@ def open_store(path: Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
         return CheckedGroup(root, path, attrs.chunk_checksums and attrs.complete), attrs
     except StoreValidationError as exc:
         raise InputError(f"{path}: {exc}") from None
-    except (zarr.errors.BaseZarrError, ValueError, KeyError, TypeError) as exc:  # metadata that parses but is wrong
+    except (
+        zarr.errors.BaseZarrError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as exc:  # metadata that parses but is wrong
         raise InputError(f"{path} has damaged metadata: {type(exc).__name__}: {exc}") from None
 
 
@@ -66,7 +71,7 @@ def chunk_problem(store: Path, array: zarr.Array, chunk: int) -> str | None:
         return None
     size = array.chunks[0]
     try:
-        array[chunk * size:(chunk + 1) * size]
+        array[chunk * size : (chunk + 1) * size]
     except Exception as exc:  # noqa: BLE001 - each codec reports damage its own way
         return f"damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
     return None
@@ -97,8 +102,10 @@ class CheckedArray:
 
     def _damage(self, chunk: int, problem: str) -> InputError:
         size = self.array.chunks[0]
-        return InputError(f"{self.store}: chunk {chunk} (rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
-                          f"of array '{self.array.path}' is {problem}; {REPAIR}")
+        return InputError(
+            f"{self.store}: chunk {chunk} (rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
+            f"of array '{self.array.path}' is {problem}; {REPAIR}"
+        )
 
     def __getitem__(self, selection):
         chunks = self._chunks_read(selection)
@@ -191,9 +198,15 @@ def store_summary(path: Path) -> dict:
         group = root[split]
         splits[split] = {
             **summary.model_dump(),
-            "arrays": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-                              "dims": list(arr.metadata.dimension_names or ())}
-                       for name, arr in sorted(group.arrays())},
+            "arrays": {
+                name: {
+                    "shape": list(arr.shape),
+                    "dtype": str(arr.dtype),
+                    "chunks": list(arr.chunks),
+                    "dims": list(arr.metadata.dimension_names or ()),
+                }
+                for name, arr in sorted(group.arrays())
+            },
         }
     return {
         "path": str(path),
@@ -203,5 +216,7 @@ def store_summary(path: Path) -> dict:
         "extractor": attrs.extractor.model_dump(mode="json"),
         "failures": [f.model_dump() for f in attrs.failures],
         # chunk files only listed, not read (userpipe verify reads them)
-        "missing_chunks": [f"{p.array}[{p.chunk}]" for p in store_problems(path, root, attrs, check_bytes=False)],
+        "missing_chunks": [
+            f"{p.array}[{p.chunk}]" for p in store_problems(path, root, attrs, check_bytes=False)
+        ],
     }

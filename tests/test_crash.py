@@ -36,48 +36,69 @@ CRASH_POINTS = 1
 CRASH_POINTS_SLOW = 24
 
 
-def userpipe(args, env_extra: dict | None = None, limit_file_size: int | None = None,
-             timeout: int = 600) -> subprocess.CompletedProcess:
+def userpipe(
+    args, env_extra: dict | None = None, limit_file_size: int | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
 
     def limit() -> None:  # a disk that is full after `limit_file_size` bytes of one file (no root needed)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, resource.RLIM_INFINITY))
 
-    return subprocess.run([sys.executable, "-m", "userpipe", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True,
-                          preexec_fn=limit if limit_file_size else None)
+    return subprocess.run(
+        [sys.executable, "-m", "userpipe", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+        preexec_fn=limit if limit_file_size else None,
+    )
 
 
 def crash_env(area: Path, counter: Path, at: int = 0) -> dict:
     path = os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path, "USERPIPE_CRASH_SCOPE": str(area), "USERPIPE_CRASH_COUNTER": str(counter),
-            "USERPIPE_CRASH_AT": str(at)}
+    return {
+        "PYTHONPATH": path,
+        "USERPIPE_CRASH_SCOPE": str(area),
+        "USERPIPE_CRASH_COUNTER": str(counter),
+        "USERPIPE_CRASH_AT": str(at),
+    }
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def training_outcome(run: Path) -> dict:
     """What a resumed run must reproduce: every step (its losses), every validation, the best state, the
     config, the record."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return {"steps": [r["step"] for r in records if "loss" in r],
-            "losses": [r[k] for r in records if "loss" in r for k in ("loss", "batch", "queue")],
-            "vals": [r["step"] for r in records if "val" in r],
-            "rsums": [r["val"]["rsum"] for r in records if "val" in r],
-            "best": json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"],
-            "config": (run / "config.json").read_text(), "record": (run / "run.json").read_text(),
-            "states": sorted(p.name for p in (run / "checkpoints").iterdir())}
+    return {
+        "steps": [r["step"] for r in records if "loss" in r],
+        "losses": [r[k] for r in records if "loss" in r for k in ("loss", "batch", "queue")],
+        "vals": [r["step"] for r in records if "val" in r],
+        "rsums": [r["val"]["rsum"] for r in records if "val" in r],
+        "best": json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"],
+        "config": (run / "config.json").read_text(),
+        "record": (run / "run.json").read_text(),
+        "states": sorted(p.name for p in (run / "checkpoints").iterdir()),
+    }
 
 
 def training_tolerance(outcome: dict) -> dict:
     """Numbers to 1e-5, not bit for bit: Adam moves parameters whose true gradient is ~0 (GPO's
     softmax-shift bias) by its normalised rounding noise, which may differ between two processes."""
-    return {**outcome, "losses": pytest.approx(outcome["losses"], abs=1e-5),
-            "rsums": pytest.approx(outcome["rsums"], abs=1e-4), "best": pytest.approx(outcome["best"], abs=1e-4)}
+    return {
+        **outcome,
+        "losses": pytest.approx(outcome["losses"], abs=1e-5),
+        "rsums": pytest.approx(outcome["rsums"], abs=1e-4),
+        "best": pytest.approx(outcome["best"], abs=1e-4),
+    }
 
 
 @dataclass
@@ -104,19 +125,42 @@ def inputs(tmp_path_factory, trained) -> dict:
     for i, split in enumerate(["train"] * 6 + ["val"] * 2 + ["test"] * 2):
         name = f"{i:03d}.jpg"
         write_image(images / "images" / name, i)
-        records.append(karpathy_record(name, split, [f"image {i} caption {k}" for k in range(5)], i,
-                                       filepath="images", boxes=[[4, 4, 40, 30], [50, 20, 90, 70]]))
+        records.append(
+            karpathy_record(
+                name,
+                split,
+                [f"image {i} caption {k}" for k in range(5)],
+                i,
+                filepath="images",
+                boxes=[[4, 4, 40, 30], [50, 20, 90, 70]],
+            )
+        )
     dataset = write_json(images / "dataset_crash.json", records)
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=3)
     val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
     shards = tmp / "shards"
-    assert userpipe(["shard", "--store", train_store, "--out", shards, "--max-count", "10",
-                     "--workers", "1"]).returncode == 0
+    assert (
+        userpipe(
+            ["shard", "--store", train_store, "--out", shards, "--max-count", "10", "--workers", "1"]
+        ).returncode
+        == 0
+    )
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 2}}))
-    return {"dataset": dataset, "images": images, "train_store": train_store, "val_store": val_store,
-            "shards": shards, "config": config, "run": trained["run"], "gallery": trained["gallery"]}
+    config.write_text(
+        yaml.safe_dump(
+            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 2}}
+        )
+    )
+    return {
+        "dataset": dataset,
+        "images": images,
+        "train_store": train_store,
+        "val_store": val_store,
+        "shards": shards,
+        "config": config,
+        "run": trained["run"],
+        "gallery": trained["gallery"],
+    }
 
 
 WRITERS = ("extract", "shard", "train", "index")
@@ -125,21 +169,94 @@ REPLACING = ("shard --overwrite",)  # the swap of a finished replacement into pl
 
 def writer(name: str, inputs: dict) -> Writer:
     return {
-        "extract": Writer("extract", ("extract", "--dataset", inputs["dataset"], "--root", inputs["images"],
-                                      "--regions", "boxes", "--clip", "imagenet:efficientnet_lite0", "--num-regions",
-                                      "4", "--image-size", "64", "--chunk-size", "2", "--workers", "1",
-                                      "--out", "{out}"), file_hashes),
-        "shard": Writer("shard", ("shard", "--store", inputs["train_store"], "--out", "{out}", "--max-count", "6",
-                                  "--workers", "1"), file_hashes),
-        "train": Writer("train", ("train", "--shards", inputs["shards"], "--val-store", inputs["val_store"],
-                                  "--config", inputs["config"], "--out", "{out}"), training_outcome,
-                       training_tolerance),
-        "index": Writer("index", ("index", "--run", inputs["run"], "--store", inputs["gallery"], "--out", "{out}"),
-                        file_hashes),
-        "shard --overwrite": Writer("shard --overwrite", ("shard", "--store", inputs["train_store"], "--out", "{out}",
-                                                          "--max-count", "6", "--workers", "1", "--overwrite"),
-                                    file_hashes, before=("shard", "--store", inputs["train_store"], "--out", "{out}",
-                                                         "--max-count", "4", "--workers", "1")),
+        "extract": Writer(
+            "extract",
+            (
+                "extract",
+                "--dataset",
+                inputs["dataset"],
+                "--root",
+                inputs["images"],
+                "--regions",
+                "boxes",
+                "--clip",
+                "imagenet:efficientnet_lite0",
+                "--num-regions",
+                "4",
+                "--image-size",
+                "64",
+                "--chunk-size",
+                "2",
+                "--workers",
+                "1",
+                "--out",
+                "{out}",
+            ),
+            file_hashes,
+        ),
+        "shard": Writer(
+            "shard",
+            (
+                "shard",
+                "--store",
+                inputs["train_store"],
+                "--out",
+                "{out}",
+                "--max-count",
+                "6",
+                "--workers",
+                "1",
+            ),
+            file_hashes,
+        ),
+        "train": Writer(
+            "train",
+            (
+                "train",
+                "--shards",
+                inputs["shards"],
+                "--val-store",
+                inputs["val_store"],
+                "--config",
+                inputs["config"],
+                "--out",
+                "{out}",
+            ),
+            training_outcome,
+            training_tolerance,
+        ),
+        "index": Writer(
+            "index",
+            ("index", "--run", inputs["run"], "--store", inputs["gallery"], "--out", "{out}"),
+            file_hashes,
+        ),
+        "shard --overwrite": Writer(
+            "shard --overwrite",
+            (
+                "shard",
+                "--store",
+                inputs["train_store"],
+                "--out",
+                "{out}",
+                "--max-count",
+                "6",
+                "--workers",
+                "1",
+                "--overwrite",
+            ),
+            file_hashes,
+            before=(
+                "shard",
+                "--store",
+                inputs["train_store"],
+                "--out",
+                "{out}",
+                "--max-count",
+                "4",
+                "--workers",
+                "1",
+            ),
+        ),
     }[name]
 
 
@@ -160,8 +277,11 @@ def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> tuple[lis
     # operation when the writer makes no more than `points`)
     rng = np.random.default_rng(seed)
     edges = np.linspace(1, total + 1, points + 1).astype(int)
-    kill_points = (range(1, total + 1) if total <= points else
-                   [int(rng.integers(lo, hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
+    kill_points = (
+        range(1, total + 1)
+        if total <= points
+        else [int(rng.integers(lo, hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    )
     seen = []
     for at in kill_points:
         for leftover in area.iterdir():
@@ -175,7 +295,9 @@ def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> tuple[lis
         again = userpipe(w.rerun(out))
         assert again.returncode == 0, f"after a kill at write {at} ({left}): {again.stderr[-2000:]}"
         assert w.snapshot(out) == reference, f"after a kill at write {at}, the rerun wrote something else"
-        assert sorted(p.name for p in area.iterdir()) == ["out"], f"left beside the output: {list(area.iterdir())}"
+        assert sorted(p.name for p in area.iterdir()) == ["out"], (
+            f"left beside the output: {list(area.iterdir())}"
+        )
         seen.append(f"write {at}/{total}: {'killed' if killed.returncode else 'finished first'}, left {left}")
     return seen, total
 
@@ -189,8 +311,9 @@ def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
 @pytest.mark.exhaustive
 @pytest.mark.parametrize("name", WRITERS + REPLACING)
 def test_killed_writer_is_repaired_by_a_rerun_at_many_points(name, inputs, tmp_path):
-    seen, total = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS_SLOW,
-                                    seed=100 + (WRITERS + REPLACING).index(name))
+    seen, total = crash_and_recover(
+        writer(name, inputs), tmp_path, CRASH_POINTS_SLOW, seed=100 + (WRITERS + REPLACING).index(name)
+    )
     print(f"\n{name}: " + "\n".join(seen))
     assert len(seen) == min(CRASH_POINTS_SLOW, total)
 
@@ -199,8 +322,13 @@ def test_killed_writer_is_repaired_by_a_rerun_at_many_points(name, inputs, tmp_p
 def small_disk(folder: Path, size: int):
     """A `size`-byte tmpfs mounted at `folder` (needs root; skips the test where mounting fails)."""
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root; the file-size-limit case covers this writer")
     try:
         yield
@@ -215,15 +343,21 @@ def plain_folder(folder: Path, size: int):
 
 
 # (writer, tmpfs size, file size limit): each makes the writer fail part-way
-DISKS = [("extract", 96 << 10, 4 << 10), ("shard", 64 << 10, 16 << 10), ("train", 256 << 10, 256 << 10),
-         ("index", 8 << 10, 2 << 10)]
+DISKS = [
+    ("extract", 96 << 10, 4 << 10),
+    ("shard", 64 << 10, 16 << 10),
+    ("train", 256 << 10, 256 << 10),
+    ("index", 8 << 10, 2 << 10),
+]
 
 
 def can_mount_tmpfs() -> bool:
     if os.geteuid() != 0:
         return False
     with tempfile.TemporaryDirectory() as folder:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", folder], capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", folder], capture_output=True
+        ).returncode:
             return False
         subprocess.run(["umount", folder], check=True)
     return True
@@ -237,11 +371,15 @@ def full_disk_cases():
     for name, tmpfs_size, file_limit in DISKS:
         for how in ("tmpfs", "file-size limit"):
             slow = name != "train" and how != default
-            yield pytest.param(name, tmpfs_size, file_limit, how, marks=[pytest.mark.exhaustive] if slow else [])
+            yield pytest.param(
+                name, tmpfs_size, file_limit, how, marks=[pytest.mark.exhaustive] if slow else []
+            )
 
 
 @pytest.mark.parametrize("name,tmpfs_size,file_limit,how", list(full_disk_cases()))
-def test_full_disk_is_one_line_and_leaves_no_partial_file(name, tmpfs_size, file_limit, how, inputs, tmp_path):
+def test_full_disk_is_one_line_and_leaves_no_partial_file(
+    name, tmpfs_size, file_limit, how, inputs, tmp_path
+):
     """tmpfs: the disk really fills (ENOSPC); file-size limit (RLIMIT_FSIZE, no root needed): a write fails
     with EFBIG once a file passes the limit, which the writers treat as a full disk."""
     w = writer(name, inputs)
@@ -250,7 +388,15 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(name, tmpfs_size, file
         result = userpipe(w.command(disk / "out"), limit_file_size=file_limit if how != "tmpfs" else None)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2, result.stderr[-3000:]
-        assert len(errors) == 1 and str(disk) in errors[0] and "needs about" in errors[0], result.stderr[-3000:]
-        partial = [p for p in disk.rglob("*") if p.name.endswith((".partial", ".tmp", ".lock")) or ".tmp-" in p.name
-                   or ".new-" in p.name or ".old-" in p.name]
+        assert len(errors) == 1 and str(disk) in errors[0] and "needs about" in errors[0], result.stderr[
+            -3000:
+        ]
+        partial = [
+            p
+            for p in disk.rglob("*")
+            if p.name.endswith((".partial", ".tmp", ".lock"))
+            or ".tmp-" in p.name
+            or ".new-" in p.name
+            or ".old-" in p.name
+        ]
         assert not partial, partial

@@ -11,12 +11,20 @@ from schemas.errors import InputError
 
 
 def test_an_input_error_is_always_one_line():
-    assert str(InputError("config c.yaml is not valid YAML (found\n  a tab\r\n here)")) == \
-        "config c.yaml is not valid YAML (found a tab here)"
+    assert (
+        str(InputError("config c.yaml is not valid YAML (found\n  a tab\r\n here)"))
+        == "config c.yaml is not valid YAML (found a tab here)"
+    )
 
 
-@pytest.mark.parametrize("code, words", [(errno.EACCES, "Permission denied"), (errno.ENOSPC, "No space left"),
-                                         (errno.EROFS, "Read-only file system")])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.EACCES, "Permission denied"),
+        (errno.ENOSPC, "No space left"),
+        (errno.EROFS, "Read-only file system"),
+    ],
+)
 def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path, monkeypatch, code, words):
     import pipeline.shard
 
@@ -29,8 +37,9 @@ def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path
     monkeypatch.setattr(pipeline.shard, "create_with", refuse)  # the first write of `shard`
     result = run_cli(runner, "shard", "--store", store, "--out", out, "--workers", "1")
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [f"error: {out}: {words}" +
-                                                  ("" if code != errno.ENOSPC else " on device")]
+    assert result.output.strip().splitlines() == [
+        f"error: {out}: {words}" + ("" if code != errno.ENOSPC else " on device")
+    ]
 
 
 def test_a_bug_keeps_its_traceback(runner, tmp_path: Path, monkeypatch):

@@ -20,8 +20,13 @@ def reference_metrics(sims: np.ndarray, caption_image: np.ndarray | None = None)
         t2i[c] = np.where(inds == caption_image[c])[0][0]
 
     def summary(ranks):
-        return {"r1": 100 * np.mean(ranks < 1), "r5": 100 * np.mean(ranks < 5), "r10": 100 * np.mean(ranks < 10),
-                "medr": np.floor(np.median(ranks)) + 1, "meanr": ranks.mean() + 1}
+        return {
+            "r1": 100 * np.mean(ranks < 1),
+            "r5": 100 * np.mean(ranks < 5),
+            "r10": 100 * np.mean(ranks < 10),
+            "medr": np.floor(np.median(ranks)) + 1,
+            "meanr": ranks.mean() + 1,
+        }
 
     a, b = summary(i2t), summary(t2i)
     return {"i2t": a, "t2i": b, "rsum": sum(a[k] + b[k] for k in ("r1", "r5", "r10"))}
@@ -69,7 +74,7 @@ def test_coco1k_is_the_mean_over_five_folds():
     sims = rng.normal(size=(n, 5 * n))
     sims[np.arange(n), 5 * np.arange(n)] += 1.5
     caption_image = np.arange(5 * n) // 5
-    folds = [reference_metrics(sims[f * 10:(f + 1) * 10, f * 50:(f + 1) * 50]) for f in range(5)]
+    folds = [reference_metrics(sims[f * 10 : (f + 1) * 10, f * 50 : (f + 1) * 50]) for f in range(5)]
     ours = protocol_metrics(sims, caption_image, "coco1k")
     assert ours["rsum"] == pytest.approx(np.mean([f["rsum"] for f in folds]))
     assert ours["t2i"]["medr"] == pytest.approx(np.mean([f["t2i"]["medr"] for f in folds]))

@@ -48,20 +48,29 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
     first = dataset["images"][0]
     np.testing.assert_allclose(train["boxes"][0, : len(first["boxes"])], first["boxes"], atol=1e-3)
     assert (train["width"][:] == 320).all() and (train["height"][:] == 256).all()
-    np.testing.assert_allclose(np.linalg.norm(train["clip_image"][:].astype(np.float32), axis=1), 1, atol=2e-3)
+    np.testing.assert_allclose(
+        np.linalg.norm(train["clip_image"][:].astype(np.float32), axis=1), 1, atol=2e-3
+    )
     assert list(train["caption_text"][:5]) == [s["raw"] for s in first["sentences"]]
     np.testing.assert_array_equal(train["caption_image"][:], np.repeat(np.arange(14), 5))
     assert "clip_text" not in train  # the ImageNet global has no text tower
     cfg = attrs.extractor
-    assert (cfg.regions.kind, cfg.regions.backbone, cfg.global_encoder.kind) == ("boxes", "efficientnet_lite0",
-                                                                                   "imagenet")
+    assert (cfg.regions.kind, cfg.regions.backbone, cfg.global_encoder.kind) == (
+        "boxes",
+        "efficientnet_lite0",
+        "imagenet",
+    )
     assert len(cfg.regions.backbone_weights.sha256) == 64 and len(cfg.dataset_sha256) == 64
 
     info = run_cli(runner, "info", out, "--json")
     summary = json.loads(info.stdout)
     assert summary["schema_version"] == "1.0" and summary["complete"]
     assert summary["splits"]["test"]["arrays"]["regions"] == {
-        "shape": [8, 36, 1280], "dtype": "float16", "chunks": [4, 36, 1280], "dims": ["image", "region", "feature"]}
+        "shape": [8, 36, 1280],
+        "dtype": "float16",
+        "chunks": [4, 36, 1280],
+        "dims": ["image", "region", "feature"],
+    }
     assert summary["extractor"]["num_regions"] == 36
     assert "train" in run_cli(runner, "info", out).stdout
 
@@ -75,13 +84,26 @@ def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tm
     assert run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", reference).exit_code == 0
 
     resumed = tmp_path / "resumed.zarr"
-    command = [sys.executable, "-m", "userpipe", "extract", *DEMO_ARGS, "--root", str(demo_root), "--out",
-               str(resumed)]
-    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "userpipe",
+        "extract",
+        *DEMO_ARGS,
+        "--root",
+        str(demo_root),
+        "--out",
+        str(resumed),
+    ]
+    job = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     done_flags = resumed / "train" / "images_done" / "c"
     deadline = time.monotonic() + 120
     while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, "extraction ended before it could be killed"
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "extraction ended before it could be killed"
+        )
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)  # kill -9 the whole job, Dask workers included
     job.wait()
@@ -93,24 +115,57 @@ def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tm
     assert "resuming" in result.output
     assert tree_bytes(resumed) == tree_bytes(reference)
 
-    changed = run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", resumed, "--num-regions", "10")
+    changed = run_cli(
+        runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", resumed, "--num-regions", "10"
+    )
     assert changed.exit_code == 2 and "another configuration" in changed.output
-    replaced = run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", resumed, "--num-regions", "10",
-                       "--overwrite", "--splits", "val")
+    replaced = run_cli(
+        runner,
+        "extract",
+        *DEMO_ARGS,
+        "--root",
+        demo_root,
+        "--out",
+        resumed,
+        "--num-regions",
+        "10",
+        "--overwrite",
+        "--splits",
+        "val",
+    )
     assert replaced.exit_code == 0
     assert zarr.open_group(str(resumed), mode="r")["val"]["regions"].shape == (2, 10, 1280)
 
 
 @pytest.mark.slow
-def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, coco_root: Path, tmp_path: Path):
+def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(
+    runner, coco_root: Path, tmp_path: Path
+):
     images = coco_root / "images"
     (images / "train2014" / "COCO_train2014_000000000101.jpg").write_bytes(b"not a jpeg at all")
     truncated = images / "val2014" / "COCO_val2014_000000000105.jpg"
     truncated.write_bytes(truncated.read_bytes()[:300])
     (images / "val2014" / "COCO_val2014_000000000108.jpg").unlink()
     out = tmp_path / "coco.zarr"
-    args = ("extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",
-            "--clip", "imagenet:efficientnet_lite0", "--chunk-size", "2", "--workers", "1", "--num-regions", "4")
+    args = (
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--out",
+        out,
+        "--regions",
+        "grid",
+        "--clip",
+        "imagenet:efficientnet_lite0",
+        "--chunk-size",
+        "2",
+        "--workers",
+        "1",
+        "--num-regions",
+        "4",
+    )
     result = run_cli(runner, *args)
     assert result.exit_code == 1
     assert "3 image(s) could not be used" in result.output
@@ -118,12 +173,18 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(runner, 
         assert name in result.output
     root = zarr.open_group(str(out), mode="r")
     attrs = validate_store(root)
-    assert attrs.complete and [(f.split, f.index) for f in attrs.failures] == [("train", 1), ("val", 0), ("test", 1)]
+    assert attrs.complete and [(f.split, f.index) for f in attrs.failures] == [
+        ("train", 1),
+        ("val", 0),
+        ("test", 1),
+    ]
     assert {s: v.num_invalid for s, v in attrs.splits.items()} == {"train": 1, "val": 1, "test": 1}
     train = root["train"]
     assert train["valid"][:].tolist() == [True, False, True, True, True]
     assert np.isnan(train["regions"][1]).all() and np.isnan(train["clip_image"][1]).all()
-    assert np.isfinite(train["regions"][0]).all() and str(train["error"][1]).startswith("UnidentifiedImageError")
+    assert np.isfinite(train["regions"][0]).all() and str(train["error"][1]).startswith(
+        "UnidentifiedImageError"
+    )
     assert run_cli(runner, *args, "--allow-failures").exit_code == 0
 
 
@@ -134,9 +195,26 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
     from schemas.store_reader import open_store
 
     out = tmp_path / "coco.zarr"
-    result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",
-                     "--clip", "imagenet:efficientnet_lite0", "--splits", "test", "--workers", "1",
-                     "--num-regions", "4")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--out",
+        out,
+        "--regions",
+        "grid",
+        "--clip",
+        "imagenet:efficientnet_lite0",
+        "--splits",
+        "test",
+        "--workers",
+        "1",
+        "--num-regions",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     root, attrs = open_store(out)
     assert attrs.image_root == str((coco_root / "images").resolve())
@@ -150,26 +228,43 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
         image_file_features(attrs.extractor, tmp_path / "missing.jpg")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--dataset", "imagenet"), "unknown dataset 'imagenet'"),
-    (("--dataset", "f30k"), "dataset file not found"),
-    (("--splits", "train,dev"), "unknown split name(s) dev"),
-    (("--backbone", "vgg16"), "unknown backbone 'vgg16'"),
-    (("--clip", "ViT-Q-99:openai"), "unknown open_clip model"),
-    (("--clip", "ViT-B-32:openai"), "no model hub is reachable"),
-    (("--regions", "butd"), "could not download FasterRCNN_ResNet50_FPN_Weights.COCO_V1"),
-    (("--regions", "tsv"), "needs a location"),
-    (("--regions", "butd-vg"), "needs detectron2"),
-    (("--regions", "precomp:/nowhere"), "precomp folder not found"),
-    (("--images", "10"), "--images only applies to --dataset demo"),
-])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(runner, coco_root: Path, tmp_path: Path, extra, message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--dataset", "imagenet"), "unknown dataset 'imagenet'"),
+        (("--dataset", "f30k"), "dataset file not found"),
+        (("--splits", "train,dev"), "unknown split name(s) dev"),
+        (("--backbone", "vgg16"), "unknown backbone 'vgg16'"),
+        (("--clip", "ViT-Q-99:openai"), "unknown open_clip model"),
+        (("--clip", "ViT-B-32:openai"), "no model hub is reachable"),
+        (("--regions", "butd"), "could not download FasterRCNN_ResNet50_FPN_Weights.COCO_V1"),
+        (("--regions", "tsv"), "needs a location"),
+        (("--regions", "butd-vg"), "needs detectron2"),
+        (("--regions", "precomp:/nowhere"), "precomp folder not found"),
+        (("--images", "10"), "--images only applies to --dataset demo"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    runner, coco_root: Path, tmp_path: Path, extra, message
+):
     out = tmp_path / "never.zarr"
-    args = ["extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid", "--clip", "none"]
+    args = [
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--out",
+        out,
+        "--regions",
+        "grid",
+        "--clip",
+        "none",
+    ]
     for i in range(0, len(extra), 2):
         flag = args.index(extra[i]) if extra[i] in args else None
         if flag is None:
-            args += list(extra[i:i + 2])
+            args += list(extra[i : i + 2])
         else:
             args[flag + 1] = extra[i + 1]
     if extra[:2] == ("--dataset", "f30k"):
@@ -183,8 +278,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runner, coco_root: Pat
 
 def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp_path: Path):
     (coco_root / "images" / "val2014").rename(coco_root / "images" / "elsewhere")
-    result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", tmp_path / "x.zarr",
-                     "--regions", "grid", "--clip", "none")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--out",
+        tmp_path / "x.zarr",
+        "--regions",
+        "grid",
+        "--clip",
+        "none",
+    )
     assert result.exit_code == 2 and "image folder not found" in result.output
     assert not (tmp_path / "x.zarr").exists()
     info = run_cli(runner, "info", tmp_path)
@@ -207,12 +314,26 @@ def test_local_cluster_leaves_the_callers_environment_as_it_was():
 def test_ctrl_c_stops_extract_with_the_resume_hint_and_no_worker_traceback(demo_root: Path, tmp_path: Path):
     """Ctrl-C reaches the whole foreground process group, Dask's worker processes included."""
     out = tmp_path / "s.zarr"
-    command = [sys.executable, "-m", "userpipe", "extract", *DEMO_ARGS, "--root", str(demo_root), "--out", str(out)]
-    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "userpipe",
+        "extract",
+        *DEMO_ARGS,
+        "--root",
+        str(demo_root),
+        "--out",
+        str(out),
+    ]
+    job = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     done_flags = out / "train" / "images_done" / "c"
     deadline = time.monotonic() + 120
     while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, "extraction ended before it could be stopped"
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "extraction ended before it could be stopped"
+        )
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGINT)
     _, stderr = job.communicate(timeout=60)

@@ -31,13 +31,17 @@ def error_line(result) -> str:
 
 # --------------------------------------------------------------------------- non-finite numbers
 
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_metrics_refuse_non_finite_similarities_instead_of_ranking_them(bad):
     sims = torch.eye(4).repeat_interleave(5, dim=1) + 0.01 * torch.randn(4, 20)
     assert retrieval_metrics(sims)["rsum"] == 600
     sims[2, :] = bad  # one image's embedding is NaN: before, it ranked first everywhere
-    with pytest.raises(NonFiniteError, match=r"20 of 80 similarities are non-finite .* in 1 of 4 images and 20 of "
-                                             r"20 captions"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"20 of 80 similarities are non-finite .* in 1 of 4 images and 20 of "
+        r"20 captions",
+    ):
         retrieval_metrics(sims)
 
 
@@ -60,16 +64,48 @@ def trained_run(tmp_path_factory) -> dict:
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
     val = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
     runner = CliRunner()
-    assert run_cli(runner, "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
-                   "--workers", "1").exit_code == 0
+    assert (
+        run_cli(
+            runner,
+            "shard",
+            "--store",
+            train_store,
+            "--out",
+            tmp / "shards",
+            "--max-count",
+            "10",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 1}}))
-    result = run_cli(runner, "train", "--shards", tmp / "shards", "--val-store", val, "--config", config,
-                     "--out", tmp / "run")
+    config.write_text(
+        yaml.safe_dump(
+            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}}
+        )
+    )
+    result = run_cli(
+        runner,
+        "train",
+        "--shards",
+        tmp / "shards",
+        "--val-store",
+        val,
+        "--config",
+        config,
+        "--out",
+        tmp / "run",
+    )
     assert result.exit_code == 0, result.output
-    return {"tmp": tmp, "train_store": train_store, "val": val, "shards": tmp / "shards", "config": config,
-            "run": tmp / "run"}
+    return {
+        "tmp": tmp,
+        "train_store": train_store,
+        "val": val,
+        "shards": tmp / "shards",
+        "config": config,
+        "run": tmp / "run",
+    }
 
 
 def copy_store(source: Path, target: Path) -> Path:
@@ -82,14 +118,19 @@ def test_nan_embeddings_make_eval_fail_instead_of_scoring(runner, trained_run, t
     store = copy_store(trained_run["val"], tmp_path / "val.zarr")
     with zarr.config.set({"array.write_empty_chunks": True}):
         zarr.open_group(str(store), mode="r+")["val"]["regions"][5] = np.nan  # a valid image's features
-    line = error_line(run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val"))
+    line = error_line(
+        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
+    )
     assert "1 of 12 image embeddings and 0 of" in line and "non-finite" in line
 
 
 # --------------------------------------------------------------------------- damaged stores
 
+
 @pytest.mark.slow
-def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract(runner, trained_run, tmp_path):
+def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract(
+    runner, trained_run, tmp_path
+):
     store = copy_store(trained_run["val"], tmp_path / "val.zarr")
     chunk = store / "val" / "regions" / "c" / "1" / "0" / "0"
     chunk.unlink()
@@ -97,7 +138,9 @@ def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract
     assert info.exit_code == 0 and "1 chunk file(s) missing (val/regions[1])" in info.output
     verified = run_cli(runner, "verify", store)
     assert verified.exit_code == 1 and "val/regions chunk 1: missing" in verified.output
-    line = error_line(run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val"))
+    line = error_line(
+        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
+    )
     assert "chunk 1 (rows 4-7) of array 'val/regions' is missing" in line and "rerun userpipe extract" in line
     shard = ("shard", "--store", store, "--split", "val", "--out", tmp_path / "shards", "--workers", "1")
     line = error_line(run_cli(runner, *shard))
@@ -114,14 +157,31 @@ def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract
     assert "chunk 2 (rows 8-11) of array 'val/boxes' is damaged (crc32c differs)" in line
     data = chunk.read_bytes()
     chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte changed: the checksum's last
-    line = error_line(run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val"))
+    line = error_line(
+        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
+    )
     assert "chunk 1 (rows 4-7) of array 'val/regions' is damaged (crc32c differs)" in line
 
 
 @pytest.mark.slow
 def test_an_extract_rerun_re_extracts_damaged_chunks_to_the_same_bytes(runner, coco_root, tmp_path):
-    args = ("extract", "--dataset", "coco", "--root", coco_root, "--regions", "grid", "--clip",
-            "imagenet:efficientnet_lite0", "--chunk-size", "2", "--workers", "1", "--num-regions", "4")
+    args = (
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--regions",
+        "grid",
+        "--clip",
+        "imagenet:efficientnet_lite0",
+        "--chunk-size",
+        "2",
+        "--workers",
+        "1",
+        "--num-regions",
+        "4",
+    )
     out = tmp_path / "coco.zarr"
     assert run_cli(runner, *args, "--out", out).exit_code == 0
     reference = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -131,11 +191,14 @@ def test_an_extract_rerun_re_extracts_damaged_chunks_to_the_same_bytes(runner, c
     (out / "val" / "caption_text" / "c" / "0").write_bytes(b"\0" * 40)  # an array the dataset index gives
     result = run_cli(runner, *args, "--out", out)
     assert result.exit_code == 0 and "3 missing or damaged chunk(s)" in result.output, result.output
-    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == reference
+    assert {
+        str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+    } == reference
     assert run_cli(runner, "verify", out).exit_code == 0
 
 
 # --------------------------------------------------------------------------- damaged shards
+
 
 def test_train_refuses_a_shard_set_that_differs_from_its_manifest(runner, trained_run, tmp_path):
     shards = tmp_path / "shards"
@@ -161,11 +224,24 @@ def test_a_sample_with_an_extra_member_or_another_dtype_is_named(tmp_path):
         np.save(buffer, array)
         return buffer.getvalue()
 
-    meta = {"image_id": "a", "split": "train", "index": 0, "file": "a.jpg", "width": 1, "height": 1,
-            "num_regions": 2, "num_captions": 1}
-    raw = {"__key__": "000000000", "__url__": "s.tar", "regions.npy": npy(np.zeros((2, 8), np.float16)),
-           "boxes.npy": npy(np.zeros((2, 4), np.float32)), "captions.json": b'["x"]',
-           "meta.json": json.dumps(meta).encode()}
+    meta = {
+        "image_id": "a",
+        "split": "train",
+        "index": 0,
+        "file": "a.jpg",
+        "width": 1,
+        "height": 1,
+        "num_regions": 2,
+        "num_captions": 1,
+    }
+    raw = {
+        "__key__": "000000000",
+        "__url__": "s.tar",
+        "regions.npy": npy(np.zeros((2, 8), np.float16)),
+        "boxes.npy": npy(np.zeros((2, 4), np.float32)),
+        "captions.json": b'["x"]',
+        "meta.json": json.dumps(meta).encode(),
+    }
     fields = ("regions.npy", "boxes.npy", "captions.json", "meta.json")
     assert decode_sample(raw, fields, 8).meta.image_id == "a"
     with pytest.raises(SampleError, match="sample 000000000 in s.tar: unexpected member extra.txt"):
@@ -180,17 +256,43 @@ def test_a_sample_with_an_extra_member_or_another_dtype_is_named(tmp_path):
 
 # --------------------------------------------------------------------------- resume is the same run
 
+
 @pytest.mark.slow
-def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorded(runner, trained_run, tmp_path):
+def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorded(
+    runner, trained_run, tmp_path
+):
     run = tmp_path / "run"
     shutil.copytree(trained_run["run"], run, symlinks=True)
-    base = ("train", "--shards", trained_run["shards"], "--val-store", trained_run["val"], "--config",
-            trained_run["config"], "--out", run, "--resume")
+    base = (
+        "train",
+        "--shards",
+        trained_run["shards"],
+        "--val-store",
+        trained_run["val"],
+        "--config",
+        trained_run["config"],
+        "--out",
+        run,
+        "--resume",
+    )
     line = error_line(run_cli(runner, *base, "--set", "train.batch_size=4"))
     assert "train.batch_size 8 -> 4" in line and "--allow-change" in line
     other = tmp_path / "other-shards"
-    assert run_cli(runner, "shard", "--store", trained_run["train_store"], "--out", other, "--max-count", "7",
-                   "--workers", "1").exit_code == 0
+    assert (
+        run_cli(
+            runner,
+            "shard",
+            "--store",
+            trained_run["train_store"],
+            "--out",
+            other,
+            "--max-count",
+            "7",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     line = error_line(run_cli(runner, *base[:2], other, *base[3:]))
     assert f"shards {trained_run['shards']} -> {other}" in line
     line = error_line(run_cli(runner, *base, "--set", "model.embed_dim=32"))
@@ -208,11 +310,21 @@ def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorde
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_restarts_and_a_torn_log_line_is_dropped(runner, trained_run,
-                                                                                         tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_restarts_and_a_torn_log_line_is_dropped(
+    runner, trained_run, tmp_path
+):
     run = tmp_path / "run"
-    args = ("train", "--shards", trained_run["shards"], "--val-store", trained_run["val"], "--config",
-            trained_run["config"], "--out", run)
+    args = (
+        "train",
+        "--shards",
+        trained_run["shards"],
+        "--val-store",
+        trained_run["val"],
+        "--config",
+        trained_run["config"],
+        "--out",
+        run,
+    )
     run.mkdir()
     shutil.copy(trained_run["run"] / "config.json", run / "config.json")
     (run / "log.jsonl").write_text('{"step": 0, "epoch": 0, "val": {}}\n{"step": 1, "ep')
@@ -229,16 +341,47 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_and_a_torn_log_line_i
 
 # --------------------------------------------------------------------------- one writer per output
 
+
 @pytest.mark.parametrize("command", ["extract", "shard", "train", "index"])
 def test_a_second_writer_is_refused_naming_the_holder(runner, trained_run, tmp_path, command):
     out = tmp_path / "out"
     args = {
-        "extract": ("extract", "--dataset", "demo", "--images", "8", "--root", tmp_path / "demo", "--out", out,
-                    "--workers", "1"),
+        "extract": (
+            "extract",
+            "--dataset",
+            "demo",
+            "--images",
+            "8",
+            "--root",
+            tmp_path / "demo",
+            "--out",
+            out,
+            "--workers",
+            "1",
+        ),
         "shard": ("shard", "--store", trained_run["train_store"], "--out", out, "--workers", "1"),
-        "train": ("train", "--shards", trained_run["shards"], "--val-store", trained_run["val"], "--config",
-                  trained_run["config"], "--out", out),
-        "index": ("index", "--run", trained_run["run"], "--store", trained_run["val"], "--split", "val", "--out", out),
+        "train": (
+            "train",
+            "--shards",
+            trained_run["shards"],
+            "--val-store",
+            trained_run["val"],
+            "--config",
+            trained_run["config"],
+            "--out",
+            out,
+        ),
+        "index": (
+            "index",
+            "--run",
+            trained_run["run"],
+            "--store",
+            trained_run["val"],
+            "--split",
+            "val",
+            "--out",
+            out,
+        ),
     }[command]
     with writer_lock(out):
         line = error_line(run_cli(runner, *args))
@@ -247,6 +390,7 @@ def test_a_second_writer_is_refused_naming_the_holder(runner, trained_run, tmp_p
 
 
 # --------------------------------------------------------------------------- inputs that would block
+
 
 @pytest.mark.slow
 def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner, coco_root, tmp_path):
@@ -261,8 +405,26 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     folder.unlink()
     folder.mkdir()
     out = tmp_path / "coco.zarr"
-    result = run_cli(runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out, "--regions", "grid",
-                     "--clip", "none", "--chunk-size", "2", "--workers", "1", "--num-regions", "4")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--out",
+        out,
+        "--regions",
+        "grid",
+        "--clip",
+        "none",
+        "--chunk-size",
+        "2",
+        "--workers",
+        "1",
+        "--num-regions",
+        "4",
+    )
     assert result.exit_code == 1 and "3 image(s) could not be used" in result.output, result.output
     from schemas.store_reader import open_store
 

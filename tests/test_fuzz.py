@@ -27,16 +27,26 @@ from typer.testing import CliRunner
 from schemas.errors import InputError
 
 # default: the same examples every run (CI stays reproducible); thorough: new random ones each time
-settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("thorough", max_examples=400, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "default",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 some_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
 
 
@@ -47,8 +57,15 @@ def one_line_refusal(exc: InputError) -> None:
 
 # --------------------------------------------------------------------------- Karpathy JSON
 
-VALID_RECORD = {"filename": "a.jpg", "filepath": "imgs", "split": "train", "cocoid": 7, "imgid": 0,
-                "sentences": [{"raw": "a cat", "tokens": ["a", "cat"]}], "boxes": [[1, 2, 30, 40]]}
+VALID_RECORD = {
+    "filename": "a.jpg",
+    "filepath": "imgs",
+    "split": "train",
+    "cocoid": 7,
+    "imgid": 0,
+    "sentences": [{"raw": "a cat", "tokens": ["a", "cat"]}],
+    "boxes": [[1, 2, 30, 40]],
+}
 
 
 @st.composite
@@ -84,7 +101,9 @@ def test_karpathy_reader_accepts_or_refuses_in_one_line(tmp_path_factory, docume
     path = tmp_path_factory.mktemp("karpathy") / "d.json"
     path.write_bytes(document)
     try:
-        index = read_karpathy_json(path, name="d", image_root=path.parent, uses_filepath=True, max_captions=None)
+        index = read_karpathy_json(
+            path, name="d", image_root=path.parent, uses_filepath=True, max_captions=None
+        )
     except InputError as exc:
         one_line_refusal(exc)
         return
@@ -96,13 +115,19 @@ def test_karpathy_reader_accepts_or_refuses_in_one_line(tmp_path_factory, docume
 
 # --------------------------------------------------------------------------- SCAN precomp
 
+
 @st.composite
 def precomp_folders(draw):
     n = draw(st.integers(0, 3))
     captions = draw(st.integers(0, 12))
     ids = draw(st.integers(0, 12))
-    lines = draw(st.lists(st.sampled_from(["a caption", "", "   ", "one more caption"]), min_size=captions,
-                          max_size=captions))
+    lines = draw(
+        st.lists(
+            st.sampled_from(["a caption", "", "   ", "one more caption"]),
+            min_size=captions,
+            max_size=captions,
+        )
+    )
     encoding = draw(st.sampled_from(["utf-8", "latin-1-bytes"]))
     features = draw(st.sampled_from(["finite", "nan", "inf", "huge", "int", "2d", "garbage"]))
     return n, lines, ids, encoding, features
@@ -121,7 +146,9 @@ def write_precomp_split(folder: Path, n, lines, ids, encoding, features) -> None
     else:
         np.save(folder / "train_ims.npy", array)
     text = "".join(line + "\n" for line in lines)
-    (folder / "train_caps.txt").write_bytes(text.encode() if encoding == "utf-8" else text.encode() + b"\xff\n")
+    (folder / "train_caps.txt").write_bytes(
+        text.encode() if encoding == "utf-8" else text.encode() + b"\xff\n"
+    )
     (folder / "train_ids.txt").write_text("".join(f"{100 + i}\n" for i in range(ids)))
 
 
@@ -146,11 +173,29 @@ def test_precomp_import_accepts_or_refuses_in_one_line(tmp_path_factory, case):
 def test_precomp_images_with_non_finite_features_are_flagged_invalid(runner, tmp_path: Path):
     folder = tmp_path / "precomp"
     write_precomp_split(folder, 3, [f"caption {i}" for i in range(15)], 3, "utf-8", "nan")
-    np.save(folder / "train_ims.npy", np.stack([np.full((4, 8), np.nan), np.full((4, 8), 1e6),
-                                                np.ones((4, 8))]).astype(np.float32))
-    result = run_cli(runner, "extract", "--dataset", "coco", "--root", tmp_path / "nowhere", "--regions",
-                     f"precomp:{folder}", "--clip", "none", "--out", tmp_path / "p.zarr", "--workers", "1",
-                     "--splits", "train", "--allow-failures")
+    np.save(
+        folder / "train_ims.npy",
+        np.stack([np.full((4, 8), np.nan), np.full((4, 8), 1e6), np.ones((4, 8))]).astype(np.float32),
+    )
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        tmp_path / "nowhere",
+        "--regions",
+        f"precomp:{folder}",
+        "--clip",
+        "none",
+        "--out",
+        tmp_path / "p.zarr",
+        "--workers",
+        "1",
+        "--splits",
+        "train",
+        "--allow-failures",
+    )
     assert result.exit_code == 0, result.output
     assert "train: 3 images, 15 captions, 2 invalid" in result.output
     assert "non-finite region features" in result.output
@@ -164,9 +209,14 @@ TSV_NAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 @st.composite
 def tsv_lines(draw) -> bytes:
     n = draw(st.integers(1, 3))
-    fields = {"image_id": "img1", "image_w": "96", "image_h": "72", "num_boxes": str(n),
-              "boxes": base64.b64encode(np.ones((n, 4), np.float32).tobytes()).decode(),
-              "features": base64.b64encode(np.ones((n, 8), np.float32).tobytes()).decode()}
+    fields = {
+        "image_id": "img1",
+        "image_w": "96",
+        "image_h": "72",
+        "num_boxes": str(n),
+        "boxes": base64.b64encode(np.ones((n, 4), np.float32).tobytes()).decode(),
+        "features": base64.b64encode(np.ones((n, 8), np.float32).tobytes()).decode(),
+    }
     field = draw(st.sampled_from(TSV_NAMES))
     mutation = draw(st.sampled_from(["text", "cut", "flip", "drop-field"]))
     if mutation == "text":
@@ -176,7 +226,7 @@ def tsv_lines(draw) -> bytes:
     elif mutation == "flip":
         value = fields[field]
         at = draw(st.integers(0, max(0, len(value) - 1)))
-        fields[field] = value[:at] + draw(st.sampled_from("!*A=/")) + value[at + 1:]
+        fields[field] = value[:at] + draw(st.sampled_from("!*A=/")) + value[at + 1 :]
     values = [fields[name] for name in TSV_NAMES]
     if mutation == "drop-field":
         values.pop(TSV_NAMES.index(field))
@@ -205,8 +255,13 @@ def test_tsv_lines_are_indexed_or_refused_and_read_or_flagged(tmp_path_factory, 
 @st.composite
 def npz_files(draw) -> bytes:
     n = draw(st.integers(0, 3))
-    members = {"x": np.ones((n, 8), np.float32), "bbox": np.ones((n, 4), np.float32), "num_bbox": np.array(n),
-               "image_h": np.array(72), "image_w": np.array(96)}
+    members = {
+        "x": np.ones((n, 8), np.float32),
+        "bbox": np.ones((n, 4), np.float32),
+        "num_bbox": np.array(n),
+        "image_h": np.array(72),
+        "image_w": np.array(96),
+    }
     action = draw(st.sampled_from(["drop", "reshape", "count", "bytes", "cut"]))
     name = draw(st.sampled_from(sorted(members)))
     if action == "drop":
@@ -246,6 +301,7 @@ def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_pat
 
 # --------------------------------------------------------------------------- run configs and --set
 
+
 @given(st.one_of(json_values.map(json.dumps), some_text), st.lists(some_text, max_size=3))
 def test_run_configs_and_overrides_load_or_refuse_in_one_line(tmp_path_factory, config_text, overrides):
     from trainer.config import load_run_config, parse_overrides
@@ -258,9 +314,16 @@ def test_run_configs_and_overrides_load_or_refuse_in_one_line(tmp_path_factory, 
         one_line_refusal(exc)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["train.lr", "train", "model.embed_dim", "train.lr.x", "x", ""]),
-                          st.sampled_from(["=", ""]), some_text | st.sampled_from(["[1", "{a: 1", "1e-4", "null"])),
-                max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["train.lr", "train", "model.embed_dim", "train.lr.x", "x", ""]),
+            st.sampled_from(["=", ""]),
+            some_text | st.sampled_from(["[1", "{a: 1", "1e-4", "null"]),
+        ),
+        max_size=3,
+    )
+)
 def test_set_strings_on_a_preset_load_or_refuse_in_one_line(pairs):
     from trainer.config import load_run_config, parse_overrides
 
@@ -282,7 +345,7 @@ def damaged(data: bytes, how) -> bytes:
     if kind == "cut":
         return data[:at]
     if kind == "flip":
-        return data[:at] + bytes([data[at] ^ (value or 1)]) + data[at + 1:] if data else b"\x00"
+        return data[:at] + bytes([data[at] ^ (value or 1)]) + data[at + 1 :] if data else b"\x00"
     return data + bytes([value]) * 7
 
 
@@ -303,7 +366,10 @@ def artefacts(trained, tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("artefacts")
     store = write_synthetic_store(tmp / "s.zarr", 6)
-    assert run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code == 0
+    assert (
+        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
+        == 0
+    )
     return {**trained, "shards": tmp / "shards"}
 
 
@@ -313,10 +379,16 @@ ARTEFACT_FILES = [
     ("gallery", "test/regions/zarr.json", ("eval", "--run", "{run}", "--store", "{copy}")),
     ("shards", "manifest.json", ("verify", "{copy}")),
     ("shards", "train-000000.tar", ("verify", "{copy}")),
-    ("run", "checkpoints/best/config.json", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
-                                             "{gallery}")),
-    ("run", "checkpoints/best/model.safetensors", ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store",
-                                                   "{gallery}")),
+    (
+        "run",
+        "checkpoints/best/config.json",
+        ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store", "{gallery}"),
+    ),
+    (
+        "run",
+        "checkpoints/best/model.safetensors",
+        ("eval", "--checkpoint", "{copy}/checkpoints/best", "--store", "{gallery}"),
+    ),
     ("index", "index.json", ("search", "caption 1 of image 2", "--index", "{copy}", "--run", "{run}")),
     ("index", "images.faiss", ("search", "caption 1 of image 2", "--index", "{copy}", "--run", "{run}")),
     ("index", "captions.jsonl", ("search", "img2", "--captions", "--index", "{copy}", "--run", "{run}")),
@@ -324,7 +396,9 @@ ARTEFACT_FILES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES])
+@pytest.mark.parametrize(
+    "kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES]
+)
 @settings(max_examples=12, phases=CLI_PHASES)
 @given(how=damage)
 def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, command, how):
@@ -336,7 +410,9 @@ def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, comman
         before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
         args = [a.format(copy=copy, run=artefacts["run"], gallery=artefacts["gallery"]) for a in command]
         cli_outcome(run_cli(CliRunner(), *args), allowed_ok=True)
-        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # reading changed nothing
+        assert {
+            p: p.read_bytes() for p in copy.rglob("*") if p.is_file()
+        } == before  # reading changed nothing
 
 
 @pytest.mark.slow
@@ -351,14 +427,31 @@ def test_training_on_a_damaged_shard_stops_in_one_line(artefacts, how):
         target.write_bytes(damaged(target.read_bytes(), how))
         before = {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()}
         config = Path(tmp) / "tiny.yaml"
-        config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 1}}))
-        result = run_cli(CliRunner(), "train", "--shards", shards, "--val-store", artefacts["val"], "--config",
-                         config, "--out", Path(tmp) / "run")
+        config.write_text(
+            json.dumps(
+                {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}}
+            )
+        )
+        result = run_cli(
+            CliRunner(),
+            "train",
+            "--shards",
+            shards,
+            "--val-store",
+            artefacts["val"],
+            "--config",
+            config,
+            "--out",
+            Path(tmp) / "run",
+        )
         # every change to a shard's bytes is caught (size, tar, sha256), mid-run: progress lines may precede
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "train-000001.tar" in errors[0] and errors[0] == result.output.strip().splitlines()[-1]
+        assert (
+            len(errors) == 1
+            and "train-000001.tar" in errors[0]
+            and errors[0] == result.output.strip().splitlines()[-1]
+        )
         assert {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()} == before
 
 
@@ -374,10 +467,24 @@ def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, lin
         lines[at] = damaged(lines[at].rstrip(b"\n"), how) + b"\n"
         (run / "log.jsonl").write_bytes(b"".join(lines))
         config = Path(tmp) / "tiny.yaml"
-        config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1},
-                                      "train": {**TINY["train"], "epochs": 2}}))
-        result = run_cli(CliRunner(), "train", "--shards", artefacts["tmp"] / "shards", "--val-store",
-                         artefacts["val"], "--config", config, "--out", run, "--resume")
+        config.write_text(
+            json.dumps(
+                {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 2}}
+            )
+        )
+        result = run_cli(
+            CliRunner(),
+            "train",
+            "--shards",
+            artefacts["tmp"] / "shards",
+            "--val-store",
+            artefacts["val"],
+            "--config",
+            config,
+            "--out",
+            run,
+            "--resume",
+        )
         cli_outcome(result, allowed_ok=True)
 
 

@@ -10,9 +10,11 @@ from PIL import Image
 from pipeline.global_encoders import GlobalEncoder, resolve_global_config
 from schemas.errors import InputError
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
 
 
 def tiny_open_clip(tmp_path: Path) -> tuple[Path, Path]:
@@ -35,7 +37,12 @@ def test_open_clip_from_local_weights_matches_open_clip_itself(tmp_path: Path):
 
     config_file, weights = tiny_open_clip(tmp_path)
     config = resolve_global_config(f"{config_file}:{weights}")
-    assert (config.kind, config.model, config.image_dim, config.text_dim) == ("open_clip", "tiny-clip", 32, 32)
+    assert (config.kind, config.model, config.image_dim, config.text_dim) == (
+        "open_clip",
+        "tiny-clip",
+        32,
+        32,
+    )
     assert config.weights.sha256 and config.weights.source == str(weights)
     encoder = GlobalEncoder(config)
     images = [Image.new("RGB", (80, 60), c) for c in ((200, 30, 30), (30, 30, 200))]
@@ -60,13 +67,16 @@ def test_pretrained_tag_offline_fails_at_once_and_says_how_to_pass_a_file():
     assert time.monotonic() - start < 10
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("ViT-Q-99:openai", "unknown open_clip model"),
-    ("ViT-B-32:no-such-tag", "unknown pretrained tag"),
-    ("ViT-B-32", "names no weights"),
-    ("imagenet:alexnet", "unknown backbone 'alexnet'"),
-    ("ViT-B-32:/missing/file.safetensors", "weights file not found"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ViT-Q-99:openai", "unknown open_clip model"),
+        ("ViT-B-32:no-such-tag", "unknown pretrained tag"),
+        ("ViT-B-32", "names no weights"),
+        ("imagenet:alexnet", "unknown backbone 'alexnet'"),
+        ("ViT-B-32:/missing/file.safetensors", "weights file not found"),
+    ],
+)
 def test_bad_clip_specs(spec: str, message: str):
     with pytest.raises(InputError, match=message):
         resolve_global_config(spec)

@@ -14,7 +14,9 @@ from schemas.store import validate_store
 D = 16  # small feature width; the importers take it from the files
 
 
-def write_precomp(directory: Path, splits: dict[str, tuple[int, bool]], seed: int = 0) -> dict[str, np.ndarray]:
+def write_precomp(
+    directory: Path, splits: dict[str, tuple[int, bool]], seed: int = 0
+) -> dict[str, np.ndarray]:
     """SCAN layout. splits: name -> (images, ids per caption?)."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -22,8 +24,9 @@ def write_precomp(directory: Path, splits: dict[str, tuple[int, bool]], seed: in
     for split, (n, ids_per_caption) in splits.items():
         ims = rng.normal(size=(n, 36, D)).astype(np.float32)
         np.save(directory / f"{split}_ims.npy", ims)
-        (directory / f"{split}_caps.txt").write_text("".join(f"{split} image {i} caption {k} .\n"
-                                                             for i in range(n) for k in range(5)))
+        (directory / f"{split}_caps.txt").write_text(
+            "".join(f"{split} image {i} caption {k} .\n" for i in range(n) for k in range(5))
+        )
         ids = [str(1000 + i) for i in range(n) for _ in range(5 if ids_per_caption else 1)]
         (directory / f"{split}_ids.txt").write_text("\n".join(ids) + "\n")
         arrays[split] = ims
@@ -31,41 +34,72 @@ def write_precomp(directory: Path, splits: dict[str, tuple[int, bool]], seed: in
 
 
 def precomp_args(directory: Path, out: Path) -> tuple:
-    return ("extract", "--dataset", "coco", "--root", directory.parent / "no-images", "--regions",
-            f"precomp:{directory}", "--clip", "none", "--out", out, "--workers", "1", "--chunk-size", "2")
+    return (
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        directory.parent / "no-images",
+        "--regions",
+        f"precomp:{directory}",
+        "--clip",
+        "none",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--chunk-size",
+        "2",
+    )
 
 
 def test_precomp_round_trips_captions_and_ids_from_the_files(runner, tmp_path: Path):
-    arrays = write_precomp(tmp_path / "precomp", {"train": (3, False), "dev": (2, True), "testall": (5, True),
-                                                  "test": (1, True)})
+    arrays = write_precomp(
+        tmp_path / "precomp", {"train": (3, False), "dev": (2, True), "testall": (5, True), "test": (1, True)}
+    )
     out = tmp_path / "p.zarr"
     result = run_cli(runner, *precomp_args(tmp_path / "precomp", out))
     assert result.exit_code == 0, result.output
     root = zarr.open_group(str(out), mode="r")
     attrs = validate_store(root)
-    assert {s: v.num_images for s, v in attrs.splits.items()} == {"train": 3, "val": 2, "test": 5}  # testall wins
+    assert {s: v.num_images for s, v in attrs.splits.items()} == {
+        "train": 3,
+        "val": 2,
+        "test": 5,
+    }  # testall wins
     for split, source in (("train", "train"), ("val", "dev"), ("test", "testall")):
         group = root[split]
-        np.testing.assert_allclose(group["regions"][:].astype(np.float32), arrays[source], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            group["regions"][:].astype(np.float32), arrays[source], rtol=1e-3, atol=1e-3
+        )
         assert list(group["image_id"][:]) == [str(1000 + i) for i in range(len(arrays[source]))]
         assert str(group["caption_text"][6]) == f"{source} image 1 caption 1 ."
         assert np.isnan(group["boxes"][:]).all()  # SCAN files carry no boxes
     assert attrs.extractor.feature_dim == D and attrs.extractor.regions.kind == "precomp"
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "train_ims.npy is truncated: header says (3, 36, 16) float32"),
-    ("caps", "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 14 captions: the captions must "
-             "be 5 per image"),
-    ("ten-per-image", "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 30 captions"),
-    ("empty-caption", "train_caps.txt: caption 4 is empty"),
-    ("not-utf8", "train_caps.txt is not UTF-8 text"),
-    ("ids", "train_ims.npy has 3 images, train_ids.txt 2 ids, train_caps.txt 15 captions: expected one id per "
-            "image or one per caption"),
-    ("id-groups", "dev_ids.txt: the 5 caption ids of image 1 disagree"),
-    ("no-caps", "has train_ims.npy but no train_caps.txt"),
-    ("not-npy", "train_ims.npy is not a .npy file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "train_ims.npy is truncated: header says (3, 36, 16) float32"),
+        (
+            "caps",
+            "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 14 captions: the captions must "
+            "be 5 per image",
+        ),
+        ("ten-per-image", "train_ims.npy has 3 images, train_ids.txt 3 ids, train_caps.txt 30 captions"),
+        ("empty-caption", "train_caps.txt: caption 4 is empty"),
+        ("not-utf8", "train_caps.txt is not UTF-8 text"),
+        (
+            "ids",
+            "train_ims.npy has 3 images, train_ids.txt 2 ids, train_caps.txt 15 captions: expected one id per "
+            "image or one per caption",
+        ),
+        ("id-groups", "dev_ids.txt: the 5 caption ids of image 1 disagree"),
+        ("no-caps", "has train_ims.npy but no train_caps.txt"),
+        ("not-npy", "train_ims.npy is not a .npy file"),
+    ],
+)
 def test_precomp_files_that_disagree_are_rejected(runner, tmp_path: Path, damage: str, message: str):
     folder = tmp_path / "precomp"
     write_precomp(folder, {"train": (3, False), "dev": (2, True), "test": (2, True)})
@@ -111,21 +145,54 @@ def write_tsv(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], lxmert
         for image_id, boxes, feats in rows:
             n = len(boxes)
             if lxmert:
-                writer.writerow([image_id, 72, 96, b64(np.zeros(n)), b64(np.ones(n)), b64(np.zeros(n)),
-                                 b64(np.ones(n)), n, b64(boxes), b64(feats)])
+                writer.writerow(
+                    [
+                        image_id,
+                        72,
+                        96,
+                        b64(np.zeros(n)),
+                        b64(np.ones(n)),
+                        b64(np.zeros(n)),
+                        b64(np.ones(n)),
+                        n,
+                        b64(boxes),
+                        b64(feats),
+                    ]
+                )
             else:
                 writer.writerow([image_id, 96, 72, n, b64(boxes), b64(feats)])
 
 
 def bua_rows(ids: list[str], seed: int, n: int = 10):
     rng = np.random.default_rng(seed)
-    return [(i, np.sort(rng.uniform(0, 70, (n, 4)), axis=1).astype(np.float32),
-             rng.normal(size=(n, D)).astype(np.float32)) for i in ids]
+    return [
+        (
+            i,
+            np.sort(rng.uniform(0, 70, (n, 4)), axis=1).astype(np.float32),
+            rng.normal(size=(n, D)).astype(np.float32),
+        )
+        for i in ids
+    ]
 
 
 def imported_args(coco_root: Path, spec: str, out: Path) -> tuple:
-    return ("extract", "--dataset", "coco", "--root", coco_root, "--regions", spec, "--clip", "none",
-            "--out", out, "--workers", "1", "--chunk-size", "2")
+    return (
+        "extract",
+        "--dataset",
+        "coco",
+        "--root",
+        coco_root,
+        "--regions",
+        spec,
+        "--clip",
+        "none",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--chunk-size",
+        "2",
+    )
 
 
 @pytest.mark.parametrize("lxmert", [False, True])
@@ -150,20 +217,37 @@ def test_truncated_tsv_names_file_and_line(runner, coco_root: Path, tmp_path: Pa
     text = (tmp_path / "feats.tsv").read_text()
     (tmp_path / "feats.tsv").write_text(text[: len(text) - 500] + "\n")
     result = run_cli(runner, *imported_args(coco_root, f"tsv:{tmp_path}/feats.tsv", tmp_path / "t.zarr"))
-    assert result.exit_code == 2 and "feats.tsv line 9 (image 108): features hold" in result.output, result.output
+    assert result.exit_code == 2 and "feats.tsv line 9 (image 108): features hold" in result.output, (
+        result.output
+    )
     assert not (tmp_path / "t.zarr").exists()
 
 
 def write_npz(path: Path, boxes: np.ndarray, feats: np.ndarray, num_bbox: int | None = None) -> None:
     """As bottom-up-attention.pytorch's extract_features.py writes it."""
     n = len(boxes)
-    info = {"image_id": path.stem, "image_h": 72, "image_w": 96, "num_boxes": n,
-            "objects_id": np.zeros(n), "objects_conf": np.ones(n)}
-    np.savez_compressed(path, x=feats, bbox=boxes, num_bbox=num_bbox if num_bbox is not None else n,
-                        image_h=72, image_w=96, info=info)
+    info = {
+        "image_id": path.stem,
+        "image_h": 72,
+        "image_w": 96,
+        "num_boxes": n,
+        "objects_id": np.zeros(n),
+        "objects_conf": np.ones(n),
+    }
+    np.savez_compressed(
+        path,
+        x=feats,
+        bbox=boxes,
+        num_bbox=num_bbox if num_bbox is not None else n,
+        image_h=72,
+        image_w=96,
+        info=info,
+    )
 
 
-def test_npz_by_file_stem_round_trips_and_an_inconsistent_file_invalidates_its_image(runner, coco_root, tmp_path):
+def test_npz_by_file_stem_round_trips_and_an_inconsistent_file_invalidates_its_image(
+    runner, coco_root, tmp_path
+):
     from pipeline.datasets import load_dataset
 
     folder = tmp_path / "npz"
@@ -193,5 +277,9 @@ def test_existing_dask_scheduler_does_the_work(runner, tmp_path: Path):
         result = run_cli(runner, *args, "--scheduler", cluster.scheduler_address)
         assert result.exit_code == 0, result.output
         assert len(cluster.scheduler.task_prefixes) > 0  # tasks went through that scheduler
-    np.testing.assert_allclose(zarr.open_group(str(out), mode="r")["test"]["regions"][:].astype(np.float32),
-                               arrays["test"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        zarr.open_group(str(out), mode="r")["test"]["regions"][:].astype(np.float32),
+        arrays["test"],
+        rtol=1e-3,
+        atol=1e-3,
+    )

@@ -13,11 +13,16 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU; the interpreter test in tests/test_losses.py covers the CPU",
-                allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA GPU; the interpreter test in tests/test_losses.py covers the CPU",
+        allow_module_level=True,
+    )
 if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 (tests/conftest.py's default) interprets the kernel; run with "
-                "TRITON_INTERPRET=0 to test the compiled one", allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET=1 (tests/conftest.py's default) interprets the kernel; run with "
+        "TRITON_INTERPRET=0 to test the compiled one",
+        allow_module_level=True,
+    )
 
 import trainer.kernels.queue_lse as kernel  # noqa: E402
 from trainer.losses import uto_queue_loss  # noqa: E402
@@ -56,8 +61,9 @@ def check_against_formula(b, m, e, dtype=torch.float32, ids=False, queue_grad=Tr
         kids = torch.randint(0, b + 10, (m,), generator=torch.Generator().manual_seed(seed)).to(CUDA)
     ours_q = q.to(dtype).requires_grad_()
     ours_queue = queue.to(dtype).requires_grad_(queue_grad)
-    ours = uto_queue_loss(ours_q, k.to(dtype), ours_queue, MU, GAMMA, backend="triton", query_ids=qids,
-                          queue_ids=kids)
+    ours = uto_queue_loss(
+        ours_q, k.to(dtype), ours_queue, MU, GAMMA, backend="triton", query_ids=qids, queue_ids=kids
+    )
     inputs = (ours_q, ours_queue) if queue_grad else (ours_q,)
     grads = torch.autograd.grad(ours, inputs)
     # the reference sees the same rounded inputs
@@ -87,7 +93,9 @@ def test_tf32x3_dots_keep_fp32_tolerances(monkeypatch):
 
 
 def test_several_backward_chunks_and_a_ragged_last_one(monkeypatch):
-    monkeypatch.setattr(kernel, "BACKWARD_CHUNK_BYTES", 64 * 4096 * 4)  # fp32 chunks of 4096 rows: dq's split product
+    monkeypatch.setattr(
+        kernel, "BACKWARD_CHUNK_BYTES", 64 * 4096 * 4
+    )  # fp32 chunks of 4096 rows: dq's split product
     assert_fp32_tolerances(*check_against_formula(64, 3 * 4096 + 300, 512))
 
 
@@ -111,7 +119,9 @@ def test_low_precision_inputs_stay_finite_and_close_at_mu_90(dtype):
     for ours_grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(ours_grad.double(), ref_grad, rtol=0.2, atol=tolerance)
         # atol dwarfs these gradients (about 1e-4): hold them to their own precision as well
-        assert (ours_grad.double() - ref_grad).norm() / ref_grad.norm() < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+        assert (ours_grad.double() - ref_grad).norm() / ref_grad.norm() < (
+            2e-2 if dtype == torch.bfloat16 else 5e-3
+        )
 
 
 def test_auto_picks_the_kernel_for_half_precision_queues_only():

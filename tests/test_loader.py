@@ -25,8 +25,9 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 
     tmp = tmp_path_factory.mktemp("loader")
     store = write_synthetic_store(tmp / "s.zarr", num_images=60, invalid=(7,))
-    result = run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--max-count", "5",
-                     "--workers", "1")
+    result = run_cli(
+        CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--max-count", "5", "--workers", "1"
+    )
     assert result.exit_code == 0, result.output
     return store, tmp / "shards"
 
@@ -44,7 +45,9 @@ def pairs_of(batches) -> list[tuple[int, int]]:
 @pytest.mark.slow
 def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer):
     store, out = shards
-    loader = StreamingLoader(ShardSet.from_manifest(out), tokenizer, LoaderSettings(batch_size=16, train=False))
+    loader = StreamingLoader(
+        ShardSet.from_manifest(out), tokenizer, LoaderSettings(batch_size=16, train=False)
+    )
     batches = list(loader.batches(epoch=0))
     assert len(batches) == loader.batches_per_epoch() == -(-len(all_pairs(store)) // 16)
     pairs = pairs_of(batches)
@@ -57,7 +60,7 @@ def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer
         np.testing.assert_array_equal(batch.regions[row, :k].numpy(), group["regions"][i, :k])
         assert (batch.regions[row, k:] == 0).all()
         n = int(batch.token_lengths[row])
-        text = tokenizer.tokenizer.decode(batch.tokens[row, 1:n - 1])
+        text = tokenizer.tokenizer.decode(batch.tokens[row, 1 : n - 1])
         assert text == f"caption {int(batch.caption_index[row])} of image {i}"
         assert (batch.tokens[row, n:] == 0).all()
     assert batch.clip_image.shape == (16, 5) and batch.clip_text.shape == (16, 5)
@@ -70,8 +73,10 @@ def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, w
     store, out = shards
     shard_set = ShardSet.from_manifest(out)
     settings = LoaderSettings(batch_size=8, train=False, workers=workers)
-    per_rank = [pairs_of(StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2).batches(epoch=3))
-                for r in range(2)]
+    per_rank = [
+        pairs_of(StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2).batches(epoch=3))
+        for r in range(2)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(all_pairs(store))
 
@@ -81,8 +86,9 @@ def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
     shard_set = ShardSet.from_manifest(shards[1])
 
     def order(seed, epoch):
-        return pairs_of(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, seed=seed))
-                        .batches(epoch))
+        return pairs_of(
+            StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, seed=seed)).batches(epoch)
+        )
 
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
@@ -91,8 +97,11 @@ def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_continues_exactly(shards, tokenizer):
-    loader = StreamingLoader(ShardSet.from_manifest(shards[1]), tokenizer,
-                             LoaderSettings(batch_size=8, seed=5, workers=2, train=True))
+    loader = StreamingLoader(
+        ShardSet.from_manifest(shards[1]),
+        tokenizer,
+        LoaderSettings(batch_size=8, seed=5, workers=2, train=True),
+    )
     full = list(loader.batches(epoch=2))
     assert len(full) == loader.batches_per_epoch(2)
     for start in (1, 7, len(full) - 1):
@@ -128,8 +137,11 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
     with pytest.raises(ShardError, match=victim.name):
         list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8)).batches(0))
     with pytest.warns(UserWarning, match=f"skipped: .*{victim.name}"):
-        batches = list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, skip_corrupt=True,
-                                                                             train=False)).batches(0))
+        batches = list(
+            StreamingLoader(
+                shard_set, tokenizer, LoaderSettings(batch_size=8, skip_corrupt=True, train=False)
+            ).batches(0)
+        )
     assert batches[-1].shards_skipped == 1
     assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
 
@@ -146,8 +158,13 @@ def test_bad_loader_input(shards, tokenizer, tmp_path):
     with pytest.raises(InputError, match="no shard manifest"):
         ShardSet.from_manifest(tmp_path)
     with pytest.raises(InputError, match="cannot feed 8 rank"):
-        StreamingLoader(ShardSet.from_manifest(shards[1]), tokenizer, LoaderSettings(batch_size=8, workers=2),
-                        rank=0, world=8)
+        StreamingLoader(
+            ShardSet.from_manifest(shards[1]),
+            tokenizer,
+            LoaderSettings(batch_size=8, workers=2),
+            rank=0,
+            world=8,
+        )
     with pytest.raises(InputError, match="cannot load tokenizer"):
         load_tokenizer(str(tmp_path / "no-tokenizer"))
 

@@ -96,13 +96,22 @@ def test_queue_entries_of_the_querys_own_image_can_be_masked(backend):
     kids[:6] = qids  # the queue holds keys of the queries' own images
     queue[:6] = q  # ... that match them perfectly
     q = q.to(DEVICE).requires_grad_()
-    ours = uto_queue_loss(q, k.to(DEVICE), queue.to(DEVICE), MU, GAMMA, backend=backend,
-                          query_ids=qids.to(DEVICE), queue_ids=kids.to(DEVICE))
+    ours = uto_queue_loss(
+        q,
+        k.to(DEVICE),
+        queue.to(DEVICE),
+        MU,
+        GAMMA,
+        backend=backend,
+        query_ids=qids.to(DEVICE),
+        queue_ids=kids.to(DEVICE),
+    )
     qd = q.detach().cpu().double().requires_grad_()
     ref = reference_queue_loss(qd, k.double(), queue.double(), MU, GAMMA, qids, kids)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(ours, q)[0].cpu().double(), torch.autograd.grad(ref, qd)[0],
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, q)[0].cpu().double(), torch.autograd.grad(ref, qd)[0], rtol=1e-4, atol=1e-6
+    )
     unmasked = uto_queue_loss(q, k.to(DEVICE), queue.to(DEVICE), MU, GAMMA, backend=backend)
     assert unmasked.item() > ours.item() + 0.4  # each query had a score-1 "negative": μ(1 − γ)/μ = 0.5
 

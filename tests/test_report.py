@@ -13,10 +13,14 @@ def test_chance_is_the_mean_over_every_ranking():
     """Exact: average the metrics over all orderings of the images (t2i) and of the captions (i2t)."""
     caption_image = torch.tensor([0, 0, 0, 1, 2, 2])  # 3 images with 3, 1 and 2 captions
     n, c = 3, len(caption_image)
-    t2i = [retrieval_metrics(torch.tensor(p, dtype=torch.float64)[:, None].expand(n, c), caption_image)["t2i"]
-           for p in itertools.permutations(range(n))]
-    i2t = [retrieval_metrics(torch.tensor(p, dtype=torch.float64)[None, :].expand(n, c), caption_image)["i2t"]
-           for p in itertools.permutations(range(c))]
+    t2i = [
+        retrieval_metrics(torch.tensor(p, dtype=torch.float64)[:, None].expand(n, c), caption_image)["t2i"]
+        for p in itertools.permutations(range(n))
+    ]
+    i2t = [
+        retrieval_metrics(torch.tensor(p, dtype=torch.float64)[None, :].expand(n, c), caption_image)["i2t"]
+        for p in itertools.permutations(range(c))
+    ]
     chance = chance_metrics(caption_image, n)
     for k in (1, 5, 10):
         assert chance["t2i"][f"r{k}"] == pytest.approx(sum(m[f"r{k}"] for m in t2i) / len(t2i), abs=1e-9)
@@ -26,8 +30,9 @@ def test_chance_is_the_mean_over_every_ranking():
 
 def test_report_compares_trained_untrained_and_chance(runner, trained):
     run = trained["run"]
-    result = run_cli(runner, "report", "--run", run, "--store", trained["val"], "--split", "val",
-                     "--compare", run)
+    result = run_cli(
+        runner, "report", "--run", run, "--store", trained["val"], "--split", "val", "--compare", run
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((run / "report.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -43,8 +43,20 @@ def test_search_and_eval_agree_on_r1(runner, trained):
 
 def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_path):
     query = "caption 0 of image 7"
-    result = run_cli(runner, "search", query, "--index", trained["index"], "--run", trained["run"], "-k", "20",
-                     "--json", "--html", tmp_path / "page.html")
+    result = run_cli(
+        runner,
+        "search",
+        query,
+        "--index",
+        trained["index"],
+        "--run",
+        trained["run"],
+        "-k",
+        "20",
+        "--json",
+        "--html",
+        tmp_path / "page.html",
+    )
     assert result.exit_code == 0, result.output
     hits = json.loads(result.stdout)
     assert len(hits) == 15  # k larger than the gallery: all of it
@@ -53,8 +65,19 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
     assert [h["id"] for h in hits if h["correct"]] == ["img7"]
     page = (tmp_path / "page.html").read_text()
     assert query in page and page.count("<figure") == 15 and page.count("class='correct'") == 1
-    captions = run_cli(runner, "search", "img7", "--captions", "--index", trained["index"], "--run", trained["run"],
-                       "-k", "3", "--json")
+    captions = run_cli(
+        runner,
+        "search",
+        "img7",
+        "--captions",
+        "--index",
+        trained["index"],
+        "--run",
+        trained["run"],
+        "-k",
+        "3",
+        "--json",
+    )
     assert captions.exit_code == 0, captions.output
     hits = json.loads(captions.stdout)
     assert len(hits) == 3 and all(h["correct"] == (h["image_id"] == "img7") for h in hits)
@@ -77,7 +100,10 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
         (("search", "a query", *base, "--checkpoint", other), "was built with the model in"),
         (("search", "  ", *base, "--run", trained["run"]), "the query is empty"),
         (("search", "a query", *base, "--run", trained["run"], "-k", "0"), "-k must be positive"),
-        (("search", "no-such-id", "--captions", *base, "--run", trained["run"]), "neither an image file nor the id"),
+        (
+            ("search", "no-such-id", "--captions", *base, "--run", trained["run"]),
+            "neither an image file nor the id",
+        ),
         (("search", "a query", "--index", tmp_path, "--run", trained["run"]), "is not an index"),
         (("search", "a query", *base), "pass --run or --checkpoint"),
         (("search", "a query", *base, "--run", tmp_path), "no checkpoint at"),
@@ -90,6 +116,8 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
 
 def test_index_refuses_to_replace_a_folder_that_is_not_an_index(runner, trained, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    result = run_cli(runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", tmp_path)
+    result = run_cli(
+        runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", tmp_path
+    )
     assert result.exit_code == 2 and "holds files that are not a userpipe index" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -14,14 +14,28 @@ from schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
 
 
 def shard_args(store: Path, out: Path, *extra) -> tuple:
-    return ("shard", "--store", store, "--split", "train", "--out", out, "--max-count", "5", "--workers", "1",
-            *extra)
+    return (
+        "shard",
+        "--store",
+        store,
+        "--split",
+        "train",
+        "--out",
+        out,
+        "--max-count",
+        "5",
+        "--workers",
+        "1",
+        *extra,
+    )
 
 
 def read_shards(out: Path) -> list:
     manifest = ShardManifest.model_validate_json((out / MANIFEST_NAME).read_text())
     urls = [str(out / s.name) for s in manifest.shards]
-    return [decode_sample(raw) for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
+    return [
+        decode_sample(raw) for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    ]
 
 
 @pytest.mark.slow
@@ -37,9 +51,13 @@ def test_shards_hold_every_valid_image_once_with_every_field(runner, tmp_path: P
     assert [s.samples for s in manifest.shards] == [5, 5, 5, 5, 1]
     assert json.loads((out / "sizes.json").read_text()) == {s.name: s.samples for s in manifest.shards}
     for record in manifest.shards:
-        assert file_sha256(out / record.name) == record.sha256 and (out / record.name).stat().st_size == record.bytes
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(s.name for s in manifest.shards), MANIFEST_NAME,
-                                                            "sizes.json"])  # no leftovers
+        assert (
+            file_sha256(out / record.name) == record.sha256
+            and (out / record.name).stat().st_size == record.bytes
+        )
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(s.name for s in manifest.shards), MANIFEST_NAME, "sizes.json"]
+    )  # no leftovers
 
     group = zarr.open_group(str(store), mode="r")["train"]
     starts = np.concatenate([[0], np.cumsum(np.bincount(group["caption_image"][:]))])
@@ -52,8 +70,8 @@ def test_shards_hold_every_valid_image_once_with_every_field(runner, tmp_path: P
         np.testing.assert_array_equal(sample.regions, group["regions"][i, :k])
         np.testing.assert_array_equal(sample.boxes, group["boxes"][i, :k])
         np.testing.assert_array_equal(sample.clip_image, group["clip_image"][i])
-        assert sample.captions == [str(t) for t in group["caption_text"][starts[i]:starts[i + 1]]]
-        np.testing.assert_array_equal(sample.clip_text, group["clip_text"][starts[i]:starts[i + 1]])
+        assert sample.captions == [str(t) for t in group["caption_text"][starts[i] : starts[i + 1]]]
+        np.testing.assert_array_equal(sample.clip_text, group["clip_text"][starts[i] : starts[i + 1]])
 
 
 def test_plan_is_seeded_and_respects_count_and_size():
@@ -98,7 +116,8 @@ def test_interrupted_run_resumes_to_identical_shards(runner, tmp_path: Path):
     for record in manifest.shards:
         assert (out / record.name).read_bytes() == (reference / record.name).read_bytes()
     assert (out / MANIFEST_NAME).read_text() == (reference / MANIFEST_NAME).read_text().replace(
-        str(reference), str(out))
+        str(reference), str(out)
+    )
 
     other = run_cli(runner, *shard_args(store, out, "--seed", "7"))
     assert other.exit_code == 2 and "shards of another plan" in other.output
@@ -125,12 +144,15 @@ def test_verify_names_missing_truncated_and_altered_shards(runner, tmp_path: Pat
     assert "3 of 5 shards failed" in result.output
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no Zarr store at"),
-    ("split", "has no split 'val'"),
-    ("empty", "has no valid images"),
-    ("incomplete", "is incomplete"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no Zarr store at"),
+        ("split", "has no split 'val'"),
+        ("empty", "has no valid images"),
+        ("incomplete", "is incomplete"),
+    ],
+)
 def test_bad_shard_input_is_one_line_exit_2(runner, tmp_path: Path, case: str, message: str):
     store = tmp_path / "s.zarr"
     if case != "missing":
@@ -159,7 +181,10 @@ def test_verify_checks_every_manifest_count(runner, tmp_path: Path):
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     result = run_cli(runner, "verify", out)
     assert result.exit_code == 1
-    assert "train-000001.tar: holds 5 samples and" in result.output and "the manifest says 6 and" in result.output
+    assert (
+        "train-000001.tar: holds 5 samples and" in result.output
+        and "the manifest says 6 and" in result.output
+    )
     manifest["num_samples"] += 3
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert "its shards add up to 13 samples" in run_cli(runner, "verify", out).output

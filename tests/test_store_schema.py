@@ -19,14 +19,24 @@ from schemas.store import (
 
 
 def tiny_config(**changes) -> ExtractorConfig:
-    fields = dict(dataset="t", splits=("test",), max_captions=None, num_regions=4, feature_dim=8, image_size=64,
-                  chunk_size=2, regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
-                  global_encoder=GlobalConfig(kind="open_clip", model="m", image_dim=6, text_dim=6))
+    fields = dict(
+        dataset="t",
+        splits=("test",),
+        max_captions=None,
+        num_regions=4,
+        feature_dim=8,
+        image_size=64,
+        chunk_size=2,
+        regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
+        global_encoder=GlobalConfig(kind="open_clip", model="m", image_dim=6, text_dim=6),
+    )
     return ExtractorConfig(**{**fields, **changes})
 
 
 def tiny_store(path: Path) -> zarr.Group:
-    records = [ImageRecord(f"id{i}", f"{i}.jpg", tuple(f"cap {i}.{k}" for k in range(i + 1))) for i in range(3)]
+    records = [
+        ImageRecord(f"id{i}", f"{i}.jpg", tuple(f"cap {i}.{k}" for k in range(i + 1))) for i in range(3)
+    ]
     index = DatasetIndex(name="t", image_root=path.parent, splits={"test": records}, max_captions=None)
     attrs = StoreAttrs(extractor=tiny_config(), splits={"test": SplitSummary(num_images=3, num_captions=6)})
     return create_store(path, attrs, index)
@@ -43,13 +53,18 @@ def test_created_store_validates_and_keeps_variable_caption_counts(tmp_path: Pat
     assert test["images_done"].shape == (2,)
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda root: root.attrs.put({}), "not a userpipe store"),
-    (lambda root: root.attrs.put({ATTRS_KEY: {**root.attrs[ATTRS_KEY], "schema_version": "0.9"}}),
-     "schema version '0.9' is not supported"),
-    (lambda root: root["test"].__delitem__("boxes"), "array 'test/boxes' is missing"),
-    (lambda root: root["test"]["regions"].resize((2, 4, 8)), "has shape (2, 4, 8), expected (3, 4, 8)"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda root: root.attrs.put({}), "not a userpipe store"),
+        (
+            lambda root: root.attrs.put({ATTRS_KEY: {**root.attrs[ATTRS_KEY], "schema_version": "0.9"}}),
+            "schema version '0.9' is not supported",
+        ),
+        (lambda root: root["test"].__delitem__("boxes"), "array 'test/boxes' is missing"),
+        (lambda root: root["test"]["regions"].resize((2, 4, 8)), "has shape (2, 4, 8), expected (3, 4, 8)"),
+    ],
+)
 def test_validation_names_what_is_wrong(tmp_path: Path, tamper, message: str):
     root = tiny_store(tmp_path / "s.zarr")
     tamper(root)

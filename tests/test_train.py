@@ -16,8 +16,18 @@ def data(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("train")
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
     val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
-    result = run_cli(CliRunner(), "shard", "--store", train_store, "--out", tmp / "shards", "--max-count", "10",
-                     "--workers", "1")
+    result = run_cli(
+        CliRunner(),
+        "shard",
+        "--store",
+        train_store,
+        "--out",
+        tmp / "shards",
+        "--max-count",
+        "10",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
@@ -25,8 +35,18 @@ def data(tmp_path_factory) -> dict:
 
 
 def train_args(data, out, *extra):
-    return ("train", "--shards", data["shards"], "--val-store", data["val"], "--config", data["config"],
-            "--out", out, *extra)
+    return (
+        "train",
+        "--shards",
+        data["shards"],
+        "--val-store",
+        data["val"],
+        "--config",
+        data["config"],
+        "--out",
+        out,
+        *extra,
+    )
 
 
 def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, tmp_path):
@@ -39,8 +59,14 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     assert [r["step"] for r in records if "val" in r] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
     assert {"lr", "batch", "queue", "samples_per_s"} <= set(steps[0])
-    for name in ("summary.md", "loss.png", "val_rsum.png", "config.json", "checkpoints/best/model.safetensors",
-                 "checkpoints/last/state.pt"):
+    for name in (
+        "summary.md",
+        "loss.png",
+        "val_rsum.png",
+        "config.json",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/last/state.pt",
+    ):
         assert (out / name).is_file(), name
     best = json.loads((out / "checkpoints/best/metrics.json").read_text())
     evaluated = run_cli(runner, "eval", "--run", out, "--store", data["val"], "--split", "val", "--json")
@@ -50,11 +76,14 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     assert again.exit_code == 2 and "already holds a run" in again.output
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.feature_dim=12", "model.feature_dim=12 but the shards hold 8-d"),
-    ("model.enhancement=cge", "clip_dim is set exactly when"),
-    ("train.batch_size=1000", "fewer pairs than one batch"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.feature_dim=12", "model.feature_dim=12 but the shards hold 8-d"),
+        ("model.enhancement=cge", "clip_dim is set exactly when"),
+        ("train.batch_size=1000", "fewer pairs than one batch"),
+    ],
+)
 def test_config_that_does_not_fit_the_data_fails_before_work(runner, data, tmp_path, override, message):
     result = run_cli(runner, *train_args(data, tmp_path / "bad", "--set", override))
     assert result.exit_code == 2 and message in result.output, result.output
@@ -68,11 +97,14 @@ def test_resume_refuses_another_architecture(runner, data, tmp_path):
     assert result.exit_code == 2 and "another model configuration" in result.output
 
 
-@pytest.mark.parametrize("switches", [
-    ("model.enhancement=none", "model.use_queue=false"),  # the VSE∞-style baseline
-    ("model.enhancement=cge", "model.clip_dim=5"),
-    ("model.mask_false_negatives=true", "train.backend=chunked", "model.keys_in_train_mode=false"),
-])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ("model.enhancement=none", "model.use_queue=false"),  # the VSE∞-style baseline
+        ("model.enhancement=cge", "model.clip_dim=5"),
+        ("model.mask_false_negatives=true", "train.backend=chunked", "model.keys_in_train_mode=false"),
+    ],
+)
 def test_ablation_switches_train_from_the_config(runner, data, tmp_path, switches):
     sets = [arg for switch in switches for arg in ("--set", switch)]
     result = run_cli(runner, *train_args(data, tmp_path / "run", "--set", "train.epochs=1", *sets))

@@ -33,7 +33,11 @@ class CaptionTokenizer:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.vocab_size = tokenizer.vocab_size
-        self.cls, self.sep, self.mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+        self.cls, self.sep, self.mask = (
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            tokenizer.mask_token_id,
+        )
 
     @classmethod
     def for_text_model(cls, text_model: str) -> CaptionTokenizer:
@@ -45,9 +49,12 @@ class CaptionTokenizer:
     def __call__(self, text: str, rng: np.random.Generator | None = None) -> list[int]:
         """Token ids with [CLS]/[SEP]; `rng` given = training augmentation."""
         encoding = self.tokenizer(text, add_special_tokens=False)
-        pieces_by_word = [[i for i, _ in group]
-                          for _, group in groupby(zip(encoding["input_ids"], encoding.word_ids(), strict=True),
-                                                  key=lambda pair: pair[1])]
+        pieces_by_word = [
+            [i for i, _ in group]
+            for _, group in groupby(
+                zip(encoding["input_ids"], encoding.word_ids(), strict=True), key=lambda pair: pair[1]
+            )
+        ]
         ids: list[int] = []
         for pieces in pieces_by_word:
             if rng is not None and (draw := rng.random()) < ALTER_PROB:

@@ -70,7 +70,11 @@ def recover(run: Path) -> None:
         if not path.is_symlink() and (folder / legacy).is_dir():
             _point(folder, link, legacy)
     named = {link: os.readlink(folder / link) for link in LINKS if (folder / link).is_symlink()}
-    if "last" in named and named.get("best") != named["last"] and (folder / named["last"] / BEST_MARKER).is_file():
+    if (
+        "last" in named
+        and named.get("best") != named["last"]
+        and (folder / named["last"] / BEST_MARKER).is_file()
+    ):
         _point(folder, "best", named["last"])
         named["best"] = named["last"]
     for entry in folder.iterdir():
@@ -112,8 +116,15 @@ def _bytes_needed(model: USER, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
 
 
-def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunConfig, position: dict,
-         metrics: dict, best: bool) -> None:
+def save(
+    run: Path,
+    model: USER,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    position: dict,
+    metrics: dict,
+    best: bool,
+) -> None:
     """Write the state at `position` and make it `last` (and `best`); see the module docstring."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
@@ -140,8 +151,15 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
         with open(partial / STATE, "wb") as file:
             keeping = _ErrorKeepingFile(file)
             try:
-                torch.save({"optimizer": optimizer.state_dict(), "position": position,
-                            "torch_rng": torch.get_rng_state(), "threads": torch.get_num_threads()}, keeping)
+                torch.save(
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "position": position,
+                        "torch_rng": torch.get_rng_state(),
+                        "threads": torch.get_num_threads(),
+                    },
+                    keeping,
+                )
             except RuntimeError:
                 if keeping.error is None:
                     raise
@@ -151,7 +169,7 @@ def save(run: Path, model: USER, optimizer: torch.optim.Optimizer, config: RunCo
         for entry in (WEIGHTS, CONFIG, METRICS, *((BEST_MARKER,) if best else ())):
             fsync_path(partial / entry)
         fsync_path(partial)
-    for link in (("last", "best") if best else ("last",)):
+    for link in ("last", "best") if best else ("last",):
         _point(folder, link, name)
     fsync_path(folder)
     recover(run)  # the states no link names any more
@@ -195,7 +213,9 @@ def load_model_weights(model: USER, path: Path, device) -> None:
     try:
         load_model(model, str(path), device=str(device))
     except (SafetensorError, RuntimeError) as exc:
-        raise InputError(f"{path} is damaged or holds another model: {str(exc).splitlines()[0][:200]}") from None
+        raise InputError(
+            f"{path} is damaged or holds another model: {str(exc).splitlines()[0][:200]}"
+        ) from None
 
 
 def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
@@ -229,4 +249,3 @@ def checkpoint_dir(run: Path | None, checkpoint: Path | None, choices: str = "--
     if not (directory / WEIGHTS).is_file():
         raise InputError(f"no checkpoint at {directory}")
     return directory
-

@@ -17,7 +17,7 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     for depth, key in enumerate(path):
         tree = tree.setdefault(key, {})
         if not isinstance(tree, dict):
-            raise InputError(f"--set {dotted}: {'.'.join(path[:depth + 1])} is a value, not a section")
+            raise InputError(f"--set {dotted}: {'.'.join(path[: depth + 1])} is a value, not a section")
     tree[leaf] = value
 
 
@@ -31,7 +31,9 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             parsed[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise InputError(f"--set {pair}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise InputError(
+                f"--set {pair}: the value is not valid YAML ({getattr(exc, 'problem', exc)})"
+            ) from None
     return parsed
 
 

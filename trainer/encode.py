@@ -47,7 +47,7 @@ def encode_texts(model: USER, tokenizer: CaptionTokenizer, texts, on_batch=None)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), TEXT_BATCH):
-        tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start:start + TEXT_BATCH]])
+        tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start : start + TEXT_BATCH]])
         out.append(model.encode_texts(tokens.to(device), lengths.to(device)).float().cpu())
         if on_batch:
             on_batch(len(tokens))
@@ -55,18 +55,27 @@ def encode_texts(model: USER, tokenizer: CaptionTokenizer, texts, on_batch=None)
 
 
 @torch.no_grad()
-def encode_regions(model: USER, regions: np.ndarray, lengths: np.ndarray, clip: np.ndarray | None) -> torch.Tensor:
+def encode_regions(
+    model: USER, regions: np.ndarray, lengths: np.ndarray, clip: np.ndarray | None
+) -> torch.Tensor:
     """(n, E) image embeddings of (n, R, D) region features; `clip` (n, C) only for cge models."""
     device = next(model.parameters()).device
-    return model.encode_images(torch.from_numpy(regions.astype(np.float32)).to(device),
-                               torch.from_numpy(lengths.astype(np.int64)).to(device),
-                               None if clip is None else torch.from_numpy(clip.astype(np.float32)).to(device),
-                               ).float().cpu()
+    return (
+        model.encode_images(
+            torch.from_numpy(regions.astype(np.float32)).to(device),
+            torch.from_numpy(lengths.astype(np.int64)).to(device),
+            None if clip is None else torch.from_numpy(clip.astype(np.float32)).to(device),
+        )
+        .float()
+        .cpu()
+    )
 
 
 def check_store_fits(config: ModelConfig, store: Path, attrs, group) -> None:
     if config.feature_dim != attrs.extractor.feature_dim:
-        raise InputError(f"the model takes {config.feature_dim}-d regions, {store} has {attrs.extractor.feature_dim}-d")
+        raise InputError(
+            f"the model takes {config.feature_dim}-d regions, {store} has {attrs.extractor.feature_dim}-d"
+        )
     if config.enhancement == "cge" and "clip_image" not in group:
         raise InputError(f"a cge model needs CLIP image features, and {store} has none")
 
@@ -79,7 +88,11 @@ def open_split(store: Path, split: str, config: ModelConfig, max_images: int | N
     if split not in attrs.splits:
         raise InputError(f"{store} has no split '{split}' (it has: {', '.join(attrs.splits)})")
     group = root[split]
-    n = attrs.splits[split].num_images if max_images is None else min(max_images, attrs.splits[split].num_images)
+    n = (
+        attrs.splits[split].num_images
+        if max_images is None
+        else min(max_images, attrs.splits[split].num_images)
+    )
     valid = group["valid"][:n]
     keep = np.flatnonzero(valid)
     if not len(keep):
@@ -89,8 +102,14 @@ def open_split(store: Path, split: str, config: ModelConfig, max_images: int | N
 
 
 @torch.no_grad()
-def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokenizer, max_images: int | None = None,
-                 progress: bool = True) -> SplitEmbeddings:
+def encode_split(
+    model: USER,
+    store: Path,
+    split: str,
+    tokenizer: CaptionTokenizer,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> SplitEmbeddings:
     group, attrs, n, valid, keep = open_split(store, split, model.config, max_images)
     needs_clip = model.config.enhancement == "cge"
     was_training = model.training
@@ -107,8 +126,14 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
                 ok = valid[rows]
                 if not ok.any():
                     continue
-                images.append(encode_regions(model, group["regions"][rows][ok], group["num_regions"][rows][ok],
-                                             group["clip_image"][rows][ok] if needs_clip else None))
+                images.append(
+                    encode_regions(
+                        model,
+                        group["regions"][rows][ok],
+                        group["num_regions"][rows][ok],
+                        group["clip_image"][rows][ok] if needs_clip else None,
+                    )
+                )
                 bar.advance(task, int(ok.sum()))
             captions = encode_texts(model, tokenizer, texts, on_batch=lambda k: bar.advance(task, k))
     finally:
@@ -118,9 +143,14 @@ def encode_split(model: USER, store: Path, split: str, tokenizer: CaptionTokeniz
     position = np.full(n, -1)
     position[keep] = np.arange(len(keep))
     ids = group["image_id"][:n]
-    return SplitEmbeddings(images, captions,
-                           torch.from_numpy(position[caption_image_all[caption_rows]]).long(),
-                           [str(ids[i]) for i in keep], keep, [str(t) for t in texts])
+    return SplitEmbeddings(
+        images,
+        captions,
+        torch.from_numpy(position[caption_image_all[caption_rows]]).long(),
+        [str(ids[i]) for i in keep],
+        keep,
+        [str(t) for t in texts],
+    )
 
 
 def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full") -> dict:
@@ -136,16 +166,24 @@ def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full")
         raise InputError(str(exc)) from None
 
 
-def evaluate_checkpoints(store: Path, split: str, protocol: str, run: Path | None = None,
-                         checkpoint: Path | None = None, ensemble: tuple[Path, ...] = ()) -> dict:
+def evaluate_checkpoints(
+    store: Path,
+    split: str,
+    protocol: str,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    ensemble: tuple[Path, ...] = (),
+) -> dict:
     """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
-    sources = ([checkpoint_dir(r, None) for r in ensemble] if ensemble else
-               [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")])
+    sources = (
+        [checkpoint_dir(r, None) for r in ensemble]
+        if ensemble
+        else [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")]
+    )
     embeddings = []
     for source in sources:
         model, _, tokenizer = load_trained(source)
         embeddings.append(encode_split(model, store, split, tokenizer))
     return embedding_metrics(embeddings, protocol)
-

@@ -39,16 +39,25 @@ def ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> tuple[torch.Tensor
     columns, rows = torch.arange(c), torch.arange(n)
     own = sims[caption_image, columns]  # (C,) each caption's score with its own image
     # i2t: an image's rank is its best caption's: the highest own score, ties to the larger caption index
-    best_score = torch.full((n,), float("-inf"), dtype=sims.dtype).scatter_reduce(0, caption_image, own, "amax")
-    best = torch.full((n,), -1).scatter_reduce(0, caption_image,
-                                               torch.where(own == best_score[caption_image], columns, -1), "amax")
-    i2t, t2i, t2i_at_least = torch.empty(n, dtype=torch.long), torch.zeros(c, dtype=torch.long), torch.zeros(c, dtype=torch.long)
+    best_score = torch.full((n,), float("-inf"), dtype=sims.dtype).scatter_reduce(
+        0, caption_image, own, "amax"
+    )
+    best = torch.full((n,), -1).scatter_reduce(
+        0, caption_image, torch.where(own == best_score[caption_image], columns, -1), "amax"
+    )
+    i2t, t2i, t2i_at_least = (
+        torch.empty(n, dtype=torch.long),
+        torch.zeros(c, dtype=torch.long),
+        torch.zeros(c, dtype=torch.long),
+    )
     for start in range(0, n, ROWS):
-        block, threshold = sims[start:start + ROWS], best_score[start:start + ROWS, None]
-        i2t[start:start + ROWS] = (block > threshold).sum(1)
+        block, threshold = sims[start : start + ROWS], best_score[start : start + ROWS, None]
+        i2t[start : start + ROWS] = (block > threshold).sum(1)
         tied = ((block == threshold).sum(1) > 1).nonzero().squeeze(1)  # the best caption ties another caption
         if len(tied):
-            i2t[start + tied] += ((block[tied] == threshold[tied]) & (columns > best[start + tied, None])).sum(1)
+            i2t[start + tied] += (
+                (block[tied] == threshold[tied]) & (columns > best[start + tied, None])
+            ).sum(1)
         t2i += (block > own).sum(0)
         t2i_at_least += (block >= own).sum(0)
     tied = (t2i_at_least - t2i > 1).nonzero().squeeze(1)  # the own image ties another image
@@ -70,9 +79,11 @@ def check_finite(images: torch.Tensor, captions: torch.Tensor) -> None:
     """Embeddings that can be ranked: NaN compares false with everything, so it would rank first."""
     bad_images, bad_captions = (int((~torch.isfinite(e)).any(1).sum()) for e in (images, captions))
     if bad_images or bad_captions:
-        raise NonFiniteError(f"{bad_images} of {len(images)} image embeddings and {bad_captions} of {len(captions)} "
-                             "caption embeddings are non-finite (NaN or inf): the model diverged or its input holds "
-                             "non-finite features (userpipe verify checks stores and shards)")
+        raise NonFiniteError(
+            f"{bad_images} of {len(images)} image embeddings and {bad_captions} of {len(captions)} "
+            "caption embeddings are non-finite (NaN or inf): the model diverged or its input holds "
+            "non-finite features (userpipe verify checks stores and shards)"
+        )
 
 
 def retrieval_metrics(sims, caption_image=None) -> dict:
@@ -85,9 +96,11 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
     n, c = sims.shape
     if sims.numel() and not all(torch.isfinite(v) for v in torch.aminmax(sims)):  # NaN propagates: one pass
         finite = torch.isfinite(sims)
-        raise NonFiniteError(f"{int((~finite).sum())} of {n * c} similarities are non-finite (NaN or inf), in "
-                             f"{int((~finite).any(1).sum())} of {n} images and {int((~finite).any(0).sum())} of {c} "
-                             "captions")
+        raise NonFiniteError(
+            f"{int((~finite).sum())} of {n * c} similarities are non-finite (NaN or inf), in "
+            f"{int((~finite).any(1).sum())} of {n} images and {int((~finite).any(0).sum())} of {c} "
+            "captions"
+        )
     if caption_image is None:
         if c % n:
             raise ValueError(f"{c} captions for {n} images: pass caption_image")
@@ -119,14 +132,18 @@ def protocol_metrics(sims, caption_image, protocol: str) -> dict:
         images = slice(f * size, (f + 1) * size)
         captions = ((caption_image >= f * size) & (caption_image < (f + 1) * size)).nonzero().squeeze(1)
         folds.append(retrieval_metrics(sims[images][:, captions], caption_image[captions] - f * size))
-    mean = {side: {key: float(np.mean([fold[side][key] for fold in folds])) for key in folds[0][side]}
-            for side in ("i2t", "t2i")}
+    mean = {
+        side: {key: float(np.mean([fold[side][key] for fold in folds])) for key in folds[0][side]}
+        for side in ("i2t", "t2i")
+    }
     return {**mean, "rsum": float(np.mean([fold["rsum"] for fold in folds])), "folds": folds}
 
 
 def format_table(metrics: dict, title: str = "") -> str:
     """The markdown table papers report."""
     header = "| direction | R@1 | R@5 | R@10 | medr | meanr |\n|---|---|---|---|---|---|\n"
-    rows = "".join(f"| {name} | {m['r1']:.1f} | {m['r5']:.1f} | {m['r10']:.1f} | {m['medr']:.0f} | {m['meanr']:.1f} |\n"
-                   for name, m in (("image→text", metrics["i2t"]), ("text→image", metrics["t2i"])))
+    rows = "".join(
+        f"| {name} | {m['r1']:.1f} | {m['r5']:.1f} | {m['r10']:.1f} | {m['medr']:.0f} | {m['meanr']:.1f} |\n"
+        for name, m in (("image→text", metrics["i2t"]), ("text→image", metrics["t2i"]))
+    )
     return (f"{title}\n\n" if title else "") + header + rows + f"\nRSUM {metrics['rsum']:.1f}\n"

@@ -52,11 +52,18 @@ class ShardSet:
             if not shard.is_file():
                 raise InputError(f"{shard} is missing (listed in {path})")
             if shard.stat().st_size != record.bytes:
-                raise InputError(f"{shard} has {shard.stat().st_size:,} bytes, {path} says {record.bytes:,}: it was "
-                                 "cut or altered (userpipe verify lists every damaged shard)")
-        return cls(tuple(str(path.parent / s.name) for s in manifest.shards),
-                   tuple(s.samples for s in manifest.shards), tuple(s.captions for s in manifest.shards),
-                   tuple(s.sha256 for s in manifest.shards), manifest.params.store_config, manifest.fields)
+                raise InputError(
+                    f"{shard} has {shard.stat().st_size:,} bytes, {path} says {record.bytes:,}: it was "
+                    "cut or altered (userpipe verify lists every damaged shard)"
+                )
+        return cls(
+            tuple(str(path.parent / s.name) for s in manifest.shards),
+            tuple(s.samples for s in manifest.shards),
+            tuple(s.captions for s in manifest.shards),
+            tuple(s.sha256 for s in manifest.shards),
+            manifest.params.store_config,
+            manifest.fields,
+        )
 
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
@@ -77,9 +84,14 @@ class ShardSet:
         if unknown:
             raise InputError(f"shard pattern {text} names shards the manifest does not list: {unknown[:3]}")
         picked = [index[Path(u).name] for u in urls]
-        return cls(tuple(every.urls[i] for i in picked), tuple(every.samples[i] for i in picked),
-                   tuple(every.captions[i] for i in picked), tuple(every.sha256[i] for i in picked),
-                   every.store_config, every.fields)
+        return cls(
+            tuple(every.urls[i] for i in picked),
+            tuple(every.samples[i] for i in picked),
+            tuple(every.captions[i] for i in picked),
+            tuple(every.sha256[i] for i in picked),
+            every.store_config,
+            every.fields,
+        )
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -93,7 +105,9 @@ class Pair:
 
 @dataclass
 class Batch:
-    regions: torch.Tensor  # (B, K, D) float16 as stored (half the copy and IPC cost), zero past region_lengths
+    regions: (
+        torch.Tensor
+    )  # (B, K, D) float16 as stored (half the copy and IPC cost), zero past region_lengths
     region_lengths: torch.Tensor  # (B,) int64
     boxes: torch.Tensor  # (B, K, 4)
     tokens: torch.Tensor  # (B, L) int64, zero past token_lengths
@@ -109,6 +123,7 @@ class Batch:
 
 # --------------------------------------------------------------------------- stages
 
+
 def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_shards)
 
@@ -123,12 +138,15 @@ def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
     `hashed`; after the last sample, yields {"__sha256__": digest of every byte of the shard, or None}."""
     for source in wds.tariterators.url_opener([{"url": url}]):
         reader = HashingReader(source["stream"]) if hashed else source["stream"]
-        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{**source, "stream": reader}]))
+        yield from wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{**source, "stream": reader}])
+        )
         yield {"__sha256__": reader.finish() if hashed else None}
 
 
-def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str | None]], skip_corrupt: bool,
-                        skipped: list[int]) -> Iterator[dict]:
+def checked_tar_samples(
+    urls: list[str], expected: dict[str, tuple[int, str | None]], skip_corrupt: bool, skipped: list[int]
+) -> Iterator[dict]:
     """Raw samples from the shards in order. A shard that fails, yields another number of samples than the
     manifest says, or whose bytes hash to another sha256 (checked as it is read, at no extra read) raises
     ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
@@ -139,8 +157,10 @@ def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str | No
             for raw in shard_stream(url, hashed=sha256 is not None):
                 if "__sha256__" in raw:
                     if sha256 is not None and raw["__sha256__"] != sha256:
-                        raise ShardError(f"{url} was altered: its sha256 differs from the manifest "
-                                         "(userpipe verify lists every damaged shard)")
+                        raise ShardError(
+                            f"{url} was altered: its sha256 differs from the manifest "
+                            "(userpipe verify lists every damaged shard)"
+                        )
                     continue
                 count += 1
                 yield raw
@@ -159,8 +179,9 @@ def checked_tar_samples(urls: list[str], expected: dict[str, tuple[int, str | No
             warnings.warn(f"skipped: {message}", stacklevel=2)
 
 
-def decoded(raws: Iterable[dict], fields: tuple[str, ...] = (), feature_dim: int | None = None
-            ) -> Iterator[ShardSample]:
+def decoded(
+    raws: Iterable[dict], fields: tuple[str, ...] = (), feature_dim: int | None = None
+) -> Iterator[ShardSample]:
     for raw in raws:
         try:
             yield decode_sample(raw, fields or None, feature_dim)
@@ -171,6 +192,7 @@ def decoded(raws: Iterable[dict], fields: tuple[str, ...] = (), feature_dim: int
 def shard_pairs(samples: Iterable[ShardSample], seed: int, epoch: int, skip_pairs: int = 0) -> Iterator[Pair]:
     """All (image, caption) pairs of each shard, permuted within the shard; samples arrive shard by
     shard (`source` unchanged within one). The first `skip_pairs` pairs of the stream are dropped."""
+
     def flush(pending: list[ShardSample]) -> Iterator[Pair]:
         pairs = [Pair(s, c) for s in pending for c in range(len(s.captions))]
         key = [seed, epoch, pending[0].meta.index]
@@ -194,8 +216,9 @@ def shard_pairs(samples: Iterable[ShardSample], seed: int, epoch: int, skip_pair
             yield pair
 
 
-def tokenized(pairs: Iterable[Pair], tokenizer: CaptionTokenizer, augment: bool, seed: int,
-              epoch: int) -> Iterator[tuple[Pair, list[int]]]:
+def tokenized(
+    pairs: Iterable[Pair], tokenizer: CaptionTokenizer, augment: bool, seed: int, epoch: int
+) -> Iterator[tuple[Pair, list[int]]]:
     for pair in pairs:
         rng = np.random.default_rng([seed, epoch, pair.sample.meta.index, pair.caption]) if augment else None
         yield pair, tokenizer(pair.sample.captions[pair.caption], rng)
@@ -214,10 +237,14 @@ def collate(items: list[tuple[Pair, list[int]]]) -> Batch:
         boxes[i, :n] = torch.from_numpy(pair.sample.boxes)
         tokens[i, : len(ids)] = torch.tensor(ids)
     batch = Batch(
-        regions=regions, region_lengths=torch.tensor([len(s.regions) for s in samples]), boxes=boxes,
-        tokens=tokens, token_lengths=torch.tensor([len(t) for _, t in items]),
+        regions=regions,
+        region_lengths=torch.tensor([len(s.regions) for s in samples]),
+        boxes=boxes,
+        tokens=tokens,
+        token_lengths=torch.tensor([len(t) for _, t in items]),
         image_index=torch.tensor([s.meta.index for s in samples]),
-        caption_index=torch.tensor([p.caption for p, _ in items]), image_ids=[s.meta.image_id for s in samples],
+        caption_index=torch.tensor([p.caption for p, _ in items]),
+        image_ids=[s.meta.image_id for s in samples],
     )
     if samples[0].clip_image is not None:
         batch.clip_image = torch.from_numpy(np.stack([s.clip_image for s in samples]))
@@ -239,6 +266,7 @@ def batched(items: Iterable, size: int, drop_last: bool) -> Iterator[list]:
 
 # --------------------------------------------------------------------------- the loader
 
+
 @dataclass(frozen=True)
 class LoaderSettings:
     batch_size: int
@@ -246,7 +274,9 @@ class LoaderSettings:
     workers: int = 0
     train: bool = True  # augmentation on, partial batches dropped
     skip_corrupt: bool = False
-    check_sha256: bool = True  # hash each shard's bytes as they are read (bench/loader_throughput.py: its cost)
+    check_sha256: bool = (
+        True  # hash each shard's bytes as they are read (bench/loader_throughput.py: its cost)
+    )
 
 
 def _rank_world() -> tuple[int, int]:
@@ -268,10 +298,22 @@ class WorkerPlan:
 class _EpochStream(torch.utils.data.IterableDataset):
     """One epoch of one rank; DataLoader worker i follows plans[i]."""
 
-    def __init__(self, shards: ShardSet, settings: LoaderSettings, tokenizer: CaptionTokenizer, epoch: int,
-                 plans: list[WorkerPlan]):
+    def __init__(
+        self,
+        shards: ShardSet,
+        settings: LoaderSettings,
+        tokenizer: CaptionTokenizer,
+        epoch: int,
+        plans: list[WorkerPlan],
+    ):
         super().__init__()
-        self.shards, self.settings, self.tokenizer, self.epoch, self.plans = shards, settings, tokenizer, epoch, plans
+        self.shards, self.settings, self.tokenizer, self.epoch, self.plans = (
+            shards,
+            settings,
+            tokenizer,
+            epoch,
+            plans,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -293,18 +335,28 @@ class _EpochStream(torch.utils.data.IterableDataset):
 class StreamingLoader:
     """Batches of (image, caption) pairs for one rank; `batches_per_epoch()` counts them."""
 
-    def __init__(self, shards: ShardSet, tokenizer: CaptionTokenizer, settings: LoaderSettings,
-                 rank: int | None = None, world: int | None = None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        tokenizer: CaptionTokenizer,
+        settings: LoaderSettings,
+        rank: int | None = None,
+        world: int | None = None,
+    ):
         self.shards, self.tokenizer, self.settings = shards, tokenizer, settings
         default_rank, default_world = _rank_world()
         self.rank = default_rank if rank is None else rank
         self.world = default_world if world is None else world
         if len(shards) < self.world * max(1, settings.workers):
-            raise InputError(f"{len(shards)} shards cannot feed {self.world} rank(s) x {max(1, settings.workers)} "
-                             "worker(s); reshard with a smaller --max-count")
+            raise InputError(
+                f"{len(shards)} shards cannot feed {self.world} rank(s) x {max(1, settings.workers)} "
+                "worker(s); reshard with a smaller --max-count"
+            )
 
     def _worker_shards(self, epoch: int) -> list[np.ndarray]:
-        rank_shards = split_shards(epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world)
+        rank_shards = split_shards(
+            epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world
+        )
         workers = max(1, self.settings.workers)
         return [split_shards(rank_shards, w, workers) for w in range(workers)]
 
@@ -340,7 +392,9 @@ class StreamingLoader:
         plans = []
         for w in order:
             pairs, dropped = consumed[w] * self.settings.batch_size, 0
-            while dropped < len(worker_shards[w]) and pairs >= self.shards.captions[worker_shards[w][dropped]]:
+            while (
+                dropped < len(worker_shards[w]) and pairs >= self.shards.captions[worker_shards[w][dropped]]
+            ):
                 pairs -= self.shards.captions[worker_shards[w][dropped]]
                 dropped += 1
             plans.append(WorkerPlan(w, tuple(int(i) for i in worker_shards[w][dropped:]), pairs))
@@ -348,12 +402,19 @@ class StreamingLoader:
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The epoch's batches from `start_step` on (0-based, counted in this rank's batches)."""
-        stream = _EpochStream(self.shards, self.settings, self.tokenizer, epoch, self._plans(epoch, start_step))
+        stream = _EpochStream(
+            self.shards, self.settings, self.tokenizer, epoch, self._plans(epoch, start_step)
+        )
         # its own generator: creating the DataLoader must not draw from the global RNG (dropout's),
         # or a run resumed mid-epoch would not continue the uninterrupted run's random stream
         generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.settings.workers,
-                                             persistent_workers=False, generator=generator)
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.settings.workers,
+            persistent_workers=False,
+            generator=generator,
+        )
         try:
             yield from loader
         except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message

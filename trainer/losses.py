@@ -37,8 +37,9 @@ def positive_term(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.log1p(torch.relu((_wide(query) * _wide(key)).sum(-1)))
 
 
-def uto_loss(img: torch.Tensor, txt: torch.Tensor, mu: float, gamma: float,
-             same_image: torch.Tensor | None = None) -> torch.Tensor:
+def uto_loss(
+    img: torch.Tensor, txt: torch.Tensor, mu: float, gamma: float, same_image: torch.Tensor | None = None
+) -> torch.Tensor:
     """Batch part of UTO for L2-normalized (B, E) image and text embeddings, row i matching row i.
 
     `same_image` (B, B) bool, optional: pairs known to match besides the diagonal (two captions of
@@ -56,9 +57,16 @@ def uto_loss(img: torch.Tensor, txt: torch.Tensor, mu: float, gamma: float,
 
 # --------------------------------------------------------------------------- queue part
 
-def queue_lse_eager(query: torch.Tensor, queue: torch.Tensor, mu: float, gamma: float,
-                    query_ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None,
-                    tile: int | None = None) -> torch.Tensor:
+
+def queue_lse_eager(
+    query: torch.Tensor,
+    queue: torch.Tensor,
+    mu: float,
+    gamma: float,
+    query_ids: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
+    tile: int | None = None,
+) -> torch.Tensor:
     """log(1 + Σ_k exp(μ(q·Q_k − γ))) per query, over the whole (B, M) score matrix at once."""
     z = mu * (_wide(query) @ _wide(queue).T - gamma)
     if query_ids is not None:
@@ -77,7 +85,9 @@ class _ChunkedQueueLSE(torch.autograd.Function):
         for start in range(0, len(queue), tile):
             z = _tile_logits(q, queue, start, tile, mu, gamma, query_ids, queue_ids)
             new_max = torch.maximum(running_max, z.max(dim=1).values)
-            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
+                z - new_max[:, None]
+            ).sum(1)
             running_max = new_max
         lse = running_max + torch.log(running_sum)
         ctx.save_for_backward(query, queue, lse, query_ids, queue_ids)
@@ -93,19 +103,26 @@ class _ChunkedQueueLSE(torch.autograd.Function):
         for start in range(0, len(queue), ctx.tile):
             z = _tile_logits(q, queue, start, ctx.tile, ctx.mu, ctx.gamma, query_ids, queue_ids)
             weight = torch.exp(z - lse[:, None]) * (grad_lse[:, None] * ctx.mu)  # d lse / d score, scaled
-            keys = queue[start:start + ctx.tile].to(q.dtype)
+            keys = queue[start : start + ctx.tile].to(q.dtype)
             if grad_q is not None:
                 grad_q += weight @ keys
             if grad_queue is not None:
-                grad_queue[start:start + ctx.tile] = weight.T @ q
-        return (None if grad_q is None else grad_q.to(query.dtype),
-                None if grad_queue is None else grad_queue.to(queue.dtype), None, None, None, None, None)
+                grad_queue[start : start + ctx.tile] = weight.T @ q
+        return (
+            None if grad_q is None else grad_q.to(query.dtype),
+            None if grad_queue is None else grad_queue.to(queue.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _tile_logits(q, queue, start, tile, mu, gamma, query_ids, queue_ids) -> torch.Tensor:
-    z = mu * (q @ queue[start:start + tile].to(q.dtype).T - gamma)
+    z = mu * (q @ queue[start : start + tile].to(q.dtype).T - gamma)
     if query_ids is not None:
-        z = z.masked_fill(query_ids[:, None] == queue_ids[None, start:start + tile], float("-inf"))
+        z = z.masked_fill(query_ids[:, None] == queue_ids[None, start : start + tile], float("-inf"))
     return z
 
 
@@ -137,9 +154,17 @@ def choose_backend(query: torch.Tensor, queue: torch.Tensor) -> str:
     return "eager" if len(query) * len(queue) <= EAGER_MAX_ELEMENTS else "chunked"
 
 
-def uto_queue_loss(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tensor, mu: float, gamma: float,
-                   backend: str = "auto", query_ids: torch.Tensor | None = None,
-                   queue_ids: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
+def uto_queue_loss(
+    query: torch.Tensor,
+    positive_key: torch.Tensor,
+    queue: torch.Tensor,
+    mu: float,
+    gamma: float,
+    backend: str = "auto",
+    query_ids: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
+    tile: int | None = None,
+) -> torch.Tensor:
     """One direction of UTO's queue part (image queries vs the text queue, or the reverse).
 
     `query_ids`/`queue_ids` (image ids), optional: queue entries of the query's own image are false

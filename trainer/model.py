@@ -61,7 +61,9 @@ class GPO(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(lengths, features.shape[1])[..., None]
-        ordered = features.masked_fill(~mask, MASKED).sort(dim=1, descending=True).values.masked_fill(~mask, 0.0)
+        ordered = (
+            features.masked_fill(~mask, MASKED).sort(dim=1, descending=True).values.masked_fill(~mask, 0.0)
+        )
         return (ordered * self.weights(lengths, features.shape[1])[..., None].to(features.dtype)).sum(1)
 
 
@@ -79,7 +81,9 @@ class SelfGuidedEnhancement(nn.Module):
     def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float):
         super().__init__()
         self.local = nn.Linear(feature_dim, hidden)
-        self.local_norm = nn.BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter here)
+        self.local_norm = nn.BatchNorm1d(
+            num_regions
+        )  # over the region axis, as released (n a parameter here)
         self.glob = nn.Linear(feature_dim, hidden)
         self.glob_norm = nn.BatchNorm1d(hidden)
         self.attend = nn.Linear(hidden, 1)
@@ -90,7 +94,9 @@ class SelfGuidedEnhancement(nn.Module):
         mean = (regions * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(regions.dtype)
         local = self.dropout(torch.tanh(self.local_norm(self.local(regions))))
         glob = self.dropout(torch.tanh(self.glob_norm(self.glob(mean))))
-        attention = torch.softmax(self.attend(local * glob[:, None, :]).squeeze(-1).masked_fill(~mask, MASKED), 1)
+        attention = torch.softmax(
+            self.attend(local * glob[:, None, :]).squeeze(-1).masked_fill(~mask, MASKED), 1
+        )
         guide = l2_normalize((attention[..., None] * regions).sum(1))
         return inject_guide(regions, guide, mask)
 
@@ -100,8 +106,13 @@ class ClipGuide(nn.Module):
 
     def __init__(self, clip_dim: int, embed_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.BatchNorm1d(clip_dim), nn.Linear(clip_dim, embed_dim), nn.BatchNorm1d(embed_dim),
-                                 nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim))
+        self.net = nn.Sequential(
+            nn.BatchNorm1d(clip_dim),
+            nn.Linear(clip_dim, embed_dim),
+            nn.BatchNorm1d(embed_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(embed_dim, embed_dim),
+        )
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         return l2_normalize(self.net(clip))
@@ -112,12 +123,16 @@ class ImageEncoder(nn.Module):
         super().__init__()
         d, e = config.feature_dim, config.embed_dim
         self.num_regions = config.num_regions
-        self.sge = (SelfGuidedEnhancement(d, e, config.num_regions, config.dropout)
-                    if config.enhancement == "sge" else None)
+        self.sge = (
+            SelfGuidedEnhancement(d, e, config.num_regions, config.dropout)
+            if config.enhancement == "sge"
+            else None
+        )
         self.clip_guide = ClipGuide(config.clip_dim, e) if config.enhancement == "cge" else None
         self.fc = nn.Linear(d, e)
-        self.mlp = nn.Sequential(nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True),
-                                 nn.Linear(e // 2, e))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True), nn.Linear(e // 2, e)
+        )
         self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +149,9 @@ class ImageEncoder(nn.Module):
             regions = self.sge(regions, lengths)
         features = self.fc(regions) + self._mlp(regions)
         if self.clip_guide is not None:
-            features = inject_guide(features, self.clip_guide(clip.float()), valid_mask(lengths, features.shape[1]))
+            features = inject_guide(
+                features, self.clip_guide(clip.float()), valid_mask(lengths, features.shape[1])
+            )
         return l2_normalize(self.gpo(features, lengths))
 
 
@@ -158,7 +175,9 @@ class TextEncoder(nn.Module):
         if config.text_layers is not None:
             layers = bert.encoder.layer
             if config.text_layers > len(layers):
-                raise ValueError(f"text_layers={config.text_layers} but {config.text_model} has {len(layers)}")
+                raise ValueError(
+                    f"text_layers={config.text_layers} but {config.text_model} has {len(layers)}"
+                )
             bert.encoder.layer = layers[: config.text_layers]
             bert.config.num_hidden_layers = config.text_layers
         self.bert = bert
@@ -231,8 +250,9 @@ class USER(nn.Module):
     def encode_texts(self, tokens, lengths) -> torch.Tensor:
         return self.text(tokens, lengths)
 
-    def forward(self, regions, region_lengths, tokens, token_lengths, image_ids, clip=None,
-                backend: str = "auto") -> dict[str, torch.Tensor]:
+    def forward(
+        self, regions, region_lengths, tokens, token_lengths, image_ids, clip=None, backend: str = "auto"
+    ) -> dict[str, torch.Tensor]:
         """One training step's losses; updates the key encoders first and the queues last."""
         cfg = self.config
         img = self.image(regions, region_lengths, clip)

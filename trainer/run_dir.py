@@ -48,27 +48,40 @@ class JsonLog:
     def truncate_after(self, global_step: int) -> None:
         """On resume: drop what the killed run logged past the checkpoint it resumes from (and the change
         a killed resume recorded there: the resume records its own)."""
-        kept = [r for r in self.records()
-                if r.get("step", 0) < global_step or r.get("step", 0) == global_step and "change" not in r]
+        kept = [
+            r
+            for r in self.records()
+            if r.get("step", 0) < global_step or r.get("step", 0) == global_step and "change" not in r
+        ]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def shards_identity(shards: ShardSet) -> str:
     """The shard set a run reads, by content: the manifest records of the selected shards."""
-    records = [[Path(u).name, n, c, h] for u, n, c, h in zip(shards.urls, shards.samples, shards.captions,
-                                                              shards.sha256, strict=True)]
+    records = [
+        [Path(u).name, n, c, h]
+        for u, n, c, h in zip(shards.urls, shards.samples, shards.captions, shards.sha256, strict=True)
+    ]
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
 
 def _flat(config: RunConfig) -> dict:
-    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
-            if isinstance(fields, dict) for key, value in fields.items()}
+    return {
+        f"{section}.{key}": value
+        for section, fields in config.model_dump(mode="json").items()
+        if isinstance(fields, dict)
+        for key, value in fields.items()
+    }
 
 
-def differences(before: RunConfig, before_data: RunData | None, after: RunConfig, after_data: RunData) -> dict:
+def differences(
+    before: RunConfig, before_data: RunData | None, after: RunConfig, after_data: RunData
+) -> dict:
     """field -> (before, after) for every recipe, model and data field that differs."""
     old, new = _flat(before), _flat(after)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    changed = {
+        k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    }
     if before_data is not None:
         if before_data.shards_sha256 != after_data.shards_sha256:
             changed["shards"] = (before_data.shards, after_data.shards)
@@ -87,8 +100,9 @@ class Start:
     change: RunChange | None = None  # made by this resume (--allow-change)
 
 
-def start_run(run: Path, config: RunConfig, data: RunData, resume: bool, allow_change: bool,
-           console: Console) -> Start:
+def start_run(
+    run: Path, config: RunConfig, data: RunData, resume: bool, allow_change: bool, console: Console
+) -> Start:
     """Decide how the run starts, refusing before anything is written (called under the writer lock)."""
     found = existing(run, RUN)
     recover(run)
@@ -99,31 +113,45 @@ def start_run(run: Path, config: RunConfig, data: RunData, resume: bool, allow_c
             raise InputError(f"{run} already holds a run; pass --resume to continue it, or another --out")
         last = run / CHECKPOINTS / "last"
         previous = read_model(RunConfig, last / checkpoint.CONFIG, "checkpoint configuration")
-        record = read_model(RunRecord, record_path, "run record") if record_path.is_file() else RunRecord(data=data)
+        record = (
+            read_model(RunRecord, record_path, "run record")
+            if record_path.is_file()
+            else RunRecord(data=data)
+        )
         changed = differences(previous, record.data if record_path.is_file() else None, config, data)
         model_changes = [k for k in changed if k.startswith("model.")]
         if model_changes:
-            raise InputError(f"--resume: {run} holds a checkpoint of another model configuration "
-                             f"({_listed(changed, model_changes)})")
+            raise InputError(
+                f"--resume: {run} holds a checkpoint of another model configuration "
+                f"({_listed(changed, model_changes)})"
+            )
         # everything a resume reads is read (and a damaged file refused) before anything is written
         JsonLog(run / LOG_NAME).records()
         state = checkpoint.load_state(last / checkpoint.STATE)
         step = state["position"]["global_step"]
         # changes recorded by a resume killed before its next checkpoint were never applied: forget them
-        record = record.model_copy(update={"data": data, "changes": tuple(c for c in record.changes if c.step < step)})
+        record = record.model_copy(
+            update={"data": data, "changes": tuple(c for c in record.changes if c.step < step)}
+        )
         if changed:
             if not allow_change:
-                raise InputError(f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
-                                 "--allow-change to continue with the change recorded in the run, or resume as it was")
+                raise InputError(
+                    f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
+                    "--allow-change to continue with the change recorded in the run, or resume as it was"
+                )
             change = RunChange(step=step, fields=changed)
             console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {step}")
-            return Start(config, record.model_copy(update={"changes": (*record.changes, change)}), state, change)
+            return Start(
+                config, record.model_copy(update={"changes": (*record.changes, change)}), state, change
+            )
         return Start(config, record, state)
     if resume and found != "own":
         raise InputError(f"--resume: no run in {run}")
     if found == "own" and checkpoint.has_states(run):  # damaged or removed by hand: keep what is there
-        raise InputError(f"{run}/{CHECKPOINTS} holds saved states but no usable 'last' checkpoint (removed or "
-                         "damaged); point the link 'last' at one of them to resume, or choose another --out")
+        raise InputError(
+            f"{run}/{CHECKPOINTS} holds saved states but no usable 'last' checkpoint (removed or "
+            "damaged); point the link 'last' at one of them to resume, or choose another --out"
+        )
     if found == "own":  # killed before its first checkpoint: nothing to continue, so it starts again
         console.print(f"{run} has no checkpoint yet: starting it again")
         shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
@@ -138,8 +166,11 @@ def _listed(changed: dict, keys: list[str]) -> str:
 def run_data(shards_spec: str, shards: ShardSet, val_store: Path) -> RunData:
     """What the run reads, by resolved path (a brace pattern: its folder), so a resume works from anywhere."""
     spec = Path(shards_spec)
-    return RunData(shards=str(spec.parent.resolve() / spec.name), shards_sha256=shards_identity(shards),
-                   val_store=str(val_store.resolve()))
+    return RunData(
+        shards=str(spec.parent.resolve() / spec.name),
+        shards_sha256=shards_identity(shards),
+        val_store=str(val_store.resolve()),
+    )
 
 
 def resume_inputs(run: Path, shards: str | None, val_store: Path | None, resume: bool) -> tuple[str, Path]:

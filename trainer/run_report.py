@@ -1,9 +1,9 @@
 """`userpipe report`: what a run learned, on a store split, as markdown + PNG + JSON in the run folder.
 
-  report.md     the trained model next to the untrained one (the run's seeded start) and chance;
-                the training curves; an ablation table when other runs are given; the query grid
-  report.json   the same numbers
-  queries.png   a few captions of the split as text queries with their top-5 images, matches marked
+report.md     the trained model next to the untrained one (the run's seeded start) and chance;
+              the training curves; an ablation table when other runs are given; the query grid
+report.json   the same numbers
+queries.png   a few captions of the split as text queries with their top-5 images, matches marked
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def _row(name: str, m: dict) -> str:
     return f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {m['rsum']:.1f} |\n"
 
 
-HEADER = ("| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n"
-          "|---|---|---|---|---|---|---|---|\n")
+HEADER = "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n|---|---|---|---|---|---|---|---|\n"
 
 
 def comparison_table(rows: list[tuple[str, dict]]) -> str:
@@ -73,8 +72,10 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
     fig = Figure(figsize=(2.0 * cols, 2.2 * rows))  # laid out by hand: each row a query line over its images
     for q, caption in enumerate(picks):
         truth = int(emb.caption_image[caption])
-        hits = [{"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
-                for s, i in zip(scores[q], top[q], strict=True)]
+        hits = [
+            {"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
+            for s, i in zip(scores[q], top[q], strict=True)
+        ]
         queries.append({"text": emb.caption_texts[caption], "image_id": emb.image_ids[truth], "top": hits})
         row_top = 1 - q / rows
         fig.text(0.01, row_top - 0.04 / rows, f"“{emb.caption_texts[caption]}”", fontsize=10, va="top")
@@ -99,8 +100,11 @@ def _evaluate(run: Path, store: Path, split: str):
 def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
     model, config, tokenizer, trained = _evaluate(run, store, split)
     untrained_model = initial_model(config).to(next(model.parameters()).device)
-    metrics = {"trained": embedding_metrics([trained]), "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
-               "chance": chance_metrics(trained.caption_image, len(trained.images))}
+    metrics = {
+        "trained": embedding_metrics([trained]),
+        "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
+        "chance": chance_metrics(trained.caption_image, len(trained.images)),
+    }
     validations = [r for r in JsonLog(run / LOG_NAME).records() if "val" in r]
     best_epoch = max(validations, key=lambda r: r["val"]["rsum"])["epoch"] if validations else "?"
     ablation = [(run_label(config.model), run, metrics["trained"])]
@@ -109,23 +113,45 @@ def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) ->
         ablation.append((run_label(other_config.model), other, embedding_metrics([embeddings])))
     root, attrs = open_store(store)
     relative = root[split]["file"][:]
-    files = [Path(attrs.image_root) / str(relative[row]) if attrs.image_root else None for row in trained.image_rows]
+    files = [
+        Path(attrs.image_root) / str(relative[row]) if attrs.image_root else None
+        for row in trained.image_rows
+    ]
     queries = query_grid(trained, files, run / "queries.png")
     n, c = len(trained.images), len(trained.captions)
-    main_table = comparison_table([("chance", metrics["chance"]), ("untrained (the run's start)", metrics["untrained"]),
-                                   (f"trained (best validation: after epoch {best_epoch})", metrics["trained"])])
-    text = (f"# {run.name}: {run_label(config.model)} on {store.name} [{split}]\n\n"
-            f"{n} images, {c} captions; full-split ranking (R@K in %).\n\n{main_table}\n"
-            "## Training\n\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n\n")
+    main_table = comparison_table(
+        [
+            ("chance", metrics["chance"]),
+            ("untrained (the run's start)", metrics["untrained"]),
+            (f"trained (best validation: after epoch {best_epoch})", metrics["trained"]),
+        ]
+    )
+    text = (
+        f"# {run.name}: {run_label(config.model)} on {store.name} [{split}]\n\n"
+        f"{n} images, {c} captions; full-split ranking (R@K in %).\n\n{main_table}\n"
+        "## Training\n\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n\n"
+    )
     if compare:
-        text += ("## Ablation\n\nEach row a run of its own, evaluated the same way.\n\n" +
-                 comparison_table([(f"{label} (`{path}`)", m) for label, path, m in ablation]) + "\n")
-    text += ("## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
-             "framed green.\n\n![queries](queries.png)\n")
+        text += (
+            "## Ablation\n\nEach row a run of its own, evaluated the same way.\n\n"
+            + comparison_table([(f"{label} (`{path}`)", m) for label, path, m in ablation])
+            + "\n"
+        )
+    text += (
+        "## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
+        "framed green.\n\n![queries](queries.png)\n"
+    )
     (run / "report.md").write_text(text)
-    result = {"run": str(run), "store": str(store), "split": split, "num_images": n, "num_captions": c, **metrics,
-              "ablation": [{"label": label, "run": str(path), **m} for label, path, m in ablation],
-              "queries": queries}
+    result = {
+        "run": str(run),
+        "store": str(store),
+        "split": split,
+        "num_images": n,
+        "num_captions": c,
+        **metrics,
+        "ablation": [{"label": label, "run": str(path), **m} for label, path, m in ablation],
+        "queries": queries,
+    }
     (run / "report.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -155,6 +181,8 @@ def write_training_summary(run: Path, records: list[dict]) -> None:
     untrained = [r for r in vals if r["step"] == 0]
     (run / "summary.md").write_text(
         f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
-        f"(epoch {best['epoch']}).\n\n" + format_table(best["val"], "## Best validation") +
-        (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "") +
-        "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n")
+        f"(epoch {best['epoch']}).\n\n"
+        + format_table(best["val"], "## Best validation")
+        + (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "")
+        + "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n"
+    )

@@ -60,16 +60,29 @@ def _flat_ip(vectors: torch.Tensor):
     return index
 
 
-def index_command(store: Path, out: Path, split: str, run: Path | None = None, checkpoint: Path | None = None,
-                  image_root: Path | None = None) -> IndexManifest:
+def index_command(
+    store: Path,
+    out: Path,
+    split: str,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    image_root: Path | None = None,
+) -> IndexManifest:
     """`userpipe index`: a run's best checkpoint (or the checkpoint given) indexes a store split."""
     source = checkpoint_dir(run, checkpoint)
     model, _, tokenizer = load_trained(source)
     return build_index(model, source, tokenizer, store, split, out, image_root)
 
 
-def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, store: Path, split: str, out: Path,
-                image_root: Path | None = None) -> IndexManifest:
+def build_index(
+    model: USER,
+    checkpoint: Path,
+    tokenizer: CaptionTokenizer,
+    store: Path,
+    split: str,
+    out: Path,
+    image_root: Path | None = None,
+) -> IndexManifest:
     """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
     check_apart(out, [store, checkpoint])
     existing(out, INDEX)  # refuses a folder that holds anything but an index
@@ -78,10 +91,17 @@ def build_index(model: USER, checkpoint: Path, tokenizer: CaptionTokenizer, stor
     files = root[split]["file"][:]
     recorded_root = image_root.resolve() if image_root else attrs.image_root
     manifest = IndexManifest(
-        model=IndexedModel(checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config),
-        store=str(store.resolve()), split=split, image_root=str(recorded_root) if recorded_root else None,
-        embed_dim=emb.images.shape[1], num_images=len(emb.images), num_captions=len(emb.captions),
-        extractor=attrs.extractor)
+        model=IndexedModel(
+            checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config
+        ),
+        store=str(store.resolve()),
+        split=split,
+        image_root=str(recorded_root) if recorded_root else None,
+        embed_dim=emb.images.shape[1],
+        num_images=len(emb.images),
+        num_captions=len(emb.captions),
+        extractor=attrs.extractor,
+    )
     with writer_lock(out):
         recover(out)
         temporary = scratch_beside(out)
@@ -104,10 +124,17 @@ def _write_index(folder: Path, emb, files, manifest: IndexManifest) -> None:
     # RuntimeError without the errno
     (folder / "images.faiss").write_bytes(faiss.serialize_index(_flat_ip(emb.images)).tobytes())
     (folder / "captions.faiss").write_bytes(faiss.serialize_index(_flat_ip(emb.captions)).tobytes())
-    _write_jsonl(folder / "images.jsonl", [{"id": i, "file": str(files[row]), "row": int(row)}
-                                           for i, row in zip(emb.image_ids, emb.image_rows, strict=True)])
-    _write_jsonl(folder / "captions.jsonl", [{"text": t, "image": int(i)}
-                                             for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)])
+    _write_jsonl(
+        folder / "images.jsonl",
+        [
+            {"id": i, "file": str(files[row]), "row": int(row)}
+            for i, row in zip(emb.image_ids, emb.image_rows, strict=True)
+        ],
+    )
+    _write_jsonl(
+        folder / "captions.jsonl",
+        [{"text": t, "image": int(i)} for t, i in zip(emb.caption_texts, emb.caption_image, strict=True)],
+    )
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))  # last: what makes it an index
 
 
@@ -126,23 +153,31 @@ class SearchIndex:
         self.manifest = read_index_manifest(folder)
         self.folder = folder
         try:
-            self.items = {g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
-                          for g in GALLERIES}
+            self.items = {
+                g: [json.loads(line) for line in (folder / f"{g}.jsonl").read_text().splitlines()]
+                for g in GALLERIES
+            }
         except (OSError, ValueError) as exc:
-            raise InputError(f"{folder} is an incomplete index ({exc}): rebuild it with userpipe index") from None
+            raise InputError(
+                f"{folder} is an incomplete index ({exc}): rebuild it with userpipe index"
+            ) from None
         expected = {"images": self.manifest.num_images, "captions": self.manifest.num_captions}
         for gallery, rows in self.items.items():
             if len(rows) != expected[gallery]:
-                raise InputError(f"{folder}/{gallery}.jsonl has {len(rows)} rows, the manifest says "
-                                 f"{expected[gallery]}: rebuild the index")
+                raise InputError(
+                    f"{folder}/{gallery}.jsonl has {len(rows)} rows, the manifest says "
+                    f"{expected[gallery]}: rebuild the index"
+                )
         self.image_row = {item["id"]: row for row, item in enumerate(self.items["images"])}
         self._faiss: dict = {}
 
     def check_model(self, checkpoint: Path) -> None:
         """Embeddings of another model live in another space: refuse instead of returning noise."""
         if model_sha256(checkpoint) != self.manifest.model.sha256:
-            raise InputError(f"{self.folder} was built with the model in {self.manifest.model.checkpoint}, not "
-                             f"{checkpoint}; rebuild it with userpipe index")
+            raise InputError(
+                f"{self.folder} was built with the model in {self.manifest.model.checkpoint}, not "
+                f"{checkpoint}; rebuild it with userpipe index"
+            )
 
     def file(self, image_row: int) -> Path | None:
         file = self.items["images"][image_row]["file"]
@@ -162,12 +197,16 @@ class SearchIndex:
             try:
                 index = faiss.read_index(str(path))
             except RuntimeError as exc:
-                raise InputError(f"{path} is damaged ({str(exc).splitlines()[-1][:160]}): rebuild the index "
-                                 "with userpipe index") from None
+                raise InputError(
+                    f"{path} is damaged ({str(exc).splitlines()[-1][:160]}): rebuild the index "
+                    "with userpipe index"
+                ) from None
             expected = self.manifest.num_images if gallery == "images" else self.manifest.num_captions
             if index.ntotal != expected or index.d != self.manifest.embed_dim:
-                raise InputError(f"{path} holds {index.ntotal} x {index.d}, the manifest says {expected} x "
-                                 f"{self.manifest.embed_dim}: rebuild the index with userpipe index")
+                raise InputError(
+                    f"{path} holds {index.ntotal} x {index.d}, the manifest says {expected} x "
+                    f"{self.manifest.embed_dim}: rebuild the index with userpipe index"
+                )
             self._faiss[gallery] = index
         return self._faiss[gallery]
 
@@ -189,18 +228,25 @@ class SearchIndex:
         elif Path(query).is_file():
             extractor = self.manifest.extractor
             if extractor is None:
-                raise InputError(f"{self.folder} is an index of schema 1.0, which does not record its extractor; "
-                                 "rebuild it with userpipe index to query it with image files")
+                raise InputError(
+                    f"{self.folder} is an index of schema 1.0, which does not record its extractor; "
+                    "rebuild it with userpipe index to query it with image files"
+                )
             features, count, global_embedding = image_file_features(extractor, Path(query))
             cge = model.config.enhancement == "cge"
             model.eval()
-            embedding = encode_regions(model, features[None], np.array([count]),
-                                       global_embedding[None] if cge else None)
+            embedding = encode_regions(
+                model, features[None], np.array([count]), global_embedding[None] if cge else None
+            )
         else:
             raise InputError(f"'{query}' is neither an image file nor the id of an image in {self.folder}")
         scores, rows = self.search(embedding, "captions", k)
-        return self._hits(scores[0], rows[0], "captions",
-                          lambda row: None if own is None else self.items["captions"][row]["image"] == own)
+        return self._hits(
+            scores[0],
+            rows[0],
+            "captions",
+            lambda row: None if own is None else self.items["captions"][row]["image"] == own,
+        )
 
     def _hits(self, scores, rows, gallery: str, correct) -> list[Hit]:
         hits = []
@@ -211,8 +257,15 @@ class SearchIndex:
         return hits
 
 
-def search_command(index: Path, query: str, k: int, images: bool, run: Path | None = None,
-                   checkpoint: Path | None = None, html_out: Path | None = None) -> tuple[SearchIndex, list[Hit]]:
+def search_command(
+    index: Path,
+    query: str,
+    k: int,
+    images: bool,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    html_out: Path | None = None,
+) -> tuple[SearchIndex, list[Hit]]:
     """`userpipe search`: the top-k images for a text (`images`) or captions for an image id or file, with the
     model the index was built with; also written as an HTML page to `html_out`."""
     if html_out:
@@ -225,7 +278,9 @@ def search_command(index: Path, query: str, k: int, images: bool, run: Path | No
     searcher = SearchIndex(index)
     searcher.check_model(source)
     model, _, tokenizer = load_trained(source)
-    hits = searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k)
+    hits = (
+        searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k)
+    )
     if html_out:
         write_html(html_out, searcher, query, "images" if images else "captions", hits)
     return searcher, hits
@@ -254,7 +309,11 @@ def _data_uri(image: Image.Image | None) -> str:
 
 def _img_tag(path: Path | None, label: str) -> str:
     uri = _data_uri(thumbnail(path))
-    return f'<img src="{uri}" alt="{html.escape(label)}">' if uri else f'<div class="missing">{html.escape(label)}</div>'
+    return (
+        f'<img src="{uri}" alt="{html.escape(label)}">'
+        if uri
+        else f'<div class="missing">{html.escape(label)}</div>'
+    )
 
 
 HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
@@ -271,23 +330,32 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
         head = f"<p class='query'>{html.escape(query)}</p>"
         cards = "".join(
             f"<figure class='{_mark(h)}'>{_img_tag(index.file(h.row), h.item['id'])}<figcaption>#{h.rank} "
-            f"{html.escape(h.item['id'])}<br>score {h.score:.3f}</figcaption></figure>" for h in hits)
+            f"{html.escape(h.item['id'])}<br>score {h.score:.3f}</figcaption></figure>"
+            for h in hits
+        )
     else:
         own = index.image_row.get(query)
         head = _img_tag(index.file(own) if own is not None else Path(query), query)
-        cards = "<ol>" + "".join(
-            f"<li class='{_mark(h)}'>{html.escape(h.item['text'])} <small>(image "
-            f"{html.escape(h.image_id)}, score {h.score:.3f})</small></li>"
-            for h in hits) + "</ol>"
+        cards = (
+            "<ol>"
+            + "".join(
+                f"<li class='{_mark(h)}'>{html.escape(h.item['text'])} <small>(image "
+                f"{html.escape(h.image_id)}, score {h.score:.3f})</small></li>"
+                for h in hits
+            )
+            + "</ol>"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out,
+    write_text_atomic(
+        out,
         HTML_SIGNATURE + "<style>"
         "body{font-family:sans-serif;margin:2em} figure{display:inline-block;margin:4px;padding:4px;"
         "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} .missing{width:160px;"
         "height:120px;background:#eee} li.correct{font-weight:bold} .query{font-size:1.3em}</style>"
         f"<h1>userpipe search</h1>{head}<p>top {len(hits)} {gallery} from {html.escape(str(index.folder))} "
         f"({index.manifest.split} split, {index.manifest.num_images} images, {index.manifest.num_captions} "
-        f"captions); ground-truth matches are green</p>{cards}\n")
+        f"captions); ground-truth matches are green</p>{cards}\n",
+    )
 
 
 def _mark(hit: Hit) -> str:

@@ -53,14 +53,20 @@ def check_fits(config: RunConfig, shards: ShardSet, manifest_path: str) -> None:
     store = shards.store_config
     model = config.model
     if model.feature_dim != store.feature_dim:
-        raise InputError(f"config model.feature_dim={model.feature_dim} but the shards hold {store.feature_dim}-d "
-                         f"regions ({manifest_path})")
+        raise InputError(
+            f"config model.feature_dim={model.feature_dim} but the shards hold {store.feature_dim}-d "
+            f"regions ({manifest_path})"
+        )
     if model.enhancement == "cge":
         if not store.global_encoder.image_dim:
-            raise InputError("a cge model needs CLIP image features; the shards have none (extract with --clip)")
+            raise InputError(
+                "a cge model needs CLIP image features; the shards have none (extract with --clip)"
+            )
         if model.clip_dim != store.global_encoder.image_dim:
-            raise InputError(f"config model.clip_dim={model.clip_dim} but the shards' CLIP features are "
-                             f"{store.global_encoder.image_dim}-d")
+            raise InputError(
+                f"config model.clip_dim={model.clip_dim} but the shards' CLIP features are "
+                f"{store.global_encoder.image_dim}-d"
+            )
 
 
 def build_optimizer(model: USER, recipe) -> torch.optim.AdamW:
@@ -68,10 +74,14 @@ def build_optimizer(model: USER, recipe) -> torch.optim.AdamW:
     backbone = [p for p in model.text.bert.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-    return torch.optim.AdamW([{"params": rest, "lr": recipe.lr, "scale": 1.0},
-                              {"params": backbone, "lr": recipe.lr * recipe.text_lr_scale,
-                               "scale": recipe.text_lr_scale}],
-                             lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(
+        [
+            {"params": rest, "lr": recipe.lr, "scale": 1.0},
+            {"params": backbone, "lr": recipe.lr * recipe.text_lr_scale, "scale": recipe.text_lr_scale},
+        ],
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+    )
 
 
 def learning_rate(recipe, epoch: int, global_step: int) -> float:
@@ -86,19 +96,42 @@ def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: 
     return embedding_metrics([encode_split(model, store, "val", tokenizer, max_images, progress=False)])
 
 
-def train_command(run: Path, shards: str | None, val_store: Path | None, config: str | None, overrides: list[str],
-                  resume: bool, allow_change: bool, console: Console) -> dict:
+def train_command(
+    run: Path,
+    shards: str | None,
+    val_store: Path | None,
+    config: str | None,
+    overrides: list[str],
+    resume: bool,
+    allow_change: bool,
+    console: Console,
+) -> dict:
     """`userpipe train`: the run's inputs (on --resume, the run's own unless given), its configuration, then
     `train`. Sets the process's CPU math first (trainer/process.py)."""
     reproducible_cpu_math()
     shards, val_store = resume_inputs(run, shards, val_store, resume)
     base = config or (checkpoint.run_config_of(run) if resume else "demo")
-    return train(run, shards, val_store, load_run_config(base, parse_overrides(overrides)), resume, console,
-                 allow_change=allow_change)
+    return train(
+        run,
+        shards,
+        val_store,
+        load_run_config(base, parse_overrides(overrides)),
+        resume,
+        console,
+        allow_change=allow_change,
+    )
 
 
-def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resume: bool, console: Console,
-          bert=None, allow_change: bool = False) -> dict:
+def train(
+    run: Path,
+    shards_spec: str,
+    val_store: Path,
+    config: RunConfig,
+    resume: bool,
+    console: Console,
+    bert=None,
+    allow_change: bool = False,
+) -> dict:
     """Train (or resume) and return the best validation metrics."""
     shards = ShardSet.resolve(shards_spec)
     check_fits(config, shards, shards_spec)
@@ -110,19 +143,24 @@ def train(run: Path, shards_spec: str, val_store: Path, config: RunConfig, resum
         return _train(run, shards, shards_spec, val_store, start, console, bert)
 
 
-def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start: Start, console: Console,
-           bert) -> dict:
+def _train(
+    run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start: Start, console: Console, bert
+) -> dict:
     config = start.config
     recipe = config.train
     open_split(val_store, "val", config.model, recipe.val_images)
     tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
-    loader = StreamingLoader(shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers,
-                                                               train=True))
+    loader = StreamingLoader(
+        shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers, train=True)
+    )
     per_epoch = loader.batches_per_epoch()
     if per_epoch == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
     # every check above ran before the first write
-    files = {"config.json": config.model_dump_json(indent=1), RUN_RECORD_NAME: start.record.model_dump_json(indent=1)}
+    files = {
+        "config.json": config.model_dump_json(indent=1),
+        RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
+    }
     if existing(run, RUN) == "own":
         for name, text in files.items():
             write_text_atomic(run / name, text)
@@ -142,21 +180,34 @@ def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start
         if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
             # CPU reductions split work by thread, so the thread count is part of what makes a resumed
             # run compute the bits the uninterrupted one would have
-            console.print(f"using the run's {state['threads']} CPU threads (this process had "
-                          f"{torch.get_num_threads()})")
+            console.print(
+                f"using the run's {state['threads']} CPU threads (this process had {torch.get_num_threads()})"
+            )
             torch.set_num_threads(state["threads"])
         log.truncate_after(position.global_step)
         if start.change:
-            log.write({"step": position.global_step, "epoch": position.epoch,
-                       "change": start.change.model_dump(mode="json")["fields"]})
+            log.write(
+                {
+                    "step": position.global_step,
+                    "epoch": position.epoch,
+                    "change": start.change.model_dump(mode="json")["fields"],
+                }
+            )
         console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
     else:  # the untrained model's numbers, the baseline every run is compared with
         log.write({"step": 0, "epoch": 0, "val": validate(model, val_store, tokenizer, recipe.val_images)})
     model.train()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("training", total=recipe.epochs * per_epoch, completed=position.global_step,
-                            status="")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(
+            "training", total=recipe.epochs * per_epoch, completed=position.global_step, status=""
+        )
         while position.epoch < recipe.epochs:
             started, pairs = time.perf_counter(), 0
             for batch in loader.batches(position.epoch, position.step):
@@ -165,9 +216,15 @@ def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start
                     group["lr"] = lr * group["scale"]
                 clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    losses = model(batch.regions.to(device), batch.region_lengths.to(device),
-                                   batch.tokens.to(device), batch.token_lengths.to(device),
-                                   batch.image_index.to(device), clip=clip, backend=recipe.backend)
+                    losses = model(
+                        batch.regions.to(device),
+                        batch.region_lengths.to(device),
+                        batch.tokens.to(device),
+                        batch.token_lengths.to(device),
+                        batch.image_index.to(device),
+                        clip=clip,
+                        backend=recipe.backend,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -177,9 +234,15 @@ def _train(run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start
                 position.global_step += 1
                 pairs += len(batch.image_index)
                 rate = pairs / (time.perf_counter() - started)
-                log.write({"step": position.global_step, "epoch": position.epoch, "lr": lr,
-                           "samples_per_s": round(rate, 1),
-                           **{k: round(v.item(), 6) for k, v in losses.items()}})
+                log.write(
+                    {
+                        "step": position.global_step,
+                        "epoch": position.epoch,
+                        "lr": lr,
+                        "samples_per_s": round(rate, 1),
+                        **{k: round(v.item(), 6) for k, v in losses.items()},
+                    }
+                )
                 bar.update(task, advance=1, status=f"loss {losses['loss'].item():.4f}  {rate:.0f} pairs/s")
                 if recipe.val_every and position.global_step % recipe.val_every == 0:
                     _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
@@ -194,9 +257,11 @@ def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Pos
     loss_value, norm_value = loss.item(), grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
-        raise NonFiniteError(f"step {position.global_step + 1} (epoch {position.epoch}): {what}; the run stopped "
-                             "without applying it (lower train.lr or raise train.warmup_steps, then --resume "
-                             "from the last checkpoint)")
+        raise NonFiniteError(
+            f"step {position.global_step + 1} (epoch {position.epoch}): {what}; the run stopped "
+            "without applying it (lower train.lr or raise train.warmup_steps, then --resume "
+            "from the last checkpoint)"
+        )
 
 
 def _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log) -> None:
@@ -206,5 +271,3 @@ def _validate_and_save(run, model, optimizer, config, position, val_store, token
     if best:
         position.best_rsum = metrics["rsum"]
     checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best)
-
-

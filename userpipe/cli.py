@@ -17,16 +17,34 @@ from rich.table import Table
 from schemas.errors import InputError
 from trainer.process import quiet_model_loading
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="USER image-text retrieval: extract features -> shard -> train -> eval, then index and search.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="USER image-text retrieval: extract features -> shard -> train -> eval, then index and search.",
+)
 console = Console(stderr=True, soft_wrap=True)  # long paths and errors stay on one line
 EXIT_BAD_INPUT, EXIT_FAILURES, EXIT_INTERRUPTED = 2, 1, 130
 SHOWN_FAILURES = 20
 
 
 # OS errors that a user's paths and disks cause (not bugs in userpipe): reported in one line
-USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENOSPC,
-                  errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EDQUOT, errno.EFBIG, errno.EBUSY, errno.EXDEV}
+USER_OS_ERRORS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EBUSY,
+    errno.EXDEV,
+}
 
 
 def user_error(exc: BaseException) -> str | None:
@@ -69,34 +87,64 @@ def extract(
     root: Path = typer.Option(None, help="dataset folder (default data/DATASET)"),
     out: Path = typer.Option(None, help="output store (default data/DATASET.zarr)"),
     splits: str = typer.Option("train,val,test", help="comma-separated splits to extract"),
-    regions: str = typer.Option(None, help="butd | boxes | grid | precomp:DIR | tsv:GLOB | npz:DIR "
-                                           "(default: boxes for demo, butd otherwise)"),
+    regions: str = typer.Option(
+        None,
+        help="butd | boxes | grid | precomp:DIR | tsv:GLOB | npz:DIR "
+        "(default: boxes for demo, butd otherwise)",
+    ),
     backbone: str = typer.Option("efficientnet_lite0", help="region feature backbone"),
-    backbone_weights: str = typer.Option(None, help="backbone weights file (default: packaged or torchvision's)"),
+    backbone_weights: str = typer.Option(
+        None, help="backbone weights file (default: packaged or torchvision's)"
+    ),
     detector_weights: str = typer.Option(None, help="Faster R-CNN weights file for --regions butd"),
-    clip: str = typer.Option(None, help="MODEL:PRETRAINED (open_clip tag or weights file), imagenet:BACKBONE, "
-                                        "or none (default: imagenet:efficientnet_lite0 for demo, ViT-B-32:openai)"),
+    clip: str = typer.Option(
+        None,
+        help="MODEL:PRETRAINED (open_clip tag or weights file), imagenet:BACKBONE, "
+        "or none (default: imagenet:efficientnet_lite0 for demo, ViT-B-32:openai)",
+    ),
     num_regions: int = typer.Option(36, help="regions per image (R)"),
-    image_size: int = typer.Option(None, help="shorter image side for region features (default 600; demo 256)"),
+    image_size: int = typer.Option(
+        None, help="shorter image side for region features (default 600; demo 256)"
+    ),
     chunk_size: int = typer.Option(64, help="images per Zarr chunk and per Dask task"),
     images: int = typer.Option(None, help="demo only: number of images to generate (default 3200)"),
-    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes (1: one worker in "
-                                                                    "this process)"),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, help="local Dask worker processes (1: one worker in this process)"
+    ),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
-    overwrite: bool = typer.Option(False, help="replace an existing store extracted with another configuration"),
+    overwrite: bool = typer.Option(
+        False, help="replace an existing store extracted with another configuration"
+    ),
     allow_failures: bool = typer.Option(False, help="exit 0 even if some images could not be read"),
 ) -> None:
     """Compute region features and global embeddings into a Zarr store (resumable)."""
     from pipeline.datasets import parse_splits
     from pipeline.extract import ExtractOptions, run_extract
 
-    opts = ExtractOptions(dataset, root, out, parse_splits(splits), regions, backbone, backbone_weights,
-                          detector_weights, clip, num_regions, image_size, chunk_size, images, workers,
-                          scheduler, overwrite)
+    opts = ExtractOptions(
+        dataset,
+        root,
+        out,
+        parse_splits(splits),
+        regions,
+        backbone,
+        backbone_weights,
+        detector_weights,
+        clip,
+        num_regions,
+        image_size,
+        chunk_size,
+        images,
+        workers,
+        scheduler,
+        overwrite,
+    )
     out, attrs = run_extract(opts, console)
     for split, summary in attrs.splits.items():
-        console.print(f"{split}: {summary.num_images} images, {summary.num_captions} captions, "
-                      f"{summary.num_invalid} invalid")
+        console.print(
+            f"{split}: {summary.num_images} images, {summary.num_captions} captions, "
+            f"{summary.num_invalid} invalid"
+        )
     console.print(f"wrote {out}")
     if attrs.failures:
         console.print(f"[red]{len(attrs.failures)} image(s) could not be used:[/red]")
@@ -109,8 +157,10 @@ def extract(
 
 
 @command()
-def info(path: Path = typer.Argument(..., help="a store written by userpipe extract"),
-         as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def info(
+    path: Path = typer.Argument(..., help="a store written by userpipe extract"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
     """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
     from schemas.store_reader import store_summary
 
@@ -120,25 +170,39 @@ def info(path: Path = typer.Argument(..., help="a store written by userpipe extr
         return
     out = Console(soft_wrap=True)
     ext = summary["extractor"]
-    out.print(f"[bold]{path}[/bold]  schema {summary['schema_version']}  "
-              f"{'complete' if summary['complete'] else '[yellow]incomplete (rerun extract to resume)[/yellow]'}")
+    out.print(
+        f"[bold]{path}[/bold]  schema {summary['schema_version']}  "
+        f"{'complete' if summary['complete'] else '[yellow]incomplete (rerun extract to resume)[/yellow]'}"
+    )
     regions, glob = ext["regions"], ext["global_encoder"]
-    out.print(f"dataset {ext['dataset']}  regions {regions['kind']}"
-              f"{' ' + (regions.get('backbone') or regions.get('source') or '')}  R={ext['num_regions']} "
-              f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}", highlight=False)
+    out.print(
+        f"dataset {ext['dataset']}  regions {regions['kind']}"
+        f"{' ' + (regions.get('backbone') or regions.get('source') or '')}  R={ext['num_regions']} "
+        f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}",
+        highlight=False,
+    )
     arrays = ("regions", "clip_image", "clip_text")
     first = next(iter(summary["splits"].values()))["arrays"]
-    table = Table("split", "images", "captions", "invalid",
-                  *(f"{name} ({first[name]['dtype']})" if name in first else name for name in arrays))
+    table = Table(
+        "split",
+        "images",
+        "captions",
+        "invalid",
+        *(f"{name} ({first[name]['dtype']})" if name in first else name for name in arrays),
+    )
     for split, s in summary["splits"].items():
-        shapes = ["x".join(map(str, s["arrays"][name]["shape"])) if name in s["arrays"] else "-" for name in arrays]
+        shapes = [
+            "x".join(map(str, s["arrays"][name]["shape"])) if name in s["arrays"] else "-" for name in arrays
+        ]
         table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]), *shapes)
     out.print(table)
     if summary["failures"]:
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
     if summary["missing_chunks"]:
-        out.print(f"[red]damaged: {len(summary['missing_chunks'])} chunk file(s) missing[/red] "
-                  f"({', '.join(summary['missing_chunks'][:3])}); rerun userpipe extract to re-extract them")
+        out.print(
+            f"[red]damaged: {len(summary['missing_chunks'])} chunk file(s) missing[/red] "
+            f"({', '.join(summary['missing_chunks'][:3])}); rerun userpipe extract to re-extract them"
+        )
 
 
 @command(resumable=True)
@@ -149,23 +213,31 @@ def shard(
     max_count: int = typer.Option(1000, help="samples (images) per shard at most"),
     max_size: float = typer.Option(1e9, help="bytes per shard at most (by the encoded sample sizes)"),
     seed: int = typer.Option(0, help="seed of the image-to-shard assignment and order"),
-    workers: int = typer.Option(os.cpu_count() or 1, help="local Dask worker processes (1: one worker in "
-                                                                    "this process)"),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, help="local Dask worker processes (1: one worker in this process)"
+    ),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
     overwrite: bool = typer.Option(False, help="replace shards of another plan in --out"),
 ) -> None:
     """Pack a store split into WebDataset tar shards with a manifest (resumable)."""
     from pipeline.shard import ShardOptions, run_shard
 
-    out, manifest = run_shard(ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler,
-                                           overwrite), console)
-    console.print(f"wrote {len(manifest.shards)} shards to {out}: {manifest.num_samples} images, "
-                  f"{manifest.num_captions} captions, {manifest.num_invalid_skipped} invalid images left out")
+    out, manifest = run_shard(
+        ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler, overwrite),
+        console,
+    )
+    console.print(
+        f"wrote {len(manifest.shards)} shards to {out}: {manifest.num_samples} images, "
+        f"{manifest.num_captions} captions, {manifest.num_invalid_skipped} invalid images left out"
+    )
 
 
 @command()
-def verify(path: Path = typer.Argument(..., help="a store written by userpipe extract, or a folder written by "
-                                                 "userpipe shard")) -> None:
+def verify(
+    path: Path = typer.Argument(
+        ..., help="a store written by userpipe extract, or a folder written by userpipe shard"
+    ),
+) -> None:
     """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
     exit 1 if any is missing, truncated or altered."""
     if (path / "zarr.json").is_file():
@@ -173,12 +245,18 @@ def verify(path: Path = typer.Argument(..., help="a store written by userpipe ex
 
         attrs, problems = verify_store(path)
         for problem in problems:
-            console.print(f"[red]{problem.array}[/red] chunk {problem.chunk}: {problem.problem}", highlight=False)
+            console.print(
+                f"[red]{problem.array}[/red] chunk {problem.chunk}: {problem.problem}", highlight=False
+            )
         if problems:
             console.print(f"{len(problems)} chunk(s) of {path} failed verification; {REPAIR}")
             raise typer.Exit(EXIT_FAILURES)
         state = "complete" if attrs.complete else "incomplete (rerun extract to finish it)"
-        checked = "crc32c of every chunk" if attrs.chunk_checksums else "every chunk decoded (no checksums: an older store)"
+        checked = (
+            "crc32c of every chunk"
+            if attrs.chunk_checksums
+            else "every chunk decoded (no checksums: an older store)"
+        )
         console.print(f"{path} OK, {state}: {checked}")
         return
     from pipeline.shard import verify_shards
@@ -194,16 +272,25 @@ def verify(path: Path = typer.Argument(..., help="a store written by userpipe ex
 
 @command(resumable=True)
 def train(
-    shards: str = typer.Option(None, help="shard folder (or a brace pattern) written by userpipe shard "
-                                          "(on --resume: the run's)"),
-    val_store: Path = typer.Option(None, help="store whose 'val' split is used for model selection "
-                                              "(on --resume: the run's)"),
-    config: str = typer.Option(None, help="coco, f30k, demo, or a YAML file (default demo; on --resume: the run's)"),
+    shards: str = typer.Option(
+        None, help="shard folder (or a brace pattern) written by userpipe shard (on --resume: the run's)"
+    ),
+    val_store: Path = typer.Option(
+        None, help="store whose 'val' split is used for model selection (on --resume: the run's)"
+    ),
+    config: str = typer.Option(
+        None, help="coco, f30k, demo, or a YAML file (default demo; on --resume: the run's)"
+    ),
     out: Path = typer.Option(..., help="run directory"),
-    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.lr=1e-4 --set model.enhancement=none"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override, e.g. --set train.lr=1e-4 --set model.enhancement=none"
+    ),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
-    allow_change: bool = typer.Option(False, help="on --resume: accept a recipe or data different from the run's "
-                                                  "(e.g. more epochs), recorded in run.json and the log"),
+    allow_change: bool = typer.Option(
+        False,
+        help="on --resume: accept a recipe or data different from the run's "
+        "(e.g. more epochs), recorded in run.json and the log",
+    ),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from trainer.evaluate import format_table
@@ -219,7 +306,9 @@ def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
-    ensemble: str = typer.Option(None, help="comma-separated run directories whose similarities are averaged"),
+    ensemble: str = typer.Option(
+        None, help="comma-separated run directories whose similarities are averaged"
+    ),
     split: str = typer.Option("test", help="split of the store"),
     protocol: str = typer.Option("full", help="coco1k (5-fold mean), coco5k, f30k or full"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -243,15 +332,18 @@ def index(
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
     split: str = typer.Option("test", help="split of the store to index"),
-    image_root: Path = typer.Option(None, help="folder the store's image files are relative to "
-                                               "(default: where extract found them)"),
+    image_root: Path = typer.Option(
+        None, help="folder the store's image files are relative to (default: where extract found them)"
+    ),
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
     from trainer.search import index_command
 
     manifest = index_command(store, out, split, run, checkpoint, image_root)
-    console.print(f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
-                  f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}")
+    console.print(
+        f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
+        f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}"
+    )
 
 
 def _shown(path: Path | None, fallback: str) -> str:
@@ -266,13 +358,16 @@ def _shown(path: Path | None, fallback: str) -> str:
 
 @command()
 def search(
-    query: str = typer.Argument(..., help="a text (gallery --images), or an image id or file (gallery --captions)"),
+    query: str = typer.Argument(
+        ..., help="a text (gallery --images), or an image id or file (gallery --captions)"
+    ),
     index: Path = typer.Option(..., help="folder written by userpipe index"),
     run: Path = typer.Option(None, help="the run the index was built with (its best checkpoint)"),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
     k: int = typer.Option(5, "-k", "--top-k", help="results to show"),
-    images: bool = typer.Option(True, "--images/--captions", help="gallery: images (text query) or captions "
-                                                                  "(image query)"),
+    images: bool = typer.Option(
+        True, "--images/--captions", help="gallery: images (text query) or captions (image query)"
+    ),
     html_out: Path = typer.Option(None, "--html", help="also write an HTML page with thumbnails"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -281,15 +376,33 @@ def search(
 
     searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
     if as_json:  # a caption's image by id too, beside its row number
-        print(json.dumps([{"rank": h.rank, "score": h.score, **h.item, **({} if images else {"image_id": h.image_id}),
-                           "correct": h.correct} for h in hits], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "rank": h.rank,
+                        "score": h.score,
+                        **h.item,
+                        **({} if images else {"image_id": h.image_id}),
+                        "correct": h.correct,
+                    }
+                    for h in hits
+                ],
+                indent=1,
+            )
+        )
     else:
         mark = {True: "[green]yes[/green]", False: "no", None: ""}
         if images:
             table = Table("rank", "score", "image id", "file", "match", title=f"{query!r}")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["id"], _shown(searcher.file(h.row), h.item["file"]),
-                              mark[h.correct])
+                table.add_row(
+                    str(h.rank),
+                    f"{h.score:.3f}",
+                    h.item["id"],
+                    _shown(searcher.file(h.row), h.item["file"]),
+                    mark[h.correct],
+                )
         else:
             table = Table("rank", "score", "caption", "its image", "match", title=f"captions for {query}")
             for h in hits:

@@ -11,8 +11,16 @@ _COUNTER = os.environ.get("USERPIPE_CRASH_COUNTER")
 _SCOPE = os.environ.get("USERPIPE_CRASH_SCOPE")
 _AT = int(os.environ.get("USERPIPE_CRASH_AT", "0"))
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.truncate", "shutil.rmtree",
-           "userpipe.exchange"}
+_EVENTS = {
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "os.symlink",
+    "os.truncate",
+    "shutil.rmtree",
+    "userpipe.exchange",
+}
 
 
 def _in_scope(args) -> bool:
@@ -30,7 +38,9 @@ if _COUNTER and _SCOPE:
         elif event not in _EVENTS or not _in_scope(args):
             return
         os.write(_descriptor, b"x")
-        if _AT and os.fstat(_descriptor).st_size >= _AT:  # >=: two processes may append between write and stat
+        if (
+            _AT and os.fstat(_descriptor).st_size >= _AT
+        ):  # >=: two processes may append between write and stat
             sys.stderr.write(f"crash injected at write operation {_AT}: {event} {args[:2]}\n")
             os.killpg(os.getpgrp(), signal.SIGKILL)
 

@@ -27,7 +27,9 @@ import os
 import torch
 
 FP32_DOT_PRECISION = "ieee"
-BACKWARD_CHUNK_BYTES = 16 << 20  # the B × chunk weights held at once (B = 128: 65,536 rows in bf16, 32,768 in fp32)
+BACKWARD_CHUNK_BYTES = (
+    16 << 20
+)  # the B × chunk weights held at once (B = 128: 65,536 rows in bf16, 32,768 in fp32)
 DQ_SPLITS = 16  # dq's product runs over the chunk's rows: split them so it fills the GPU
 
 try:
@@ -44,8 +46,9 @@ def triton_available() -> bool:
 
 
 def _config(block_b, block_m, block_e, warps, stages):
-    return triton.Config({"BLOCK_B": block_b, "BLOCK_M": block_m, "BLOCK_E": block_e}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config(
+        {"BLOCK_B": block_b, "BLOCK_M": block_m, "BLOCK_E": block_e}, num_warps=warps, num_stages=stages
+    )
 
 
 if triton is not None:
@@ -57,8 +60,12 @@ if triton is not None:
         SPLIT_ALIGN, SPLIT_PROGRAMS = 32, 4  # several slices even for the tests' short queues
     else:
         # Hopper, bf16/fp16 operands: 64/128-row wgmma tiles, 3-4 stage cp.async pipelines (≤ 150 KB smem)
-        HALF_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 256, 64, 8, 3), _config(64, 128, 64, 4, 4),
-                        _config(128, 64, 128, 4, 3)]
+        HALF_CONFIGS = [
+            _config(128, 128, 64, 8, 3),
+            _config(128, 256, 64, 8, 3),
+            _config(64, 128, 64, 4, 4),
+            _config(128, 64, 128, 4, 3),
+        ]
         # fp32 operands on the tensor cores (tf32, tf32x3): half the slice width for the same smem
         TF32_CONFIGS = [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(128, 64, 32, 4, 4)]
         # exact fp32 dots run on the CUDA cores: fewer registers per thread
@@ -78,33 +85,89 @@ if triton is not None:
 
     _autotune = triton.autotune(
         configs=list({id(c): c for c in HALF_CONFIGS + TF32_CONFIGS + IEEE_CONFIGS}.values()),
-        key=["B", "M", "E", "MASK_IDS", "FP32_PRECISION"], prune_configs_by={"early_config_prune": _prune_configs},
-        do_bench=_quick_bench)
+        key=["B", "M", "E", "MASK_IDS", "FP32_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+        do_bench=_quick_bench,
+    )
 
     @triton.jit
-    def _scores(q_ptr, k_ptr, offs_b, offs_m, B, M, E, stride_q, stride_k,
-                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    def _scores(
+        q_ptr,
+        k_ptr,
+        offs_b,
+        offs_m,
+        B,
+        M,
+        E,
+        stride_q,
+        stride_k,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        FP32_PRECISION: tl.constexpr,
+    ):
         """q·Q_kᵀ for one BLOCK_B × BLOCK_M tile, accumulated in fp32 over E in BLOCK_E slices."""
         acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
-        key_rows = offs_m.to(tl.int64)[:, None] * stride_k  # M × E passes 2^31 elements from M = 2M at E = 1024
+        key_rows = (
+            offs_m.to(tl.int64)[:, None] * stride_k
+        )  # M × E passes 2^31 elements from M = 2M at E = 1024
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
-            q = tl.load(q_ptr + offs_b[:, None] * stride_q + offs_e[None, :],
-                        mask=(offs_b[:, None] < B) & (offs_e[None, :] < E), other=0.0)
-            keys = tl.load(k_ptr + key_rows + offs_e[None, :],
-                           mask=(offs_m[:, None] < M) & (offs_e[None, :] < E), other=0.0)
+            q = tl.load(
+                q_ptr + offs_b[:, None] * stride_q + offs_e[None, :],
+                mask=(offs_b[:, None] < B) & (offs_e[None, :] < E),
+                other=0.0,
+            )
+            keys = tl.load(
+                k_ptr + key_rows + offs_e[None, :],
+                mask=(offs_m[:, None] < M) & (offs_e[None, :] < E),
+                other=0.0,
+            )
             if UPCAST_OPERANDS:
                 q, keys = q.to(tl.float32), keys.to(tl.float32)
             acc = tl.dot(q, tl.trans(keys), acc, input_precision=FP32_PRECISION)
         return acc
 
     @triton.jit
-    def _logits(q_ptr, k_ptr, qid_ptr, kid_ptr, offs_b, offs_m, B, M, E, stride_q, stride_k, mu, gamma,
-                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, MASK_IDS: tl.constexpr,
-                FP32_PRECISION: tl.constexpr):
+    def _logits(
+        q_ptr,
+        k_ptr,
+        qid_ptr,
+        kid_ptr,
+        offs_b,
+        offs_m,
+        B,
+        M,
+        E,
+        stride_q,
+        stride_k,
+        mu,
+        gamma,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        MASK_IDS: tl.constexpr,
+        FP32_PRECISION: tl.constexpr,
+    ):
         """z = μ(q·Q_kᵀ − γ), -inf outside the queue and where the query's image id meets its own."""
-        z = mu * (_scores(q_ptr, k_ptr, offs_b, offs_m, B, M, E, stride_q, stride_k, BLOCK_B, BLOCK_M, BLOCK_E,
-                          FP32_PRECISION) - gamma)
+        z = mu * (
+            _scores(
+                q_ptr,
+                k_ptr,
+                offs_b,
+                offs_m,
+                B,
+                M,
+                E,
+                stride_q,
+                stride_k,
+                BLOCK_B,
+                BLOCK_M,
+                BLOCK_E,
+                FP32_PRECISION,
+            )
+            - gamma
+        )
         keep = (offs_m < M)[None, :]
         if MASK_IDS:
             qids = tl.load(qid_ptr + offs_b, mask=offs_b < B, other=-2)
@@ -114,9 +177,27 @@ if triton is not None:
 
     @_autotune
     @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, qid_ptr, kid_ptr, part_max_ptr, part_sum_ptr, B, M, E, stride_q, stride_k,
-                        split_rows, mu, gamma, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                        MASK_IDS: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    def _forward_kernel(
+        q_ptr,
+        k_ptr,
+        qid_ptr,
+        kid_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        B,
+        M,
+        E,
+        stride_q,
+        stride_k,
+        split_rows,
+        mu,
+        gamma,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        MASK_IDS: tl.constexpr,
+        FP32_PRECISION: tl.constexpr,
+    ):
         """Partial (max, sum of exp) of one query block over one slice of the queue."""
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         split = tl.program_id(1)
@@ -126,10 +207,30 @@ if triton is not None:
         running_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            z = _logits(q_ptr, k_ptr, qid_ptr, kid_ptr, offs_b, offs_m, B, hi, E, stride_q, stride_k, mu, gamma,
-                        BLOCK_B, BLOCK_M, BLOCK_E, MASK_IDS, FP32_PRECISION)
+            z = _logits(
+                q_ptr,
+                k_ptr,
+                qid_ptr,
+                kid_ptr,
+                offs_b,
+                offs_m,
+                B,
+                hi,
+                E,
+                stride_q,
+                stride_k,
+                mu,
+                gamma,
+                BLOCK_B,
+                BLOCK_M,
+                BLOCK_E,
+                MASK_IDS,
+                FP32_PRECISION,
+            )
             new_max = tl.maximum(running_max, tl.max(z, axis=1))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), 1)
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+                tl.exp(z - new_max[:, None]), 1
+            )
             running_max = new_max
         tl.store(part_max_ptr + split * B + offs_b, running_max, mask=offs_b < B)
         tl.store(part_sum_ptr + split * B + offs_b, running_sum, mask=offs_b < B)
@@ -144,24 +245,66 @@ if triton is not None:
         total = tl.exp(-top)
         for split in range(0, splits):
             part_max = tl.load(part_max_ptr + split * B + offs, mask=offs < B, other=NEG_INF)
-            total += tl.load(part_sum_ptr + split * B + offs, mask=offs < B, other=0.0) * tl.exp(part_max - top)
+            total += tl.load(part_sum_ptr + split * B + offs, mask=offs < B, other=0.0) * tl.exp(
+                part_max - top
+            )
         tl.store(lse_ptr + offs, top + tl.log(total), mask=offs < B)
 
     @_autotune
     @triton.jit
-    def _weights_kernel(q_ptr, k_ptr, qid_ptr, kid_ptr, lse_ptr, g_ptr, w_ptr, B, M, E, stride_q, stride_k,
-                        stride_w, mu, gamma, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                        MASK_IDS: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    def _weights_kernel(
+        q_ptr,
+        k_ptr,
+        qid_ptr,
+        kid_ptr,
+        lse_ptr,
+        g_ptr,
+        w_ptr,
+        B,
+        M,
+        E,
+        stride_q,
+        stride_k,
+        stride_w,
+        mu,
+        gamma,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        MASK_IDS: tl.constexpr,
+        FP32_PRECISION: tl.constexpr,
+    ):
         """W = μ g exp(z − lse) = d loss / d score for one tile, stored in W's dtype."""
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        z = _logits(q_ptr, k_ptr, qid_ptr, kid_ptr, offs_b, offs_m, B, M, E, stride_q, stride_k, mu, gamma,
-                    BLOCK_B, BLOCK_M, BLOCK_E, MASK_IDS, FP32_PRECISION)
+        z = _logits(
+            q_ptr,
+            k_ptr,
+            qid_ptr,
+            kid_ptr,
+            offs_b,
+            offs_m,
+            B,
+            M,
+            E,
+            stride_q,
+            stride_k,
+            mu,
+            gamma,
+            BLOCK_B,
+            BLOCK_M,
+            BLOCK_E,
+            MASK_IDS,
+            FP32_PRECISION,
+        )
         lse = tl.load(lse_ptr + offs_b, mask=offs_b < B, other=0.0)
         scale = mu * tl.load(g_ptr + offs_b, mask=offs_b < B, other=0.0)
         weight = tl.exp(z - lse[:, None]) * scale[:, None]
-        tl.store(w_ptr + offs_b[:, None] * stride_w + offs_m[None, :], weight.to(w_ptr.dtype.element_ty),
-                 mask=(offs_b[:, None] < B) & (offs_m[None, :] < M))
+        tl.store(
+            w_ptr + offs_b[:, None] * stride_w + offs_m[None, :],
+            weight.to(w_ptr.dtype.element_ty),
+            mask=(offs_b[:, None] < B) & (offs_m[None, :] < M),
+        )
 
 
 def _compute_dtype(query: torch.Tensor, queue: torch.Tensor) -> torch.dtype:
@@ -237,8 +380,23 @@ class _TritonQueueLSE(torch.autograd.Function):
             part_max = torch.empty(splits, b, device=q.device, dtype=torch.float32)
             part_sum = torch.empty_like(part_max)
             _forward_kernel[lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), splits)](
-                q, k, qid, kid, part_max, part_sum, b, m, e, q.stride(0), k.stride(0), split_rows, float(mu),
-                float(gamma), MASK_IDS=mask, FP32_PRECISION=_dot_precision(k.dtype))
+                q,
+                k,
+                qid,
+                kid,
+                part_max,
+                part_sum,
+                b,
+                m,
+                e,
+                q.stride(0),
+                k.stride(0),
+                split_rows,
+                float(mu),
+                float(gamma),
+                MASK_IDS=mask,
+                FP32_PRECISION=_dot_precision(k.dtype),
+            )
             _combine_kernel[(triton.cdiv(b, 128),)](part_max, part_sum, lse, b, splits, BLOCK=128)
         ctx.save_for_backward(q, k, qid, kid, lse)
         ctx.mu, ctx.gamma, ctx.mask = mu, gamma, mask
@@ -257,18 +415,41 @@ class _TritonQueueLSE(torch.autograd.Function):
         workspace = torch.empty(b, chunk, device=q.device, dtype=k.dtype) if b and m else None
         for start in range(0, m if b else 0, chunk):
             n = min(chunk, m - start)
-            keys, weights = k[start:start + n], workspace[:, :n]
-            _weights_kernel[lambda meta, n=n: (triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_M"]))](
-                q, keys, qid, kid[start:start + n] if ctx.mask else kid, lse, g, weights, b, n, e, q.stride(0),
-                k.stride(0), workspace.stride(0), float(ctx.mu), float(ctx.gamma), MASK_IDS=ctx.mask,
-                FP32_PRECISION=_dot_precision(k.dtype))
+            keys, weights = k[start : start + n], workspace[:, :n]
+            _weights_kernel[
+                lambda meta, n=n: (triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_M"]))
+            ](
+                q,
+                keys,
+                qid,
+                kid[start : start + n] if ctx.mask else kid,
+                lse,
+                g,
+                weights,
+                b,
+                n,
+                e,
+                q.stride(0),
+                k.stride(0),
+                workspace.stride(0),
+                float(ctx.mu),
+                float(ctx.gamma),
+                MASK_IDS=ctx.mask,
+                FP32_PRECISION=_dot_precision(k.dtype),
+            )
             if need_query:
                 _add_query_grad(dq, weights, keys)
             if need_queue:
-                torch.mm(weights.T, q, out=dk[start:start + n])
+                torch.mm(weights.T, q, out=dk[start : start + n])
         query_dtype, queue_dtype = ctx.dtypes
-        return (None if dq is None else dq.to(query_dtype), None if dk is None else dk.to(queue_dtype),
-                None, None, None, None)
+        return (
+            None if dq is None else dq.to(query_dtype),
+            None if dk is None else dk.to(queue_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def queue_lse(query, queue, mu, gamma, query_ids=None, queue_ids=None) -> torch.Tensor:
