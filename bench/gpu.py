@@ -145,7 +145,8 @@ def median_ms(bench: Bench, fn, warmup_ms: int = 25, rep_ms: int = 100) -> float
 
 
 def peak_bytes(bench: Bench, fn):
-    """(bytes allocated at the peak of fn() above what was allocated before it, fn's result); CPU: (None, result)."""
+    """(bytes allocated at the peak of fn() above what was allocated before it, fn's result);
+    CPU: (None, result)."""
     if bench.device.type != "cuda":
         return None, fn()
     torch.cuda.synchronize()
@@ -254,7 +255,8 @@ def max_relative_error(ours, ref) -> float:
 
 @contextlib.contextmanager
 def kernel_settings(**settings):
-    """Module settings of trainer/kernels/queue_lse.py (FP32_DOT_PRECISION, BACKWARD_CHUNK_BYTES) for one row."""
+    """Module settings of trainer/kernels/queue_lse.py (FP32_DOT_PRECISION, BACKWARD_CHUNK_BYTES)
+    for one row."""
     import trainer.kernels.queue_lse as kernel
 
     saved = {name: getattr(kernel, name) for name in settings}
@@ -375,7 +377,8 @@ def _queue_point(
     limit_ms = 2 * queue.nbytes / (bandwidth * 1e6) if bandwidth else None  # read once forward, once backward
     floor_ms = 6 * b * m * e / (rate * 1e9) if rate else None  # forward + the two gradient products
     notes.append(
-        f"{dtype_name}, M={m:,}: queue {queue.nbytes / MB:,.0f} MB; memory-bound limit {rounded(limit_ms)} ms "
+        f"{dtype_name}, M={m:,}: queue {queue.nbytes / MB:,.0f} MB; "
+        f"memory-bound limit {rounded(limit_ms)} ms "
         f"(queue read twice at {bandwidth} GB/s); compute floor {rounded(floor_ms)} ms (6·B·M·E flop at "
         f"{rate} TFLOP/s)"
     )
@@ -457,8 +460,9 @@ def _queue_headline(bench: Bench, rows: list[dict]) -> None:
         bench.report["headline"].append(
             [
                 f"queue loss fwd+bwd, B=128, M={m:,}, {dtype}, {name}",
-                f"triton {r['ms']:.2f} ms vs eager {eager['ms']:.2f} ms; workspace {r.get('workspace_mb') or 0:,.0f} vs "
-                f"{eager.get('workspace_mb') or 0:,.0f} MB; {r.get('limit_ratio') or 0:.1f}x the memory-bound limit",
+                f"triton {r['ms']:.2f} ms vs eager {eager['ms']:.2f} ms; "
+                f"workspace {r.get('workspace_mb') or 0:,.0f} vs {eager.get('workspace_mb') or 0:,.0f} MB; "
+                f"{r.get('limit_ratio') or 0:.1f}x the memory-bound limit",
             ]
         )
 
@@ -467,7 +471,8 @@ def _queue_headline(bench: Bench, rows: list[dict]) -> None:
 
 
 def build_optimizer(model, recipe) -> torch.optim.AdamW:
-    """trainer.train.build_optimizer's groups (importing trainer.train pulls in the shard loader's webdataset)."""
+    """trainer.train.build_optimizer's groups (importing trainer.train pulls in the shard loader's
+    webdataset)."""
     backbone = [p for p in model.text.bert.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
@@ -672,8 +677,8 @@ def _train_table(bench: Bench, section: dict) -> None:
         f"E={section.get('embed_dim')}, M={section.get('queue_size')}, BERT {section.get('bert_layers')} x "
         f"{section.get('bert_hidden')} (random weights), queue backend '{section.get('queue_backend')}'; "
         "forward + backward + clip + AdamW, median of timed steps after warm-up.",
-        "fp32 vs bf16 autocast, one step from the same state after the fp32 steps (training mode, dropout 0): "
-        + ", ".join(f"{k} {rounded(v, 4)}" for k, v in agreement.items()),
+        "fp32 vs bf16 autocast, one step from the same state after the fp32 steps "
+        "(training mode, dropout 0): " + ", ".join(f"{k} {rounded(v, 4)}" for k, v in agreement.items()),
     ]
     bench.table(
         "train_step",
@@ -860,9 +865,10 @@ def extraction_section(bench: Bench) -> None:
         ["where", "images", "images/s"],
         rows,
         [
-            f"{setting['backbone']}, {setting['num_regions']} regions, shorter side {setting['image_size']} px, "
-            f"synthetic {setting['image']} images, random weights; one image at a time, as `userpipe extract` "
-            f"runs it. Same image on both: boxes equal {section.get('boxes_equal_cpu')}, features max rel diff "
+            f"{setting['backbone']}, {setting['num_regions']} regions, "
+            f"shorter side {setting['image_size']} px, synthetic {setting['image']} images, random weights; "
+            f"one image at a time, as `userpipe extract` runs it. "
+            f"Same image on both: boxes equal {section.get('boxes_equal_cpu')}, features max rel diff "
             f"{rounded(section.get('features_rel_diff_vs_cpu'), 2)} (cuDNN may use TF32 convolutions)."
         ],
     )
@@ -878,7 +884,8 @@ def extraction_section(bench: Bench) -> None:
 
 
 def write_cpu_reference(count: int) -> None:
-    """--cpu-reference: the same extractor on this machine's CPU at full size, for section 3 to compare with."""
+    """--cpu-reference: the same extractor on this machine's CPU at full size, for section 3 to
+    compare with."""
     from pipeline.regions import RegionExtractor
 
     with tempfile.TemporaryDirectory() as tmp:

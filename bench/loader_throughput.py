@@ -234,7 +234,8 @@ def main() -> None:
         [
             (
                 f"loader, {size:,} images: streaming vs reference",
-                f"{by[(size, 'streaming')]['pairs_per_s']:,.0f} vs {by[(size, 'reference')]['pairs_per_s']:,.0f} "
+                f"{by[(size, 'streaming')]['pairs_per_s']:,.0f} vs "
+                f"{by[(size, 'reference')]['pairs_per_s']:,.0f} "
                 f"pairs/s; peak RSS {by[(size, 'streaming')]['peak_rss_mb'] / 1e3:.1f} vs "
                 f"{by[(size, 'reference')]['peak_rss_mb'] / 1e3:.1f} GB",
             )

@@ -2,8 +2,9 @@
 
 B = 128 queries, D = 1024, M in {4,096; 65,536; 262,144}, fp32 on this machine's CPU. Each
 measurement runs in a fresh process: time is the best of 3 repetitions after a warm-up, memory is
-the process's peak RSS (VmHWM, reset once the inputs exist) above its RSS at that point. The Triton backend runs on CUDA only;
-under TRITON_INTERPRET=1 it is checked for equal values here (correctness, not speed).
+the process's peak RSS (VmHWM, reset once the inputs exist) above its RSS at that point. The Triton
+backend runs on CUDA only; under TRITON_INTERPRET=1 it is checked for equal values here (correctness,
+not speed).
 Results: bench/results/queue_loss.{json,md}.
 """
 

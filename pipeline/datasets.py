@@ -210,7 +210,8 @@ def load_dataset(dataset: str, root: Path | None) -> DatasetIndex:
 
 
 def check_image_folders(index: DatasetIndex) -> None:
-    """Each distinct image folder the selected splits use must exist (single missing files are per-image failures)."""
+    """Each distinct image folder the selected splits use must exist (single missing files are
+    per-image failures)."""
     assert index.image_root is not None
     folders = {str(Path(r.file).parent) for records in index.splits.values() for r in records}
     for folder in sorted(folders):

@@ -363,7 +363,8 @@ def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[Imag
             if done[c]:
                 continue
             part = slice(c * size, (c + 1) * size)
-            # absolute, not resolved: resolving follows links, and a link loop is one invalid image, not a crash
+            # absolute, not resolved: resolving follows links, and a link loop is one invalid image,
+            # not a crash
             paths = tuple(
                 os.path.abspath(index.image_root / r.file) if r.file and index.image_root else ""
                 for r in records[part]

@@ -80,8 +80,9 @@ def image_features(
 
 
 def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:
-    """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and float16-rounded,
-    their count, and the global embedding (None without a global encoder). For `userpipe search` queries."""
+    """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and
+    float16-rounded, their count, and the global embedding (None without a global encoder). For
+    `userpipe search` queries."""
     if config.regions.kind in IMPORTED_REGION_KINDS:
         raise InputError(
             f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "

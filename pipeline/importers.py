@@ -306,7 +306,7 @@ def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
     return ImportedRegions(features, boxes, width, height)
 
 
-# --------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
+# -------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
 
 
 def index_npz(directory: Path) -> tuple[dict[str, str], int]:

@@ -140,7 +140,8 @@ def resolve_region_config(
 
 
 def grid_boxes(width: float, height: float, count: int) -> np.ndarray:
-    """`count` boxes tiling the image in rows x cols = count, the factor pair whose cells are closest to square."""
+    """`count` boxes tiling the image in rows x cols = count, the factor pair whose cells are
+    closest to square."""
     if count <= 0:
         return np.zeros((0, 4), np.float32)
     pairs = [(r, count // r) for r in range(1, count + 1) if count % r == 0]

@@ -200,7 +200,8 @@ def _caption_layout(group: zarr.Group, num_images: int) -> tuple[np.ndarray, np.
 
 
 def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest]:
-    """`userpipe shard`: pack a store split into shards (resuming a killed run); returns the folder and manifest."""
+    """`userpipe shard`: pack a store split into shards (resuming a killed run); returns the folder
+    and manifest."""
     if opts.out is None:
         opts = dataclasses.replace(opts, out=opts.store.with_name(opts.store.stem + "-shards") / opts.split)
     if opts.workers < 1:

@@ -1,4 +1,5 @@
-"""Writing feature stores: Zarr v3 groups laid out as `schemas.store` says (the reader: schemas/store_reader.py)."""
+"""Writing feature stores: Zarr v3 groups laid out as `schemas.store` says (the reader:
+schemas/store_reader.py)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def _write_index_arrays(group: zarr.Group, records) -> None:
 
 
 def store_bytes(attrs: StoreAttrs) -> int:
-    """The store's size before compression (strings counted at 64 bytes): what a full disk's message quotes."""
+    """The store's size before compression (strings counted at 64 bytes): what a full disk's
+    message quotes."""
     return sum(
         int(np.prod(spec.shape)) * (64 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize)
         for split, summary in attrs.splits.items()

@@ -30,8 +30,8 @@ def write_synthetic_store(
     seed: int = 0,
     split: str = "train",
 ) -> Path:
-    """One split ("train" by default). Captions per image: fixed, or 1 + i % 5 (variable) when None. Features are
-    ReLU-like (half zeros), region counts vary in [1, num_regions]."""
+    """One split ("train" by default). Captions per image: fixed, or 1 + i % 5 (variable) when None.
+    Features are ReLU-like (half zeros), region counts vary in [1, num_regions]."""
     rng = np.random.default_rng(seed)
     records = [
         ImageRecord(

@@ -25,7 +25,8 @@ def local_weights(path: str, what: str) -> WeightsRef:
 
 
 def torchvision_weights(enum_name: str, what: str, flag: str) -> WeightsRef:
-    """A torchvision weights enum value such as 'ResNet50_Weights.IMAGENET1K_V2', from the hub cache or a download."""
+    """A torchvision weights enum value such as 'ResNet50_Weights.IMAGENET1K_V2', from the hub cache
+    or a download."""
     import torchvision.models as tvm
     from torch.hub import HASH_REGEX, download_url_to_file, get_dir
 
@@ -79,5 +80,6 @@ def load_weights(module: torch.nn.Module, ref: WeightsRef, *, by_order: bool = F
     if missing or unexpected:
         raise InputError(
             f"weights {ref.source} do not fit {type(module).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            f"{len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )

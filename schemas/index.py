@@ -4,7 +4,8 @@ An index is a folder:
 
   index.json      IndexManifest (below)
   images.faiss    faiss IndexFlatIP over the L2-normalized image embeddings, row i = images.jsonl line i
-  images.jsonl    {"id", "file", "row"} per indexed image (file relative to `image_root`, row in the store split)
+  images.jsonl    {"id", "file", "row"} per indexed image (file relative to `image_root`, row in the
+                  store split)
   captions.faiss  the same over the caption embeddings, row j = captions.jsonl line j
   captions.jsonl  {"text", "image"} per caption, `image` = its row in images.jsonl
 

@@ -290,7 +290,8 @@ def check_free_space(path: Path, needed: int) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entry to the disk (a folder: the names in it, so renames survive a power cut)."""
+    """Flush a file's or a folder's entry to the disk (a folder: the names in it, so renames survive
+    a power cut)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

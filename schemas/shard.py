@@ -96,7 +96,8 @@ class ShardSample:
 
 class HashingReader:
     """A binary file that hashes the bytes read through it; `finish()` hashes the rest and returns the digest.
-    Reading a shard once gives its samples and its sha256 together (verify, and training's streaming check)."""
+    Reading a shard once gives its samples and its sha256 together (verify, and training's streaming
+    check)."""
 
     def __init__(self, file):
         self.file, self.digest = file, hashlib.sha256()
@@ -172,7 +173,8 @@ def decode_sample(
     missing = sorted(set(fields or ()) - members)
     if unexpected or missing:
         raise SampleError(
-            f"{where}: {'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}"
+            f"{where}: "
+            f"{'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}"
         )
     try:
         meta = validate_as(SampleMeta, parse_json(raw["meta.json"], "meta.json"), "meta.json")

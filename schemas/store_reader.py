@@ -103,7 +103,8 @@ class CheckedArray:
     def _damage(self, chunk: int, problem: str) -> InputError:
         size = self.array.chunks[0]
         return InputError(
-            f"{self.store}: chunk {chunk} (rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
+            f"{self.store}: chunk {chunk} "
+            f"(rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
             f"of array '{self.array.path}' is {problem}; {REPAIR}"
         )
 

@@ -60,7 +60,8 @@ def write_image(path: Path, seed: int, size=(96, 72)) -> None:
 
 @pytest.fixture
 def coco_root(tmp_path: Path) -> Path:
-    """A COCO-layout dataset: dataset_coco.json + images/{train2014,val2014}/, 4 train, 1 restval, 2 val, 2 test."""
+    """A COCO-layout dataset: dataset_coco.json + images/{train2014,val2014}/, 4 train, 1 restval, 2 val,
+    2 test."""
     root = tmp_path / "coco"
     records = []
     layout = ["train"] * 4 + ["restval", "val", "val", "test", "test"]
@@ -132,7 +133,8 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict:
-    """A tiny run trained for 2 epochs (validated on `val`), and an index of a 16-image `gallery` built with it."""
+    """A tiny run trained for 2 epochs (validated on `val`), and an index of a 16-image `gallery`
+    built with it."""
     import yaml
 
     from pipeline.synthetic import write_synthetic_store

@@ -75,11 +75,17 @@ def test_custom_json_keeps_any_number_of_captions(tmp_path: Path):
             "image record 0: filename: Input should be",
         ),
         (
-            '{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}], "boxes": [[1, 2, "b", 4]]}]}',
+            (
+                '{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}], '
+                '"boxes": [[1, 2, "b", 4]]}]}'
+            ),
             r"image record 0 \(a.jpg\): boxes.0.2: Input should be a valid number",
         ),
         (
-            '{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}, {"raw": "  "}]}]}',
+            (
+                '{"images": [{"filename": "a.jpg", "split": "train", '
+                '"sentences": [{"raw": "x"}, {"raw": "  "}]}]}'
+            ),
             "caption 1 is empty",
         ),
         ('{"images": ["a.jpg"]}', "image record 0: Input should be a valid dictionary"),

@@ -81,3 +81,44 @@ def test_coco1k_is_the_mean_over_five_folds():
     assert_same(protocol_metrics(sims, caption_image, "coco5k"), reference_metrics(sims))
     with pytest.raises(ValueError, match="divisible into 5 folds"):
         protocol_metrics(sims[:12], caption_image[:60], "coco1k")
+
+
+def test_embedding_metrics_of_one_model_and_of_an_ensemble():
+    """One function turns embeddings into metrics for validation, eval, ensembles and the report: an ensemble
+    ranks by the mean of its members' similarities."""
+    import torch
+
+    from schemas.errors import InputError
+    from trainer.encode import SplitEmbeddings, embedding_metrics
+
+    rng = np.random.default_rng(7)
+    caption_image = torch.arange(100) // 5
+
+    def embeddings(seed_shift: float) -> SplitEmbeddings:
+        images = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(20, 8))), dim=1)
+        captions = torch.nn.functional.normalize(
+            images[caption_image] + seed_shift * torch.randn(100, 8), dim=1
+        )
+        return SplitEmbeddings(
+            images, captions, caption_image, [str(i) for i in range(20)], np.arange(20), [""] * 100
+        )
+
+    torch.manual_seed(0)
+    a, b = embeddings(0.8), embeddings(1.2)
+    assert_same(embedding_metrics([a]), reference_metrics((a.images @ a.captions.T).numpy()))
+    mean = ((a.images @ a.captions.T + b.images @ b.captions.T) / 2).numpy()
+    assert_same(embedding_metrics([a, b]), reference_metrics(mean))
+    assert (
+        embedding_metrics([a, b], "coco1k")["rsum"]
+        == protocol_metrics(mean, caption_image.numpy(), "coco1k")["rsum"]
+    )
+    other = SplitEmbeddings(
+        b.images, b.captions[:95], caption_image[:95], b.image_ids, b.image_rows, [""] * 95
+    )
+    with pytest.raises(InputError, match="different images or captions"):
+        embedding_metrics([a, other])
+    with pytest.raises(InputError, match="coco1k needs a test split divisible into 5 folds"):
+        embedding_metrics(
+            [SplitEmbeddings(a.images[:19], a.captions[:95], caption_image[:95], [], np.arange(19), [])],
+            "coco1k",
+        )

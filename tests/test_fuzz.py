@@ -333,7 +333,7 @@ def test_set_strings_on_a_preset_load_or_refuse_in_one_line(pairs):
         one_line_refusal(exc)
 
 
-# --------------------------------------------------------------------------- damaged artefacts, at the command line
+# --------------------------------------------------------------------- damaged artefacts, at the command line
 
 CLI_PHASES = (Phase.explicit, Phase.reuse, Phase.generate)  # a command per example: report, do not shrink
 damage = st.tuples(st.sampled_from(["cut", "flip", "append"]), st.floats(0, 1), st.integers(0, 255))

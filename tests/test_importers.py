@@ -92,8 +92,8 @@ def test_precomp_round_trips_captions_and_ids_from_the_files(runner, tmp_path: P
         ("not-utf8", "train_caps.txt is not UTF-8 text"),
         (
             "ids",
-            "train_ims.npy has 3 images, train_ids.txt 2 ids, train_caps.txt 15 captions: expected one id per "
-            "image or one per caption",
+            "train_ims.npy has 3 images, train_ids.txt 2 ids, train_caps.txt 15 captions: "
+            "expected one id per image or one per caption",
         ),
         ("id-groups", "dev_ids.txt: the 5 caption ids of image 1 disagree"),
         ("no-caps", "has train_ims.npy but no train_caps.txt"),

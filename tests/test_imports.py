@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "userpipe": 3}
-# what a module of a lower layer may use of a higher one's neighbour: the trainer uses the pipeline only as the
-# extractor library (an image-file query is embedded as extract embeds a store row)
+# what a module of a lower layer may use of a higher one's neighbour: the trainer uses the pipeline only
+# as the extractor library (an image-file query is embedded as extract embeds a store row)
 TRAINER_USES_OF_PIPELINE = {"pipeline.features"}
 DRIVERS = {
     "pipeline.extract",

@@ -400,7 +400,7 @@ def test_an_error_message_with_brackets_is_printed_as_it_is(runner, tmp_path: Pa
     assert_refused(result, f"{out} is a file")
 
 
-# --------------------------------------------------------------------------- the switch, recovery and the lock
+# -------------------------------------------------------------------------- the switch, recovery and the lock
 
 
 def folder_with(path: Path, text: str) -> Path:

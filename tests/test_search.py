@@ -121,3 +121,64 @@ def test_index_refuses_to_replace_a_folder_that_is_not_an_index(runner, trained,
     )
     assert result.exit_code == 2 and "holds files that are not a userpipe index" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, coco_root, tmp_path):
+    """The index records its store's extractor: with the store gone, an image file embeds exactly as its
+    store row did, so it finds what the image's id finds. A 1.0 index (no extractor) names the rebuild."""
+    import shutil
+
+    import torch
+    from conftest import TINY
+
+    from schemas.errors import InputError
+    from schemas.run import RunConfig
+    from trainer import checkpoint
+    from trainer.search import index_command, search_command
+
+    store = tmp_path / "coco.zarr"
+    extract = ["extract", "--dataset", "coco", "--root", coco_root, "--out", store, "--regions", "grid"]
+    extract += [
+        "--clip",
+        "imagenet:efficientnet_lite0",
+        "--splits",
+        "test",
+        "--workers",
+        "1",
+        "--num-regions",
+        "4",
+    ]
+    assert run_cli(runner, *extract).exit_code == 0
+    config = RunConfig.model_validate(
+        {
+            "model": {**TINY["model"], "feature_dim": 1280, "num_regions": 4, "text_layers": 1},
+            "train": TINY["train"],
+        }
+    )
+    model = checkpoint.initial_model(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path / "run", model, optimizer, config, {"epoch": 0, "step": 0}, {"rsum": 0.0}, True)
+    index = tmp_path / "index"
+    manifest = index_command(store, index, "test", run=tmp_path / "run")
+    assert manifest.schema_version == "1.1" and manifest.extractor.regions.kind == "grid"
+    image = coco_root / "images" / "val2014" / "COCO_val2014_000000000108.jpg"
+    _, by_id = search_command(index, "108", 3, images=False, run=tmp_path / "run")
+    shutil.move(store, tmp_path / "elsewhere.zarr")
+    searcher, by_file = search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+    assert [h.row for h in by_file] == [h.row for h in by_id]
+    np.testing.assert_allclose([h.score for h in by_file], [h.score for h in by_id], rtol=1e-5, atol=1e-6)
+    # a caption hit carries its image's id, joined in the library
+    assert [h.image_id for h in by_file] == [searcher.items["images"][h.item["image"]]["id"] for h in by_file]
+    assert {h.image_id for h in by_file} <= {"107", "108"}
+
+    old = json.loads((index / "index.json").read_text())
+    del old["extractor"]
+    (index / "index.json").write_text(json.dumps({**old, "schema_version": "1.0"}))
+    _, hits = search_command(index, "image 8 caption 0", 1, images=True, run=tmp_path / "run")
+    assert hits[0].image_id == hits[0].item["id"]
+    with pytest.raises(InputError, match="schema 1.0.*rebuild it with userpipe index"):
+        search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+    (index / "index.json").write_text(json.dumps({**old, "schema_version": "1.1"}))
+    with pytest.raises(InputError, match="records its extractor"):
+        search_command(index, str(image), 3, images=False, run=tmp_path / "run")

@@ -1,1 +1,2 @@
-"""The USER trainer: streaming loader, model, objective, training loop; the package graph is in docs/architecture.md."""
+"""The USER trainer: streaming loader, model, objective, training loop; the package graph is in
+docs/architecture.md."""

@@ -1,5 +1,6 @@
 """Checkpoints: a run's saved states, written so that a kill or a full disk at any instant leaves a run
-that `--resume` continues.
+that `--resume` continues; the seeded initial model a run starts from; loading a trained model (eval,
+index, search, report) and finding the checkpoint a command names.
 
   RUN/checkpoints/e002-s000000/   model.safetensors, config.json, state.pt, metrics.json (+ BEST)
   RUN/checkpoints/last -> e002-s000000     the state `--resume` continues from

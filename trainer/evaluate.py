@@ -1,5 +1,6 @@
 """Retrieval metrics and the standard protocols of VSE++ (Faghri et al. 2018), SCAN
-(Lee et al. 2018), VSE∞ (Chen et al. 2021) and USER (its released evaluation.py): 1K as 5-fold means, 5K, F30K 1K.
+(Lee et al. 2018), VSE∞ (Chen et al. 2021) and USER (its released evaluation.py): 1K as 5-fold means,
+5K, F30K 1K.
 
 Ranks are counted, not sorted: an item's 0-based rank is the number of items scoring strictly
 higher, plus the tied items that a stable descending sort (`np.argsort(d, kind="stable")[::-1]`) puts

@@ -172,7 +172,10 @@ def checked_tar_samples(
             skipped[0] += 1
             warnings.warn(f"skipped: {exc}", stacklevel=2)
         except Exception as exc:  # noqa: BLE001 - tarfile, gzip and OS errors all mean "this shard is broken"
-            message = f"{url} is unreadable after {count} samples: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+            message = (
+                f"{url} is unreadable after {count} samples: "
+                f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+            )
             if not skip_corrupt:
                 raise ShardError(message) from None
             skipped[0] += 1

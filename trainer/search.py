@@ -350,7 +350,8 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
         out,
         HTML_SIGNATURE + "<style>"
         "body{font-family:sans-serif;margin:2em} figure{display:inline-block;margin:4px;padding:4px;"
-        "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} .missing{width:160px;"
+        "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} "
+        ".missing{width:160px;"
         "height:120px;background:#eee} li.correct{font-weight:bold} .query{font-size:1.3em}</style>"
         f"<h1>userpipe search</h1>{head}<p>top {len(hits)} {gallery} from {html.escape(str(index.folder))} "
         f"({index.manifest.split} split, {index.manifest.num_images} images, {index.manifest.num_captions} "

@@ -419,7 +419,7 @@ def report(
     split: str = typer.Option("test", help="split of the store"),
     compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
 ) -> None:
-    """Results report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
+    """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
     from trainer.run_report import comparison_table, write_run_report
 
     result = write_run_report(run, store, split, compare)
