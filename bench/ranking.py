@@ -115,7 +115,7 @@ def main() -> None:
         [
             (
                 f"ranking {N:,} x {5 * N:,}: retrieval_metrics vs the released argsort loops",
-                f"{ours_m:.2f} vs {loops_m:.1f} s ({speedup:.0f}x), identical metrics: {same}",
+                f"{ours_m:.2f} vs {loops_m:.1f} s ({speedup:.1f}x), identical metrics: {same}",
             )
         ],
         ["", f"{speedup:.1f}x faster; identical metrics: {same} (RSUM {ours['rsum']:.2f})."],

@@ -107,6 +107,16 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+# `userpipe extract` of the coco_root fixture: grid regions, 4 per image, chunks of 2, one worker in-process
+# (add --root, --out, --clip; a repeated option's last value wins)
+EXTRACT_COCO_GRID = "extract --dataset coco --regions grid --num-regions 4 --chunk-size 2 --workers 1".split()
+
+
+def shard_cli(runner: CliRunner, store: Path, out: Path):
+    """`userpipe shard` of a store's train split into shards of 10 images, one worker in-process."""
+    return run_cli(runner, "shard", "--store", store, "--out", out, "--max-count", "10", "--workers", "1")
+
+
 def run_cli(runner: CliRunner, *args: str):
     from userpipe.cli import app
 
@@ -143,21 +153,7 @@ def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("search")
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=5)
     gallery = write_synthetic_store(tmp / "gallery.zarr", 16, seed=2, split="test", invalid=(3,))
-    assert (
-        run_cli(
-            runner,
-            "shard",
-            "--store",
-            train_store,
-            "--out",
-            tmp / "shards",
-            "--max-count",
-            "10",
-            "--workers",
-            "1",
-        ).exit_code
-        == 0
-    )
+    assert shard_cli(runner, train_store, tmp / "shards").exit_code == 0
     config = tmp / "tiny.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from conftest import run_cli
+from conftest import EXTRACT_COCO_GRID, run_cli
 
 from schemas.store import validate_store
 
@@ -147,25 +147,7 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(
     truncated.write_bytes(truncated.read_bytes()[:300])
     (images / "val2014" / "COCO_val2014_000000000108.jpg").unlink()
     out = tmp_path / "coco.zarr"
-    args = (
-        "extract",
-        "--dataset",
-        "coco",
-        "--root",
-        coco_root,
-        "--out",
-        out,
-        "--regions",
-        "grid",
-        "--clip",
-        "imagenet:efficientnet_lite0",
-        "--chunk-size",
-        "2",
-        "--workers",
-        "1",
-        "--num-regions",
-        "4",
-    )
+    args = (*EXTRACT_COCO_GRID, "--root", coco_root, "--out", out, "--clip", "imagenet:efficientnet_lite0")
     result = run_cli(runner, *args)
     assert result.exit_code == 1
     assert "3 image(s) could not be used" in result.output
@@ -195,26 +177,8 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
     from schemas.store_reader import open_store
 
     out = tmp_path / "coco.zarr"
-    result = run_cli(
-        runner,
-        "extract",
-        "--dataset",
-        "coco",
-        "--root",
-        coco_root,
-        "--out",
-        out,
-        "--regions",
-        "grid",
-        "--clip",
-        "imagenet:efficientnet_lite0",
-        "--splits",
-        "test",
-        "--workers",
-        "1",
-        "--num-regions",
-        "4",
-    )
+    clip = ("--clip", "imagenet:efficientnet_lite0")
+    result = run_cli(runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", out, *clip, "--splits", "test")
     assert result.exit_code == 0, result.output
     root, attrs = open_store(out)
     assert attrs.image_root == str((coco_root / "images").resolve())

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import TINY, run_cli
+from conftest import EXTRACT_COCO_GRID, TINY, run_cli, shard_cli
 
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import NonFiniteError
@@ -64,21 +64,7 @@ def trained_run(tmp_path_factory) -> dict:
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
     val = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
     runner = CliRunner()
-    assert (
-        run_cli(
-            runner,
-            "shard",
-            "--store",
-            train_store,
-            "--out",
-            tmp / "shards",
-            "--max-count",
-            "10",
-            "--workers",
-            "1",
-        ).exit_code
-        == 0
-    )
+    assert shard_cli(runner, train_store, tmp / "shards").exit_code == 0
     config = tmp / "tiny.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -165,23 +151,7 @@ def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract
 
 @pytest.mark.slow
 def test_an_extract_rerun_re_extracts_damaged_chunks_to_the_same_bytes(runner, coco_root, tmp_path):
-    args = (
-        "extract",
-        "--dataset",
-        "coco",
-        "--root",
-        coco_root,
-        "--regions",
-        "grid",
-        "--clip",
-        "imagenet:efficientnet_lite0",
-        "--chunk-size",
-        "2",
-        "--workers",
-        "1",
-        "--num-regions",
-        "4",
-    )
+    args = (*EXTRACT_COCO_GRID, "--root", coco_root, "--clip", "imagenet:efficientnet_lite0")
     out = tmp_path / "coco.zarr"
     assert run_cli(runner, *args, "--out", out).exit_code == 0
     reference = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -405,26 +375,7 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     folder.unlink()
     folder.mkdir()
     out = tmp_path / "coco.zarr"
-    result = run_cli(
-        runner,
-        "extract",
-        "--dataset",
-        "coco",
-        "--root",
-        coco_root,
-        "--out",
-        out,
-        "--regions",
-        "grid",
-        "--clip",
-        "none",
-        "--chunk-size",
-        "2",
-        "--workers",
-        "1",
-        "--num-regions",
-        "4",
-    )
+    result = run_cli(runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", out, "--clip", "none")
     assert result.exit_code == 1 and "3 image(s) could not be used" in result.output, result.output
     from schemas.store_reader import open_store
 

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import EXTRACT_COCO_GRID, run_cli
 
 
 def _model(trained):
@@ -138,18 +138,11 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     from trainer.search import index_command, search_command
 
     store = tmp_path / "coco.zarr"
-    extract = ["extract", "--dataset", "coco", "--root", coco_root, "--out", store, "--regions", "grid"]
-    extract += [
-        "--clip",
-        "imagenet:efficientnet_lite0",
-        "--splits",
-        "test",
-        "--workers",
-        "1",
-        "--num-regions",
-        "4",
-    ]
-    assert run_cli(runner, *extract).exit_code == 0
+    clip = ("--clip", "imagenet:efficientnet_lite0")
+    result = run_cli(
+        runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", store, *clip, "--splits", "test"
+    )
+    assert result.exit_code == 0, result.output
     config = RunConfig.model_validate(
         {
             "model": {**TINY["model"], "feature_dim": 1280, "num_regions": 4, "text_layers": 1},

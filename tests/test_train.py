@@ -2,7 +2,7 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, shard_cli
 
 from pipeline.synthetic import write_synthetic_store
 
@@ -16,18 +16,7 @@ def data(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("train")
     train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
     val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
-    result = run_cli(
-        CliRunner(),
-        "shard",
-        "--store",
-        train_store,
-        "--out",
-        tmp / "shards",
-        "--max-count",
-        "10",
-        "--workers",
-        "1",
-    )
+    result = shard_cli(CliRunner(), train_store, tmp / "shards")
     assert result.exit_code == 0, result.output
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
