@@ -58,11 +58,12 @@ test-fast: setup
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py -s
 
-# every benchmark (about 12 minutes, 13 GB of scratch under data/); one table in bench/results/summary.md
+# every benchmark (about 20 minutes, 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
     {{bin}}/python bench/ranking.py
+    HF_HUB_OFFLINE=1 {{bin}}/python bench/data_order.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/train_throughput.py
     {{bin}}/python bench/queue_loss.py
     {{bin}}/python bench/report.py

@@ -9,7 +9,7 @@ from conftest import run_cli
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import InputError
 from trainer.captions import CaptionTokenizer, load_tokenizer
-from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
+from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader, same_image_counts
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,12 @@ def test_an_altered_shard_stops_training_with_one_line_naming_it(shards, tokeniz
         list(loader.batches(0))
     message = str(caught.value)
     assert f"{victim} was altered" in message and "\n" not in message
+
+
+def test_same_image_counts_are_per_query_means_of_other_entries_of_its_image():
+    ids = torch.tensor([3, 3, 3, 7, 8, 8])
+    queue = torch.tensor([-1, 3, 8, 8, 9])  # -1: the random start, never an image
+    counts = same_image_counts(ids, queue)
+    assert counts["same_image_batch"] == pytest.approx((3 * 2 + 0 + 2 * 1) / 6)  # others in the batch
+    assert counts["same_image_queue"] == pytest.approx((3 * 1 + 0 + 2 * 2) / 6)
+    assert same_image_counts(torch.arange(5)) == {"same_image_batch": 0.0}  # no queue: no queue count

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import yaml
 from conftest import TINY, run_cli, shard_cli
@@ -47,7 +48,9 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     per_epoch = len(steps) // 3
     assert [r["step"] for r in records if "val" in r] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
-    assert {"lr", "batch", "queue", "samples_per_s"} <= set(steps[0])
+    assert {"lr", "batch", "queue", "samples_per_s", "same_image_batch", "same_image_queue"} <= set(steps[0])
+    assert steps[0]["same_image_queue"] == 0  # the first batch meets only the queue's random start
+    assert 0 < np.mean([r["same_image_batch"] for r in steps]) < 7  # 40 images, ~3 captions each, batch 8
     for name in (
         "summary.md",
         "loss.png",

@@ -124,6 +124,19 @@ class Batch:
 # --------------------------------------------------------------------------- stages
 
 
+def same_image_counts(batch_ids: torch.Tensor, queue_ids: torch.Tensor | None = None) -> dict[str, float]:
+    """The data order's false negatives: per query, the mean number of *other* captions of its own image in
+    its batch (`same_image_batch`) and of entries of its own image in the queue it is scored against
+    (`same_image_queue`; ids < 0 are the queue's random start). Each counts as a negative unless
+    model.mask_false_negatives; a global shuffle of COCO keeps both near 0 (bench/data_order.py)."""
+    ids = batch_ids.long().cpu()
+    counts = {"same_image_batch": float(((ids[:, None] == ids[None, :]).sum(1) - 1).double().mean())}
+    if queue_ids is not None:
+        queue = queue_ids.long().cpu()
+        counts["same_image_queue"] = float((ids[:, None] == queue[None, :]).sum(1).double().mean())
+    return counts
+
+
 def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_shards)
 

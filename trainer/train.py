@@ -3,7 +3,8 @@
 One loop, nanoGPT-style. The run directory holds:
   config.json              the resolved RunConfig
   run.json                 RunRecord: the data it reads (shard set by content) and any change a resume made
-  log.jsonl                one line per step ({"step", "epoch", "loss", "batch", "queue", "lr", ...})
+  log.jsonl                one line per step ({"step", "epoch", "loss", "batch", "queue", "lr", ...,
+                           "same_image_batch", "same_image_queue": the order's false negatives per query})
                            and per validation ({"val": {...metrics}})
   checkpoints/             states, and the links last and best to them (trainer/checkpoint.py)
   summary.md, loss.png, val_rsum.png   written at the end
@@ -33,7 +34,7 @@ from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import CHECKPOINTS, initial_model
 from trainer.config import load_run_config, parse_overrides
 from trainer.encode import embedding_metrics, encode_split, open_split
-from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
 from trainer.model import USER
 from trainer.process import reproducible_cpu_math
 from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
@@ -214,6 +215,10 @@ def _train(
                 lr = learning_rate(recipe, position.epoch, position.global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["scale"]
+                # before the step: the queue the batch is scored against
+                same_image = same_image_counts(
+                    batch.image_index, model.text_queue.ids if config.model.use_queue else None
+                )
                 clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     losses = model(
@@ -240,6 +245,7 @@ def _train(
                         "epoch": position.epoch,
                         "lr": lr,
                         "samples_per_s": round(rate, 1),
+                        **{k: round(v, 4) for k, v in same_image.items()},
                         **{k: round(v.item(), 6) for k, v in losses.items()},
                     }
                 )
