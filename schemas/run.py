@@ -114,3 +114,47 @@ class RunRecord(Frozen):
     schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
     data: RunData
     changes: tuple[RunChange, ...] = ()
+
+
+class DirectionMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r1: float
+    r5: float
+    r10: float
+    medr: float
+    meanr: float
+
+
+class RetrievalMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    i2t: DirectionMetrics
+    t2i: DirectionMetrics
+    rsum: float
+
+
+class _LogLine(BaseModel):
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+
+
+class StepLine(_LogLine):
+    """log.jsonl: one training step (more measurements may follow the required ones)."""
+
+    model_config = ConfigDict(extra="allow")
+    loss: float
+    batch: float
+    queue: float
+    lr: float
+
+
+class ValidationLine(_LogLine):
+    model_config = ConfigDict(extra="forbid")
+    val: RetrievalMetrics
+
+
+class ChangeLine(_LogLine):
+    model_config = ConfigDict(extra="forbid")
+    change: dict
+
+
+LOG_LINES = {"loss": StepLine, "val": ValidationLine, "change": ChangeLine}  # told apart by this key

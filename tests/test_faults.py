@@ -18,7 +18,7 @@ import zarr
 from conftest import EXTRACT_COCO_GRID, TINY, run_cli, shard_cli
 
 from pipeline.synthetic import write_synthetic_store
-from schemas.errors import NonFiniteError
+from schemas.errors import InputError, NonFiniteError
 from schemas.outputs import writer_lock
 from trainer.evaluate import retrieval_metrics
 
@@ -406,3 +406,29 @@ def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_
     (old_layout / "state.pt").write_bytes(b"state")
     recover(tmp_path / "old")
     assert os.readlink(old_layout) == "legacy-last" and (old_layout / "state.pt").read_bytes() == b"state"
+
+
+def test_a_log_line_that_parses_but_lost_a_field_is_refused_in_one_line(tmp_path):
+    """A flipped byte can keep a line valid JSON but rename a key ("queue" -> "qteue"): refused, naming the
+    line, before a resume writes anything or plots from it (found by the fuzz test)."""
+    from trainer.run_dir import JsonLog
+
+    step = {"step": 1, "epoch": 0, "lr": 1e-3, "loss": 0.5, "batch": 0.2, "queue": 0.3, "samples_per_s": 9.0}
+    val = {
+        "step": 1,
+        "epoch": 1,
+        "val": {side: dict.fromkeys(("r1", "r5", "r10", "medr", "meanr"), 1.0) for side in ("i2t", "t2i")}
+        | {"rsum": 6.0},
+    }
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(step) + "\n" + json.dumps(val) + "\n")
+    assert JsonLog(log).records() == [step, val]
+    for broken, message in [
+        ({**step, "qtueue": step["queue"]} | {"queue": None}, "line 1: queue"),
+        ({k: v for k, v in step.items() if k != "queue"} | {"qtueue": 0.3}, "line 1: queue"),
+        ({"step": 1, "epoch": 0, "lr": 1e-3}, "line 1 is not a log record"),
+        ({**step, "val": val["val"]}, "line 1 is not a log record"),
+    ]:
+        log.write_text(json.dumps(broken) + "\n" + json.dumps(val) + "\n")
+        with pytest.raises(InputError, match=message):
+            JsonLog(log).records()

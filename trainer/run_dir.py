@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from schemas.base import parse_json, read_model
+from schemas.base import parse_json, read_model, validate_as
 from schemas.errors import InputError
 from schemas.outputs import RUN, existing, recover, write_text_atomic
-from schemas.run import RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
+from schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
 from trainer import checkpoint
 from trainer.checkpoint import CHECKPOINTS
 from trainer.loader import ShardSet
@@ -40,9 +40,13 @@ class JsonLog:
             return []
         lines = self.path.read_bytes().split(b"\n")[:-1]  # the part after the last newline: empty, or cut
         records = [parse_json(line, f"{self.path} line {number}") for number, line in enumerate(lines, 1)]
-        wrong = next((n for n, r in enumerate(records, 1) if not isinstance(r, dict)), None)
-        if wrong is not None:
-            raise InputError(f"{self.path} line {wrong} is not a log record (a JSON object)")
+        for number, record in enumerate(records, 1):
+            kinds = [key for key in LOG_LINES if isinstance(record, dict) and key in record]
+            if len(kinds) != 1:
+                raise InputError(
+                    f"{self.path} line {number} is not a log record (a step, validation or change)"
+                )
+            validate_as(LOG_LINES[kinds[0]], record, f"{self.path} line {number}")
         return records
 
     def truncate_after(self, global_step: int) -> None:
