@@ -53,7 +53,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+        tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
         torch.manual_seed(0)
         model = build_model(config.model).train()
         optimizer = build_optimizer(model, config.train)

@@ -13,13 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Frozen
 
-MODEL_SCHEMA_VERSION = "1.0"
+MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden and max_tokens (1.0 configs read as what they built)
+RUN_RECORD_VERSION = "1.0"
+
+
+def _read_1_0_model(data):
+    """A 1.0 model config built SGE at the embedding width and cut captions at 64 tokens: read it as that."""
+    if isinstance(data, dict) and data.get("schema_version") == "1.0":
+        data = {**data, "schema_version": MODEL_SCHEMA_VERSION}
+        data.setdefault("sge_hidden", data.get("embed_dim"))
+        data.setdefault("max_tokens", 64)
+    return data
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
+    schema_version: Literal["1.1"] = MODEL_SCHEMA_VERSION
     enhancement: Literal["sge", "cge", "none"] = Field(description="sge, cge (CLIP-guided) or none (VSE∞)")
     embed_dim: int = Field(gt=0, description="E, the joint embedding width")
     feature_dim: int = Field(gt=0, description="D, region feature width (2048 for BUTD ResNet)")
@@ -30,6 +40,15 @@ class ModelConfig(BaseModel):
         default=None,
         gt=0,
         description="keep only the first N transformer layers of the text model (None: all)",
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        gt=2,
+        description="cut captions to N tokens with [CLS]/[SEP] (None: the text model's own maximum; the "
+        "released code never cuts)",
+    )
+    sge_hidden: int | None = Field(
+        default=None, gt=0, description="SGE's hidden width (None: the region width D, as released)"
     )
     dropout: float = Field(default=0.4, ge=0, lt=1)
     gpo_pe_dim: int = 32
@@ -49,6 +68,8 @@ class ModelConfig(BaseModel):
         default=True,
         description="momentum queues and their loss (False: in-batch UTO only, the VSE∞-style ablation)",
     )
+
+    _from_1_0 = model_validator(mode="before")(_read_1_0_model)
 
     @model_validator(mode="after")
     def _cge_needs_clip(self) -> ModelConfig:
@@ -74,6 +95,11 @@ class TrainRecipe(BaseModel):
     seed: int = 1
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
+    deterministic: bool = Field(
+        default=False,
+        description="bit-exact resume on the CPU: MKL_CBWR=COMPATIBLE, at the cost that "
+        "bench/results/train_throughput.md measures",
+    )
     val_images: int | None = Field(
         default=None,
         gt=0,
@@ -85,9 +111,16 @@ class TrainRecipe(BaseModel):
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
+    schema_version: Literal["1.1"] = MODEL_SCHEMA_VERSION
     model: ModelConfig
     train: TrainRecipe
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_1_0(cls, data):
+        if isinstance(data, dict) and data.get("schema_version") == "1.0":
+            data = {**data, "schema_version": MODEL_SCHEMA_VERSION}
+        return data
 
 
 RUN_RECORD_NAME = "run.json"
@@ -111,7 +144,7 @@ class RunChange(Frozen):
 
 
 class RunRecord(Frozen):
-    schema_version: Literal["1.0"] = MODEL_SCHEMA_VERSION
+    schema_version: Literal["1.0"] = RUN_RECORD_VERSION
     data: RunData
     changes: tuple[RunChange, ...] = ()
 

@@ -39,7 +39,8 @@ CRASH_POINTS_SLOW = 24
 def userpipe(
     args, env_extra: dict | None = None, limit_file_size: int | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env = {key: value for key, value in merged.items() if value is not None}  # None: leave it unset
 
     def limit() -> None:  # a disk that is full after `limit_file_size` bytes of one file (no root needed)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
@@ -80,6 +81,9 @@ def training_outcome(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     return {
         "steps": [r["step"] for r in records if "loss" in r],
+        "same_image": [
+            r[k] for r in records if "loss" in r for k in ("same_image_batch", "same_image_queue")
+        ],
         "losses": [r[k] for r in records if "loss" in r for k in ("loss", "batch", "queue")],
         "vals": [r["step"] for r in records if "val" in r],
         "rsums": [r["val"]["rsum"] for r in records if "val" in r],
@@ -221,6 +225,7 @@ def writer(name: str, inputs: dict) -> Writer:
                 inputs["config"],
                 "--out",
                 "{out}",
+                "--deterministic",
             ),
             training_outcome,
             training_tolerance,
@@ -306,6 +311,42 @@ def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> tuple[lis
 def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
     seen, _ = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS, seed=WRITERS.index(name))
     assert len(seen) == CRASH_POINTS
+
+
+def test_a_default_resume_continues_the_data_position_queues_and_optimizer(inputs, tmp_path):
+    """Default math (MKL as it comes, not bit for bit): a run killed halfway and resumed reads the same
+    batches against the same queue ids (same-image counts per step), validates at the same steps with the
+    optimizer's step count carried over, and its losses stay within a rounding drift of the uninterrupted
+    run's."""
+    args = [a for a in writer("train", inputs).command(tmp_path / "out") if a != "--deterministic"]
+    fast = {"MKL_CBWR": None}
+    counter = tmp_path / "count"
+    assert userpipe(args, {**fast, **crash_env(tmp_path, counter)}).returncode == 0
+    uninterrupted = training_outcome(tmp_path / "out")
+    optimizer_steps = optimizer_step_counts(tmp_path / "out")
+    total = counter.stat().st_size
+    subprocess.run(["rm", "-rf", str(tmp_path / "out"), str(counter)], check=True)
+    killed = userpipe(args, {**fast, **crash_env(tmp_path, counter, total // 2)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    again = userpipe([*args, "--resume"], fast)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout
+    resumed = training_outcome(tmp_path / "out")
+    assert resumed == {
+        **uninterrupted,
+        "losses": pytest.approx(uninterrupted["losses"], rel=1e-3, abs=1e-4),
+        "rsums": resumed["rsums"],
+        "best": resumed["best"],
+    }
+    assert optimizer_step_counts(tmp_path / "out") == optimizer_steps
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["train"]["deterministic"] is False
+
+
+def optimizer_step_counts(run: Path) -> list[float]:
+    import torch
+
+    state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=False)
+    return sorted({float(s["step"]) for s in state["optimizer"]["state"].values()})
 
 
 @pytest.mark.exhaustive

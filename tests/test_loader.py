@@ -1,3 +1,4 @@
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,14 @@ from conftest import run_cli
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import InputError
 from trainer.captions import CaptionTokenizer, load_tokenizer
-from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader, same_image_counts
+from trainer.loader import (
+    LoaderSettings,
+    ShardError,
+    ShardSet,
+    StreamingLoader,
+    caption_for_pass,
+    same_image_counts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +50,40 @@ def pairs_of(batches) -> list[tuple[int, int]]:
     return [(int(i), int(c)) for b in batches for i, c in zip(b.image_index, b.caption_index, strict=True)]
 
 
-@pytest.mark.slow
-def test_one_epoch_yields_every_pair_once_padded_and_tokenized(shards, tokenizer):
-    store, out = shards
-    loader = StreamingLoader(
-        ShardSet.from_manifest(out), tokenizer, LoaderSettings(batch_size=16, train=False)
+def epoch_pairs(store: Path, passes: int, seed: int, epoch: int) -> Counter:
+    """The pairs an epoch must yield: every valid image once per pass, with its caption for the pass."""
+    group = zarr.open_group(str(store), mode="r")["train"]
+    counts = np.bincount(group["caption_image"][:])
+    return Counter(
+        (i, caption_for_pass(i, int(counts[i]), seed, epoch, p))
+        for i in range(len(counts))
+        if group["valid"][i]
+        for p in range(passes)
     )
+
+
+def test_an_image_gets_each_of_its_captions_once_before_any_twice():
+    for captions in (1, 3, 5, 7):
+        for epoch in range(3):
+            seen = [caption_for_pass(11, captions, seed=4, epoch=epoch, pass_=p) for p in range(2 * captions)]
+            assert sorted(seen[:captions]) == list(range(captions)) and seen[captions:] == seen[:captions]
+    epochs = {tuple(caption_for_pass(11, 5, 4, e, p) for p in range(5)) for e in range(20)}
+    assert len(epochs) > 10  # a new caption order every epoch
+
+
+@pytest.mark.slow
+def test_an_epoch_is_passes_of_every_image_once_padded_and_tokenized(shards, tokenizer):
+    store, out = shards
+    shard_set = ShardSet.from_manifest(out)
+    images = sum(shard_set.samples)
+    assert shard_set.passes == round(sum(shard_set.captions) / images) == 3  # 1 to 5 captions per image
+    loader = StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=16, train=False))
     batches = list(loader.batches(epoch=0))
-    assert len(batches) == loader.batches_per_epoch() == -(-len(all_pairs(store)) // 16)
+    assert len(batches) == loader.batches_per_epoch() == -(-images * 3 // 16)
     pairs = pairs_of(batches)
-    assert len(pairs) == len(set(pairs)) and set(pairs) == all_pairs(store)
+    assert Counter(pairs) == epoch_pairs(store, 3, seed=0, epoch=0)
+    for p in range(3):  # one worker, one rank: the stream is pass after pass, each image once in each
+        assert len({i for i, _ in pairs[p * images : (p + 1) * images]}) == images
 
     group = zarr.open_group(str(store), mode="r")["train"]
     batch = batches[0]
@@ -77,8 +109,7 @@ def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, w
         pairs_of(StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2).batches(epoch=3))
         for r in range(2)
     ]
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(all_pairs(store))
+    assert Counter(per_rank[0]) + Counter(per_rank[1]) == epoch_pairs(store, shard_set.passes, 0, 3)
 
 
 @pytest.mark.slow
@@ -142,7 +173,7 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
                 shard_set, tokenizer, LoaderSettings(batch_size=8, skip_corrupt=True, train=False)
             ).batches(0)
         )
-    assert batches[-1].shards_skipped == 1
+    assert batches[-1].shards_skipped == shard_set.passes  # one skipped reading per pass
     assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
 
 
@@ -198,3 +229,13 @@ def test_same_image_counts_are_per_query_means_of_other_entries_of_its_image():
     assert counts["same_image_batch"] == pytest.approx((3 * 2 + 0 + 2 * 1) / 6)  # others in the batch
     assert counts["same_image_queue"] == pytest.approx((3 * 1 + 0 + 2 * 2) / 6)
     assert same_image_counts(torch.arange(5)) == {"same_image_batch": 0.0}  # no queue: no queue count
+
+
+def test_captions_are_cut_only_at_the_model_maximum_or_a_configured_cap(tokenizer):
+    long = " ".join(["square"] * 150)  # 152 tokens: past the old fixed cut at 64
+    assert tokenizer.max_tokens == tokenizer.tokenizer.model_max_length == 512
+    assert len(tokenizer(long)) == 152
+    assert len(tokenizer(" ".join(["square"] * 600))) == 512
+    capped = CaptionTokenizer(tokenizer.tokenizer, max_tokens=64)
+    ids = capped(long)
+    assert len(ids) == 64 and ids[0] == tokenizer.cls and ids[-1] == tokenizer.sep

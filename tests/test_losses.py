@@ -143,3 +143,28 @@ def test_backend_choice_and_argument_errors():
         uto_queue_loss(q, q, q, MU, GAMMA, backend="fast")
     with pytest.raises(ValueError, match="pass both query_ids and queue_ids"):
         uto_queue_loss(q, q, q, MU, GAMMA, query_ids=torch.arange(4))
+
+
+def test_scores_and_both_uto_terms_stay_fp32_under_bf16_autocast():
+    """Negatives near γ (off-diagonal cosines ≈ 0.45): bf16 rounds their scores by up to 4e-3, which
+    μ = 90 turns into a gradient error of several percent; the losses must not see autocast."""
+    torch.manual_seed(7)
+    shared, own = torch.randn(1, 256), torch.randn(32, 256)
+    img = torch.nn.functional.normalize(shared + own, dim=1)
+    txt = torch.nn.functional.normalize(shared + own + 0.3 * torch.randn(32, 256), dim=1)
+    queue = torch.nn.functional.normalize(shared + torch.randn(512, 256), dim=1)
+
+    def image_grad(batch_loss, queue_loss, autocast: bool) -> torch.Tensor:
+        q = img.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = batch_loss(q, txt, 90.0, 0.5) + queue_loss(q, txt, queue, 90.0, 0.5, "eager")
+        assert loss.dtype == torch.float32
+        loss.backward()
+        return q.grad
+
+    exact = image_grad(uto_loss, uto_queue_loss, autocast=False)
+    torch.testing.assert_close(
+        image_grad(uto_loss, uto_queue_loss, autocast=True), exact, rtol=1e-6, atol=1e-7
+    )
+    unguarded = image_grad(uto_loss.__wrapped__, uto_queue_loss.__wrapped__, autocast=True)
+    assert (unguarded - exact).norm() / exact.norm() > 0.01  # what autocast alone would have done

@@ -66,6 +66,60 @@ def test_gpo_matches_the_plain_definition_and_ignores_padding():
     torch.testing.assert_close(gpo(shuffled[None], torch.tensor([5]))[0], pooled[0], rtol=1e-5, atol=1e-5)
 
 
+def released_image_encoder(encoder: ImageEncoder, regions: torch.Tensor) -> torch.Tensor:
+    """The released EncoderImageAggr (zhangy0822/USER lib/encoders.py: SGE at the region width, fc + MLP,
+    GPO, l2norm with eps 1e-8), written out from its formulas for full-length regions, reading the weights
+    of `encoder` (in eval mode: dropout off, BatchNorm on running statistics)."""
+    sge, eps = encoder.sge, 1e-8
+    local = torch.tanh(sge.local_norm(sge.local(regions)))
+    glob = torch.tanh(sge.glob_norm(sge.glob(regions.mean(1))))
+    weights = torch.softmax(sge.attend(local * glob[:, None, :]).squeeze(2), dim=1)
+    guide = (weights[..., None] * regions).sum(1)
+    guide = guide / (guide.norm(dim=-1, keepdim=True) + eps)
+    beta = torch.softmax(torch.einsum("bd,bkd->bk", guide, regions), dim=1)  # λ_att = 1
+    beta = beta / (beta.norm(dim=-1, keepdim=True) + eps)
+    enhanced = regions + beta[..., None] * guide[:, None, :]
+    b, k, _ = enhanced.shape
+    linear1, norm, _, linear2 = encoder.mlp
+    hidden = torch.relu(norm(linear1(enhanced).reshape(b * k, -1)))
+    features = encoder.fc(enhanced) + linear2(hidden).reshape(b, k, -1)
+    pooled = torch.stack([reference_gpo(encoder.gpo, f) for f in features])
+    return pooled / (pooled.norm(dim=-1, keepdim=True) + eps)
+
+
+def test_image_encoder_at_butd_width_equals_the_released_formulas():
+    config = load_run_config("coco").model
+    torch.manual_seed(3)
+    encoder = ImageEncoder(config)
+    assert encoder.sge.local.weight.shape == encoder.sge.glob.weight.shape == (2048, 2048)
+    assert encoder.sge.glob_norm.num_features == 2048 and encoder.sge.local_norm.num_features == 36
+    assert sum(p.numel() for p in encoder.parameters()) == IMAGE_ENCODER_PARAMETERS_COCO
+    regions = torch.relu(torch.randn(6, 36, 2048))  # BUTD features are post-ReLU
+    encoder.train()
+    encoder(regions, torch.full((6,), 36))  # BatchNorm gets running statistics
+    encoder.eval()
+    with torch.no_grad():
+        ours = encoder(regions, torch.full((6,), 36))
+        released = released_image_encoder(encoder, regions)
+    assert ours.shape == (6, 1024)
+    torch.testing.assert_close(ours, released, rtol=1e-5, atol=2e-6)
+
+
+IMAGE_ENCODER_PARAMETERS_COCO = 12_085_226  # docs/reference.md, "Model size"
+
+
+def test_image_fc_and_sge_linears_start_xavier_uniform_with_zero_bias():
+    torch.manual_seed(4)
+    encoder = ImageEncoder(load_run_config("coco").model)
+    for linear in (encoder.fc, encoder.sge.local, encoder.sge.glob, encoder.sge.attend):
+        fan_out, fan_in = linear.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        weight = linear.weight.detach()
+        assert weight.abs().max() <= bound and (linear.bias == 0).all()
+        if weight.numel() > 1000:  # uniform on [-bound, bound]: std bound / sqrt(3)
+            assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+
+
 @pytest.mark.parametrize("enhancement", ["sge", "cge", "none"])
 def test_image_encoder_shapes_and_padding_do_not_matter(enhancement):
     config = tiny_config(enhancement=enhancement, clip_dim=8 if enhancement == "cge" else None)
@@ -199,3 +253,12 @@ def test_packaged_minilm_text_tower_loads_offline():
         out = encoder(tokens, torch.tensor([len(r) for r in ids]))
     assert out.shape == (2, config.embed_dim)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_a_1_0_model_config_reads_as_the_model_it_built():
+    """1.0 built SGE at the embedding width and cut captions at 64 tokens; its checkpoints still load."""
+    old = {**tiny_config().model_dump(exclude={"sge_hidden", "max_tokens"}), "schema_version": "1.0"}
+    config = ModelConfig.model_validate(old)
+    assert (config.schema_version, config.sge_hidden, config.max_tokens) == ("1.1", 16, 64)
+    assert ImageEncoder(config).sge.local.weight.shape == (16, 12)
+    assert ImageEncoder(tiny_config()).sge.local.weight.shape == (12, 12)  # 1.1: the region width

@@ -13,7 +13,7 @@ import numpy as np
 
 ALTER_PROB = 0.2
 MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 of altered words are deleted
-MAX_TOKENS = 64  # captions in COCO/F30K stay well below; longer ones are cut before [SEP]
+UNSET_MAX_LENGTH = 10**6  # transformers' model_max_length is a huge sentinel when a tokenizer states none
 
 
 def load_tokenizer(name_or_path: str):
@@ -29,9 +29,11 @@ def load_tokenizer(name_or_path: str):
 
 
 class CaptionTokenizer:
-    def __init__(self, tokenizer, max_tokens: int = MAX_TOKENS):
+    def __init__(self, tokenizer, max_tokens: int | None = None):
+        """`max_tokens`: cut longer captions before [SEP]; None: the tokenizer's own model maximum, if any."""
+        own = tokenizer.model_max_length
         self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens or (own if own < UNSET_MAX_LENGTH else None)
         self.vocab_size = tokenizer.vocab_size
         self.cls, self.sep, self.mask = (
             tokenizer.cls_token_id,
@@ -40,11 +42,11 @@ class CaptionTokenizer:
         )
 
     @classmethod
-    def for_text_model(cls, text_model: str) -> CaptionTokenizer:
+    def for_text_model(cls, text_model: str, max_tokens: int | None = None) -> CaptionTokenizer:
         """The tokenizer of a `ModelConfig.text_model` ("package:NAME", hub name or local folder)."""
         from trainer.model import resolve_text_model
 
-        return cls(load_tokenizer(resolve_text_model(text_model)))
+        return cls(load_tokenizer(resolve_text_model(text_model)), max_tokens)
 
     def __call__(self, text: str, rng: np.random.Generator | None = None) -> list[int]:
         """Token ids with [CLS]/[SEP]; `rng` given = training augmentation."""
@@ -65,4 +67,6 @@ class CaptionTokenizer:
                     ids += rng.integers(0, self.vocab_size, len(pieces)).tolist()
                 continue  # else: deleted
             ids += pieces
-        return [self.cls, *ids[: self.max_tokens - 2], self.sep]
+        if self.max_tokens is not None:
+            ids = ids[: self.max_tokens - 2]
+        return [self.cls, *ids, self.sep]

@@ -233,7 +233,7 @@ def load_checkpoint(directory: Path, bert=None) -> tuple[USER, RunConfig]:
 def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
     """A checkpoint's model and config, and the tokenizer of its text model: what encoding needs."""
     model, config = load_checkpoint(directory)
-    return model, config, CaptionTokenizer.for_text_model(config.model.text_model)
+    return model, config, CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
 
 
 def initial_model(config: RunConfig, bert=None) -> USER:

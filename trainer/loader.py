@@ -2,19 +2,26 @@
 
 Stages, each a small generator (webdataset style), composed in `_EpochStream.__iter__`:
 
-  shard list (manifest) -> per-epoch seeded shard order -> split by rank -> split by DataLoader worker
-  -> tar reading (webdataset) -> shard-count check -> decode (schemas.shard) -> pairs: every caption
-  of every image once, shuffled within the shard -> tokenize (+ augmentation in training) -> batches
+  shard list (manifest) -> per-pass seeded shard order -> split by rank -> split by DataLoader worker
+  -> tar reading (webdataset) -> shard-count check -> decode (schemas.shard) -> pairs: one caption of
+  every image per pass, images shuffled within the shard -> tokenize (+ augmentation) -> batches
 
-Ordering is a pure function of (seed, epoch, rank, world, worker count): shard order is permuted per
-epoch, pairs are permuted within each shard, and augmentation draws from a generator keyed by
-(seed, epoch, image, caption). Because the shuffle never crosses a shard, the manifest's per-shard
-caption counts say exactly where step S of an epoch is, and `StreamingLoader.batches(epoch, start_step)`
-resumes there by dropping whole shards unread and skipping pairs only inside the one partial shard.
+An epoch is `passes` passes over the shards (the set's captions per image, 5 for COCO and Flickr30K), and
+each pass pairs every image with one of its captions, so the captions of an image are a whole pass apart:
+a query meets another caption of its own image in its batch or queue about as rarely as under the released
+code's global shuffle of all pairs (bench/data_order.py; docs/architecture.md, "Data order").
+
+Ordering is a pure function of (seed, epoch, rank, world, worker count): the shard order is permuted per
+pass, images are permuted within each shard visit, the caption an image gets in pass p is entry p of a
+permutation of its captions drawn per (seed, epoch, image), and augmentation draws from a generator keyed
+by (seed, epoch, image, caption). Because a visit of a shard yields exactly its manifest sample count of
+pairs, the manifest says where step S of an epoch is, and `StreamingLoader.batches(epoch, start_step)`
+resumes there by dropping whole visits unread and skipping pairs only inside the one partial visit.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,6 +103,12 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.urls)
 
+    @property
+    def passes(self) -> int:
+        """Passes per epoch: the set's captions per image, rounded (COCO's few images with 6 or 7
+        captions use 5 of them per epoch, a different 5 each epoch)."""
+        return max(1, round(sum(self.captions) / max(1, sum(self.samples))))
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -117,7 +130,7 @@ class Batch:
     clip_image: torch.Tensor | None = None  # (B, C) float16
     clip_text: torch.Tensor | None = None  # (B, C) float16
     worker: int = 0
-    shards_skipped: int = 0  # cumulative, in the worker that built this batch
+    shards_skipped: int = 0  # shard readings skipped so far (one per pass) by the worker of this batch
     image_ids: list[str] = field(default_factory=list)
 
 
@@ -137,13 +150,20 @@ def same_image_counts(batch_ids: torch.Tensor, queue_ids: torch.Tensor | None = 
     return counts
 
 
-def epoch_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+def pass_order(num_shards: int, seed: int, epoch: int, pass_: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, pass_]).permutation(num_shards)
 
 
 def split_shards(order: np.ndarray, part: int, parts: int) -> np.ndarray:
     """Every parts-th shard from `part`: ranks, then workers, each see disjoint shards."""
     return order[part::parts]
+
+
+def caption_for_pass(image: int, num_captions: int, seed: int, epoch: int, pass_: int) -> int:
+    """The caption an image is paired with in one pass: entry `pass_` of a per-(epoch, image) permutation
+    of its captions (cycled when it has fewer captions than the epoch has passes)."""
+    order = np.random.default_rng([seed, epoch, image]).permutation(num_captions)
+    return int(order[pass_ % num_captions])
 
 
 def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
@@ -205,31 +225,13 @@ def decoded(
             raise ShardError(str(exc)) from None
 
 
-def shard_pairs(samples: Iterable[ShardSample], seed: int, epoch: int, skip_pairs: int = 0) -> Iterator[Pair]:
-    """All (image, caption) pairs of each shard, permuted within the shard; samples arrive shard by
-    shard (`source` unchanged within one). The first `skip_pairs` pairs of the stream are dropped."""
-
-    def flush(pending: list[ShardSample]) -> Iterator[Pair]:
-        pairs = [Pair(s, c) for s in pending for c in range(len(s.captions))]
-        key = [seed, epoch, pending[0].meta.index]
-        for i in np.random.default_rng(key).permutation(len(pairs)):
-            yield pairs[i]
-
-    def all_pairs() -> Iterator[Pair]:
-        pending: list[ShardSample] = []
-        shard = None
-        for sample in samples:
-            if pending and sample.source != shard:
-                yield from flush(pending)
-                pending = []
-            shard = sample.source
-            pending.append(sample)
-        if pending:
-            yield from flush(pending)
-
-    for n, pair in enumerate(all_pairs()):
-        if n >= skip_pairs:
-            yield pair
+def visit_pairs(samples: list[ShardSample], seed: int, epoch: int, pass_: int) -> Iterator[Pair]:
+    """One visit of a shard in a pass: every image once, in a seeded order, with its caption for the pass."""
+    if not samples:
+        return
+    for i in np.random.default_rng([seed, epoch, pass_, samples[0].meta.index]).permutation(len(samples)):
+        sample = samples[i]
+        yield Pair(sample, caption_for_pass(sample.meta.index, len(sample.captions), seed, epoch, pass_))
 
 
 def tokenized(
@@ -301,13 +303,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+Visit = tuple[int, int]  # (pass, shard index): one reading of a shard within an epoch
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one DataLoader worker reads in an epoch: its logical worker's shards, minus those a
+    """What one DataLoader worker reads in an epoch: its logical worker's shard visits, minus those a
     resumed run has already consumed, and the pairs to skip in the first of them."""
 
     worker: int
-    shards: tuple[int, ...]
+    visits: tuple[Visit, ...]
     skip_pairs: int
 
 
@@ -331,16 +336,23 @@ class _EpochStream(torch.utils.data.IterableDataset):
             plans,
         )
 
+    def _pairs(self, plan: WorkerPlan, skipped: list[int]) -> Iterator[Pair]:
+        hashes = self.shards.sha256 if self.settings.check_sha256 else [None] * len(self.shards)
+        expected = dict(zip(self.shards.urls, zip(self.shards.samples, hashes, strict=True), strict=True))
+        seed, fields, dim = self.settings.seed, self.shards.fields, self.shards.store_config.feature_dim
+        for n, (pass_, shard) in enumerate(plan.visits):
+            # the whole shard first (its samples and its hash): an altered shard gives no pair
+            raws = checked_tar_samples(
+                [self.shards.urls[shard]], expected, self.settings.skip_corrupt, skipped
+            )
+            pairs = visit_pairs(list(decoded(raws, fields, dim)), seed, self.epoch, pass_)
+            yield from itertools.islice(pairs, plan.skip_pairs if n == 0 else 0, None)
+
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         plan = self.plans[info.id if info else 0]
-        urls = [self.shards.urls[i] for i in plan.shards]
-        hashes = self.shards.sha256 if self.settings.check_sha256 else [None] * len(self.shards)
-        expected = dict(zip(self.shards.urls, zip(self.shards.samples, hashes, strict=True), strict=True))
         skipped = [0]
-        raws = checked_tar_samples(urls, expected, self.settings.skip_corrupt, skipped)
-        samples = decoded(raws, self.shards.fields, self.shards.store_config.feature_dim)
-        pairs = shard_pairs(samples, self.settings.seed, self.epoch, plan.skip_pairs)
+        pairs = self._pairs(plan, skipped)
         items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
         for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
             batch = collate(group)
@@ -369,31 +381,35 @@ class StreamingLoader:
                 "worker(s); reshard with a smaller --max-count"
             )
 
-    def _worker_shards(self, epoch: int) -> list[np.ndarray]:
-        rank_shards = split_shards(
-            epoch_order(len(self.shards), self.settings.seed, epoch), self.rank, self.world
-        )
+    def _worker_visits(self, epoch: int) -> list[list[Visit]]:
+        """Each logical worker's shard visits in the epoch, pass after pass."""
         workers = max(1, self.settings.workers)
-        return [split_shards(rank_shards, w, workers) for w in range(workers)]
+        visits: list[list[Visit]] = [[] for _ in range(workers)]
+        for pass_ in range(self.shards.passes):
+            order = pass_order(len(self.shards), self.settings.seed, epoch, pass_)
+            rank_shards = split_shards(order, self.rank, self.world)
+            for w in range(workers):
+                visits[w] += [(pass_, int(i)) for i in split_shards(rank_shards, w, workers)]
+        return visits
 
-    def _worker_batches(self, worker_shards: list[np.ndarray]) -> list[int]:
+    def _worker_batches(self, worker_visits: list[list[Visit]]) -> list[int]:
         size, drop = self.settings.batch_size, self.settings.train
-        pairs = [sum(self.shards.captions[i] for i in shards) for shards in worker_shards]
+        pairs = [sum(self.shards.samples[shard] for _, shard in visits) for visits in worker_visits]
         return [p // size if drop else -(-p // size) for p in pairs]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self._worker_batches(self._worker_shards(epoch)))
+        return sum(self._worker_batches(self._worker_visits(epoch)))
 
     def _plans(self, epoch: int, start_step: int) -> list[WorkerPlan]:
         """One plan per DataLoader worker, for an epoch entered at start_step.
 
-        A logical worker owns a fixed slice of the rank's shards. The DataLoader takes batches from its
+        A logical worker owns a fixed list of the rank's shard visits. The DataLoader takes batches from its
         workers round robin, passing over exhausted ones, so the first start_step batches are the first
         c_w batches of each logical worker w; and since a fresh DataLoader starts its round at worker
         0, DataLoader workers take the logical workers in the order the round would have continued.
         """
-        worker_shards = self._worker_shards(epoch)
-        remaining = self._worker_batches(worker_shards)
+        worker_visits = self._worker_visits(epoch)
+        remaining = self._worker_batches(worker_visits)
         workers = len(remaining)
         consumed = [0] * workers
         step, last = 0, workers - 1
@@ -407,13 +423,12 @@ class StreamingLoader:
         order = [w for w in cycle if remaining[w]] + [w for w in cycle if not remaining[w]]
         plans = []
         for w in order:
-            pairs, dropped = consumed[w] * self.settings.batch_size, 0
-            while (
-                dropped < len(worker_shards[w]) and pairs >= self.shards.captions[worker_shards[w][dropped]]
-            ):
-                pairs -= self.shards.captions[worker_shards[w][dropped]]
+            visits, pairs = worker_visits[w], consumed[w] * self.settings.batch_size
+            dropped = 0
+            while dropped < len(visits) and pairs >= self.shards.samples[visits[dropped][1]]:
+                pairs -= self.shards.samples[visits[dropped][1]]
                 dropped += 1
-            plans.append(WorkerPlan(w, tuple(int(i) for i in worker_shards[w][dropped:]), pairs))
+            plans.append(WorkerPlan(w, tuple(visits[dropped:]), pairs))
         return plans
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:

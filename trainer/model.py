@@ -23,6 +23,13 @@ MASKED = -10000.0  # VSE∞'s fill for masked scores and features (finite, so fp
 GPO_TEMPERATURE = 0.1
 
 
+def xavier_init(*linears: nn.Linear) -> None:
+    """Xavier-uniform weights and zero biases, as the released image encoder and SGE initialise them."""
+    for linear in linears:
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+
+
 def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
@@ -76,18 +83,18 @@ def inject_guide(regions: torch.Tensor, guide: torch.Tensor, mask: torch.Tensor,
 
 
 class SelfGuidedEnhancement(nn.Module):
-    """SGE on raw regions: a region-attended global ĝ (in region space) injected into every region."""
+    """SGE on raw regions: a region-attended global ĝ (in region space) injected into every region.
+    The released encoder runs it at the region width (hidden = D: Linear 2048→2048 for BUTD features)."""
 
     def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float):
         super().__init__()
         self.local = nn.Linear(feature_dim, hidden)
-        self.local_norm = nn.BatchNorm1d(
-            num_regions
-        )  # over the region axis, as released (n a parameter here)
+        self.local_norm = nn.BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter)
         self.glob = nn.Linear(feature_dim, hidden)
         self.glob_norm = nn.BatchNorm1d(hidden)
         self.attend = nn.Linear(hidden, 1)
         self.dropout = nn.Dropout(dropout)
+        xavier_init(self.local, self.glob, self.attend)
 
     def forward(self, regions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(lengths, regions.shape[1])
@@ -124,7 +131,7 @@ class ImageEncoder(nn.Module):
         d, e = config.feature_dim, config.embed_dim
         self.num_regions = config.num_regions
         self.sge = (
-            SelfGuidedEnhancement(d, e, config.num_regions, config.dropout)
+            SelfGuidedEnhancement(d, config.sge_hidden or d, config.num_regions, config.dropout)
             if config.enhancement == "sge"
             else None
         )
@@ -134,6 +141,7 @@ class ImageEncoder(nn.Module):
             nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True), nn.Linear(e // 2, e)
         )
         self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
+        xavier_init(self.fc)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         b, k, _ = x.shape

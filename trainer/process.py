@@ -8,11 +8,13 @@ import os
 
 
 def reproducible_cpu_math() -> None:
-    """MKL's conditional-numerical-reproducibility mode, before the process's first MKL call.
+    """MKL's conditional-numerical-reproducibility mode, before the process's first MKL call: what
+    `userpipe train --deterministic` (and the test suite, whose comparisons are exact) runs with.
 
     MKL picks matmul kernels by memory alignment, so the same CPU run differs in the last bits between
     processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it). MKL_CBWR=COMPATIBLE
-    fixes that; a value already set (e.g. MKL_CBWR=AUTO, for speed) is kept.
+    fixes that at a cost in speed (bench/results/train_throughput.md), so it is an option, not the default;
+    a value already set is kept.
     """
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 

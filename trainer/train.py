@@ -108,19 +108,13 @@ def train_command(
     console: Console,
 ) -> dict:
     """`userpipe train`: the run's inputs (on --resume, the run's own unless given), its configuration, then
-    `train`. Sets the process's CPU math first (trainer/process.py)."""
-    reproducible_cpu_math()
+    `train`. A deterministic run sets the process's CPU math before its first matmul (trainer/process.py)."""
     shards, val_store = resume_inputs(run, shards, val_store, resume)
     base = config or (checkpoint.run_config_of(run) if resume else "demo")
-    return train(
-        run,
-        shards,
-        val_store,
-        load_run_config(base, parse_overrides(overrides)),
-        resume,
-        console,
-        allow_change=allow_change,
-    )
+    run_config = load_run_config(base, parse_overrides(overrides))
+    if run_config.train.deterministic:
+        reproducible_cpu_math()
+    return train(run, shards, val_store, run_config, resume, console, allow_change=allow_change)
 
 
 def train(
@@ -150,7 +144,7 @@ def _train(
     config = start.config
     recipe = config.train
     open_split(val_store, "val", config.model, recipe.val_images)
-    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model)
+    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
     loader = StreamingLoader(
         shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers, train=True)
     )

@@ -291,12 +291,18 @@ def train(
         help="on --resume: accept a recipe or data different from the run's "
         "(e.g. more epochs), recorded in run.json and the log",
     ),
+    deterministic: bool = typer.Option(
+        False,
+        help="bit-exact resume on the CPU at some speed (= --set train.deterministic=true; "
+        "bench/results/train_throughput.md)",
+    ),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from trainer.evaluate import format_table
     from trainer.train import train_command
 
-    best = train_command(out, shards, val_store, config, set_, resume, allow_change, console)
+    overrides = [*set_, "train.deterministic=true"] if deterministic else set_
+    best = train_command(out, shards, val_store, config, overrides, resume, allow_change, console)
     print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
 
