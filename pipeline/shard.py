@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from schemas.shard import (
     encode_sample,
     encoded_size,
     read_manifest,
+    tar_samples,
 )
 from schemas.store import caption_chunk_size
 from schemas.store_reader import REPAIR, open_store, store_problems
@@ -414,12 +414,10 @@ def count_shard(path: Path) -> tuple[str, int, int, str | None]:
     with open(path, "rb") as f:
         reader = HashingReader(f)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    key, _, field = member.name.partition(".")
-                    keys.add(key)
-                    if field == "captions.json":
-                        captions += len(json.loads(tar.extractfile(member).read()))
-        except (tarfile.TarError, ValueError, TypeError) as exc:
+            for sample in tar_samples(reader, str(path)):
+                keys.add(sample["__key__"])
+                if "captions.json" in sample:
+                    captions += len(json.loads(sample["captions.json"]))
+        except (ValueError, TypeError) as exc:  # TarError, and JSON that does not parse
             error = f"not a readable shard ({type(exc).__name__}: {exc})"
         return reader.finish(), len(keys), captions, error

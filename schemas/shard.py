@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -113,6 +116,90 @@ class HashingReader:
         return self.digest.hexdigest()
 
 
+class TarError(ValueError):
+    """A shard that is not a complete POSIX tar; the message says where it stops making sense."""
+
+
+BLOCK = 512
+
+
+def _read_exact(stream, size: int, what: str) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise TarError(f"cut short in {what} ({len(data)} of {size} bytes)")
+    return data
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # base-256, for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """`LENGTH key=value\n` records (POSIX.1-2001): only path and size matter for reading."""
+    records, at = {}, 0
+    while at < len(data):
+        length = int(data[at : data.index(b" ", at)])
+        key, _, value = data[data.index(b" ", at) + 1 : at + length - 1].partition(b"=")
+        records[key.decode()] = value.decode()
+        at += length
+    return records
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in a tar stream, in order: ustar, pax (what webdataset's
+    TarWriter writes) and GNU long names, each header's checksum checked. Python's tarfile spends ~0.3 ms
+    of pure-Python header parsing per member; a sample has 6, and the loader reads each shard once per
+    pass (bench/results/loader_throughput.md)."""
+    extended: dict[str, str] = {}
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) != BLOCK:
+            raise TarError(f"cut short in a header ({len(header)} of {BLOCK} bytes; no end-of-archive block)")
+        if header.count(0) == BLOCK:
+            return  # the end-of-archive block
+        if _tar_number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * ord(" "):
+            raise TarError("a header's checksum is wrong")
+        kind = header[156:157]
+        size = int(extended["size"]) if "size" in extended else _tar_number(header[124:136])
+        data = _read_exact(stream, size, f"a member of {size} bytes")
+        _read_exact(stream, -size % BLOCK, "padding")
+        if kind == b"x":
+            extended = _pax_records(data)
+        elif kind == b"L":
+            extended = {"path": data.rstrip(b"\0").decode()}
+        elif kind == b"g":
+            continue
+        else:
+            prefix, name = header[345:500].rstrip(b"\0"), header[:100].rstrip(b"\0")
+            path = extended.get("path") or (prefix + b"/" + name if prefix else name).decode()
+            extended = {}
+            if kind in (b"0", b"\0", b"7"):
+                yield path, data
+
+
+def tar_samples(stream, url: str) -> Iterator[dict]:
+    """Members grouped into samples as webdataset groups them (key = the path up to the first dot of its
+    file name): {"__key__", "__url__", member suffix: bytes}; a key seen again later is a new sample."""
+    sample: dict = {}
+    for path, data in tar_members(stream):
+        folder, _, name = path.rpartition("/")
+        stem, dot, suffix = name.partition(".")
+        if not dot:
+            continue  # no suffix: not part of a sample
+        key = f"{folder}/{stem}" if folder else stem
+        if sample and (key != sample["__key__"] or suffix in sample):
+            yield sample
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": url}
+        sample[suffix] = data
+    if sample:
+        yield sample
+
+
 def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
 
@@ -152,6 +239,28 @@ MEMBERS = {
 }  # member -> dtype of its array
 
 
+NPY_HEADER = re.compile(
+    rb"\{'descr': '([<|]\w\d+)', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \} *\n"
+)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An array from .npy bytes, read-only. The C-order header `np.save` writes is matched by one regex
+    and the data viewed in place; np.load parses every header as Python source (~0.1 ms), which the
+    loader would pay for 4 arrays of every sample of every pass. Anything else goes to np.load."""
+    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        if header := NPY_HEADER.fullmatch(data, 10, end):
+            shape = tuple(int(n) for n in header[2].split(b",") if n.strip())
+            dtype = np.dtype(header[1].decode())
+            if len(data) - end == dtype.itemsize * math.prod(shape):
+                return np.frombuffer(data, dtype, offset=end).reshape(shape)
+            raise ValueError(f"the array holds {len(data) - end} bytes, its header says shape {shape}")
+    value = np.load(io.BytesIO(data), allow_pickle=False)
+    value.flags.writeable = False
+    return value
+
+
 def decode_sample(
     raw: dict, fields: tuple[str, ...] | None = None, feature_dim: int | None = None
 ) -> ShardSample:
@@ -162,7 +271,7 @@ def decode_sample(
         data = raw.get(name)
         if data is None:
             return None
-        value = np.load(io.BytesIO(data), allow_pickle=False)
+        value = load_npy(data)
         if value.dtype != np.dtype(MEMBERS[name]):
             raise ValueError(f"{name} is {value.dtype}, not {MEMBERS[name]}")
         return value

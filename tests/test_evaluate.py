@@ -122,3 +122,30 @@ def test_embedding_metrics_of_one_model_and_of_an_ensemble():
             [SplitEmbeddings(a.images[:19], a.captions[:95], caption_image[:95], [], np.arange(19), [])],
             "coco1k",
         )
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ranks_with_extra_positives_equal_the_argsort_loops(ties):
+    """CxC-style positives (an image's own captions plus others; a caption's own image plus others): the
+    rank of the best-ranked positive, as the per-query argsort loops find it."""
+    import torch
+
+    from trainer.evaluate import positive_ranks
+
+    rng = np.random.default_rng(3)
+    n = 50
+    sims = rng.integers(0, 4, size=(n, 5 * n)).astype(np.float32) if ties else rng.normal(size=(n, 5 * n))
+    own = [(c // 5, c) for c in range(5 * n)]
+    extra = {
+        (int(i), int(c)) for i, c in zip(rng.integers(0, n, 300), rng.integers(0, 5 * n, 300), strict=True)
+    }
+    pairs = np.array(sorted(set(own) | extra))
+    i2t, t2i = positive_ranks(
+        torch.from_numpy(sims), torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    )
+    for i in range(n):
+        order = np.argsort(sims[i], kind="stable")[::-1]
+        assert i2t[i] == min(np.flatnonzero(order == c)[0] for c in pairs[pairs[:, 0] == i, 1])
+    for c in range(5 * n):
+        order = np.argsort(sims[:, c], kind="stable")[::-1]
+        assert t2i[c] == min(np.flatnonzero(order == i)[0] for i in pairs[pairs[:, 1] == c, 0])

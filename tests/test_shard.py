@@ -1,4 +1,5 @@
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,68 @@ def test_verify_checks_every_manifest_count(runner, tmp_path: Path):
     manifest["num_samples"] += 3
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert "its shards add up to 13 samples" in run_cli(runner, "verify", out).output
+
+
+@pytest.mark.parametrize("form", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(form):
+    """Against Python's tarfile on generated archives: names up to 200 characters (past ustar's 100: pax
+    and GNU long names, ustar's prefix), sizes around the 512-byte block, empty members, folders."""
+    import io
+
+    from schemas.shard import TarError, tar_members, tar_samples
+
+    rng = np.random.default_rng(form)
+    members = []
+    for i in range(40):
+        key = i // 2  # two members per sample; every third sample in a folder with a long name
+        stem = ("d" * (20 + 37 * key % 130) + "/" if key % 3 == 0 else "") + f"{key:06d}"
+        size = int(rng.choice([0, 1, 511, 512, 513, 1024, int(rng.integers(0, 5000))]))
+        members.append((f"{stem}.m{i % 2}.npy", rng.bytes(size)))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=form) as tar:
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        end = tar.offset  # where the end-of-archive blocks begin
+    archive = buffer.getvalue()
+    assert list(tar_members(io.BytesIO(archive))) == members
+    samples = list(tar_samples(io.BytesIO(archive), "x.tar"))
+    assert sum(len(s) - 2 for s in samples) == len(members) and samples[0]["__url__"] == "x.tar"
+    assert samples[1]["__key__"] == "000001" and set(samples[1]) == {"__key__", "__url__", "m0.npy", "m1.npy"}
+
+    for cut in rng.integers(1, end, 20):  # inside a header, a member or padding
+        with pytest.raises(TarError, match="cut short"):
+            list(tar_members(io.BytesIO(archive[:cut])))
+    flipped = bytearray(archive)
+    flipped[512] ^= 0x20  # the first byte of the second header (after the folder's)
+    with pytest.raises(TarError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(flipped))))
+
+
+def test_npy_members_read_as_np_load_reads_them_and_cut_ones_are_refused():
+    import io
+
+    from schemas.shard import NPY_HEADER, load_npy
+
+    rng = np.random.default_rng(0)
+    for dtype in ("float16", "float32", "int64", "bool"):
+        for shape in [(), (0,), (5,), (0, 4), (36, 2048), (2, 3, 4), (1, 100001)]:
+            array = (rng.standard_normal(shape) * 100).astype(dtype)
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            data = buffer.getvalue()
+            assert NPY_HEADER.fullmatch(data, 10, 10 + int.from_bytes(data[8:10], "little"))  # the fast path
+            loaded = load_npy(data)
+            assert loaded.dtype == array.dtype and loaded.shape == shape and np.array_equal(loaded, array)
+            assert not loaded.flags.writeable
+            if array.nbytes:
+                with pytest.raises(ValueError, match="header says shape"):
+                    load_npy(data[:-1])
+    fortran = np.asfortranarray(rng.standard_normal((3, 4)))
+    buffer = io.BytesIO()
+    np.save(buffer, fortran)
+    assert np.array_equal(load_npy(buffer.getvalue()), fortran)  # any other header: np.load

@@ -18,6 +18,7 @@ from schemas.run import ModelConfig
 from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import checkpoint_dir, load_trained
+from trainer.cxc import cxc_positives, read_coco_captions, read_sits
 from trainer.evaluate import PROTOCOLS, check_finite, protocol_metrics
 from trainer.model import USER
 
@@ -153,7 +154,7 @@ def encode_split(
     )
 
 
-def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full") -> dict:
+def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full", positives=None) -> dict:
     """Retrieval metrics of one model's embeddings of a split, or of several models' (an ensemble: their
     image x caption similarities averaged, as the VSE∞ and USER evaluations ensemble two runs)."""
     first = embeddings[0]
@@ -161,7 +162,7 @@ def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full")
         raise InputError("the ensemble's embeddings are of different images or captions; encode one split")
     sims = sum(e.images @ e.captions.T for e in embeddings) / len(embeddings)
     try:
-        return protocol_metrics(sims, first.caption_image, protocol)
+        return protocol_metrics(sims, first.caption_image, protocol, positives)
     except ValueError as exc:  # a protocol the split does not fit, e.g. coco1k on 1,001 images
         raise InputError(str(exc)) from None
 
@@ -173,10 +174,18 @@ def evaluate_checkpoints(
     run: Path | None = None,
     checkpoint: Path | None = None,
     ensemble: tuple[Path, ...] = (),
+    cxc: Path | None = None,
+    coco_captions: Path | None = None,
 ) -> dict:
-    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best."""
+    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best;
+    `cxc` and `coco_captions`: the CxC annotations the cxc protocol reads (trainer/cxc.py)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
+        raise InputError("--protocol cxc goes with --cxc DIR and --coco-captions FILE, and they only with it")
+    if cxc is not None:  # the annotation files are checked before any model is loaded
+        read_sits(cxc)
+        read_coco_captions(coco_captions)
     sources = (
         [checkpoint_dir(r, None) for r in ensemble]
         if ensemble
@@ -186,4 +195,10 @@ def evaluate_checkpoints(
     for source in sources:
         model, _, tokenizer = load_trained(source)
         embeddings.append(encode_split(model, store, split, tokenizer))
-    return embedding_metrics(embeddings, protocol)
+    first = embeddings[0]
+    positives = (
+        cxc_positives(first.image_ids, first.caption_texts, first.caption_image, cxc, coco_captions)
+        if cxc is not None
+        else None
+    )
+    return embedding_metrics(embeddings, protocol, positives)

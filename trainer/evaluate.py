@@ -21,7 +21,7 @@ from schemas.errors import NonFiniteError
 
 KS = (1, 5, 10)
 ROWS = 64  # image rows per block: a (64, C) slice stays in cache while both directions count over it
-PROTOCOLS = ("coco1k", "coco5k", "f30k", "full")
+PROTOCOLS = ("coco1k", "coco5k", "f30k", "full", "cxc")
 FOLDS = 5
 
 
@@ -30,7 +30,16 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based i2t ranks (N,) and t2i ranks (C,), counted in one pass over the rows of `sims`.
+    """0-based i2t ranks (N,) and t2i ranks (C,): each caption's positive is its own image."""
+    return positive_ranks(sims, caption_image, torch.arange(sims.shape[1]))
+
+
+def positive_ranks(
+    sims: torch.Tensor, pair_image: torch.Tensor, pair_caption: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based i2t ranks (N,) and t2i ranks (C,) of the best-ranked positive, the positives being the
+    (image, caption) pairs given (each image and each caption in at least one), counted in one pass over
+    the rows of `sims`.
 
     An item's rank is the number of items scoring strictly higher, plus the tied items with a larger index
     (what a stable descending argsort puts first). Exact ties are rare in float scores, so they are
@@ -38,32 +47,36 @@ def ranks(sims: torch.Tensor, caption_image: torch.Tensor) -> tuple[torch.Tensor
     """
     n, c = sims.shape
     columns, rows = torch.arange(c), torch.arange(n)
-    own = sims[caption_image, columns]  # (C,) each caption's score with its own image
-    # i2t: an image's rank is its best caption's: the highest own score, ties to the larger caption index
-    best_score = torch.full((n,), float("-inf"), dtype=sims.dtype).scatter_reduce(
-        0, caption_image, own, "amax"
-    )
-    best = torch.full((n,), -1).scatter_reduce(
-        0, caption_image, torch.where(own == best_score[caption_image], columns, -1), "amax"
-    )
+    score = sims[pair_image, pair_caption]  # each positive pair's score
+
+    def best(query: torch.Tensor, item: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query, its best positive's score and index (ties: the larger index, as the sort puts it)."""
+        top = torch.full((size,), float("-inf"), dtype=sims.dtype).scatter_reduce(0, query, score, "amax")
+        at = torch.full((size,), -1).scatter_reduce(
+            0, query, torch.where(score == top[query], item, -1), "amax"
+        )
+        return top, at
+
+    best_caption_score, best_caption = best(pair_image, pair_caption, n)
+    best_image_score, best_image = best(pair_caption, pair_image, c)
     i2t, t2i, t2i_at_least = (
         torch.empty(n, dtype=torch.long),
         torch.zeros(c, dtype=torch.long),
         torch.zeros(c, dtype=torch.long),
     )
     for start in range(0, n, ROWS):
-        block, threshold = sims[start : start + ROWS], best_score[start : start + ROWS, None]
+        block, threshold = sims[start : start + ROWS], best_caption_score[start : start + ROWS, None]
         i2t[start : start + ROWS] = (block > threshold).sum(1)
         tied = ((block == threshold).sum(1) > 1).nonzero().squeeze(1)  # the best caption ties another caption
         if len(tied):
             i2t[start + tied] += (
-                (block[tied] == threshold[tied]) & (columns > best[start + tied, None])
+                (block[tied] == threshold[tied]) & (columns > best_caption[start + tied, None])
             ).sum(1)
-        t2i += (block > own).sum(0)
-        t2i_at_least += (block >= own).sum(0)
-    tied = (t2i_at_least - t2i > 1).nonzero().squeeze(1)  # the own image ties another image
+        t2i += (block > best_image_score).sum(0)
+        t2i_at_least += (block >= best_image_score).sum(0)
+    tied = (t2i_at_least - t2i > 1).nonzero().squeeze(1)  # the best image ties another image
     if len(tied):
-        t2i[tied] += ((sims[:, tied] == own[tied]) & (rows[:, None] > caption_image[tied])).sum(0)
+        t2i[tied] += ((sims[:, tied] == best_image_score[tied]) & (rows[:, None] > best_image[tied])).sum(0)
     return i2t, t2i
 
 
@@ -116,12 +129,20 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
     return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
 
 
-def protocol_metrics(sims, caption_image, protocol: str) -> dict:
+def protocol_metrics(sims, caption_image, protocol: str, positives=None) -> dict:
     """`coco1k`: mean over 5 folds of N/5 images and their captions (every metric, RSUM included);
-    `coco5k`, `f30k`, `full`: the whole matrix (the names say which split the papers use)."""
+    `coco5k`, `f30k`, `full`: the whole matrix (the names say which split the papers use); `cxc`: the whole
+    matrix, a query's rank being its best-ranked positive's, `positives` the (image, caption) index pairs
+    (trainer/cxc.py)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
     sims, caption_image = _as_tensor(sims), _as_tensor(caption_image).long()
+    if protocol == "cxc":
+        if positives is None:
+            raise ValueError("the cxc protocol needs the CxC positives (--cxc and --coco-captions)")
+        retrieval_metrics(sims, caption_image)  # the same checks: finite scores, every image captioned
+        i2t, t2i = (_summary(r) for r in positive_ranks(sims, *positives))
+        return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
     if protocol != "coco1k":
         return retrieval_metrics(sims, caption_image)
     n = sims.shape[0]

@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 
 from schemas.errors import InputError
-from schemas.shard import HashingReader, SampleError, ShardSample, decode_sample, read_manifest
+from schemas.shard import HashingReader, SampleError, ShardSample, decode_sample, read_manifest, tar_samples
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 
@@ -170,11 +170,10 @@ def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
     """Raw samples of one shard (a path, or any URL webdataset opens), read through a HashingReader when
     `hashed`; after the last sample, yields {"__sha256__": digest of every byte of the shard, or None}."""
     for source in wds.tariterators.url_opener([{"url": url}]):
-        reader = HashingReader(source["stream"]) if hashed else source["stream"]
-        yield from wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander([{**source, "stream": reader}])
-        )
-        yield {"__sha256__": reader.finish() if hashed else None}
+        with source["stream"] as stream:
+            reader = HashingReader(stream) if hashed else stream
+            yield from tar_samples(reader, url)
+            yield {"__sha256__": reader.finish() if hashed else None}
 
 
 def checked_tar_samples(
@@ -251,8 +250,8 @@ def collate(items: list[tuple[Pair, list[int]]]) -> Batch:
     tokens = torch.zeros(b, max(len(t) for _, t in items), dtype=torch.long)
     for i, (pair, ids) in enumerate(items):
         n = len(pair.sample.regions)
-        regions[i, :n] = torch.from_numpy(pair.sample.regions)
-        boxes[i, :n] = torch.from_numpy(pair.sample.boxes)
+        regions.numpy()[i, :n] = pair.sample.regions  # the samples' arrays are read-only views of the shard
+        boxes.numpy()[i, :n] = pair.sample.boxes
         tokens[i, : len(ids)] = torch.tensor(ids)
     batch = Batch(
         regions=regions,

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.profiler import record_function
 
 from schemas.run import ModelConfig
 from trainer.losses import uto_loss, uto_queue_loss
@@ -263,24 +264,28 @@ class USER(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """One training step's losses; updates the key encoders first and the queues last."""
         cfg = self.config
-        img = self.image(regions, region_lengths, clip)
-        txt = self.text(tokens, token_lengths)
-        same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
-        batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
+        with record_function("image encoder"):  # the labels: bench/train_throughput.py's profile
+            img = self.image(regions, region_lengths, clip)
+        with record_function("text tower"):
+            txt = self.text(tokens, token_lengths)
+        with record_function("uto"):
+            same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
+            batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
         if not cfg.use_queue:
             zero = torch.zeros((), device=batch.device)
             return {"loss": cfg.batch_weight * batch, "batch": batch.detach(), "queue": zero}
-        self.momentum_update()
-        with torch.no_grad():
+        with record_function("key encoders"), torch.no_grad():
+            self.momentum_update()
             img_key = self.image_key(regions, region_lengths, clip)
             txt_key = self.text_key(tokens, token_lengths)
-        # copies: the queues are updated in place below, before backward reads what the loss saved
-        text_queue, text_ids = self.text_queue.keys.clone(), self.text_queue.ids.clone()
-        image_queue, image_ids_queue = self.image_queue.keys.clone(), self.image_queue.ids.clone()
-        ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
-        image_to_text = uto_queue_loss(img, txt_key, text_queue, cfg.mu, cfg.gamma, backend, *ids)
-        ids = (image_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
-        text_to_image = uto_queue_loss(txt, img_key, image_queue, cfg.mu, cfg.gamma, backend, *ids)
+        with record_function("uto"):
+            # copies: the queues are updated in place below, before backward reads what the loss saved
+            text_queue, text_ids = self.text_queue.keys.clone(), self.text_queue.ids.clone()
+            image_queue, image_ids_queue = self.image_queue.keys.clone(), self.image_queue.ids.clone()
+            ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
+            image_to_text = uto_queue_loss(img, txt_key, text_queue, cfg.mu, cfg.gamma, backend, *ids)
+            ids = (image_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
+            text_to_image = uto_queue_loss(txt, img_key, image_queue, cfg.mu, cfg.gamma, backend, *ids)
         self.image_queue.push(img_key, image_ids)
         self.text_queue.push(txt_key, image_ids)
         queue = image_to_text + text_to_image

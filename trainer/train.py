@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.profiler import record_function
 
 from schemas.errors import InputError, NonFiniteError
 from schemas.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
@@ -213,22 +214,7 @@ def _train(
                 same_image = same_image_counts(
                     batch.image_index, model.text_queue.ids if config.model.use_queue else None
                 )
-                clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    losses = model(
-                        batch.regions.to(device),
-                        batch.region_lengths.to(device),
-                        batch.tokens.to(device),
-                        batch.token_lengths.to(device),
-                        batch.image_index.to(device),
-                        clip=clip,
-                        backend=recipe.backend,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                check_step_finite(losses["loss"], grad_norm, position)
-                optimizer.step()
+                losses = train_step(model, optimizer, batch, config, device, position)
                 position.step += 1
                 position.global_step += 1
                 pairs += len(batch.image_index)
@@ -250,6 +236,32 @@ def _train(
             _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
     write_training_summary(run, log.records())
     return json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
+
+
+def train_step(
+    model: USER, optimizer: torch.optim.Optimizer, batch, config: RunConfig, device, position: Position
+) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward (bf16 autocast on CUDA; the losses stay fp32), backward, clipping, the
+    finiteness check, AdamW. Returns the losses."""
+    clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses = model(
+            batch.regions.to(device),
+            batch.region_lengths.to(device),
+            batch.tokens.to(device),
+            batch.token_lengths.to(device),
+            batch.image_index.to(device),
+            clip=clip,
+            backend=config.train.backend,
+        )
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("backward"):
+        losses["loss"].backward()
+    with record_function("optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        check_step_finite(losses["loss"], grad_norm, position)
+        optimizer.step()
+    return losses
 
 
 def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Position) -> None:

@@ -316,7 +316,11 @@ def evaluate(
         None, help="comma-separated run directories whose similarities are averaged"
     ),
     split: str = typer.Option("test", help="split of the store"),
-    protocol: str = typer.Option("full", help="coco1k (5-fold mean), coco5k, f30k or full"),
+    protocol: str = typer.Option(
+        "full", help="coco1k (5-fold mean), coco5k, f30k, full, or cxc (Crisscrossed Captions on COCO 5K)"
+    ),
+    cxc: Path = typer.Option(None, help="for cxc: the folder with CxC's sits_test.csv"),
+    coco_captions: Path = typer.Option(None, help="for cxc: COCO's captions_val2014.json"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
@@ -324,7 +328,7 @@ def evaluate(
     from trainer.evaluate import format_table
 
     runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
-    metrics = evaluate_checkpoints(store, split, protocol, run, checkpoint, runs)
+    metrics = evaluate_checkpoints(store, split, protocol, run, checkpoint, runs, cxc, coco_captions)
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:

@@ -1,0 +1,110 @@
+"""Crisscrossed Captions (CxC; Parekh et al., EACL 2021) on COCO's Karpathy 5K test split: image-text
+positives beyond each caption's own image, from human similarity ratings.
+
+Inputs as users download them:
+  DIR/sits_test.csv     google-research-datasets/Crisscrossed-Captions, data/: caption,image,agg_score,
+                        sampling_method; captions as COCO_val2014:sentid:<COCO caption id>, images as
+                        COCO_val2014_<12-digit COCO image id>.jpg, agg_score a mean rating in [0, 5]
+  captions_val2014.json the COCO captions annotation file: annotations[].{id, image_id, caption}
+A rated pair is a positive at agg_score >= 3 (the CxC paper, section 3); every original pair is one too,
+as in VSE∞'s eval_cxc (whose every query has a positive). CxC names captions by COCO caption id, so the
+annotation file maps each to its image and text, and the text to the split's caption of that image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from schemas.errors import InputError
+
+SITS_FILE = "sits_test.csv"
+SITS_COLUMNS = ["caption", "image", "agg_score", "sampling_method"]
+POSITIVE_SCORE = 3.0
+CAPTION_ID = re.compile(r"COCO_val2014:sentid:(\d+)")
+IMAGE_NAME = re.compile(r"COCO_val2014_(\d{12})\.jpg")
+SOURCE = "github.com/google-research-datasets/Crisscrossed-Captions, data/"
+
+
+def read_sits(folder: Path) -> list[tuple[int, int, float]]:
+    """(COCO caption id, COCO image id, agg_score) of every rated pair."""
+    path = Path(folder) / SITS_FILE
+    if not path.is_file():
+        raise InputError(f"no {SITS_FILE} in {folder} (the CxC annotations: {SOURCE})")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if header != SITS_COLUMNS:
+            raise InputError(f"{path}: the columns are {','.join(header)}, expected {','.join(SITS_COLUMNS)}")
+        for line, row in enumerate(reader, start=2):
+            caption = CAPTION_ID.fullmatch(row[0]) if len(row) == len(SITS_COLUMNS) else None
+            image = IMAGE_NAME.fullmatch(row[1]) if caption else None
+            try:
+                score = float(row[2]) if image else None
+            except ValueError:
+                score = None
+            if score is None or not 0 <= score <= 5:
+                raise InputError(
+                    f"{path} line {line}: expected COCO_val2014:sentid:ID, COCO_val2014_ID.jpg and a "
+                    f"score in [0, 5], got {','.join(row)[:120]!r}"
+                )
+            rows.append((int(caption[1]), int(image[1]), score))
+    if not rows:
+        raise InputError(f"{path} holds no rated pairs")
+    return rows
+
+
+def read_coco_captions(path: Path) -> dict[int, tuple[int, str]]:
+    """COCO caption id -> (COCO image id, caption) from a COCO captions annotation file."""
+    try:
+        tree = json.loads(Path(path).read_bytes())
+        return {int(a["id"]): (int(a["image_id"]), str(a["caption"])) for a in tree["annotations"]}
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist (COCO's captions_val2014.json)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        problem = f"no {exc.args[0]!r} field" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise InputError(f"{path} is not a COCO captions annotation file ({problem})") from None
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(" .")
+
+
+def cxc_positives(
+    image_ids: list[str],
+    caption_texts: list[str],
+    caption_image: torch.Tensor,
+    folder: Path,
+    coco_captions: Path,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (image, caption) index pairs that count as positives on an embedded split: its own pairs, and
+    CxC's rated pairs at agg_score >= 3. Every CxC image and caption must be in the split."""
+    rated = [r for r in read_sits(folder) if r[2] >= POSITIVE_SCORE]
+    annotations = read_coco_captions(coco_captions)
+    image_index = {image_id: i for i, image_id in enumerate(image_ids)}
+    caption_index = {}
+    for c, (text, image) in enumerate(zip(caption_texts, caption_image.tolist(), strict=True)):
+        caption_index.setdefault((image_ids[image], _normalized(text)), c)
+    pairs = set(zip(caption_image.tolist(), range(len(caption_texts)), strict=True))
+    for caption_id, coco_image, _ in rated:
+        if str(coco_image) not in image_index:
+            raise InputError(
+                f"CxC image {coco_image} is not in the split: CxC is defined on the Karpathy 5K test split"
+            )
+        if caption_id not in annotations:
+            raise InputError(f"CxC caption {caption_id} is not in {coco_captions}")
+        owner, text = annotations[caption_id]
+        c = caption_index.get((str(owner), _normalized(text)))
+        if c is None:
+            raise InputError(
+                f"COCO caption {caption_id} of image {owner} ({text.strip()[:60]!r}) is not among the "
+                "split's captions of that image: CxC is defined on the Karpathy 5K test split"
+            )
+        pairs.add((image_index[str(coco_image)], c))
+    both = torch.tensor(sorted(pairs), dtype=torch.long)
+    return both[:, 0], both[:, 1]
