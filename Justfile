@@ -34,12 +34,14 @@ demo: setup
         --run runs/demo -k 5 --html runs/demo/search.html
     HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test
 
-# the demo's ablation: USER-SGE (the demo run) vs USER-CGE vs a VSE∞-style baseline, in runs/demo/report.md
+# the demo's ablation: USER-SGE (the demo run) vs USER-CGE vs a VSE∞-style baseline vs USER-SGE with same-image
+# negatives masked, in runs/demo/report.md
 demo-ablation: demo
     {{just_executable()}} _demo-train runs/demo-cge --set model.enhancement=cge --set model.clip_dim=1280
     {{just_executable()}} _demo-train runs/demo-vse --set model.enhancement=none --set model.use_queue=false
+    {{just_executable()}} _demo-train runs/demo-mask --set model.mask_false_negatives=true
     HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test \
-        --compare runs/demo-cge --compare runs/demo-vse
+        --compare runs/demo-cge --compare runs/demo-vse --compare runs/demo-mask
 
 # train the demo config into OUT (resumes a run that is there)
 _demo-train out *overrides:

@@ -319,6 +319,7 @@ def test_a_default_resume_continues_the_data_position_queues_and_optimizer(input
     optimizer's step count carried over, and its losses stay within a rounding drift of the uninterrupted
     run's."""
     args = [a for a in writer("train", inputs).command(tmp_path / "out") if a != "--deterministic"]
+    args += ["--set", "train.val_every=3"]  # checkpoints mid-epoch: the kill halfway resumes mid-epoch
     fast = {"MKL_CBWR": None}
     counter = tmp_path / "count"
     assert userpipe(args, {**fast, **crash_env(tmp_path, counter)}).returncode == 0
@@ -332,6 +333,7 @@ def test_a_default_resume_continues_the_data_position_queues_and_optimizer(input
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout + again.stderr
     resumed = training_outcome(tmp_path / "out")
+    assert resumed["vals"] == uninterrupted["vals"], str((resumed["vals"], uninterrupted["vals"]))
     assert resumed == {
         **uninterrupted,
         "losses": pytest.approx(uninterrupted["losses"], rel=1e-3, abs=1e-4),

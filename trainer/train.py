@@ -230,7 +230,13 @@ def _train(
                     }
                 )
                 bar.update(task, advance=1, status=f"loss {losses['loss'].item():.4f}  {rate:.0f} pairs/s")
-                if recipe.val_every and position.global_step % recipe.val_every == 0:
+                # at the epoch's last step the epoch's own validation follows: one, so that a run resumed
+                # from this step's checkpoint validates as often as the uninterrupted run
+                if (
+                    recipe.val_every
+                    and position.global_step % recipe.val_every == 0
+                    and position.step < per_epoch
+                ):
                     _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
             position.epoch, position.step = position.epoch + 1, 0
             _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
