@@ -13,16 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Frozen
 
-MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden and max_tokens (1.0 configs read as what they built)
+MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden, xavier_init, max_tokens (1.0 configs read as what they built)
 RUN_RECORD_VERSION = "1.0"
 
 
 def _read_1_0_model(data):
-    """A 1.0 model config built SGE at the embedding width and cut captions at 64 tokens: read it as that."""
+    """A 1.0 model config built SGE at the embedding width, PyTorch's default init and captions cut at 64
+    tokens: read it as that."""
     if isinstance(data, dict) and data.get("schema_version") == "1.0":
         data = {**data, "schema_version": MODEL_SCHEMA_VERSION}
         data.setdefault("sge_hidden", data.get("embed_dim"))
         data.setdefault("max_tokens", 64)
+        data.setdefault("xavier_init", False)
     return data
 
 
@@ -49,6 +51,11 @@ class ModelConfig(BaseModel):
     )
     sge_hidden: int | None = Field(
         default=None, gt=0, description="SGE's hidden width (None: the region width D, as released)"
+    )
+    xavier_init: bool = Field(
+        default=True,
+        description="image fc and SGE linears start Xavier-uniform with zero bias, as released "
+        "(false: PyTorch's default)",
     )
     dropout: float = Field(default=0.4, ge=0, lt=1)
     gpo_pe_dim: int = 32

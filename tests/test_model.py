@@ -118,6 +118,8 @@ def test_image_fc_and_sge_linears_start_xavier_uniform_with_zero_bias():
         assert weight.abs().max() <= bound and (linear.bias == 0).all()
         if weight.numel() > 1000:  # uniform on [-bound, bound]: std bound / sqrt(3)
             assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    default = ImageEncoder(load_run_config("coco", {"model.xavier_init": False}).model).fc
+    assert default.weight.abs().max() <= 1 / math.sqrt(2048) < bound and (default.bias != 0).any()
 
 
 @pytest.mark.parametrize("enhancement", ["sge", "cge", "none"])
@@ -257,8 +259,16 @@ def test_packaged_minilm_text_tower_loads_offline():
 
 def test_a_1_0_model_config_reads_as_the_model_it_built():
     """1.0 built SGE at the embedding width and cut captions at 64 tokens; its checkpoints still load."""
-    old = {**tiny_config().model_dump(exclude={"sge_hidden", "max_tokens"}), "schema_version": "1.0"}
+    old = {
+        **tiny_config().model_dump(exclude={"sge_hidden", "max_tokens", "xavier_init"}),
+        "schema_version": "1.0",
+    }
     config = ModelConfig.model_validate(old)
-    assert (config.schema_version, config.sge_hidden, config.max_tokens) == ("1.1", 16, 64)
+    assert (config.schema_version, config.sge_hidden, config.max_tokens, config.xavier_init) == (
+        "1.1",
+        16,
+        64,
+        False,
+    )
     assert ImageEncoder(config).sge.local.weight.shape == (16, 12)
     assert ImageEncoder(tiny_config()).sge.local.weight.shape == (12, 12)  # 1.1: the region width

@@ -87,7 +87,7 @@ class SelfGuidedEnhancement(nn.Module):
     """SGE on raw regions: a region-attended global ĝ (in region space) injected into every region.
     The released encoder runs it at the region width (hidden = D: Linear 2048→2048 for BUTD features)."""
 
-    def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float):
+    def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float, xavier: bool = True):
         super().__init__()
         self.local = nn.Linear(feature_dim, hidden)
         self.local_norm = nn.BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter)
@@ -95,7 +95,8 @@ class SelfGuidedEnhancement(nn.Module):
         self.glob_norm = nn.BatchNorm1d(hidden)
         self.attend = nn.Linear(hidden, 1)
         self.dropout = nn.Dropout(dropout)
-        xavier_init(self.local, self.glob, self.attend)
+        if xavier:
+            xavier_init(self.local, self.glob, self.attend)
 
     def forward(self, regions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(lengths, regions.shape[1])
@@ -132,7 +133,9 @@ class ImageEncoder(nn.Module):
         d, e = config.feature_dim, config.embed_dim
         self.num_regions = config.num_regions
         self.sge = (
-            SelfGuidedEnhancement(d, config.sge_hidden or d, config.num_regions, config.dropout)
+            SelfGuidedEnhancement(
+                d, config.sge_hidden or d, config.num_regions, config.dropout, config.xavier_init
+            )
             if config.enhancement == "sge"
             else None
         )
@@ -142,7 +145,8 @@ class ImageEncoder(nn.Module):
             nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True), nn.Linear(e // 2, e)
         )
         self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
-        xavier_init(self.fc)
+        if config.xavier_init:
+            xavier_init(self.fc)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         b, k, _ = x.shape
