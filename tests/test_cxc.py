@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 
 from schemas.errors import InputError
-from trainer.cxc import SITS_COLUMNS, cxc_positives
+from trainer.cxc import SITS_COLUMNS, cxc_positives, read_cxc
 from trainer.evaluate import positive_ranks, protocol_metrics
 
 IMAGES = ["391895", "522418", "184613"]
@@ -50,7 +50,9 @@ def sits(tmp_path: Path, rows: list[tuple[int, str, float]], header=SITS_COLUMNS
 
 
 def positives(tmp_path, rows):
-    return cxc_positives(IMAGES, CAPTIONS, CAPTION_IMAGE, sits(tmp_path, rows), coco_captions(tmp_path))
+    return cxc_positives(
+        IMAGES, CAPTIONS, CAPTION_IMAGE, read_cxc(sits(tmp_path, rows), coco_captions(tmp_path))
+    )
 
 
 def test_rated_pairs_at_3_or_more_join_the_original_pairs(tmp_path):
@@ -122,7 +124,7 @@ def test_bad_cxc_input_is_one_line_naming_it(tmp_path, case, message):
     if case in edits:
         edits[case]()
     with pytest.raises(InputError) as caught:
-        cxc_positives(IMAGES, CAPTIONS, CAPTION_IMAGE, folder, captions)
+        cxc_positives(IMAGES, CAPTIONS, CAPTION_IMAGE, read_cxc(folder, captions))
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 

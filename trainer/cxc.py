@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,17 +76,25 @@ def _normalized(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(" .")
 
 
+@dataclass(frozen=True)
+class CxcAnnotations:
+    rated: list[tuple[int, int, float]]  # the positives among the rated pairs (read_sits)
+    captions: dict[int, tuple[int, str]]  # read_coco_captions
+    source: Path  # the captions file, for messages
+
+
+def read_cxc(folder: Path, coco_captions: Path) -> CxcAnnotations:
+    """Both annotation files, read and checked once (before any model is loaded)."""
+    rated = [r for r in read_sits(folder) if r[2] >= POSITIVE_SCORE]
+    return CxcAnnotations(rated, read_coco_captions(coco_captions), Path(coco_captions))
+
+
 def cxc_positives(
-    image_ids: list[str],
-    caption_texts: list[str],
-    caption_image: torch.Tensor,
-    folder: Path,
-    coco_captions: Path,
+    image_ids: list[str], caption_texts: list[str], caption_image: torch.Tensor, cxc: CxcAnnotations
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (image, caption) index pairs that count as positives on an embedded split: its own pairs, and
     CxC's rated pairs at agg_score >= 3. Every CxC image and caption must be in the split."""
-    rated = [r for r in read_sits(folder) if r[2] >= POSITIVE_SCORE]
-    annotations = read_coco_captions(coco_captions)
+    rated, annotations, coco_captions = cxc.rated, cxc.captions, cxc.source
     image_index = {image_id: i for i, image_id in enumerate(image_ids)}
     caption_index = {}
     for c, (text, image) in enumerate(zip(caption_texts, caption_image.tolist(), strict=True)):

@@ -18,7 +18,7 @@ from schemas.run import ModelConfig
 from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import checkpoint_dir, load_trained
-from trainer.cxc import cxc_positives, read_coco_captions, read_sits
+from trainer.cxc import cxc_positives, read_cxc
 from trainer.evaluate import PROTOCOLS, check_finite, protocol_metrics
 from trainer.model import USER
 
@@ -183,9 +183,7 @@ def evaluate_checkpoints(
         raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
     if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
         raise InputError("--protocol cxc goes with --cxc DIR and --coco-captions FILE, and they only with it")
-    if cxc is not None:  # the annotation files are checked before any model is loaded
-        read_sits(cxc)
-        read_coco_captions(coco_captions)
+    annotations = read_cxc(cxc, coco_captions) if cxc is not None else None  # before any model loads
     sources = (
         [checkpoint_dir(r, None) for r in ensemble]
         if ensemble
@@ -197,8 +195,8 @@ def evaluate_checkpoints(
         embeddings.append(encode_split(model, store, split, tokenizer))
     first = embeddings[0]
     positives = (
-        cxc_positives(first.image_ids, first.caption_texts, first.caption_image, cxc, coco_captions)
-        if cxc is not None
+        cxc_positives(first.image_ids, first.caption_texts, first.caption_image, annotations)
+        if annotations is not None
         else None
     )
     return embedding_metrics(embeddings, protocol, positives)

@@ -106,6 +106,17 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
     `caption_image[c]` is caption c's image; by default C = 5N with 5 contiguous captions per image.
     Non-finite similarities are refused (NonFiniteError), never ranked.
     """
+    sims, caption_image = checked_scores(sims, caption_image)
+    return _metrics(*ranks(sims, caption_image))
+
+
+def _metrics(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor) -> dict:
+    i2t, t2i = _summary(i2t_rank), _summary(t2i_rank)
+    return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
+
+
+def checked_scores(sims, caption_image=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The similarities and each caption's image as tensors, refused when they cannot be ranked."""
     sims = _as_tensor(sims)
     n, c = sims.shape
     if sims.numel() and not all(torch.isfinite(v) for v in torch.aminmax(sims)):  # NaN propagates: one pass
@@ -124,9 +135,7 @@ def retrieval_metrics(sims, caption_image=None) -> dict:
         raise ValueError("caption_image must give each caption's image index (0..N-1)")
     if torch.bincount(caption_image, minlength=n).min() == 0:
         raise ValueError("every image needs at least one caption")
-    i2t_rank, t2i_rank = ranks(sims, caption_image)
-    i2t, t2i = _summary(i2t_rank), _summary(t2i_rank)
-    return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
+    return sims, caption_image
 
 
 def protocol_metrics(sims, caption_image, protocol: str, positives=None) -> dict:
@@ -140,9 +149,8 @@ def protocol_metrics(sims, caption_image, protocol: str, positives=None) -> dict
     if protocol == "cxc":
         if positives is None:
             raise ValueError("the cxc protocol needs the CxC positives (--cxc and --coco-captions)")
-        retrieval_metrics(sims, caption_image)  # the same checks: finite scores, every image captioned
-        i2t, t2i = (_summary(r) for r in positive_ranks(sims, *positives))
-        return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in KS)}
+        sims, _ = checked_scores(sims, caption_image)
+        return _metrics(*positive_ranks(sims, *positives))
     if protocol != "coco1k":
         return retrieval_metrics(sims, caption_image)
     n = sims.shape[0]
