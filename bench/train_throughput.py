@@ -1,17 +1,23 @@
 """Training throughput: (image, caption) pairs per second through the whole step (model, UTO with queues,
-backward, clipping, AdamW, momentum update), at two sizes, for three implementations, each in its own
-process on the same threads:
+backward, clipping, AdamW, momentum update), at two sizes, for three implementations on the same threads:
 
-- `userpipe`: `trainer.train.train_step` on batches from the streaming loader (the default: MKL as it comes);
-- `userpipe --deterministic`: the same with MKL_CBWR=COMPATIBLE (bit-exact resume), to state its cost;
-- `plain eager`: the same model's step written plainly from the formulas, as the released code runs it: one
-  (B, B) score matrix and one (B, M) matrix per queue, the momentum update one parameter at a time, the
-  queues as concatenation, AdamW's default (for-loop) implementation; batches taken from memory.
+- `userpipe`: `trainer.train.train_step` in a process set up as `userpipe train` sets it up (MKL as it
+  comes, freed memory kept for the next step: trainer/process.py);
+- `plain eager`: the same step written plainly from the formulas, as the released code runs it: its encoders
+  (tests/released.py, on the same weights, torch's dropout), one (B, B) score matrix and one (B, M) matrix
+  per queue, the momentum update one parameter at a time, the queues as concatenation, AdamW's default
+  (for-loop) implementation, Python's process defaults;
+- `userpipe --deterministic`: `train_step` with MKL_CBWR=COMPATIBLE (bit-exact resume), to state its cost.
+
+Each implementation runs in processes of its own on the same batches (taken from memory). This VM's speed
+drifts by up to a quarter between minutes, so plain eager and userpipe alternate over ROUNDS processes each;
+their speed ratio is the ratio of the pooled medians, and its spread the lowest and highest ratio of one
+round's medians. Minor page faults per step are counted too: unlike seconds, they do not drift.
 
 Sizes: `demo` (the demo preset: B=64, 36x1280 regions, E=256, M=1024, MiniLM 1 layer) and `coco-like`
 (the coco preset's B=128, 36x2048, E=1024, M=4096, with MiniLM's 6 layers for BERT-base, which is not
 offline). A profile of the userpipe step (torch.profiler over the labels in model.forward and train_step,
-plus the wall time spent waiting for the loader) says where the time goes.
+plus the wall time spent waiting for the streaming loader) says where the time goes.
 Results: bench/results/train_throughput.{json,md}.
 """
 
@@ -24,13 +30,16 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import report
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/released.py: the yardstick
+
 DATA = Path("data/bench-train")
-STEPS = {"demo": (3, 20), "coco-like": (2, 8)}  # (warm-up, measured) steps
-IMPLEMENTATIONS = ("userpipe", "userpipe --deterministic", "plain eager")
+STEPS = {"demo": (3, 10), "coco-like": (2, 4)}  # (warm-up, measured) steps per process
+ROUNDS = 3
 PROFILED = ("image encoder", "text tower", "key encoders", "uto", "backward", "optimizer")
 
 
@@ -65,10 +74,14 @@ def shards_for(size: str, config) -> Path:
 
 def plain_eager_step(model, optimizer, batch, config) -> None:
     import torch
+    from released import released_image_encoder, released_text_encoder
 
     cfg = config.model
-    img = model.image(batch.regions, batch.region_lengths)
-    txt = model.text(batch.tokens, batch.token_lengths)
+    # the released code sees every image as 36 regions, zero past its boxes
+    missing = cfg.num_regions - batch.regions.shape[1]
+    regions = torch.nn.functional.pad(batch.regions.float(), (0, 0, 0, missing))
+    img = released_image_encoder(model.image, regions)
+    txt = released_text_encoder(model.text, batch.tokens, batch.token_lengths)
     scores = img @ txt.T
     diagonal = torch.eye(len(scores), dtype=torch.bool)
     z = (cfg.mu * (scores - cfg.gamma)).masked_fill(diagonal, float("-inf"))
@@ -80,8 +93,8 @@ def plain_eager_step(model, optimizer, batch, config) -> None:
         for query, key in model.key_pairs():
             for q, k in zip(query.parameters(), key.parameters(), strict=True):
                 k.mul_(cfg.momentum).add_(q, alpha=1 - cfg.momentum)
-        img_key = model.image_key(batch.regions, batch.region_lengths)
-        txt_key = model.text_key(batch.tokens, batch.token_lengths)
+        img_key = released_image_encoder(model.image_key, regions)
+        txt_key = released_text_encoder(model.text_key, batch.tokens, batch.token_lengths)
     queue_loss = 0
     for query, positive, queue in ((img, txt_key, model.text_queue), (txt, img_key, model.image_queue)):
         z = cfg.mu * (query @ queue.keys.clone().T - cfg.gamma)
@@ -99,15 +112,22 @@ def plain_eager_step(model, optimizer, batch, config) -> None:
             queue.keys.copy_(torch.cat([queue.keys, keys])[-len(queue.keys) :])
 
 
-def measure(size: str, implementation: str) -> dict:
-    """In this process: time the steps of one implementation (and, for userpipe, profile a few more)."""
+def measure(size: str, implementation: str, profiled: bool) -> dict:
+    """In this process: time one implementation's steps on batches from memory (and profile the userpipe
+    step on batches from the streaming loader)."""
+    import resource
+
     import torch
 
     from trainer.captions import CaptionTokenizer
     from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
     from trainer.model import build_model
+    from trainer.process import keep_freed_memory
     from trainer.train import Position, build_optimizer, train_step
 
+    eager = implementation == "plain eager"
+    if not eager:
+        keep_freed_memory()  # as `userpipe train` does
     config = run_config(size)
     warmup, measured = STEPS[size]
     tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
@@ -118,49 +138,44 @@ def measure(size: str, implementation: str) -> dict:
     )
     torch.manual_seed(0)
     model = build_model(config.model).train()
-    eager = implementation == "plain eager"
-    optimizer = (
-        torch.optim.AdamW(model.parameters(), lr=config.train.lr)
-        if eager
-        else build_optimizer(model, config.train)
-    )
-    batches = loader.batches(epoch=0)
-    if eager:  # from memory: only the step is timed
-        batches = iter([next(batches) for _ in range(warmup + measured)])
-    step_seconds, waits = [], []
-    for step in range(warmup + measured):
+    if eager:
+        from released import as_released
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+        step = partial(plain_eager_step, as_released(model), optimizer, config=config)
+    else:
+        optimizer = build_optimizer(model, config.train)
+        cpu = torch.device("cpu")
+        step = partial(train_step, model, optimizer, config=config, device=cpu, position=Position())
+    stream = loader.batches(epoch=0)
+    batches = [next(stream) for _ in range(warmup + measured)]
+    seconds, faults = [], 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
-        batch = next(batches)
-        waited = time.perf_counter() - start
-        if eager:
-            plain_eager_step(model, optimizer, batch, config)
-        else:
-            train_step(model, optimizer, batch, config, torch.device("cpu"), Position())
-        if step >= warmup:
-            step_seconds.append(time.perf_counter() - start)
-            waits.append(waited)
+        step(batch)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
     result = {
         "size": size,
         "implementation": implementation,
         "threads": torch.get_num_threads(),
         "mkl_cbwr": os.environ.get("MKL_CBWR", "(unset)"),
-        "median_step_s": round(statistics.median(step_seconds), 3),
-        "spread_s": [round(min(step_seconds), 3), round(max(step_seconds), 3)],
-        "pairs_per_s": round(config.train.batch_size / statistics.median(step_seconds), 1),
-        "loader_wait_s": round(statistics.median(waits), 4),
+        "step_s": [round(t, 4) for t in seconds],
+        "page_faults_per_step": round(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / measured
+        ),
     }
-    if implementation == "userpipe":
-        result["profile_s"] = profile(model, optimizer, batches, config, min(measured, 4))
+    if profiled:
+        result["profile_s"] = profile(step, stream, min(measured, 4))
     return result
 
 
-def profile(model, optimizer, batches, config, steps: int) -> dict:
+def profile(step, batches, steps: int) -> dict:
     """Seconds per step under each label (CPU time of the ops inside it; backward runs on its own)."""
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-
-    from trainer.train import Position, train_step
 
     wait = 0.0
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -168,7 +183,7 @@ def profile(model, optimizer, batches, config, steps: int) -> dict:
             start = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - start
-            train_step(model, optimizer, batch, config, torch.device("cpu"), Position())
+            step(batch)
     totals = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages() if e.key in PROFILED}
     return {
         **{label: round(totals.get(label, 0.0), 3) for label in PROFILED},
@@ -180,36 +195,72 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size")
     parser.add_argument("--implementation")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if args.size:  # one measurement, in a fresh process: its MKL mode is set before the first matmul
-        print("RESULT " + json.dumps(measure(args.size, args.implementation)), flush=True)
+        print("RESULT " + json.dumps(measure(args.size, args.implementation, args.profile)), flush=True)
         return
-    rows = []
+    runs = []
     for size in STEPS:
-        for implementation in IMPLEMENTATIONS:
+        plan = [(i, r) for r in range(ROUNDS) for i in ("plain eager", "userpipe")]
+        for implementation, round_ in [*plan, ("userpipe --deterministic", 0)]:
             env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
             if implementation == "userpipe --deterministic":
                 env["MKL_CBWR"] = "COMPATIBLE"
             command = [sys.executable, __file__, "--size", size, "--implementation", implementation]
+            if implementation == "userpipe" and round_ == 0:
+                command.append("--profile")
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.split("RESULT ", 1)[1]))
-            print(rows[-1], flush=True)
+            runs.append({**json.loads(out.split("RESULT ", 1)[1]), "round": round_})
+            print(runs[-1], flush=True)
+    rows = []
+    for size in STEPS:
+        for implementation in ("plain eager", "userpipe", "userpipe --deterministic"):
+            mine = [r for r in runs if (r["size"], r["implementation"]) == (size, implementation)]
+            seconds = [t for r in mine for t in r["step_s"]]
+            median = statistics.median(seconds)
+            rows.append(
+                {
+                    "size": size,
+                    "implementation": implementation,
+                    "threads": mine[0]["threads"],
+                    "mkl_cbwr": mine[0]["mkl_cbwr"],
+                    "processes": len(mine),
+                    "median_step_s": round(median, 3),
+                    "spread_s": [round(min(seconds), 3), round(max(seconds), 3)],
+                    "pairs_per_s": round(run_config(size).train.batch_size / median, 1),
+                    "page_faults_per_step": round(statistics.median(r["page_faults_per_step"] for r in mine)),
+                    "round_medians_s": [round(statistics.median(r["step_s"]), 3) for r in mine],
+                    **{k: v for r in mine for k, v in r.items() if k == "profile_s"},
+                }
+            )
     by = {(r["size"], r["implementation"]): r for r in rows}
     table, profile_lines = (
         [],
         ["", "Where the default step's time goes (seconds per step; torch.profiler CPU time):", ""],
     )
     for r in rows:
-        plain = by[(r["size"], "plain eager")]["median_step_s"]
+        plain = by[(r["size"], "plain eager")]
+        speed = f"{plain['median_step_s'] / r['median_step_s']:.2f}x"
+        if r["implementation"] == "userpipe":
+            per_round = [p / u for p, u in zip(plain["round_medians_s"], r["round_medians_s"], strict=True)]
+            r["speedup"] = [
+                round(plain["median_step_s"] / r["median_step_s"], 2),
+                round(min(per_round), 2),
+                round(max(per_round), 2),
+            ]
+            speed += f" ({r['speedup'][1]:.2f}–{r['speedup'][2]:.2f} by round)"
         table.append(
             [
                 r["size"],
                 r["implementation"],
                 r["mkl_cbwr"],
+                r["processes"],
                 r["median_step_s"],
                 f"{r['spread_s'][0]}–{r['spread_s'][1]}",
                 r["pairs_per_s"],
-                f"{plain / r['median_step_s']:.2f}x",
+                speed,
+                f"{r['page_faults_per_step']:,}",
             ]
         )
     profile_lines += [
@@ -226,16 +277,19 @@ def main() -> None:
         "train_throughput",
         result,
         "training step throughput: userpipe vs a plain eager step, CPU",
-        f"CPU, {rows[0]['threads']} threads; median of the measured steps after warm-up "
-        "(spread: fastest–slowest).",
+        f"CPU, {rows[0]['threads']} threads; median of the measured steps after warm-up, pooled over the "
+        "processes (spread: fastest–slowest step). Plain eager and userpipe processes alternate, "
+        f"{ROUNDS} rounds; the speed's spread is the lowest and highest ratio of one round's medians.",
         [
             "size",
             "implementation",
             "MKL_CBWR",
+            "processes",
             "median step (s)",
             "spread (s)",
             "pairs/s",
             "speed vs plain eager",
+            "page faults per step",
         ],
         table,
         [(f"training step, {r['size']}, {r['implementation']}", f"{r['pairs_per_s']} pairs/s") for r in rows],

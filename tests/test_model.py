@@ -3,12 +3,21 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from released import released_image_encoder, released_text_encoder
 from transformers import BertConfig, BertModel
 
 from schemas.errors import InputError
 from schemas.run import ModelConfig
 from trainer.config import load_run_config
-from trainer.model import GPO, ImageEncoder, MomentumQueue, TextEncoder, build_model, sinusoid_positions
+from trainer.model import (
+    GPO,
+    Dropout,
+    ImageEncoder,
+    MomentumQueue,
+    TextEncoder,
+    build_model,
+    sinusoid_positions,
+)
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -66,27 +75,6 @@ def test_gpo_matches_the_plain_definition_and_ignores_padding():
     torch.testing.assert_close(gpo(shuffled[None], torch.tensor([5]))[0], pooled[0], rtol=1e-5, atol=1e-5)
 
 
-def released_image_encoder(encoder: ImageEncoder, regions: torch.Tensor) -> torch.Tensor:
-    """The released EncoderImageAggr (zhangy0822/USER lib/encoders.py: SGE at the region width, fc + MLP,
-    GPO, l2norm with eps 1e-8), written out from its formulas for full-length regions, reading the weights
-    of `encoder` (in eval mode: dropout off, BatchNorm on running statistics)."""
-    sge, eps = encoder.sge, 1e-8
-    local = torch.tanh(sge.local_norm(sge.local(regions)))
-    glob = torch.tanh(sge.glob_norm(sge.glob(regions.mean(1))))
-    weights = torch.softmax(sge.attend(local * glob[:, None, :]).squeeze(2), dim=1)
-    guide = (weights[..., None] * regions).sum(1)
-    guide = guide / (guide.norm(dim=-1, keepdim=True) + eps)
-    beta = torch.softmax(torch.einsum("bd,bkd->bk", guide, regions), dim=1)  # λ_att = 1
-    beta = beta / (beta.norm(dim=-1, keepdim=True) + eps)
-    enhanced = regions + beta[..., None] * guide[:, None, :]
-    b, k, _ = enhanced.shape
-    linear1, norm, _, linear2 = encoder.mlp
-    hidden = torch.relu(norm(linear1(enhanced).reshape(b * k, -1)))
-    features = encoder.fc(enhanced) + linear2(hidden).reshape(b, k, -1)
-    pooled = torch.stack([reference_gpo(encoder.gpo, f) for f in features])
-    return pooled / (pooled.norm(dim=-1, keepdim=True) + eps)
-
-
 def test_image_encoder_at_butd_width_equals_the_released_formulas():
     config = load_run_config("coco").model
     torch.manual_seed(3)
@@ -103,6 +91,73 @@ def test_image_encoder_at_butd_width_equals_the_released_formulas():
         released = released_image_encoder(encoder, regions)
     assert ours.shape == (6, 1024)
     torch.testing.assert_close(ours, released, rtol=1e-5, atol=2e-6)
+
+
+def grads_of(module: torch.nn.Module, out: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad()
+    (out * probe).sum().backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_image_encoder_outputs_and_gradients_equal_the_released_formulas(train):
+    """Our encoder never forms the enhanced regions (linear maps of v + βĝ taken as Wv + β Wĝ), pools with
+    batched products and sorts transposed: same outputs and gradients, with batch statistics in training
+    (dropout off here: its masks come from another generator, tested on their own below)."""
+    torch.manual_seed(5)
+    encoder = ImageEncoder(tiny_config(feature_dim=24, embed_dim=16, num_regions=6, dropout=0.0)).train(train)
+    regions, lengths = torch.relu(torch.randn(5, 6, 24)), torch.full((5,), 6)
+    probe = torch.randn(5, 16)
+    ours = encoder(regions, lengths)
+    ours_grads = grads_of(encoder, ours, probe)
+    released = released_image_encoder(encoder, regions)
+    released_grads = grads_of(encoder, released, probe)
+    torch.testing.assert_close(ours, released, rtol=1e-5, atol=1e-6)
+    assert ours_grads.keys() == released_grads.keys() and len(ours_grads) > 10
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(
+            grad, released_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_repeats_under_a_seed(p):
+    dropout = Dropout(p).train()
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(9)
+    out = dropout(x)
+    kept = out != 0
+    torch.testing.assert_close(out.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)  # 0.005 is 4.5 binomial sd
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))  # the gradient goes through the same mask
+    torch.manual_seed(9)
+    torch.testing.assert_close(dropout(x), out)
+    assert not torch.equal(dropout(x), out)  # the generator moved on
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_text_encoder_uses_the_fast_dropout_with_bert_s_rates():
+    encoder = TextEncoder(tiny_config(), bert=tiny_bert())
+    rates = [m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and all(isinstance(m, Dropout) for m in encoder.modules() if isinstance(m, torch.nn.Dropout))
+    assert set(rates) == {0.1}
+
+
+def test_text_encoder_outputs_and_gradients_equal_the_released_formulas():
+    torch.manual_seed(7)
+    encoder = TextEncoder(tiny_config(), bert=tiny_bert()).eval()  # eval: BERT's dropout off
+    tokens, lengths = torch.randint(1, 100, (6, 9)), torch.tensor([9, 3, 5, 1, 7, 9])
+    probe = torch.randn(6, 16)
+    ours = encoder(tokens, lengths)
+    ours_grads = grads_of(encoder, ours, probe)
+    released = released_text_encoder(encoder, tokens, lengths)
+    released_grads = grads_of(encoder, released, probe)
+    torch.testing.assert_close(ours, released, rtol=1e-5, atol=1e-6)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(
+            grad, released_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 IMAGE_ENCODER_PARAMETERS_COCO = 12_085_226  # docs/reference.md, "Model size"
