@@ -37,7 +37,7 @@ from trainer.config import load_run_config, parse_overrides
 from trainer.encode import embedding_metrics, encode_split, open_split
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
 from trainer.model import USER
-from trainer.process import reproducible_cpu_math
+from trainer.process import keep_freed_memory, reproducible_cpu_math
 from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from trainer.run_report import write_training_summary
 
@@ -73,7 +73,7 @@ def check_fits(config: RunConfig, shards: ShardSet, manifest_path: str) -> None:
 
 def build_optimizer(model: USER, recipe) -> torch.optim.AdamW:
     """The recipe's groups: the text backbone at text_lr_scale x lr, everything else at lr. AdamW runs as one
-    fused kernel (9x faster than the default per-tensor loop on the CPU: bench/train_throughput.py)."""
+    fused kernel, several times faster than the default per-tensor loop (bench/train_throughput.py)."""
     backbone = [p for p in model.text.bert.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
@@ -111,10 +111,12 @@ def train_command(
     console: Console,
 ) -> dict:
     """`userpipe train`: the run's inputs (on --resume, the run's own unless given), its configuration, then
-    `train`. A deterministic run sets the process's CPU math before its first matmul (trainer/process.py)."""
+    `train`. The process keeps freed memory for the next step, and a deterministic run sets its CPU math,
+    before the first matmul (trainer/process.py)."""
     shards, val_store = resume_inputs(run, shards, val_store, resume)
     base = config or (checkpoint.run_config_of(run) if resume else "demo")
     run_config = load_run_config(base, parse_overrides(overrides))
+    keep_freed_memory()
     if run_config.train.deterministic:
         reproducible_cpu_math()
     return train(run, shards, val_store, run_config, resume, console, allow_change=allow_change)
