@@ -13,6 +13,7 @@ One Dask task writes one shard: to a temporary name, then hashed, then renamed, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -43,7 +44,6 @@ from schemas.outputs import (
 from schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
-    HashingReader,
     SampleMeta,
     ShardManifest,
     ShardPlanParams,
@@ -411,13 +411,12 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
 def count_shard(path: Path) -> tuple[str, int, int, str | None]:
     """sha256, samples and captions of a shard in one read; the last item names what is unreadable."""
     keys, captions, error = set(), 0, None
-    with open(path, "rb") as f:
-        reader = HashingReader(f)
-        try:
-            for sample in tar_samples(reader, str(path)):
-                keys.add(sample["__key__"])
-                if "captions.json" in sample:
-                    captions += len(json.loads(sample["captions.json"]))
-        except (ValueError, TypeError) as exc:  # TarError, and JSON that does not parse
-            error = f"not a readable shard ({type(exc).__name__}: {exc})"
-        return reader.finish(), len(keys), captions, error
+    archive = path.read_bytes()
+    try:
+        for sample in tar_samples(archive, str(path)):
+            keys.add(sample["__key__"])
+            if "captions.json" in sample:
+                captions += len(json.loads(sample["captions.json"]))
+    except (ValueError, TypeError) as exc:  # TarError, and JSON that does not parse
+        error = f"not a readable shard ({type(exc).__name__}: {exc})"
+    return hashlib.sha256(archive).hexdigest(), len(keys), captions, error

@@ -16,11 +16,11 @@ reads it). `encode_sample` / `decode_sample` are the only code that knows the me
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,25 +97,6 @@ class ShardSample:
     source: str | None = None  # the shard it was read from (set by decode_sample)
 
 
-class HashingReader:
-    """A binary file that hashes the bytes read through it; `finish()` hashes the rest and returns the digest.
-    Reading a shard once gives its samples and its sha256 together (verify, and training's streaming
-    check)."""
-
-    def __init__(self, file):
-        self.file, self.digest = file, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.file.read(size)
-        self.digest.update(data)
-        return data
-
-    def finish(self) -> str:
-        while data := self.file.read(1 << 22):
-            self.digest.update(data)
-        return self.digest.hexdigest()
-
-
 class TarError(ValueError):
     """A shard that is not a complete POSIX tar; the message says where it stops making sense."""
 
@@ -123,18 +104,20 @@ class TarError(ValueError):
 BLOCK = 512
 
 
-def _read_exact(stream, size: int, what: str) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise TarError(f"cut short in {what} ({len(data)} of {size} bytes)")
-    return data
-
-
 def _tar_number(field: bytes) -> int:
     if field[0] & 0x80:  # base-256, for sizes past 8 GiB
         return int.from_bytes(field[1:], "big")
     text = field.rstrip(b"\0 ").lstrip(b" ")
     return int(text, 8) if text else 0
+
+
+def _checksum_matches(header: bytes) -> bool:
+    """ustar's checksum: the header's byte sum with its own 8-byte field counted as spaces. Compared modulo
+    65521, as zlib's Adler-32 gives it in C (its low half is 1 + the byte sum mod 65521): no change of one
+    byte (at most ±255) hides in that, and Python's sum() over 512 bytes cost more than the rest of a
+    header."""
+    expected = _tar_number(header[148:156]) - 8 * ord(" ") + sum(header[148:156])
+    return (1 + expected) % 65521 == zlib.adler32(header) & 0xFFFF
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -148,24 +131,33 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a tar stream, in order: ustar, pax (what webdataset's
+def tar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in a whole tar archive, in order: ustar, pax (what webdataset's
     TarWriter writes) and GNU long names, each header's checksum checked. Python's tarfile spends ~0.3 ms
-    of pure-Python header parsing per member; a sample has 6, and the loader reads each shard once per
-    pass (bench/results/loader_throughput.md)."""
+    of pure-Python header parsing per member, and reading a stream member by member costs a call per
+    header, member and padding; a sample has 6 members, and the loader reads each shard once per pass
+    (bench/results/loader_throughput.md)."""
     extended: dict[str, str] = {}
+    at = 0
     while True:
-        header = stream.read(BLOCK)
+        header = archive[at : at + BLOCK]
         if len(header) != BLOCK:
             raise TarError(f"cut short in a header ({len(header)} of {BLOCK} bytes; no end-of-archive block)")
         if header.count(0) == BLOCK:
             return  # the end-of-archive block
-        if _tar_number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * ord(" "):
+        if not _checksum_matches(header):
             raise TarError("a header's checksum is wrong")
         kind = header[156:157]
         size = int(extended["size"]) if "size" in extended else _tar_number(header[124:136])
-        data = _read_exact(stream, size, f"a member of {size} bytes")
-        _read_exact(stream, -size % BLOCK, "padding")
+        at += BLOCK
+        data = archive[at : at + size]
+        if len(data) != size:
+            raise TarError(f"cut short in a member of {size} bytes ({len(data)} of {size} bytes)")
+        at += size + -size % BLOCK
+        if at > len(archive):
+            raise TarError(
+                f"cut short in padding ({len(archive) - at + -size % BLOCK} of {-size % BLOCK} bytes)"
+            )
         if kind == b"x":
             extended = _pax_records(data)
         elif kind == b"L":
@@ -180,11 +172,11 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
                 yield path, data
 
 
-def tar_samples(stream, url: str) -> Iterator[dict]:
+def tar_samples(archive: bytes, url: str) -> Iterator[dict]:
     """Members grouped into samples as webdataset groups them (key = the path up to the first dot of its
     file name): {"__key__", "__url__", member suffix: bytes}; a key seen again later is a new sample."""
     sample: dict = {}
-    for path, data in tar_members(stream):
+    for path, data in tar_members(archive):
         folder, _, name = path.rpartition("/")
         stem, dot, suffix = name.partition(".")
         if not dot:

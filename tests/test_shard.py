@@ -217,18 +217,18 @@ def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(for
             tar.addfile(info, io.BytesIO(data))
         end = tar.offset  # where the end-of-archive blocks begin
     archive = buffer.getvalue()
-    assert list(tar_members(io.BytesIO(archive))) == members
-    samples = list(tar_samples(io.BytesIO(archive), "x.tar"))
+    assert list(tar_members(archive)) == members
+    samples = list(tar_samples(archive, "x.tar"))
     assert sum(len(s) - 2 for s in samples) == len(members) and samples[0]["__url__"] == "x.tar"
     assert samples[1]["__key__"] == "000001" and set(samples[1]) == {"__key__", "__url__", "m0.npy", "m1.npy"}
 
     for cut in rng.integers(1, end, 20):  # inside a header, a member or padding
         with pytest.raises(TarError, match="cut short"):
-            list(tar_members(io.BytesIO(archive[:cut])))
+            list(tar_members(archive[:cut]))
     flipped = bytearray(archive)
     flipped[512] ^= 0x20  # the first byte of the second header (after the folder's)
     with pytest.raises(TarError, match="checksum"):
-        list(tar_members(io.BytesIO(bytes(flipped))))
+        list(tar_members(bytes(flipped)))
 
 
 def test_npy_members_read_as_np_load_reads_them_and_cut_ones_are_refused():

@@ -50,12 +50,21 @@ class CaptionTokenizer:
 
     def __call__(self, text: str, rng: np.random.Generator | None = None) -> list[int]:
         """Token ids with [CLS]/[SEP]; `rng` given = training augmentation."""
-        encoding = self.tokenizer(text, add_special_tokens=False)
+        return self.many([text], [rng])[0]
+
+    def many(self, texts: list[str], rngs: list[np.random.Generator | None]) -> list[list[int]]:
+        """`self(text, rng)` for each pair, in one tokenizer call: its overhead per call is most of what a
+        short caption costs."""
+        encodings = self.tokenizer(texts, add_special_tokens=False)
+        return [
+            self._augmented(encodings["input_ids"][i], encodings.word_ids(i), rng)
+            for i, rng in enumerate(rngs)
+        ]
+
+    def _augmented(self, pieces: list[int], words: list[int | None], rng: np.random.Generator | None):
         pieces_by_word = [
             [i for i, _ in group]
-            for _, group in groupby(
-                zip(encoding["input_ids"], encoding.word_ids(), strict=True), key=lambda pair: pair[1]
-            )
+            for _, group in groupby(zip(pieces, words, strict=True), key=lambda pair: pair[1])
         ]
         ids: list[int] = []
         for pieces in pieces_by_word:
