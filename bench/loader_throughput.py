@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("data/bench-loader"))
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -180,56 +182,67 @@ def main() -> None:
         return
 
     runs = []
+    kinds = ("streaming", "streaming, no sha256", "reference")
     for size in args.sizes:
         shards, npy = prepare(size, args.root / str(size))
-        for kind, path in (("streaming", shards), ("streaming, no sha256", shards), ("reference", npy)):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--measure",
-                    kind,
-                    str(path),
-                    "--pairs",
-                    str(args.pairs),
-                    "--batch",
-                    str(args.batch),
-                    "--workers",
-                    str(args.workers),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            ).stdout
-            result = {"images": size, "loader": kind, **json.loads(out.strip().splitlines()[-1])}
-            result["pairs_per_s"] = round(result["steady_batches_per_s"] * args.batch, 1)
-            runs.append(result)
-            print(result, flush=True)
+        for round_ in range(args.rounds):  # kinds alternate: this machine's speed drifts between minutes
+            for kind in kinds:
+                path = npy if kind == "reference" else shards
+                command = [sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(args.pairs)]
+                command += ["--batch", str(args.batch), "--workers", str(args.workers)]
+                env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+                out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+                result = {
+                    "images": size,
+                    "loader": kind,
+                    "round": round_,
+                    **json.loads(out.strip().splitlines()[-1]),
+                }
+                result["pairs_per_s"] = round(result["steady_batches_per_s"] * args.batch, 1)
+                runs.append(result)
+                print(result, flush=True)
+    rows = []
+    for size in args.sizes:
+        for kind in kinds:
+            mine = [r for r in runs if (r["images"], r["loader"]) == (size, kind)]
+            rate = [r["pairs_per_s"] for r in mine]
+            rows.append(
+                {
+                    "images": size,
+                    "loader": kind,
+                    "pairs_per_s": round(statistics.median(rate), 1),
+                    "spread": [min(rate), max(rate)],
+                    "seconds_to_first": statistics.median(r["seconds_to_first"] for r in mine),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                }
+            )
     result = {
         "benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
         f"{args.workers} DataLoader workers for streaming",
         **report.machine(),
+        "rows": rows,
         "runs": runs,
     }
-    by = {(r["images"], r["loader"]): r for r in runs}
+    by = {(r["images"], r["loader"]): r for r in rows}
     report.write(
         "loader_throughput",
         result,
         f"Loader: {result['benchmark']}",
         "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
-        "(SCAN/VSE∞/USER). Streaming hashes every shard's bytes as it reads them and stops at a shard "
-        "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check.",
-        ["images", "loader", "pairs/s", "first batch (s)", "peak RSS (MB)"],
+        "(SCAN/VSE∞/USER), with the same tokenizer. Streaming hashes every shard's bytes and stops at a shard "
+        "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check. Each "
+        f"row: the median of {args.rounds} processes, the kinds alternating (spread: lowest–highest).",
+        ["images", "loader", "pairs/s", "spread", "first batch (s)", "peak RSS (MB)"],
         [
             [
                 f"{r['images']:,}",
                 r["loader"],
                 f"{r['pairs_per_s']:,}",
+                f"{r['spread'][0]:,}–{r['spread'][1]:,}",
                 r["seconds_to_first"],
                 f"{r['peak_rss_mb']:,}",
             ]
-            for r in runs
+            for r in rows
         ],
         [
             (

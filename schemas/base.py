@@ -27,10 +27,10 @@ def first_problem(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else error["msg"]
 
 
-def parse_json(text: str | bytes, source: Path | str):
+def parse_json(text: str | bytes | memoryview, source: Path | str):
     """JSON from `text`; a parse error names the source and the place."""
     try:
-        return json.loads(text)
+        return json.loads(bytes(text) if isinstance(text, memoryview) else text)
     except UnicodeDecodeError:
         raise InputError(f"{source} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:

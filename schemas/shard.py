@@ -16,6 +16,7 @@ reads it). `encode_sample` / `decode_sample` are the only code that knows the me
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -102,6 +103,7 @@ class TarError(ValueError):
 
 
 BLOCK = 512
+END_BLOCK = bytes(BLOCK)  # all zeros: the end of the archive
 
 
 def _tar_number(field: bytes) -> int:
@@ -121,7 +123,10 @@ def _checksum_matches(header: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """`LENGTH key=value\n` records (POSIX.1-2001): only path and size matter for reading."""
+    """`LENGTH key=value\n` records (POSIX.1-2001): only path and size matter for reading (webdataset's
+    TarWriter writes one pax header per member, holding only mtime)."""
+    if b" path=" not in data and b" size=" not in data:
+        return {}
     records, at = {}, 0
     while at < len(data):
         length = int(data[at : data.index(b" ", at)])
@@ -131,20 +136,21 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a whole tar archive, in order: ustar, pax (what webdataset's
-    TarWriter writes) and GNU long names, each header's checksum checked. Python's tarfile spends ~0.3 ms
-    of pure-Python header parsing per member, and reading a stream member by member costs a call per
-    header, member and padding; a sample has 6 members, and the loader reads each shard once per pass
-    (bench/results/loader_throughput.md)."""
+def tar_members(archive: bytes | memoryview) -> Iterator[tuple[str, bytes | memoryview]]:
+    """(name, data) of every regular file in a whole tar archive, in order: ustar, pax (what webdataset's
+    TarWriter writes) and GNU long names, each header's checksum checked. The data are slices of
+    `archive`: views, without a copy, when it is a memoryview (of a mapped shard file). Python's tarfile
+    spends ~0.3 ms of pure-Python header parsing per member, and reading a stream member by member costs
+    a call per header, member and padding; a sample has 6 members, and the loader reads each shard once
+    per pass (bench/results/loader_throughput.md)."""
     extended: dict[str, str] = {}
     at = 0
     while True:
-        header = archive[at : at + BLOCK]
+        header = bytes(archive[at : at + BLOCK])
         if len(header) != BLOCK:
             raise TarError(f"cut short in a header ({len(header)} of {BLOCK} bytes; no end-of-archive block)")
-        if header.count(0) == BLOCK:
-            return  # the end-of-archive block
+        if header == END_BLOCK:
+            return
         if not _checksum_matches(header):
             raise TarError("a header's checksum is wrong")
         kind = header[156:157]
@@ -159,9 +165,9 @@ def tar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
                 f"cut short in padding ({len(archive) - at + -size % BLOCK} of {-size % BLOCK} bytes)"
             )
         if kind == b"x":
-            extended = _pax_records(data)
+            extended = _pax_records(bytes(data))
         elif kind == b"L":
-            extended = {"path": data.rstrip(b"\0").decode()}
+            extended = {"path": bytes(data).rstrip(b"\0").decode()}
         elif kind == b"g":
             continue
         else:
@@ -172,7 +178,7 @@ def tar_members(archive: bytes) -> Iterator[tuple[str, bytes]]:
                 yield path, data
 
 
-def tar_samples(archive: bytes, url: str) -> Iterator[dict]:
+def tar_samples(archive: bytes | memoryview, url: str) -> Iterator[dict]:
     """Members grouped into samples as webdataset groups them (key = the path up to the first dot of its
     file name): {"__key__", "__url__", member suffix: bytes}; a key seen again later is a new sample."""
     sample: dict = {}
@@ -236,15 +242,21 @@ NPY_HEADER = re.compile(
 )
 
 
-def load_npy(data: bytes) -> np.ndarray:
+@functools.lru_cache(maxsize=1024)  # a shard repeats a few headers (one per member kind and region count)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
+    if match := NPY_HEADER.fullmatch(header):
+        return np.dtype(match[1].decode()), tuple(int(n) for n in match[2].split(b",") if n.strip())
+    return None
+
+
+def load_npy(data: bytes | memoryview) -> np.ndarray:
     """An array from .npy bytes, read-only. The C-order header `np.save` writes is matched by one regex
     and the data viewed in place; np.load parses every header as Python source (~0.1 ms), which the
     loader would pay for 4 arrays of every sample of every pass. Anything else goes to np.load."""
     if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
         end = 10 + int.from_bytes(data[8:10], "little")
-        if header := NPY_HEADER.fullmatch(data, 10, end):
-            shape = tuple(int(n) for n in header[2].split(b",") if n.strip())
-            dtype = np.dtype(header[1].decode())
+        if parsed := _npy_header(bytes(data[10:end])):
+            dtype, shape = parsed
             if len(data) - end == dtype.itemsize * math.prod(shape):
                 return np.frombuffer(data, dtype, offset=end).reshape(shape)
             raise ValueError(f"the array holds {len(data) - end} bytes, its header says shape {shape}")

@@ -141,6 +141,28 @@ def test_resume_mid_epoch_continues_exactly(shards, tokenizer):
         assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(resumed, full[start:], strict=True))
 
 
+def test_captions_tokenize_as_the_tokenizer_itself_does(tokenizer):
+    """The loader calls the fast tokenizer's core in batches; ids must equal transformers' own call."""
+    rng = np.random.default_rng(0)
+    words = [
+        "a",
+        "dog",
+        "skateboarding",
+        "Café",
+        "naïve",
+        "x-ray",
+        "",
+        "two  spaces",
+        "[MASK]",
+        "🙂",
+        "COCO's",
+    ]
+    texts = [" ".join(rng.choice(words, int(rng.integers(0, 40)))) for _ in range(200)]
+    own = tokenizer.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert tokenizer.backend is not None
+    assert tokenizer.many(texts, [None] * len(texts)) == [[tokenizer.cls, *ids, tokenizer.sep] for ids in own]
+
+
 def test_augmentation_alters_about_a_fifth_of_words_and_only_in_training(tokenizer):
     text = "a small red square to the left of the large blue circle"  # one word piece per word
     plain = tokenizer(text)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import mmap
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -135,6 +137,19 @@ class Batch:
     shards_skipped: int = 0  # shard readings skipped so far (one per pass) by the worker of this batch
     image_ids: list[str] = field(default_factory=list)
 
+    def __reduce__(self):
+        """From a DataLoader worker: tensors under 64 KiB travel inside the pickle. torch would give each
+        its own shared-memory file and a socket round trip to pass it; the regions are already shared."""
+        fields = {
+            name: value.numpy() if isinstance(value, torch.Tensor) and value.nbytes < 1 << 16 else value
+            for name, value in self.__dict__.items()
+        }
+        return _batch_from_fields, (fields,)
+
+
+def _batch_from_fields(fields: dict) -> Batch:
+    return Batch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()})
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -186,14 +201,27 @@ def caption_for_pass(image: int, num_captions: int, seed: int, epoch: int, pass_
     return int(captions_for_pass(np.array([image]), np.array([num_captions]), seed, epoch, pass_)[0])
 
 
-def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
-    """Raw samples of one shard (a path, or any URL webdataset opens), read whole (the loader holds a shard
-    at a time anyway); after the last sample, yields {"__sha256__": digest of its bytes when `hashed`}."""
+def shard_archive(url: str) -> bytes | memoryview:
+    """A shard's bytes: a local file mapped read-only (its members become views of the page cache, copied
+    once, into the batch), anything else webdataset opens read whole."""
+    if os.path.isfile(url):
+        with open(url, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                return b""
+            return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
     for source in wds.tariterators.url_opener([{"url": url}]):
         with source["stream"] as stream:
-            archive = stream.read()
-        yield from tar_samples(archive, url)
-        yield {"__sha256__": hashlib.sha256(archive).hexdigest() if hashed else None}
+            return stream.read()
+    return b""
+
+
+def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
+    """Raw samples of one shard (a path, or any URL webdataset opens), read whole (the loader holds one
+    shard at a time anyway); after the last sample, yields {"__sha256__": digest of its bytes when
+    `hashed`}."""
+    archive = shard_archive(url)
+    yield from tar_samples(archive, url)
+    yield {"__sha256__": hashlib.sha256(archive).hexdigest() if hashed else None}
 
 
 def checked_tar_samples(
@@ -284,11 +312,13 @@ def collate(items: list[tuple[Pair, list[int]]]) -> Batch:
     d = samples[0].regions.shape[1]
     regions, boxes = batch_tensor((b, k, d), torch.float16), batch_tensor((b, k, 4), torch.float32)
     tokens = np.zeros((b, max(len(t) for _, t in items)), np.int64)
+    regions_np, boxes_np = regions.numpy(), boxes.numpy()
     for i, (pair, ids) in enumerate(items):
         n = len(pair.sample.regions)
-        regions.numpy()[i, :n] = pair.sample.regions  # the samples' arrays are read-only views of the shard
-        regions.numpy()[i, n:] = 0
-        boxes.numpy()[i, :n], boxes.numpy()[i, n:] = pair.sample.boxes, 0
+        regions_np[i, :n] = pair.sample.regions  # the samples' arrays are read-only views of the shard
+        boxes_np[i, :n] = pair.sample.boxes
+        if n < k:
+            regions_np[i, n:], boxes_np[i, n:] = 0, 0
         tokens[i, : len(ids)] = ids
     batch = Batch(
         regions=regions,
