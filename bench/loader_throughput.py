@@ -229,9 +229,9 @@ def main() -> None:
         result,
         f"Loader: {result['benchmark']}",
         "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
-        "(SCAN/VSE∞/USER), with the same tokenizer. Streaming hashes every shard's bytes and stops at a shard "
-        "whose sha256 differs from the manifest; 'no sha256' is the same loader without that check. Each "
-        f"row: the median of {args.rounds} processes, the kinds alternating (spread: lowest–highest).",
+        "(SCAN/VSE∞/USER), with the same tokenizer. Streaming hashes every shard's bytes and stops at a "
+        "shard whose sha256 differs from the manifest; 'no sha256' is the same loader without that check. "
+        f"Each row: the median of {args.rounds} processes, the kinds alternating (spread: lowest–highest).",
         ["images", "loader", "pairs/s", "spread", "first batch (s)", "peak RSS (MB)"],
         [
             [
