@@ -24,6 +24,7 @@ from pathlib import Path
 import report
 
 REGIONS, DIM, CAPTIONS = 36, 2048, 5
+IN_PROCESS = "streaming, in the main process"  # workers=0: the reading path without the workers' IPC
 
 
 class PeakTreeRSS:
@@ -174,7 +175,11 @@ def main() -> None:
             measure_reference(path, args.pairs, args.batch)
             if kind == "reference"
             else measure_streaming(
-                path, args.pairs, args.batch, args.workers, check_sha256=kind == "streaming"
+                path,
+                args.pairs,
+                args.batch,
+                0 if kind == IN_PROCESS else args.workers,
+                check_sha256=kind != "streaming, no sha256",
             )
         )
         result["peak_rss_mb"] = rss.stop_mb()
@@ -182,7 +187,7 @@ def main() -> None:
         return
 
     runs = []
-    kinds = ("streaming", "streaming, no sha256", "reference")
+    kinds = ("streaming", "streaming, no sha256", IN_PROCESS, "reference")
     for size in args.sizes:
         shards, npy = prepare(size, args.root / str(size))
         for round_ in range(args.rounds):  # kinds alternate: this machine's speed drifts between minutes
@@ -230,7 +235,8 @@ def main() -> None:
         f"Loader: {result['benchmark']}",
         "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
         "(SCAN/VSE∞/USER), with the same tokenizer. Streaming hashes every shard's bytes and stops at a "
-        "shard whose sha256 differs from the manifest; 'no sha256' is the same loader without that check. "
+        "shard whose sha256 differs from the manifest; 'no sha256' is the same loader without that check; "
+        "'in the main process' is the loader with workers=0 (no shared memory, no IPC). "
         f"Each row: the median of {args.rounds} processes, the kinds alternating (spread: lowest–highest).",
         ["images", "loader", "pairs/s", "spread", "first batch (s)", "peak RSS (MB)"],
         [
