@@ -228,7 +228,7 @@ def checked_tar_samples(
     urls: list[str], expected: dict[str, tuple[int, str | None]], skip_corrupt: bool, skipped: list[int]
 ) -> Iterator[dict]:
     """Raw samples from the shards in order. A shard that fails, yields another number of samples than the
-    manifest says, or whose bytes hash to another sha256 (checked as it is read, at no extra read) raises
+    manifest says, or whose bytes hash to another sha256 (checked once it is read, with no second read) raises
     ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
     for url in urls:
         count = 0
@@ -358,9 +358,7 @@ class LoaderSettings:
     workers: int = 0
     train: bool = True  # augmentation on, partial batches dropped
     skip_corrupt: bool = False
-    check_sha256: bool = (
-        True  # hash each shard's bytes as they are read (bench/loader_throughput.py: its cost)
-    )
+    check_sha256: bool = True  # hash each shard's bytes once read (bench/loader_throughput.py: its cost)
 
 
 def _rank_world() -> tuple[int, int]:
