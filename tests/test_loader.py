@@ -199,6 +199,21 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
     assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
 
 
+def test_a_shard_cut_anywhere_even_to_nothing_is_named(shards, tokenizer, tmp_path):
+    """Shards are mapped from disk; an empty file cannot be mapped and is read as an empty archive."""
+    import shutil
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards[1], out)
+    shard_set = ShardSet.from_manifest(out)
+    victim = Path(shard_set.urls[2])
+    whole = victim.read_bytes()
+    for cut in [0, 1, 511, *np.random.default_rng(5).integers(512, len(whole) // 2, 3).tolist()]:
+        victim.write_bytes(whole[:cut])
+        with pytest.raises(ShardError, match=victim.name):
+            list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8)).batches(0))
+
+
 def test_brace_pattern_selects_shards_with_manifest_counts(shards):
     every = ShardSet.resolve(shards[1])
     some = ShardSet.resolve(f"{shards[1]}/train-{{000001..000003}}.tar")
