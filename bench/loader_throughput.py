@@ -11,6 +11,7 @@ process tree. Results: bench/results/loader_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/released.py: the yardstick
 
 REGIONS, DIM, CAPTIONS = 36, 2048, 5
 IN_PROCESS = "streaming, in the main process"  # workers=0: the reading path without the workers' IPC
@@ -64,7 +67,9 @@ def tokenizer():
 
 def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_sha256: bool = True) -> dict:
     from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+    from trainer.process import keep_freed_memory
 
+    keep_freed_memory()  # as `userpipe train` runs (trainer/process.py)
     start = time.perf_counter()
     loader = StreamingLoader(
         ShardSet.resolve(shards),
@@ -75,10 +80,14 @@ def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_s
 
 
 def measure_reference(npy: str, pairs: int, batch: int) -> dict:
+    import random
+
     import numpy as np
     import torch
+    from released import released_caption_ids
 
     start = time.perf_counter()
+    rng = random.Random(0)
     images = np.load(npy)  # the whole split in RAM, as the reference loaders do
     captions = (Path(npy).parent / "train_caps.txt").read_text().splitlines()
     tok = tokenizer()
@@ -88,24 +97,24 @@ def measure_reference(npy: str, pairs: int, batch: int) -> dict:
         for b in range(0, len(order) - batch + 1, batch):
             idx = order[b : b + batch]
             regions = torch.from_numpy(np.stack([images[i // CAPTIONS] for i in idx]))
-            tokens = [tok(captions[i], np.random.default_rng(int(i))) for i in idx]
+            tokens = [released_caption_ids(tok, captions[i], rng) for i in idx]
             yield regions, tokens
 
     return _time_batches(batches(), pairs // batch, start)
 
 
 def _time_batches(batches, count: int, start: float) -> dict:
-    """`start`: when the loader's set-up began, so the first-batch time includes it."""
+    """Up to `count` batches (an epoch may hold a few less: each worker drops its partial last batch);
+    `start`: when the loader's set-up began, so the first-batch time includes it."""
     iterator = iter(batches)
     next(iterator)
     first = time.perf_counter()
-    for _ in range(count - 1):
-        next(iterator)
+    read = 1 + sum(1 for _ in itertools.islice(iterator, count - 1))
     end = time.perf_counter()
     return {
         "seconds_to_first": round(first - start, 2),
-        "batches": count,
-        "steady_batches_per_s": round((count - 1) / (end - first), 2),
+        "batches": read,
+        "steady_batches_per_s": round((read - 1) / (end - first), 2),
     }
 
 
@@ -160,7 +169,9 @@ def prepare(size: int, root: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
-    parser.add_argument("--pairs", type=int, default=12_800, help="pairs read per measurement")
+    parser.add_argument(
+        "--pairs", type=int, help="pairs read per measurement (default: one epoch, 5 per image)"
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("data/bench-loader"))
@@ -193,7 +204,8 @@ def main() -> None:
         for round_ in range(args.rounds):  # kinds alternate: this machine's speed drifts between minutes
             for kind in kinds:
                 path = npy if kind == "reference" else shards
-                command = [sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(args.pairs)]
+                pairs = args.pairs or size * CAPTIONS
+                command = [sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(pairs)]
                 command += ["--batch", str(args.batch), "--workers", str(args.workers)]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1"}
                 out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
@@ -222,7 +234,8 @@ def main() -> None:
                 }
             )
     result = {
-        "benchmark": f"{args.pairs} (image, caption) pairs in batches of {args.batch}, regions 36 x 2048, "
+        "benchmark": f"{f'{args.pairs:,}' if args.pairs else 'an epoch of'} (image, caption) pairs in "
+        f"batches of {args.batch}, regions 36 x 2048, "
         f"{args.workers} DataLoader workers for streaming",
         **report.machine(),
         "rows": rows,

@@ -57,7 +57,8 @@ from schemas.shard import (
 from schemas.store import caption_chunk_size
 from schemas.store_reader import REPAIR, open_store, store_problems
 
-TAR_MTIME = 0.0  # fixed member times: the same plan gives byte-identical shards
+TAR_MTIME = 0  # fixed member times: the same plan gives byte-identical shards. An int: a float
+# mtime makes tarfile add a pax header before every member, twice the headers a reader walks
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import re
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from schemas.base import Frozen, parse_json, read_model, validate_as
+from schemas.base import Frozen, first_problem, parse_json, read_model
 from schemas.errors import InputError, ManifestError
 from schemas.store import ExtractorConfig
 
@@ -106,19 +107,27 @@ BLOCK = 512
 END_BLOCK = bytes(BLOCK)  # all zeros: the end of the archive
 
 
+# name, size, checksum, type flag and ustar prefix of a 512-byte header, in one C call
+HEADER_FIELDS = struct.Struct("100s24x12s12x8sc100x88x155s12x")
+BLANK_CHECKSUM = bytes(8)
+
+
 def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # base-256, for sizes past 8 GiB
-        return int.from_bytes(field[1:], "big")
-    text = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(text, 8) if text else 0
+    try:
+        return int(field.rstrip(b"\0"), 8)  # octal digits, NUL- or space-terminated (int() strips spaces)
+    except ValueError:
+        if field[0] & 0x80:  # base-256, for sizes past 8 GiB
+            return int.from_bytes(field[1:], "big")
+        text = field.strip(b"\0 ")
+        return int(text, 8) if text else 0
 
 
-def _checksum_matches(header: bytes) -> bool:
+def _checksum_matches(header: bytes | memoryview, field: bytes) -> bool:
     """ustar's checksum: the header's byte sum with its own 8-byte field counted as spaces. Compared modulo
     65521, as zlib's Adler-32 gives it in C (its low half is 1 + the byte sum mod 65521): no change of one
     byte (at most ±255) hides in that, and Python's sum() over 512 bytes cost more than the rest of a
     header."""
-    expected = _tar_number(header[148:156]) - 8 * ord(" ") + sum(header[148:156])
+    expected = _tar_number(field) - 8 * ord(" ") + sum(field)
     return (1 + expected) % 65521 == zlib.adler32(header) & 0xFFFF
 
 
@@ -136,53 +145,54 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(archive: bytes | memoryview) -> Iterator[tuple[str, bytes | memoryview]]:
-    """(name, data) of every regular file in a whole tar archive, in order: ustar, pax (what webdataset's
-    TarWriter writes) and GNU long names, each header's checksum checked. The data are slices of
+def tar_members(
+    archive: bytes | memoryview, checksums: bool = True
+) -> Iterator[tuple[str, bytes | memoryview]]:
+    """(name, data) of every regular file in a whole tar archive, in order: ustar, pax and GNU long names,
+    each header's checksum checked unless `checksums` is off (the reader already matched the archive's
+    sha256: a whole-archive check leaves nothing for the headers' own to find). The data are slices of
     `archive`: views, without a copy, when it is a memoryview (of a mapped shard file). Python's tarfile
     spends ~0.3 ms of pure-Python header parsing per member, and reading a stream member by member costs
     a call per header, member and padding; a sample has 6 members, and the loader reads each shard once
     per pass (bench/results/loader_throughput.md)."""
     extended: dict[str, str] = {}
-    at = 0
+    at, total = 0, len(archive)
     while True:
-        header = bytes(archive[at : at + BLOCK])
-        if len(header) != BLOCK:
-            raise TarError(f"cut short in a header ({len(header)} of {BLOCK} bytes; no end-of-archive block)")
-        if header == END_BLOCK:
+        if at + BLOCK > total:
+            raise TarError(f"cut short in a header ({total - at} of {BLOCK} bytes; no end-of-archive block)")
+        header = archive[at : at + BLOCK]
+        name, size_field, checksum, kind, prefix = HEADER_FIELDS.unpack_from(header)
+        if checksum == BLANK_CHECKSUM and header == END_BLOCK:
             return
-        if not _checksum_matches(header):
+        if checksums and not _checksum_matches(header, checksum):
             raise TarError("a header's checksum is wrong")
-        kind = header[156:157]
-        size = int(extended["size"]) if "size" in extended else _tar_number(header[124:136])
+        size = int(extended["size"]) if "size" in extended else _tar_number(size_field)
         at += BLOCK
-        data = archive[at : at + size]
-        if len(data) != size:
-            raise TarError(f"cut short in a member of {size} bytes ({len(data)} of {size} bytes)")
-        at += size + -size % BLOCK
-        if at > len(archive):
-            raise TarError(
-                f"cut short in padding ({len(archive) - at + -size % BLOCK} of {-size % BLOCK} bytes)"
-            )
+        end = at + size
+        if end > total:
+            raise TarError(f"cut short in a member of {size} bytes ({total - at} of {size} bytes)")
+        data, at = archive[at:end], end + -size % BLOCK
+        if at > total:
+            raise TarError(f"cut short in padding ({total - end} of {-size % BLOCK} bytes)")
         if kind == b"x":
             extended = _pax_records(bytes(data))
         elif kind == b"L":
             extended = {"path": bytes(data).rstrip(b"\0").decode()}
-        elif kind == b"g":
-            continue
-        else:
-            prefix, name = header[345:500].rstrip(b"\0"), header[:100].rstrip(b"\0")
-            path = extended.get("path") or (prefix + b"/" + name if prefix else name).decode()
+        elif kind != b"g":
+            path = extended.get("path")
+            if path is None:
+                name, prefix = name.rstrip(b"\0"), prefix.rstrip(b"\0")
+                path = (prefix + b"/" + name if prefix else name).decode()
             extended = {}
             if kind in (b"0", b"\0", b"7"):
                 yield path, data
 
 
-def tar_samples(archive: bytes | memoryview, url: str) -> Iterator[dict]:
+def tar_samples(archive: bytes | memoryview, url: str, checksums: bool = True) -> Iterator[dict]:
     """Members grouped into samples as webdataset groups them (key = the path up to the first dot of its
     file name): {"__key__", "__url__", member suffix: bytes}; a key seen again later is a new sample."""
     sample: dict = {}
-    for path, data in tar_members(archive):
+    for path, data in tar_members(archive, checksums):
         folder, _, name = path.rpartition("/")
         stem, dot, suffix = name.partition(".")
         if not dot:
@@ -235,6 +245,7 @@ MEMBERS = {
     "captions.json": None,
     "meta.json": None,
 }  # member -> dtype of its array
+MEMBER_DTYPES = {name: np.dtype(dtype) for name, dtype in MEMBERS.items() if dtype is not None}
 
 
 NPY_HEADER = re.compile(
@@ -242,24 +253,29 @@ NPY_HEADER = re.compile(
 )
 
 
+NPY_MAGIC = b"\x93NUMPY\x01\x00"  # format version 1.0, what np.save writes for small headers
+
+
 @functools.lru_cache(maxsize=1024)  # a shard repeats a few headers (one per member kind and region count)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
-    if match := NPY_HEADER.fullmatch(header):
-        return np.dtype(match[1].decode()), tuple(int(n) for n in match[2].split(b",") if n.strip())
+def _npy_layout(head: bytes) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, data offset, data bytes) from the header `np.save` writes for a C-order array."""
+    if head[:8] == NPY_MAGIC and (match := NPY_HEADER.fullmatch(head[10:])):
+        dtype = np.dtype(match[1].decode())
+        shape = tuple(int(n) for n in match[2].split(b",") if n.strip())
+        return dtype, shape, len(head), dtype.itemsize * math.prod(shape)
     return None
 
 
 def load_npy(data: bytes | memoryview) -> np.ndarray:
-    """An array from .npy bytes, read-only. The C-order header `np.save` writes is matched by one regex
-    and the data viewed in place; np.load parses every header as Python source (~0.1 ms), which the
-    loader would pay for 4 arrays of every sample of every pass. Anything else goes to np.load."""
-    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
-        end = 10 + int.from_bytes(data[8:10], "little")
-        if parsed := _npy_header(bytes(data[10:end])):
-            dtype, shape = parsed
-            if len(data) - end == dtype.itemsize * math.prod(shape):
-                return np.frombuffer(data, dtype, offset=end).reshape(shape)
-            raise ValueError(f"the array holds {len(data) - end} bytes, its header says shape {shape}")
+    """An array from .npy bytes, read-only. The C-order header `np.save` writes is matched by one regex,
+    once per distinct header, and the data viewed in place; np.load parses every header as Python source
+    (~0.1 ms), which the loader would pay for 4 arrays of every sample of every pass. Anything else goes to
+    np.load."""
+    if len(data) >= 10 and (layout := _npy_layout(bytes(data[: 10 + (data[8] | data[9] << 8)]))):
+        dtype, shape, offset, nbytes = layout
+        if len(data) - offset == nbytes:
+            return np.ndarray(shape, dtype, buffer=data, offset=offset)
+        raise ValueError(f"the array holds {len(data) - offset} bytes, its header says shape {shape}")
     value = np.load(io.BytesIO(data), allow_pickle=False)
     value.flags.writeable = False
     return value
@@ -276,29 +292,36 @@ def decode_sample(
         if data is None:
             return None
         value = load_npy(data)
-        if value.dtype != np.dtype(MEMBERS[name]):
-            raise ValueError(f"{name} is {value.dtype}, not {MEMBERS[name]}")
+        if value.dtype != MEMBER_DTYPES[name]:
+            raise ValueError(f"{name} is {value.dtype}, not {MEMBER_DTYPES[name]}")
         return value
 
-    where = f"sample {raw.get('__key__')} in {raw.get('__url__', '?')}"
-    members = {name for name in raw if not name.startswith("__")}
-    unexpected = sorted(members - set(fields or MEMBERS))
-    missing = sorted(set(fields or ()) - members)
-    if unexpected or missing:
-        raise SampleError(
-            f"{where}: "
-            f"{'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}"
-        )
+    def where() -> str:
+        return f"sample {raw.get('__key__')} in {raw.get('__url__', '?')}"
+
+    # exactly the expected members (the common case, tested without building sets), or say which differs
+    exact = len(raw) == len(fields or ()) + 2 and "__key__" in raw and "__url__" in raw
+    if not (fields and exact and all(name in raw for name in fields)):
+        members = {name for name in raw if not name.startswith("__")}
+        unexpected = sorted(members - set(fields or MEMBERS))
+        missing = sorted(set(fields or ()) - members)
+        if unexpected or missing:
+            raise SampleError(
+                f"{where()}: "
+                f"{'unexpected member ' + unexpected[0] if unexpected else 'no ' + missing[0] + ' member'}"
+            )
     try:
-        meta = validate_as(SampleMeta, parse_json(raw["meta.json"], "meta.json"), "meta.json")
+        meta = SampleMeta.model_validate_json(bytes(raw["meta.json"]))  # one pass, in pydantic's parser
         captions = parse_json(raw["captions.json"], "captions.json")
         regions, boxes = array("regions.npy"), array("boxes.npy")
     except KeyError as exc:
-        raise SampleError(f"{where}: no {exc.args[0]} member") from None
+        raise SampleError(f"{where()}: no {exc.args[0]} member") from None
+    except ValidationError as exc:
+        raise SampleError(f"{where()}: unreadable (meta.json: {first_problem(exc)})") from None
     except (InputError, ValueError, EOFError) as exc:
-        raise SampleError(f"{where}: unreadable ({' '.join(str(exc).split())})") from None
+        raise SampleError(f"{where()}: unreadable ({' '.join(str(exc).split())})") from None
     if regions is None or boxes is None:
-        raise SampleError(f"{where}: no {'regions.npy' if regions is None else 'boxes.npy'} member")
+        raise SampleError(f"{where()}: no {'regions.npy' if regions is None else 'boxes.npy'} member")
     sample = ShardSample(
         meta,
         regions,
@@ -311,15 +334,15 @@ def decode_sample(
     k, n = meta.num_regions, meta.num_captions
     if regions.ndim != 2 or regions.shape[0] != k or boxes.shape != (k, 4) or len(captions) != n:
         raise SampleError(
-            f"{where}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
+            f"{where()}: regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
             f"disagree with meta (num_regions={k}, num_captions={n})"
         )
     if feature_dim is not None and regions.shape[1] != feature_dim:
         raise SampleError(
-            f"{where}: regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d"
+            f"{where()}: regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d"
         )
     if sample.clip_text is not None and sample.clip_text.shape[0] != n:
-        raise SampleError(f"{where}: clip_text has {sample.clip_text.shape[0]} rows for {n} captions")
+        raise SampleError(f"{where()}: clip_text has {sample.clip_text.shape[0]} rows for {n} captions")
     return sample
 
 

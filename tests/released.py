@@ -63,3 +63,25 @@ def released_text_encoder(encoder: TextEncoder, tokens: torch.Tensor, lengths: t
     mask = valid_mask(lengths, tokens.shape[1])
     hidden = encoder.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
     return l2norm(released_gpo(encoder.gpo, encoder.linear(hidden), lengths))
+
+
+def released_caption_ids(tokenizer, text: str, rng) -> list[int]:
+    """The released training caption (VSE∞ lib/datasets/image_caption.py, process_caption, as USER uses it),
+    on our tokenizer's word pieces: a draw from Python's `random` per word as the caption is read; 20% of
+    words are altered: half to [MASK] pieces, a tenth to random vocabulary pieces, the rest deleted."""
+    from itertools import groupby
+
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids = [tokenizer.cls]
+    for _, group in groupby(zip(encoding.ids, encoding.word_ids, strict=True), key=lambda piece: piece[1]):
+        pieces = [piece for piece, _ in group]
+        prob = rng.random()
+        if prob < 0.2:
+            prob /= 0.2
+            if prob < 0.5:
+                ids += [tokenizer.mask] * len(pieces)
+            elif prob < 0.6:
+                ids += [rng.randrange(tokenizer.vocab_size) for _ in pieces]
+            continue
+        ids += pieces
+    return [*ids, tokenizer.sep]

@@ -1,3 +1,4 @@
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 import zarr
 from conftest import run_cli
+from released import released_caption_ids
 
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import InputError
+from schemas.shard import tar_samples
 from trainer.captions import CaptionTokenizer, load_tokenizer
 from trainer.loader import (
     LoaderSettings,
@@ -112,6 +115,37 @@ def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, w
     assert Counter(per_rank[0]) + Counter(per_rank[1]) == epoch_pairs(store, shard_set.passes, 0, 3)
 
 
+def test_worker_batches_keep_their_regions_while_held_and_reuse_buffers_once_dropped(shards, tokenizer):
+    """Workers fill reused shared buffers (SharedBatchBuffers): a batch the consumer still holds must never
+    be overwritten, and one it dropped frees its buffer."""
+    shard_set = ShardSet.from_manifest(shards[1])
+
+    def batches(workers: int):
+        settings = LoaderSettings(batch_size=4, train=False, workers=workers)
+        return StreamingLoader(shard_set, tokenizer, settings).batches(0)
+
+    regions = {}
+    for batch in batches(0):
+        for row, image in enumerate(batch.image_index.tolist()):
+            regions[image] = batch.regions[row, : batch.region_lengths[row]].clone()
+
+    def check(batch) -> None:
+        for row, image in enumerate(batch.image_index.tolist()):
+            n = int(batch.region_lengths[row])
+            assert torch.equal(batch.regions[row, :n], regions[image]) and not batch.regions[row, n:].any()
+
+    held = list(batches(2))  # every batch kept: the slots run out, later batches get fresh buffers
+    for batch in held:
+        check(batch)
+    assert any(b.buffer is None for b in held) and any(b.buffer is not None for b in held)
+    streamed = 0
+    for batch in batches(2):  # each dropped before the next but one: its slot comes back
+        check(batch)
+        assert batch.buffer is not None
+        streamed += 1
+    assert streamed == len(held) > 12  # more batches than the two workers' slots
+
+
 @pytest.mark.slow
 def test_order_is_reproducible_from_seed_and_epoch(shards, tokenizer):
     shard_set = ShardSet.from_manifest(shards[1])
@@ -160,7 +194,8 @@ def test_captions_tokenize_as_the_tokenizer_itself_does(tokenizer):
     texts = [" ".join(rng.choice(words, int(rng.integers(0, 40)))) for _ in range(200)]
     own = tokenizer.tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert tokenizer.backend is not None
-    assert tokenizer.many(texts, [None] * len(texts)) == [[tokenizer.cls, *ids, tokenizer.sep] for ids in own]
+    expected = [[tokenizer.cls, *ids, tokenizer.sep] for ids in own]
+    assert [ids.tolist() for ids in tokenizer.many(texts)] == expected
 
 
 def test_augmentation_alters_about_a_fifth_of_words_and_only_in_training(tokenizer):
@@ -168,15 +203,24 @@ def test_augmentation_alters_about_a_fifth_of_words_and_only_in_training(tokeniz
     plain = tokenizer(text)
     words = len(text.split())
     assert len(plain) == words + 2
-    masked = deleted = 0
     trials = 3000
-    for t in range(trials):
-        ids = tokenizer(text, np.random.default_rng(t))
-        masked += ids.count(tokenizer.mask)
-        deleted += len(plain) - len(ids)
+    ours = [tokenizer(text, key=t) for t in range(trials)]
+    released = [released_caption_ids(tokenizer, text, random.Random(t)) for t in range(trials)]
+    for draws in (ours, released):  # ours, and the released per-word loop on the same word pieces
+        masked = sum(ids.count(tokenizer.mask) for ids in draws)
+        deleted = sum(len(plain) - len(ids) for ids in draws)
+        replaced = sum(i not in plain and i != tokenizer.mask for ids in draws for i in ids)
+        assert masked / (words * trials) == pytest.approx(0.2 * 0.5, abs=0.01)
+        assert deleted / (words * trials) == pytest.approx(0.2 * 0.4, abs=0.01)
+        assert replaced / (words * trials) == pytest.approx(0.2 * 0.1, abs=0.004)
     assert tokenizer(text, None) == plain and tokenizer.mask not in plain
-    assert masked / (words * trials) == pytest.approx(0.2 * 0.5, abs=0.01)
-    assert deleted / (words * trials) == pytest.approx(0.2 * 0.4, abs=0.01)
+
+    # the draws are keyed per caption: grouping captions into one call changes none of them
+    texts = [text, "", "x-ray of a naïve skateboarder", text]
+    keys = np.array([7, 8, 9, 10])
+    together = [ids.tolist() for ids in tokenizer.many(texts, keys)]
+    assert together == [tokenizer(t, key=int(k)) for t, k in zip(texts, keys, strict=True)]
+    assert together[0] != together[3]  # another key, other draws
 
 
 def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_path):
@@ -189,14 +233,22 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
     victim.write_bytes(victim.read_bytes()[: 512 * 30])
     with pytest.raises(ShardError, match=victim.name):
         list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8)).batches(0))
+    # a second one altered in place inside an array (same size, valid tar): only its sha256 tells, and
+    # that is checked at its first reading; later readings of it must be skipped all the same
+    altered = Path(shard_set.urls[6])
+    data = bytearray(altered.read_bytes())
+    data[data.index(b"\x93NUMPY") + 300] ^= 0x01
+    altered.write_bytes(bytes(data))
+    altered_images = {int(s["__key__"]) for s in tar_samples(bytes(data), str(altered))}
     with pytest.warns(UserWarning, match=f"skipped: .*{victim.name}"):
         batches = list(
             StreamingLoader(
                 shard_set, tokenizer, LoaderSettings(batch_size=8, skip_corrupt=True, train=False)
             ).batches(0)
         )
-    assert batches[-1].shards_skipped == shard_set.passes  # one skipped reading per pass
+    assert batches[-1].shards_skipped == 2 * shard_set.passes  # one skipped reading per shard and pass
     assert len(pairs_of(batches)) < len(all_pairs(shards[0]))
+    assert altered_images and not altered_images & {image for image, _ in pairs_of(batches)}
 
 
 def test_a_shard_cut_anywhere_even_to_nothing_is_named(shards, tokenizer, tmp_path):

@@ -3,8 +3,9 @@
 Stages, each a small generator (webdataset style), composed in `_EpochStream.__iter__`:
 
   shard list (manifest) -> per-pass seeded shard order -> split by rank -> split by DataLoader worker
-  -> tar reading (webdataset) -> shard-count check -> decode (schemas.shard) -> pairs: one caption of
-  every image per pass, images shuffled within the shard -> tokenize (+ augmentation) -> batches
+  -> shard reading (a mapped file, or any URL webdataset opens; schemas.shard decodes it and checks the
+  count, and the sha256 at the shard's first reading) -> pairs: one caption of every image per pass,
+  images shuffled within the shard -> tokenize (+ augmentation) -> batches
 
 An epoch is `passes` passes over the shards (the set's captions per image, 5 for COCO and Flickr30K), and
 each pass pairs every image with one of its captions, so the captions of an image are a whole pass apart:
@@ -13,32 +14,36 @@ code's global shuffle of all pairs (bench/data_order.py; docs/architecture.md, "
 
 Ordering is a pure function of (seed, epoch, rank, world, worker count): the shard order is permuted per
 pass, images are permuted within each shard visit, the caption an image gets in pass p is entry p of a
-permutation of its captions drawn per (seed, epoch, image), and augmentation draws from a generator keyed
-by (seed, epoch, image, caption). Because a visit of a shard yields exactly its manifest sample count of
-pairs, the manifest says where step S of an epoch is, and `StreamingLoader.batches(epoch, start_step)`
-resumes there by dropping whole visits unread and skipping pairs only inside the one partial visit.
+permutation of its captions drawn per (seed, epoch, image), and augmentation draws are hashed from
+(seed, epoch, image, caption) (trainer/counter_random.py). Because a visit of a shard yields exactly
+its manifest sample count of pairs, the manifest says where step S of an epoch is, and
+`StreamingLoader.batches(epoch, start_step)` resumes there by dropping whole visits unread and skipping
+pairs only inside the one partial visit.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
 import mmap
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from schemas.errors import InputError
 from schemas.shard import SampleError, ShardSample, decode_sample, read_manifest, tar_samples
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
+from trainer.counter_random import hashed
 
 
 class ShardError(InputError):
@@ -136,12 +141,13 @@ class Batch:
     worker: int = 0
     shards_skipped: int = 0  # shard readings skipped so far (one per pass) by the worker of this batch
     image_ids: list[str] = field(default_factory=list)
+    buffer: tuple[int, int] | None = None  # (DataLoader worker, slot) of the shared buffer holding regions
 
     def __reduce__(self):
-        """From a DataLoader worker: tensors under 64 KiB travel inside the pickle. torch would give each
+        """From a DataLoader worker: tensors under 1 MiB travel inside the pickle. torch would give each
         its own shared-memory file and a socket round trip to pass it; the regions are already shared."""
         fields = {
-            name: value.numpy() if isinstance(value, torch.Tensor) and value.nbytes < 1 << 16 else value
+            name: value.numpy() if isinstance(value, torch.Tensor) and value.nbytes < 1 << 20 else value
             for name, value in self.__dict__.items()
         }
         return _batch_from_fields, (fields,)
@@ -176,23 +182,14 @@ def split_shards(order: np.ndarray, part: int, parts: int) -> np.ndarray:
     return order[part::parts]
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer (Steele, Lea and Flood, OOPSLA 2014): a bijective scramble of uint64 words."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def captions_for_pass(images: np.ndarray, num_captions: np.ndarray, seed: int, epoch: int, pass_: int):
     """The caption each image is paired with in one pass: entry `pass_` (cycled when an image has fewer
-    captions than the epoch has passes) of a per-(seed, epoch, image) permutation of its captions. The
-    permutation sorts hashed keys, for a whole shard at once: a seeded generator per image cost ~40 µs."""
-    images, num_captions = np.asarray(images, np.uint64), np.asarray(num_captions, np.int64)
-    columns = np.arange(max(1, int(num_captions.max(initial=1))), dtype=np.uint64)
-    with np.errstate(over="ignore"):  # the hash wraps by design
-        keyed = _mix64(_mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(epoch)) ^ images)
-        keys = _mix64(keyed[:, None] ^ (columns[None, :] + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
-    keys[columns[None, :].astype(np.int64) >= num_captions[:, None]] = np.iinfo(np.uint64).max
+    captions than the epoch has passes) of a per-(seed, epoch, image) permutation of its captions, which
+    sorts hashed keys, for a whole shard at once."""
+    images, num_captions = np.asarray(images, np.int64), np.asarray(num_captions, np.int64)
+    columns = np.arange(max(1, int(num_captions.max(initial=1))))
+    keys = hashed(seed, epoch, images[:, None], columns[None, :])
+    keys[columns[None, :] >= num_captions[:, None]] = np.iinfo(np.uint64).max
     order = np.argsort(keys, axis=1, kind="stable")
     return order[np.arange(len(images)), pass_ % np.maximum(num_captions, 1)]
 
@@ -215,61 +212,40 @@ def shard_archive(url: str) -> bytes | memoryview:
     return b""
 
 
-def shard_stream(url: str, hashed: bool = True) -> Iterator[dict]:
-    """Raw samples of one shard (a path, or any URL webdataset opens), read whole (the loader holds one
-    shard at a time anyway); after the last sample, yields {"__sha256__": digest of its bytes when
-    `hashed`}."""
+def read_shard(
+    url: str,
+    samples: int,
+    sha256: str | None,
+    fields: tuple[str, ...] = (),
+    feature_dim: int | None = None,
+    verified: bool = False,
+) -> list[ShardSample]:
+    """Every sample of one shard, decoded and checked, before any is used: a shard that fails, holds another
+    number of samples than its manifest record, or (with `sha256`) whose bytes hash otherwise raises
+    ShardError naming it. With `sha256` the tar headers' own checksums are not computed: the whole-shard hash
+    covers them. `verified`: it matched at an earlier reading and is not computed again (a change since then
+    that keeps the tar valid goes unseen: the loader does not guard against shards rewritten while it
+    runs)."""
     archive = shard_archive(url)
-    yield from tar_samples(archive, url)
-    yield {"__sha256__": hashlib.sha256(archive).hexdigest() if hashed else None}
-
-
-def checked_tar_samples(
-    urls: list[str], expected: dict[str, tuple[int, str | None]], skip_corrupt: bool, skipped: list[int]
-) -> Iterator[dict]:
-    """Raw samples from the shards in order. A shard that fails, yields another number of samples than the
-    manifest says, or whose bytes hash to another sha256 (checked once it is read, with no second read) raises
-    ShardError naming it, or with `skip_corrupt` is skipped (counted, warned)."""
-    for url in urls:
-        count = 0
-        samples, sha256 = expected[url]
-        try:
-            for raw in shard_stream(url, hashed=sha256 is not None):
-                if "__sha256__" in raw:
-                    if sha256 is not None and raw["__sha256__"] != sha256:
-                        raise ShardError(
-                            f"{url} was altered: its sha256 differs from the manifest "
-                            "(userpipe verify lists every damaged shard)"
-                        )
-                    continue
-                count += 1
-                yield raw
-            if count != samples:
-                raise ShardError(f"{url} yielded {count} samples, the manifest says {samples} (truncated?)")
-        except ShardError as exc:
-            if not skip_corrupt:
-                raise
-            skipped[0] += 1
-            warnings.warn(f"skipped: {exc}", stacklevel=2)
-        except Exception as exc:  # noqa: BLE001 - tarfile, gzip and OS errors all mean "this shard is broken"
-            message = (
-                f"{url} is unreadable after {count} samples: "
-                f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-            )
-            if not skip_corrupt:
-                raise ShardError(message) from None
-            skipped[0] += 1
-            warnings.warn(f"skipped: {message}", stacklevel=2)
-
-
-def decoded(
-    raws: Iterable[dict], fields: tuple[str, ...] = (), feature_dim: int | None = None
-) -> Iterator[ShardSample]:
-    for raw in raws:
-        try:
-            yield decode_sample(raw, fields or None, feature_dim)
-        except SampleError as exc:
-            raise ShardError(str(exc)) from None
+    read: list[ShardSample] = []
+    try:
+        for raw in tar_samples(archive, url, checksums=sha256 is None):
+            read.append(decode_sample(raw, fields or None, feature_dim))
+    except SampleError as exc:
+        raise ShardError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - tar and OS errors all mean "this shard is broken"
+        raise ShardError(
+            f"{url} is unreadable after {len(read)} samples: "
+            f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+        ) from None
+    if len(read) != samples:
+        raise ShardError(f"{url} yielded {len(read)} samples, the manifest says {samples} (truncated?)")
+    if sha256 is not None and not verified and hashlib.sha256(archive).hexdigest() != sha256:
+        raise ShardError(
+            f"{url} was altered: its sha256 differs from the manifest "
+            "(userpipe verify lists every damaged shard)"
+        )
+    return read
 
 
 def visit_pairs(samples: list[ShardSample], seed: int, epoch: int, pass_: int) -> Iterator[Pair]:
@@ -284,33 +260,70 @@ def visit_pairs(samples: list[ShardSample], seed: int, epoch: int, pass_: int) -
 
 def tokenized(
     pairs: Iterable[Pair], tokenizer: CaptionTokenizer, augment: bool, seed: int, epoch: int, chunk: int = 256
-) -> Iterator[tuple[Pair, list[int]]]:
+) -> Iterator[tuple[Pair, np.ndarray]]:
     """Each pair with its caption's token ids, `chunk` captions per tokenizer call; the augmentation is
-    seeded per (epoch, image, caption), so it does not depend on the chunks."""
+    keyed by (seed, epoch, image, caption), so it does not depend on the chunks."""
     for group in batched(pairs, chunk, drop_last=False):
-        rngs = [
-            np.random.default_rng([seed, epoch, pair.sample.meta.index, pair.caption]) if augment else None
-            for pair in group
-        ]
+        keys = None
+        if augment:
+            keys = hashed(seed, epoch, [p.sample.meta.index for p in group], [p.caption for p in group])
         texts = [pair.sample.captions[pair.caption] for pair in group]
-        yield from zip(group, tokenizer.many(texts, rngs), strict=True)
+        yield from zip(group, tokenizer.many(texts, keys), strict=True)
 
 
-def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker, in shared memory, as torch's default_collate makes
-    it: handing the batch to the training process then copies nothing (regions are ~19 MB a batch)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    empty = torch.empty(0, dtype=dtype)
-    return empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
+class SharedBatchBuffers:
+    """Shared-memory buffers for the regions of the batches that DataLoader workers make, reused.
+
+    A fresh shared-memory tensor per batch, as torch's default_collate makes one, costs a tmpfs page
+    allocation per 4 KiB: ~18 ms for a COCO batch's 19 MB of regions here, as long as reading its 128
+    pairs. A worker instead fills one of its slots, and the training process flags the slot free again
+    once it has dropped every tensor of that batch (a weak reference to the storage expires). A worker never
+    waits: with no free slot (a consumer that keeps its batches) it makes a fresh buffer, as before.
+    """
+
+    def __init__(self, workers: int, slots: int = 6):
+        self.free = torch.ones((workers, slots), dtype=torch.bool).share_memory_()  # both sides write it
+        self.storages: dict[int, torch.UntypedStorage] = {}  # a worker's own slots, made on first use
+        self.lent: list[tuple[int, int, StorageWeakRef]] = []  # in the training process
+
+    def empty(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """In worker `worker`: an uninitialised shared tensor, in a free slot if there is one."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        slot = next((j for j, free in enumerate(self.free[worker].tolist()) if free), None)
+        if slot is None:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+        else:
+            self.free[worker, slot] = False
+            if slot not in self.storages or self.storages[slot].nbytes() < nbytes:
+                self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
+            storage = self.storages[slot]
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def slot_of(self, worker: int, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """In a worker: (worker, slot) of the slot holding `tensor`, None for a fresh buffer."""
+        address = tensor.untyped_storage().data_ptr()
+        return next(((worker, j) for j, st in self.storages.items() if st.data_ptr() == address), None)
+
+    def lend(self, batch: Batch) -> Batch:
+        """In the training process, as a batch arrives: the slot returns when the batch is dropped."""
+        if batch.buffer is not None:
+            self.lent.append((*batch.buffer, StorageWeakRef(batch.regions.untyped_storage())))
+        return batch
+
+    def reclaim(self) -> None:
+        """In the training process: flag the slots of dropped batches free."""
+        for lent in [entry for entry in self.lent if entry[2].expired()]:
+            self.free[lent[0], lent[1]] = True
+            self.lent.remove(lent)
 
 
-def collate(items: list[tuple[Pair, list[int]]]) -> Batch:
+def collate(items: list[tuple[Pair, np.ndarray]], empty: Callable = torch.empty) -> Batch:
+    """`empty(shape, dtype=...)` gives the uninitialised regions tensor (a worker's shared buffer)."""
     samples = [p.sample for p, _ in items]
     b = len(items)
     k = max(max(len(s.regions) for s in samples), 1)
     d = samples[0].regions.shape[1]
-    regions, boxes = batch_tensor((b, k, d), torch.float16), batch_tensor((b, k, 4), torch.float32)
+    regions, boxes = empty((b, k, d), dtype=torch.float16), torch.empty((b, k, 4), dtype=torch.float32)
     tokens = np.zeros((b, max(len(t) for _, t in items)), np.int64)
     regions_np, boxes_np = regions.numpy(), boxes.numpy()
     for i, (pair, ids) in enumerate(items):
@@ -358,7 +371,7 @@ class LoaderSettings:
     workers: int = 0
     train: bool = True  # augmentation on, partial batches dropped
     skip_corrupt: bool = False
-    check_sha256: bool = True  # hash each shard's bytes once read (bench/loader_throughput.py: its cost)
+    check_sha256: bool = True  # hash a shard's bytes at its first reading (bench/loader_throughput.py: cost)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -399,17 +412,37 @@ class _EpochStream(torch.utils.data.IterableDataset):
             epoch,
             plans,
         )
+        self.buffers = SharedBatchBuffers(max(1, settings.workers))
 
     def _pairs(self, plan: WorkerPlan, skipped: list[int]) -> Iterator[Pair]:
-        hashes = self.shards.sha256 if self.settings.check_sha256 else [None] * len(self.shards)
-        expected = dict(zip(self.shards.urls, zip(self.shards.samples, hashes, strict=True), strict=True))
+        """The plan's pairs. A shard's sha256 is checked at its first reading in the plan (each later one
+        reads the same bytes, and the hash cost as much as decoding them); a shard found damaged raises
+        ShardError, or with skip_corrupt is skipped at this and every later visit (each one counted)."""
         seed, fields, dim = self.settings.seed, self.shards.fields, self.shards.store_config.feature_dim
+        verified: set[int] = set()
+        damaged: dict[int, ShardError] = {}
         for n, (pass_, shard) in enumerate(plan.visits):
-            # the whole shard first (its samples and its hash): an altered shard gives no pair
-            raws = checked_tar_samples(
-                [self.shards.urls[shard]], expected, self.settings.skip_corrupt, skipped
-            )
-            pairs = visit_pairs(list(decoded(raws, fields, dim)), seed, self.epoch, pass_)
+            try:
+                if shard in damaged:
+                    raise damaged[shard]
+                samples = read_shard(
+                    self.shards.urls[shard],
+                    self.shards.samples[shard],
+                    self.shards.sha256[shard] if self.settings.check_sha256 else None,
+                    fields,
+                    dim,
+                    verified=shard in verified,
+                )
+                if self.settings.check_sha256:
+                    verified.add(shard)
+            except ShardError as exc:
+                if not self.settings.skip_corrupt:
+                    raise
+                damaged[shard] = exc
+                skipped[0] += 1
+                warnings.warn(f"skipped: {exc}", stacklevel=2)
+                continue
+            pairs = visit_pairs(samples, seed, self.epoch, pass_)
             yield from itertools.islice(pairs, plan.skip_pairs if n == 0 else 0, None)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -419,7 +452,11 @@ class _EpochStream(torch.utils.data.IterableDataset):
         pairs = self._pairs(plan, skipped)
         items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
         for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
-            batch = collate(group)
+            if info is None:
+                batch = collate(group)
+            else:
+                batch = collate(group, functools.partial(self.buffers.empty, info.id))
+                batch.buffer = self.buffers.slot_of(info.id, batch.regions)
             batch.worker, batch.shards_skipped = plan.worker, skipped[0]
             yield batch
 
@@ -511,7 +548,9 @@ class StreamingLoader:
             generator=generator,
         )
         try:
-            yield from loader
+            for batch in loader:
+                stream.buffers.reclaim()
+                yield stream.buffers.lend(batch)
         except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
             raw = str(exc.args[0]) if exc.args else ""
             raise ShardError(raw.split("trainer.loader.ShardError: ", 1)[-1]) from None
