@@ -3,9 +3,10 @@
 For each size: a synthetic store (36 x 2048 float16 regions per image, 5 captions) is written and
 sharded; then, each in a fresh process, (a) userpipe's StreamingLoader and (b) the reference recipe
 (SCAN/VSE∞/USER: np.load of the whole float32 {split}_ims.npy, then one item per caption, image =
-caption // 5, shuffled, batched) produce the same number of (image, caption) batches with the same
-tokenizer. Reported: pairs/s after the first batch, time to the first batch, and peak RSS of the
-process tree. Results: bench/results/loader_throughput.{json,md}.
+caption // 5, shuffled, batched, each caption tokenized and augmented as it is read, by the released
+per-word loop on the same word pieces: tests/released.py) produce an epoch of (image, caption) batches.
+Reported: pairs/s after the first batch, time to the first batch, and peak RSS of the process tree.
+Results: bench/results/loader_throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -247,8 +248,10 @@ def main() -> None:
         result,
         f"Loader: {result['benchmark']}",
         "Reference = the whole float32 `train_ims.npy` loaded with np.load, one item per caption "
-        "(SCAN/VSE∞/USER), with the same tokenizer. Streaming hashes every shard's bytes and stops at a "
-        "shard whose sha256 differs from the manifest; 'no sha256' is the same loader without that check; "
+        "(SCAN/VSE∞/USER), each caption tokenized as it is read by the released per-word augmentation "
+        "loop on the same word pieces (tests/released.py). Streaming checks each shard's sha256 at its "
+        "first reading and stops at one that differs from the manifest; 'no sha256' is the same loader "
+        "without that check; "
         "'in the main process' is the loader with workers=0 (no shared memory, no IPC). "
         f"Each row: the median of {args.rounds} processes, the kinds alternating (spread: lowest–highest).",
         ["images", "loader", "pairs/s", "spread", "first batch (s)", "peak RSS (MB)"],

@@ -160,11 +160,10 @@ def tar_members(
     while True:
         if at + BLOCK > total:
             raise TarError(f"cut short in a header ({total - at} of {BLOCK} bytes; no end-of-archive block)")
-        header = archive[at : at + BLOCK]
-        name, size_field, checksum, kind, prefix = HEADER_FIELDS.unpack_from(header)
-        if checksum == BLANK_CHECKSUM and header == END_BLOCK:
+        name, size_field, checksum, kind, prefix = HEADER_FIELDS.unpack_from(archive, at)
+        if checksum == BLANK_CHECKSUM and archive[at : at + BLOCK] == END_BLOCK:
             return
-        if checksums and not _checksum_matches(header, checksum):
+        if checksums and not _checksum_matches(archive[at : at + BLOCK], checksum):
             raise TarError("a header's checksum is wrong")
         size = int(extended["size"]) if "size" in extended else _tar_number(size_field)
         at += BLOCK

@@ -251,6 +251,20 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
     assert altered_images and not altered_images & {image for image, _ in pairs_of(batches)}
 
 
+def test_each_shard_is_hashed_once_per_loader_and_trusted_at_later_readings(shards, tokenizer, monkeypatch):
+    import hashlib
+
+    import trainer.loader
+
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(trainer.loader.hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))
+    shard_set = ShardSet.from_manifest(shards[1])
+    loader = StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, train=False))
+    for epoch in range(2):
+        list(loader.batches(epoch))
+    assert shard_set.passes > 1 and len(hashed) == len(shard_set)  # not once per reading
+
+
 def test_a_shard_cut_anywhere_even_to_nothing_is_named(shards, tokenizer, tmp_path):
     """Shards are mapped from disk; an empty file cannot be mapped and is read as an empty archive."""
     import shutil

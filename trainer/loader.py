@@ -23,7 +23,6 @@ pairs only inside the one partial visit.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import math
@@ -150,6 +149,8 @@ class Batch:
             name: value.numpy() if isinstance(value, torch.Tensor) and value.nbytes < 1 << 20 else value
             for name, value in self.__dict__.items()
         }
+        if self.buffer is not None:  # in a slot the training process maps already: only its shape travels
+            fields["regions"] = torch.empty(self.regions.shape, dtype=self.regions.dtype, device="meta")
         return _batch_from_fields, (fields,)
 
 
@@ -272,42 +273,47 @@ def tokenized(
 
 
 class SharedBatchBuffers:
-    """Shared-memory buffers for the regions of the batches that DataLoader workers make, reused.
+    """Reused shared memory for the regions of the batches that DataLoader workers make.
 
     A fresh shared-memory tensor per batch, as torch's default_collate makes one, costs a tmpfs page
-    allocation per 4 KiB: ~18 ms for a COCO batch's 19 MB of regions here, as long as reading its 128
-    pairs. A worker instead fills one of its slots, and the training process flags the slot free again
-    once it has dropped every tensor of that batch (a weak reference to the storage expires). A worker never
-    waits: with no free slot (a consumer that keeps its batches) it makes a fresh buffer, as before.
+    allocation per 4 KiB (~18 ms for a COCO batch's 19 MB of regions here, as long as reading its 128 pairs),
+    a file descriptor passed over a socket, and a new mapping in the training process. Instead the training
+    process maps `slots` buffers per worker before the workers fork (anonymous shared mappings, which they
+    inherit); a worker fills a free one and the batch crosses as (worker, slot) with a shape. The training
+    process wraps the slot's memory in a new tensor and flags the slot free again once every tensor over it
+    is dropped (a weak reference to that storage expires). A worker never waits: with no free slot (a
+    consumer that keeps its batches), or workers that do not fork, it makes a fresh shared tensor as before.
     """
 
-    def __init__(self, workers: int, slots: int = 6):
-        self.free = torch.ones((workers, slots), dtype=torch.bool).share_memory_()  # both sides write it
-        self.storages: dict[int, torch.UntypedStorage] = {}  # a worker's own slots, made on first use
+    def __init__(self, workers: int, slot_bytes: int, slots: int = 4):
+        forked = torch.multiprocessing.get_start_method() == "fork"
+        self.slot_bytes = slot_bytes
+        self.free = torch.ones((workers, slots if forked else 0), dtype=torch.bool).share_memory_()
+        self.memory = [[mmap.mmap(-1, slot_bytes) for _ in range(self.free.shape[1])] for _ in range(workers)]
         self.lent: list[tuple[int, int, StorageWeakRef]] = []  # in the training process
 
-    def empty(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """In worker `worker`: an uninitialised shared tensor, in a free slot if there is one."""
+    def _view(self, worker: int, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.frombuffer(self.memory[worker][slot], dtype=dtype, count=math.prod(shape)).view(shape)
+
+    def empty(
+        self, worker: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, int | None]:
+        """In worker `worker`: an uninitialised shared tensor and its slot (None: a fresh one)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        slot = next((j for j, free in enumerate(self.free[worker].tolist()) if free), None)
-        if slot is None:
-            storage = torch.UntypedStorage._new_shared(nbytes)
-        else:
-            self.free[worker, slot] = False
-            if slot not in self.storages or self.storages[slot].nbytes() < nbytes:
-                self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
-            storage = self.storages[slot]
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        if nbytes <= self.slot_bytes:
+            for slot, free in enumerate(self.free[worker].tolist()):
+                if free:
+                    self.free[worker, slot] = False
+                    return self._view(worker, slot, shape, dtype), slot
+        return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape), None
 
-    def slot_of(self, worker: int, tensor: torch.Tensor) -> tuple[int, int] | None:
-        """In a worker: (worker, slot) of the slot holding `tensor`, None for a fresh buffer."""
-        address = tensor.untyped_storage().data_ptr()
-        return next(((worker, j) for j, st in self.storages.items() if st.data_ptr() == address), None)
-
-    def lend(self, batch: Batch) -> Batch:
-        """In the training process, as a batch arrives: the slot returns when the batch is dropped."""
+    def receive(self, batch: Batch) -> Batch:
+        """In the training process, as a batch arrives: its regions from its slot, which returns once the
+        batch is dropped."""
         if batch.buffer is not None:
-            self.lent.append((*batch.buffer, StorageWeakRef(batch.regions.untyped_storage())))
+            worker, slot = batch.buffer
+            batch.regions = self._view(worker, slot, tuple(batch.regions.shape), batch.regions.dtype)
+            self.lent.append((worker, slot, StorageWeakRef(batch.regions.untyped_storage())))
         return batch
 
     def reclaim(self) -> None:
@@ -317,13 +323,14 @@ class SharedBatchBuffers:
             self.lent.remove(lent)
 
 
-def collate(items: list[tuple[Pair, np.ndarray]], empty: Callable = torch.empty) -> Batch:
-    """`empty(shape, dtype=...)` gives the uninitialised regions tensor (a worker's shared buffer)."""
+def collate(items: list[tuple[Pair, np.ndarray]], empty: Callable | None = None) -> Batch:
+    """`empty(shape, dtype)` gives the uninitialised regions tensor (a worker's shared buffer)."""
+    empty = empty or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     samples = [p.sample for p, _ in items]
     b = len(items)
     k = max(max(len(s.regions) for s in samples), 1)
     d = samples[0].regions.shape[1]
-    regions, boxes = empty((b, k, d), dtype=torch.float16), torch.empty((b, k, 4), dtype=torch.float32)
+    regions, boxes = empty((b, k, d), torch.float16), torch.empty((b, k, 4), dtype=torch.float32)
     tokens = np.zeros((b, max(len(t) for _, t in items)), np.int64)
     regions_np, boxes_np = regions.numpy(), boxes.numpy()
     for i, (pair, ids) in enumerate(items):
@@ -381,6 +388,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 Visit = tuple[int, int]  # (pass, shard index): one reading of a shard within an epoch
+UNCHECKED, VERIFIED, DAMAGED = 0, 1, 2  # what a loader knows of a shard's bytes
 
 
 @dataclass(frozen=True)
@@ -403,8 +411,10 @@ class _EpochStream(torch.utils.data.IterableDataset):
         tokenizer: CaptionTokenizer,
         epoch: int,
         plans: list[WorkerPlan],
+        shard_states: torch.Tensor,
     ):
         super().__init__()
+        self.shard_states = shard_states  # (shards,) uint8 in shared memory: UNCHECKED, VERIFIED or DAMAGED
         self.shards, self.settings, self.tokenizer, self.epoch, self.plans = (
             shards,
             settings,
@@ -412,33 +422,35 @@ class _EpochStream(torch.utils.data.IterableDataset):
             epoch,
             plans,
         )
-        self.buffers = SharedBatchBuffers(max(1, settings.workers))
+        config = shards.store_config  # a full batch of regions fills a slot
+        slot_bytes = settings.batch_size * config.num_regions * config.feature_dim * torch.float16.itemsize
+        self.buffers = SharedBatchBuffers(settings.workers, slot_bytes) if settings.workers else None
 
     def _pairs(self, plan: WorkerPlan, skipped: list[int]) -> Iterator[Pair]:
-        """The plan's pairs. A shard's sha256 is checked at its first reading in the plan (each later one
-        reads the same bytes, and the hash cost as much as decoding them); a shard found damaged raises
-        ShardError, or with skip_corrupt is skipped at this and every later visit (each one counted)."""
+        """The plan's pairs. A shard's sha256 is checked at its first reading by any worker of this loader
+        (later readings map the same bytes, and hashing cost as much as decoding them); a shard found
+        damaged raises ShardError, or with skip_corrupt is skipped at this and every later visit, by every
+        worker (each visit counted)."""
         seed, fields, dim = self.settings.seed, self.shards.fields, self.shards.store_config.feature_dim
-        verified: set[int] = set()
-        damaged: dict[int, ShardError] = {}
         for n, (pass_, shard) in enumerate(plan.visits):
+            url, state = self.shards.urls[shard], int(self.shard_states[shard])
             try:
-                if shard in damaged:
-                    raise damaged[shard]
+                if state == DAMAGED:
+                    raise ShardError(f"{url} was found damaged at an earlier reading")
                 samples = read_shard(
-                    self.shards.urls[shard],
+                    url,
                     self.shards.samples[shard],
                     self.shards.sha256[shard] if self.settings.check_sha256 else None,
                     fields,
                     dim,
-                    verified=shard in verified,
+                    verified=state == VERIFIED,
                 )
                 if self.settings.check_sha256:
-                    verified.add(shard)
+                    self.shard_states[shard] = VERIFIED
             except ShardError as exc:
+                self.shard_states[shard] = DAMAGED
                 if not self.settings.skip_corrupt:
                     raise
-                damaged[shard] = exc
                 skipped[0] += 1
                 warnings.warn(f"skipped: {exc}", stacklevel=2)
                 continue
@@ -451,13 +463,17 @@ class _EpochStream(torch.utils.data.IterableDataset):
         skipped = [0]
         pairs = self._pairs(plan, skipped)
         items = tokenized(pairs, self.tokenizer, self.settings.train, self.settings.seed, self.epoch)
+        slots: list[int | None] = [None]
+
+        def shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            tensor, slot = self.buffers.empty(info.id, shape, dtype)
+            slots.append(slot)
+            return tensor
+
         for group in batched(items, self.settings.batch_size, drop_last=self.settings.train):
-            if info is None:
-                batch = collate(group)
-            else:
-                batch = collate(group, functools.partial(self.buffers.empty, info.id))
-                batch.buffer = self.buffers.slot_of(info.id, batch.regions)
+            batch = collate(group) if info is None else collate(group, shared)
             batch.worker, batch.shards_skipped = plan.worker, skipped[0]
+            batch.buffer = None if info is None or slots[-1] is None else (info.id, slots[-1])
             yield batch
 
 
@@ -481,6 +497,8 @@ class StreamingLoader:
                 f"{len(shards)} shards cannot feed {self.world} rank(s) x {max(1, settings.workers)} "
                 "worker(s); reshard with a smaller --max-count"
             )
+        # what this loader's readings found, shared by its workers in every epoch
+        self.shard_states = torch.full((len(shards),), UNCHECKED, dtype=torch.uint8).share_memory_()
 
     def _worker_visits(self, epoch: int) -> list[list[Visit]]:
         """Each logical worker's shard visits in the epoch, pass after pass."""
@@ -535,7 +553,12 @@ class StreamingLoader:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The epoch's batches from `start_step` on (0-based, counted in this rank's batches)."""
         stream = _EpochStream(
-            self.shards, self.settings, self.tokenizer, epoch, self._plans(epoch, start_step)
+            self.shards,
+            self.settings,
+            self.tokenizer,
+            epoch,
+            self._plans(epoch, start_step),
+            self.shard_states,
         )
         # its own generator: creating the DataLoader must not draw from the global RNG (dropout's),
         # or a run resumed mid-epoch would not continue the uninterrupted run's random stream
@@ -549,8 +572,10 @@ class StreamingLoader:
         )
         try:
             for batch in loader:
-                stream.buffers.reclaim()
-                yield stream.buffers.lend(batch)
+                if stream.buffers is not None:
+                    stream.buffers.reclaim()
+                    batch = stream.buffers.receive(batch)
+                yield batch
         except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
             raw = str(exc.args[0]) if exc.args else ""
             raise ShardError(raw.split("trainer.loader.ShardError: ", 1)[-1]) from None
