@@ -58,7 +58,7 @@ test-fast: setup
 
 # the crash test at 24 kill points per writer (about 30 minutes on 2 cores; `just test` runs 1 per writer)
 test-crash: setup
-    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py -s
+    HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py tests/test_distributed.py -s
 
 # every benchmark (about 35 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
@@ -67,6 +67,7 @@ bench: setup
     {{bin}}/python bench/ranking.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/data_order.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/train_throughput.py
+    HF_HUB_OFFLINE=1 {{bin}}/python bench/ddp_throughput.py
     {{bin}}/python bench/queue_loss.py
     {{bin}}/python bench/report.py
 

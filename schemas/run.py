@@ -113,6 +113,11 @@ class TrainRecipe(BaseModel):
         description="validate on the first N images (the reference uses 1,000 of COCO's dev split)",
     )
     val_every: int | None = Field(default=None, gt=0, description="also validate every N steps")
+    global_batchnorm: bool = Field(
+        default=True,
+        description="with several processes, BatchNorm statistics over the global batch, as the released "
+        "single-process code computes them over its one batch (false: each process's own rows)",
+    )
 
 
 class RunConfig(BaseModel):

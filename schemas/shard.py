@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationError
 
-from schemas.base import Frozen, first_problem, parse_json, read_model
+from schemas.base import Frozen, first_problem, parse_json, read_model, validate_as
 from schemas.errors import InputError, ManifestError
 from schemas.store import ExtractorConfig
 
@@ -86,6 +86,14 @@ def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
     path = Path(location)
     path = path / MANIFEST_NAME if path.is_dir() else path
     return path, read_model(ShardManifest, path, "shard manifest", ManifestError)
+
+
+def parse_manifest(data: bytes, source: str) -> ShardManifest:
+    """A manifest's bytes read from elsewhere (a URL, a pipe), validated; `source` names it in errors."""
+    try:
+        return validate_as(ShardManifest, parse_json(data, source), f"{source} (shard manifest)")
+    except InputError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 @dataclass

@@ -104,15 +104,19 @@ def test_an_epoch_is_passes_of_every_image_once_padded_and_tokenized(shards, tok
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_two_ranks_with_workers_cover_the_data_exactly_once(shards, tokenizer, workers):
+def test_two_ranks_with_workers_take_equal_steps_and_see_each_pair_at_most_once(shards, tokenizer, workers):
     store, out = shards
     shard_set = ShardSet.from_manifest(out)
     settings = LoaderSettings(batch_size=8, train=False, workers=workers)
-    per_rank = [
-        pairs_of(StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2).batches(epoch=3))
-        for r in range(2)
-    ]
-    assert Counter(per_rank[0]) + Counter(per_rank[1]) == epoch_pairs(store, shard_set.passes, 0, 3)
+    loaders = [StreamingLoader(shard_set, tokenizer, settings, rank=r, world=2) for r in range(2)]
+    batches = [list(loader.batches(epoch=3)) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == loaders[0].batches_per_epoch(3)
+    seen = Counter(pairs_of(batches[0])) + Counter(pairs_of(batches[1]))
+    expected = epoch_pairs(store, shard_set.passes, 0, 3)
+    assert not seen - expected
+    # what is left out is the longer rank's last batches, no more
+    own = [sum(loader._worker_batches(loader._worker_visits(3))) for loader in loaders]
+    assert sum((expected - seen).values()) <= 8 * sum(n - min(own) for n in own)
 
 
 def test_worker_batches_keep_their_regions_while_held_and_reuse_buffers_once_dropped(shards, tokenizer):
@@ -144,6 +148,24 @@ def test_worker_batches_keep_their_regions_while_held_and_reuse_buffers_once_dro
         assert batch.buffer is not None
         streamed += 1
     assert streamed == len(held) > 12  # more batches than the two workers' slots
+
+
+def test_every_rank_takes_as_many_steps_even_when_their_shards_differ(shards, tokenizer):
+    """Ranks whose shards hold different numbers of pairs take the fewest any rank has: no rank waits in a
+    collective for a step another never takes, and no pair is seen twice."""
+    store, out = shards
+    shard_set = ShardSet.from_manifest(out)
+    settings = LoaderSettings(batch_size=4, train=True)
+    loaders = [StreamingLoader(shard_set, tokenizer, settings, rank=r, world=5) for r in range(5)]
+    own = [sum(rank._worker_batches(rank._worker_visits(0))) for rank in loaders]
+    assert len(set(own)) > 1  # 12 shards split unevenly over 5 ranks
+    per_rank = [pairs_of(loader.batches(0)) for loader in loaders]
+    counts = [rank.batches_per_epoch(0) for rank in loaders]
+    assert [len(p) // 4 for p in per_rank] == [min(own)] * 5 == counts
+    every = Counter(pair for pairs in per_rank for pair in pairs)
+    assert not every - epoch_pairs(store, shard_set.passes, 0, 0)  # each pair at most once in the epoch
+    resumed = pairs_of(loaders[0].batches(0, start_step=2))
+    assert resumed == per_rank[0][8:]
 
 
 @pytest.mark.slow
@@ -278,6 +300,51 @@ def test_a_shard_cut_anywhere_even_to_nothing_is_named(shards, tokenizer, tmp_pa
         victim.write_bytes(whole[:cut])
         with pytest.raises(ShardError, match=victim.name):
             list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8)).batches(0))
+
+
+def test_shards_stream_from_a_url_or_a_pipe_as_from_their_folder(shards, tokenizer):
+    """What webdataset opens, for nodes without a shared filesystem: shards served over http by
+    `python -m http.server` on 127.0.0.1, and a `pipe:` command; the manifest is read the same way."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    folder = shards[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", folder.parent],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        settings = LoaderSettings(batch_size=8, train=False)
+        local = ShardSet.resolve(folder)
+        expected = pairs_of(StreamingLoader(local, tokenizer, settings).batches(0))
+        last = len(local) - 1
+        base = f"http://127.0.0.1:{port}/{folder.name}"
+        pattern = f"train-{{000000..{last:06d}}}.tar"
+        specs = (f"{base}/", f"{base}/manifest.json", f"{base}/{pattern}", f"pipe:cat {folder}/{pattern}")
+        for spec in specs:
+            remote = ShardSet.resolve(spec)
+            assert remote.samples == local.samples and remote.sha256 == local.sha256, spec
+            assert pairs_of(StreamingLoader(remote, tokenizer, settings).batches(0)) == expected, spec
+        some = ShardSet.resolve(f"{base}/train-{{000001..000002}}.tar")
+        assert some.urls == (f"{base}/train-000001.tar", f"{base}/train-000002.tar")
+        with pytest.raises(InputError, match="cannot read the shard manifest"):
+            ShardSet.resolve(f"http://127.0.0.1:{port}/no-such-folder/")
+        with pytest.raises(InputError, match="does not list"):
+            ShardSet.resolve(f"{base}/train-{{000000..000099}}.tar")
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def test_brace_pattern_selects_shards_with_manifest_counts(shards):

@@ -125,8 +125,11 @@ def save(
     position: dict,
     metrics: dict,
     best: bool,
+    rng: torch.Tensor | list[torch.Tensor] | None = None,
+    world_size: int = 1,
 ) -> None:
-    """Write the state at `position` and make it `last` (and `best`); see the module docstring."""
+    """Write the state at `position` and make it `last` (and `best`); see the module docstring. `rng`: the
+    RNG state (this process's by default; with several processes, every rank's, in rank order)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
@@ -156,8 +159,9 @@ def save(
                     {
                         "optimizer": optimizer.state_dict(),
                         "position": position,
-                        "torch_rng": torch.get_rng_state(),
+                        "torch_rng": torch.get_rng_state() if rng is None else rng,
                         "threads": torch.get_num_threads(),
+                        "world_size": world_size,
                     },
                     keeping,
                 )

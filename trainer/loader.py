@@ -39,10 +39,23 @@ import webdataset as wds
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from schemas.errors import InputError
-from schemas.shard import SampleError, ShardSample, decode_sample, read_manifest, tar_samples
+from schemas.shard import (
+    MANIFEST_NAME,
+    SampleError,
+    ShardSample,
+    decode_sample,
+    parse_manifest,
+    read_manifest,
+    tar_samples,
+)
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 from trainer.counter_random import hashed
+
+
+def is_remote(spec: str) -> bool:
+    """An http(s) (or other) URL or a `pipe:` command: shards webdataset opens, not local files."""
+    return "://" in spec or spec.startswith("pipe:")
 
 
 class ShardError(InputError):
@@ -83,8 +96,11 @@ class ShardSet:
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
         """A manifest, or a brace pattern ("shards/train-{000000..000009}.tar") naming some of its shards;
-        the manifest beside them supplies the per-shard counts that epochs and resuming rely on."""
+        the manifest beside them supplies the per-shard counts that epochs and resuming rely on. Also what
+        webdataset reads (`ShardSet.remote`): an http(s) URL or a `pipe:` command."""
         text = str(spec)
+        if is_remote(text):
+            return cls.remote(text)
         if "{" not in text:
             return cls.from_manifest(text)
         from braceexpand import braceexpand
@@ -106,6 +122,52 @@ class ShardSet:
             tuple(every.sha256[i] for i in picked),
             every.store_config,
             every.fields,
+        )
+
+    @classmethod
+    def remote(cls, spec: str) -> ShardSet:
+        """Shards where webdataset reads them, for nodes without a shared filesystem: a folder URL
+        ("https://host/train/"), its manifest's URL, a brace pattern of shard URLs, or a `pipe:` command
+        whose word naming the shards is such a pattern ("pipe:aws s3 cp s3://b/train/{000000..000123}.tar -").
+        The manifest is read the same way, from the folder of that word; each shard's size and sha256 are
+        checked as it streams."""
+        from braceexpand import braceexpand
+
+        words = spec.split(" ") if spec.startswith("pipe:") else [spec]
+        named = [i for i, w in enumerate(words) if w.endswith((".tar", ".json", "/"))]
+        if not named and len(words) > 1:
+            raise InputError(f"{spec}: no word of the command names the shards (a .tar brace pattern)")
+        at = named[-1] if named else 0
+        word = words[at]
+        folder = word.rsplit("/", 1)[0] + "/" if word.endswith((".tar", ".json")) else word.rstrip("/") + "/"
+
+        def located(name: str) -> str:
+            return " ".join([*words[:at], folder + name, *words[at + 1 :]])
+
+        source = located(MANIFEST_NAME)
+        try:
+            with wds.gopen(source, "rb") as stream:
+                data = stream.read()
+        except Exception as exc:  # noqa: BLE001 - curl, pipes and URLs each fail their own way
+            reason = " ".join(str(exc).split())[:200]
+            raise InputError(f"cannot read the shard manifest {source}: {reason}") from None
+        manifest = parse_manifest(data, source)
+        names = [record.name for record in manifest.shards]
+        picked = names
+        if word.endswith(".tar"):
+            picked = [name.rsplit("/", 1)[-1] for name in braceexpand(word)]
+            unknown = [name for name in picked if name not in names]
+            if unknown:
+                raise InputError(f"shard pattern {spec} names shards {source} does not list: {unknown[:3]}")
+        records = {record.name: record for record in manifest.shards}
+        chosen = [records[name] for name in picked]
+        return cls(
+            tuple(located(r.name) for r in chosen),
+            tuple(r.samples for r in chosen),
+            tuple(r.captions for r in chosen),
+            tuple(r.sha256 for r in chosen),
+            manifest.params.store_config,
+            manifest.fields,
         )
 
     def __len__(self) -> int:
@@ -500,13 +562,13 @@ class StreamingLoader:
         # what this loader's readings found, shared by its workers in every epoch
         self.shard_states = torch.full((len(shards),), UNCHECKED, dtype=torch.uint8).share_memory_()
 
-    def _worker_visits(self, epoch: int) -> list[list[Visit]]:
-        """Each logical worker's shard visits in the epoch, pass after pass."""
+    def _worker_visits(self, epoch: int, rank: int | None = None) -> list[list[Visit]]:
+        """Each logical worker's shard visits in the epoch, pass after pass (of this rank, or `rank`)."""
         workers = max(1, self.settings.workers)
         visits: list[list[Visit]] = [[] for _ in range(workers)]
         for pass_ in range(self.shards.passes):
             order = pass_order(len(self.shards), self.settings.seed, epoch, pass_)
-            rank_shards = split_shards(order, self.rank, self.world)
+            rank_shards = split_shards(order, self.rank if rank is None else rank, self.world)
             for w in range(workers):
                 visits[w] += [(pass_, int(i)) for i in split_shards(rank_shards, w, workers)]
         return visits
@@ -517,7 +579,10 @@ class StreamingLoader:
         return [p // size if drop else -(-p // size) for p in pairs]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self._worker_batches(self._worker_visits(epoch)))
+        """The epoch's batches on every rank: the fewest any rank's shards give, so that all ranks take
+        the same number of steps (none waits in a collective for a step another never takes); a rank with
+        more leaves its last ones out, so the ranks see each pair of the epoch at most once."""
+        return min(sum(self._worker_batches(self._worker_visits(epoch, r))) for r in range(self.world))
 
     def _plans(self, epoch: int, start_step: int) -> list[WorkerPlan]:
         """One plan per DataLoader worker, for an epoch entered at start_step.
@@ -571,7 +636,7 @@ class StreamingLoader:
             generator=generator,
         )
         try:
-            for batch in loader:
+            for batch in itertools.islice(loader, max(0, self.batches_per_epoch(epoch) - start_step)):
                 if stream.buffers is not None:
                     stream.buffers.reclaim()
                     batch = stream.buffers.receive(batch)

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.profiler import record_function
 
 from schemas.run import ModelConfig
+from trainer.distributed import BatchNorm1d, gather, gather_with_grad
 from trainer.losses import uto_loss, uto_queue_loss
 
 MASKED = -10000.0  # VSE∞'s fill for masked scores and features (finite, so fp16-safe after scaling)
@@ -130,9 +131,9 @@ class SelfGuidedEnhancement(nn.Module):
     def __init__(self, feature_dim: int, hidden: int, num_regions: int, dropout: float, xavier: bool = True):
         super().__init__()
         self.local = nn.Linear(feature_dim, hidden)
-        self.local_norm = nn.BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter)
+        self.local_norm = BatchNorm1d(num_regions)  # over the region axis, as released (n a parameter)
         self.glob = nn.Linear(feature_dim, hidden)
-        self.glob_norm = nn.BatchNorm1d(hidden)
+        self.glob_norm = BatchNorm1d(hidden)
         self.attend = nn.Linear(hidden, 1)
         self.dropout = Dropout(dropout)
         if xavier:
@@ -158,9 +159,9 @@ class ClipGuide(nn.Module):
     def __init__(self, clip_dim: int, embed_dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.BatchNorm1d(clip_dim),
+            BatchNorm1d(clip_dim),
             nn.Linear(clip_dim, embed_dim),
-            nn.BatchNorm1d(embed_dim),
+            BatchNorm1d(embed_dim),
             nn.ReLU(inplace=True),
             nn.Linear(embed_dim, embed_dim),
         )
@@ -184,7 +185,7 @@ class ImageEncoder(nn.Module):
         self.clip_guide = ClipGuide(config.clip_dim, e) if config.enhancement == "cge" else None
         self.fc = nn.Linear(d, e)
         self.mlp = nn.Sequential(
-            nn.Linear(d, e // 2), nn.BatchNorm1d(e // 2), nn.ReLU(inplace=True), nn.Linear(e // 2, e)
+            nn.Linear(d, e // 2), BatchNorm1d(e // 2), nn.ReLU(inplace=True), nn.Linear(e // 2, e)
         )
         self.gpo = GPO(config.gpo_pe_dim, config.gpo_hidden)
         if config.xavier_init:
@@ -319,33 +320,37 @@ class USER(nn.Module):
     def forward(
         self, regions, region_lengths, tokens, token_lengths, image_ids, clip=None, backend: str = "auto"
     ) -> dict[str, torch.Tensor]:
-        """One training step's losses; updates the key encoders first and the queues last."""
+        """One training step's losses; updates the key encoders first and the queues last. With several
+        processes (trainer/distributed.py) every rank computes them over the global batch: the embeddings,
+        keys and image ids of all ranks, in rank order."""
         cfg = self.config
         with record_function("image encoder"):  # the labels: bench/train_throughput.py's profile
             regions = self.image.prepare(regions, region_lengths)
             img = self.image.encode(regions, region_lengths, clip)
         with record_function("text tower"):
             txt = self.text(tokens, token_lengths)
+        with record_function("gather"):
+            img, txt, global_ids = gather_with_grad(img), gather_with_grad(txt), gather(image_ids)
         with record_function("uto"):
-            same = (image_ids[:, None] == image_ids[None, :]) if cfg.mask_false_negatives else None
+            same = (global_ids[:, None] == global_ids[None, :]) if cfg.mask_false_negatives else None
             batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
         if not cfg.use_queue:
             zero = torch.zeros((), device=batch.device)
             return {"loss": cfg.batch_weight * batch, "batch": batch.detach(), "queue": zero}
         with record_function("key encoders"), torch.no_grad():
             self.momentum_update()
-            img_key = self.image_key.encode(regions, region_lengths, clip)
-            txt_key = self.text_key(tokens, token_lengths)
+            img_key = gather(self.image_key.encode(regions, region_lengths, clip))
+            txt_key = gather(self.text_key(tokens, token_lengths))
         with record_function("uto"):
             # copies: the queues are updated in place below, before backward reads what the loss saved
             text_queue, text_ids = self.text_queue.keys.clone(), self.text_queue.ids.clone()
             image_queue, image_ids_queue = self.image_queue.keys.clone(), self.image_queue.ids.clone()
-            ids = (image_ids, text_ids) if cfg.mask_false_negatives else (None, None)
+            ids = (global_ids, text_ids) if cfg.mask_false_negatives else (None, None)
             image_to_text = uto_queue_loss(img, txt_key, text_queue, cfg.mu, cfg.gamma, backend, *ids)
-            ids = (image_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
+            ids = (global_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
             text_to_image = uto_queue_loss(txt, img_key, image_queue, cfg.mu, cfg.gamma, backend, *ids)
-        self.image_queue.push(img_key, image_ids)
-        self.text_queue.push(txt_key, image_ids)
+        self.image_queue.push(img_key, global_ids)
+        self.text_queue.push(txt_key, global_ids)
         queue = image_to_text + text_to_image
         return {"loss": cfg.batch_weight * batch + queue, "batch": batch.detach(), "queue": queue.detach()}
 

@@ -19,7 +19,7 @@ from schemas.outputs import RUN, existing, recover, write_text_atomic
 from schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
 from trainer import checkpoint
 from trainer.checkpoint import CHECKPOINTS
-from trainer.loader import ShardSet
+from trainer.loader import ShardSet, is_remote
 
 LOG_NAME = "log.jsonl"
 
@@ -168,10 +168,11 @@ def _listed(changed: dict, keys: list[str]) -> str:
 
 
 def run_data(shards_spec: str, shards: ShardSet, val_store: Path) -> RunData:
-    """What the run reads, by resolved path (a brace pattern: its folder), so a resume works from anywhere."""
+    """What the run reads, by resolved path (a brace pattern: its folder), so a resume works from anywhere;
+    a URL or pipe command as given."""
     spec = Path(shards_spec)
     return RunData(
-        shards=str(spec.parent.resolve() / spec.name),
+        shards=shards_spec if is_remote(shards_spec) else str(spec.parent.resolve() / spec.name),
         shards_sha256=shards_identity(shards),
         val_store=str(val_store.resolve()),
     )

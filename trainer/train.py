@@ -16,8 +16,10 @@ its first checkpoint starts again. A resume must use the run's recipe and data, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,13 @@ from torch.profiler import record_function
 from schemas.errors import InputError, NonFiniteError
 from schemas.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
 from schemas.run import RUN_RECORD_NAME, RunConfig
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import CHECKPOINTS, initial_model
 from trainer.config import load_run_config, parse_overrides
+from trainer.distributed import World
 from trainer.encode import embedding_metrics, encode_split, open_split
-from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
+from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, is_remote, same_image_counts
 from trainer.model import USER
 from trainer.process import keep_freed_memory, reproducible_cpu_math
 from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
@@ -109,17 +112,49 @@ def train_command(
     resume: bool,
     allow_change: bool,
     console: Console,
-) -> dict:
-    """`userpipe train`: the run's inputs (on --resume, the run's own unless given), its configuration, then
-    `train`. The process keeps freed memory for the next step, and a deterministic run sets its CPU math,
-    before the first matmul (trainer/process.py)."""
-    shards, val_store = resume_inputs(run, shards, val_store, resume)
-    base = config or (checkpoint.run_config_of(run) if resume else "demo")
-    run_config = load_run_config(base, parse_overrides(overrides))
-    keep_freed_memory()
-    if run_config.train.deterministic:
-        reproducible_cpu_math()
-    return train(run, shards, val_store, run_config, resume, console, allow_change=allow_change)
+) -> dict | None:
+    """`userpipe train`, in one process or in each process torchrun starts: the process group, the run's
+    inputs (on --resume, the run's own unless given; rank 0 reads them), its configuration, then `train`.
+    The process keeps freed memory for the next step, and a deterministic run sets its CPU math, before the
+    first matmul (trainer/process.py). A group that torchrun restarts (--max-restarts) resumes by itself.
+    Returns the best validation metrics on rank 0, None on the other ranks."""
+    world = distributed.world_from_environment()
+    device = distributed.start(world)
+    try:
+
+        def inputs() -> tuple[bool, str, Path, RunConfig]:  # rank 0 reads the run directory
+            resuming = resume or restarted_by_torchrun(run)
+            spec, val = resume_inputs(run, shards, val_store, resuming)
+            base = config or (checkpoint.run_config_of(run) if resuming else "demo")
+            return resuming, spec, val, load_run_config(base, parse_overrides(overrides))
+
+        resuming, spec, val, run_config = distributed.from_main(inputs)
+        if run_config.train.batch_size % world.size:
+            raise InputError(
+                f"train.batch_size {run_config.train.batch_size} (the global batch) does not divide among "
+                f"{world.size} processes"
+            )
+        keep_freed_memory()
+        if run_config.train.deterministic:
+            reproducible_cpu_math()
+        return train(
+            run,
+            spec,
+            val,
+            run_config,
+            resuming,
+            console if world.main else Console(quiet=True),
+            allow_change=allow_change,
+            world=world,
+            device=device,
+        )
+    finally:
+        distributed.stop()
+
+
+def restarted_by_torchrun(run: Path) -> bool:
+    """torchrun --max-restarts starts the same command again: continue the run it was writing."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoint.has_checkpoint(run)
 
 
 def train(
@@ -131,54 +166,103 @@ def train(
     console: Console,
     bert=None,
     allow_change: bool = False,
-) -> dict:
-    """Train (or resume) and return the best validation metrics."""
+    world: World = World(),
+    device: torch.device | None = None,
+) -> dict | None:
+    """Train (or resume) and return the best validation metrics (rank 0; None on the others). Rank 0 alone
+    reads and writes the run directory and the validation store; what the others need of it (the start,
+    the state to resume) reaches them from rank 0."""
     shards = ShardSet.resolve(shards_spec)
     check_fits(config, shards, shards_spec)
-    check_apart(run, [Path(shards.urls[0]).parent, val_store])
-    existing(run, RUN)
-    data = run_data(shards_spec, shards, val_store)
-    with writer_lock(run):
-        start = start_run(run, config, data, resume, allow_change, console)
-        return _train(run, shards, shards_spec, val_store, start, console, bert)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    with contextlib.ExitStack() as held:
+
+        def begin() -> Start:  # on rank 0; an error in it is raised on every rank
+            check_apart(run, [val_store, *(Path(u).parent for u in shards.urls[:1] if not is_remote(u))])
+            existing(run, RUN)
+            data = run_data(shards_spec, shards, val_store)
+            held.enter_context(writer_lock(run))
+            return start_run(run, config, data, resume, allow_change, console)
+
+        start = distributed.from_main(begin)
+        return _train(run, shards, shards_spec, val_store, start, console, bert, world, device)
+
+
+class _NoLog:
+    """The log of a rank other than 0: it writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, global_step: int) -> None:
+        pass
+
+    def records(self) -> list[dict]:
+        return []
 
 
 def _train(
-    run: Path, shards: ShardSet, shards_spec: str, val_store: Path, start: Start, console: Console, bert
-) -> dict:
+    run: Path,
+    shards: ShardSet,
+    shards_spec: str,
+    val_store: Path,
+    start: Start,
+    console: Console,
+    bert,
+    world: World,
+    device: torch.device,
+) -> dict | None:
     config = start.config
     recipe = config.train
-    open_split(val_store, "val", config.model, recipe.val_images)
     tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
+    rank_batch = recipe.batch_size // world.size
     loader = StreamingLoader(
-        shards, tokenizer, LoaderSettings(recipe.batch_size, recipe.seed, recipe.workers, train=True)
+        shards,
+        tokenizer,
+        LoaderSettings(rank_batch, recipe.seed, recipe.workers, train=True),
+        rank=world.rank,
+        world=world.size,
     )
-    per_epoch = loader.batches_per_epoch()
-    if per_epoch == 0:
+    per_epoch = [loader.batches_per_epoch(epoch) for epoch in range(recipe.epochs)]  # ranks split by epoch
+    if min(per_epoch) == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
-    # every check above ran before the first write
-    files = {
-        "config.json": config.model_dump_json(indent=1),
-        RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
-    }
-    if existing(run, RUN) == "own":
-        for name, text in files.items():
-            write_text_atomic(run / name, text)
-    else:
-        create_with(run, files)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = initial_model(config, bert).to(device)
-    optimizer = build_optimizer(model, recipe)
-    position = Position()
-    log = JsonLog(run / LOG_NAME)
     state = start.state
-    if state is not None:
+    saved_world = world.size if state is None else state.get("world_size", 1)
+    if saved_world != world.size:
+        raise InputError(
+            f"--resume: {run} was trained by {saved_world} process(es); resume it with {saved_world} "
+            f"(the data position is planned per process), not {world.size}"
+        )
+
+    def prepare_run_directory() -> None:  # rank 0: every check above ran before the first write
+        open_split(val_store, "val", config.model, recipe.val_images)
+        files = {
+            "config.json": config.model_dump_json(indent=1),
+            RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
+        }
+        if existing(run, RUN) == "own":
+            for name, text in files.items():
+                write_text_atomic(run / name, text)
+        else:
+            create_with(run, files)
+
+    distributed.from_main(prepare_run_directory)
+    model = initial_model(config, bert).to(device)  # the same on every rank (DDP also copies rank 0's)
+    position = Position()
+    log = JsonLog(run / LOG_NAME) if world.main else _NoLog()
+    if state is not None and world.main:
         checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
+    distributed.use_global_batch_statistics(model, recipe.global_batchnorm)
+    trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
+    optimizer = build_optimizer(model, recipe)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # a state saved by the per-tensor loop resumes fused too
             group["fused"] = True
         position = Position(**state["position"])
-        torch.set_rng_state(state["torch_rng"])
+        rng = state["torch_rng"]
+        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
         if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
             # CPU reductions split work by thread, so the thread count is part of what makes a resumed
             # run compute the bits the uninterrupted one would have
@@ -196,8 +280,16 @@ def _train(
                 }
             )
         console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
-    else:  # the untrained model's numbers, the baseline every run is compared with
-        log.write({"step": 0, "epoch": 0, "val": validate(model, val_store, tokenizer, recipe.val_images)})
+    else:
+        if world.size > 1:  # each rank its own dropout masks, as one process draws them per row
+            torch.manual_seed(recipe.seed * 1_000_003 + world.rank)
+        if world.main:  # the untrained model's numbers, the baseline every run is compared with
+            baseline = validate(model, val_store, tokenizer, recipe.val_images)
+            log.write({"step": 0, "epoch": 0, "val": baseline})
+
+    def validate_and_save() -> None:
+        _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world)
+
     model.train()
     with Progress(
         TextColumn("{task.description}"),
@@ -207,23 +299,22 @@ def _train(
         TimeRemainingColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task(
-            "training", total=recipe.epochs * per_epoch, completed=position.global_step, status=""
-        )
+        task = bar.add_task("training", total=sum(per_epoch), completed=position.global_step, status="")
         while position.epoch < recipe.epochs:
             started, pairs = time.perf_counter(), 0
             for batch in loader.batches(position.epoch, position.step):
                 lr = learning_rate(recipe, position.epoch, position.global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["scale"]
-                # before the step: the queue the batch is scored against
+                # before the step: the queue the global batch is scored against
                 same_image = same_image_counts(
-                    batch.image_index, model.text_queue.ids if config.model.use_queue else None
+                    distributed.gather(batch.image_index.to(device)),
+                    model.text_queue.ids if config.model.use_queue else None,
                 )
-                losses = train_step(model, optimizer, batch, config, device, position)
+                losses = train_step(trained, optimizer, batch, config, device, position)
                 position.step += 1
                 position.global_step += 1
-                pairs += len(batch.image_index)
+                pairs += len(batch.image_index) * world.size
                 rate = pairs / (time.perf_counter() - started)
                 log.write(
                     {
@@ -241,11 +332,13 @@ def _train(
                 if (
                     recipe.val_every
                     and position.global_step % recipe.val_every == 0
-                    and position.step < per_epoch
+                    and position.step < per_epoch[position.epoch]
                 ):
-                    _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
+                    validate_and_save()
             position.epoch, position.step = position.epoch + 1, 0
-            _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log)
+            validate_and_save()
+    if not world.main:
+        return None
     write_training_summary(run, log.records())
     return json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
 
@@ -288,10 +381,15 @@ def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Pos
         )
 
 
-def _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log) -> None:
+def _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world) -> None:
+    """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks)."""
+    rng_states = distributed.gather_objects(torch.get_rng_state())
+    if not world.main:
+        return
     metrics = validate(model, val_store, tokenizer, config.train.val_images)  # non-finite: NonFiniteError
     log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
     best = metrics["rsum"] > position.best_rsum
     if best:
         position.best_rsum = metrics["rsum"]
-    checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best)
+    rng = rng_states if world.size > 1 else rng_states[0]
+    checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best, rng, world.size)

@@ -303,6 +303,8 @@ def train(
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
     best = train_command(out, shards, val_store, config, overrides, resume, allow_change, console)
+    if best is None:  # a rank other than 0 of several processes: rank 0 reports
+        return
     print(format_table(best, f"best validation ({out})"))
     console.print(f"report: {out / 'summary.md'}")
 

@@ -1,0 +1,196 @@
+"""Several processes (gloo on the CPU): one global batch for the loss, equal queues and keys on every rank."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import TINY, shard_cli
+from test_model import tiny_bert, tiny_config
+from typer.testing import CliRunner
+
+from pipeline.synthetic import write_synthetic_store
+from trainer import distributed
+from trainer.model import build_model
+
+PAIRS, STEPS = 8, 2  # the global batch, split over the ranks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batch(step: int) -> dict[str, torch.Tensor]:
+    """A global batch of PAIRS pairs (two captions of image 3: a same-image pair across the ranks)."""
+    generator = torch.Generator().manual_seed(100 + step)
+    lengths = torch.randint(2, 7, (PAIRS,), generator=generator)
+    regions = torch.randn(PAIRS, 6, 12, generator=generator)
+    regions *= (torch.arange(6) < lengths[:, None])[..., None]
+    token_lengths = torch.randint(3, 9, (PAIRS,), generator=generator)
+    tokens = torch.randint(5, 100, (PAIRS, 8), generator=generator)
+    tokens *= torch.arange(8) < token_lengths[:, None]
+    ids = torch.arange(PAIRS) + 10 * step
+    ids[PAIRS // 2] = ids[0]
+    return dict(regions=regions, lengths=lengths, tokens=tokens, token_lengths=token_lengths, ids=ids)
+
+
+def run_steps(rank: int, world: int, port: int, out: Path, mask_false_negatives: bool) -> None:
+    """STEPS training steps of a tiny USER (no dropout) on this rank's part of each global batch."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
+    torch.set_num_threads(1)
+    device = distributed.start(distributed.world_from_environment())
+    bert = tiny_bert()
+    bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = 0.0
+    for module in bert.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.manual_seed(0)
+    config = tiny_config(dropout=0.0, queue_size=32, mask_false_negatives=mask_false_negatives)
+    model = build_model(config, bert).train()
+    distributed.use_global_batch_statistics(model, True)
+    trained = distributed.wrap(model, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam would magnify the rounding of ~0 gradients
+    part = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+    steps = []
+    for step in range(STEPS):
+        batch = {name: value[part] for name, value in global_batch(step).items()}
+        losses = trained(
+            batch["regions"], batch["lengths"], batch["tokens"], batch["token_lengths"], batch["ids"]
+        )
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        steps.append({"loss": losses["loss"].detach(), "grads": grads})
+        optimizer.step()
+    torch.save({"steps": steps, "state": model.state_dict()}, out / f"{world}-{rank}.pt")
+    distributed.stop()
+
+
+def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path):
+    """With the same-image mask on, which reads the global batch's image ids (two captions of one image
+    sit on different ranks); everything else is the path without it."""
+    threads = torch.get_num_threads()
+    try:
+        run_steps(0, 1, 0, tmp_path, True)  # in this process: one thread, as each rank has
+    finally:
+        torch.set_num_threads(threads)  # later tests compare numbers computed with the suite's threads
+    mp.start_processes(run_steps, (2, free_port(), tmp_path, True), nprocs=2, start_method="spawn")
+    one, ranks = torch.load(tmp_path / "1-0.pt"), [torch.load(tmp_path / f"2-{r}.pt") for r in range(2)]
+    for step, (alone, together) in enumerate(zip(one["steps"], ranks[0]["steps"], strict=True)):
+        assert together["loss"].item() == pytest.approx(alone["loss"].item(), rel=1e-5), step
+        assert together["grads"].keys() == alone["grads"].keys()
+        scale = max(grad.abs().max().item() for grad in alone["grads"].values())
+        for name, grad in alone["grads"].items():  # relative to the step's gradient scale: some are ~0
+            error = (together["grads"][name] - grad).abs().max().item()
+            assert error <= 1e-5 * scale, (step, name, error, scale)
+    # every rank holds the same queues, BatchNorm statistics and weights, keys included, to the bit
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    queue = ranks[0]["state"]["text_queue.ids"]
+    assert (queue >= 0).sum() == STEPS * PAIRS  # every rank pushed the global batch's keys
+    torch.testing.assert_close(ranks[0]["state"]["image_queue.keys"], one["state"]["image_queue.keys"])
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+# restarts need torchrun's rendezvous store kept apart from the process group's (pytorch#135712)
+TORCHRUN_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+@pytest.fixture(scope="module")
+def torchrun_inputs(tmp_path_factory) -> dict:
+    """Shards of 30 images (3 shards, 2 epochs of ~18 steps at batch 8), a validation store, a tiny config."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("torchrun")
+    train = write_synthetic_store(tmp / "train.zarr", 30, seed=1, captions_per_image=5)
+    assert shard_cli(CliRunner(), train, tmp / "shards").exit_code == 0
+    config = tmp / "tiny.yaml"
+    recipe = {**TINY["train"], "epochs": 2, "val_every": 4}
+    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1}, "train": recipe}))
+    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
+    return {"shards": tmp / "shards", "val": val, "config": config}
+
+
+def train_command(inputs: dict, run: Path, *torchrun_options: str) -> list[str]:
+    options = ["--shards", inputs["shards"], "--val-store", inputs["val"], "--config", inputs["config"]]
+    return torchrun(*torchrun_options, "-m", "userpipe", "train", *map(str, [*options, "--out", run]))
+
+
+def killed_midway(command: list[str], run: Path) -> subprocess.Popen:
+    """Start `command`; once a checkpoint is saved and a few more steps are logged, SIGKILL rank 1."""
+    import psutil
+
+    output = open(run.with_suffix(".out"), "w")  # noqa: SIM115 - the process writes it until it ends
+    group = subprocess.Popen(
+        command, env={**os.environ, **TORCHRUN_ENV}, stdout=output, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert group.poll() is None, run.with_suffix(".out").read_text()[-3000:]
+        log = run / "log.jsonl"
+        steps = log.read_text().count('"loss"') if log.is_file() else 0
+        if (run / "checkpoints" / "last").exists() and steps >= 6:
+            break
+        time.sleep(0.2)
+    for child in psutil.Process(group.pid).children(recursive=True):
+        if child.environ().get("RANK") == "1" and "userpipe" in " ".join(child.cmdline()):
+            child.kill()
+            return group
+    pytest.fail("rank 1 was not found among torchrun's processes")
+
+
+def logged_steps(run: Path) -> list[int]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def userpipe(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "userpipe", *map(str, args)]
+    return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, tmp_path):
+    """torchrun, 2 gloo processes: SIGKILL rank 1 mid-run, then `--resume` finishes the run with each step
+    logged once; `userpipe eval` loads it; one process may not resume what two trained."""
+    run = tmp_path / "run"
+    group = killed_midway(train_command(torchrun_inputs, run), run)
+    assert group.wait(timeout=240) != 0
+    resumed = subprocess.run(
+        [*train_command(torchrun_inputs, run), "--resume"],
+        env={**os.environ, **TORCHRUN_ENV},
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = logged_steps(run)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 6  # none twice, none missing
+    evaluated = userpipe("eval", "--run", run, "--store", torchrun_inputs["val"], "--split", "val")
+    assert evaluated.returncode == 0 and "rsum" in evaluated.stdout.lower(), evaluated.stderr[-2000:]
+    alone = userpipe("train", "--out", run, "--resume")
+    assert alone.returncode == 2 and "trained by 2 process(es); resume it with 2" in alone.stderr
+
+
+@pytest.mark.exhaustive
+def test_torchrun_restarts_a_killed_group_that_resumes_by_itself(torchrun_inputs, tmp_path):
+    """With --max-restarts, torchrun starts the group again after rank 1's SIGKILL, and it resumes its run
+    by itself: every step logged once."""
+    run = tmp_path / "restarted"
+    group = killed_midway(train_command(torchrun_inputs, run, "--max-restarts", "1"), run)
+    assert group.wait(timeout=240) == 0, run.with_suffix(".out").read_text()[-3000:]
+    assert "resuming" in run.with_suffix(".out").read_text()
+    steps = logged_steps(run)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 6
