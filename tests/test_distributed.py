@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY, shard_cli
+from conftest import TINY, run_cli, shard_cli
 from test_model import tiny_bert, tiny_config
 from typer.testing import CliRunner
 
@@ -111,14 +111,14 @@ TORCHRUN_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SH
 
 @pytest.fixture(scope="module")
 def torchrun_inputs(tmp_path_factory) -> dict:
-    """Shards of 30 images (3 shards, 2 epochs of ~18 steps at batch 8), a validation store, a tiny config."""
+    """Shards of 30 images (3 shards; an epoch is ~18 steps at batch 8), a validation store, a tiny config."""
     import yaml
 
     tmp = tmp_path_factory.mktemp("torchrun")
     train = write_synthetic_store(tmp / "train.zarr", 30, seed=1, captions_per_image=5)
     assert shard_cli(CliRunner(), train, tmp / "shards").exit_code == 0
     config = tmp / "tiny.yaml"
-    recipe = {**TINY["train"], "epochs": 2, "val_every": 4}
+    recipe = {**TINY["train"], "epochs": 1, "val_every": 4}
     config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1}, "train": recipe}))
     val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
     return {"shards": tmp / "shards", "val": val, "config": config}
@@ -178,10 +178,36 @@ def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     steps = logged_steps(run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 6  # none twice, none missing
-    evaluated = userpipe("eval", "--run", run, "--store", torchrun_inputs["val"], "--split", "val")
-    assert evaluated.returncode == 0 and "rsum" in evaluated.stdout.lower(), evaluated.stderr[-2000:]
-    alone = userpipe("train", "--out", run, "--resume")
-    assert alone.returncode == 2 and "trained by 2 process(es); resume it with 2" in alone.stderr
+    runner = CliRunner()
+    evaluated = run_cli(runner, "eval", "--run", run, "--store", torchrun_inputs["val"], "--split", "val")
+    assert evaluated.exit_code == 0 and "RSUM" in evaluated.output, evaluated.output
+    alone = run_cli(runner, "train", "--out", run, "--resume")
+    assert alone.exit_code == 2 and "trained by 2 process(es); resume it with 2" in alone.output
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused_before_any_work(
+    torchrun_inputs, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "start", lambda world: torch.device("cpu"))  # rank 0 alone, no group
+    out = tmp_path / "odd"
+    options = ["--shards", torchrun_inputs["shards"], "--val-store", torchrun_inputs["val"]]
+    result = run_cli(
+        CliRunner(),
+        "train",
+        *options,
+        "--config",
+        torchrun_inputs["config"],
+        "--out",
+        out,
+        "--set",
+        "train.batch_size=7",
+    )
+    assert (
+        result.exit_code == 2
+        and "train.batch_size 7 (the global batch) does not divide among 2" in result.output
+    )
+    assert not out.exists()
 
 
 @pytest.mark.exhaustive
