@@ -20,7 +20,7 @@ def data(tmp_path_factory) -> dict:
     result = shard_cli(CliRunner(), train_store, tmp / "shards")
     assert result.exit_code == 0, result.output
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "text_layers": 1}}))
     return {"shards": tmp / "shards", "val": val_store, "config": config, "tmp": tmp}
 
 
