@@ -138,6 +138,7 @@ class BatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.global_statistics and active()):
             return super().forward(x)
+        x = x.float()  # statistics in fp32, as autocast runs BatchNorm
         dims = [0, *range(2, x.dim())]  # every axis but the channels (axis 1)
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = _sum(torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device))
