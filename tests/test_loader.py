@@ -342,6 +342,8 @@ def test_shards_stream_from_a_url_or_a_pipe_as_from_their_folder(shards, tokeniz
             ShardSet.resolve(f"http://127.0.0.1:{port}/no-such-folder/")
         with pytest.raises(InputError, match="does not list"):
             ShardSet.resolve(f"{base}/train-{{000000..000099}}.tar")
+        with pytest.raises(InputError, match="no word of the command names the shards"):
+            ShardSet.resolve(f"pipe:cat {folder}")
     finally:
         server.terminate()
         server.wait()
