@@ -1,4 +1,4 @@
-"""Streaming loader vs the reference way of reading precomputed features, at two dataset sizes.
+"""Streaming loader vs the reference way of reading precomputed features, at the given dataset sizes.
 
 For each size: a synthetic store (36 x 2048 float16 regions per image, 5 captions) is written and
 sharded; then, each in a fresh process, (a) userpipe's StreamingLoader and (b) the reference recipe

@@ -198,9 +198,6 @@ class _NoLog:
     def truncate_after(self, global_step: int) -> None:
         pass
 
-    def records(self) -> list[dict]:
-        return []
-
 
 def _train(
     run: Path,
@@ -224,7 +221,8 @@ def _train(
         rank=world.rank,
         world=world.size,
     )
-    per_epoch = [loader.batches_per_epoch(epoch) for epoch in range(recipe.epochs)]  # ranks split by epoch
+    # per epoch: how shards split among ranks differs between epochs
+    per_epoch = [loader.batches_per_epoch(epoch) for epoch in range(recipe.epochs)]
     if min(per_epoch) == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
     state = start.state
