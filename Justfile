@@ -18,7 +18,19 @@ setup:
     {{bin}}/python -m pip install -q --upgrade pip
     # the exact versions CI tests (constraints.txt); pyproject.toml states the ranges userpipe works with
     {{bin}}/python -m pip install -q -c constraints.txt torch torchvision
-    {{bin}}/python -m pip install -q -c constraints.txt -e '.[test]'
+    # detectron2 (for --regions butd-vg) is not on PyPI: a wheel built from its source for this Python and
+    # platform is taken from $USERPIPE_WHEELS (default ../shared/wheels) when there is one (README)
+    wheel=$({{bin}}/python -c 'import glob, os, sys; from packaging.tags import sys_tags; \
+        tags = {str(t) for t in sys_tags()}; \
+        found = [w for w in sorted(glob.glob(os.path.join(sys.argv[1], "detectron2-*.whl"))) \
+                 if "-".join(os.path.basename(w)[:-4].split("-")[-3:]) in tags]; print(found[-1] if found else "")' \
+        "${USERPIPE_WHEELS:-../shared/wheels}")
+    if [ -n "$wheel" ]; then
+        {{bin}}/python -m pip install -q -c constraints.txt "$wheel" -e '.[test,butd]'
+    else
+        echo "no detectron2 wheel in ${USERPIPE_WHEELS:-../shared/wheels}: --regions butd-vg and its tests are off (README)"
+        {{bin}}/python -m pip install -q -c constraints.txt -e '.[test]'
+    fi
     touch "$stamp"
 
 # the embedded offline demo: generate, extract, shard, train, evaluate, index, search, report (finished stages are reused)

@@ -48,6 +48,7 @@ from schemas.outputs import (
     writer_lock,
 )
 from schemas.store import (
+    DETECTION_ARRAYS,
     IMPORTED_REGION_KINDS,
     ExtractorConfig,
     SplitSummary,
@@ -80,6 +81,9 @@ class ExtractOptions:
     workers: int
     scheduler: str | None
     overwrite: bool
+    detector_config: str = "butd_vg_r101_c4"  # butd-vg: a packaged config name or a detectron2 .yaml
+    min_regions: int | None = None  # butd-vg: fewest boxes per image (None: exactly num_regions)
+    device: str = "auto"  # butd-vg: auto (cuda when there is a GPU), cpu or cuda
 
 
 @dataclass
@@ -123,11 +127,29 @@ def prepare(opts: ExtractOptions) -> Prepared:
         raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
     if opts.num_regions <= 0 or opts.chunk_size <= 0:
         raise InputError("--num-regions and --chunk-size must be positive")
+    if opts.min_regions is not None:
+        if kind != "butd-vg":
+            raise InputError("--min-regions only applies to --regions butd-vg")
+        if not 0 < opts.min_regions <= opts.num_regions:
+            raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
+    if opts.device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, not '{opts.device}'")
     clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
     global_config = resolve_global_config(clip_spec)
     region_config = resolve_region_config(
-        kind, source or None, opts.backbone, opts.backbone_weights, opts.detector_weights
+        kind,
+        source or None,
+        opts.backbone,
+        opts.backbone_weights,
+        opts.detector_weights,
+        opts.detector_config,
+        opts.min_regions,
     )
+    detector = None
+    if kind == "butd-vg":
+        from pipeline.butd_vg import checked_detector
+
+        detector = checked_detector(region_config)  # a checkpoint that does not fit fails here, not in a task
 
     imports = None
     if kind == "precomp":
@@ -149,7 +171,13 @@ def prepare(opts: ExtractOptions) -> Prepared:
             )
         check_image_folders(index)
 
-    feature_dim = imports.feature_dim if imports else BACKBONES[opts.backbone].feature_dim
+    if imports:
+        feature_dim = imports.feature_dim
+    elif detector:
+        feature_dim = detector.feature_dim
+    else:
+        feature_dim = BACKBONES[opts.backbone].feature_dim
+    default_size = detector.short_side if detector else (256 if is_demo else 600)
     config = ExtractorConfig(
         dataset=opts.dataset,
         dataset_sha256=index.sha256,
@@ -157,7 +185,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
         max_captions=index.max_captions,
         num_regions=opts.num_regions,
         feature_dim=feature_dim,
-        image_size=opts.image_size or (256 if is_demo else 600),
+        image_size=opts.image_size or default_size,
         chunk_size=opts.chunk_size,
         regions=region_config,
         global_encoder=global_config,
@@ -187,15 +215,20 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None) -> int:
+def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None, device: str) -> int:
     _set_threads(threads)
-    config, extractor, encoder = extractor_models(config_json)
+    config, extractor, encoder = extractor_models(config_json, device)
     n, r, d = len(chunk.paths), config.num_regions, config.feature_dim
     # Invalid images keep NaN everywhere; valid ones get zeros past num_regions (padding, by contract).
     regions = np.full((n, r, d), np.nan, np.float32)
     boxes = np.full((n, r, 4), np.nan, np.float32)
     num_regions = np.zeros(n, np.int16)
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    # detections: NaN confidences for invalid images, ids -1 and confidences 0 for padding
+    detections = {
+        name: np.full((n, r), -1 if dtype.startswith("int") else np.nan, dtype)
+        for name, dtype in (DETECTION_ARRAYS.items() if config.regions.has_detections else ())
+    }
     errors = [""] * n
     images: dict[int, Image.Image] = {}
     for i, path in enumerate(chunk.paths):
@@ -215,6 +248,10 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
         regions[i, :k] = result.features
         if result.boxes is not None:
             boxes[i, :k] = result.boxes
+        if result.detections is not None:
+            for name, values in detections.items():
+                values[i, k:] = -1 if values.dtype.kind == "i" else 0.0
+                values[i, :k] = getattr(result.detections, name)
         num_regions[i], width[i], height[i] = k, result.width, result.height
         if image is not None:
             images[i] = image
@@ -228,6 +265,7 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
         "height": height,
         "valid": valid,
         "error": np.array(errors, dtype=object),
+        **detections,
     }
     if encoder is not None:
         clip = np.full((n, config.global_encoder.image_dim), np.nan, np.float32)
@@ -421,8 +459,14 @@ def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> Stor
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
         with dask_client(opts.workers, opts.scheduler) as (client, threads):
+            device = opts.device
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             tasks = [
-                ("images", len(c.paths), extract_image_chunk, (config_json, c, threads)) for c in image_chunks
+                ("images", len(c.paths), extract_image_chunk, (config_json, c, threads, device))
+                for c in image_chunks
             ]
             tasks += [
                 ("captions", len(c[4]), embed_caption_chunk, (config_json, *c, threads))

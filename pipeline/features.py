@@ -15,18 +15,24 @@ from PIL import Image
 
 from pipeline.global_encoders import GlobalEncoder
 from pipeline.importers import read_imported
-from pipeline.regions import RegionExtractor
+from pipeline.regions import Detections, RegionExtractor
 from schemas.errors import InputError
 from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
 
 
 @lru_cache(maxsize=2)
 def extractor_models(
-    config_json: str,
+    config_json: str, device: str = "cpu"
 ) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
-    """Built once per worker process and configuration."""
+    """Built once per worker process and configuration. `device` applies to the butd-vg detector."""
     config = ExtractorConfig.model_validate_json(config_json)
-    regions = None if config.regions.kind in IMPORTED_REGION_KINDS else RegionExtractor(config)
+    regions = None
+    if config.regions.kind == "butd-vg":
+        from pipeline.butd_vg import ButdVgExtractor
+
+        regions = ButdVgExtractor(config, device)
+    elif config.regions.kind not in IMPORTED_REGION_KINDS:
+        regions = RegionExtractor(config)
     encoder = None if config.global_encoder.kind == "none" else GlobalEncoder(config.global_encoder)
     return config, regions, encoder
 
@@ -58,6 +64,7 @@ class ImageResult:
     boxes: np.ndarray | None  # (k, 4); None when the source has none
     width: int = 0
     height: int = 0
+    detections: Detections | None = None  # butd-vg
 
 
 def image_features(
@@ -68,8 +75,8 @@ def image_features(
     ref,
 ) -> ImageResult:
     if extractor is not None:
-        features, boxes = extractor(image, annotated_boxes)
-        return ImageResult(features, boxes, *image.size)
+        found = extractor(image, annotated_boxes)
+        return ImageResult(found.features, found.boxes, *image.size, found.detections)
     if ref is None:
         raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
     imported = read_imported(config.regions.kind, ref, config.feature_dim)

@@ -4,8 +4,8 @@ BUTD-style features (Anderson et al., CVPR 2018, "Bottom-Up and Top-Down Attenti
 through the backbone trunk once (stride 16), each box is RoIAligned from that map (14x14 for ResNet,
 as BUTD's C4 head), run through the backbone's last stage (stride 2) and mean-pooled to one vector.
 
-Backbones are data (`BACKBONES`). The original Visual Genome BUTD detector needs detectron2, which
-is not installable here: `--regions butd-vg` is reserved for it (see docs/architecture.md).
+Backbones are data (`BACKBONES`). The original Visual Genome BUTD detector, `--regions butd-vg`, runs on
+detectron2 (pipeline/butd_vg.py, imported only when used).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,24 +104,52 @@ DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1
 DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 
 
-# Extension point: region kinds that need a backend this build does not have.
-UNAVAILABLE_REGION_KINDS = {
-    "butd-vg": "the Visual Genome BUTD detector needs detectron2, which this build does not include; "
-    "import features it produced with precomp:DIR, tsv:GLOB or npz:DIR",
-}
+DETECTRON2_INSTALL = (
+    "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2' "
+    "then pip install 'userpipe[butd]' (README: The Visual Genome detector)"
+)
+
+
+@dataclass
+class Detections:
+    """Per kept box: its most likely object class and attribute (0-based indices into Visual Genome's
+    1,600 objects and 400 attributes, background and "no attribute" excluded) and their probabilities."""
+
+    object_id: np.ndarray  # (k,) int16
+    object_conf: np.ndarray  # (k,) float32
+    attribute_id: np.ndarray  # (k,) int16
+    attribute_conf: np.ndarray  # (k,) float32
+
+    def __getitem__(self, rows) -> Detections:
+        return Detections(
+            self.object_id[rows], self.object_conf[rows], self.attribute_id[rows], self.attribute_conf[rows]
+        )
+
+
+@dataclass
+class ImageRegions:
+    features: np.ndarray  # (k, D) float32
+    boxes: np.ndarray  # (k, 4) float32 x1, y1, x2, y2 in original pixels
+    detections: Detections | None = None  # from detectors that classify their boxes (butd-vg)
 
 
 def resolve_region_config(
-    kind: str, source: str | None, backbone: str, backbone_weights: str | None, detector_weights: str | None
+    kind: str,
+    source: str | None,
+    backbone: str,
+    backbone_weights: str | None,
+    detector_weights: str | None,
+    detector_config: str = "butd_vg_r101_c4",
+    min_regions: int | None = None,
 ) -> RegionConfig:
     """Validate names and resolve weight files for computed regions (imported ones need no models)."""
     if kind in ("precomp", "tsv", "npz"):
         return RegionConfig(kind=kind, source=source)
-    if kind in UNAVAILABLE_REGION_KINDS:
-        raise InputError(f"--regions {kind}: {UNAVAILABLE_REGION_KINDS[kind]}")
-    if kind not in ("butd", "boxes", "grid"):
+    if kind == "butd-vg":
+        return _butd_vg_config(detector_config, detector_weights, min_regions)
+    if kind not in ("butd", "butd-vg", "boxes", "grid"):
         raise InputError(
-            f"unknown region kind '{kind}': use butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
+            f"unknown region kind '{kind}': use butd-vg, butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
         )
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
@@ -136,6 +165,35 @@ def resolve_region_config(
         )
     return RegionConfig(
         kind=kind, backbone=backbone, backbone_weights=bweights, detector=detector, detector_weights=dweights
+    )
+
+
+def _butd_vg_config(config_name: str, detector_weights: str | None, min_regions: int | None) -> RegionConfig:
+    try:
+        from pipeline.butd_vg import config_file, load_config
+    except ImportError as exc:
+        raise InputError(f"--regions butd-vg needs detectron2 ({exc}): {DETECTRON2_INSTALL}") from None
+    path = config_file(config_name)
+    if not path.is_file():
+        raise InputError(f"detector config not found: {config_name} (a packaged name or a .yaml file)")
+    try:
+        load_config(path)
+    except Exception as exc:  # yacs and detectron2 raise many kinds for a malformed file
+        raise InputError(f"detector config {path} is not a valid detectron2 config: {exc}") from None
+    if not detector_weights:
+        raise InputError(
+            "--regions butd-vg needs --detector-weights FILE: airsplay's faster_rcnn_from_caffe_attr.pkl "
+            "or MILVLG's bua-caffe-frcn-r101_with_attributes.pth (README: The Visual Genome detector)"
+        )
+    config_ref = local_weights(str(path), "detector config")
+    if path.parent == Path(__file__).parent / "configs":
+        config_ref = config_ref.model_copy(update={"source": f"package:{path.stem}"})
+    return RegionConfig(
+        kind="butd-vg",
+        detector=path.stem,
+        detector_config=config_ref,
+        detector_weights=local_weights(detector_weights, "detector"),
+        min_regions=min_regions,
     )
 
 
@@ -167,10 +225,14 @@ def pad_with_grid(boxes: np.ndarray, width: float, height: float, count: int) ->
     return np.concatenate([boxes, grid_boxes(width, height, count - len(boxes))])
 
 
-def butd_scale(width: int, height: int, short_side: int) -> float:
-    """BUTD's test-time resize: shorter side to `short_side`, longer side at most 1000/600 of that."""
-    long_side = short_side * BUTD_LONG_SIDE / BUTD_SHORT_SIDE
-    return min(short_side / min(width, height), long_side / max(width, height))
+def butd_scale(width: int, height: int, short_side: int, long_side: float | None = None) -> float:
+    """BUTD's test-time resize: shorter side to `short_side`, longer side at most `long_side` (default
+    1000/600 of the shorter)."""
+    long_side = long_side or short_side * BUTD_LONG_SIDE / BUTD_SHORT_SIDE
+    scale = short_side / min(width, height)
+    if round(scale * max(width, height)) > long_side:  # py-faster-rcnn's _get_image_blob
+        scale = long_side / max(width, height)
+    return scale
 
 
 class RegionExtractor:
@@ -215,8 +277,8 @@ class RegionExtractor:
         return pad_with_grid(detections, width, height, self.num_regions)
 
     @torch.inference_mode()
-    def __call__(self, image: Image.Image, annotated_boxes=None) -> tuple[np.ndarray, np.ndarray]:
-        """Returns features (R, D) float32 and boxes (R, 4) float32 [x1, y1, x2, y2] in original pixels."""
+    def __call__(self, image: Image.Image, annotated_boxes=None) -> ImageRegions:
+        """R boxes and their features."""
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
         annotated = None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32)
         boxes = self.propose(pixels, annotated)
@@ -237,4 +299,4 @@ class RegionExtractor:
             aligned=True,
         )
         features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
-        return features.numpy().astype(np.float32), boxes
+        return ImageRegions(features.numpy().astype(np.float32), boxes)

@@ -16,12 +16,23 @@ from pydantic import Field, model_validator
 from schemas.base import Frozen
 from schemas.errors import InputError
 
-STORE_SCHEMA_VERSION = "1.0"
+# 1.1 adds the butd-vg region kind and its per-box detection arrays (DETECTION_ARRAYS); 1.0 stores are
+# read as they are.
+STORE_SCHEMA_VERSION = "1.1"
+READABLE_STORE_VERSIONS = ("1.0", "1.1")
 ATTRS_KEY = "userpipe"
 SPLITS = ("train", "val", "test")
 
-RegionKind = Literal["butd", "boxes", "grid", "precomp", "tsv", "npz"]
+RegionKind = Literal["butd-vg", "butd", "boxes", "grid", "precomp", "tsv", "npz"]
 IMPORTED_REGION_KINDS = ("precomp", "tsv", "npz")
+DETECTOR_KINDS = ("butd", "butd-vg")
+# per box, from detectors that classify their boxes (butd-vg): name -> dtype
+DETECTION_ARRAYS = {
+    "object_id": "int16",
+    "object_conf": "float16",
+    "attribute_id": "int16",
+    "attribute_conf": "float16",
+}
 
 
 class WeightsRef(Frozen):
@@ -39,17 +50,31 @@ class RegionConfig(Frozen):
     backbone_weights: WeightsRef | None = None
     detector: str | None = None
     detector_weights: WeightsRef | None = None
+    detector_config: WeightsRef | None = Field(
+        default=None, description="butd-vg: the detectron2 config file (packaged name or path)"
+    )
+    min_regions: int | None = Field(
+        default=None, gt=0, description="butd-vg: fewest boxes kept per image (None: exactly num_regions)"
+    )
 
     @model_validator(mode="after")
     def _computed_regions_need_backbone(self) -> RegionConfig:
         if self.kind in IMPORTED_REGION_KINDS:
             if self.source is None:
                 raise ValueError(f"region importer '{self.kind}' needs a source location")
-        elif self.backbone is None:
+        elif self.backbone is None and self.kind != "butd-vg":  # butd-vg's detector is its backbone
             raise ValueError(f"computed regions '{self.kind}' need a backbone")
-        if (self.kind == "butd") != (self.detector is not None):
-            raise ValueError("a detector is used exactly when regions are 'butd'")
+        if (self.kind in DETECTOR_KINDS) != (self.detector is not None):
+            raise ValueError(f"a detector is used exactly when regions are one of {DETECTOR_KINDS}")
+        if (self.kind == "butd-vg") != (self.detector_config is not None):
+            raise ValueError("a detector config is used exactly when regions are 'butd-vg'")
+        if self.min_regions is not None and self.kind != "butd-vg":
+            raise ValueError("min_regions only applies to butd-vg regions")
         return self
+
+    @property
+    def has_detections(self) -> bool:
+        return self.kind == "butd-vg"
 
 
 class GlobalConfig(Frozen):
@@ -80,7 +105,7 @@ class ExtractorConfig(Frozen):
     dataset_sha256: str | None = Field(default=None, description="hash of the dataset's index file(s)")
     splits: tuple[str, ...]
     max_captions: int | None = Field(description="captions kept per image (5 for coco/f30k); None keeps all")
-    num_regions: int = Field(gt=0)
+    num_regions: int = Field(gt=0, description="R: region slots per image (butd-vg: the most boxes kept)")
     feature_dim: int = Field(gt=0)
     image_size: int = Field(gt=0, description="shorter image side fed to the region backbone")
     chunk_size: int = Field(gt=0, description="images per Zarr chunk and per Dask task")
@@ -92,6 +117,8 @@ class ExtractorConfig(Frozen):
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {self.splits}")
+        if (self.regions.min_regions or 0) > self.num_regions:
+            raise ValueError(f"min_regions {self.regions.min_regions} exceeds num_regions {self.num_regions}")
         return self
 
 
@@ -110,7 +137,7 @@ class SplitSummary(Frozen):
 
 
 class StoreAttrs(Frozen):
-    schema_version: Literal["1.0"] = STORE_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = STORE_SCHEMA_VERSION
     extractor: ExtractorConfig
     splits: dict[str, SplitSummary]
     complete: bool = False
@@ -190,6 +217,8 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
         "caption_image": caption((), (), "int32", "index"),
         "images_done": progress("image_chunk", n),
     }
+    if config.regions.has_detections:
+        specs |= {name: image(("region",), (r,), dtype) for name, dtype in DETECTION_ARRAYS.items()}
     g = config.global_encoder
     if g.image_dim:
         specs["clip_image"] = image(("clip_dim",), (g.image_dim,), "float16")
@@ -212,9 +241,10 @@ def validate_store(root) -> StoreAttrs:
     if raw is None:
         raise StoreValidationError(f"not a userpipe store (no '{ATTRS_KEY}' attributes)")
     version = raw.get("schema_version")
-    if version != STORE_SCHEMA_VERSION:
+    if version not in READABLE_STORE_VERSIONS:
         raise StoreValidationError(
-            f"store schema version {version!r} is not supported (this userpipe reads {STORE_SCHEMA_VERSION})"
+            f"store schema version {version!r} is not supported "
+            f"(this userpipe reads {', '.join(READABLE_STORE_VERSIONS)})"
         )
     try:
         attrs = StoreAttrs.model_validate(raw)

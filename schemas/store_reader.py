@@ -18,7 +18,6 @@ from zarr.codecs import Crc32cCodec
 from schemas.base import parse_json
 from schemas.errors import InputError
 from schemas.store import (
-    STORE_SCHEMA_VERSION,
     StoreAttrs,
     StoreValidationError,
     split_array_specs,
@@ -211,7 +210,7 @@ def store_summary(path: Path) -> dict:
         }
     return {
         "path": str(path),
-        "schema_version": STORE_SCHEMA_VERSION,
+        "schema_version": attrs.schema_version,
         "complete": attrs.complete,
         "splits": splits,
         "extractor": attrs.extractor.model_dump(mode="json"),

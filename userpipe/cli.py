@@ -89,14 +89,27 @@ def extract(
     splits: str = typer.Option("train,val,test", help="comma-separated splits to extract"),
     regions: str = typer.Option(
         None,
-        help="butd | boxes | grid | precomp:DIR | tsv:GLOB | npz:DIR "
-        "(default: boxes for demo, butd otherwise)",
+        help="butd-vg (the Visual Genome BUTD detector, needs detectron2) | butd | boxes | grid | "
+        "precomp:DIR | tsv:GLOB | npz:DIR (default: boxes for demo, butd otherwise)",
     ),
     backbone: str = typer.Option("efficientnet_lite0", help="region feature backbone"),
     backbone_weights: str = typer.Option(
         None, help="backbone weights file (default: packaged or torchvision's)"
     ),
-    detector_weights: str = typer.Option(None, help="Faster R-CNN weights file for --regions butd"),
+    detector_weights: str = typer.Option(
+        None,
+        help="detector weights: butd-vg takes airsplay's .pkl or MILVLG's .pth; butd a torchvision "
+        "Faster R-CNN file",
+    ),
+    detector_config: str = typer.Option(
+        "butd_vg_r101_c4", help="butd-vg: a packaged config name or a detectron2 .yaml file"
+    ),
+    min_regions: int = typer.Option(
+        None,
+        help="butd-vg: keep between this many and --num-regions boxes per image by confidence "
+        "(the released adaptive mode is 10 to 100; default: exactly --num-regions)",
+    ),
+    device: str = typer.Option("auto", help="butd-vg: auto, cpu or cuda (one GPU per Dask worker)"),
     clip: str = typer.Option(
         None,
         help="MODEL:PRETRAINED (open_clip tag or weights file), imagenet:BACKBONE, "
@@ -138,6 +151,9 @@ def extract(
         workers,
         scheduler,
         overwrite,
+        detector_config,
+        min_regions,
+        device,
     )
     out, attrs = run_extract(opts, console)
     for split, summary in attrs.splits.items():
@@ -175,9 +191,9 @@ def info(
         f"{'complete' if summary['complete'] else '[yellow]incomplete (rerun extract to resume)[/yellow]'}"
     )
     regions, glob = ext["regions"], ext["global_encoder"]
+    region_model = regions.get("backbone") or regions.get("detector") or regions.get("source") or ""
     out.print(
-        f"dataset {ext['dataset']}  regions {regions['kind']}"
-        f"{' ' + (regions.get('backbone') or regions.get('source') or '')}  R={ext['num_regions']} "
+        f"dataset {ext['dataset']}  regions {regions['kind']} {region_model}  R={ext['num_regions']} "
         f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}",
         highlight=False,
     )
