@@ -127,10 +127,9 @@ def read_checkpoint(path: Path, source: str) -> dict[str, torch.Tensor]:
         if zipfile.is_zipfile(path):  # torch.save
             data = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            try:
-                with open(path, "rb") as f:
-                    data = _ArrayUnpickler(f, encoding="latin1").load()
-            except pickle.UnpicklingError:  # torch.save's legacy (non-zip) format
+            with open(path, "rb") as f:
+                data = _ArrayUnpickler(f, encoding="latin1").load()
+            if isinstance(data, int):  # the magic number that starts torch.save's legacy format
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"cannot read detector weights {source}: {type(exc).__name__}: {exc}") from None

@@ -286,6 +286,24 @@ def verify(
     console.print(f"{len(manifest.shards)} shards OK ({manifest.num_samples} samples)")
 
 
+@command()
+def export(
+    store: Path = typer.Option(..., help="a complete store written by userpipe extract"),
+    split: str = typer.Option(..., help="the split to export"),
+    format: str = typer.Option(..., "--format", help="npz (bottom-up-attention.pytorch) or tsv (LXMERT)"),
+    out: Path = typer.Option(..., help="a new folder (npz) or file (tsv)"),
+) -> None:
+    """Write a store split's regions, boxes and detections in the interchange formats the importers
+    (--regions npz:DIR, tsv:GLOB) read back."""
+    from rich.progress import Progress
+
+    from pipeline.export import export_split
+
+    with Progress(console=console, transient=True) as progress:
+        count = export_split(store, split, format, out, progress)
+    console.print(f"wrote {count} images to {out}")
+
+
 @command(resumable=True)
 def train(
     shards: str = typer.Option(

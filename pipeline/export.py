@@ -1,0 +1,139 @@
+"""`userpipe export`: a store split -> the region interchange formats the importers read back.
+
+- npz: bottom-up-attention.pytorch (MILVLG) files, one per image (IMAGE_ID.npz: x, bbox, num_bbox,
+  image_h, image_w, and `info` with the per-box objects and attributes when the store has them).
+- tsv: the LXMERT layout of bottom-up-attention TSV (img_id, img_h, img_w, objects_id, objects_conf,
+  attrs_id, attrs_conf, num_boxes, boxes, features; arrays as base64), one file for the split.
+
+Only valid images are written, each with its num_regions boxes (the store's float16 features widened to
+float32, as both formats hold them). The output appears whole or not at all, and never replaces anything.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from schemas.errors import InputError
+from schemas.outputs import written_whole
+from schemas.store import DETECTION_ARRAYS
+from schemas.store_reader import open_store
+
+FORMATS = ("npz", "tsv")
+# the TSV's detection fields and their store arrays (LXMERT writes ids as int64 and confidences as float32)
+TSV_DETECTIONS = {
+    "objects_id": ("object_id", np.int64),
+    "objects_conf": ("object_conf", np.float32),
+    "attrs_id": ("attribute_id", np.int64),
+    "attrs_conf": ("attribute_conf", np.float32),
+}
+
+
+def _rows(store: Path, split: str) -> Iterator[dict]:
+    root, attrs = open_store(store)
+    if split not in attrs.splits:
+        raise InputError(f"{store} has no split '{split}' (it has {', '.join(attrs.splits)})")
+    if not attrs.complete:
+        raise InputError(f"{store} is incomplete; rerun userpipe extract to finish it before exporting")
+    group = root[split]
+    detections = [name for name in DETECTION_ARRAYS if name in group]
+    size = attrs.extractor.chunk_size
+    for start in range(0, attrs.splits[split].num_images, size):
+        part = slice(start, start + size)
+        columns = {
+            name: group[name][part]
+            for name in (
+                "image_id",
+                "width",
+                "height",
+                "regions",
+                "boxes",
+                "num_regions",
+                "valid",
+                *detections,
+            )
+        }
+        for i in np.flatnonzero(columns["valid"]):
+            k = int(columns["num_regions"][i])
+            yield {
+                "image_id": str(columns["image_id"][i]),
+                "width": int(columns["width"][i]),
+                "height": int(columns["height"][i]),
+                "features": columns["regions"][i, :k].astype(np.float32),
+                "boxes": columns["boxes"][i, :k].astype(np.float32),
+                **{name: columns[name][i, :k] for name in detections},
+            }
+
+
+def _npz_files(rows: Iterator[dict], folder: Path, progress: Progress) -> int:
+    folder.mkdir()
+    task = progress.add_task("npz files", total=None)
+    count = 0
+    for row in rows:
+        info = {
+            "image_id": row["image_id"],
+            "image_h": row["height"],
+            "image_w": row["width"],
+            "num_boxes": len(row["boxes"]),
+            **{tsv: row[name].astype(dtype) for tsv, (name, dtype) in TSV_DETECTIONS.items() if name in row},
+        }
+        np.savez_compressed(
+            folder / f"{row['image_id']}.npz",
+            x=row["features"],
+            bbox=row["boxes"],
+            num_bbox=len(row["boxes"]),
+            image_h=row["height"],
+            image_w=row["width"],
+            info=np.array(info, dtype=object),  # as MILVLG saves it (read with allow_pickle)
+        )
+        count += 1
+        progress.advance(task)
+    return count
+
+
+def _b64(values: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(values).tobytes()).decode("ascii")
+
+
+def _tsv_file(rows: Iterator[dict], path: Path, progress: Progress) -> int:
+    task = progress.add_task("TSV lines", total=None)
+    count = 0
+    with open(path, "w", encoding="ascii", newline="") as f:
+        for row in rows:
+            k = len(row["boxes"])
+            detections = [
+                _b64(row[name].astype(dtype) if name in row else np.zeros(k, dtype))
+                for name, dtype in TSV_DETECTIONS.values()
+            ]
+            fields = [row["image_id"], row["height"], row["width"], *detections, k]
+            fields += [_b64(row["boxes"]), _b64(row["features"])]
+            f.write("\t".join(str(x) for x in fields) + "\n")
+            count += 1
+            progress.advance(task)
+    return count
+
+
+def export_split(store: Path, split: str, fmt: str, out: Path, progress: Progress) -> int:
+    """Write `split` of `store` to `out` (a new folder for npz, a new file for tsv); returns the images."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format '{fmt}': use {' or '.join(FORMATS)}")
+    if out.exists() or out.is_symlink():
+        raise InputError(
+            f"--out {out} exists; export writes only a new {'folder' if fmt == 'npz' else 'file'}"
+        )
+    rows = _rows(store, split)
+    first = next(rows, None)  # the store's problems are found before anything is written
+    if first is None:
+        raise InputError(f"{store} split '{split}' has no valid image to export")
+
+    def every_row() -> Iterator[dict]:
+        yield first
+        yield from rows
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(out) as scratch:
+        return (_npz_files if fmt == "npz" else _tsv_file)(every_row(), scratch, progress)
