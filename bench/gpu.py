@@ -832,7 +832,8 @@ def extraction_section(bench: Bench) -> None:
         if bench.time_left() > 30:
             torch.set_num_threads(os.cpu_count() or 1)
             cpu_extractor = RegionExtractor(config)
-            cpu_features, cpu_boxes = cpu_extractor(images[0])  # the library's own result on the same image
+            cpu_found = cpu_extractor(images[0])  # the library's own result on the same image
+            cpu_features, cpu_boxes = cpu_found.features, cpu_found.boxes
             section["boxes_equal_cpu"] = bool((boxes == cpu_boxes).all())
             section["features_rel_diff_vs_cpu"] = float(
                 abs(features - cpu_features).max() / abs(cpu_features).max()

@@ -12,6 +12,7 @@ layer, generate_tsv.py's box choice); checkpoints load through explicit key tabl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,11 @@ class ButdVgExtractor:
         keep = kept_boxes(
             proposals, probs[:, :-1], butd.NMS_THRESH, butd.CONF_THRESH, self.min_boxes, self.max_boxes
         )
+        if not len(keep):
+            raise ValueError(
+                f"no proposal of at least {butd.RPN_MIN_SIZE} pixels survived in this "
+                f"{image.size[0]}x{image.size[1]} image"
+            )
         object_conf, object_id = probs[keep, :-1].max(dim=1)
         # the attribute head sees the argmax over every class, background included (as released)
         attribute_logits = predictor.attribute_logits(pooled[keep], class_logits[keep].argmax(dim=1))
@@ -332,11 +338,12 @@ class ButdVgExtractor:
         )
 
 
+@dataclass(frozen=True)
 class DetectorFacts:
     """What the driver needs before any work: the region width and the default input size."""
 
-    def __init__(self, feature_dim: int, short_side: int):
-        self.feature_dim, self.short_side = feature_dim, short_side
+    feature_dim: int
+    short_side: int
 
 
 def checked_detector(regions: RegionConfig) -> DetectorFacts:

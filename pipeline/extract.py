@@ -108,6 +108,7 @@ def _given_inputs(opts: ExtractOptions) -> list:
         *located,
         opts.backbone_weights,
         opts.detector_weights,
+        opts.detector_config if opts.detector_config.endswith((".yaml", ".yml")) else None,
     ]
 
 

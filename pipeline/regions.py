@@ -120,11 +120,6 @@ class Detections:
     attribute_id: np.ndarray  # (k,) int16
     attribute_conf: np.ndarray  # (k,) float32
 
-    def __getitem__(self, rows) -> Detections:
-        return Detections(
-            self.object_id[rows], self.object_conf[rows], self.attribute_id[rows], self.attribute_conf[rows]
-        )
-
 
 @dataclass
 class ImageRegions:
@@ -147,7 +142,7 @@ def resolve_region_config(
         return RegionConfig(kind=kind, source=source)
     if kind == "butd-vg":
         return _butd_vg_config(detector_config, detector_weights, min_regions)
-    if kind not in ("butd", "butd-vg", "boxes", "grid"):
+    if kind not in ("butd", "boxes", "grid"):
         raise InputError(
             f"unknown region kind '{kind}': use butd-vg, butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
         )

@@ -444,3 +444,22 @@ def test_bad_butd_vg_options_are_one_line_errors_before_any_work(runner, tiny, b
         assert result.exit_code == 2 and expected in result.output, (expected, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
+
+
+def test_an_image_file_query_on_a_butd_vg_store_runs_the_detector(tiny, tmp_path):
+    """`userpipe search IMAGE` embeds a query file with the store's extractor (pipeline.features)."""
+    from pipeline.features import image_file_features
+
+    config = extractor_config(tiny)
+    query = tmp_path / "query.png"  # lossless, so the file holds the same pixels as the image
+    photo(5).save(query)
+    regions, count, clip = image_file_features(config, query)
+    direct = ButdVgExtractor(config)(photo(5))
+    assert count == 36 and clip is None and regions.shape == (36, FEATURE_DIM)
+    np.testing.assert_array_equal(regions, direct.features.astype(np.float16))
+
+
+def test_an_image_with_no_usable_proposal_is_an_invalid_image_not_zero_regions(tiny):
+    extractor = ButdVgExtractor(extractor_config(tiny))
+    with pytest.raises(ValueError, match="no proposal"):
+        extractor(Image.new("RGB", (4, 4), (10, 200, 30)))  # every proposal is under 16 original pixels

@@ -64,7 +64,7 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
 
     info = run_cli(runner, "info", out, "--json")
     summary = json.loads(info.stdout)
-    assert summary["schema_version"] == "1.0" and summary["complete"]
+    assert summary["schema_version"] == "1.1" and summary["complete"]
     assert summary["splits"]["test"]["arrays"]["regions"] == {
         "shape": [8, 36, 1280],
         "dtype": "float16",
@@ -203,7 +203,7 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
         (("--clip", "ViT-B-32:openai"), "no model hub is reachable"),
         (("--regions", "butd"), "could not download FasterRCNN_ResNet50_FPN_Weights.COCO_V1"),
         (("--regions", "tsv"), "needs a location"),
-        (("--regions", "butd-vg"), "needs detectron2"),
+        (("--regions", "butd-vg"), "needs --detector-weights"),
         (("--regions", "precomp:/nowhere"), "precomp folder not found"),
         (("--images", "10"), "--images only applies to --dataset demo"),
     ],

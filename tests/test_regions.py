@@ -55,7 +55,8 @@ def test_packaged_backbone_gives_finite_distinct_features_per_box():
     )
     image = Image.new("RGB", (160, 120), (90, 90, 90))
     image.paste((220, 30, 30), (10, 10, 60, 60))
-    features, boxes = extractor(image, [[10, 10, 60, 60]])
+    found = extractor(image, [[10, 10, 60, 60]])
+    features, boxes = found.features, found.boxes
     assert features.shape == (36, 1280) and np.isfinite(features).all()
     assert_valid_boxes(boxes, 160, 120, 36)
     np.testing.assert_array_equal(boxes[0], [10, 10, 60, 60])
@@ -78,7 +79,8 @@ def test_butd_with_local_detector_and_resnet_weights(tmp_path: Path):
     )
     assert regions.detector == "fasterrcnn_resnet50_fpn" and len(regions.detector_weights.sha256) == 64
     extractor = RegionExtractor(config_for(regions, num_regions=10, feature_dim=2048, image_size=96))
-    features, boxes = extractor(Image.new("RGB", (128, 96), (30, 120, 200)))
+    found = extractor(Image.new("RGB", (128, 96), (30, 120, 200)))
+    features, boxes = found.features, found.boxes
     assert features.shape == (10, 2048) and np.isfinite(features).all()
     assert_valid_boxes(boxes, 128, 96, 10)
 

@@ -8,12 +8,15 @@ from pipeline.datasets import DatasetIndex, ImageRecord
 from pipeline.store import create_store
 from schemas.store import (
     ATTRS_KEY,
+    DETECTION_ARRAYS,
     ExtractorConfig,
     GlobalConfig,
     RegionConfig,
     SplitSummary,
     StoreAttrs,
     StoreValidationError,
+    WeightsRef,
+    split_array_specs,
     validate_store,
 )
 
@@ -45,12 +48,35 @@ def tiny_store(path: Path) -> zarr.Group:
 def test_created_store_validates_and_keeps_variable_caption_counts(tmp_path: Path):
     root = tiny_store(tmp_path / "s.zarr")
     attrs = validate_store(root)
-    assert not attrs.complete and attrs.schema_version == "1.0"
+    assert not attrs.complete and attrs.schema_version == "1.1"
     test = root["test"]
     assert test["caption_image"][:].tolist() == [0, 1, 1, 2, 2, 2]
     assert test["regions"].shape == (3, 4, 8) and test["regions"].chunks == (2, 4, 8)
     assert test["clip_text"].shape == (6, 6) and test["captions_done"].shape == (1,)
     assert test["images_done"].shape == (2,)
+
+
+def test_a_schema_1_0_store_reads_as_before_and_butd_vg_stores_have_the_detection_arrays(tmp_path: Path):
+    root = tiny_store(tmp_path / "old.zarr")
+    root.attrs.put({ATTRS_KEY: {**root.attrs[ATTRS_KEY], "schema_version": "1.0"}})
+    assert validate_store(zarr.open_group(str(tmp_path / "old.zarr"), mode="r")).schema_version == "1.0"
+    assert "object_id" not in root["test"]
+
+    weights = WeightsRef(source="w.pkl", sha256="0" * 64)
+    butd_vg = RegionConfig(kind="butd-vg", detector="d", detector_weights=weights, detector_config=weights)
+    specs = split_array_specs(tiny_config(regions=butd_vg), 3, 6)
+    assert {name: (specs[name].shape, specs[name].dtype) for name in DETECTION_ARRAYS} == {
+        "object_id": ((3, 4), "int16"),
+        "object_conf": ((3, 4), "float16"),
+        "attribute_id": ((3, 4), "int16"),
+        "attribute_conf": ((3, 4), "float16"),
+    }
+    with pytest.raises(ValueError, match="detector config"):
+        RegionConfig(kind="butd-vg", detector="d", detector_weights=weights)
+    with pytest.raises(ValueError, match="min_regions only applies"):
+        RegionConfig(kind="grid", backbone="efficientnet_lite0", min_regions=3)
+    with pytest.raises(ValueError, match="exceeds num_regions"):
+        tiny_config(regions=butd_vg.model_copy(update={"min_regions": 9}))
 
 
 @pytest.mark.parametrize(
