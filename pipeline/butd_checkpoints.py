@@ -173,7 +173,7 @@ def load_checkpoint(model: nn.Module, ref: WeightsRef, check_only: bool = False)
     model_state = model.state_dict()
     table = key_table(model_state, fmt, folded)
     expected = {e.file_key: e.to_file(model_state[k]).shape for k, e in table.items()}
-    optional = {table[ANCHORS].file_key} if ANCHORS in table else set()  # else the config's (the same)
+    optional = {ANCHORS}  # the config's anchors stand; a file's must equal them (below)
     counters = {
         k
         for k in state
@@ -197,6 +197,17 @@ def load_checkpoint(model: nn.Module, ref: WeightsRef, check_only: bool = False)
         raise InputError(
             f"detector weights {ref.source} ({fmt} format) do not fit the detector config: "
             + "; ".join(p for p in problems if p)
+        )
+    # the RPN's channels follow the anchors it was trained with: other anchors (detectron2's own order or
+    # centring) would pair each channel with another box
+    if (
+        ANCHORS in state
+        and ANCHORS in model_state
+        and not torch.equal(state[ANCHORS].float(), model_state[ANCHORS])
+    ):
+        raise InputError(
+            f"detector weights {ref.source}: {ANCHORS} differs from the config's Caffe anchors "
+            f"(file {state[ANCHORS][0].tolist()}..., config {model_state[ANCHORS][0].tolist()}...)"
         )
     if check_only:
         return

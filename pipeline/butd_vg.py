@@ -218,6 +218,22 @@ def caffe_proposals(
     return boxes[keep]
 
 
+def rpn_outputs(model: GeneralizedRCNN, features: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's anchors (N, 4), objectness logits (N,) and box deltas (N, 4), all in the anchor grid's
+    order: position by position (row-major), the cell anchors in turn at each (as Caffe's proposal layer
+    flattens them)."""
+    rpn = model.proposal_generator
+    feature_maps = [features[f] for f in rpn.in_features]
+    (objectness,), (deltas,) = rpn.rpn_head(feature_maps)  # (1, A, H, W), (1, A * 4, H, W)
+    anchors = rpn.anchor_generator(feature_maps)[0].tensor
+    height, width = objectness.shape[-2:]
+    return (
+        anchors,
+        objectness[0].permute(1, 2, 0).reshape(-1),
+        deltas[0].view(-1, 4, height, width).permute(2, 3, 0, 1).reshape(-1, 4),
+    )
+
+
 def kept_boxes(
     boxes: torch.Tensor,
     class_scores: torch.Tensor,
@@ -282,8 +298,10 @@ class ButdVgExtractor:
             self.short_side,
             self.short_side * input_cfg.MAX_SIZE_TEST / input_cfg.MIN_SIZE_TEST,
         )
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        resized = F.interpolate(bgr, size=size, mode="bilinear", align_corners=False, antialias=False)
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        # cv2.resize(fx=fy=scale): the rounded size, sampled at (x + 0.5) / scale - 0.5 (F.interpolate
+        # takes either a size or a scale, not both)
+        resized = torch.ops.aten.upsample_bilinear2d(bgr, size, False, scale, scale)
         return (resized[0] - self.model.pixel_mean) / self.model.pixel_std, scale
 
     @torch.inference_mode()
@@ -293,27 +311,16 @@ class ButdVgExtractor:
         pixels, scale = self.pixels(image)
         height, width = pixels.shape[-2:]
         features = model.backbone(pixels[None])
-        rpn = model.proposal_generator
-        feature_maps = [features[f] for f in rpn.in_features]
-        objectness, deltas = rpn.rpn_head(feature_maps)
-        anchors = rpn.anchor_generator(feature_maps)[0].tensor  # location-major, anchor-minor
-        proposals = caffe_proposals(
-            anchors,
-            objectness[0][0].permute(1, 2, 0).reshape(-1),
-            deltas[0][0].view(-1, 4, *deltas[0].shape[-2:]).permute(2, 3, 0, 1).reshape(-1, 4),
-            height,
-            width,
-            scale,
-            cfg,
-        )
+        proposals = caffe_proposals(*rpn_outputs(model, features), height, width, scale, cfg)
         pooled = heads._shared_roi_transform([features[f] for f in heads.in_features], [Boxes(proposals)])
         pooled = pooled.mean(dim=(2, 3))
         predictor: ButdBoxPredictor = heads.box_predictor
         class_logits, _ = predictor(pooled)
         probs = F.softmax(class_logits.float(), dim=1)
         butd = cfg.USERPIPE_BUTD
+        boxes = proposals / scale  # generate_tsv.py chooses among the proposals in original pixels
         keep = kept_boxes(
-            proposals, probs[:, :-1], butd.NMS_THRESH, butd.CONF_THRESH, self.min_boxes, self.max_boxes
+            boxes, probs[:, :-1], butd.NMS_THRESH, butd.CONF_THRESH, self.min_boxes, self.max_boxes
         )
         if not len(keep):
             raise ValueError(
@@ -325,7 +332,7 @@ class ButdVgExtractor:
         attribute_logits = predictor.attribute_logits(pooled[keep], class_logits[keep].argmax(dim=1))
         attribute_conf, attribute_id = F.softmax(attribute_logits.float(), dim=1)[:, :-1].max(dim=1)
         image_width, image_height = image.size
-        boxes = clip_boxes(proposals[keep].cpu().numpy() / scale, image_width, image_height)
+        boxes = clip_boxes(boxes[keep].cpu().numpy(), image_width, image_height)
         return ImageRegions(
             pooled[keep].float().cpu().numpy(),
             boxes,
@@ -357,6 +364,12 @@ def checked_detector(regions: RegionConfig) -> DetectorFacts:
             model = build_model(cfg)
     except Exception as exc:  # detectron2 asserts on inconsistent settings
         raise InputError(f"detector config {regions.detector_config.source} does not build: {exc}") from None
+    generator = model.proposal_generator.anchor_generator
+    if isinstance(
+        generator, CaffeAnchorGenerator
+    ):  # values, not meta placeholders, to check a file's against
+        sizes, ratios = cfg.MODEL.ANCHOR_GENERATOR.SIZES[0], cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0]
+        generator.cell_anchors = _Anchors(caffe_cell_anchors(generator.strides[0], sizes, ratios))
     load_checkpoint(model, regions.detector_weights, check_only=True)
     res5_width = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
     return DetectorFacts(res5_width, cfg.INPUT.MIN_SIZE_TEST)

@@ -39,6 +39,10 @@ def _rows(store: Path, split: str) -> Iterator[dict]:
         raise InputError(f"{store} has no split '{split}' (it has {', '.join(attrs.splits)})")
     if not attrs.complete:
         raise InputError(f"{store} is incomplete; rerun userpipe extract to finish it before exporting")
+    if attrs.extractor.regions.kind == "precomp":
+        raise InputError(
+            f"{store} was imported from SCAN precomp files, which have no boxes; npz and TSV need them"
+        )
     group = root[split]
     detections = [name for name in DETECTION_ARRAYS if name in group]
     size = attrs.extractor.chunk_size
@@ -60,13 +64,20 @@ def _rows(store: Path, split: str) -> Iterator[dict]:
         for i in np.flatnonzero(columns["valid"]):
             k = int(columns["num_regions"][i])
             yield {
-                "image_id": str(columns["image_id"][i]),
+                "image_id": _file_safe(str(columns["image_id"][i])),
                 "width": int(columns["width"][i]),
                 "height": int(columns["height"][i]),
                 "features": columns["regions"][i, :k].astype(np.float32),
                 "boxes": columns["boxes"][i, :k].astype(np.float32),
                 **{name: columns[name][i, :k] for name in detections},
             }
+
+
+def _file_safe(image_id: str) -> str:
+    """An id usable as a file name and a TSV field (both formats name an image by its id)."""
+    if not image_id.isascii() or not image_id.isprintable() or "/" in image_id or image_id in (".", ".."):
+        raise InputError(f"image id {image_id!r} cannot name an npz file or a TSV field (ASCII, no '/')")
+    return image_id
 
 
 def _npz_files(rows: Iterator[dict], folder: Path, progress: Progress) -> int:

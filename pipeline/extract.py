@@ -135,6 +135,13 @@ def prepare(opts: ExtractOptions) -> Prepared:
             raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
     if opts.device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda, not '{opts.device}'")
+    if opts.device == "cuda" and opts.scheduler is None:  # an existing scheduler's workers may have GPUs
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(
+                "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is false)"
+            )
     clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
     global_config = resolve_global_config(clip_spec)
     region_config = resolve_region_config(
@@ -447,6 +454,22 @@ def run_extract(opts: ExtractOptions, console: Console) -> tuple[Path, StoreAttr
         return prepared.out, _extract(prepared, opts, console)
 
 
+def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: Console) -> tuple[str, int]:
+    """The butd-vg detector's device, and the local workers: on CUDA one per GPU (each holds the model and
+    res5's activations for 300 proposals), so --workers above the GPU count is lowered to it."""
+    if config.regions.kind != "butd-vg" or opts.device == "cpu":
+        return "cpu", opts.workers
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if opts.device == "auto" and not gpus:
+        return "cpu", opts.workers
+    if opts.scheduler is None and opts.workers > gpus:
+        console.print(f"--device cuda: {gpus} GPU(s), so {gpus} local worker(s) instead of {opts.workers}")
+        return "cuda", gpus
+    return "cuda", opts.workers
+
+
 def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
     root, attrs, work = open_or_create(prepared, opts.overwrite, console)
     for partial in work.rglob("*.partial"):  # Zarr's chunk files being written when a kill came
@@ -459,12 +482,8 @@ def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> Stor
         console.print(f"resuming {work}: {total_images - todo_images} of {total_images} images already done")
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
-        with dask_client(opts.workers, opts.scheduler) as (client, threads):
-            device = opts.device
-            if device == "auto":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, workers = _device_and_workers(prepared.config, opts, console)
+        with dask_client(workers, opts.scheduler) as (client, threads):
             tasks = [
                 ("images", len(c.paths), extract_image_chunk, (config_json, c, threads, device))
                 for c in image_chunks

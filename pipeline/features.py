@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.global_encoders import GlobalEncoder
 from pipeline.importers import read_imported
-from pipeline.regions import Detections, RegionExtractor
+from pipeline.regions import DETECTRON2_INSTALL, Detections, RegionExtractor
 from schemas.errors import InputError
 from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
 
@@ -28,8 +28,12 @@ def extractor_models(
     config = ExtractorConfig.model_validate_json(config_json)
     regions = None
     if config.regions.kind == "butd-vg":
-        from pipeline.butd_vg import ButdVgExtractor
-
+        try:
+            from pipeline.butd_vg import ButdVgExtractor
+        except ImportError as exc:
+            raise InputError(
+                f"this store's butd-vg regions need detectron2 ({exc}): {DETECTRON2_INSTALL}"
+            ) from None
         regions = ButdVgExtractor(config, device)
     elif config.regions.kind not in IMPORTED_REGION_KINDS:
         regions = RegionExtractor(config)
@@ -100,7 +104,10 @@ def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray
         image = load_image(str(path))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
-    result = image_features(config, extractor, image, None, None)
+    try:
+        result = image_features(config, extractor, image, None, None)
+    except ValueError as exc:  # e.g. no box survives the detector in a tiny image
+        raise InputError(f"cannot embed image {path}: {exc}") from None
     k = len(result.features)
     regions = np.zeros((config.num_regions, config.feature_dim), np.float16)
     regions[:k] = result.features

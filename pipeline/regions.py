@@ -10,6 +10,7 @@ detectron2 (pipeline/butd_vg.py, imported only when used).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ def _butd_vg_config(config_name: str, detector_weights: str | None, min_regions:
     if not path.is_file():
         raise InputError(f"detector config not found: {config_name} (a packaged name or a .yaml file)")
     try:
-        load_config(path)
+        merged = load_config(path).dump()
     except Exception as exc:  # yacs and detectron2 raise many kinds for a malformed file
         raise InputError(f"detector config {path} is not a valid detectron2 config: {exc}") from None
     if not detector_weights:
@@ -180,9 +181,12 @@ def _butd_vg_config(config_name: str, detector_weights: str | None, min_regions:
             "--regions butd-vg needs --detector-weights FILE: airsplay's faster_rcnn_from_caffe_attr.pkl "
             "or MILVLG's bua-caffe-frcn-r101_with_attributes.pth (README: The Visual Genome detector)"
         )
-    config_ref = local_weights(str(path), "detector config")
-    if path.parent == Path(__file__).parent / "configs":
-        config_ref = config_ref.model_copy(update={"source": f"package:{path.stem}"})
+    packaged = path.parent == Path(__file__).parent / "configs"
+    config_ref = WeightsRef(  # the hash of the merged config covers the _BASE_ files it names
+        source=f"package:{path.stem}" if packaged else str(path),
+        path=str(path.resolve()),
+        sha256=hashlib.sha256(merged.encode()).hexdigest(),
+    )
     return RegionConfig(
         kind="butd-vg",
         detector=path.stem,

@@ -51,7 +51,9 @@ class RegionConfig(Frozen):
     detector: str | None = None
     detector_weights: WeightsRef | None = None
     detector_config: WeightsRef | None = Field(
-        default=None, description="butd-vg: the detectron2 config file (packaged name or path)"
+        default=None,
+        description="butd-vg: the detectron2 config file (packaged name or path); sha256 of the merged "
+        "config, its _BASE_ files included",
     )
     min_regions: int | None = Field(
         default=None, gt=0, description="butd-vg: fewest boxes kept per image (None: exactly num_regions)"

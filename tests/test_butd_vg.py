@@ -34,15 +34,18 @@ from pipeline.butd_vg import (  # noqa: E402
     config_file,
     kept_boxes,
     load_config,
+    rpn_outputs,
 )
 from pipeline.importers import read_imported  # noqa: E402
 from pipeline.regions import resolve_region_config  # noqa: E402
 from schemas.errors import InputError  # noqa: E402
 from schemas.store import ExtractorConfig, GlobalConfig, WeightsRef  # noqa: E402
 
-# The packaged config at toy widths: every part of the real network, a few MB of weights.
+# The packaged config at toy widths: every part of the real network, a few MB of weights. Its pixel std
+# keeps a random network's class scores unsaturated (saturated, every box ties with every other).
 TINY_CONFIG = """_BASE_: {base}
 MODEL:
+  PIXEL_STD: [64.0, 64.0, 64.0]
   RESNETS: {{DEPTH: 50, STEM_OUT_CHANNELS: 8, RES2_OUT_CHANNELS: 16, WIDTH_PER_GROUP: 4}}
   RPN: {{CONV_DIMS: [16], PRE_NMS_TOPK_TEST: 400, POST_NMS_TOPK_TEST: 80}}
   ROI_HEADS: {{NUM_CLASSES: 30}}
@@ -131,16 +134,49 @@ def test_the_key_tables_match_the_released_checkpoints_shapes():
     assert "backbone.res3.0.conv1.norm.num_batches_tracked" not in milvlg  # frozen there
 
 
-def test_milvlg_conversions_are_the_caffe_orders(tiny):
-    """Background first in MILVLG's classes and attributes, a (background, object) pair per anchor."""
+def test_milvlg_weights_give_the_caffe_probabilities_our_network_computes(tiny):
+    """Read MILVLG's tensors as Caffe uses them: an anchor's object probability is the softmax of its
+    (background channel a, object channel A + a) pair; class probabilities are a softmax over 1 + C rows,
+    background first; the attribute head embeds a class by its Caffe row."""
     theirs, ours = file_state(tiny["state"], "milvlg"), tiny["state"]
-    cls = "roi_heads.box_predictor.cls_score.weight"
-    assert torch.equal(theirs[cls][0], ours[cls][-1]) and torch.equal(theirs[cls][1:], ours[cls][:-1])
-    objectness = theirs["proposal_generator.rpn_head.objectness_logits.weight"]
-    half = len(objectness) // 2
-    assert torch.equal(
-        objectness[half:] - objectness[:half], ours["proposal_generator.rpn_head.objectness_logits.weight"]
+    x = torch.randn(5, ours["proposal_generator.rpn_head.objectness_logits.weight"].shape[1])
+    pairs = x @ theirs["proposal_generator.rpn_head.objectness_logits.weight"][:, :, 0, 0].T
+    pairs = pairs + theirs["proposal_generator.rpn_head.objectness_logits.bias"]
+    anchors = pairs.shape[1] // 2
+    caffe = torch.softmax(torch.stack([pairs[:, :anchors], pairs[:, anchors:]]), dim=0)[1]
+    logits = x @ ours["proposal_generator.rpn_head.objectness_logits.weight"][:, :, 0, 0].T
+    torch.testing.assert_close(
+        torch.sigmoid(logits + ours["proposal_generator.rpn_head.objectness_logits.bias"]), caffe
     )
+
+    pooled = torch.randn(5, FEATURE_DIM)
+    caffe_probs = torch.softmax(
+        pooled @ theirs["roi_heads.box_predictor.cls_score.weight"].T
+        + theirs["roi_heads.box_predictor.cls_score.bias"],
+        dim=1,
+    )
+    our_probs = torch.softmax(
+        pooled @ ours["roi_heads.box_predictor.cls_score.weight"].T
+        + ours["roi_heads.box_predictor.cls_score.bias"],
+        dim=1,
+    )
+    torch.testing.assert_close(our_probs[:, :-1], caffe_probs[:, 1:])  # object c: our row c, Caffe's c + 1
+    torch.testing.assert_close(our_probs[:, -1], caffe_probs[:, 0])  # background
+    embedding = "roi_heads.box_predictor.cls_embedding.weight"
+    torch.testing.assert_close(ours[embedding][:-1], theirs["roi_heads.box_predictor.cls_embed.weight"][1:])
+    deltas = "roi_heads.box_predictor.bbox_pred.weight"
+    torch.testing.assert_close(ours[deltas], theirs[deltas][4:])  # Caffe's first 4 rows: the background box
+
+
+def test_anchors_other_than_the_configs_are_refused(tiny, tmp_path):
+    def detectron2_order(state):  # the same boxes, size-major as stock detectron2 would list them
+        anchors = state["proposal_generator.anchor_generator.cell_anchors.0"]
+        state["proposal_generator.anchor_generator.cell_anchors.0"] = (
+            anchors.view(3, 4, 4).transpose(0, 1).reshape(12, 4)
+        )
+
+    message = _refusal(tiny, "airsplay", detectron2_order, tmp_path)
+    assert "differs from the config's Caffe anchors" in message
 
 
 def _refusal(tiny, fmt: str, change, tmp_path: Path) -> str:
@@ -330,10 +366,51 @@ def test_fixed_mode_gives_36_boxes_inside_the_image_whose_features_are_the_res5_
         np.testing.assert_allclose(found.features, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_adaptive_mode_keeps_between_min_and_max_boxes(tiny):
+def test_rpn_outputs_pair_each_anchor_with_its_own_score_and_deltas(tiny):
+    """An explicit loop over rows, columns and cell anchors, as Caffe's proposal layer enumerates them."""
+    config = extractor_config(tiny, size=160)  # a 10 x 14 map: the loop stays short
+    extractor = ButdVgExtractor(config)
+    model = extractor.model
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.proposal_generator.rpn_head.anchor_deltas.weight, std=0.05)
+    pixels, _ = extractor.pixels(photo(0))
+    with torch.no_grad():
+        features = model.backbone(pixels[None])
+        anchors, objectness, deltas = rpn_outputs(model, features)
+        (scores,), (raw_deltas,) = model.proposal_generator.rpn_head([features["res4"]])
+    cell = list(model.proposal_generator.anchor_generator.cell_anchors)[0]
+    scores, raw_deltas = scores[0], raw_deltas[0]  # one image
+    count, height, width = scores.shape
+    n = 0
+    for y in range(height):
+        for x in range(width):
+            for a in range(count):
+                torch.testing.assert_close(anchors[n], cell[a] + torch.tensor([x, y, x, y]) * 16.0)
+                assert objectness[n] == scores[a, y, x]
+                assert torch.equal(deltas[n], raw_deltas[4 * a : 4 * a + 4, y, x])
+                n += 1
+    assert n == len(anchors) and deltas.abs().sum() > 0
+
+
+def test_adaptive_mode_keeps_the_boxes_generate_tsv_would(tiny, monkeypatch):
+    import pipeline.butd_vg as butd_vg
+
+    calls = []
+
+    def recorded(boxes, scores, nms_thresh, conf_thresh, min_boxes, max_boxes):
+        keep = kept_boxes(boxes, scores, nms_thresh, conf_thresh, min_boxes, max_boxes)
+        reference = plain_kept_boxes(
+            boxes.numpy(), np.pad(scores.numpy(), ((0, 0), (1, 0))), conf_thresh, min_boxes, max_boxes
+        )
+        calls.append((nms_thresh, conf_thresh, min_boxes, max_boxes, keep.tolist(), reference.tolist()))
+        return keep
+
+    monkeypatch.setattr(butd_vg, "kept_boxes", recorded)
     extractor = ButdVgExtractor(extractor_config(tiny, num_regions=60, min_regions=10))
-    counts = [len(extractor(photo(seed)).features) for seed in range(3)]
-    assert all(10 <= k <= 60 for k in counts), counts
+    counts = [len(extractor(photo(seed)).features) for seed in range(2)]
+    assert [c[:4] for c in calls] == [(0.3, 0.2, 10, 60)] * 2
+    assert all(keep == reference for *_, keep, reference in calls)
+    assert counts == [len(c[4]) for c in calls]
 
 
 # --------------------------------------------------------------------------- the command line
@@ -434,6 +511,7 @@ def test_bad_butd_vg_options_are_one_line_errors_before_any_work(runner, tiny, b
         ([*base, "--detector-config", tmp_path / "missing.yaml"], "detector config not found"),
         ([*base, "--min-regions", "50"], "--min-regions must be between 1 and --num-regions"),
         ([*base, "--device", "tpu"], "--device must be auto, cpu or cuda"),
+        ([*base, "--device", "cuda"], "--device cuda: this machine has no CUDA device"),
         ([*base, "--detector-weights", tiny["config"]], "cannot read detector weights"),
     ]
     bad_yaml = tmp_path / "bad.yaml"
@@ -459,7 +537,22 @@ def test_an_image_file_query_on_a_butd_vg_store_runs_the_detector(tiny, tmp_path
     np.testing.assert_array_equal(regions, direct.features.astype(np.float16))
 
 
-def test_an_image_with_no_usable_proposal_is_an_invalid_image_not_zero_regions(tiny):
+def test_an_image_with_no_usable_proposal_is_an_invalid_image_not_zero_regions(tiny, tmp_path):
+    from pipeline.features import image_file_features
+
     extractor = ButdVgExtractor(extractor_config(tiny))
+    tiny_image = Image.new("RGB", (4, 4), (10, 200, 30))  # every proposal is under 16 original pixels
     with pytest.raises(ValueError, match="no proposal"):
-        extractor(Image.new("RGB", (4, 4), (10, 200, 30)))  # every proposal is under 16 original pixels
+        extractor(tiny_image)
+    tiny_image.save(tmp_path / "query.png")
+    with pytest.raises(InputError, match="cannot embed image"):  # as a search query: one line
+        image_file_features(extractor_config(tiny), tmp_path / "query.png")
+
+
+@pytest.mark.parametrize("image_id", ["a/b", "..", "tab\there", "line\nbreak", "caf\u00e9", "\x00"])
+def test_export_refuses_ids_that_cannot_name_a_file_or_a_tsv_field(image_id):
+    from pipeline.export import _file_safe
+
+    with pytest.raises(InputError, match="cannot name"):
+        _file_safe(image_id)
+    assert _file_safe("COCO_val2014_000000000042") == "COCO_val2014_000000000042"
