@@ -68,7 +68,8 @@ test: setup
 test-fast: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m "not slow"
 
-# the crash test at 24 kill points per writer (about 30 minutes on 2 cores; `just test` runs 1 per writer)
+# the crash test at 24 kill points per writer (about 30 minutes on 2 cores; `just test` runs 1 per writer but
+# training, whose kill and resume it checks with the default math)
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py tests/test_distributed.py -s
 

@@ -5,7 +5,8 @@ Runs the real command end to end (cluster start, model loading, Zarr writes incl
 store for each worker count, and writes bench/results/extract_throughput.{json,md}. The butd-vg detector
 has random weights written in airsplay's format (no model hub here) with the RPN's box deltas zeroed, so
 each image yields the released 300 proposals through res5 as trained weights do (random deltas would
-blow every proposal up to the whole image and leave one box after NMS).
+blow every proposal up to the whole image and leave one box after NMS), and its stem scaled down so the
+untrained network's features fit float16.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> None:
     demo = ["--dataset", "demo", "--root", str(root), "--images", str(args.images)]
     runs = [run(userpipe, "boxes (demo)", args.images, demo, workers) for workers in args.workers]
     if args.butd_images:
-        butd = ["--dataset", str(butd_dataset(args.butd_images)), "--regions", "butd-vg", "--clip", "none"]
+        butd = ["--dataset", str(butd_dataset(args.butd_images)), "--splits", "test", "--regions", "butd-vg"]
+        butd += ["--clip", "none"]
         butd += ["--detector-weights", str(butd_weights()), "--chunk-size", "1"]
         runs += [run(userpipe, "butd-vg R101 (600 px)", args.butd_images, butd, w) for w in args.workers]
     result = {
@@ -118,7 +120,8 @@ def butd_dataset(images: int) -> Path:
             pixels[y : y + rng.integers(20, 200), x : x + rng.integers(20, 260)] = rng.integers(0, 255, 3)
         Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
         records.append(
-            {"filename": f"{i}.jpg", "imgid": i, "split": "test", "sentences": [{"raw": "a picture"}] * 5}
+            {"filepath": "images", "filename": f"{i}.jpg", "imgid": i, "split": "test"}
+            | {"sentences": [{"raw": "a picture"}] * 5}
         )
     path = BUTD_FOLDER / "dataset_bench.json"
     path.write_text(json.dumps({"dataset": "coco", "images": records}))
@@ -138,6 +141,9 @@ def butd_weights() -> Path:
         torch.manual_seed(0)
         state = build_model(load_config(config_file("butd_vg_r101_c4"))).state_dict()
         state["proposal_generator.rpn_head.anchor_deltas.weight"].zero_()
+        # untrained residual stages grow activations ~1e6-fold; the network is positively homogeneous, so a
+        # smaller stem scales every map down alike and the features fit float16 (else: invalid images)
+        state["backbone.stem.conv1.weight"] *= 2.0**-12
         write_checkpoint(state, path, "airsplay")
     return path
 
