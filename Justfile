@@ -73,7 +73,7 @@ test-fast: setup
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py tests/test_distributed.py -s
 
-# every benchmark (about 35 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
+# every benchmark (about 50 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
     HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
