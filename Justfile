@@ -20,6 +20,7 @@ setup:
     {{bin}}/python -m pip install -q -c constraints.txt torch torchvision
     # detectron2 (for --regions butd-vg) is not on PyPI: a wheel built from its source for this Python and
     # platform is taken from $USERPIPE_WHEELS (default ../shared/wheels) when there is one (README)
+    {{bin}}/python -m pip install -q -c constraints.txt packaging  # the wheel tags this Python accepts
     wheel=$({{bin}}/python -c 'import glob, os, sys; from packaging.tags import sys_tags; \
         tags = {str(t) for t in sys_tags()}; \
         found = [w for w in sorted(glob.glob(os.path.join(sys.argv[1], "detectron2-*.whl"))) \

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +182,41 @@ def trained(tmp_path_factory) -> dict:
     )
     assert result.exit_code == 0, result.output
     return {"tmp": tmp, "run": tmp / "run", "val": val, "gallery": gallery, "index": tmp / "index"}
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def kill_at_first_done_chunk(command: list[str], store: Path, split: str = "train") -> None:
+    """Start `command` (an extraction into `store`) in its own session and kill -9 the whole job, Dask
+    workers included, as soon as its first image chunk is marked done."""
+    job = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    done_flags = store / split / "images_done" / "c"
+    deadline = time.monotonic() + 120
+    while not (done_flags.is_dir() and any(done_flags.iterdir())):
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "extraction ended before it could be killed"
+        )
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+
+def extractor_config(regions, num_regions=36, feature_dim=1280, image_size=128, chunk_size=4):
+    """An ExtractorConfig of `regions` with no global encoder (to build region extractors directly)."""
+    from schemas.store import ExtractorConfig, GlobalConfig
+
+    return ExtractorConfig(
+        dataset="t",
+        splits=("train",),
+        max_captions=None,
+        num_regions=num_regions,
+        feature_dim=feature_dim,
+        image_size=image_size,
+        chunk_size=chunk_size,
+        regions=regions,
+        global_encoder=GlobalConfig(kind="none"),
+    )

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import karpathy_record, run_cli, write_json
+from conftest import extractor_config as config_with
+from conftest import karpathy_record, kill_at_first_done_chunk, run_cli, tree_bytes, write_json
 from PIL import Image
 
 pytest.importorskip(
@@ -39,7 +37,7 @@ from pipeline.butd_vg import (  # noqa: E402
 from pipeline.importers import read_imported  # noqa: E402
 from pipeline.regions import resolve_region_config  # noqa: E402
 from schemas.errors import InputError  # noqa: E402
-from schemas.store import ExtractorConfig, GlobalConfig, WeightsRef  # noqa: E402
+from schemas.store import WeightsRef  # noqa: E402
 
 # The packaged config at toy widths: every part of the real network, a few MB of weights. Its pixel std
 # keeps a random network's class scores unsaturated (saturated, every box ties with every other).
@@ -74,17 +72,7 @@ def extractor_config(tiny: dict, fmt: str = "airsplay", num_regions: int = 36, m
     regions = resolve_region_config(
         "butd-vg", None, "unused", None, str(tiny["files"][fmt]), str(tiny["config"]), min_regions
     )
-    return ExtractorConfig(
-        dataset="test",
-        splits=("test",),
-        max_captions=5,
-        num_regions=num_regions,
-        feature_dim=FEATURE_DIM,
-        image_size=size,
-        chunk_size=2,
-        regions=regions,
-        global_encoder=GlobalConfig(kind="none"),
-    )
+    return config_with(regions, num_regions, FEATURE_DIM, size, chunk_size=2)
 
 
 def photo(seed: int, size=(200, 150)) -> Image.Image:
@@ -458,22 +446,10 @@ def test_extract_resume_after_kill_and_export_round_trip(runner, tiny, butd_coco
 
     resumed = tmp_path / "resumed.zarr"
     command = [sys.executable, "-m", "userpipe", *map(str, butd_args(tiny, butd_coco, resumed))]
-    job = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    done_flags = resumed / "train" / "images_done" / "c"
-    deadline = time.monotonic() + 120
-    while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "extraction ended before it could be killed"
-        )
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_at_first_done_chunk(command, resumed)
     result = run_cli(runner, *butd_args(tiny, butd_coco, resumed))
     assert result.exit_code == 0 and "resuming" in result.output, result.output
-    files = lambda p: {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}  # noqa: E731
-    assert files(resumed) == files(reference)
+    assert tree_bytes(resumed) == tree_bytes(reference)
 
     # export, then read back through the importers: the same regions, boxes, sizes and detections
     for fmt, out in (("npz", tmp_path / "npz"), ("tsv", tmp_path / "test.tsv")):

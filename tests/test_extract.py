@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from conftest import EXTRACT_COCO_GRID, run_cli
+from conftest import EXTRACT_COCO_GRID, kill_at_first_done_chunk, run_cli, tree_bytes
 
 from schemas.store import validate_store
 
@@ -24,10 +24,6 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "demo"
     ensure_demo(root, images=24)
     return root
-
-
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -95,18 +91,7 @@ def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tm
         "--out",
         str(resumed),
     ]
-    job = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    done_flags = resumed / "train" / "images_done" / "c"
-    deadline = time.monotonic() + 120
-    while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "extraction ended before it could be killed"
-        )
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # kill -9 the whole job, Dask workers included
-    job.wait()
+    kill_at_first_done_chunk(command, resumed)
     partial = validate_store(zarr.open_group(str(resumed), mode="r"))
     assert not partial.complete
 

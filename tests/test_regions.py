@@ -3,25 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import extractor_config
 from PIL import Image
 
 from pipeline.regions import RegionExtractor, grid_boxes, pad_with_grid, resolve_region_config
 from schemas.errors import InputError
-from schemas.store import ExtractorConfig, GlobalConfig
-
-
-def config_for(regions, num_regions=36, feature_dim=1280, image_size=128) -> ExtractorConfig:
-    return ExtractorConfig(
-        dataset="t",
-        splits=("train",),
-        max_captions=None,
-        num_regions=num_regions,
-        feature_dim=feature_dim,
-        image_size=image_size,
-        chunk_size=4,
-        regions=regions,
-        global_encoder=GlobalConfig(kind="none"),
-    )
 
 
 def assert_valid_boxes(boxes: np.ndarray, width: int, height: int, count: int):
@@ -51,7 +37,7 @@ def test_padding_keeps_given_boxes_first_and_clips_them():
 
 def test_packaged_backbone_gives_finite_distinct_features_per_box():
     extractor = RegionExtractor(
-        config_for(resolve_region_config("boxes", None, "efficientnet_lite0", None, None))
+        extractor_config(resolve_region_config("boxes", None, "efficientnet_lite0", None, None))
     )
     image = Image.new("RGB", (160, 120), (90, 90, 90))
     image.paste((220, 30, 30), (10, 10, 60, 60))
@@ -78,7 +64,7 @@ def test_butd_with_local_detector_and_resnet_weights(tmp_path: Path):
         "butd", None, "resnet50", str(tmp_path / "r50.pth"), str(tmp_path / "det.pth")
     )
     assert regions.detector == "fasterrcnn_resnet50_fpn" and len(regions.detector_weights.sha256) == 64
-    extractor = RegionExtractor(config_for(regions, num_regions=10, feature_dim=2048, image_size=96))
+    extractor = RegionExtractor(extractor_config(regions, num_regions=10, feature_dim=2048, image_size=96))
     found = extractor(Image.new("RGB", (128, 96), (30, 120, 200)))
     features, boxes = found.features, found.boxes
     assert features.shape == (10, 2048) and np.isfinite(features).all()
@@ -95,7 +81,7 @@ def test_unknown_names_and_missing_weights_are_input_errors(tmp_path: Path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "wrong.pth")
     regions = resolve_region_config("grid", None, "efficientnet_lite0", str(tmp_path / "wrong.pth"), None)
     with pytest.raises(InputError, match="do not fit"):
-        RegionExtractor(config_for(regions))
+        RegionExtractor(extractor_config(regions))
 
 
 def test_packaged_efficientnet_weights_are_real_imagenet_weights():
