@@ -191,6 +191,7 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
         (("--regions", "butd-vg"), "needs --detector-weights"),
         (("--regions", "precomp:/nowhere"), "precomp folder not found"),
         (("--images", "10"), "--images only applies to --dataset demo"),
+        (("--min-regions", "2"), "--min-regions only applies to --regions butd-vg"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
@@ -288,3 +289,23 @@ def test_ctrl_c_stops_extract_with_the_resume_hint_and_no_worker_traceback(demo_
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_export_bad_input_is_one_line_exit_2_and_nothing_written(runner, coco_root: Path, tmp_path: Path):
+    store = tmp_path / "grid.zarr"
+    args = (*EXTRACT_COCO_GRID, "--root", coco_root, "--out", store, "--clip", "none", "--splits", "test")
+    assert run_cli(runner, *args).exit_code == 0
+    out = tmp_path / "never"
+    cases = [
+        (("--store", tmp_path / "nowhere", "--split", "test", "--format", "npz"), "no Zarr store"),
+        (("--store", store, "--split", "train", "--format", "npz"), "has no split 'train'"),
+        (("--store", store, "--split", "test", "--format", "csv"), "unknown export format 'csv'"),
+    ]
+    for options, message in cases:
+        result = run_cli(runner, "export", *options, "--out", out)
+        assert result.exit_code == 2 and message in result.output, (message, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not out.exists()
+    # a store without detections exports its regions and boxes (zeros for the TSV's detection fields)
+    result = run_cli(runner, "export", "--store", store, "--split", "test", "--format", "tsv", "--out", out)
+    assert result.exit_code == 0 and len(out.read_text().splitlines()) == 2, result.output
