@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.global_encoders import GlobalEncoder
 from pipeline.importers import read_imported
@@ -58,8 +58,14 @@ def load_image(path: str) -> Image.Image:
             stat.S_IFSOCK: "a socket",
         }
         raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
-    with open(descriptor, "rb") as file, Image.open(file) as image:
-        return image.convert("RGB")  # forces a full decode, so truncated files fail here
+    with open(descriptor, "rb") as file:
+        try:
+            image = Image.open(file)
+        except UnidentifiedImageError:
+            # Pillow's own message names the file object, whose descriptor number differs between runs
+            raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
+        with image:
+            return image.convert("RGB")  # forces a full decode, so truncated files fail here
 
 
 @dataclass

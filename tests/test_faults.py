@@ -386,6 +386,40 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     assert "is a directory, not an image file" in reasons[folder.name]
 
 
+def test_an_unreadable_images_reason_names_its_path_and_not_the_runs_file_descriptors(tmp_path):
+    """A reason is stored in the store's attributes, so it must not depend on which descriptor the run
+    happened to get (a resumed store is compared byte for byte)."""
+    from pipeline.features import load_image
+
+    rng = np.random.default_rng(0)
+    bad = {
+        "empty.jpg": b"",
+        "text.jpg": b"not an image\n",
+        "noise.jpg": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "png_magic_only.png": b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 64, dtype=np.uint8).tobytes(),
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+
+    def reasons() -> dict[str, str]:
+        out = {}
+        for name in bad:
+            with pytest.raises(OSError) as caught:
+                load_image(str(tmp_path / name))
+            out[name] = str(caught.value)
+        return out
+
+    first = reasons()
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(7)]  # shifts the next descriptor numbers
+    try:
+        assert reasons() == first
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+    for name, reason in first.items():
+        assert str(tmp_path / name) in reason and "name=" not in reason, reason
+
+
 def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_own_names(tmp_path):
     from trainer.checkpoint import CHECKPOINTS, recover
 
