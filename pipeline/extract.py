@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import zarr
@@ -51,6 +52,7 @@ from schemas.store import (
     DETECTION_ARRAYS,
     IMPORTED_REGION_KINDS,
     ExtractorConfig,
+    RegionKind,
     SplitSummary,
     StoreAttrs,
     caption_chunk_size,
@@ -70,7 +72,7 @@ class ExtractOptions:
     out: Path | None
     splits: tuple[str, ...]
     regions: str | None  # None: dataset default
-    backbone: str
+    backbone: str | None  # None: resolve_region_config's default
     backbone_weights: str | None
     detector_weights: str | None
     clip: str | None  # None: dataset default
@@ -81,9 +83,20 @@ class ExtractOptions:
     workers: int
     scheduler: str | None
     overwrite: bool
-    detector_config: str = "butd_vg_r101_c4"  # butd-vg: a packaged config name or a detectron2 .yaml
+    detector_config: str | None = None  # butd-vg: a packaged name or a detectron2 .yaml (None: default)
     min_regions: int | None = None  # butd-vg: fewest boxes per image (None: exactly num_regions)
-    device: str = "auto"  # butd-vg: auto (cuda when there is a GPU), cpu or cuda
+    device: str | None = None  # butd-vg: auto (None; cuda when there is a GPU), cpu or cuda
+
+
+# options that only some region kinds read: given with another kind they are refused, not ignored
+KIND_OPTIONS = {
+    "backbone": ("butd", "boxes", "grid"),
+    "backbone_weights": ("butd", "boxes", "grid"),
+    "detector_weights": ("butd", "butd-vg"),
+    "detector_config": ("butd-vg",),
+    "min_regions": ("butd-vg",),
+    "device": ("butd-vg",),
+}
 
 
 @dataclass
@@ -108,7 +121,7 @@ def _given_inputs(opts: ExtractOptions) -> list:
         *located,
         opts.backbone_weights,
         opts.detector_weights,
-        opts.detector_config if opts.detector_config.endswith((".yaml", ".yml")) else None,
+        opts.detector_config if (opts.detector_config or "").endswith((".yaml", ".yml")) else None,
     ]
 
 
@@ -128,12 +141,13 @@ def prepare(opts: ExtractOptions) -> Prepared:
         raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
     if opts.num_regions <= 0 or opts.chunk_size <= 0:
         raise InputError("--num-regions and --chunk-size must be positive")
-    if opts.min_regions is not None:
-        if kind != "butd-vg":
-            raise InputError("--min-regions only applies to --regions butd-vg")
-        if not 0 < opts.min_regions <= opts.num_regions:
-            raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
-    if opts.device not in ("auto", "cpu", "cuda"):
+    for name, kinds in KIND_OPTIONS.items():
+        if getattr(opts, name) is not None and kind in get_args(RegionKind) and kind not in kinds:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} does not apply to --regions {kind} (only to {', '.join(kinds)})")
+    if opts.min_regions is not None and not 0 < opts.min_regions <= opts.num_regions:
+        raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
+    if opts.device not in (None, "auto", "cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda, not '{opts.device}'")
     if opts.device == "cuda" and opts.scheduler is None:  # an existing scheduler's workers may have GPUs
         import torch
@@ -184,7 +198,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
     elif detector:
         feature_dim = detector.feature_dim
     else:
-        feature_dim = BACKBONES[opts.backbone].feature_dim
+        feature_dim = BACKBONES[region_config.backbone].feature_dim
     default_size = detector.short_side if detector else (256 if is_demo else 600)
     config = ExtractorConfig(
         dataset=opts.dataset,
@@ -462,7 +476,7 @@ def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: 
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if opts.device == "auto" and not gpus:
+    if opts.device in (None, "auto") and not gpus:
         return "cpu", opts.workers
     if opts.scheduler is None and opts.workers > gpus:
         console.print(f"--device cuda: {gpus} GPU(s), so {gpus} local worker(s) instead of {opts.workers}")

@@ -132,21 +132,23 @@ class ImageRegions:
 def resolve_region_config(
     kind: str,
     source: str | None,
-    backbone: str,
+    backbone: str | None,
     backbone_weights: str | None,
     detector_weights: str | None,
-    detector_config: str = "butd_vg_r101_c4",
+    detector_config: str | None = None,
     min_regions: int | None = None,
 ) -> RegionConfig:
-    """Validate names and resolve weight files for computed regions (imported ones need no models)."""
+    """Validate names and resolve weight files for computed regions (imported ones need no models).
+    None takes the default: backbone efficientnet_lite0, detector config the packaged butd_vg_r101_c4."""
     if kind in ("precomp", "tsv", "npz"):
         return RegionConfig(kind=kind, source=source)
     if kind == "butd-vg":
-        return _butd_vg_config(detector_config, detector_weights, min_regions)
+        return _butd_vg_config(detector_config or "butd_vg_r101_c4", detector_weights, min_regions)
     if kind not in ("butd", "boxes", "grid"):
         raise InputError(
             f"unknown region kind '{kind}': use butd-vg, butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
         )
+    backbone = backbone or "efficientnet_lite0"
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]

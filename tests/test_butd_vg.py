@@ -70,7 +70,7 @@ def tiny(tmp_path_factory) -> dict:
 
 def extractor_config(tiny: dict, fmt: str = "airsplay", num_regions: int = 36, min_regions=None, size=600):
     regions = resolve_region_config(
-        "butd-vg", None, "unused", None, str(tiny["files"][fmt]), str(tiny["config"]), min_regions
+        "butd-vg", None, None, None, str(tiny["files"][fmt]), str(tiny["config"]), min_regions
     )
     return config_with(regions, num_regions, FEATURE_DIM, size, chunk_size=2)
 

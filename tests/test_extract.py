@@ -191,7 +191,7 @@ def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path
         (("--regions", "butd-vg"), "needs --detector-weights"),
         (("--regions", "precomp:/nowhere"), "precomp folder not found"),
         (("--images", "10"), "--images only applies to --dataset demo"),
-        (("--min-regions", "2"), "--min-regions only applies to --regions butd-vg"),
+        (("--min-regions", "2"), "--min-regions does not apply to --regions grid (only to butd-vg)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
@@ -224,6 +224,40 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists()
+
+
+def test_an_option_that_the_region_kind_does_not_read_is_refused_not_ignored(
+    runner, coco_root: Path, tmp_path: Path
+):
+    from typing import get_args
+
+    from pipeline.extract import KIND_OPTIONS
+    from schemas.store import IMPORTED_REGION_KINDS, RegionKind
+
+    values = {
+        "backbone": "efficientnet_lite0",
+        "backbone_weights": str(tmp_path / "backbone.pth"),
+        "detector_weights": str(tmp_path / "detector.pth"),
+        "detector_config": "butd_vg_r101_c4",
+        "min_regions": "10",
+        "device": "cpu",
+    }
+    assert values.keys() == KIND_OPTIONS.keys()
+    out = tmp_path / "never.zarr"
+    refused = 0
+    for name, kinds in KIND_OPTIONS.items():
+        for kind in sorted(set(get_args(RegionKind)) - set(kinds)):
+            flag = "--" + name.replace("_", "-")
+            spec = f"{kind}:{tmp_path / 'features'}" if kind in IMPORTED_REGION_KINDS else kind
+            result = run_cli(
+                runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out,
+                "--regions", spec, "--clip", "none", flag, values[name],
+            )  # fmt: skip
+            assert result.exit_code == 2, (flag, kind, result.output)
+            assert f"{flag} does not apply to --regions {kind} (only to {', '.join(kinds)})" in result.output
+            assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+            refused += 1
+    assert refused == 31  # every option with every kind that does not read it
 
 
 def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp_path: Path):

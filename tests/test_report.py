@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from trainer.config import load_run_config
 from trainer.evaluate import retrieval_metrics
-from trainer.run_report import chance_metrics
+from trainer.run_report import chance_metrics, run_label
 
 
 def test_chance_is_the_mean_over_every_ranking():
@@ -26,6 +27,27 @@ def test_chance_is_the_mean_over_every_ranking():
         assert chance["t2i"][f"r{k}"] == pytest.approx(sum(m[f"r{k}"] for m in t2i) / len(t2i), abs=1e-9)
         assert chance["i2t"][f"r{k}"] == pytest.approx(sum(m[f"r{k}"] for m in i2t) / len(i2t), abs=1e-9)
     assert chance_metrics(torch.arange(1000).repeat_interleave(5), 1000)["t2i"]["r1"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "label"),
+    [
+        ({}, "USER-SGE"),
+        ({"model.enhancement": "cge", "model.clip_dim": 1280}, "USER-CGE"),
+        ({"model.use_queue": False}, "USER-SGE without queue"),
+        (
+            {"model.enhancement": "none", "model.use_queue": False},
+            "VSE∞-style baseline (no enhancement, no queue)",
+        ),
+        ({"model.mask_false_negatives": True}, "USER-SGE, same-image negatives masked"),
+        (
+            {"model.enhancement": "cge", "model.clip_dim": 1280, "model.keys_in_train_mode": False},
+            "USER-CGE, key encoders in eval mode",
+        ),
+    ],
+)
+def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
+    assert run_label(load_run_config("demo", overrides).model) == label
 
 
 def test_report_compares_trained_untrained_and_chance(runner, trained):

@@ -42,11 +42,17 @@ def chance_metrics(caption_image: torch.Tensor, num_images: int) -> dict:
 
 
 def run_label(config: ModelConfig) -> str:
-    """The names the USER paper's ablation uses."""
+    """The names the USER paper's ablation uses, plus this tool's departures from the released code."""
     if config.enhancement == "none" and not config.use_queue:
-        return "VSE∞-style baseline (no enhancement, no queue)"
-    name = {"sge": "USER-SGE", "cge": "USER-CGE", "none": "USER without enhancement"}[config.enhancement]
-    return name if config.use_queue else f"{name} without queue"
+        name = "VSE∞-style baseline (no enhancement, no queue)"
+    else:
+        name = {"sge": "USER-SGE", "cge": "USER-CGE", "none": "USER without enhancement"}[config.enhancement]
+        name = name if config.use_queue else f"{name} without queue"
+    if config.mask_false_negatives:
+        name += ", same-image negatives masked"
+    if not config.keys_in_train_mode:
+        name += ", key encoders in eval mode"
+    return name
 
 
 def _row(name: str, m: dict) -> str:

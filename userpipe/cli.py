@@ -92,9 +92,11 @@ def extract(
         help="butd-vg (the Visual Genome BUTD detector, needs detectron2) | butd | boxes | grid | "
         "precomp:DIR | tsv:GLOB | npz:DIR (default: boxes for demo, butd otherwise)",
     ),
-    backbone: str = typer.Option("efficientnet_lite0", help="region feature backbone"),
+    backbone: str = typer.Option(
+        None, help="butd, boxes, grid: region feature backbone (default efficientnet_lite0)"
+    ),
     backbone_weights: str = typer.Option(
-        None, help="backbone weights file (default: packaged or torchvision's)"
+        None, help="butd, boxes, grid: backbone weights file (default: packaged or torchvision's)"
     ),
     detector_weights: str = typer.Option(
         None,
@@ -102,14 +104,16 @@ def extract(
         "Faster R-CNN file",
     ),
     detector_config: str = typer.Option(
-        "butd_vg_r101_c4", help="butd-vg: a packaged config name or a detectron2 .yaml file"
+        None, help="butd-vg: a packaged config name or a detectron2 .yaml file (default butd_vg_r101_c4)"
     ),
     min_regions: int = typer.Option(
         None,
         help="butd-vg: keep between this many and --num-regions boxes per image by confidence "
         "(the released adaptive mode is 10 to 100; default: exactly --num-regions)",
     ),
-    device: str = typer.Option("auto", help="butd-vg: auto, cpu or cuda (one GPU per Dask worker)"),
+    device: str = typer.Option(
+        None, help="butd-vg: auto (the default), cpu or cuda (one GPU per Dask worker)"
+    ),
     clip: str = typer.Option(
         None,
         help="MODEL:PRETRAINED (open_clip tag or weights file), imagenet:BACKBONE, "
