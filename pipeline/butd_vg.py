@@ -258,7 +258,9 @@ def kept_boxes(
 
 
 def worker_device(device: str) -> torch.device:
-    """`cuda` means one GPU per Dask worker: a local cluster's worker n takes GPU n modulo the count."""
+    """`cuda` means one GPU per Dask worker. A local cluster's workers are named 0..n-1, and worker n takes
+    GPU n modulo the count. Any other worker (an existing scheduler's) takes its current device: dask-cuda
+    (`dask cuda worker`) starts one worker per GPU with CUDA_VISIBLE_DEVICES listing its own GPU first."""
     if device != "cuda":
         return torch.device(device)
     try:
@@ -266,9 +268,10 @@ def worker_device(device: str) -> torch.device:
 
         name = get_worker().name
     except ValueError:  # not in a Dask worker
-        name = 0
-    index = name if isinstance(name, int) else int.from_bytes(str(name).encode()[-4:], "little")
-    return torch.device("cuda", index % torch.cuda.device_count())
+        name = None
+    if isinstance(name, int):
+        return torch.device("cuda", name % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class ButdVgExtractor:

@@ -33,6 +33,7 @@ from pipeline.butd_vg import (  # noqa: E402
     kept_boxes,
     load_config,
     rpn_outputs,
+    worker_device,
 )
 from pipeline.importers import read_imported  # noqa: E402
 from pipeline.regions import resolve_region_config  # noqa: E402
@@ -532,3 +533,25 @@ def test_export_refuses_ids_that_cannot_name_a_file_or_a_tsv_field(image_id):
     with pytest.raises(InputError, match="cannot name"):
         _file_safe(image_id)
     assert _file_safe("COCO_val2014_000000000042") == "COCO_val2014_000000000042"
+
+
+def test_each_local_worker_takes_its_own_gpu_and_other_workers_their_current_device(monkeypatch):
+    import distributed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # as CUDA_VISIBLE_DEVICES would make it
+
+    def device_in(worker_name, device="cuda"):
+        def get_worker():
+            if worker_name is None:
+                raise ValueError("not in a worker")
+            return type("Worker", (), {"name": worker_name})()
+
+        monkeypatch.setattr(distributed, "get_worker", get_worker)
+        return worker_device(device)
+
+    # a LocalCluster names its workers 0..n-1
+    assert [device_in(n) for n in range(6)] == [torch.device("cuda", i) for i in (0, 1, 2, 3, 0, 1)]
+    for name in ("tcp://10.0.0.5:40123", "gpu-node-3-1", None):  # dask-cuda's workers; no worker at all
+        assert device_in(name) == torch.device("cuda", 2)
+    assert device_in(3, "cpu") == torch.device("cpu")
