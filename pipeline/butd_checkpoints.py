@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.array_pickle import load_arrays
 from schemas.errors import InputError
 from schemas.store import WeightsRef
 
@@ -103,32 +104,13 @@ def write_checkpoint(model_state: dict[str, torch.Tensor], path: Path, fmt: Form
         torch.save({"model": state}, path)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Reads pickled dicts of numpy arrays and nothing else: a .pkl file cannot run code when loaded."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, not only to arrays")
-        return super().find_class(module, name)
-
-
 def read_checkpoint(path: Path, source: str) -> dict[str, torch.Tensor]:
     try:
         if zipfile.is_zipfile(path):  # torch.save
             data = torch.load(path, map_location="cpu", weights_only=True)
         else:
             with open(path, "rb") as f:
-                data = _ArrayUnpickler(f, encoding="latin1").load()
+                data = load_arrays(f)
             if isinstance(data, int):  # the magic number that starts torch.save's legacy format
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -2,8 +2,10 @@
 
 - npz: bottom-up-attention.pytorch (MILVLG) files, one per image (IMAGE_ID.npz: x, bbox, num_bbox,
   image_h, image_w, and `info` with the per-box objects and attributes when the store has them).
-- tsv: the LXMERT layout of bottom-up-attention TSV (img_id, img_h, img_w, objects_id, objects_conf,
-  attrs_id, attrs_conf, num_boxes, boxes, features; arrays as base64), one file for the split.
+- tsv: one file for the split, arrays as base64. A store with detections is written in the LXMERT layout
+  (img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features),
+  one without in generate_tsv.py's (image_id, image_w, image_h, num_boxes, boxes, features), so no
+  detection is made up.
 
 Only valid images are written, each with its num_regions boxes (the store's float16 features widened to
 float32, as both formats hold them). The output appears whole or not at all, and never replaces anything.
@@ -18,19 +20,13 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
+from pipeline.importers import DETECTION_FIELDS, LXMERT_TSV_FIELDS, TSV_FIELDS
 from schemas.errors import InputError
 from schemas.outputs import written_whole
 from schemas.store import DETECTION_ARRAYS
 from schemas.store_reader import open_store
 
 FORMATS = ("npz", "tsv")
-# the TSV's detection fields and their store arrays (LXMERT writes ids as int64 and confidences as float32)
-TSV_DETECTIONS = {
-    "objects_id": ("object_id", np.int64),
-    "objects_conf": ("object_conf", np.float32),
-    "attrs_id": ("attribute_id", np.int64),
-    "attrs_conf": ("attribute_conf", np.float32),
-}
 
 
 def _rows(store: Path, split: str) -> Iterator[dict]:
@@ -80,6 +76,13 @@ def _file_safe(image_id: str) -> str:
     return image_id
 
 
+def _file_detections(row: dict) -> dict[str, np.ndarray]:
+    """The row's detections under the field names and dtypes of LXMERT's TSV and MILVLG's info."""
+    return {
+        field: row[name].astype(dtype) for field, (name, dtype) in DETECTION_FIELDS.items() if name in row
+    }
+
+
 def _npz_files(rows: Iterator[dict], folder: Path, progress: Progress) -> int:
     folder.mkdir()
     task = progress.add_task("npz files", total=None)
@@ -90,7 +93,7 @@ def _npz_files(rows: Iterator[dict], folder: Path, progress: Progress) -> int:
             "image_h": row["height"],
             "image_w": row["width"],
             "num_boxes": len(row["boxes"]),
-            **{tsv: row[name].astype(dtype) for tsv, (name, dtype) in TSV_DETECTIONS.items() if name in row},
+            **_file_detections(row),
         }
         np.savez_compressed(
             folder / f"{row['image_id']}.npz",
@@ -115,14 +118,19 @@ def _tsv_file(rows: Iterator[dict], path: Path, progress: Progress) -> int:
     count = 0
     with open(path, "w", encoding="ascii", newline="") as f:
         for row in rows:
-            k = len(row["boxes"])
-            detections = [
-                _b64(row[name].astype(dtype) if name in row else np.zeros(k, dtype))
-                for name, dtype in TSV_DETECTIONS.values()
-            ]
-            fields = [row["image_id"], row["height"], row["width"], *detections, k]
-            fields += [_b64(row["boxes"]), _b64(row["features"])]
-            f.write("\t".join(str(x) for x in fields) + "\n")
+            detections = _file_detections(row)
+            values = {
+                "image_id": row["image_id"],
+                "image_w": row["width"],
+                "image_h": row["height"],
+                "num_boxes": len(row["boxes"]),
+                "boxes": _b64(row["boxes"]),
+                "features": _b64(row["features"]),
+                **{field: _b64(values) for field, values in detections.items()},
+            }
+            values |= {"img_id": values["image_id"], "img_w": values["image_w"], "img_h": values["image_h"]}
+            layout = LXMERT_TSV_FIELDS if detections else TSV_FIELDS
+            f.write("\t".join(str(values[field]) for field in layout) + "\n")
             count += 1
             progress.advance(task)
     return count

@@ -195,6 +195,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
 
     if imports:
         feature_dim = imports.feature_dim
+        region_config = region_config.model_copy(update={"imported_detections": imports.detections})
     elif detector:
         feature_dim = detector.feature_dim
     else:

@@ -74,7 +74,7 @@ class ImageResult:
     boxes: np.ndarray | None  # (k, 4); None when the source has none
     width: int = 0
     height: int = 0
-    detections: Detections | None = None  # butd-vg
+    detections: Detections | None = None  # butd-vg, or imported from files that hold them
 
 
 def image_features(
@@ -89,11 +89,12 @@ def image_features(
         return ImageResult(found.features, found.boxes, *image.size, found.detections)
     if ref is None:
         raise ValueError(f"no features in {config.regions.kind}:{config.regions.source}")
-    imported = read_imported(config.regions.kind, ref, config.feature_dim)
+    imported = read_imported(config.regions.kind, ref, config.feature_dim, config.regions.imported_detections)
     k = config.num_regions  # the first R of the source's boxes (sorted by confidence by BUTD tools)
     boxes = imported.boxes[:k] if imported.boxes is not None else None
     width, height = image.size if image is not None else (imported.width, imported.height)
-    return ImageResult(imported.features[:k], boxes, width, height)
+    detections = imported.detections.first(k) if imported.detections else None
+    return ImageResult(imported.features[:k], boxes, width, height, detections)
 
 
 def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray, int, np.ndarray | None]:

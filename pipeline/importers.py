@@ -6,6 +6,9 @@
                indexed once by byte offset, lines read on demand.
 - npz:DIR      bottom-up-attention.pytorch per-image .npz files.
 
+Each box's object and attribute (LXMERT's TSV fields, the `info` dict of MILVLG's npz) are kept when every
+TSV line or the first npz file holds them.
+
 Each importer yields, per dataset image, a small picklable reference (`ref`) that a worker turns
 into features with `read_imported`.
 """
@@ -16,6 +19,7 @@ import base64
 import binascii
 import glob
 import hashlib
+import pickle
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.array_pickle import load_arrays
 from pipeline.datasets import (
     NAMED_DATASETS,
     DatasetIndex,
@@ -30,6 +35,7 @@ from pipeline.datasets import (
     check_captions,
     read_karpathy_json,
 )
+from pipeline.regions import Detections
 from schemas.base import file_sha256
 from schemas.errors import InputError
 
@@ -48,6 +54,13 @@ LXMERT_TSV_FIELDS = (
     "boxes",
     "features",
 )
+# LXMERT's detection fields (and MILVLG's info keys): name -> (Detections field, dtype in the file)
+DETECTION_FIELDS = {
+    "objects_id": ("object_id", np.dtype(np.int64)),
+    "objects_conf": ("object_conf", np.dtype(np.float32)),
+    "attrs_id": ("attribute_id", np.dtype(np.int64)),
+    "attrs_conf": ("attribute_conf", np.dtype(np.float32)),
+}
 FLOAT32_BYTES = 4
 
 
@@ -57,6 +70,7 @@ class ImportedRegions:
     boxes: np.ndarray | None  # (k, 4) x1, y1, x2, y2 pixels; None when the source has no boxes
     width: int  # 0 when unknown
     height: int
+    detections: Detections | None = None  # when the source holds them
 
 
 @dataclass
@@ -65,22 +79,25 @@ class ImportPlan:
 
     feature_dim: int
     refs: dict[str, list]  # split -> per-image ref (None: this image has no features in the source)
+    detections: bool = False  # the source holds each box's object and attribute
 
 
 # --------------------------------------------------------------------------- precomp (SCAN)
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the header at a .npy stream's start (ValueError: no header)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a .npy file, read from its header only."""
     with open(path, "rb") as f:
         try:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
+            shape, fortran, dtype = read_npy_header(f)
         except ValueError as exc:
             raise InputError(f"{path} is not a .npy file: {exc}") from None
         if fortran:
@@ -237,13 +254,15 @@ def _tsv_layout(num_fields: int, path: str) -> tuple[str, ...]:
     )
 
 
-def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
-    """image_id -> (file, byte offset), and the feature dim; every line's field sizes are checked."""
+def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int, bool]:
+    """image_id -> (file, byte offset), the feature dim, and whether every line holds detections (the
+    LXMERT layout); every line's field sizes are checked."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"no TSV files match {pattern}")
     lookup: dict[str, tuple[str, int]] = {}
     dim = None
+    detections = True
     for path in files:
         with open(path, "rb") as f:
             offset, number = 0, 0
@@ -271,6 +290,13 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
                         f"{path} line {number} (image {image_id}): features hold {feat_bytes} bytes, "
                         f"{boxes_n} boxes x {dim} float32 need {boxes_n * (dim or 0) * FLOAT32_BYTES}"
                     )
+                detections &= layout is LXMERT_TSV_FIELDS
+                for name, (_, dtype) in DETECTION_FIELDS.items() if layout is LXMERT_TSV_FIELDS else ():
+                    if _b64_bytes(row[name]) != boxes_n * dtype.itemsize:
+                        raise InputError(
+                            f"{path} line {number} (image {image_id}): {name} holds {_b64_bytes(row[name])} "
+                            f"bytes, num_boxes={boxes_n} needs {boxes_n * dtype.itemsize} ({dtype})"
+                        )
                 if image_id in lookup:
                     raise InputError(
                         f"{path} line {number}: image {image_id} already appeared "
@@ -278,17 +304,38 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int]:
                     )
                 lookup[image_id] = (path, offset)
                 offset += len(line)
-    return lookup, dim
+    return lookup, dim, detections
 
 
-def _b64_floats(text: str, field: str) -> np.ndarray:
+def _b64_array(text: str, field: str, dtype=np.float32) -> np.ndarray:
     try:
         raw = base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError(f"the {field} field is not valid base64 ({exc})") from None
-    if len(raw) % FLOAT32_BYTES:
-        raise ValueError(f"the {field} field decodes to {len(raw)} bytes, not whole float32 values")
-    return np.frombuffer(raw, np.float32)
+    if len(raw) % np.dtype(dtype).itemsize:
+        raise ValueError(f"the {field} field decodes to {len(raw)} bytes, not whole {np.dtype(dtype)} values")
+    return np.frombuffer(raw, dtype)
+
+
+def _detections(fields: dict, n: int) -> Detections:
+    """LXMERT's or MILVLG's per-box fields -> Detections (ValueError when they do not fit the n boxes)."""
+    values = {}
+    for name, (attribute, _) in DETECTION_FIELDS.items():
+        array = np.asarray(fields[name]).reshape(-1)
+        if len(array) != n:
+            raise ValueError(f"{name} has {len(array)} values for {n} boxes")
+        if attribute.endswith("_id"):
+            in_range = array.dtype.kind in "iu" and (
+                n == 0 or (array.min() >= 0 and array.max() <= np.iinfo(np.int16).max)
+            )
+            if not in_range:
+                raise ValueError(f"{name} holds values that are not class indices ({array.dtype})")
+            values[attribute] = array.astype(np.int16)
+        elif array.dtype.kind in "iuf":
+            values[attribute] = array.astype(np.float32)
+        else:
+            raise ValueError(f"{name} holds values that are not confidences ({array.dtype})")
+    return Detections(**values)
 
 
 def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
@@ -299,17 +346,23 @@ def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
         fields = f.readline().rstrip("\r\n").split("\t")
     row = dict(zip(_tsv_layout(len(fields), path), fields, strict=True))
     n = int(row["num_boxes"])
-    boxes = _b64_floats(row["boxes"], "boxes").reshape(n, 4)
-    features = _b64_floats(row["features"], "features").reshape(n, -1)
+    boxes = _b64_array(row["boxes"], "boxes").reshape(n, 4)
+    features = _b64_array(row["features"], "features").reshape(n, -1)
     width = int(float(row.get("image_w", row.get("img_w"))))
     height = int(float(row.get("image_h", row.get("img_h"))))
-    return ImportedRegions(features, boxes, width, height)
+    detections = None
+    if "objects_id" in row:
+        fields = {name: _b64_array(row[name], name, dtype) for name, (_, dtype) in DETECTION_FIELDS.items()}
+        detections = _detections(fields, n)
+    return ImportedRegions(features, boxes, width, height, detections)
 
 
 # -------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
 
 
-def index_npz(directory: Path) -> tuple[dict[str, str], int]:
+def index_npz(directory: Path) -> tuple[dict[str, str], int, bool]:
+    """image id (file stem) -> file, the feature dim and whether detections are there: both from the
+    first file (reading every file's header here would take minutes at COCO's 123k files)."""
     if not directory.is_dir():
         raise InputError(f"npz folder not found: {directory}")
     files = sorted(directory.glob("*.npz"))
@@ -321,7 +374,21 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int]:
         raise InputError(
             f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}"
         ) from None
-    return {p.stem: str(p) for p in files}, first.features.shape[1]
+    return {p.stem: str(p) for p in files}, first.features.shape[1], first.detections is not None
+
+
+def _npz_info(z) -> dict | None:
+    """MILVLG's `info` member: a pickled dict, read with numpy arrays as the only objects it may build."""
+    if "info" not in z.files:
+        return None
+    with z.zip.open("info.npy") as f:
+        read_npy_header(f)
+        try:
+            info = load_arrays(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise ValueError(f"its info member is not a pickled dict of arrays ({exc})") from None
+    info = info.item() if isinstance(info, np.ndarray) and info.shape == () else info
+    return info if isinstance(info, dict) else None
 
 
 def _read_npz(path: str) -> ImportedRegions:
@@ -333,13 +400,22 @@ def _read_npz(path: str) -> ImportedRegions:
                 raise ValueError(f"{Path(path).name} lacks {', '.join(missing)}")
             features, boxes, n = z["x"], z["bbox"], int(z["num_bbox"])
             width, height = int(z["image_w"]), int(z["image_h"])
+            info = _npz_info(z)
     except (OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:  # cut, not a zip, or not arrays
         raise ValueError(f"{Path(path).name} is not a readable npz ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{Path(path).name}: {exc}") from None
     if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
         raise ValueError(
             f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}"
         )
-    return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height)
+    detections = None
+    if info is not None and all(name in info for name in DETECTION_FIELDS):
+        try:
+            detections = _detections(info, n)
+        except ValueError as exc:
+            raise ValueError(f"{Path(path).name}: info {exc}") from None
+    return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height, detections)
 
 
 # --------------------------------------------------------------------------- common
@@ -352,17 +428,18 @@ def match_refs(records: list[ImageRecord], lookup: dict) -> list:
 
 def plan_import(kind: str, source: str, index: DatasetIndex) -> ImportPlan:
     """Index a tsv/npz source against the dataset's images (precomp plans itself in `load_precomp`)."""
-    lookup, dim = index_tsv(source) if kind == "tsv" else index_npz(Path(source))
+    lookup, dim, detections = index_tsv(source) if kind == "tsv" else index_npz(Path(source))
     refs = {split: match_refs(records, lookup) for split, records in index.splits.items()}
     if not any(ref is not None for split_refs in refs.values() for ref in split_refs):
         raise InputError(
             f"none of the dataset's images has features in {kind}:{source} (ids or file names differ?)"
         )
-    return ImportPlan(feature_dim=dim, refs=refs)
+    return ImportPlan(feature_dim=dim, refs=refs, detections=detections)
 
 
-def read_imported(kind: str, ref, feature_dim: int) -> ImportedRegions:
-    """Raises ValueError (the image becomes invalid) when one image's source data is unusable."""
+def read_imported(kind: str, ref, feature_dim: int, detections: bool = False) -> ImportedRegions:
+    """Raises ValueError (the image becomes invalid) when one image's source data is unusable, or lacks
+    the detections (`detections`) that the source's first file has."""
     if kind == "precomp":
         path, row = ref
         return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
@@ -371,4 +448,6 @@ def read_imported(kind: str, ref, feature_dim: int) -> ImportedRegions:
         raise ValueError(
             f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}"
         )
+    if detections and regions.detections is None:
+        raise ValueError("no objects and attributes per box, which the source's first image has")
     return regions

@@ -121,6 +121,11 @@ class Detections:
     attribute_id: np.ndarray  # (k,) int16
     attribute_conf: np.ndarray  # (k,) float32
 
+    def first(self, k: int) -> Detections:
+        return Detections(
+            self.object_id[:k], self.object_conf[:k], self.attribute_id[:k], self.attribute_conf[:k]
+        )
+
 
 @dataclass
 class ImageRegions:

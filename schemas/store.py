@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 from schemas.base import Frozen
 from schemas.errors import InputError
 
-# 1.1 adds the butd-vg region kind and its per-box detection arrays (DETECTION_ARRAYS); 1.0 stores are
-# read as they are.
+# 1.1 adds the butd-vg region kind and per-box detection arrays (DETECTION_ARRAYS), from butd-vg or from
+# imported files that hold them; 1.0 stores are read as they are.
 STORE_SCHEMA_VERSION = "1.1"
 READABLE_STORE_VERSIONS = ("1.0", "1.1")
 ATTRS_KEY = "userpipe"
@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 RegionKind = Literal["butd-vg", "butd", "boxes", "grid", "precomp", "tsv", "npz"]
 IMPORTED_REGION_KINDS = ("precomp", "tsv", "npz")
 DETECTOR_KINDS = ("butd", "butd-vg")
-# per box, from detectors that classify their boxes (butd-vg): name -> dtype
+# per box, from detectors that classify their boxes (butd-vg, or imported): name -> dtype
 DETECTION_ARRAYS = {
     "object_id": "int16",
     "object_conf": "float16",
@@ -58,6 +58,11 @@ class RegionConfig(Frozen):
     min_regions: int | None = Field(
         default=None, gt=0, description="butd-vg: fewest boxes kept per image (None: exactly num_regions)"
     )
+    imported_detections: bool = Field(
+        default=False,
+        description="tsv/npz: the source holds each box's object and attribute (LXMERT TSV fields, MILVLG "
+        "npz info), kept in the detection arrays",
+    )
 
     @model_validator(mode="after")
     def _computed_regions_need_backbone(self) -> RegionConfig:
@@ -72,11 +77,13 @@ class RegionConfig(Frozen):
             raise ValueError("a detector config is used exactly when regions are 'butd-vg'")
         if self.min_regions is not None and self.kind != "butd-vg":
             raise ValueError("min_regions only applies to butd-vg regions")
+        if self.imported_detections and self.kind not in ("tsv", "npz"):
+            raise ValueError("imported_detections only applies to tsv and npz regions")
         return self
 
     @property
     def has_detections(self) -> bool:
-        return self.kind == "butd-vg"
+        return self.kind == "butd-vg" or self.imported_detections
 
 
 class GlobalConfig(Frozen):

@@ -35,10 +35,9 @@ from pipeline.butd_vg import (  # noqa: E402
     rpn_outputs,
     worker_device,
 )
-from pipeline.importers import read_imported  # noqa: E402
 from pipeline.regions import resolve_region_config  # noqa: E402
 from schemas.errors import InputError  # noqa: E402
-from schemas.store import WeightsRef  # noqa: E402
+from schemas.store import DETECTION_ARRAYS, WeightsRef  # noqa: E402
 
 # The packaged config at toy widths: every part of the real network, a few MB of weights. Its pixel std
 # keeps a random network's class scores unsaturated (saturated, every box ties with every other).
@@ -452,7 +451,7 @@ def test_extract_resume_after_kill_and_export_round_trip(runner, tiny, butd_coco
     assert result.exit_code == 0 and "resuming" in result.output, result.output
     assert tree_bytes(resumed) == tree_bytes(reference)
 
-    # export, then read back through the importers: the same regions, boxes, sizes and detections
+    # export, then import into a new store: the same regions, boxes, sizes and detections
     for fmt, out in (("npz", tmp_path / "npz"), ("tsv", tmp_path / "test.tsv")):
         result = run_cli(
             runner, "export", "--store", reference, "--split", "test", "--format", fmt, "--out", out
@@ -462,21 +461,33 @@ def test_extract_resume_after_kill_and_export_round_trip(runner, tiny, butd_coco
             runner, "export", "--store", reference, "--split", "test", "--format", fmt, "--out", out
         )
         assert again.exit_code == 2 and "exists" in again.output
-    for i, image_id in enumerate(test["image_id"][:]):
-        from_npz = read_imported("npz", str(tmp_path / "npz" / f"{image_id}.npz"), FEATURE_DIM)
-        lines = (tmp_path / "test.tsv").read_text().splitlines()
-        offset = sum(len(line) + 1 for line in lines[:i])
-        from_tsv = read_imported("tsv", (str(tmp_path / "test.tsv"), offset), FEATURE_DIM)
-        for back in (from_npz, from_tsv):
-            np.testing.assert_array_equal(back.features, test["regions"][i].astype(np.float32))
-            np.testing.assert_array_equal(back.boxes, test["boxes"][i])
-            assert (back.width, back.height) == (test["width"][i], test["height"][i])
-        info = np.load(tmp_path / "npz" / f"{image_id}.npz", allow_pickle=True)["info"].item()
-        fields = lines[i].split("\t")
-        tsv_objects = np.frombuffer(base64.b64decode(fields[3]), np.int64)
-        for ids in (info["objects_id"], tsv_objects):
-            np.testing.assert_array_equal(ids, test["object_id"][i])
-        np.testing.assert_array_equal(info["attrs_conf"], test["attribute_conf"][i].astype(np.float32))
+        back = tmp_path / f"from-{fmt}.zarr"
+        imported = run_cli(
+            runner, "extract", "--dataset", "coco", "--root", butd_coco, "--out", back,
+            "--regions", f"{fmt}:{out}", "--clip", "none", "--splits", "test", "--workers", "1",
+        )  # fmt: skip
+        assert imported.exit_code == 0, imported.output
+        back_group = zarr.open_group(str(back), mode="r")
+        assert back_group.attrs["userpipe"]["extractor"]["regions"]["imported_detections"]
+        for name in (
+            "image_id",
+            "regions",
+            "boxes",
+            "num_regions",
+            "width",
+            "height",
+            "valid",
+            *DETECTION_ARRAYS,
+        ):
+            np.testing.assert_array_equal(back_group["test"][name][:], test[name][:], err_msg=f"{fmt} {name}")
+    info = np.load(tmp_path / "npz" / f"{test['image_id'][0]}.npz", allow_pickle=True)["info"].item()
+    np.testing.assert_array_equal(info["objects_id"], test["object_id"][0])  # MILVLG's names and dtypes
+    assert info["objects_id"].dtype == np.int64 and info["attrs_conf"].dtype == np.float32
+    lxmert = (tmp_path / "test.tsv").read_text().splitlines()[0].split("\t")
+    assert (
+        len(lxmert) == 10
+        and (np.frombuffer(base64.b64decode(lxmert[3]), np.int64) == info["objects_id"]).all()
+    )
 
 
 def test_bad_butd_vg_options_are_one_line_errors_before_any_work(runner, tiny, butd_coco, tmp_path):

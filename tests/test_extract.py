@@ -340,6 +340,21 @@ def test_export_bad_input_is_one_line_exit_2_and_nothing_written(runner, coco_ro
         assert result.exit_code == 2 and message in result.output, (message, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
-    # a store without detections exports its regions and boxes (zeros for the TSV's detection fields)
+    # a store without detections exports generate_tsv.py's 6 fields (no made-up detections) and reads back
     result = run_cli(runner, "export", "--store", store, "--split", "test", "--format", "tsv", "--out", out)
-    assert result.exit_code == 0 and len(out.read_text().splitlines()) == 2, result.output
+    lines = out.read_text().splitlines()
+    assert result.exit_code == 0 and len(lines) == 2 and len(lines[0].split("\t")) == 6, result.output
+    back = tmp_path / "back.zarr"
+    imported = run_cli(
+        runner, "extract", "--dataset", "coco", "--root", coco_root, "--regions", f"tsv:{out}",
+        "--num-regions", "4", "--chunk-size", "2", "--workers", "1", "--clip", "none", "--splits", "test",
+        "--out", back,
+    )  # fmt: skip
+    assert imported.exit_code == 0, imported.output
+    original, again = (
+        zarr.open_group(str(store), mode="r")["test"],
+        zarr.open_group(str(back), mode="r")["test"],
+    )
+    for name in ("regions", "boxes", "num_regions", "width", "height", "valid"):
+        np.testing.assert_array_equal(again[name][:], original[name][:])
+    assert "object_id" not in again

@@ -204,21 +204,43 @@ def test_precomp_images_with_non_finite_features_are_flagged_invalid(runner, tmp
 # --------------------------------------------------------------------------- TSV and npz
 
 TSV_NAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+LXMERT_NAMES = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
+LXMERT_NAMES += ("num_boxes", "boxes", "features")
+
+
+def b64(values: np.ndarray) -> str:
+    return base64.b64encode(values.tobytes()).decode()
+
+
+PICKLE_RAN = Path(tempfile.gettempdir()) / f"userpipe-fuzz-pickle-ran-{os.getpid()}"
+
+
+def detection_values(n: int) -> dict[str, np.ndarray]:
+    """LXMERT's and MILVLG's per-box fields, as their tools write them."""
+    return {
+        "objects_id": np.arange(n, dtype=np.int64),
+        "objects_conf": np.full(n, 0.5, np.float32),
+        "attrs_id": np.arange(n, dtype=np.int64) + 3,
+        "attrs_conf": np.full(n, 0.25, np.float32),
+    }
 
 
 @st.composite
 def tsv_lines(draw) -> bytes:
     n = draw(st.integers(1, 3))
+    layout = draw(st.sampled_from([TSV_NAMES, LXMERT_NAMES]))
     fields = {
         "image_id": "img1",
         "image_w": "96",
         "image_h": "72",
         "num_boxes": str(n),
-        "boxes": base64.b64encode(np.ones((n, 4), np.float32).tobytes()).decode(),
-        "features": base64.b64encode(np.ones((n, 8), np.float32).tobytes()).decode(),
+        "boxes": b64(np.ones((n, 4), np.float32)),
+        "features": b64(np.ones((n, 8), np.float32)),
+        **{name: b64(values) for name, values in detection_values(n).items()},
     }
-    field = draw(st.sampled_from(TSV_NAMES))
-    mutation = draw(st.sampled_from(["text", "cut", "flip", "drop-field"]))
+    fields |= {"img_id": fields["image_id"], "img_w": fields["image_w"], "img_h": fields["image_h"]}
+    field = draw(st.sampled_from(layout))
+    mutation = draw(st.sampled_from(["text", "cut", "flip", "drop-field", "negative-id"]))
     if mutation == "text":
         fields[field] = draw(some_text.filter(lambda t: "\t" not in t and "\n" not in t and "\r" not in t))
     elif mutation == "cut":
@@ -227,9 +249,11 @@ def tsv_lines(draw) -> bytes:
         value = fields[field]
         at = draw(st.integers(0, max(0, len(value) - 1)))
         fields[field] = value[:at] + draw(st.sampled_from("!*A=/")) + value[at + 1 :]
-    values = [fields[name] for name in TSV_NAMES]
+    elif mutation == "negative-id":
+        fields["objects_id"] = b64(np.full(n, draw(st.sampled_from([-1, 2**15, 2**40])), np.int64))
+    values = [fields[name] for name in layout]
     if mutation == "drop-field":
-        values.pop(TSV_NAMES.index(field))
+        values.pop(layout.index(field))
     return ("\t".join(values) + "\n").encode("utf-8")
 
 
@@ -240,16 +264,23 @@ def test_tsv_lines_are_indexed_or_refused_and_read_or_flagged(tmp_path_factory, 
     path = tmp_path_factory.mktemp("tsv") / "f.tsv"
     path.write_bytes(line)
     try:
-        lookup, dim = index_tsv(str(path))
+        lookup, dim, detections = index_tsv(str(path))
     except InputError as exc:
         one_line_refusal(exc)
         return
     for ref in lookup.values():
         try:  # a line that passed the index but cannot be read makes its image invalid (ValueError)
-            regions = read_imported("tsv", ref, dim)
+            regions = read_imported("tsv", ref, dim, detections)
         except ValueError:
             continue
-        assert regions.features.shape[1] == dim and len(regions.boxes) == len(regions.features)
+        k = len(regions.features)
+        assert regions.features.shape[1] == dim and len(regions.boxes) == k
+        assert (regions.detections is not None) == detections
+        if detections:
+            assert len(regions.detections.object_id) == len(regions.detections.attribute_conf) == k
+            assert (
+                regions.detections.object_id >= 0
+            ).all() and regions.detections.object_id.dtype == np.int16
 
 
 @st.composite
@@ -262,7 +293,12 @@ def npz_files(draw) -> bytes:
         "image_h": np.array(72),
         "image_w": np.array(96),
     }
-    action = draw(st.sampled_from(["drop", "reshape", "count", "bytes", "cut"]))
+    info = {"image_id": "a", "image_h": 72, "image_w": 96, "num_boxes": n, **detection_values(n)}
+    if draw(st.booleans()):  # MILVLG's pickled info dict
+        members["info"] = np.array(info, dtype=object)
+    action = draw(
+        st.sampled_from(["drop", "reshape", "count", "bytes", "cut", "info-key", "info-values", "code"])
+    )
     name = draw(st.sampled_from(sorted(members)))
     if action == "drop":
         members.pop(name)
@@ -270,6 +306,16 @@ def npz_files(draw) -> bytes:
         members[name] = np.ones(draw(st.lists(st.integers(0, 3), max_size=3)), np.float32)
     elif action == "count":
         members["num_bbox"] = np.array(draw(st.integers(-2, 5)))
+    elif action == "info-key":
+        info.pop(draw(st.sampled_from(sorted(detection_values(0)))))
+        members["info"] = np.array(info, dtype=object)
+    elif action == "info-values":
+        info[draw(st.sampled_from(sorted(detection_values(0))))] = draw(
+            st.sampled_from([np.zeros(n + 1), np.full(n, -5), np.full(n, 0.5), "text", None])
+        )
+        members["info"] = np.array(info, dtype=object)
+    elif action == "code":  # a pickle that would call a function when loaded
+        members["info"] = np.array({**info, "objects_id": Touches(PICKLE_RAN)}, dtype=object)
     buffer = io.BytesIO()
     np.savez(buffer, **members)
     data = buffer.getvalue()
@@ -288,15 +334,43 @@ def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_pat
     (folder / "a.npz").write_bytes(first)
     (folder / "b.npz").write_bytes(second)
     try:
-        lookup, dim = index_npz(folder)
+        lookup, dim, detections = index_npz(folder)
     except InputError as exc:
         one_line_refusal(exc)
         return
+    finally:
+        assert not PICKLE_RAN.exists()
     try:
-        regions = read_imported("npz", lookup["b"], dim)
+        regions = read_imported("npz", lookup["b"], dim, detections)
     except ValueError:
         return
+    finally:
+        assert not PICKLE_RAN.exists()
     assert regions.features.shape == (len(regions.boxes), dim)
+    if detections:
+        assert len(regions.detections.object_id) == len(regions.boxes)
+
+
+def test_a_code_carrying_npz_info_is_refused_without_running_it(tmp_path: Path):
+    from pipeline.importers import index_npz
+
+    marker = tmp_path / "ran"
+    info = {"objects_id": Touches(marker)}
+    np.savez(tmp_path / "a.npz", x=np.ones((1, 8)), bbox=np.ones((1, 4)), num_bbox=1, image_h=2, image_w=2,
+             info=np.array(info, dtype=object))  # fmt: skip
+    with pytest.raises(InputError, match="info member is not a pickled dict of arrays .*system"):
+        index_npz(tmp_path)
+    assert not marker.exists()
+
+
+class Touches:
+    """Pickles as a shell command that creates `path`: an unpickler that builds it runs code from the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 # --------------------------------------------------------------------------- run configs and --set

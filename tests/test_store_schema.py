@@ -77,6 +77,12 @@ def test_a_schema_1_0_store_reads_as_before_and_butd_vg_stores_have_the_detectio
         RegionConfig(kind="grid", backbone="efficientnet_lite0", min_regions=3)
     with pytest.raises(ValueError, match="exceeds num_regions"):
         tiny_config(regions=butd_vg.model_copy(update={"min_regions": 9}))
+    # imported files with per-box objects and attributes keep them; other kinds cannot claim to
+    imported = RegionConfig(kind="tsv", source="x.tsv", imported_detections=True)
+    assert imported.has_detections and not RegionConfig(kind="tsv", source="x.tsv").has_detections
+    assert set(DETECTION_ARRAYS) <= set(split_array_specs(tiny_config(regions=imported), 3, 6))
+    with pytest.raises(ValueError, match="imported_detections only applies"):
+        RegionConfig(kind="precomp", source="d", imported_detections=True)
 
 
 @pytest.mark.parametrize(
