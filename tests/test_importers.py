@@ -138,6 +138,16 @@ def b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode()
 
 
+def lxmert_detections(n: int) -> dict[str, np.ndarray]:
+    """LXMERT's per-box fields in its dtypes (int64 ids, float32 confidences)."""
+    return {
+        "objects_id": np.arange(n, dtype=np.int64) * 7,
+        "objects_conf": np.linspace(0.9, 0.1, n, dtype=np.float32),
+        "attrs_id": np.arange(n, dtype=np.int64) + 1,
+        "attrs_conf": np.full(n, 0.5, np.float32),
+    }
+
+
 def write_tsv(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], lxmert: bool = False) -> None:
     """As bottom-up-attention's generate_tsv.py (or LXMERT's variant) writes it."""
     with open(path, "w", newline="") as f:
@@ -150,10 +160,7 @@ def write_tsv(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray]], lxmert
                         image_id,
                         72,
                         96,
-                        b64(np.zeros(n)),
-                        b64(np.ones(n)),
-                        b64(np.zeros(n)),
-                        b64(np.ones(n)),
+                        *(base64.b64encode(v.tobytes()).decode() for v in lxmert_detections(n).values()),
                         n,
                         b64(boxes),
                         b64(feats),
@@ -210,6 +217,14 @@ def test_tsv_parts_round_trip_with_padding(runner, coco_root: Path, tmp_path: Pa
     np.testing.assert_array_equal(train["boxes"][2, :10], boxes)
     assert (train["regions"][2, 10:] == 0).all()  # padding past num_regions
     assert (train["width"][2], train["height"][2]) == (96, 72)
+    assert ("object_id" in train) == lxmert  # LXMERT's detections are kept, padded with -1 and 0
+    if lxmert:
+        written = lxmert_detections(10)
+        np.testing.assert_array_equal(train["object_id"][2], np.r_[written["objects_id"], [-1] * 26])
+        np.testing.assert_array_equal(
+            train["attribute_conf"][2, :10], written["attrs_conf"].astype(np.float16)
+        )
+        assert (train["attribute_conf"][2, 10:] == 0).all()
 
 
 def test_truncated_tsv_names_file_and_line(runner, coco_root: Path, tmp_path: Path):
