@@ -38,7 +38,8 @@ from torch import nn
 from torchvision.ops import nms
 
 from pipeline.butd_checkpoints import load_checkpoint
-from pipeline.regions import Detections, ImageRegions, butd_scale, clip_boxes
+from pipeline.detections import Detections
+from pipeline.regions import GPU_PER_LOCAL_WORKER, ImageRegions, butd_scale, clip_boxes
 from schemas.errors import InputError
 from schemas.store import ExtractorConfig, RegionConfig
 
@@ -258,20 +259,19 @@ def kept_boxes(
 
 
 def worker_device(device: str) -> torch.device:
-    """`cuda` means one GPU per Dask worker. A local cluster's workers are named 0..n-1, and worker n takes
-    GPU n modulo the count. Any other worker (an existing scheduler's) takes its current device: dask-cuda
-    (`dask cuda worker`) starts one worker per GPU with CUDA_VISIBLE_DEVICES listing its own GPU first."""
-    if device != "cuda":
+    """ "cpu"; "cuda": the worker's current device (dask-cuda's workers each see their own GPU first in
+    CUDA_VISIBLE_DEVICES); GPU_PER_LOCAL_WORKER: worker n of this run's LocalCluster takes GPU n mod count."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if device != GPU_PER_LOCAL_WORKER:
         return torch.device(device)
     try:
         from distributed import get_worker
 
-        name = get_worker().name
+        name = int(get_worker().name)
     except ValueError:  # not in a Dask worker
-        name = None
-    if isinstance(name, int):
-        return torch.device("cuda", name % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+        name = 0
+    return torch.device("cuda", name % torch.cuda.device_count())
 
 
 class ButdVgExtractor:

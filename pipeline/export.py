@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from pipeline.importers import DETECTION_FIELDS, LXMERT_TSV_FIELDS, TSV_FIELDS
+from pipeline.detections import DETECTION_FIELDS
+from pipeline.importers import LXMERT_TSV_FIELDS, TSV_FIELDS
 from schemas.errors import InputError
 from schemas.outputs import written_whole
 from schemas.store import DETECTION_ARRAYS

@@ -27,7 +27,7 @@ from pipeline.demo import load_demo
 from pipeline.features import extractor_models, image_features, load_image
 from pipeline.global_encoders import resolve_global_config
 from pipeline.importers import ImportPlan, load_precomp, plan_import
-from pipeline.regions import BACKBONES, resolve_region_config
+from pipeline.regions import BACKBONES, GPU_PER_LOCAL_WORKER, resolve_region_config
 from pipeline.store import (
     collect_failures,
     create_store,
@@ -479,10 +479,11 @@ def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if opts.device in (None, "auto") and not gpus:
         return "cpu", opts.workers
-    if opts.scheduler is None and opts.workers > gpus:
+    if opts.scheduler is not None:
+        return "cuda", opts.workers
+    if opts.workers > gpus:
         console.print(f"--device cuda: {gpus} GPU(s), so {gpus} local worker(s) instead of {opts.workers}")
-        return "cuda", gpus
-    return "cuda", opts.workers
+    return GPU_PER_LOCAL_WORKER, min(opts.workers, gpus)
 
 
 def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.detections import Detections
 from pipeline.global_encoders import GlobalEncoder
 from pipeline.importers import read_imported
-from pipeline.regions import DETECTRON2_INSTALL, Detections, RegionExtractor
+from pipeline.regions import DETECTRON2_INSTALL, RegionExtractor
 from schemas.errors import InputError
 from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
 

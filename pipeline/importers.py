@@ -19,7 +19,6 @@ import base64
 import binascii
 import glob
 import hashlib
-import pickle
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +34,7 @@ from pipeline.datasets import (
     check_captions,
     read_karpathy_json,
 )
-from pipeline.regions import Detections
+from pipeline.detections import DETECTION_FIELDS, Detections
 from schemas.base import file_sha256
 from schemas.errors import InputError
 
@@ -54,13 +53,6 @@ LXMERT_TSV_FIELDS = (
     "boxes",
     "features",
 )
-# LXMERT's detection fields (and MILVLG's info keys): name -> (Detections field, dtype in the file)
-DETECTION_FIELDS = {
-    "objects_id": ("object_id", np.dtype(np.int64)),
-    "objects_conf": ("object_conf", np.dtype(np.float32)),
-    "attrs_id": ("attribute_id", np.dtype(np.int64)),
-    "attrs_conf": ("attribute_conf", np.dtype(np.float32)),
-}
 FLOAT32_BYTES = 4
 
 
@@ -290,13 +282,11 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int, bool]:
                         f"{path} line {number} (image {image_id}): features hold {feat_bytes} bytes, "
                         f"{boxes_n} boxes x {dim} float32 need {boxes_n * (dim or 0) * FLOAT32_BYTES}"
                     )
-                detections &= layout is LXMERT_TSV_FIELDS
-                for name, (_, dtype) in DETECTION_FIELDS.items() if layout is LXMERT_TSV_FIELDS else ():
-                    if _b64_bytes(row[name]) != boxes_n * dtype.itemsize:
-                        raise InputError(
-                            f"{path} line {number} (image {image_id}): {name} holds {_b64_bytes(row[name])} "
-                            f"bytes, num_boxes={boxes_n} needs {boxes_n * dtype.itemsize} ({dtype})"
-                        )
+                # kept when every line is LXMERT's with fields of LXMERT's dtypes (other tools' sizes vary)
+                detections &= layout is LXMERT_TSV_FIELDS and all(
+                    _b64_bytes(row[name]) == boxes_n * dtype.itemsize
+                    for name, (_, dtype) in DETECTION_FIELDS.items()
+                )
                 if image_id in lookup:
                     raise InputError(
                         f"{path} line {number}: image {image_id} already appeared "
@@ -317,28 +307,7 @@ def _b64_array(text: str, field: str, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(raw, dtype)
 
 
-def _detections(fields: dict, n: int) -> Detections:
-    """LXMERT's or MILVLG's per-box fields -> Detections (ValueError when they do not fit the n boxes)."""
-    values = {}
-    for name, (attribute, _) in DETECTION_FIELDS.items():
-        array = np.asarray(fields[name]).reshape(-1)
-        if len(array) != n:
-            raise ValueError(f"{name} has {len(array)} values for {n} boxes")
-        if attribute.endswith("_id"):
-            in_range = array.dtype.kind in "iu" and (
-                n == 0 or (array.min() >= 0 and array.max() <= np.iinfo(np.int16).max)
-            )
-            if not in_range:
-                raise ValueError(f"{name} holds values that are not class indices ({array.dtype})")
-            values[attribute] = array.astype(np.int16)
-        elif array.dtype.kind in "iuf":
-            values[attribute] = array.astype(np.float32)
-        else:
-            raise ValueError(f"{name} holds values that are not confidences ({array.dtype})")
-    return Detections(**values)
-
-
-def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
+def _read_tsv_line(path: str, offset: int, detections: bool) -> ImportedRegions:
     # split on tabs as index_tsv does: the fields are numbers and base64, which csv never quotes (and a csv
     # reader would need its process-wide field size limit raised for megabyte-long feature fields)
     with open(path, encoding="ascii", newline="") as f:
@@ -350,11 +319,11 @@ def _read_tsv_line(path: str, offset: int) -> ImportedRegions:
     features = _b64_array(row["features"], "features").reshape(n, -1)
     width = int(float(row.get("image_w", row.get("img_w"))))
     height = int(float(row.get("image_h", row.get("img_h"))))
-    detections = None
-    if "objects_id" in row:
+    found = None
+    if detections and "objects_id" in row:
         fields = {name: _b64_array(row[name], name, dtype) for name, (_, dtype) in DETECTION_FIELDS.items()}
-        detections = _detections(fields, n)
-    return ImportedRegions(features, boxes, width, height, detections)
+        found = Detections.from_fields(fields, n)
+    return ImportedRegions(features, boxes, width, height, found)
 
 
 # -------------------------------------------------------------------------- npz (bottom-up-attention.pytorch)
@@ -369,7 +338,7 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int, bool]:
     if not files:
         raise InputError(f"no .npz files in {directory}")
     try:
-        first = _read_npz(str(files[0]))
+        first = _read_npz(str(files[0]), detections=None)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(
             f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}"
@@ -377,45 +346,52 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int, bool]:
     return {p.stem: str(p) for p in files}, first.features.shape[1], first.detections is not None
 
 
-def _npz_info(z) -> dict | None:
-    """MILVLG's `info` member: a pickled dict, read with numpy arrays as the only objects it may build."""
+# MILVLG's info for 100 boxes is about 3 KB: a member far larger is not one (and is not unpickled)
+MAX_INFO_BYTES = 1 << 20
+
+
+def _npz_detections(z, n: int) -> Detections | None:
+    """The objects and attributes in MILVLG's `info` member (None when it has none). The member is a pickled
+    dict, read with numpy arrays and plain values as the only objects it may build."""
     if "info" not in z.files:
         return None
-    with z.zip.open("info.npy") as f:
-        read_npy_header(f)
-        try:
+    member = z.zip.getinfo("info.npy")
+    if member.file_size > MAX_INFO_BYTES:
+        raise ValueError(f"is {member.file_size:,} bytes, not a MILVLG info dict")
+    try:
+        with z.zip.open(member) as f:
+            read_npy_header(f)
             info = load_arrays(f)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise ValueError(f"its info member is not a pickled dict of arrays ({exc})") from None
-    info = info.item() if isinstance(info, np.ndarray) and info.shape == () else info
-    return info if isinstance(info, dict) else None
+    except Exception as exc:  # a crafted pickle fails in many ways (MemoryError too); each is this file's
+        raise ValueError(f"is not a pickled dict of arrays ({type(exc).__name__}: {exc})") from None
+    if isinstance(info, np.ndarray) and info.shape == () and info.dtype == object:
+        info = info.item()
+    if not isinstance(info, dict) or not all(key in info for key in DETECTION_FIELDS):
+        return None
+    return Detections.from_fields(info, n)
 
 
-def _read_npz(path: str) -> ImportedRegions:
-    """Raises ValueError (its image becomes invalid) for a file that is not a usable npz."""
+def _read_npz(path: str, detections: bool | None) -> ImportedRegions:
+    """Raises ValueError (its image becomes invalid) for a file that is not a usable npz. `detections`:
+    required (True), not read (False), or kept when the file has them (None: the first file, which decides
+    for the source)."""
+    name = Path(path).name
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x", "bbox", "num_bbox", "image_h", "image_w") if k not in z.files]
             if missing:
-                raise ValueError(f"{Path(path).name} lacks {', '.join(missing)}")
+                raise ValueError(f"{name} lacks {', '.join(missing)}")
             features, boxes, n = z["x"], z["bbox"], int(z["num_bbox"])
             width, height = int(z["image_w"]), int(z["image_h"])
-            info = _npz_info(z)
+            if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
+                raise ValueError(f"{name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}")
+            try:
+                found = None if detections is False else _npz_detections(z, n)
+            except ValueError as exc:
+                raise ValueError(f"{name}: its info {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:  # cut, not a zip, or not arrays
-        raise ValueError(f"{Path(path).name} is not a readable npz ({exc})") from None
-    except ValueError as exc:
-        raise ValueError(f"{Path(path).name}: {exc}") from None
-    if features.ndim != 2 or features.shape[0] != n or boxes.shape != (n, 4):
-        raise ValueError(
-            f"{Path(path).name}: x {features.shape}, bbox {boxes.shape} disagree with num_bbox={n}"
-        )
-    detections = None
-    if info is not None and all(name in info for name in DETECTION_FIELDS):
-        try:
-            detections = _detections(info, n)
-        except ValueError as exc:
-            raise ValueError(f"{Path(path).name}: info {exc}") from None
-    return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height, detections)
+        raise ValueError(f"{name} is not a readable npz ({exc})") from None
+    return ImportedRegions(features.astype(np.float32), boxes.astype(np.float32), width, height, found)
 
 
 # --------------------------------------------------------------------------- common
@@ -443,7 +419,7 @@ def read_imported(kind: str, ref, feature_dim: int, detections: bool = False) ->
     if kind == "precomp":
         path, row = ref
         return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
-    regions = _read_tsv_line(*ref) if kind == "tsv" else _read_npz(ref)
+    regions = _read_tsv_line(*ref, detections) if kind == "tsv" else _read_npz(ref, detections)
     if regions.features.shape[1] != feature_dim:
         raise ValueError(
             f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}"

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
+from pipeline.detections import Detections
 from pipeline.weights import load_weights, local_weights, torchvision_weights
 from schemas.errors import InputError
 from schemas.store import ExtractorConfig, RegionConfig, WeightsRef
@@ -105,26 +106,14 @@ DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1
 DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 
 
+# the butd-vg device of this run's own LocalCluster: its workers are named 0..n-1 and worker n takes GPU n
+# modulo the count ("cuda" is the worker's current device: an existing scheduler's workers, which dask-cuda
+# pins one GPU each with CUDA_VISIBLE_DEVICES)
+GPU_PER_LOCAL_WORKER = "cuda-per-local-worker"
 DETECTRON2_INSTALL = (
     "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2' "
     "then pip install 'userpipe[butd]' (README: The Visual Genome detector)"
 )
-
-
-@dataclass
-class Detections:
-    """Per kept box: its most likely object class and attribute (0-based indices into Visual Genome's
-    1,600 objects and 400 attributes, background and "no attribute" excluded) and their probabilities."""
-
-    object_id: np.ndarray  # (k,) int16
-    object_conf: np.ndarray  # (k,) float32
-    attribute_id: np.ndarray  # (k,) int16
-    attribute_conf: np.ndarray  # (k,) float32
-
-    def first(self, k: int) -> Detections:
-        return Detections(
-            self.object_id[:k], self.object_conf[:k], self.attribute_id[:k], self.attribute_conf[:k]
-        )
 
 
 @dataclass

@@ -549,10 +549,12 @@ def test_export_refuses_ids_that_cannot_name_a_file_or_a_tsv_field(image_id):
 def test_each_local_worker_takes_its_own_gpu_and_other_workers_their_current_device(monkeypatch):
     import distributed
 
+    from pipeline.regions import GPU_PER_LOCAL_WORKER
+
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # as CUDA_VISIBLE_DEVICES would make it
 
-    def device_in(worker_name, device="cuda"):
+    def device_in(worker_name, device):
         def get_worker():
             if worker_name is None:
                 raise ValueError("not in a worker")
@@ -561,8 +563,10 @@ def test_each_local_worker_takes_its_own_gpu_and_other_workers_their_current_dev
         monkeypatch.setattr(distributed, "get_worker", get_worker)
         return worker_device(device)
 
-    # a LocalCluster names its workers 0..n-1
-    assert [device_in(n) for n in range(6)] == [torch.device("cuda", i) for i in (0, 1, 2, 3, 0, 1)]
-    for name in ("tcp://10.0.0.5:40123", "gpu-node-3-1", None):  # dask-cuda's workers; no worker at all
-        assert device_in(name) == torch.device("cuda", 2)
+    # this run's LocalCluster names its workers 0..n-1; a single worker may run in this process
+    local = [device_in(n, GPU_PER_LOCAL_WORKER) for n in (*range(6), None)]
+    assert local == [torch.device("cuda", i) for i in (0, 1, 2, 3, 0, 1, 0)]
+    # an existing scheduler's workers (dask-cuda names them by GPU index too, but pins CUDA_VISIBLE_DEVICES)
+    for name in (1, "tcp://10.0.0.5:40123", None):
+        assert device_in(name, "cuda") == torch.device("cuda", 2)
     assert device_in(3, "cpu") == torch.device("cpu")

@@ -259,6 +259,20 @@ def test_an_option_that_the_region_kind_does_not_read_is_refused_not_ignored(
             refused += 1
     assert refused == 31  # every option with every kind that does not read it
 
+    # and, named by hand, options the kind does read get past that check to their own (butd-vg: it needs
+    # weights, or detectron2 where it is missing)
+    missing = str(tmp_path / "missing.pth")
+    for kind, options, message in [
+        ("butd", ("--detector-weights", missing), "missing.pth"),
+        ("grid", ("--backbone", "resnet50", "--backbone-weights", missing), "missing.pth"),
+        ("butd-vg", ("--device", "cpu", "--min-regions", "10"), "--regions butd-vg needs"),
+    ]:
+        result = run_cli(
+            runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out,
+            "--regions", kind, "--clip", "none", *options,
+        )  # fmt: skip
+        assert result.exit_code == 2 and message in result.output and "does not apply" not in result.output
+
 
 def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp_path: Path):
     (coco_root / "images" / "val2014").rename(coco_root / "images" / "elsewhere")

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -358,9 +359,66 @@ def test_a_code_carrying_npz_info_is_refused_without_running_it(tmp_path: Path):
     info = {"objects_id": Touches(marker)}
     np.savez(tmp_path / "a.npz", x=np.ones((1, 8)), bbox=np.ones((1, 4)), num_bbox=1, image_h=2, image_w=2,
              info=np.array(info, dtype=object))  # fmt: skip
-    with pytest.raises(InputError, match="info member is not a pickled dict of arrays .*system"):
+    with pytest.raises(InputError, match="its info is not a pickled dict of arrays .*system"):
         index_npz(tmp_path)
     assert not marker.exists()
+
+
+def npz_with_info(path: Path, info_pickle: bytes, n: int = 2) -> None:
+    """An npz as MILVLG's writes it, its `info` member holding these pickle bytes."""
+    with zipfile.ZipFile(path, "w") as z:
+        arrays = {
+            "x": np.ones((n, 8), np.float32),
+            "bbox": np.ones((n, 4), np.float32),
+            "num_bbox": np.array(n),
+        }
+        for name, array in {**arrays, "image_h": np.array(72), "image_w": np.array(96)}.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            z.writestr(f"{name}.npy", buffer.getvalue())
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|O", "fortran_order": False, "shape": ()})
+        z.writestr("info.npy", header.getvalue() + info_pickle)
+
+
+def test_a_crafted_npz_info_is_an_invalid_image_read_without_building_what_it_describes(tmp_path: Path):
+    import pickle
+
+    from pipeline.importers import index_npz, read_imported
+
+    nested: list = []
+    for _ in range(60):  # 2**60 leaves in a pickle of a few hundred bytes (its lists are shared)
+        nested = [nested, nested]
+    ids = {"objects_id": nested, "objects_conf": nested, "attrs_id": nested, "attrs_conf": nested}
+    crafted = {
+        "huge-length": (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"x", "is not a pickled dict"),
+        "shared-lists": (
+            pickle.dumps(np.array(ids, dtype=object), protocol=4),
+            "objects_id is not 2 numbers (list",
+        ),
+        "float-ids": (
+            pickle.dumps(np.array({**ids, **detection_values(2), "objects_id": np.ones(2)}, dtype=object)),
+            "objects_id holds values that are not class indices",
+        ),
+        "2 MiB": (pickle.dumps(np.array({"pad": np.zeros(1 << 18)}, dtype=object)), "not a MILVLG info dict"),
+    }
+    good = tmp_path / "good"
+    good.mkdir()
+    npz_with_info(good / "a.npz", pickle.dumps(np.array(detection_values(2), dtype=object)))
+    assert index_npz(good)[2]  # the first file has detections, so every file must
+    for name, (info, message) in crafted.items():
+        npz_with_info(tmp_path / f"{name}.npz", info)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_imported("npz", str(tmp_path / f"{name}.npz"), 8, detections=True)
+        first = tmp_path / name
+        first.mkdir()
+        (tmp_path / f"{name}.npz").rename(first / "a.npz")
+        with pytest.raises(InputError, match="the first .npz") as refused:
+            index_npz(first)
+        one_line_refusal(refused.value)
+    # a source whose first file has no detections never reads another file's info
+    npz_with_info(tmp_path / "later.npz", crafted["huge-length"][0])
+    assert read_imported("npz", str(tmp_path / "later.npz"), 8, detections=False).detections is None
 
 
 class Touches:
