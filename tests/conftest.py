@@ -188,19 +188,22 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def wait_for_first_done_chunk(job: subprocess.Popen, store: Path, split: str = "train") -> None:
+    """Return once the extraction `job` into `store` has marked its first image chunk done."""
+    done_flags = store / split / "images_done" / "c"
+    deadline = time.monotonic() + 120
+    while not (done_flags.is_dir() and any(done_flags.iterdir())):
+        assert job.poll() is None and time.monotonic() < deadline, "extraction ended before its first chunk"
+        time.sleep(0.05)
+
+
 def kill_at_first_done_chunk(command: list[str], store: Path, split: str = "train") -> None:
     """Start `command` (an extraction into `store`) in its own session and kill -9 the whole job, Dask
     workers included, as soon as its first image chunk is marked done."""
     job = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    done_flags = store / split / "images_done" / "c"
-    deadline = time.monotonic() + 120
-    while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "extraction ended before it could be killed"
-        )
-        time.sleep(0.05)
+    wait_for_first_done_chunk(job, store, split)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
 

@@ -3,14 +3,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from conftest import EXTRACT_COCO_GRID, kill_at_first_done_chunk, run_cli, tree_bytes
+from conftest import (
+    EXTRACT_COCO_GRID,
+    kill_at_first_done_chunk,
+    run_cli,
+    tree_bytes,
+    wait_for_first_done_chunk,
+)
 
 from schemas.store import validate_store
 
@@ -326,13 +331,7 @@ def test_ctrl_c_stops_extract_with_the_resume_hint_and_no_worker_traceback(demo_
     job = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    done_flags = out / "train" / "images_done" / "c"
-    deadline = time.monotonic() + 120
-    while not (done_flags.is_dir() and any(done_flags.iterdir())):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "extraction ended before it could be stopped"
-        )
-        time.sleep(0.05)
+    wait_for_first_done_chunk(job, out)
     os.killpg(job.pid, signal.SIGINT)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
