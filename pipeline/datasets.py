@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.base import file_sha256, first_problem, parse_json
 from schemas.errors import InputError
+from schemas.sources import read_bytes
 from schemas.store import SPLITS
 
 # Karpathy split names -> store split names; restval joins train by convention (VSE++, SCAN).
@@ -116,7 +117,7 @@ def read_karpathy_json(
     """Parse a Karpathy-format split file. `max_captions` set: keep the first that many, fewer is an error."""
     if not json_path.is_file():
         raise InputError(f"dataset file not found: {json_path}")
-    data = parse_json(json_path.read_bytes(), json_path)
+    data = parse_json(read_bytes(json_path, "the dataset file"), json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise InputError(f"{json_path} is not a Karpathy split file (no top-level 'images' list)")
 

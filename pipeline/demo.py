@@ -19,7 +19,7 @@ from rich.progress import Progress
 
 from pipeline.datasets import DatasetIndex, read_karpathy_json
 from schemas.errors import InputError
-from schemas.outputs import DEMO, existing, recover, scratch_beside, swap_in, writer_lock
+from schemas.outputs import DEMO, Output, claim
 
 DEMO_JSON = "dataset_demo.json"
 DEMO_VERSION = 1
@@ -209,20 +209,24 @@ def ensure_demo(root: Path, images: int = DEFAULT_IMAGES, seed: int = 0) -> Path
 
     `root` must be new, empty, or hold a demo written by userpipe (of another size: it is replaced).
     """
-    with writer_lock(root, "--root"):
-        recover(root)
-        return _write_demo(root, images, seed)
+    with claim(root, DEMO, option="--root") as output:
+        return _write_demo(output, root, images, seed)
 
 
-def _write_demo(root: Path, images: int, seed: int) -> Path:
+def _write_demo(output: Output, root: Path, images: int, seed: int) -> Path:
     json_path = root / DEMO_JSON
     tag = generator_tag(images, seed)
     sizes = split_sizes(images)
-    if existing(root, DEMO, "--root") == "own":
+    if output.state == "own":
         with open(json_path, encoding="utf-8") as f:
             if json.load(f).get("userpipe_demo") == tag:
                 return json_path
-    tmp = scratch_beside(root)
+    with output.built() as tmp:
+        _render_into(tmp, images, seed, sizes, tag)
+    return json_path
+
+
+def _render_into(tmp: Path, images: int, seed: int, sizes: dict, tag: dict) -> None:
     (tmp / "images").mkdir()
     records = []
     with Progress(transient=True) as progress:
@@ -256,8 +260,6 @@ def _write_demo(root: Path, images: int, seed: int) -> Path:
                 progress.advance(task)
     with open(tmp / DEMO_JSON, "w", encoding="utf-8") as f:  # last: the tag makes the folder a demo
         json.dump({"dataset": "demo", "userpipe_demo": tag, "images": records}, f)
-    swap_in(tmp, root)
-    return json_path
 
 
 def load_demo(root: Path | None, images: int | None, seed: int = 0) -> DatasetIndex:

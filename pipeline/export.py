@@ -23,7 +23,7 @@ from rich.progress import Progress
 from pipeline.detections import DETECTION_FIELDS
 from pipeline.importers import LXMERT_TSV_FIELDS, TSV_FIELDS
 from schemas.errors import InputError
-from schemas.outputs import written_whole
+from schemas.outputs import EXPORT_FILE, EXPORT_FOLDER, check_output, claim
 from schemas.store import DETECTION_ARRAYS
 from schemas.store_reader import open_store
 
@@ -85,7 +85,6 @@ def _file_detections(row: dict) -> dict[str, np.ndarray]:
 
 
 def _npz_files(rows: Iterator[dict], folder: Path, progress: Progress) -> int:
-    folder.mkdir()
     task = progress.add_task("npz files", total=None)
     count = 0
     for row in rows:
@@ -141,10 +140,8 @@ def export_split(store: Path, split: str, fmt: str, out: Path, progress: Progres
     """Write `split` of `store` to `out` (a new folder for npz, a new file for tsv); returns the images."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format '{fmt}': use {' or '.join(FORMATS)}")
-    if out.exists() or out.is_symlink():
-        raise InputError(
-            f"--out {out} exists; export writes only a new {'folder' if fmt == 'npz' else 'file'}"
-        )
+    kind = EXPORT_FOLDER if fmt == "npz" else EXPORT_FILE
+    check_output(out, kind, [store])
     rows = _rows(store, split)
     first = next(rows, None)  # the store's problems are found before anything is written
     if first is None:
@@ -154,6 +151,5 @@ def export_split(store: Path, split: str, fmt: str, out: Path, progress: Progres
         yield first
         yield from rows
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(out) as scratch:
+    with claim(out, kind, [store]) as output, output.built() as scratch:
         return (_npz_files if fmt == "npz" else _tsv_file)(every_row(), scratch, progress)

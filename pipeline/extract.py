@@ -37,17 +37,7 @@ from pipeline.store import (
     write_index_arrays,
 )
 from schemas.errors import InputError
-from schemas.outputs import (
-    STORE,
-    check_apart,
-    disk_full,
-    existing,
-    recover,
-    replacement,
-    scratch_beside,
-    swap_in,
-    writer_lock,
-)
+from schemas.outputs import STORE, Output, check_output, claim, disk_full
 from schemas.store import (
     DETECTION_ARRAYS,
     IMPORTED_REGION_KINDS,
@@ -132,8 +122,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
     if opts.images is not None and opts.dataset != "demo":
         raise InputError("--images only applies to --dataset demo")
     out = opts.out or default_out(opts.dataset)
-    check_apart(out, _given_inputs(opts))
-    existing(out, STORE)  # a folder of someone else's is refused before any work (the demo's included)
+    check_output(out, STORE, _given_inputs(opts))  # refused before any work (the demo's included)
     is_demo = opts.dataset == "demo"
     region_spec = opts.regions or ("boxes" if is_demo else "butd")
     kind, _, source = region_spec.partition(":")
@@ -213,7 +202,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
         regions=region_config,
         global_encoder=global_config,
     )
-    check_apart(out, [index.image_root])
+    check_output(out, STORE, [index.image_root])
     return Prepared(config, index, imports, out)
 
 
@@ -347,25 +336,29 @@ def same_content(a: ExtractorConfig, b: ExtractorConfig) -> bool:
     return _strip_paths(a.model_dump(mode="json")) == _strip_paths(b.model_dump(mode="json"))
 
 
+# what the codecs saved on the smallest store measured (the demo: 48 of 92 KB per image): a store that does
+# not fit even at this size is refused before any work
+COMPRESSED_AT_MOST = 0.5
+
+
 def open_or_create(
-    prepared: Prepared, overwrite: bool, console: Console
+    prepared: Prepared, output: Output, overwrite: bool, console: Console
 ) -> tuple[zarr.Group, StoreAttrs, Path]:
     """The store to extract into (a new one, or one to resume, its damaged chunks marked to redo) and where
-    it is being written: `out` itself, or beside it when `--overwrite` replaces a store (swapped in at the
-    end). A new store is created beside `out` and renamed into place whole, so a kill never leaves a
-    half-created store that is neither resumable nor replaceable."""
-    out, config, index = prepared.out, prepared.config, prepared.index
-    state = existing(out, STORE)
-    if state == "own" and not overwrite:
+    it is being written: the output itself, or its `replacing()` when `--overwrite` replaces a store
+    (swapped in at the end). A new store is created whole beside its name and renamed into place, so a
+    kill never leaves a half-created store that is neither resumable nor replaceable."""
+    config, index, out = prepared.config, prepared.index, prepared.out
+    if output.state == "own" and not overwrite:
         root, attrs = open_store(out, mode="r+")
         if not same_content(attrs.extractor, config):
             raise InputError(
-                f"{out} was extracted with another configuration; pass --overwrite to "
+                f"{prepared.out} was extracted with another configuration; pass --overwrite to "
                 "replace it, or --out for a new store"
             )
         return root.group, _mark_damage(out, root.group, attrs, index, console), out
-    work = replacement(out) if state == "own" else out
-    if work != out and existing(work, STORE) == "own":  # an interrupted replacement: resume it if it fits
+    work = output.replacing() if output.state == "own" else out
+    if work != out and output.holds_own(work):  # an interrupted replacement: resume it if it fits
         root, attrs = open_store(work, mode="r+")
         if same_content(attrs.extractor, config):
             return root.group, _mark_damage(work, root.group, attrs, index, console), work
@@ -376,15 +369,8 @@ def open_or_create(
     }
     image_root = str(index.image_root.resolve()) if index.image_root else None
     attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root, chunk_checksums=True)
-    building = scratch_beside(out)
-    try:
+    with output.built(int(store_bytes(attrs) * COMPRESSED_AT_MOST), into=work) as building:
         create_store(building, attrs, index)
-    except BaseException as exc:  # a full disk, or an interruption: no half-created store stays
-        shutil.rmtree(building, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise disk_full(exc, out, store_bytes(attrs)) or exc from None
-        raise
-    swap_in(building, work)  # onto nothing, or the empty folder the user named (kept if it is a link)
     return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
 
 
@@ -464,9 +450,8 @@ def run_extract(opts: ExtractOptions, console: Console) -> tuple[Path, StoreAttr
     """`userpipe extract`: check everything (`prepare`), then run (or resume) the extraction; returns the
     store and the final attributes written to it."""
     prepared = prepare(opts)
-    with writer_lock(prepared.out):
-        recover(prepared.out)
-        return prepared.out, _extract(prepared, opts, console)
+    with claim(prepared.out, STORE, _given_inputs(opts) + [prepared.index.image_root]) as output:
+        return prepared.out, _extract(prepared, output, opts, console)
 
 
 def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: Console) -> tuple[str, int]:
@@ -486,8 +471,8 @@ def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: 
     return GPU_PER_LOCAL_WORKER, min(opts.workers, gpus)
 
 
-def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> StoreAttrs:
-    root, attrs, work = open_or_create(prepared, opts.overwrite, console)
+def _extract(prepared: Prepared, output: Output, opts: ExtractOptions, console: Console) -> StoreAttrs:
+    root, attrs, work = open_or_create(prepared, output, opts.overwrite, console)
     for partial in work.rglob("*.partial"):  # Zarr's chunk files being written when a kill came
         partial.unlink()
     image_chunks = _image_chunks(prepared, root, work)
@@ -513,5 +498,5 @@ def _extract(prepared: Prepared, opts: ExtractOptions, console: Console) -> Stor
     write_attrs(root, final)
     validate_store(root)
     if work != prepared.out:
-        swap_in(work, prepared.out)
+        output.swap_in(work)
     return final

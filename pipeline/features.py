@@ -4,8 +4,10 @@ distributes it; this module is the library."""
 
 from __future__ import annotations
 
+import math
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +44,21 @@ def extractor_models(
     return config, regions, encoder
 
 
-def load_image(path: str) -> Image.Image:
+# Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS: 0.25 GiB as 24-bit RGB), held here so
+# that a process which lifts Pillow's limit does not lift this one; a 9,000 x 9,000 photo is under it
+MAX_PIXELS = 89_478_485
+# A query is decoded at no less than twice the size its encoders scale it to (the region backbone's shorter
+# side `image_size`, a global encoder's input of at most this many px), so their own antialiased resize
+# still averages over 2 x 2 source pixels or more, as Pillow's reducing_gap=2 keeps it
+GLOBAL_INPUT = 336
+
+
+def load_image(path: str, short_side: int | None = None) -> Image.Image:
+    """The image file at `path` as RGB. A file that is not an image, or holds more than MAX_PIXELS (a
+    decompression bomb), is an OSError or ValueError naming `path`. `short_side`: decoded at a reduced size
+    whose shorter side stays at least `short_side` (a JPEG at 1/2, 1/4 or 1/8 scale by its decoder, other
+    formats box-reduced by an integer factor before the RGB conversion); an image smaller than that is
+    decoded as it is."""
     if not path:
         raise FileNotFoundError("no image file is known for this id (not in the dataset's Karpathy JSON)")
     # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer; the file's
@@ -61,12 +77,36 @@ def load_image(path: str) -> Image.Image:
         raise ValueError(f"{path} is {names.get(kind, 'not a regular file')}, not an image file")
     with open(descriptor, "rb") as file:
         try:
-            image = Image.open(file)
+            with warnings.catch_warnings():
+                # Pillow warns of a bomb up to twice its limit; it is refused below, with its size
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(file)
         except UnidentifiedImageError:
             # Pillow's own message names the file object, whose descriptor number differs between runs
             raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
+        except Image.DecompressionBombError as exc:  # over twice Pillow's limit, refused as it is opened
+            raise ValueError(f"{path}: {exc}") from None
         with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(
+                    f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS:,} pixels an image may "
+                    "have (a decompression bomb?)"
+                )
+            if short_side:
+                image = _reduced(image, short_side)
             return image.convert("RGB")  # forces a full decode, so truncated files fail here
+
+
+def _reduced(image: Image.Image, short_side: int) -> Image.Image:
+    scale = short_side / min(image.size)
+    if scale >= 1:
+        return image
+    image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))  # JPEG only
+    if image.mode not in ("L", "RGB"):  # averaging palette indices, CMYK or alpha would not average colours
+        image = image.convert("RGB")
+    factor = min(image.size) // short_side
+    return image.reduce(factor) if factor > 1 else image
 
 
 @dataclass
@@ -109,8 +149,8 @@ def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray
         )
     _, extractor, encoder = extractor_models(config.model_dump_json())
     try:
-        image = load_image(str(path))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        image = load_image(str(path), 2 * max(config.image_size, GLOBAL_INPUT))
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
     try:
         result = image_features(config, extractor, image, None, None)

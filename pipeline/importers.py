@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import glob
 import hashlib
 import zipfile
@@ -37,6 +38,7 @@ from pipeline.datasets import (
 from pipeline.detections import DETECTION_FIELDS, Detections
 from schemas.base import file_sha256
 from schemas.errors import InputError
+from schemas.sources import decode_text, read_text
 
 # SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
 PRECOMP_SPLIT_FILES = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}
@@ -114,10 +116,7 @@ def checked_npy(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    return read_text(path, "a precomp text file").splitlines()
 
 
 def _precomp_split(directory: Path, split: str) -> tuple[str, Path] | None:
@@ -260,10 +259,12 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int, bool]:
             offset, number = 0, 0
             for line in iter(f.readline, b""):
                 number += 1
+                if offset == 0 and line.startswith(codecs.BOM_UTF8):  # the first line starts after the mark
+                    offset, line = len(codecs.BOM_UTF8), line[len(codecs.BOM_UTF8) :]
                 fields = line.rstrip(b"\r\n").split(b"\t")
                 layout = _tsv_layout(len(fields), path)
                 row = dict(zip(layout, fields, strict=True))
-                image_id = row.get("image_id", row.get("img_id")).decode()
+                image_id = decode_text(row.get("image_id", row.get("img_id")), path, offset, number)
                 try:
                     boxes_n = int(row["num_boxes"])
                 except ValueError:

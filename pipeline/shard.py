@@ -31,14 +31,10 @@ from schemas.errors import InputError
 from schemas.outputs import (
     PLAN_NAME,
     SHARDS,
-    check_apart,
-    create_with,
-    existing,
-    recover,
-    replacement,
-    swap_in,
+    Output,
+    check_free_space,
+    claim,
     write_text_atomic,
-    writer_lock,
     written_whole,
 )
 from schemas.shard import (
@@ -238,17 +234,21 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
         max_count=opts.max_count,
         max_size=opts.max_size,
     )
-    check_apart(opts.out, [opts.store])
-    with writer_lock(opts.out):
-        recover(opts.out)
-        return opts.out, _write_shards(opts, console, group, attrs, valid, params)
+    with claim(opts.out, SHARDS, [opts.store]) as output:
+        return opts.out, _write_shards(opts, output, console, group, attrs, valid, params)
 
 
 def _write_shards(
-    opts: ShardOptions, console: Console, group, attrs, valid: np.ndarray, params: ShardPlanParams
+    opts: ShardOptions,
+    output: Output,
+    console: Console,
+    group,
+    attrs,
+    valid: np.ndarray,
+    params: ShardPlanParams,
 ) -> ShardManifest:
     summary = attrs.splits[opts.split]
-    work = _claim_output(opts.out, params, opts.overwrite)
+    work = _work_folder(opts.out, output, params, opts.overwrite)
     for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
         leftover.unlink()
     manifest_path = work / MANIFEST_NAME
@@ -285,6 +285,7 @@ def _write_shards(
     ]
     done = {job.name: record for job in jobs if (record := _finished(work, job.name, recorded))}
     todo = [job for job in jobs if job.name not in done]
+    check_free_space(work, sum(job.encoded_bytes for job in todo))  # before the work, not when it fails
     if done:
         console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
     if todo:
@@ -317,7 +318,7 @@ def _write_shards(
         _record_path(work, job.name).unlink(missing_ok=True)
     (work / PLAN_NAME).unlink(missing_ok=True)
     if work != opts.out:
-        swap_in(work, opts.out)
+        output.swap_in(work)
     return manifest
 
 
@@ -343,20 +344,20 @@ def _plan_of(folder: Path) -> ShardPlanParams | None:
     return None
 
 
-def _claim_output(out: Path, params: ShardPlanParams, overwrite: bool) -> Path:
+def _work_folder(out: Path, output: Output, params: ShardPlanParams, overwrite: bool) -> Path:
     """The folder to write shards of this plan into: `out` (new, or holding part of the same plan) or,
-    when `--overwrite` replaces shards of another plan, a folder beside it swapped in at the end."""
+    when `--overwrite` replaces shards of another plan, its `replacing()`, swapped in at the end."""
     work = out
-    if existing(out, SHARDS) == "own" and _plan_of(out) != params:
+    if output.state == "own" and _plan_of(out) != params:
         if not overwrite:
             raise InputError(
                 f"{out} holds shards of another plan; pass --overwrite to replace them, or another --out"
             )
-        work = replacement(out)
-        if existing(work, SHARDS) == "own" and _plan_of(work) != params:
+        work = output.replacing()
+        if output.holds_own(work) and _plan_of(work) != params:
             shutil.rmtree(work)
-    if existing(work, SHARDS) != "own":
-        create_with(work, {PLAN_NAME: params.model_dump_json()}, output=out)
+    if not output.holds_own(work):
+        output.create({PLAN_NAME: params.model_dump_json()}, at=work)
     elif not (work / PLAN_NAME).is_file():
         write_text_atomic(work / PLAN_NAME, params.model_dump_json())
     return work

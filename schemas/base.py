@@ -11,6 +11,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas.errors import InputError
+from schemas.sources import decode_text, read_bytes
 
 
 class Frozen(BaseModel):
@@ -28,11 +29,10 @@ def first_problem(exc: ValidationError) -> str:
 
 
 def parse_json(text: str | bytes | memoryview, source: Path | str):
-    """JSON from `text`; a parse error names the source and the place."""
+    """JSON from `text` (bytes: UTF-8, with or without a byte order mark); a parse error names the source
+    and the place."""
     try:
-        return json.loads(bytes(text) if isinstance(text, memoryview) else text)
-    except UnicodeDecodeError:
-        raise InputError(f"{source} is not UTF-8 text") from None
+        return json.loads(text if isinstance(text, str) else decode_text(text, source))
     except json.JSONDecodeError as exc:
         raise InputError(
             f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
@@ -42,12 +42,11 @@ def parse_json(text: str | bytes | memoryview, source: Path | str):
 def read_model(cls: type[Model], path: Path, what: str, error: type[InputError] = InputError) -> Model:
     """A validated `cls` from a JSON file; every way it can be wrong is one line naming the file, raised
     as `error` (e.g. ManifestError for manifests)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"no {what} at {path}") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a folder, not {what}") from None
+    if not path.exists():
+        raise error(f"no {what} at {path}")
+    if path.is_dir():
+        raise error(f"{path} is a folder, not {what}")
+    data = read_bytes(path, what, error)
     try:
         return validate_as(cls, parse_json(data, path), f"{path} ({what})")
     except InputError as exc:

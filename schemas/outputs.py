@@ -1,14 +1,20 @@
-"""Where a stage may write: the rules every userpipe output folder follows.
+"""Where a stage may write: the one output protocol, `claim`, that every userpipe command that writes uses.
 
 1. An output is new, an empty folder, or a folder holding userpipe's own output of the same kind
-   (recognised by the metadata file that kind always writes). Anything else is refused: userpipe
-   never deletes or overwrites what it did not write.
+   (recognised by the metadata file that kind always writes); a file output is new or a file of its kind.
+   Anything else is refused: userpipe never deletes or overwrites what it did not write.
 2. An output never is, contains or lies inside an input of the same command.
-3. Replacing one's own output (`--overwrite`) builds the new output beside the old one
-   (`.NAME.replacing` where a rerun resumes it, else a fresh `.NAME.new-*`) and swaps it in at the
-   end with one atomic exchange, so a replacement killed at any instant leaves the old output or the
-   new one, whole; `recover` clears what a killed writer left beside it at the next start.
-4. One writer per output: `writer_lock` holds an advisory lock beside it for the whole command.
+3. One writer per output: the claim holds an advisory lock beside it (`.NAME.lock`) for the whole command.
+4. A killed predecessor is recovered at the next claim: an old output moved aside by a swap killed between
+   its two renames goes back (or away), unfinished `.NAME.new-*` builds are removed.
+5. A whole output (or a replacement of one's own) is built beside its name (`Output.built`: a fresh
+   `.NAME.new-*`; `.NAME.replacing` where a rerun resumes it) and swapped in with one atomic exchange, so a
+   command killed at any instant leaves the old output or the new one, whole.
+6. A write whose size is known is refused before the work when the disk cannot hold it; a claim refused or
+   failed before its output appeared leaves no folder it created behind.
+
+`claimed_paths` lists this process's held claims: tests/conftest.py refuses, with an audit hook, any write
+a command makes outside them (docs/reference.md, "What userpipe may write").
 """
 
 from __future__ import annotations
@@ -54,13 +60,27 @@ def _is_demo(folder: Path) -> bool:
     return isinstance(tag, dict) and tag.get("generator") == "userpipe-demo"
 
 
+def _starts_with(signature: bytes) -> Callable[[Path], bool]:
+    def recognise(path: Path) -> bool:
+        try:
+            with open(path, "rb") as file:
+                return file.read(len(signature)) == signature
+        except OSError:
+            return False
+
+    return recognise
+
+
 @dataclass(frozen=True)
 class OutputKind:
     name: str  # as messages say it: "a userpipe store", ...
-    recognise: Callable[[Path], bool]  # does this folder hold userpipe's output of this kind (validated)?
+    recognise: Callable[[Path], bool]  # does this path hold userpipe's output of this kind (validated)?
+    file: bool = False  # a single file (else a folder)
+    replaceable: bool = True  # False: the command writes only a new output (its files carry no mark)
 
 
 PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes it first, removes it last)
+HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
 STORE = OutputKind(
     "a userpipe store", lambda f: _validates(f / "zarr.json", StoreAttrs, "attributes", ATTRS_KEY)
 )
@@ -71,9 +91,13 @@ SHARDS = OutputKind(
 RUN = OutputKind("a userpipe run", lambda f: _validates(f / "config.json", RunConfig))
 INDEX = OutputKind("a userpipe index", lambda f: _validates(f / INDEX_MANIFEST_NAME, IndexManifest))
 DEMO = OutputKind("the userpipe demo", _is_demo)
+HTML = OutputKind("a userpipe search page", _starts_with(HTML_SIGNATURE.encode()), file=True)
+# export's formats carry no mark of who wrote them, so an export never replaces anything
+EXPORT_FOLDER = OutputKind("export", lambda f: False, replaceable=False)
+EXPORT_FILE = OutputKind("export", lambda f: False, file=True, replaceable=False)
 
 
-def check_apart(out: Path, inputs: Iterable[Path | str | None], option: str = "--out") -> None:
+def _check_apart(out: Path, inputs: Iterable[Path | str | None], option: str) -> None:
     """Refuse an output that is, contains or lies inside one of the command's inputs."""
     target = Path(out).resolve()
     for given in inputs:
@@ -89,11 +113,21 @@ def check_apart(out: Path, inputs: Iterable[Path | str | None], option: str = "-
             )
 
 
-def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
+def _existing(out: Path, kind: OutputKind, option: str) -> str:
     """'new' (nothing there), 'empty' (an empty folder) or 'own' (userpipe's output of `kind`);
     anything else is refused, as are the working directory and the folders above it."""
+    if not kind.replaceable and (out.exists() or out.is_symlink()):
+        raise InputError(
+            f"{option} {out} exists; {kind.name} writes only a new {'file' if kind.file else 'folder'}"
+        )
     if not out.exists():  # a link to a folder not made yet counts as new: the folder is made at its target
         return "new"
+    if kind.file:
+        if out.is_dir():
+            raise InputError(f"{option} {out} is a folder, not a file")
+        if kind.recognise(out):
+            return "own"
+        raise InputError(f"{option} {out} exists and is not {kind.name}; choose another {option}")
     if not out.is_dir():
         raise InputError(f"{option} {out} is a file, not a folder")
     if Path.cwd().resolve().is_relative_to(out.resolve()):
@@ -110,45 +144,108 @@ def existing(out: Path, kind: OutputKind, option: str = "--out") -> str:
     )
 
 
-def check_file_target(path: Path, signature: str, option: str) -> None:
-    """A single output file may replace only a file that userpipe wrote (it starts with `signature`)."""
-    if path.is_dir():
-        raise InputError(f"{option} {path} is a folder, not a file")
-    if path.exists():
-        with open(path, "rb") as f:
-            if f.read(len(signature.encode())) != signature.encode():
-                raise InputError(
-                    f"{option} {path} exists and was not written by userpipe; choose another {option}"
-                )
+def check_output(
+    out: Path, kind: OutputKind, inputs: Iterable[Path | str | None] = (), option: str = "--out"
+) -> str:
+    """What `claim` checks first, without claiming: for a command to refuse a wrong output before costly
+    preparation (loading models, reading a dataset). Returns the state `claim` would find."""
+    _check_apart(out, inputs, option)
+    return _existing(Path(out), kind, option)
 
 
-def replacement(out: Path) -> Path:
-    """Where the replacement of `out` is built and, if interrupted, found again by a rerun (extract, shard:
-    resumable); callers check what is there with `existing` before reusing or removing it."""
-    out = Path(out).resolve()
-    return out.with_name(f".{out.name}.replacing")
+_HELD: list[Path] = []  # this process's claimed outputs, resolved
 
 
-def scratch_beside(out: Path) -> Path:
-    """A new, uniquely named folder beside `out` to build a replacement in (never an existing folder)."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+def claimed_paths() -> tuple[Path, ...]:
+    return tuple(_HELD)
 
 
-def create_with(out: Path, files: dict[str, str], output: Path | None = None) -> None:
-    """Make the folder `out` (nothing there, or an empty folder) holding `files`, all in one step: an
-    output never exists without the metadata that makes it recognisable as userpipe's (a folder killed
-    half-made would be refused by every rerun as someone else's). `output`: the output `out` is built
-    for, when `out` is its `.NAME.replacing` (scratch is named after the output, so `recover` finds it)."""
-    building = scratch_beside(output or out)
+@dataclass
+class Output:
+    """A claimed output (see `claim`): where to build it and how it is put in place."""
+
+    path: Path  # resolved
+    given: Path  # as the user named it, for messages
+    kind: OutputKind
+    state: str  # "new", "empty" or "own", as found under the lock
+    option: str
+
+    def replacing(self) -> Path:
+        """Where a resumable stage builds the replacement of its own output, found again by a rerun."""
+        return self.path.with_name(f".{self.path.name}.replacing")
+
+    def holds_own(self, folder: Path) -> bool:
+        """`folder` (the output or its `replacing()`) holds this kind's output."""
+        return _existing(folder, self.kind, self.option) == "own"
+
+    def create(self, files: dict[str, str], at: Path | None = None) -> None:
+        """Make the output folder (or `at`, its `replacing()`) holding `files`, all in one step: an output
+        never exists without the metadata that makes it recognisable as userpipe's (a folder killed
+        half-made would be refused by every rerun as someone else's)."""
+        with self.built(sum(len(t.encode()) for t in files.values()), into=at) as building:
+            for name, text in files.items():
+                (building / name).write_text(text, encoding="utf-8")
+
+    @contextmanager
+    def built(self, needed: int = 0, into: Path | None = None) -> Iterator[Path]:
+        """A fresh `.NAME.new-*` (folder, or file path for a file output) to build the whole output in,
+        swapped into the output's place (or `into`) when the block ends; removed if it fails, a full disk
+        becoming DiskFullError quoting `needed` bytes."""
+        if needed:
+            check_free_space(self.path.parent, needed)
+        building = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.new-"))
+        if self.kind.file:
+            building.rmdir()  # the caller writes a file at this fresh name
+        try:
+            yield building
+        except BaseException as exc:
+            _remove(building)
+            if isinstance(exc, OSError):
+                raise disk_full(exc, self.path, needed) or exc from None
+            raise
+        self.swap_in(building, into)
+
+    def swap_in(self, built: Path, into: Path | None = None) -> None:
+        """Put a finished build (or the finished `replacing()`) in the output's place."""
+        _swap_in(built, into or self.path)
+
+
+@contextmanager
+def claim(
+    out: Path,
+    kind: OutputKind,
+    inputs: Iterable[Path | str | None] = (),
+    option: str = "--out",
+    needed: int = 0,
+    own_only: bool = False,
+) -> Iterator[Output]:
+    """The one way a command takes an output: check it lies apart from every input and is new, empty or
+    its own (`own_only`: must be its own, for commands that add to an output, e.g. a run's report), refuse
+    a known size the disk cannot hold (`needed` bytes), take the writer lock, recover a killed predecessor,
+    and yield the `Output` to build and swap in. Folders it made for the lock are removed again if the
+    output never appeared."""
+    out = Path(out)
+    inputs = list(inputs)
+    state = check_output(out, kind, inputs, option)
+    if own_only and state != "own":
+        raise InputError(f"{option} {out} is not {kind.name}")
+    if needed:
+        check_free_space(out, needed)
+    target = out.resolve()
+    made = [folder for folder in target.parents if not folder.exists()]
+    _HELD.append(target)
     try:
-        for name, text in files.items():
-            (building / name).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        shutil.rmtree(building, ignore_errors=True)
-        raise disk_full(exc, out, sum(len(t.encode()) for t in files.values())) or exc from None
-    swap_in(building, out)
+        with _writer_lock(target, out, option):
+            _recover(target)
+            yield Output(target, out, kind, _existing(out, kind, option), option)
+    finally:
+        _HELD.remove(target)
+        if not target.exists():
+            for folder in made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:  # something else was put there meanwhile: it stays
+                    break
 
 
 RENAME_EXCHANGE = 2  # linux/fs.h
@@ -170,16 +267,16 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def swap_in(new: Path, out: Path) -> None:
+def _swap_in(new: Path, out: Path) -> None:
     """Put the finished `new` in the place of `out` (which may not exist), then remove the old output.
 
     Where the filesystem can (ext4, xfs, btrfs, tmpfs), one atomic exchange: every reader and every crash
     sees the old output or the new one. Elsewhere two renames, the old one moved to `.NAME.old-*` first;
-    `recover` puts it back if the process died between them. A symlinked `out` keeps its link: the
+    `_recover` puts it back if the process died between them. A symlinked `out` keeps its link: the
     folder it points to is the one replaced."""
     out = Path(out).resolve()
-    if not out.exists():
-        os.replace(new, out)
+    if not out.exists() or out.is_file():
+        os.replace(new, out)  # a file is replaced in one rename
         return
     retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     if _exchange(new, out):
@@ -187,31 +284,29 @@ def swap_in(new: Path, out: Path) -> None:
     else:
         os.replace(out, retired)  # onto the empty folder just made: nothing of anyone else's is in the way
         os.replace(new, out)
-    shutil.rmtree(retired)  # killed part-way: `recover` finishes it
+    shutil.rmtree(retired)  # killed part-way: `_recover` finishes it
 
 
-def recover(out: Path) -> None:
-    """Clear what a killed writer of `out` left beside it (call while holding `writer_lock(out)`): an old
-    output moved aside by an interrupted two-rename swap goes back (or away, if the swap completed), and
-    unfinished `.NAME.new-*` builds are removed. `.NAME.replacing` stays: the resumable stages reuse it."""
-    out = Path(out).resolve()
+def _recover(out: Path) -> None:
+    """Clear what a killed writer of `out` left beside it (under its writer lock): an old output moved
+    aside by an interrupted two-rename swap goes back (or away, if the swap completed), and unfinished
+    `.NAME.new-*` builds are removed. `.NAME.replacing` stays: the resumable stages reuse it."""
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
         if out.exists():
             shutil.rmtree(old)
         else:
             os.replace(old, out)
     for unfinished in out.parent.glob(f".{out.name}.new-*"):
-        shutil.rmtree(unfinished)
+        _remove(unfinished)
 
 
 @contextmanager
-def writer_lock(out: Path, option: str = "--out") -> Iterator[None]:
-    """Hold the one-writer lock of `out` (`.NAME.lock` beside it) while the block runs.
+def _writer_lock(target: Path, out: Path, option: str) -> Iterator[None]:
+    """Hold the one-writer lock of `target` (`.NAME.lock` beside it) while the block runs.
 
     flock: the kernel releases it when the process ends, however it ends, so a killed writer never leaves
     a stale lock. The file is removed on release; a locker re-checks after locking that the file it
     holds is still the one at the path, so two processes can never both hold the lock."""
-    target = Path(out).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
     while True:

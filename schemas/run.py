@@ -28,16 +28,26 @@ def _read_1_0_model(data):
     return data
 
 
+# every number of a run's configuration is finite, and every field states its range: a value out of range is
+# refused where the configuration is read (one line naming the field), never a traceback mid-run
+CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+MAX_SEED = (
+    2**32 - 1
+)  # numpy's SeedSequence and torch.manual_seed both take it; the rank offset stays in int64
+
+
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONFIG
 
     schema_version: Literal["1.1"] = MODEL_SCHEMA_VERSION
     enhancement: Literal["sge", "cge", "none"] = Field(description="sge, cge (CLIP-guided) or none (VSE∞)")
     embed_dim: int = Field(gt=0, description="E, the joint embedding width")
     feature_dim: int = Field(gt=0, description="D, region feature width (2048 for BUTD ResNet)")
     num_regions: int = Field(gt=0, description="R, the region axis SGE's BatchNorm runs over")
-    clip_dim: int | None = Field(default=None, description="width of the CLIP global (CGE only)")
-    text_model: str = Field(description="Hugging Face BERT-family model: hub name or local folder")
+    clip_dim: int | None = Field(default=None, gt=0, description="width of the CLIP global (CGE only)")
+    text_model: str = Field(
+        min_length=1, description="Hugging Face BERT-family model: hub name or local folder"
+    )
     text_layers: int | None = Field(
         default=None,
         gt=0,
@@ -58,12 +68,12 @@ class ModelConfig(BaseModel):
         "(false: PyTorch's default)",
     )
     dropout: float = Field(default=0.4, ge=0, lt=1)
-    gpo_pe_dim: int = 32
-    gpo_hidden: int = 32
+    gpo_pe_dim: int = Field(default=32, gt=0, description="GPO's positional encoding width")
+    gpo_hidden: int = Field(default=32, gt=0, description="GPO's GRU hidden width")
     queue_size: int = Field(gt=0, description="M, entries per momentum queue")
     momentum: float = Field(gt=0, lt=1, description="r: key weights <- r key + (1 - r) query")
-    mu: float = Field(gt=0, description="UTO inverse temperature")
-    gamma: float = Field(description="UTO margin")
+    mu: float = Field(gt=0, le=1e4, description="UTO inverse temperature (released: 90)")
+    gamma: float = Field(ge=-1, le=1, description="UTO margin, on cosine similarities in [-1, 1]")
     batch_weight: float = Field(gt=0, description="lambda: weight of the in-batch part of UTO")
     mask_false_negatives: bool = Field(
         default=False, description="leave same-image entries out of the negatives (False = the released code)"
@@ -86,21 +96,23 @@ class ModelConfig(BaseModel):
 
 
 class TrainRecipe(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONFIG
 
     epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
+    batch_size: int = Field(
+        ge=2, description="the global batch (at least 2 rows per process: SGE's BatchNorm needs them)"
+    )
+    lr: float = Field(gt=0, le=1)
     text_lr_scale: float = Field(default=0.1, gt=0, description="text backbone lr = lr x this")
     weight_decay: float = Field(default=1e-4, ge=0)
     grad_clip: float = Field(default=2.0, gt=0)
     lr_decay_epochs: tuple[int, ...] = Field(
-        default=(), description="lr x lr_decay from each of these epochs"
+        default=(), description="lr x lr_decay from each of these epochs (increasing, 1 to epochs - 1)"
     )
-    lr_decay: float = Field(default=0.1, gt=0)
+    lr_decay: float = Field(default=0.1, gt=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
-    seed: int = 1
-    workers: int = Field(default=2, ge=0, description="DataLoader worker processes")
+    seed: int = Field(default=1, ge=0, le=MAX_SEED)
+    workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
     deterministic: bool = Field(
         default=False,
@@ -119,9 +131,18 @@ class TrainRecipe(BaseModel):
         "single-process code computes them over its one batch (false: each process's own rows)",
     )
 
+    @model_validator(mode="after")
+    def _decays_within_the_run(self) -> TrainRecipe:
+        epochs = list(self.lr_decay_epochs)
+        if epochs != sorted(set(epochs)) or any(not 0 < e < self.epochs for e in epochs):
+            raise ValueError(
+                f"lr_decay_epochs {epochs} must be increasing epochs from 1 to epochs - 1 ({self.epochs - 1})"
+            )
+        return self
+
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = CONFIG
 
     schema_version: Literal["1.1"] = MODEL_SCHEMA_VERSION
     model: ModelConfig

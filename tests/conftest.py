@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,26 @@ def write_image(path: Path, seed: int, size=(96, 72)) -> None:
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
 
 
+def write_bomb_png(path: Path, width: int, height: int) -> Path:
+    """A decompression bomb's header without its bytes: a PNG that claims width x height grey pixels, over a
+    few bytes of image data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(64)))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
 @pytest.fixture
 def coco_root(tmp_path: Path) -> Path:
     """A COCO-layout dataset: dataset_coco.json + images/{train2014,val2014}/, 4 train, 1 restval, 2 val,
@@ -93,6 +114,85 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------------- the output protocol, checked on every
+# in-process command: a write (a file opened for writing, a rename, a removal, a folder made) under the tests'
+# temporary folder must lie in an output the command claimed (schemas/outputs.py `claim`): the output, the
+# `.NAME.*` entries beside it, or a folder above it made for it. A write that bypasses the protocol fails
+# the test that ran the command, whatever the command or the option that made it.
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_WRITE_EVENTS = {
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.chmod",
+    "shutil.rmtree",
+    "userpipe.exchange",
+}
+_AREA: list[str] = []  # the tests' temporary folder (set by a session fixture)
+_COMMANDS: list[str] = []  # the userpipe commands running in this process
+UNCLAIMED_WRITES: list[str] = []
+
+
+def _in_a_claim(path: str) -> bool:
+    from schemas.outputs import claimed_paths
+
+    for out in map(str, claimed_paths()):
+        out_folder, out_name = os.path.split(out)
+        if path == out or path.startswith(out + os.sep) or out.startswith(path + os.sep):
+            return True
+        beside = os.path.relpath(path, out_folder).split(os.sep)[0]  # `.NAME.*` or a path below one
+        if path.startswith(out_folder + os.sep) and beside.startswith(f".{out_name}."):
+            return True
+    return False
+
+
+def _writes_only_inside_claims(event: str, args: tuple) -> None:
+    if event == "userpipe.command":
+        if args[1]:
+            _COMMANDS.append(args[0])
+        else:
+            _COMMANDS.pop()
+        return
+    if not _COMMANDS or not _AREA:
+        return
+    if event == "open":
+        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+        if not (flags & _WRITE_FLAGS or any(c in mode for c in "wax+")):
+            return
+        paths = args[:1]
+    elif event in _WRITE_EVENTS:
+        paths = args
+    else:
+        return
+    for given in paths:
+        if not isinstance(given, (str, bytes, os.PathLike)):
+            continue
+        path = os.path.realpath(os.fsdecode(given))
+        if path.startswith(_AREA[0] + os.sep) and not _in_a_claim(path):
+            UNCLAIMED_WRITES.append(f"userpipe {_COMMANDS[-1]}: {event} {path}")
+
+
+sys.addaudithook(_writes_only_inside_claims)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _claims_checked_under(tmp_path_factory):
+    _AREA.append(os.path.realpath(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(autouse=True)
+def _no_unclaimed_writes():
+    UNCLAIMED_WRITES.clear()
+    yield
+    assert not UNCLAIMED_WRITES, f"writes outside any claimed output: {UNCLAIMED_WRITES[:5]}"
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Counted ranks against the reference protocol's per-query argsort loops."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,142 @@ def test_ranks_with_extra_positives_equal_the_argsort_loops(ties):
     for c in range(5 * n):
         order = np.argsort(sims[:, c], kind="stable")[::-1]
         assert t2i[c] == min(np.flatnonzero(order == i)[0] for i in pairs[pairs[:, 1] == c, 0])
+
+
+# ---------------------------------------------------------------------------- a protocol's name is a claim
+
+
+@pytest.fixture(scope="module")
+def protocol_stores(tmp_path_factory) -> dict:
+    """Test splits of the sizes the protocols name, of their dataset and of another, and small ones
+    (5 captions per image, small features: a 5,000-image store is under a megabyte)."""
+    from pipeline.synthetic import write_synthetic_store
+
+    tmp = tmp_path_factory.mktemp("protocols")
+
+    def store(name: str, images: int, dataset: str, **options) -> Path:
+        return write_synthetic_store(
+            tmp / f"{name}.zarr",
+            images,
+            captions_per_image=5,
+            chunk_size=1000,
+            split="test",
+            dataset=dataset,
+            **options,
+        )
+
+    return {
+        "coco 5K": store("coco", 5000, "coco"),
+        "f30k 1K": store("f30k", 1000, "f30k"),
+        "coco 25": store("coco25", 25, "coco"),
+        "f30k 19": store("f30k19", 19, "f30k"),
+        "f30k 5K": store("f30k5k", 5000, "f30k"),
+        "coco 1K": store("coco1k", 1000, "coco"),
+        "coco 5K, 1 invalid": store("coco-invalid", 5000, "coco", invalid=(7,)),
+    }
+
+
+def _cxc_files(folder: Path) -> tuple[str, ...]:
+    """Well-formed CxC files, read (as they are) before the store is looked at."""
+    from trainer.cxc import SITS_COLUMNS
+
+    (folder / "cxc").mkdir(exist_ok=True)
+    (folder / "cxc" / "sits_test.csv").write_text(
+        ",".join(SITS_COLUMNS) + "\nCOCO_val2014:sentid:1,COCO_val2014_000000000001.jpg,4,c2i\n"
+    )
+    (folder / "captions.json").write_text('{"annotations": []}')
+    return ("--cxc", str(folder / "cxc"), "--coco-captions", str(folder / "captions.json"))
+
+
+@pytest.mark.parametrize(
+    "protocol, store, holds",
+    [
+        ("coco1k", "coco 25", "25 images and 125 captions of dataset 'coco'"),
+        ("coco1k", "f30k 5K", "5,000 images and 25,000 captions of dataset 'f30k'"),
+        ("coco5k", "coco 25", "25 images and 125 captions of dataset 'coco'"),
+        ("coco5k", "f30k 5K", "5,000 images and 25,000 captions of dataset 'f30k'"),
+        ("coco5k", "coco 5K, 1 invalid", "(invalid images left out: 1) holds 4,999 images and 24,995"),
+        ("f30k", "f30k 19", "19 images and 95 captions of dataset 'f30k'"),
+        ("f30k", "coco 1K", "1,000 images and 5,000 captions of dataset 'coco'"),
+        ("cxc", "coco 25", "25 images and 125 captions of dataset 'coco'"),
+        ("cxc", "f30k 5K", "5,000 images and 25,000 captions of dataset 'f30k'"),
+    ],
+)
+def test_a_named_protocol_refuses_a_split_that_is_not_the_one_it_names(
+    runner, protocol_stores, tmp_path, protocol, store, holds
+):
+    """coco1k on 25 images would average five folds of five and print R@10 = 100 as COCO 1K: refused (one
+    line, exit 2) before any model is loaded, by size and by the dataset the store records."""
+    from conftest import run_cli
+
+    from trainer.evaluate import PROTOCOL_SPLITS
+
+    need = PROTOCOL_SPLITS[protocol]
+    cxc = _cxc_files(tmp_path) if protocol == "cxc" else ()
+    path = protocol_stores[store]
+    result = run_cli(
+        runner, "eval", "--checkpoint", tmp_path / "none", "--store", path, "--protocol", protocol, *cxc
+    )
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    line = " ".join(result.output.split())  # the console wraps long lines
+    assert f"--protocol {protocol} is {need.name}: " in line
+    assert f"{need.images:,} images and {need.captions:,} captions of dataset {need.dataset}" in line
+    assert f"split 'test' of {path}" in line and holds in line and "--protocol full evaluates any" in line
+
+
+@pytest.mark.parametrize(
+    "protocol, store", [("coco1k", "coco 5K"), ("coco5k", "coco 5K"), ("cxc", "coco 5K"), ("f30k", "f30k 1K")]
+)
+def test_a_named_protocol_accepts_the_split_it_names(protocol_stores, protocol, store):
+    from trainer.encode import split_sizes
+    from trainer.evaluate import check_protocol_split
+
+    dataset, images, captions, invalid = split_sizes(protocol_stores[store], "test")
+    assert invalid == 0
+    check_protocol_split(protocol, dataset, images, captions, "the split")  # does not raise
+    for other in ("coco 25", "f30k 19"):  # `full` takes any split
+        check_protocol_split("full", *split_sizes(protocol_stores[other], "test")[:3], "the split")
+
+
+def test_a_tables_title_states_what_was_evaluated():
+    from trainer.evaluate import format_table, with_sizes
+
+    rng = np.random.default_rng(0)
+    sims = rng.normal(size=(10, 50))
+    metrics = retrieval_metrics(sims)
+    assert format_table(with_sizes(metrics, 1000, 5000), "f30k on s [test]").startswith(
+        "f30k on s [test]: 1,000 images, 5,000 captions\n\n| direction |"
+    )
+    folds = with_sizes(protocol_metrics(sims, np.arange(50) // 5, "coco1k"), 5000, 25000, "coco1k")
+    assert format_table(folds, "coco1k on s [test]").startswith(
+        "coco1k on s [test]: 5 folds of 1,000 images / 5,000 captions\n"
+    )
+    assert format_table(with_sizes(metrics, 8, 21)).startswith("8 images, 21 captions\n\n")
+
+
+@pytest.mark.slow
+def test_eval_on_the_split_a_protocol_names_prints_its_sizes(runner, protocol_stores, tmp_path):
+    """End to end with an untrained model: coco1k on a 5,000-image COCO store is evaluated, its title saying
+    the folds' size; f30k's JSON holds the sizes."""
+    import json
+
+    import torch
+    from conftest import TINY, run_cli
+
+    from schemas.run import RunConfig
+    from trainer import checkpoint
+
+    config = RunConfig.model_validate({"model": {**TINY["model"], "text_layers": 1}, "train": TINY["train"]})
+    model = checkpoint.initial_model(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path / "run", model, optimizer, config, {"epoch": 0, "step": 0}, {"rsum": 0.0}, True)
+    base = ("eval", "--run", tmp_path / "run", "--store")
+    table = run_cli(runner, *base, protocol_stores["coco 5K"], "--protocol", "coco1k")
+    assert table.exit_code == 0, table.output
+    assert f"coco1k on {protocol_stores['coco 5K']} [test]: 5 folds of 1,000 images / 5,000 captions" in (
+        table.stdout
+    )
+    as_json = run_cli(runner, *base, protocol_stores["f30k 1K"], "--protocol", "f30k", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    metrics = json.loads(as_json.stdout)
+    assert (metrics["num_images"], metrics["num_captions"]) == (1000, 5000) and "num_folds" not in metrics

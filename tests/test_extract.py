@@ -15,6 +15,7 @@ from conftest import (
     run_cli,
     tree_bytes,
     wait_for_first_done_chunk,
+    write_bomb_png,
 )
 
 from schemas.store import validate_store
@@ -158,6 +159,27 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(
         "UnidentifiedImageError"
     )
     assert run_cli(runner, *args, "--allow-failures").exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_decompression_bomb_is_an_invalid_image_with_its_size(runner, coco_root: Path, tmp_path: Path):
+    """An image over the pixel cap is refused from its header, before it is decoded: one line naming the
+    file and its size, whether Pillow lets it open (10,000 x 10,000) or refuses it (100,000 x 100,000)."""
+    from schemas.store_reader import open_store
+
+    images = coco_root / "images"
+    big = write_bomb_png(images / "train2014" / "COCO_train2014_000000000101.jpg", 10_000, 10_000)
+    huge = write_bomb_png(images / "val2014" / "COCO_val2014_000000000105.jpg", 100_000, 100_000)
+    out = tmp_path / "coco.zarr"
+    result = run_cli(runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", out, "--clip", "none")
+    assert result.exit_code == 1 and "2 image(s) could not be used" in result.output, result.output
+    _, attrs = open_store(out)
+    reasons = {f.file.rsplit("/", 1)[-1]: f.error for f in attrs.failures}
+    assert reasons.keys() == {big.name, huge.name}
+    big_reason, huge_reason = reasons[big.name], reasons[huge.name]
+    assert big_reason.startswith("ValueError: ") and f"{big.name} is 10000x10000 pixels" in big_reason
+    assert huge.name in huge_reason and "Image size (10000000000 pixels)" in huge_reason
+    assert "\n" not in big_reason + huge_reason
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from conftest import EXTRACT_COCO_GRID, TINY, run_cli, shard_cli
 
 from pipeline.synthetic import write_synthetic_store
 from schemas.errors import InputError, NonFiniteError
-from schemas.outputs import writer_lock
+from schemas.outputs import RUN, claim
 from trainer.evaluate import retrieval_metrics
 
 
@@ -353,7 +353,7 @@ def test_a_second_writer_is_refused_naming_the_holder(runner, trained_run, tmp_p
             out,
         ),
     }[command]
-    with writer_lock(out):
+    with claim(out, RUN):  # another writer (the kind does not matter to the lock)
         line = error_line(run_cli(runner, *args))
     assert f"--out {out} is being written by process {os.getpid()}" in line
     assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -416,14 +416,14 @@ def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch,
     if not exchange:  # a filesystem without RENAME_EXCHANGE (NFS)
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     out = folder_with(tmp_path / "out", "old")
-    outputs.swap_in(folder_with(tmp_path / ".out.new-1", "new"), out)
+    outputs._swap_in(folder_with(tmp_path / ".out.new-1", "new"), out)
     assert (out / "content.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
         "out"
     ]
 
 
 def test_recover_undoes_a_swap_killed_between_its_two_renames_and_removes_unfinished_builds(tmp_path: Path):
-    from schemas.outputs import recover
+    from schemas.outputs import _recover as recover
 
     folder_with(tmp_path / ".out.old-abc", "old")  # killed after `out -> .out.old-abc`, before `new -> out`
     folder_with(tmp_path / ".out.new-def", "half-built")
@@ -440,12 +440,12 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
     import sys
 
     from schemas.errors import InputError
-    from schemas.outputs import writer_lock
+    from schemas.outputs import RUN, claim
 
     out = tmp_path / "out"
-    with writer_lock(out):
+    with claim(out, RUN):
         with pytest.raises(InputError, match=rf"--out {out} is being written by process {os.getpid()}"):
-            with writer_lock(out):
+            with claim(out, RUN):
                 pass
     assert not (tmp_path / ".out.lock").exists()
     # a holder killed with SIGKILL: its lock file stays, its lock does not
@@ -453,8 +453,8 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
         [
             sys.executable,
             "-c",
-            "import sys, time; from schemas.outputs import writer_lock\n"
-            f"with writer_lock(__import__('pathlib').Path({str(out)!r})):\n"
+            "import sys, time; from schemas.outputs import RUN, claim\n"
+            f"with claim(__import__('pathlib').Path({str(out)!r}), RUN):\n"
             "    print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -462,10 +462,10 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
     )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(InputError, match=f"process {holder.pid}"):
-        with writer_lock(out):
+        with claim(out, RUN):
             pass
     holder.kill()
     holder.wait()
     assert (tmp_path / ".out.lock").exists()
-    with writer_lock(out):
+    with claim(out, RUN):
         assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())

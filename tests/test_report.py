@@ -73,3 +73,20 @@ def test_report_compares_trained_untrained_and_chance(runner, trained):
     assert (run / "queries.png").stat().st_size > 10_000
     missing = run_cli(runner, "report", "--run", trained["tmp"], "--store", trained["val"], "--split", "val")
     assert missing.exit_code == 2 and "no checkpoint" in missing.output
+
+
+def test_the_runs_tables_state_what_they_evaluated(runner, trained):
+    """summary.md's validation tables, and eval's table and JSON, say how many images and captions their
+    numbers are over: the run validates on all 8 images of `val` (21 captions); the gallery has 15 valid
+    images (42 captions)."""
+    summary = (trained["run"] / "summary.md").read_text()
+    assert "## Best validation: 8 images, 21 captions\n" in summary
+    assert "## Untrained model (step 0): 8 images, 21 captions\n" in summary
+    base = ("eval", "--run", trained["run"], "--store", trained["gallery"])
+    table = run_cli(runner, *base)
+    assert table.exit_code == 0, table.output
+    assert f"full on {trained['gallery']} [test]: 15 images, 42 captions\n" in table.stdout
+    as_json = run_cli(runner, *base, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    metrics = json.loads(as_json.stdout)
+    assert (metrics["num_images"], metrics["num_captions"]) == (15, 42)

@@ -175,3 +175,88 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     (index / "index.json").write_text(json.dumps({**old, "schema_version": "1.1"}))
     with pytest.raises(InputError, match="records its extractor"):
         search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------- images decoded within a budget
+
+
+def _grid_config():
+    from conftest import extractor_config
+
+    from pipeline.features import extractor_models
+    from pipeline.regions import resolve_region_config
+
+    config = extractor_config(
+        resolve_region_config("grid", None, "efficientnet_lite0", None, None), num_regions=4, image_size=64
+    )
+    extractor_models(config.model_dump_json())  # built before anything is measured
+    return config
+
+
+def test_a_huge_image_query_is_decoded_at_about_the_size_its_encoders_take(tmp_path):
+    """A 9,000 x 9,000 PNG (78 kB; 81 M pixels, under the cap) decoded whole in float32 is 972 MB: decoded
+    instead box-reduced to at least twice the encoders' input, it embeds in a few MB."""
+    import tracemalloc
+
+    from PIL import Image, ImageDraw
+
+    from pipeline.features import image_file_features, load_image
+
+    path = tmp_path / "huge.png"
+    image = Image.new("L", (9000, 9000), 200)
+    ImageDraw.Draw(image).rectangle((1000, 2000, 5000, 7000), fill=30)
+    image.save(path)
+    del image
+    decoded = load_image(str(path), 672)
+    assert decoded.mode == "RGB" and 672 <= min(decoded.size) and max(decoded.size) < 2 * 672
+    config = _grid_config()
+    tracemalloc.start()
+    try:
+        regions, count, _ = image_file_features(config, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 4 and np.isfinite(regions).all()
+    assert peak < 50 * 2**20, peak
+
+
+def test_a_decompression_bomb_query_is_a_one_line_refusal_naming_its_size(tmp_path):
+    """A header that claims 10,000 x 10,000 (over the cap) or 100,000 x 100,000 pixels (over twice Pillow's
+    limit, refused by Pillow as it opens) over a few bytes: refused before anything is decoded."""
+    from conftest import write_bomb_png
+
+    from pipeline.features import image_file_features
+    from schemas.errors import InputError
+
+    config = _grid_config()
+    for side, size in ((10_000, "is 10000x10000 pixels"), (100_000, "Image size (10000000000 pixels)")):
+        path = write_bomb_png(tmp_path / f"bomb{side}.png", side, side)
+        with pytest.raises(InputError) as caught:
+            image_file_features(config, path)
+        message = str(caught.value)
+        assert message.startswith(f"cannot read image {path}: {path}") and size in message, message
+        assert "\n" not in message
+
+
+def test_a_decompression_bomb_in_the_gallery_is_a_placeholder_on_the_page(runner, trained, tmp_path):
+    """`search --html` inlines the hits' thumbnails: a bomb among the gallery's files is left out (the
+    placeholder a missing file gets), a large photo is decoded at reduced size."""
+    import shutil
+
+    from conftest import write_bomb_png, write_image
+
+    index = tmp_path / "index"
+    shutil.copytree(trained["index"], index)
+    manifest = json.loads((index / "index.json").read_text())
+    (index / "index.json").write_text(json.dumps({**manifest, "image_root": str(tmp_path / "images")}))
+    files = [json.loads(line)["file"] for line in (index / "images.jsonl").read_text().splitlines()]
+    write_bomb_png(tmp_path / "images" / files[0], 100_000, 100_000)
+    write_bomb_png(tmp_path / "images" / files[1], 10_000, 10_000)
+    write_image(tmp_path / "images" / files[2], 0, size=(1600, 1200))
+    page = tmp_path / "page.html"
+    args = ("search", "caption 0 of image 0", "--index", index, "--run", trained["run"], "-k", "20")
+    result = run_cli(runner, *args, "--html", page)
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    assert text.count("<figure") == 15 and text.count("data:image/jpeg;base64,") == 1
+    assert text.count('<div class="missing">') == 14

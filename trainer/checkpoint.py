@@ -111,10 +111,12 @@ class _ErrorKeepingFile:
         self.file.flush()
 
 
-def _bytes_needed(model: USER, optimizer: torch.optim.Optimizer) -> int:
-    tensors = list(model.state_dict().values())
-    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+def checkpoint_bytes(model: USER) -> int:
+    """A saved state's size, known before the first step: the weights (key encoders and queues included),
+    AdamW's two moments per trainable parameter, and 1 MiB for the rest."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + moments + (1 << 20)
 
 
 def save(
@@ -140,7 +142,7 @@ def save(
     while (folder / name).exists():  # a resumed run saving a position again that `best` still names
         copies += 1
         name = f"{base}.{copies}"
-    needed = _bytes_needed(model, optimizer)
+    needed = checkpoint_bytes(model)
     check_free_space(folder, needed)
     with written_whole(folder / name, needed, scratch=folder / f".{name}{PARTIAL}") as partial:
         partial.mkdir()

@@ -10,6 +10,7 @@ import yaml
 from schemas.base import validate_as
 from schemas.errors import InputError
 from schemas.run import RunConfig
+from schemas.sources import read_text
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -56,7 +57,7 @@ def _read_tree(name_or_path: str) -> dict:
     if not path.is_file():
         raise InputError(f"unknown config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
     try:
-        tree = yaml.safe_load(path.read_bytes())
+        tree = yaml.safe_load(read_text(path, "the config"))
     except yaml.YAMLError as exc:
         raise InputError(f"config {path} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(tree, dict):

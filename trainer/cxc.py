@@ -14,6 +14,7 @@ annotation file maps each to its image and text, and the text to the split's cap
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from schemas.errors import InputError
+from schemas.sources import read_text
 
 SITS_FILE = "sits_test.csv"
 SITS_COLUMNS = ["caption", "image", "agg_score", "sampling_method"]
@@ -37,24 +39,23 @@ def read_sits(folder: Path) -> list[tuple[int, int, float]]:
     if not path.is_file():
         raise InputError(f"no {SITS_FILE} in {folder} (the CxC annotations: {SOURCE})")
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        if header != SITS_COLUMNS:
-            raise InputError(f"{path}: the columns are {','.join(header)}, expected {','.join(SITS_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            caption = CAPTION_ID.fullmatch(row[0]) if len(row) == len(SITS_COLUMNS) else None
-            image = IMAGE_NAME.fullmatch(row[1]) if caption else None
-            try:
-                score = float(row[2]) if image else None
-            except ValueError:
-                score = None
-            if score is None or not 0 <= score <= 5:
-                raise InputError(
-                    f"{path} line {line}: expected COCO_val2014:sentid:ID, COCO_val2014_ID.jpg and a "
-                    f"score in [0, 5], got {','.join(row)[:120]!r}"
-                )
-            rows.append((int(caption[1]), int(image[1]), score))
+    reader = csv.reader(io.StringIO(read_text(path, "the CxC ratings"), newline=""))
+    header = next(reader, [])
+    if header != SITS_COLUMNS:
+        raise InputError(f"{path}: the columns are {','.join(header)}, expected {','.join(SITS_COLUMNS)}")
+    for line, row in enumerate(reader, start=2):
+        caption = CAPTION_ID.fullmatch(row[0]) if len(row) == len(SITS_COLUMNS) else None
+        image = IMAGE_NAME.fullmatch(row[1]) if caption else None
+        try:
+            score = float(row[2]) if image else None
+        except ValueError:
+            score = None
+        if score is None or not 0 <= score <= 5:
+            raise InputError(
+                f"{path} line {line}: expected COCO_val2014:sentid:ID, COCO_val2014_ID.jpg and a "
+                f"score in [0, 5], got {','.join(row)[:120]!r}"
+            )
+        rows.append((int(caption[1]), int(image[1]), score))
     if not rows:
         raise InputError(f"{path} holds no rated pairs")
     return rows
@@ -62,11 +63,10 @@ def read_sits(folder: Path) -> list[tuple[int, int, float]]:
 
 def read_coco_captions(path: Path) -> dict[int, tuple[int, str]]:
     """COCO caption id -> (COCO image id, caption) from a COCO captions annotation file."""
+    text = read_text(path, "COCO's captions_val2014.json")
     try:
-        tree = json.loads(Path(path).read_bytes())
+        tree = json.loads(text)
         return {int(a["id"]): (int(a["image_id"]), str(a["caption"])) for a in tree["annotations"]}
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist (COCO's captions_val2014.json)") from None
     except (ValueError, KeyError, TypeError) as exc:
         problem = f"no {exc.args[0]!r} field" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
         raise InputError(f"{path} is not a COCO captions annotation file ({problem})") from None

@@ -19,7 +19,7 @@ from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import checkpoint_dir, load_trained
 from trainer.cxc import cxc_positives, read_cxc
-from trainer.evaluate import PROTOCOLS, check_finite, protocol_metrics
+from trainer.evaluate import PROTOCOLS, check_finite, check_protocol_split, protocol_metrics, with_sizes
 from trainer.model import USER
 
 IMAGE_BATCH, TEXT_BATCH = 128, 256
@@ -83,6 +83,13 @@ def check_store_fits(config: ModelConfig, store: Path, attrs, group) -> None:
 
 def open_split(store: Path, split: str, config: ModelConfig, max_images: int | None = None):
     """The store's split checked against the model that will encode it: (group, attrs, n, valid rows)."""
+    group, attrs, n, valid, keep = _split_rows(store, split, max_images)
+    check_store_fits(config, store, attrs, group)
+    return group, attrs, n, valid, keep
+
+
+def _split_rows(store: Path, split: str, max_images: int | None):
+    """A complete store's split: (group, attrs, n, valid flags of its first n rows, the valid rows)."""
     root, attrs = open_store(store)
     if not attrs.complete:
         raise InputError(f"{store} is incomplete; finish it with userpipe extract first")
@@ -98,8 +105,15 @@ def open_split(store: Path, split: str, config: ModelConfig, max_images: int | N
     keep = np.flatnonzero(valid)
     if not len(keep):
         raise InputError(f"split '{split}' of {store} has no valid images")
-    check_store_fits(config, store, attrs, group)
     return group, attrs, n, valid, keep
+
+
+def split_sizes(store: Path, split: str, max_images: int | None = None) -> tuple[str, int, int, int]:
+    """What encode_split embeds of a split, without a model: the store's dataset, the valid images among the
+    first `max_images`, their captions, and the invalid images left out."""
+    group, attrs, n, valid, keep = _split_rows(store, split, max_images)
+    captions = int(np.isin(group["caption_image"][:], keep).sum())
+    return attrs.extractor.dataset, len(keep), captions, n - len(keep)
 
 
 @torch.no_grad()
@@ -184,6 +198,9 @@ def evaluate_checkpoints(
     if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
         raise InputError("--protocol cxc goes with --cxc DIR and --coco-captions FILE, and they only with it")
     annotations = read_cxc(cxc, coco_captions) if cxc is not None else None  # before any model loads
+    dataset, num_images, num_captions, invalid = split_sizes(store, split)
+    left_out = f" (invalid images left out: {invalid:,})" if invalid else ""
+    check_protocol_split(protocol, dataset, num_images, num_captions, f"split '{split}' of {store}{left_out}")
     sources = (
         [checkpoint_dir(r, None) for r in ensemble]
         if ensemble
@@ -199,4 +216,6 @@ def evaluate_checkpoints(
         if annotations is not None
         else None
     )
-    return embedding_metrics(embeddings, protocol, positives)
+    return with_sizes(
+        embedding_metrics(embeddings, protocol, positives), len(first.images), len(first.captions), protocol
+    )

@@ -14,15 +14,66 @@ order unspecified). Both directions count over one pass of the similarity rows, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from schemas.errors import NonFiniteError
+from schemas.errors import InputError, NonFiniteError
 
 KS = (1, 5, 10)
 ROWS = 64  # image rows per block: a (64, C) slice stays in cache while both directions count over it
 PROTOCOLS = ("coco1k", "coco5k", "f30k", "full", "cxc")
 FOLDS = 5
+
+
+@dataclass(frozen=True)
+class ProtocolSplit:
+    """The split a protocol's name claims: the store's dataset, and the images and captions it evaluates."""
+
+    name: str
+    dataset: str
+    images: int
+    captions: int
+
+
+# Karpathy & Fei-Fei (CVPR 2015)'s test splits, 5 captions per image, as VSE++ and SCAN report on them
+PROTOCOL_SPLITS = {
+    "coco1k": ProtocolSplit("COCO's 5K test split in 5 folds of 1,000", "coco", 5_000, 25_000),
+    "coco5k": ProtocolSplit("COCO's 5K test split", "coco", 5_000, 25_000),
+    "f30k": ProtocolSplit("Flickr30K's 1K test split", "f30k", 1_000, 5_000),
+    "cxc": ProtocolSplit("Crisscrossed Captions on COCO's 5K test split", "coco", 5_000, 25_000),
+}  # `full` takes any split
+
+
+def check_protocol_split(protocol: str, dataset: str, num_images: int, num_captions: int, what: str) -> None:
+    """A protocol's name is a claim about the data: a split other than the one it names (`what`, e.g. "split
+    'test' of data/coco.zarr", holding the images and captions counted) is refused, so that no table calls
+    another split's numbers COCO's or Flickr30K's."""
+    need = PROTOCOL_SPLITS.get(protocol)
+    if need is None or (dataset, num_images, num_captions) == (need.dataset, need.images, need.captions):
+        return
+    raise InputError(
+        f"--protocol {protocol} is {need.name}: {need.images:,} images and {need.captions:,} captions of "
+        f"dataset {need.dataset}; {what} holds {num_images:,} images and {num_captions:,} captions of "
+        f"dataset '{dataset}' (--protocol full evaluates any split)"
+    )
+
+
+def with_sizes(metrics: dict, num_images: int, num_captions: int, protocol: str = "full") -> dict:
+    """The metrics with the sizes of what they were computed over, which format_table's title states."""
+    folds = {"num_folds": FOLDS} if protocol == "coco1k" else {}
+    return {**metrics, "num_images": num_images, "num_captions": num_captions, **folds}
+
+
+def evaluated(metrics: dict) -> str:
+    """'N images, C captions', or for a fold protocol each fold's share; '' when the metrics lack sizes."""
+    if "num_images" not in metrics:
+        return ""
+    n, c, folds = metrics["num_images"], metrics["num_captions"], metrics.get("num_folds")
+    if folds:
+        return f"{folds} folds of {n // folds:,} images / {c // folds:,} captions"
+    return f"{n:,} images, {c:,} captions"
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -170,7 +221,10 @@ def protocol_metrics(sims, caption_image, protocol: str, positives=None) -> dict
 
 
 def format_table(metrics: dict, title: str = "") -> str:
-    """The markdown table papers report."""
+    """The markdown table papers report; its title states what was evaluated when the metrics carry their
+    sizes (`with_sizes`)."""
+    sizes = evaluated(metrics)
+    title = f"{title}: {sizes}" if title and sizes else title or sizes
     header = "| direction | R@1 | R@5 | R@10 | medr | meanr |\n|---|---|---|---|---|---|\n"
     rows = "".join(
         f"| {name} | {m['r1']:.1f} | {m['r5']:.1f} | {m['r10']:.1f} | {m['medr']:.0f} | {m['meanr']:.1f} |\n"

@@ -3,9 +3,10 @@
 Stages, each a small generator (webdataset style), composed in `_EpochStream.__iter__`:
 
   shard list (manifest) -> per-pass seeded shard order -> split by rank -> split by DataLoader worker
-  -> shard reading (a mapped file, or any URL webdataset opens; schemas.shard decodes it and checks the
-  count, and the sha256 at the shard's first reading) -> pairs: one caption of every image per pass,
-  images shuffled within the shard -> tokenize (+ augmentation) -> batches
+  -> shard reading (a mapped file, an http(s) URL or a `pipe:` command, read by schemas.sources;
+  schemas.shard decodes it and checks the count, and the sha256 at the shard's first reading)
+  -> pairs: one caption of every image per pass, images shuffled within the shard
+  -> tokenize (+ augmentation) -> batches
 
 An epoch is `passes` passes over the shards (the set's captions per image, 5 for COCO and Flickr30K), and
 each pass pairs every image with one of its captions, so the captions of an image are a whole pass apart:
@@ -27,7 +28,6 @@ import hashlib
 import itertools
 import math
 import mmap
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from schemas.errors import InputError
+from schemas.errors import InputError, ManifestError
 from schemas.shard import (
     MANIFEST_NAME,
     SampleError,
@@ -48,14 +47,10 @@ from schemas.shard import (
     read_manifest,
     tar_samples,
 )
+from schemas.sources import is_remote, read_bytes
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 from trainer.counter_random import hashed
-
-
-def is_remote(spec: str) -> bool:
-    """An http(s) (or other) URL or a `pipe:` command: shards webdataset opens, not local files."""
-    return "://" in spec or spec.startswith("pipe:")
 
 
 class ShardError(InputError):
@@ -96,8 +91,8 @@ class ShardSet:
     @classmethod
     def resolve(cls, spec: str | Path) -> ShardSet:
         """A manifest, or a brace pattern ("shards/train-{000000..000009}.tar") naming some of its shards;
-        the manifest beside them supplies the per-shard counts that epochs and resuming rely on. Also what
-        webdataset reads (`ShardSet.remote`): an http(s) URL or a `pipe:` command."""
+        the manifest beside them supplies the per-shard counts that epochs and resuming rely on. Also
+        shards elsewhere (`ShardSet.remote`): an http(s) URL or a `pipe:` command."""
         text = str(spec)
         if is_remote(text):
             return cls.remote(text)
@@ -126,7 +121,7 @@ class ShardSet:
 
     @classmethod
     def remote(cls, spec: str) -> ShardSet:
-        """Shards where webdataset reads them, for nodes without a shared filesystem: a folder URL
+        """Shards read where they are, for nodes without a shared filesystem: a folder URL
         ("https://host/train/"), its manifest's URL, a brace pattern of shard URLs, or a `pipe:` command
         whose word naming the shards is such a pattern ("pipe:aws s3 cp s3://b/train/{000000..000123}.tar -").
         The manifest is read the same way, from the folder of that word; each shard's size and sha256 are
@@ -145,13 +140,7 @@ class ShardSet:
             return " ".join([*words[:at], folder + name, *words[at + 1 :]])
 
         source = located(MANIFEST_NAME)
-        try:
-            with wds.gopen(source, "rb") as stream:
-                data = stream.read()
-        except Exception as exc:  # noqa: BLE001 - curl, pipes and URLs each fail their own way
-            reason = " ".join(str(exc).split())[:200]
-            raise InputError(f"cannot read the shard manifest {source}: {reason}") from None
-        manifest = parse_manifest(data, source)
+        manifest = parse_manifest(read_bytes(source, "the shard manifest", ManifestError), source)
         names = [record.name for record in manifest.shards]
         picked = names
         if word.endswith(".tar"):
@@ -263,16 +252,8 @@ def caption_for_pass(image: int, num_captions: int, seed: int, epoch: int, pass_
 
 def shard_archive(url: str) -> bytes | memoryview:
     """A shard's bytes: a local file mapped read-only (its members become views of the page cache, copied
-    once, into the batch), anything else webdataset opens read whole."""
-    if os.path.isfile(url):
-        with open(url, "rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
-                return b""
-            return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
-    for source in wds.tariterators.url_opener([{"url": url}]):
-        with source["stream"] as stream:
-            return stream.read()
-    return b""
+    once, into the batch), a URL or `pipe:` command read whole. ShardError when it cannot be read."""
+    return read_bytes(url, "a shard", ShardError, mapped=True)
 
 
 def read_shard(
@@ -641,6 +622,7 @@ class StreamingLoader:
                     stream.buffers.reclaim()
                     batch = stream.buffers.receive(batch)
                 yield batch
-        except ShardError as exc:  # from a worker process, the DataLoader adds its traceback to the message
+        except InputError as exc:  # from a worker process, the DataLoader adds its traceback to the message
+            kind = type(exc)
             raw = str(exc.args[0]) if exc.args else ""
-            raise ShardError(raw.split("trainer.loader.ShardError: ", 1)[-1]) from None
+            raise kind(raw.rsplit(f"{kind.__module__}.{kind.__qualname__}: ", 1)[-1]) from None

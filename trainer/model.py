@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.profiler import record_function
 
+from schemas.errors import InputError
 from schemas.run import ModelConfig
 from trainer.distributed import BatchNorm1d, gather, gather_with_grad
 from trainer.losses import uto_loss, uto_queue_loss
@@ -238,12 +239,24 @@ class TextEncoder(nn.Module):
         if bert is None:
             from transformers import AutoModel
 
-            bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
+            try:
+                bert = AutoModel.from_pretrained(resolve_text_model(config.text_model))
+            except (OSError, ValueError) as exc:
+                raise InputError(
+                    f"cannot load text model '{config.text_model}': {str(exc).splitlines()[0]}"
+                ) from None
+        positions = getattr(bert.config, "max_position_embeddings", None)
+        if config.max_tokens is not None and positions is not None and config.max_tokens > positions:
+            raise InputError(
+                f"config model.max_tokens={config.max_tokens} but {config.text_model} has {positions} "
+                "positions"
+            )
         if config.text_layers is not None:
             layers = bert.encoder.layer
             if config.text_layers > len(layers):
-                raise ValueError(
-                    f"text_layers={config.text_layers} but {config.text_model} has {len(layers)}"
+                raise InputError(
+                    f"config model.text_layers={config.text_layers} but {config.text_model} has "
+                    f"{len(layers)} layers"
                 )
             bert.encoder.layer = layers[: config.text_layers]
             bert.config.num_hidden_layers = config.text_layers

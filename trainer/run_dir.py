@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from schemas.base import parse_json, read_model, validate_as
 from schemas.errors import InputError
-from schemas.outputs import RUN, existing, recover, write_text_atomic
+from schemas.outputs import Output, write_text_atomic
 from schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
 from trainer import checkpoint
 from trainer.checkpoint import CHECKPOINTS
@@ -105,11 +106,10 @@ class Start:
 
 
 def start_run(
-    run: Path, config: RunConfig, data: RunData, resume: bool, allow_change: bool, console: Console
+    output: Output, config: RunConfig, data: RunData, resume: bool, allow_change: bool, console: Console
 ) -> Start:
-    """Decide how the run starts, refusing before anything is written (called under the writer lock)."""
-    found = existing(run, RUN)
-    recover(run)
+    """Decide how the run starts, refusing before anything is written (on the claimed run directory)."""
+    run, found = output.given, output.state
     checkpoint.recover(run)
     record_path = run / RUN_RECORD_NAME
     if found == "own" and checkpoint.has_checkpoint(run):
@@ -143,8 +143,16 @@ def start_run(
                     f"--resume: {run} was trained with {_listed(changed, list(changed))}; pass "
                     "--allow-change to continue with the change recorded in the run, or resume as it was"
                 )
-            change = RunChange(step=step, fields=changed)
             console.print(f"continuing {run} with {_listed(changed, list(changed))} from step {step}")
+            if "val_store" in changed:  # RSUMs of two validation sets do not compare: selection restarts
+                best = state["position"]["best_rsum"]
+                changed["best_rsum"] = (best if math.isfinite(best) else None, None)
+                state["position"]["best_rsum"] = float("-inf")
+                console.print(
+                    "best-model selection starts again on the new validation set (recorded in the run); "
+                    "'best' keeps the old set's choice until the first validation"
+                )
+            change = RunChange(step=step, fields=changed)
             return Start(
                 config, record.model_copy(update={"changes": (*record.changes, change)}), state, change
             )

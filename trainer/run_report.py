@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.run import ModelConfig
+from schemas.base import read_model
+from schemas.outputs import RUN, claim, write_text_atomic, written_whole
+from schemas.run import RUN_RECORD_NAME, ModelConfig, RunRecord
 from schemas.store_reader import open_store
-from trainer.checkpoint import CHECKPOINTS, initial_model, load_trained
-from trainer.encode import SplitEmbeddings, embedding_metrics, encode_split
-from trainer.evaluate import KS, format_table
+from trainer.checkpoint import CHECKPOINTS, initial_model, load_trained, run_config_of
+from trainer.encode import SplitEmbeddings, embedding_metrics, encode_split, split_sizes
+from trainer.evaluate import KS, format_table, with_sizes
 from trainer.run_dir import LOG_NAME, JsonLog
 from trainer.search import thumbnail
 
@@ -94,7 +96,7 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
                 spine.set_color("#22aa22" if hit["correct"] else "#bbbbbb")
                 spine.set_linewidth(5 if hit["correct"] else 1)
             ax.set_xlabel(f"#{col + 1} {hit['image_id']}  {hit['score']:.3f}", fontsize=8)
-    fig.savefig(out, dpi=110)
+    save_png(fig, out, dpi=110)
     return queries
 
 
@@ -103,7 +105,18 @@ def _evaluate(run: Path, store: Path, split: str):
     return model, config, tokenizer, encode_split(model, store, split, tokenizer)
 
 
+def save_png(fig, path: Path, dpi: int) -> None:
+    with written_whole(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=dpi)
+
+
 def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
+    """report.md, report.json and queries.png, added to the run (its own output: claimed as train does)."""
+    with claim(run, RUN, [store], option="--run", own_only=True):
+        return _write_run_report(run, store, split, compare)
+
+
+def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
     model, config, tokenizer, trained = _evaluate(run, store, split)
     untrained_model = initial_model(config).to(next(model.parameters()).device)
     metrics = {
@@ -147,7 +160,7 @@ def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) ->
         "## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
         "framed green.\n\n![queries](queries.png)\n"
     )
-    (run / "report.md").write_text(text)
+    write_text_atomic(run / "report.md", text)
     result = {
         "run": str(run),
         "store": str(store),
@@ -158,8 +171,16 @@ def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) ->
         "ablation": [{"label": label, "run": str(path), **m} for label, path, m in ablation],
         "queries": queries,
     }
-    (run / "report.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(run / "report.json", json.dumps(result, indent=1))
     return result
+
+
+def validation_sizes(run: Path) -> tuple[int, int]:
+    """The images and captions a run validates on (its validation store's `val` split, the first
+    train.val_images images), which its log's metrics do not record."""
+    store = read_model(RunRecord, run / RUN_RECORD_NAME, "run record").data.val_store
+    _, images, captions, _ = split_sizes(Path(store), "val", run_config_of(run).train.val_images)
+    return images, captions
 
 
 def write_training_summary(run: Path, records: list[dict]) -> None:
@@ -176,19 +197,25 @@ def write_training_summary(run: Path, records: list[dict]) -> None:
     ax.set(xlabel="step", ylabel="UTO", title="training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=120)
+    save_png(fig, run / "loss.png", dpi=120)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.plot([r["step"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
     ax.set(xlabel="step", ylabel="RSUM", title="validation RSUM")
     fig.tight_layout()
-    fig.savefig(run / "val_rsum.png", dpi=120)
+    save_png(fig, run / "val_rsum.png", dpi=120)
     best = max(vals, key=lambda r: r["val"]["rsum"])
     untrained = [r for r in vals if r["step"] == 0]
-    (run / "summary.md").write_text(
+    sizes = validation_sizes(run)
+    write_text_atomic(
+        run / "summary.md",
         f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
         f"(epoch {best['epoch']}).\n\n"
-        + format_table(best["val"], "## Best validation")
-        + (format_table(untrained[0]["val"], "\n## Untrained model (step 0)") if untrained else "")
-        + "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n"
+        + format_table(with_sizes(best["val"], *sizes), "## Best validation")
+        + (
+            format_table(with_sizes(untrained[0]["val"], *sizes), "\n## Untrained model (step 0)")
+            if untrained
+            else ""
+        )
+        + "\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n",
     )

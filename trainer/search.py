@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +22,7 @@ from PIL import Image
 from schemas.base import file_sha256
 from schemas.errors import InputError
 from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
-from schemas.outputs import (
-    INDEX,
-    check_apart,
-    check_file_target,
-    disk_full,
-    existing,
-    recover,
-    scratch_beside,
-    swap_in,
-    write_text_atomic,
-    writer_lock,
-)
+from schemas.outputs import HTML, HTML_SIGNATURE, INDEX, check_output, claim
 from schemas.store_reader import open_store
 from trainer.captions import CaptionTokenizer
 from trainer.checkpoint import WEIGHTS, checkpoint_dir, load_trained
@@ -84,36 +72,27 @@ def build_index(
     image_root: Path | None = None,
 ) -> IndexManifest:
     """Embed every valid image and caption of `split` into `out` (written whole or not at all)."""
-    check_apart(out, [store, checkpoint])
-    existing(out, INDEX)  # refuses a folder that holds anything but an index
     root, attrs = open_store(store)
-    emb = encode_split(model, store, split, tokenizer)
-    files = root[split]["file"][:]
-    recorded_root = image_root.resolve() if image_root else attrs.image_root
-    manifest = IndexManifest(
-        model=IndexedModel(
-            checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config
-        ),
-        store=str(store.resolve()),
-        split=split,
-        image_root=str(recorded_root) if recorded_root else None,
-        embed_dim=emb.images.shape[1],
-        num_images=len(emb.images),
-        num_captions=len(emb.captions),
-        extractor=attrs.extractor,
-    )
-    with writer_lock(out):
-        recover(out)
-        temporary = scratch_beside(out)
-        try:
-            _write_index(temporary, emb, files, manifest)
-        except BaseException as exc:  # a full disk, or an interruption: nothing half-written stays
-            shutil.rmtree(temporary, ignore_errors=True)
-            needed = 4 * manifest.embed_dim * (manifest.num_images + manifest.num_captions)
-            if isinstance(exc, OSError):
-                raise disk_full(exc, out, needed) or exc from None
-            raise
-        swap_in(temporary, out)
+    summary = attrs.splits.get(split)  # a split the store lacks: encode_split names it
+    needed = 4 * model.config.embed_dim * (summary.num_images + summary.num_captions) if summary else 0
+    with claim(out, INDEX, [store, checkpoint], needed=needed) as output:
+        emb = encode_split(model, store, split, tokenizer)
+        files = root[split]["file"][:]
+        recorded_root = image_root.resolve() if image_root else attrs.image_root
+        manifest = IndexManifest(
+            model=IndexedModel(
+                checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config
+            ),
+            store=str(store.resolve()),
+            split=split,
+            image_root=str(recorded_root) if recorded_root else None,
+            embed_dim=emb.images.shape[1],
+            num_images=len(emb.images),
+            num_captions=len(emb.captions),
+            extractor=attrs.extractor,
+        )
+        with output.built(4 * manifest.embed_dim * (manifest.num_images + manifest.num_captions)) as folder:
+            _write_index(folder, emb, files, manifest)
     return manifest
 
 
@@ -269,7 +248,7 @@ def search_command(
     """`userpipe search`: the top-k images for a text (`images`) or captions for an image id or file, with the
     model the index was built with; also written as an HTML page to `html_out`."""
     if html_out:
-        check_html_target(html_out)
+        check_output(html_out, HTML, [index], "--html")
     if not query.strip():
         raise InputError("the query is empty")
     if k <= 0:
@@ -287,13 +266,15 @@ def search_command(
 
 
 def thumbnail(path: Path | None) -> Image.Image | None:
-    """The image scaled to THUMBNAIL px on its longer side; None when there is no readable file."""
+    """The image scaled to THUMBNAIL px on its longer side, decoded at reduced size (its shorter side at least
+    twice that); None (a placeholder) when there is no readable image file, or one over the pixel cap."""
+    from pipeline.features import load_image
+
     if path is None:
         return None
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, SyntaxError):
+        image = load_image(str(path), 2 * THUMBNAIL)
+    except (OSError, SyntaxError, ValueError):
         return None
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     return image
@@ -316,16 +297,8 @@ def _img_tag(path: Path | None, label: str) -> str:
     )
 
 
-HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
-
-
-def check_html_target(out: Path) -> None:
-    check_file_target(out, HTML_SIGNATURE, "--html")
-
-
 def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: list[Hit]) -> None:
     """A self-contained page (thumbnails inlined): the query, then the hits best first, matches marked."""
-    check_html_target(out)
     if gallery == "images":
         head = f"<p class='query'>{html.escape(query)}</p>"
         cards = "".join(
@@ -345,9 +318,7 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
             )
             + "</ol>"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        out,
+    page = (
         HTML_SIGNATURE + "<style>"
         "body{font-family:sans-serif;margin:2em} figure{display:inline-block;margin:4px;padding:4px;"
         "border:4px solid #ddd;text-align:center} .correct{border-color:#2a2;color:#161} "
@@ -355,8 +326,10 @@ def write_html(out: Path, index: SearchIndex, query: str, gallery: str, hits: li
         "height:120px;background:#eee} li.correct{font-weight:bold} .query{font-size:1.3em}</style>"
         f"<h1>userpipe search</h1>{head}<p>top {len(hits)} {gallery} from {html.escape(str(index.folder))} "
         f"({index.manifest.split} split, {index.manifest.num_images} images, {index.manifest.num_captions} "
-        f"captions); ground-truth matches are green</p>{cards}\n",
+        f"captions); ground-truth matches are green</p>{cards}\n"
     )
+    with claim(out, HTML, [index.folder], "--html") as output, output.built(len(page)) as scratch:
+        scratch.write_text(page, encoding="utf-8")
 
 
 def _mark(hit: Hit) -> str:

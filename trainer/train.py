@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.profiler import record_function
 
 from schemas.errors import InputError, NonFiniteError
-from schemas.outputs import RUN, check_apart, create_with, existing, write_text_atomic, writer_lock
+from schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from schemas.run import RUN_RECORD_NAME, RunConfig
 from trainer import checkpoint, distributed
 from trainer.captions import CaptionTokenizer
@@ -53,10 +53,27 @@ class Position:
     best_rsum: float = float("-inf")
 
 
-def check_fits(config: RunConfig, shards: ShardSet, manifest_path: str) -> None:
-    """The config must fit the data before any work starts."""
+def check_fits(
+    config: RunConfig, shards: ShardSet, manifest_path: str, device: torch.device, world: World
+) -> None:
+    """The config must fit the data, the device and the processes before any work starts."""
     store = shards.store_config
     model = config.model
+    if model.num_regions != store.num_regions:
+        raise InputError(
+            f"config model.num_regions={model.num_regions} but the shards hold up to {store.num_regions} "
+            f"regions per image ({manifest_path}); SGE's BatchNorm runs over exactly that many"
+        )
+    if config.train.backend == "triton" and device.type != "cuda":
+        raise InputError(
+            f"config train.backend=triton runs on CUDA GPUs; this run trains on {device.type} "
+            "(use auto, eager or chunked)"
+        )
+    if config.train.batch_size % world.size or config.train.batch_size // world.size < 2:
+        raise InputError(
+            f"config train.batch_size={config.train.batch_size} (the global batch) must give each of "
+            f"{world.size} processes an equal share of at least 2 rows (SGE's BatchNorm)"
+        )
     if model.feature_dim != store.feature_dim:
         raise InputError(
             f"config model.feature_dim={model.feature_dim} but the shards hold {store.feature_dim}-d "
@@ -129,11 +146,6 @@ def train_command(
             return resuming, spec, val, load_run_config(base, parse_overrides(overrides))
 
         resuming, spec, val, run_config = distributed.from_main(inputs)
-        if run_config.train.batch_size % world.size:
-            raise InputError(
-                f"train.batch_size {run_config.train.batch_size} (the global batch) does not divide among "
-                f"{world.size} processes"
-            )
         keep_freed_memory()
         if run_config.train.deterministic:
             reproducible_cpu_math()
@@ -173,20 +185,21 @@ def train(
     reads and writes the run directory and the validation store; what the others need of it (the start,
     the state to resume) reaches them from rank 0."""
     shards = ShardSet.resolve(shards_spec)
-    check_fits(config, shards, shards_spec)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_fits(config, shards, shards_spec, device, world)
 
     with contextlib.ExitStack() as held:
+        claimed: list[Output] = []  # rank 0's claim of the run directory, held for the whole run
 
         def begin() -> Start:  # on rank 0; an error in it is raised on every rank
-            check_apart(run, [val_store, *(Path(u).parent for u in shards.urls[:1] if not is_remote(u))])
-            existing(run, RUN)
-            data = run_data(shards_spec, shards, val_store)
-            held.enter_context(writer_lock(run))
-            return start_run(run, config, data, resume, allow_change, console)
+            inputs = [val_store, *(Path(u).parent for u in shards.urls[:1] if not is_remote(u))]
+            claimed.append(held.enter_context(claim(run, RUN, inputs)))
+            return start_run(
+                claimed[0], config, run_data(shards_spec, shards, val_store), resume, allow_change, console
+            )
 
         start = distributed.from_main(begin)
-        return _train(run, shards, shards_spec, val_store, start, console, bert, world, device)
+        return _train(run, claimed, shards, shards_spec, val_store, start, console, bert, world, device)
 
 
 class _NoLog:
@@ -201,6 +214,7 @@ class _NoLog:
 
 def _train(
     run: Path,
+    claimed: list[Output],
     shards: ShardSet,
     shards_spec: str,
     val_store: Path,
@@ -225,6 +239,13 @@ def _train(
     per_epoch = [loader.batches_per_epoch(epoch) for epoch in range(recipe.epochs)]
     if min(per_epoch) == 0:
         raise InputError(f"{shards_spec} holds fewer pairs than one batch of {recipe.batch_size}")
+    pairs = min(per_epoch) * recipe.batch_size
+    if config.model.use_queue and config.model.queue_size > pairs:
+        raise InputError(
+            f"config model.queue_size={config.model.queue_size} is more than the {pairs} pairs an epoch of "
+            f"{shards_spec} trains on: the queue would hold each pair's own key among its negatives; "
+            f"use at most {pairs}"
+        )
     state = start.state
     saved_world = world.size if state is None else state.get("world_size", 1)
     if saved_world != world.size:
@@ -233,20 +254,22 @@ def _train(
             f"(the data position is planned per process), not {world.size}"
         )
 
+    model = initial_model(config, bert).to(device)  # the same on every rank (DDP also copies rank 0's)
+
     def prepare_run_directory() -> None:  # rank 0: every check above ran before the first write
         open_split(val_store, "val", config.model, recipe.val_images)
+        check_free_space(run, checkpoint.checkpoint_bytes(model))  # a save's size, before an epoch trains
         files = {
             "config.json": config.model_dump_json(indent=1),
             RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
         }
-        if existing(run, RUN) == "own":
+        if claimed[0].holds_own(run):
             for name, text in files.items():
                 write_text_atomic(run / name, text)
         else:
-            create_with(run, files)
+            claimed[0].create(files)
 
     distributed.from_main(prepare_run_directory)
-    model = initial_model(config, bert).to(device)  # the same on every rank (DDP also copies rank 0's)
     position = Position()
     log = JsonLog(run / LOG_NAME) if world.main else _NoLog()
     if state is not None and world.main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import os
 import sys
@@ -13,11 +14,36 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own click
+from typer.core import TyperGroup
 
 from schemas.errors import InputError
 from trainer.process import quiet_model_loading
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (a value of the wrong type, a missing or unknown option) as one line, exit 2, like every
+    other bad input, instead of click's framed usage text."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError:  # `userpipe` alone: the help
+            return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
+        except UsageError as exc:
+            where = f"userpipe {exc.ctx.info_name}: " if exc.ctx and exc.ctx.parent else ""
+            console.print(f"[red]error:[/red] {escape(where + ' '.join(exc.format_message().split()))}")
+            sys.exit(EXIT_BAD_INPUT)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(EXIT_FAILURES)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -57,14 +83,50 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
-def command(*args, resumable: bool = False, **kwargs):
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_option_rules(
+    function, values: dict, excludes: tuple[tuple[str, ...], ...], requires: dict[str, str]
+) -> None:
+    """Refuse options given together that exclude each other, or one given without the option it
+    qualifies. Given: another value than the option's default (so defaults that depend on the machine,
+    like --workers, are None and resolved by the stage)."""
+    defaults = {
+        name: getattr(parameter.default, "default", parameter.default)
+        for name, parameter in inspect.signature(function).parameters.items()
+    }
+    given = {name for name, value in values.items() if name in defaults and value != defaults[name]}
+    for group in excludes:
+        both = [name for name in group if name in given]
+        if len(both) > 1:
+            raise InputError(f"{' and '.join(map(_flag, both))} exclude each other; give one of them")
+    for name, needed in requires.items():
+        if name in given and needed not in given:
+            raise InputError(f"{_flag(name)} applies only with {_flag(needed)}")
+
+
+def command(
+    *args,
+    resumable: bool = False,
+    excludes: tuple[tuple[str, ...], ...] = (),
+    requires: dict[str, str] | None = None,
+    **kwargs,
+):
     """Register a command behind the one error boundary: expected failures print `error: <line>` and
-    exit 2; Ctrl-C exits 130 (with the resume hint for resumable stages); bugs keep their traceback."""
+    exit 2; Ctrl-C exits 130 (with the resume hint for resumable stages); bugs keep their traceback.
+    `excludes`: groups of options of which at most one may be given; `requires`: option -> the option it
+    needs (tests/test_cli_contract.py generates a refusal for each)."""
 
     def register(function):
+        function.option_rules = (excludes, requires or {})
+
         @functools.wraps(function)
         def bounded(*a, **k):
+            sys.audit("userpipe.command", function.__name__, True)  # tests check its writes (conftest.py)
             try:
+                check_option_rules(function, k, excludes, requires or {})
                 return function(*a, **k)
             except KeyboardInterrupt:
                 console.print("interrupted" + ("; rerun the same command to resume" if resumable else ""))
@@ -75,13 +137,19 @@ def command(*args, resumable: bool = False, **kwargs):
                     raise
                 console.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths may hold [ ]
                 raise typer.Exit(EXIT_BAD_INPUT) from None
+            finally:
+                sys.audit("userpipe.command", function.__name__, False)
 
         return app.command(*args, **kwargs)(bounded)
 
     return register
 
 
-@command(resumable=True)
+def _local_workers(workers: int | None) -> int:
+    return os.cpu_count() or 1 if workers is None else workers
+
+
+@command(resumable=True, excludes=(("scheduler", "workers"),))
 def extract(
     dataset: str = typer.Option("demo", help="coco, f30k, demo, or a path to a Karpathy-format JSON"),
     root: Path = typer.Option(None, help="dataset folder (default data/DATASET)"),
@@ -126,7 +194,7 @@ def extract(
     chunk_size: int = typer.Option(64, help="images per Zarr chunk and per Dask task"),
     images: int = typer.Option(None, help="demo only: number of images to generate (default 3200)"),
     workers: int = typer.Option(
-        os.cpu_count() or 1, help="local Dask worker processes (1: one worker in this process)"
+        None, help="local Dask worker processes (1: one worker in this process; default: the CPU count)"
     ),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
     overwrite: bool = typer.Option(
@@ -152,7 +220,7 @@ def extract(
         image_size,
         chunk_size,
         images,
-        workers,
+        _local_workers(workers),
         scheduler,
         overwrite,
         detector_config,
@@ -225,7 +293,7 @@ def info(
         )
 
 
-@command(resumable=True)
+@command(resumable=True, excludes=(("scheduler", "workers"),))
 def shard(
     store: Path = typer.Option(..., help="a store written by userpipe extract"),
     split: str = typer.Option("train", help="the split to shard"),
@@ -234,7 +302,7 @@ def shard(
     max_size: float = typer.Option(1e9, help="bytes per shard at most (by the encoded sample sizes)"),
     seed: int = typer.Option(0, help="seed of the image-to-shard assignment and order"),
     workers: int = typer.Option(
-        os.cpu_count() or 1, help="local Dask worker processes (1: one worker in this process)"
+        None, help="local Dask worker processes (1: one worker in this process; default: the CPU count)"
     ),
     scheduler: str = typer.Option(None, help="address of an existing dask.distributed scheduler"),
     overwrite: bool = typer.Option(False, help="replace shards of another plan in --out"),
@@ -243,7 +311,9 @@ def shard(
     from pipeline.shard import ShardOptions, run_shard
 
     out, manifest = run_shard(
-        ShardOptions(store, split, out, max_count, int(max_size), seed, workers, scheduler, overwrite),
+        ShardOptions(
+            store, split, out, max_count, int(max_size), seed, _local_workers(workers), scheduler, overwrite
+        ),
         console,
     )
     console.print(
@@ -308,7 +378,7 @@ def export(
     console.print(f"wrote {count} images to {out}")
 
 
-@command(resumable=True)
+@command(resumable=True, requires={"allow_change": "resume"})
 def train(
     shards: str = typer.Option(
         None, help="shard folder (or a brace pattern) written by userpipe shard (on --resume: the run's)"
@@ -347,7 +417,7 @@ def train(
     console.print(f"report: {out / 'summary.md'}")
 
 
-@command("eval")
+@command("eval", excludes=(("run", "checkpoint", "ensemble"),))
 def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
@@ -375,7 +445,7 @@ def evaluate(
         print(format_table(metrics, f"{protocol} on {store} [{split}]"))
 
 
-@command()
+@command(excludes=(("run", "checkpoint"),))
 def index(
     store: Path = typer.Option(..., help="store holding the gallery"),
     out: Path = typer.Option(..., help="index folder to write (an existing index there is replaced)"),
@@ -406,7 +476,7 @@ def _shown(path: Path | None, fallback: str) -> str:
         return str(path)
 
 
-@command()
+@command(excludes=(("run", "checkpoint"),))
 def search(
     query: str = typer.Argument(
         ..., help="a text (gallery --images), or an image id or file (gallery --captions)"
