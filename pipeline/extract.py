@@ -19,6 +19,7 @@ from typing import get_args
 import numpy as np
 import zarr
 from PIL import Image
+from pydantic import Field
 from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
@@ -36,13 +37,17 @@ from pipeline.store import (
     write_attrs,
     write_index_arrays,
 )
+from schemas.base import LocalWorkers, Options
 from schemas.errors import InputError
 from schemas.outputs import STORE, Output, check_output, claim, disk_full
 from schemas.store import (
     DETECTION_ARRAYS,
     IMPORTED_REGION_KINDS,
+    ChunkImages,
     ExtractorConfig,
+    ImageSide,
     RegionKind,
+    RegionSlots,
     SplitSummary,
     StoreAttrs,
     caption_chunk_size,
@@ -55,9 +60,8 @@ from schemas.store_reader import done_flags, open_store, store_problems
 TEXT_BATCH = 256
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    dataset: str
+class ExtractOptions(Options):
+    dataset: str = Field(min_length=1)
     root: Path | None
     out: Path | None
     splits: tuple[str, ...]
@@ -66,11 +70,11 @@ class ExtractOptions:
     backbone_weights: str | None
     detector_weights: str | None
     clip: str | None  # None: dataset default
-    num_regions: int
-    image_size: int | None
-    chunk_size: int
-    images: int | None  # demo size
-    workers: int
+    num_regions: RegionSlots
+    image_size: ImageSide | None
+    chunk_size: ChunkImages
+    images: int | None = Field(ge=1, le=10_000_000)  # demo size
+    workers: LocalWorkers
     scheduler: str | None
     overwrite: bool
     detector_config: str | None = None  # butd-vg: a packaged name or a detectron2 .yaml (None: default)
@@ -117,8 +121,6 @@ def _given_inputs(opts: ExtractOptions) -> list:
 
 def prepare(opts: ExtractOptions) -> Prepared:
     """Everything that can be wrong with the input is found here, before anything is written."""
-    if opts.workers < 1:
-        raise InputError("--workers must be at least 1")
     if opts.images is not None and opts.dataset != "demo":
         raise InputError("--images only applies to --dataset demo")
     out = opts.out or default_out(opts.dataset)
@@ -128,8 +130,6 @@ def prepare(opts: ExtractOptions) -> Prepared:
     kind, _, source = region_spec.partition(":")
     if kind in IMPORTED_REGION_KINDS and not source:
         raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
-    if opts.num_regions <= 0 or opts.chunk_size <= 0:
-        raise InputError("--num-regions and --chunk-size must be positive")
     for name, kinds in KIND_OPTIONS.items():
         if getattr(opts, name) is not None and kind in get_args(RegionKind) and kind not in kinds:
             flag = "--" + name.replace("_", "-")

@@ -146,7 +146,10 @@ def resolve_region_config(
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
-    bweights = local_weights(backbone_weights, "backbone") if backbone_weights else spec.default_weights()
+    bweights = spec.default_weights()
+    if backbone_weights:  # a user's file must fit the backbone here, not in every task
+        bweights = local_weights(backbone_weights, "backbone")
+        load_weights(spec.build()[0], bweights, by_order=spec.weights_by_order)
     detector = dweights = None
     if kind == "butd":
         detector = "fasterrcnn_resnet50_fpn"

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 import zarr
+from pydantic import Field
 from rich.console import Console
 
 from pipeline.cluster import dask_client, run_tasks
-from schemas.base import file_sha256, read_model
+from schemas.base import LocalWorkers, Options, Seed, file_sha256, read_model
 from schemas.errors import InputError
 from schemas.outputs import (
     PLAN_NAME,
@@ -178,15 +179,14 @@ def _finished(out: Path, name: str, recorded: dict[str, ShardRecord]) -> ShardRe
     return record
 
 
-@dataclass(frozen=True)
-class ShardOptions:
+class ShardOptions(Options):
     store: Path
     split: str
     out: Path | None  # None: STORE-shards/SPLIT beside the store
-    max_count: int
-    max_size: int
-    seed: int
-    workers: int
+    max_count: int = Field(ge=1, le=10_000_000)
+    max_size: int = Field(ge=1)  # bytes (the command line's float, when whole)
+    seed: Seed
+    workers: LocalWorkers
     scheduler: str | None
     overwrite: bool
 
@@ -201,10 +201,6 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
     and manifest."""
     if opts.out is None:
         opts = dataclasses.replace(opts, out=opts.store.with_name(opts.store.stem + "-shards") / opts.split)
-    if opts.workers < 1:
-        raise InputError("--workers must be at least 1")
-    if opts.max_count <= 0 or opts.max_size <= 0:
-        raise InputError("--max-count and --max-size must be positive")
     root, attrs = open_store(opts.store)
     if not attrs.complete:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")

@@ -53,11 +53,18 @@ def torchvision_weights(enum_name: str, what: str, flag: str) -> WeightsRef:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """A state dict from a safetensors or torch file; a file that is neither is one line naming it."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and safetensors each fail their own way
+        reason = " ".join(str(exc).split())[:160]
+        raise InputError(
+            f"{path} is not a weights file torch can read ({type(exc).__name__}: {reason})"
+        ) from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

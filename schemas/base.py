@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import InputError
 from schemas.sources import decode_text, read_bytes
@@ -16,6 +17,30 @@ from schemas.sources import decode_text, read_bytes
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ranges shared by configurations and command options (one definition each)
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch.manual_seed both take it; offsets stay in int64
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# more local worker processes than this only compete for the cores (and a typo of 2**70 would fork until
+# memory runs out)
+LocalWorkers = Annotated[int, Field(ge=1, le=4 * (os.cpu_count() or 1))]
+
+
+class Options(BaseModel):
+    """A command's options, validated where the command starts: a value out of range is one line naming
+    its flag, before anything is read or written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @classmethod
+    def checked(cls: type[Model], **values) -> Model:
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "options"
+            raise InputError(f"{flag} {error.get('input')!r}: {error['msg']}") from None
 
 
 Model = TypeVar("Model", bound=BaseModel)

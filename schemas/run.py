@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.base import Frozen
+from schemas.base import Frozen, Seed
 
 MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden, xavier_init, max_tokens (1.0 configs read as what they built)
 RUN_RECORD_VERSION = "1.0"
@@ -111,7 +111,7 @@ class TrainRecipe(BaseModel):
     )
     lr_decay: float = Field(default=0.1, gt=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
-    seed: int = Field(default=1, ge=0, le=MAX_SEED)
+    seed: Seed = 1
     workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
     deterministic: bool = Field(

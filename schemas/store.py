@@ -8,13 +8,19 @@ both before use (`validate_store`), writers create arrays only through `split_ar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from schemas.base import Frozen
 from schemas.errors import InputError
+
+# the store's sizes, shared with `userpipe extract`'s options: 1000 slots is 10x the released adaptive
+# butd-vg's 100; a chunk of 4096 COCO images is 600 MB of regions in one task's memory
+RegionSlots = Annotated[int, Field(gt=0, le=1000)]
+ImageSide = Annotated[int, Field(ge=16, le=8192)]
+ChunkImages = Annotated[int, Field(gt=0, le=4096)]
 
 # 1.1 adds the butd-vg region kind and per-box detection arrays (DETECTION_ARRAYS), from butd-vg or from
 # imported files that hold them; 1.0 stores are read as they are.
@@ -114,10 +120,10 @@ class ExtractorConfig(Frozen):
     dataset_sha256: str | None = Field(default=None, description="hash of the dataset's index file(s)")
     splits: tuple[str, ...]
     max_captions: int | None = Field(description="captions kept per image (5 for coco/f30k); None keeps all")
-    num_regions: int = Field(gt=0, description="R: region slots per image (butd-vg: the most boxes kept)")
+    num_regions: RegionSlots = Field(description="R: region slots per image (butd-vg: the most boxes kept)")
     feature_dim: int = Field(gt=0)
-    image_size: int = Field(gt=0, description="shorter image side fed to the region backbone")
-    chunk_size: int = Field(gt=0, description="images per Zarr chunk and per Dask task")
+    image_size: ImageSide = Field(description="shorter image side fed to the region backbone")
+    chunk_size: ChunkImages = Field(description="images per Zarr chunk and per Dask task")
     regions: RegionConfig
     global_encoder: GlobalConfig
 

@@ -23,6 +23,9 @@ import pytest
 import typer.main
 import yaml
 from conftest import TINY, run_cli
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from userpipe.cli import app
 
@@ -94,9 +97,10 @@ def bases(trained, tmp_path_factory) -> dict:
 
 
 def state_of(*folders: Path) -> dict:
-    """Every entry under the folders, with what a write would change."""
+    """Every entry under the folders, with what a write would change (a folder's own time changes with a
+    lock file made and removed beside an output: not a write that stays)."""
     return {
-        str(p): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
         for folder in folders
         for p in [folder, *folder.rglob("*")]
         if p.exists()
@@ -184,3 +188,145 @@ def test_options_that_exclude_each_other_or_need_another_are_refused(runner, tmp
     result = run_cli(runner, *args)
     assert outcome(result, before, state_of(tmp_path), " ".join(args)) == "refused"
     assert all(params[name].opts[0] in result.output for name in pair), result.output
+
+
+# --------------------------------------------------------------------------- every field of a run's config
+
+
+def _bounds(field) -> tuple[float | None, float | None, bool, bool]:
+    """(low, high, low included, high included) from a field's constraints."""
+    low = high = None
+    low_in = high_in = True
+    for rule in field.metadata:
+        for name, inclusive in (("gt", False), ("ge", True), ("lt", False), ("le", True)):
+            if getattr(rule, name, None) is not None:
+                if name in ("gt", "ge"):
+                    low, low_in = getattr(rule, name), inclusive
+                else:
+                    high, high_in = getattr(rule, name), inclusive
+    return low, high, low_in, high_in
+
+
+def field_values(field, preset) -> tuple[list, list]:
+    """(valid values near the preset, invalid values), from the field's type and range alone: a field added
+    to the schema is drawn the day it is added. Valid values stay near the preset, so a run stays small."""
+    kind = field.annotation
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = type(None) in typing.get_args(kind)
+    base = args[0] if optional and len(args) == 1 else kind
+    low, high, low_in, high_in = _bounds(field)
+    below = [low - 1 if low_in else low] if low is not None else []
+    above = [high + 1 if high_in else high] if high is not None else []
+    valid = [None] if optional else []
+    if typing.get_origin(base) is typing.Literal:
+        return [*typing.get_args(base), *valid], ["bogus", 3]
+    if base is bool:
+        return [True, False], ["maybe", [1]]
+    if base is int:
+        start = preset if isinstance(preset, int) else (low + (0 if low_in else 1) if low is not None else 1)
+        near = [start + step for step in (-1, 0, 1)]
+        inside = [v for v in near if (low is None or v > low or low_in and v == low)]
+        inside = [v for v in inside if (high is None or v < high or high_in and v == high)]
+        return inside + valid, [*below, *above, 1.5, "x", 2**70]
+    if base is float:
+        start = preset if isinstance(preset, float | int) and preset else 0.5
+        near = [start * factor for factor in (0.5, 1, 2)]
+        inside = [v for v in near if (low is None or v > low or low_in and v == low)]
+        inside = [v for v in inside if (high is None or v < high or high_in and v == high)]
+        return inside + valid, [*below, *above, float("nan"), float("inf"), "x"]
+    if typing.get_origin(base) is tuple:
+        return [(), *valid], [[-1], [0], ["x"], 5]
+    return [preset, *valid], ["", "no/such/model", 7]  # a text (a model name): only the preset is known
+
+
+def run_config_fields() -> list[tuple[str, str, object]]:
+    from schemas.run import ModelConfig, TrainRecipe
+
+    return [
+        (section, name, field)
+        for section, model in (("model", ModelConfig), ("train", TrainRecipe))
+        for name, field in model.model_fields.items()
+        if name != "schema_version"
+    ]
+
+
+# the tiny recipe for 16 pairs: one epoch of two steps
+SMALL = {
+    "model": {**TINY["model"], "text_layers": 1, "queue_size": 16},
+    "train": {**TINY["train"], "epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> dict:
+    """Shards of 16 pairs (two steps of the tiny recipe's batch of 8), a validation store, and the recipe."""
+    from pipeline.synthetic import write_synthetic_store
+
+    tmp = tmp_path_factory.mktemp("small-run")
+    store = write_synthetic_store(tmp / "train.zarr", 16, seed=1, captions_per_image=1)
+    assert (
+        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
+        == 0
+    )
+    config = SMALL
+    (tmp / "small.yaml").write_text(yaml.safe_dump(config))
+    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
+    return {
+        "tmp": tmp,
+        "shards": tmp / "shards",
+        "val": val,
+        "config": tmp / "small.yaml",
+    }
+
+
+@st.composite
+def config_overrides(draw) -> dict[str, object]:
+    """For every field of the run configuration: kept (most), a valid value near the preset, or an invalid
+    one; so that about half the drawn configurations are valid as a whole."""
+    preset = SMALL
+    chosen = {}
+    for section, name, field in run_config_fields():
+        valid, invalid = field_values(field, preset[section].get(name, field.default))
+        roll = draw(st.integers(0, 99))
+        if roll < 2:
+            chosen[f"{section}.{name}"] = draw(st.sampled_from(invalid))
+        elif roll < 12:
+            chosen[f"{section}.{name}"] = draw(st.sampled_from(valid))
+    return chosen
+
+
+def as_yaml(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,  # the same cases every run: CI stays reproducible
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(overrides=config_overrides())
+@example(overrides={"model.gpo_hidden": 0})  # the values a user trial found crashing after the run folder
+@example(overrides={"train.seed": -1})
+@example(overrides={"model.num_regions": 10})
+@example(overrides={"train.backend": "triton"})
+@example(overrides={"train.batch_size": 1})
+@example(overrides={"train.lr_decay_epochs": [-1]})
+@example(overrides={"model.queue_size": 17})
+@example(overrides={"model.max_tokens": 100000})
+@example(overrides={"model.text_layers": 7})
+def test_every_config_field_is_refused_in_one_line_or_trains(runner, small_run, overrides):
+    out = small_run["tmp"] / "run"
+    args = ["train", "--shards", small_run["shards"], "--val-store", small_run["val"]]
+    args += ["--config", small_run["config"], "--out", out]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={as_yaml(value)}"]
+    before = state_of(small_run["tmp"])
+    result = run_cli(runner, *args)
+    try:
+        verdict = outcome(result, before, state_of(small_run["tmp"]), f"train {overrides}")
+        if verdict == "ran":
+            steps = [line for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+            assert steps, f"{overrides}: exit 0 without a training step"
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -57,6 +57,8 @@ def index_command(
     image_root: Path | None = None,
 ) -> IndexManifest:
     """`userpipe index`: a run's best checkpoint (or the checkpoint given) indexes a store split."""
+    if image_root is not None and not image_root.is_dir():
+        raise InputError(f"--image-root {image_root} is not a folder")
     source = checkpoint_dir(run, checkpoint)
     model, _, tokenizer = load_trained(source)
     return build_index(model, source, tokenizer, store, split, out, image_root)

@@ -93,10 +93,12 @@ def check_option_rules(
     """Refuse options given together that exclude each other, or one given without the option it
     qualifies. Given: another value than the option's default (so defaults that depend on the machine,
     like --workers, are None and resolved by the stage)."""
-    defaults = {
-        name: getattr(parameter.default, "default", parameter.default)
-        for name, parameter in inspect.signature(function).parameters.items()
-    }
+    parameters = inspect.signature(function).parameters
+    defaults = {name: getattr(p.default, "default", p.default) for name, p in parameters.items()}
+    for name, value in values.items():  # an empty text never means the default: a script's unset variable
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            is_argument = isinstance(parameters[name].default, typer.models.ArgumentInfo)
+            raise InputError(f"{name.upper() if is_argument else _flag(name)} is empty")
     given = {name for name, value in values.items() if name in defaults and value != defaults[name]}
     for group in excludes:
         both = [name for name in group if name in given]
@@ -206,26 +208,26 @@ def extract(
     from pipeline.datasets import parse_splits
     from pipeline.extract import ExtractOptions, run_extract
 
-    opts = ExtractOptions(
-        dataset,
-        root,
-        out,
-        parse_splits(splits),
-        regions,
-        backbone,
-        backbone_weights,
-        detector_weights,
-        clip,
-        num_regions,
-        image_size,
-        chunk_size,
-        images,
-        _local_workers(workers),
-        scheduler,
-        overwrite,
-        detector_config,
-        min_regions,
-        device,
+    opts = ExtractOptions.checked(
+        dataset=dataset,
+        root=root,
+        out=out,
+        splits=parse_splits(splits),
+        regions=regions,
+        backbone=backbone,
+        backbone_weights=backbone_weights,
+        detector_weights=detector_weights,
+        clip=clip,
+        num_regions=num_regions,
+        image_size=image_size,
+        chunk_size=chunk_size,
+        images=images,
+        workers=_local_workers(workers),
+        scheduler=scheduler,
+        overwrite=overwrite,
+        detector_config=detector_config,
+        min_regions=min_regions,
+        device=device,
     )
     out, attrs = run_extract(opts, console)
     for split, summary in attrs.splits.items():
@@ -311,8 +313,16 @@ def shard(
     from pipeline.shard import ShardOptions, run_shard
 
     out, manifest = run_shard(
-        ShardOptions(
-            store, split, out, max_count, int(max_size), seed, _local_workers(workers), scheduler, overwrite
+        ShardOptions.checked(
+            store=store,
+            split=split,
+            out=out,
+            max_count=max_count,
+            max_size=max_size,
+            seed=seed,
+            workers=_local_workers(workers),
+            scheduler=scheduler,
+            overwrite=overwrite,
         ),
         console,
     )
@@ -417,7 +427,11 @@ def train(
     console.print(f"report: {out / 'summary.md'}")
 
 
-@command("eval", excludes=(("run", "checkpoint", "ensemble"),))
+@command(
+    "eval",
+    excludes=(("run", "checkpoint", "ensemble"),),
+    requires={"cxc": "coco_captions", "coco_captions": "cxc"},
+)
 def evaluate(
     store: Path = typer.Option(..., help="store to evaluate on"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
