@@ -73,7 +73,7 @@ class ExtractOptions(Options):
     num_regions: RegionSlots
     image_size: ImageSide | None
     chunk_size: ChunkImages
-    images: int | None = Field(ge=1, le=10_000_000)  # demo size
+    images: int | None = Field(ge=3, le=10_000_000)  # demo size: one image per split at least
     workers: LocalWorkers
     scheduler: str | None
     overwrite: bool

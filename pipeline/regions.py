@@ -146,10 +146,11 @@ def resolve_region_config(
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
-    bweights = spec.default_weights()
     if backbone_weights:  # a user's file must fit the backbone here, not in every task
         bweights = local_weights(backbone_weights, "backbone")
         load_weights(spec.build()[0], bweights, by_order=spec.weights_by_order)
+    else:
+        bweights = spec.default_weights()
     detector = dweights = None
     if kind == "butd":
         detector = "fasterrcnn_resnet50_fpn"

@@ -244,16 +244,6 @@ def _write_shards(
     params: ShardPlanParams,
 ) -> ShardManifest:
     summary = attrs.splits[opts.split]
-    work = _work_folder(opts.out, output, params, opts.overwrite)
-    for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
-        leftover.unlink()
-    manifest_path = work / MANIFEST_NAME
-    recorded = (
-        {r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
-        if manifest_path.is_file() and _plan_of(work) == params
-        else {}
-    )
-
     starts, counts = _caption_layout(group, summary.num_images)
     text_bytes = _caption_bytes(group, starts, counts, caption_chunk_size(attrs.extractor))
     glob = attrs.extractor.global_encoder
@@ -266,6 +256,17 @@ def _write_shards(
         ]
     )
     plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
+    if output.state != "own":  # new shards: all of them must fit, known before the first is written
+        check_free_space(opts.out, int(sum(sizes[idx].sum() for idx in plan)))
+    work = _work_folder(opts.out, output, params, opts.overwrite)
+    for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
+        leftover.unlink()
+    manifest_path = work / MANIFEST_NAME
+    recorded = (
+        {r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
+        if manifest_path.is_file() and _plan_of(work) == params
+        else {}
+    )
     jobs = [
         ShardJob(
             str(opts.store),
@@ -281,7 +282,7 @@ def _write_shards(
     ]
     done = {job.name: record for job in jobs if (record := _finished(work, job.name, recorded))}
     todo = [job for job in jobs if job.name not in done]
-    check_free_space(work, sum(job.encoded_bytes for job in todo))  # before the work, not when it fails
+    check_free_space(work, sum(job.encoded_bytes for job in todo))  # a resume: what is left to write
     if done:
         console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
     if todo:

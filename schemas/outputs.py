@@ -226,9 +226,9 @@ def claim(
     output never appeared."""
     out = Path(out)
     inputs = list(inputs)
-    state = check_output(out, kind, inputs, option)
-    if own_only and state != "own":
+    if own_only and not (out.is_dir() and kind.recognise(out)):
         raise InputError(f"{option} {out} is not {kind.name}")
+    check_output(out, kind, inputs, option)
     if needed:
         check_free_space(out, needed)
     target = out.resolve()

@@ -33,6 +33,7 @@ TIMEOUT_S = 60  # without a byte for this long, a server is taken as gone (webda
 # webdataset's `curl --retry 30 --retry-delay 2` retried these answers (curl's transient HTTP errors)
 RETRIES, RETRY_DELAY_S = 30, 2.0
 TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+NO_HEAD = {405, 501}  # a server that does not answer HEAD: the size is checked as the shard streams
 CHUNK = 1 << 20
 # what curl's exit status means, for the statuses a download commonly ends with (`man curl`, EXIT CODES)
 CURL_EXITS = {
@@ -174,20 +175,41 @@ class _Transient(_Unreadable):
     """An HTTP answer that may pass (TRANSIENT_HTTP), asked again."""
 
 
-def _get(url: str) -> bytes:
+def _open(url: str, method: str = "GET"):
     try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(url, headers={"User-Agent": "userpipe"}), timeout=TIMEOUT_S
+        return urllib.request.urlopen(
+            urllib.request.Request(url, headers={"User-Agent": "userpipe"}, method=method), timeout=TIMEOUT_S
         )
     except urllib.error.HTTPError as exc:
         exc.close()
         reason = _phrase(exc.code, exc.reason)
         failure = _Transient if exc.code in TRANSIENT_HTTP else _Unreadable
-        raise failure(f"HTTP {exc.code}{f' ({reason})' if reason else ''} for {url}") from None
+        refusal = failure(f"HTTP {exc.code}{f' ({reason})' if reason else ''} for {url}")
+        refusal.status = exc.code
+        raise refusal from None
     except urllib.error.URLError as exc:
         raise _connection_failure(url, exc.reason) from None
     except (http.client.HTTPException, OSError, ValueError) as exc:  # ValueError: a URL that does not parse
         raise _connection_failure(url, exc) from None
+
+
+def announced_size(url: str, what: str, error: type[InputError] = InputError) -> int | None:
+    """The size an http(s) server announces for `url` (a HEAD request), None where it does not say or the
+    source is not http(s): to find a missing or cut file before a long job reads it. Fails as read_bytes."""
+    if url.split("://", 1)[0].lower() not in READ_SCHEMES:
+        return None
+    try:
+        with _open(url, "HEAD") as response:
+            length = response.headers.get("Content-Length")
+    except _Unreadable as exc:
+        if getattr(exc, "status", None) in NO_HEAD:
+            return None
+        raise error(f"cannot read {what}: {exc}") from None
+    return int(length) if length and length.isdigit() else None
+
+
+def _get(url: str) -> bytes:
+    response = _open(url)
     with response:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None

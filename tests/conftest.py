@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crash.write_events import written_paths
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -122,19 +123,6 @@ def pytest_collection_modifyitems(items):
 # `.NAME.*` entries beside it, or a folder above it made for it. A write that bypasses the protocol fails
 # the test that ran the command, whatever the command or the option that made it.
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_WRITE_EVENTS = {
-    "os.rename",
-    "os.remove",
-    "os.rmdir",
-    "os.mkdir",
-    "os.symlink",
-    "os.link",
-    "os.truncate",
-    "os.chmod",
-    "shutil.rmtree",
-    "userpipe.exchange",
-}
 _AREA: list[str] = []  # the tests' temporary folder (set by a session fixture)
 _COMMANDS: list[str] = []  # the userpipe commands running in this process
 UNCLAIMED_WRITES: list[str] = []
@@ -162,17 +150,7 @@ def _writes_only_inside_claims(event: str, args: tuple) -> None:
         return
     if not _COMMANDS or not _AREA:
         return
-    if event == "open":
-        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
-        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-        if not (flags & _WRITE_FLAGS or any(c in mode for c in "wax+")):
-            return
-        paths = args[:1]
-    elif event in _WRITE_EVENTS:
-        paths = args
-    else:
-        return
-    for given in paths:
+    for given in written_paths(event, args):
         if not isinstance(given, (str, bytes, os.PathLike)):
             continue
         path = os.path.realpath(os.fsdecode(given))

@@ -132,6 +132,8 @@ def test_eval_cxc_needs_both_files_and_checks_them_before_loading_a_model(runner
     folder, captions = sits(tmp_path, [(1000, IMAGES[0], 4.0)]), coco_captions(tmp_path)
     base = ["eval", "--store", tmp_path / "none.zarr", "--checkpoint", tmp_path / "none"]
     result = run_cli(runner, *base, "--protocol", "cxc", "--cxc", folder)
+    assert result.exit_code == 2 and "--cxc applies only with --coco-captions" in result.output
+    result = run_cli(runner, *base, "--cxc", folder, "--coco-captions", captions)  # the protocol is full
     assert (
         result.exit_code == 2
         and "--protocol cxc goes with --cxc DIR and --coco-captions FILE" in result.output

@@ -205,7 +205,8 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused_befo
     )
     assert (
         result.exit_code == 2
-        and "train.batch_size 7 (the global batch) does not divide among 2" in result.output
+        and "train.batch_size=7 (the global batch) must give each of 2 processes an equal share"
+        in result.output
     )
     assert not out.exists()
 

@@ -26,15 +26,15 @@ def test_an_input_error_is_always_one_line():
     ],
 )
 def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path, monkeypatch, code, words):
-    import pipeline.shard
+    from schemas.outputs import Output
 
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     out = tmp_path / "shards"
 
-    def refuse(path, files, output=None):
-        raise OSError(code, __import__("os").strerror(code), str(path))
+    def refuse(output, files, at=None):
+        raise OSError(code, __import__("os").strerror(code), str(output.given))
 
-    monkeypatch.setattr(pipeline.shard, "create_with", refuse)  # the first write of `shard`
+    monkeypatch.setattr(Output, "create", refuse)  # the first write of `shard`
     result = run_cli(runner, "shard", "--store", store, "--out", out, "--workers", "1")
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [

@@ -244,6 +244,8 @@ def test_a_named_protocol_accepts_the_split_it_names(protocol_stores, protocol, 
     dataset, images, captions, invalid = split_sizes(protocol_stores[store], "test")
     assert invalid == 0
     check_protocol_split(protocol, dataset, images, captions, "the split")  # does not raise
+    karpathy = {"coco": "/data/coco/dataset_coco.json", "f30k": "f30k/dataset_flickr30k.json"}[dataset]
+    check_protocol_split(protocol, karpathy, images, captions, "the split")  # extracted from the JSON's path
     for other in ("coco 25", "f30k 19"):  # `full` takes any split
         check_protocol_split("full", *split_sizes(protocol_stores[other], "test")[:3], "the split")
 

@@ -79,7 +79,7 @@ def test_demo_sizes_below_one_image_per_split_are_refused(runner, tmp_path: Path
         "--workers",
         "1",
     )
-    assert_refused(result, message, "at least 3 images")
+    assert_refused(result, message, "greater than or equal to 3")
     assert not (tmp_path / "demo").exists() and not (tmp_path / "d.zarr").exists()
 
 
@@ -289,7 +289,7 @@ def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, t
         "--html",
         page,
     )
-    assert_refused(result, "--html", "was not written by userpipe")
+    assert_refused(result, "--html", "exists and is not a userpipe search page")
     assert page.read_text() == "<html>my thesis draft</html>"
     ours = tmp_path / "ours.html"
     for _ in range(2):  # its own page is replaced
@@ -469,3 +469,96 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
     assert (tmp_path / ".out.lock").exists()
     with claim(out, RUN):
         assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
+
+
+# -------------------------------------------------------------------------- the one protocol: claim
+
+
+def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path):
+    """conftest.py's audit hook: what a running command writes must lie in an output it claimed."""
+    import sys
+
+    from conftest import UNCLAIMED_WRITES
+
+    from schemas.outputs import RUN, claim
+
+    sys.audit("userpipe.command", "a-command", True)
+    try:
+        with claim(tmp_path / "run", RUN) as output:
+            output.create({"config.json": "{}"})
+            (tmp_path / "run" / "log.jsonl").write_text("{}\n")  # inside the claimed output: fine
+        (tmp_path / "stray.txt").write_text("not in any claim")
+    finally:
+        sys.audit("userpipe.command", "a-command", False)
+    caught = list(UNCLAIMED_WRITES)
+    UNCLAIMED_WRITES.clear()
+    assert caught == [f"userpipe a-command: open {tmp_path.resolve() / 'stray.txt'}"]
+
+
+def test_a_claim_refused_or_failed_leaves_no_folder_it_made(tmp_path: Path):
+    from schemas.errors import InputError
+    from schemas.outputs import INDEX, claim
+
+    out = tmp_path / "a" / "b" / "index"
+    with pytest.raises(InputError, match="lies inside the input"):
+        with claim(out, INDEX, [tmp_path / "a"]):
+            pass
+    with pytest.raises(RuntimeError):
+        with claim(out, INDEX) as output, output.built():
+            raise RuntimeError("the build failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_exports_to_one_out_cannot_both_write(runner, tmp_path: Path):
+    """export claims its output like every writer: a second export to the same --out is refused while the
+    first holds it, and an existing --out is never replaced."""
+    from schemas.outputs import EXPORT_FOLDER, claim
+
+    store = write_synthetic_store(tmp_path / "s.zarr", 4, seed=1, split="val")
+    out = tmp_path / "exported"
+    with claim(out, EXPORT_FOLDER):  # the first export, still writing
+        result = run_cli(
+            runner, "export", "--store", store, "--split", "val", "--format", "npz", "--out", out
+        )
+    assert_refused(result, f"--out {out} is being written by process")
+    assert not out.exists()
+    assert (
+        run_cli(
+            runner, "export", "--store", store, "--split", "val", "--format", "npz", "--out", out
+        ).exit_code
+        == 0
+    )
+    before = tree_bytes(out)
+    again = run_cli(runner, "export", "--store", store, "--split", "val", "--format", "npz", "--out", out)
+    assert_refused(again, f"--out {out} exists; export writes only a new folder")
+    assert tree_bytes(out) == before
+    inside = run_cli(
+        runner, "export", "--store", store, "--split", "val", "--format", "tsv", "--out", store / "x.tsv"
+    )
+    assert_refused(inside, "lies inside the input")
+    assert not (store / "x.tsv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["extract", "shard", "train", "index"])
+def test_an_output_the_disk_cannot_hold_is_refused_before_the_work(
+    runner, trained, tmp_path: Path, monkeypatch, command
+):
+    """Sizes known in advance (a new store, the shards, a run's checkpoint, an index's vectors) are compared
+    with the free space first: refused in one line, nothing written, rather than after hours of work."""
+    from schemas import outputs
+
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 1000)
+    out = tmp_path / "out"
+    tmp = trained["tmp"]
+    args = {
+        "extract": ("extract", "--dataset", "demo", "--images", "6", "--root", tmp_path / "demo", "--regions",
+                    "grid", "--num-regions", "2", "--image-size", "32", "--clip", "none", "--workers", "1"),
+        "shard": ("shard", "--store", tmp / "train.zarr", "--workers", "1"),
+        "train": ("train", "--shards", tmp / "shards", "--val-store", trained["val"], "--config",
+                  tmp / "tiny.yaml"),
+        "index": ("index", "--run", trained["run"], "--store", trained["gallery"], "--split", "test"),
+    }[command]  # fmt: skip
+    result = run_cli(runner, *args, "--out", out)
+    assert_refused(result, "no space left: the write needs about", "1.0 kB are free there")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -79,9 +79,11 @@ def test_unknown_names_and_missing_weights_are_input_errors(tmp_path: Path):
     with pytest.raises(InputError, match="weights file not found"):
         resolve_region_config("grid", None, "efficientnet_lite0", str(tmp_path / "none.pth"), None)
     torch.save({"a": torch.zeros(1)}, tmp_path / "wrong.pth")
-    regions = resolve_region_config("grid", None, "efficientnet_lite0", str(tmp_path / "wrong.pth"), None)
-    with pytest.raises(InputError, match="do not fit"):
-        RegionExtractor(extractor_config(regions))
+    with pytest.raises(InputError, match="do not fit"):  # found where the options are read, not in a task
+        resolve_region_config("grid", None, "efficientnet_lite0", str(tmp_path / "wrong.pth"), None)
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(InputError, match=r"notes.pth is not a weights file torch can read \(UnpicklingError"):
+        resolve_region_config("grid", None, "efficientnet_lite0", str(tmp_path / "notes.pth"), None)
 
 
 def test_packaged_efficientnet_weights_are_real_imagenet_weights():

@@ -72,7 +72,7 @@ def test_report_compares_trained_untrained_and_chance(runner, trained):
     assert "| chance |" in text and "## Ablation" in text and "![queries](queries.png)" in text
     assert (run / "queries.png").stat().st_size > 10_000
     missing = run_cli(runner, "report", "--run", trained["tmp"], "--store", trained["val"], "--split", "val")
-    assert missing.exit_code == 2 and "no checkpoint" in missing.output
+    assert missing.exit_code == 2 and f"--run {trained['tmp']} is not a userpipe run" in missing.output
 
 
 def test_the_runs_tables_state_what_they_evaluated(runner, trained):

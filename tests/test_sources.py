@@ -57,7 +57,10 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
     404, cut after half its bytes (its Content-Length the whole), sent with one feature byte altered, or
     answered 503 `busy` times before it is served."""
 
-    def do_GET(self):
+    def do_HEAD(self):
+        self.do_GET(body=False)
+
+    def do_GET(self, body: bool = True):
         name = self.path.rsplit("/", 1)[-1]
         fault = self.server.faults.get(name, "")
         self.server.asked[name] += 1
@@ -68,13 +71,14 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         if fault.startswith("busy:") and self.server.asked[name] <= int(fault.split(":")[1]):
             self.send_error(503)
             return
-        body = bytearray(file.read_bytes())
+        content = bytearray(file.read_bytes())
         if fault == "flip":
-            body[last_feature_byte(file)] ^= 0x01  # headers and sizes stay valid: only the hash can tell
+            content[last_feature_byte(file)] ^= 0x01  # headers and sizes stay valid: only the hash can tell
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(content)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+        if body:
+            self.wfile.write(content[: len(content) // 2] if fault == "cut" else content)
 
     def log_message(self, format, *args):
         pass
@@ -143,8 +147,13 @@ def test_what_a_server_sends_wrong_stops_the_loader_with_one_line_naming_the_sha
     }
     fault = {MISSING: "404", CUT: "cut", FLIPPED: "flip"}
     for name, message in expected.items():
+        shard_set = ShardSet.resolve(f"{base}/")  # the fault comes once training has started
         server.faults = {name: fault[name]}
-        assert loader_failure(ShardSet.resolve(f"{base}/"), tokenizer, workers) == message, name
+        assert loader_failure(shard_set, tokenizer, workers) == message, name
+    server.faults = {MISSING: "404"}  # already missing when training starts: refused before it
+    with pytest.raises(InputError) as caught:
+        ShardSet.resolve(f"{base}/")
+    assert str(caught.value) == expected[MISSING]
 
 
 def test_a_server_that_stops_mid_epoch_is_a_refused_connection_named_in_one_line(shards, server, tokenizer):
@@ -224,49 +233,32 @@ def tiny_config(folder: Path) -> Path:
     return config
 
 
-def test_train_from_an_unreachable_server_exits_2_in_one_line_and_writes_no_run(runner, tmp_path):
+def train_on(runner, shards_url: str, tmp_path: Path):
+    """`userpipe train` of the tiny recipe on shards at a URL; must be refused before its run is written."""
     val = write_synthetic_store(tmp_path / "val.zarr", 8, seed=3, split="val")
-    port = unused_port()
     result = run_cli(
-        runner,
-        "train",
-        "--shards",
-        f"http://127.0.0.1:{port}/shards/",
-        "--val-store",
-        val,
-        "--config",
-        tiny_config(tmp_path),
-        "--out",
-        tmp_path / "run",
-    )
-    line = f"error: cannot read the shard manifest: connection refused to http://127.0.0.1:{port}/shards/manifest.json"
-    assert result.exit_code == 2 and line in result.output.splitlines(), result.output
+        runner, "train", "--shards", shards_url, "--val-store", val, "--config", tiny_config(tmp_path),
+        "--out", tmp_path / "run",
+    )  # fmt: skip
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+    return result
+
+
+def test_train_from_an_unreachable_server_exits_2_in_one_line_and_writes_no_run(runner, tmp_path):
+    port = unused_port()
+    result = train_on(runner, f"http://127.0.0.1:{port}/shards/", tmp_path)
+    line = f"error: cannot read the shard manifest: connection refused to http://127.0.0.1:{port}/shards/manifest.json"
+    assert result.exit_code == 2 and line in result.output.splitlines(), result.output
 
 
 def test_train_with_a_shard_missing_on_the_server_exits_2_in_one_line(runner, shards, server, tmp_path):
-    """The shard is read by a DataLoader worker, once training has started."""
-    val = write_synthetic_store(tmp_path / "val.zarr", 8, seed=3, split="val")
+    """A shard missing when training starts is found by its HEAD request, before the run is written."""
     server.faults = {MISSING: "404"}
     base = base_url(server, shards)
-    result = run_cli(
-        runner,
-        "train",
-        "--shards",
-        f"{base}/",
-        "--val-store",
-        val,
-        "--config",
-        tiny_config(tmp_path),
-        "--out",
-        tmp_path / "run",
-        "--set",
-        "train.workers=1",
-    )
+    result = train_on(runner, f"{base}/", tmp_path)
     line = f"error: cannot read a shard: HTTP 404 (Not Found) for {base}/{MISSING}"
     assert result.exit_code == 2 and line in result.output.splitlines(), result.output
-    assert "Traceback" not in result.output
 
 
 def test_http_answers_that_may_pass_are_asked_again_and_local_failures_name_the_path(

@@ -85,11 +85,27 @@ def test_config_that_does_not_fit_the_data_fails_before_work(runner, data, tmp_p
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_resume_refuses_another_architecture(runner, data, tmp_path):
+def test_resume_refuses_another_architecture_and_restarts_selection_on_another_validation_set(
+    runner, data, tmp_path
+):
     out = tmp_path / "run"
     assert run_cli(runner, *train_args(data, out, "--set", "train.epochs=1")).exit_code == 0
     result = run_cli(runner, *train_args(data, out, "--resume", "--set", "model.embed_dim=32"))
     assert result.exit_code == 2 and "another model configuration" in result.output
+    first_best = json.loads((out / "checkpoints/best/metrics.json").read_text())["rsum"]
+    other = write_synthetic_store(tmp_path / "other-val.zarr", 10, seed=7, split="val")
+    on_other = ("train", "--shards", data["shards"], "--val-store", other, "--out", out, "--resume")
+    refused = run_cli(runner, *on_other, "--set", "train.epochs=2")
+    assert refused.exit_code == 2 and "--allow-change" in refused.output, refused.output
+    resumed = run_cli(runner, *on_other, "--allow-change", "--set", "train.epochs=2")
+    assert resumed.exit_code == 0, resumed.output
+    assert "best-model selection starts again on the new validation set" in resumed.output
+    change = json.loads((out / "run.json").read_text())["changes"][-1]["fields"]
+    assert change["val_store"][1] == str(other.resolve()) and change["best_rsum"] == [first_best, None]
+    # RSUMs of two sets do not compare: the best is the new set's one validation, whatever the old best was
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    best = json.loads((out / "checkpoints/best/metrics.json").read_text())
+    assert best["rsum"] == pytest.approx([r for r in log if "val" in r][-1]["val"]["rsum"])
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ order unspecified). Both directions count over one pass of the similarity rows, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ PROTOCOL_SPLITS = {
     "f30k": ProtocolSplit("Flickr30K's 1K test split", "f30k", 1_000, 5_000),
     "cxc": ProtocolSplit("Crisscrossed Captions on COCO's 5K test split", "coco", 5_000, 25_000),
 }  # `full` takes any split
+KARPATHY_FILES = {"dataset_coco.json": "coco", "dataset_flickr30k.json": "f30k"}
 
 
 def check_protocol_split(protocol: str, dataset: str, num_images: int, num_captions: int, what: str) -> None:
@@ -51,7 +53,8 @@ def check_protocol_split(protocol: str, dataset: str, num_images: int, num_capti
     'test' of data/coco.zarr", holding the images and captions counted) is refused, so that no table calls
     another split's numbers COCO's or Flickr30K's."""
     need = PROTOCOL_SPLITS.get(protocol)
-    if need is None or (dataset, num_images, num_captions) == (need.dataset, need.images, need.captions):
+    family = KARPATHY_FILES.get(Path(dataset).name, dataset)  # a store extracted from the JSON's path
+    if need is None or (family, num_images, num_captions) == (need.dataset, need.images, need.captions):
         return
     raise InputError(
         f"--protocol {protocol} is {need.name}: {need.images:,} images and {need.captions:,} captions of "

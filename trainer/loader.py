@@ -47,7 +47,7 @@ from schemas.shard import (
     read_manifest,
     tar_samples,
 )
-from schemas.sources import is_remote, read_bytes
+from schemas.sources import announced_size, is_remote, read_bytes
 from schemas.store import ExtractorConfig
 from trainer.captions import CaptionTokenizer
 from trainer.counter_random import hashed
@@ -150,6 +150,7 @@ class ShardSet:
                 raise InputError(f"shard pattern {spec} names shards {source} does not list: {unknown[:3]}")
         records = {record.name: record for record in manifest.shards}
         chosen = [records[name] for name in picked]
+        _check_announced_sizes([(located(r.name), r.bytes) for r in chosen])
         return cls(
             tuple(located(r.name) for r in chosen),
             tuple(r.samples for r in chosen),
@@ -167,6 +168,23 @@ class ShardSet:
         """Passes per epoch: the set's captions per image, rounded (COCO's few images with 6 or 7
         captions use 5 of them per epoch, a different 5 each epoch)."""
         return max(1, round(sum(self.captions) / max(1, sum(self.samples))))
+
+
+def _check_announced_sizes(shards: list[tuple[str, int]]) -> None:
+    """Every http(s) shard is there at its manifest size before training starts (a HEAD request each, 16 at
+    a time), as local shards are checked by their size: a missing or cut shard is refused before the run
+    folder is written, not found hours into an epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(shard: tuple[str, int]) -> tuple[str, int, int | None]:
+        return shard[0], shard[1], announced_size(shard[0], "a shard", ShardError)
+
+    with ThreadPoolExecutor(16) as pool:
+        for url, expected, announced in pool.map(size, shards):
+            if announced is not None and announced != expected:
+                raise ShardError(
+                    f"{url} has {announced:,} bytes, the manifest says {expected:,}: it was cut or altered"
+                )
 
 
 @dataclass(frozen=True)

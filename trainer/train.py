@@ -38,11 +38,12 @@ from trainer.checkpoint import CHECKPOINTS, initial_model
 from trainer.config import load_run_config, parse_overrides
 from trainer.distributed import World
 from trainer.encode import embedding_metrics, encode_split, open_split
+from trainer.evaluate import with_sizes
 from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, is_remote, same_image_counts
 from trainer.model import USER
 from trainer.process import keep_freed_memory, reproducible_cpu_math
 from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
-from trainer.run_report import write_training_summary
+from trainer.run_report import validation_sizes, write_training_summary
 
 
 @dataclass
@@ -361,7 +362,8 @@ def _train(
     if not world.main:
         return None
     write_training_summary(run, log.records())
-    return json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
+    best = json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
+    return with_sizes(best, *validation_sizes(run))  # the table's title states what was validated on
 
 
 def train_step(

@@ -98,7 +98,7 @@ def check_option_rules(
     for name, value in values.items():  # an empty text never means the default: a script's unset variable
         if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
             is_argument = isinstance(parameters[name].default, typer.models.ArgumentInfo)
-            raise InputError(f"{name.upper() if is_argument else _flag(name)} is empty")
+            raise InputError(f"{'the ' + name if is_argument else _flag(name)} is empty")
     given = {name for name, value in values.items() if name in defaults and value != defaults[name]}
     for group in excludes:
         both = [name for name in group if name in given]
@@ -145,6 +145,12 @@ def command(
         return app.command(*args, **kwargs)(bounded)
 
     return register
+
+
+def _options(model, values: dict, **resolved):
+    """A stage's options model from the command's parameters of the same names (`resolved`: those the
+    command line gives in another form), validated: a value out of range is one line naming its flag."""
+    return model.checked(**{name: resolved.get(name, values[name]) for name in model.model_fields})
 
 
 def _local_workers(workers: int | None) -> int:
@@ -208,27 +214,7 @@ def extract(
     from pipeline.datasets import parse_splits
     from pipeline.extract import ExtractOptions, run_extract
 
-    opts = ExtractOptions.checked(
-        dataset=dataset,
-        root=root,
-        out=out,
-        splits=parse_splits(splits),
-        regions=regions,
-        backbone=backbone,
-        backbone_weights=backbone_weights,
-        detector_weights=detector_weights,
-        clip=clip,
-        num_regions=num_regions,
-        image_size=image_size,
-        chunk_size=chunk_size,
-        images=images,
-        workers=_local_workers(workers),
-        scheduler=scheduler,
-        overwrite=overwrite,
-        detector_config=detector_config,
-        min_regions=min_regions,
-        device=device,
-    )
+    opts = _options(ExtractOptions, locals(), splits=parse_splits(splits), workers=_local_workers(workers))
     out, attrs = run_extract(opts, console)
     for split, summary in attrs.splits.items():
         console.print(
@@ -313,17 +299,7 @@ def shard(
     from pipeline.shard import ShardOptions, run_shard
 
     out, manifest = run_shard(
-        ShardOptions.checked(
-            store=store,
-            split=split,
-            out=out,
-            max_count=max_count,
-            max_size=max_size,
-            seed=seed,
-            workers=_local_workers(workers),
-            scheduler=scheduler,
-            overwrite=overwrite,
-        ),
+        _options(ShardOptions, locals(), workers=_local_workers(workers)),
         console,
     )
     console.print(

@@ -7,20 +7,11 @@ import os
 import signal
 import sys
 
+from write_events import written_paths
+
 _COUNTER = os.environ.get("USERPIPE_CRASH_COUNTER")
 _SCOPE = os.environ.get("USERPIPE_CRASH_SCOPE")
 _AT = int(os.environ.get("USERPIPE_CRASH_AT", "0"))
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_EVENTS = {
-    "os.rename",
-    "os.remove",
-    "os.rmdir",
-    "os.mkdir",
-    "os.symlink",
-    "os.truncate",
-    "shutil.rmtree",
-    "userpipe.exchange",
-}
 
 
 def _in_scope(args) -> bool:
@@ -31,11 +22,7 @@ if _COUNTER and _SCOPE:
     _descriptor = os.open(_COUNTER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _hook(event: str, args: tuple) -> None:
-        if event == "open":
-            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
-            if not flags & _WRITE_FLAGS or not _in_scope(args[:1]):
-                return
-        elif event not in _EVENTS or not _in_scope(args):
+        if not _in_scope(written_paths(event, args)):
             return
         os.write(_descriptor, b"x")
         if (
