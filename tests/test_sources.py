@@ -147,6 +147,7 @@ def test_what_a_server_sends_wrong_stops_the_loader_with_one_line_naming_the_sha
     }
     fault = {MISSING: "404", CUT: "cut", FLIPPED: "flip"}
     for name, message in expected.items():
+        server.faults = {}
         shard_set = ShardSet.resolve(f"{base}/")  # the fault comes once training has started
         server.faults = {name: fault[name]}
         assert loader_failure(shard_set, tokenizer, workers) == message, name
