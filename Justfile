@@ -76,18 +76,18 @@ test-crash: setup
 
 # every benchmark (about 50 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
-    HF_HUB_OFFLINE=1 {{bin}}/python bench/extract_throughput.py
-    HF_HUB_OFFLINE=1 {{bin}}/python bench/loader_throughput.py
-    {{bin}}/python bench/ranking.py
-    HF_HUB_OFFLINE=1 {{bin}}/python bench/data_order.py
-    HF_HUB_OFFLINE=1 {{bin}}/python bench/train_throughput.py
-    HF_HUB_OFFLINE=1 {{bin}}/python bench/ddp_throughput.py
-    {{bin}}/python bench/queue_loss.py
-    {{bin}}/python bench/report.py
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.extract_throughput
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.loader_throughput
+    {{bin}}/python -m bench.ranking
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.data_order
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.train_throughput
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.ddp_throughput
+    {{bin}}/python -m bench.queue_loss
+    {{bin}}/python -m bench.report
 
 # the GPU benchmark (a CUDA GPU; about 4 minutes on an H100/H200): bench/results/gpu.{json,md}
 bench-gpu: setup
-    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 {{bin}}/python bench/gpu.py
+    TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 {{bin}}/python -m bench.gpu
 
 # style and static checks (as CI and the pre-commit hooks run them)
 lint: setup

@@ -7,7 +7,7 @@ box (the two box orders need not agree) and the cosines are averaged per image. 
 network on the same image give a mean near 1 (the per-box best match is lenient: a few shifted boxes lower
 it little); writes OUT/equality.{json,md}.
 
-    python bench/butd_equality.py --coco data/coco --precomp data/coco_precomp \\
+    python -m bench.butd_equality --coco data/coco --precomp data/coco_precomp \\
         --weights faster_rcnn_from_caffe_attr.pkl --images 10
 """
 

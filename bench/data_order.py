@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import report
-from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
+from bench import report
+from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
 
 COCO_IMAGES, CAPTIONS = 113_287, 5
 DATA = Path("data/bench-data-order")
@@ -45,7 +45,7 @@ def order_statistics(batches: list[torch.Tensor], queue_size: int) -> dict[str, 
 
 def loader_batches(shards: Path, batch_size: int, workers: int) -> list[torch.Tensor]:
     """The image ids of every batch of epoch 0, in the order the trainer would see them."""
-    from trainer.captions import CaptionTokenizer
+    from userpipe.trainer.captions import CaptionTokenizer
 
     loader = StreamingLoader(
         ShardSet.resolve(str(shards)),
@@ -64,7 +64,7 @@ def global_shuffle(batches: list[torch.Tensor], batch_size: int) -> list[torch.T
 
 
 def coco_sized_shards() -> Path:
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     store, shards = DATA / "store.zarr", DATA / "shards"
     if not (shards / "manifest.json").is_file():

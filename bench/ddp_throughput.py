@@ -13,13 +13,12 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import report
+from bench import report
 
 GLOBAL_BATCH, WARMUP, MEASURED, ROUNDS = 64, 3, 10, 3
 LAYOUTS = {  # name: (processes, threads per process, pairs per process)
@@ -54,10 +53,10 @@ def measure(rank: int, world: int, threads: int, pairs: int, port: int, out: Pat
     os.environ["LOCAL_RANK"] = "0"
     import torch
 
-    from trainer import distributed
-    from trainer.checkpoint import initial_model
-    from trainer.config import load_run_config
-    from trainer.train import Position, build_optimizer, train_step
+    from userpipe.trainer import distributed
+    from userpipe.trainer.checkpoint import initial_model
+    from userpipe.trainer.config import load_run_config
+    from userpipe.trainer.train import Position, build_optimizer, train_step
 
     torch.set_num_threads(threads)
     device = distributed.start(distributed.world_from_environment())
@@ -137,5 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

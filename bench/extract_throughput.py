@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import report
+from bench import report
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--butd-images", type=int, default=8, help="640x480 images for butd-vg (0: skip)")
     args = parser.parse_args()
 
-    from pipeline.demo import ensure_demo
+    from userpipe.pipeline.demo import ensure_demo
 
     root = Path("data") / f"demo-bench-{args.images}"
     ensure_demo(root, images=args.images)
@@ -135,8 +135,8 @@ def butd_weights() -> Path:
         import torch
         from detectron2.modeling import build_model
 
-        from pipeline.butd_checkpoints import write_checkpoint
-        from pipeline.butd_vg import config_file, load_config
+        from userpipe.pipeline.butd_checkpoints import write_checkpoint
+        from userpipe.pipeline.butd_vg import config_file, load_config
 
         torch.manual_seed(0)
         state = build_model(load_config(config_file("butd_vg_r101_c4"))).state_dict()

@@ -12,8 +12,8 @@ Sections, each recorded even if a later one fails (results are rewritten after e
      weights) on 64 images at 600 px on the GPU, against the CPU (bench/results/gpu_cpu_reference.json,
      written by --cpu-reference on the development machine, and a few images on this machine's CPU)
 
-Run on a GPU:   TRITON_INTERPRET=0 PYTHONPATH=. python bench/gpu.py --out DIR
-Dry run (CPU):  TRITON_INTERPRET=1 PYTHONPATH=. python bench/gpu.py --dry-run   (tiny sizes, every code path)
+Run on a GPU:   TRITON_INTERPRET=0 PYTHONPATH=. python -m bench.gpu --out DIR
+Dry run (CPU):  TRITON_INTERPRET=1 PYTHONPATH=. python -m bench.gpu --dry-run   (tiny sizes, every code path)
 Results: bench/results/gpu.{json,md} (the dry run writes to a temporary folder instead).
 """
 
@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub on the device machi
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import report  # noqa: E402
+from bench import report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CPU_REFERENCE = RESULTS / "gpu_cpu_reference.json"
@@ -232,7 +232,7 @@ def queue_inputs(b: int, m: int, e: int, device, seed: int = 0):
 
 def forward_backward(backend: str, q, queue):
     """UTO's queue logsumexp term as the model uses it, (lse / μ).mean(), and its gradients."""
-    from trainer.losses import BACKENDS
+    from userpipe.trainer.losses import BACKENDS
 
     lse = BACKENDS[backend](q, queue, MU, GAMMA, None, None, None)
     loss = (lse / MU).mean()
@@ -241,7 +241,7 @@ def forward_backward(backend: str, q, queue):
 
 
 def fp64_reference(q, queue):
-    from trainer.losses import queue_lse_chunked
+    from userpipe.trainer.losses import queue_lse_chunked
 
     q64, k64 = q.detach().double().requires_grad_(), queue.detach().double().requires_grad_()
     loss = (queue_lse_chunked(q64, k64, MU, GAMMA, tile=1 << 16) / MU).mean()
@@ -257,7 +257,7 @@ def max_relative_error(ours, ref) -> float:
 def kernel_settings(**settings):
     """Module settings of trainer/kernels/queue_lse.py (FP32_DOT_PRECISION, BACKWARD_CHUNK_BYTES)
     for one row."""
-    import trainer.kernels.queue_lse as kernel
+    import userpipe.trainer.kernels.queue_lse as kernel
 
     saved = {name: getattr(kernel, name) for name in settings}
     for name, value in settings.items():
@@ -306,7 +306,7 @@ QUEUE_HEADER = [
 
 
 def queue_section(bench: Bench) -> None:
-    import trainer.kernels.queue_lse as kernel
+    import userpipe.trainer.kernels.queue_lse as kernel
 
     section = bench.report["sections"].setdefault("queue_kernel", {})
     device_info = bench.report["sections"].get("device", {})
@@ -483,9 +483,9 @@ def build_optimizer(model, recipe) -> torch.optim.AdamW:
 def train_section(bench: Bench) -> None:
     from transformers import BertConfig, BertModel
 
-    from trainer.config import load_run_config
-    from trainer.losses import choose_backend
-    from trainer.model import build_model
+    from userpipe.trainer.config import load_run_config
+    from userpipe.trainer.losses import choose_backend
+    from userpipe.trainer.model import build_model
 
     section = bench.report["sections"].setdefault("train_step", {})
     config = load_run_config("coco")
@@ -695,7 +695,7 @@ def _train_table(bench: Bench, section: dict) -> None:
 def make_extractor_class():
     import numpy as np
 
-    from pipeline.regions import TRUNK_STRIDE, RegionExtractor, butd_scale, pad_with_grid
+    from userpipe.pipeline.regions import TRUNK_STRIDE, RegionExtractor, butd_scale, pad_with_grid
 
     class DeviceRegionExtractor(RegionExtractor):
         """pipeline.regions.RegionExtractor with its models and tensors on `device`; the library's class
@@ -757,8 +757,8 @@ def extraction_setup(dry: bool, folder: Path):
     from torchvision.models import resnet50, resnet101
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-    from pipeline.regions import resolve_region_config
-    from schemas.store import ExtractorConfig, GlobalConfig
+    from userpipe.pipeline.regions import resolve_region_config
+    from userpipe.schemas.store import ExtractorConfig, GlobalConfig
 
     torch.manual_seed(0)
     backbone = "resnet50" if dry else "resnet101"  # BUTD's own backbone is ResNet-101; the dry run is smaller
@@ -809,7 +809,7 @@ def images_per_s(extractor, images, count: int, sync) -> float:
 
 
 def extraction_section(bench: Bench) -> None:
-    from pipeline.regions import RegionExtractor
+    from userpipe.pipeline.regions import RegionExtractor
 
     section = bench.report["sections"].setdefault("extraction", {})
     gpu_images, cpu_images = (2, 1) if bench.dry else (64, bench.args.device_cpu_images)
@@ -887,7 +887,7 @@ def extraction_section(bench: Bench) -> None:
 def write_cpu_reference(count: int) -> None:
     """--cpu-reference: the same extractor on this machine's CPU at full size, for section 3 to
     compare with."""
-    from pipeline.regions import RegionExtractor
+    from userpipe.pipeline.regions import RegionExtractor
 
     with tempfile.TemporaryDirectory() as tmp:
         config, images, setting = extraction_setup(False, Path(tmp))

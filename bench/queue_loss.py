@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-import report
+from bench import report
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -34,7 +34,7 @@ def reset_peak_rss() -> None:
 def measure(backend: str, b: int, m: int, d: int, tile: int) -> dict:
     import torch
 
-    from trainer.losses import uto_queue_loss
+    from userpipe.trainer.losses import uto_queue_loss
 
     torch.manual_seed(0)
     query = torch.nn.functional.normalize(torch.randn(b, d), dim=1).requires_grad_()
@@ -70,7 +70,7 @@ def measure(backend: str, b: int, m: int, d: int, tile: int) -> dict:
 def check_triton(b: int, m: int, d: int) -> dict:
     import torch
 
-    from trainer.losses import uto_queue_loss
+    from userpipe.trainer.losses import uto_queue_loss
 
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(b, d), dim=1).requires_grad_()

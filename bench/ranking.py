@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-import report
-from trainer.evaluate import KS, retrieval_metrics
+from bench import report
+from userpipe.trainer.evaluate import KS, retrieval_metrics
 
 N, REPEATS = 5000, 3
 

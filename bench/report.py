@@ -1,4 +1,4 @@
-"""Writing a benchmark's results: JSON for tools, a markdown table for people, and (`python bench/report.py`,
+"""Writing a benchmark's results: JSON for tools, a markdown table for people, and (`python -m bench.report`,
 the last step of `just bench`) one summary table of every benchmark's headline rows (quoted in the README)."""
 
 from __future__ import annotations

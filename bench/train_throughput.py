@@ -33,9 +33,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-import report
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/released.py: the yardstick
+from bench import report
 
 DATA = Path("data/bench-train")
 STEPS = {"demo": (3, 10), "coco-like": (2, 4)}  # (warm-up, measured) steps per process
@@ -44,7 +42,7 @@ PROFILED = ("image encoder", "text tower", "key encoders", "uto", "backward", "o
 
 
 def run_config(size: str):
-    from trainer.config import load_run_config
+    from userpipe.trainer.config import load_run_config
 
     if size == "demo":
         return load_run_config("demo")
@@ -53,7 +51,7 @@ def run_config(size: str):
 
 def shards_for(size: str, config) -> Path:
     """A synthetic store with the size's shapes, sharded: enough images for every step in one pass."""
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     folder = DATA / size
     if not (folder / "shards" / "manifest.json").is_file():
@@ -74,7 +72,8 @@ def shards_for(size: str, config) -> Path:
 
 def plain_eager_step(model, optimizer, batch, config) -> None:
     import torch
-    from released import released_image_encoder, released_text_encoder
+
+    from tests.released import released_image_encoder, released_text_encoder
 
     cfg = config.model
     # the released code sees every image as 36 regions, zero past its boxes
@@ -119,11 +118,11 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
 
     import torch
 
-    from trainer.captions import CaptionTokenizer
-    from trainer.loader import LoaderSettings, ShardSet, StreamingLoader
-    from trainer.model import build_model
-    from trainer.process import keep_freed_memory
-    from trainer.train import Position, build_optimizer, train_step
+    from userpipe.trainer.captions import CaptionTokenizer
+    from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+    from userpipe.trainer.model import build_model
+    from userpipe.trainer.process import keep_freed_memory
+    from userpipe.trainer.train import Position, build_optimizer, train_step
 
     eager = implementation == "plain eager"
     if not eager:
@@ -139,7 +138,7 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
     torch.manual_seed(0)
     model = build_model(config.model).train()
     if eager:
-        from released import as_released
+        from tests.released import as_released
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
         step = partial(plain_eager_step, as_released(model), optimizer, config=config)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.array_pickle import load_arrays
-from schemas.errors import InputError
-from schemas.store import WeightsRef
+from userpipe.pipeline.array_pickle import load_arrays
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import WeightsRef
 
 Format = Literal["airsplay", "milvlg"]
 ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"

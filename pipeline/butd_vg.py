@@ -37,11 +37,11 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import nms
 
-from pipeline.butd_checkpoints import load_checkpoint
-from pipeline.detections import Detections
-from pipeline.regions import GPU_PER_LOCAL_WORKER, ImageRegions, butd_scale, clip_boxes
-from schemas.errors import InputError
-from schemas.store import ExtractorConfig, RegionConfig
+from userpipe.pipeline.butd_checkpoints import load_checkpoint
+from userpipe.pipeline.detections import Detections
+from userpipe.pipeline.regions import GPU_PER_LOCAL_WORKER, ImageRegions, butd_scale, clip_boxes
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import ExtractorConfig, RegionConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUTD_DEFAULTS = {  # what stock detectron2 has no key for; the config file sets them

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.base import file_sha256, first_problem, parse_json
-from schemas.errors import InputError
-from schemas.sources import read_bytes
-from schemas.store import SPLITS
+from userpipe.schemas.base import file_sha256, first_problem, parse_json
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import read_bytes
+from userpipe.schemas.store import SPLITS
 
 # Karpathy split names -> store split names; restval joins train by convention (VSE++, SCAN).
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}

@@ -17,9 +17,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from pipeline.datasets import DatasetIndex, read_karpathy_json
-from schemas.errors import InputError
-from schemas.outputs import DEMO, Output, claim
+from userpipe.pipeline.datasets import DatasetIndex, read_karpathy_json
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import DEMO, Output, claim
 
 DEMO_JSON = "dataset_demo.json"
 DEMO_VERSION = 1

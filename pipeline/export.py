@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from pipeline.detections import DETECTION_FIELDS
-from pipeline.importers import LXMERT_TSV_FIELDS, TSV_FIELDS
-from schemas.errors import InputError
-from schemas.outputs import EXPORT_FILE, EXPORT_FOLDER, check_output, claim
-from schemas.store import DETECTION_ARRAYS
-from schemas.store_reader import open_store
+from userpipe.pipeline.detections import DETECTION_FIELDS
+from userpipe.pipeline.importers import LXMERT_TSV_FIELDS, TSV_FIELDS
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import EXPORT_FILE, EXPORT_FOLDER, check_output, claim
+from userpipe.schemas.store import DETECTION_ARRAYS
+from userpipe.schemas.store_reader import open_store
 
 FORMATS = ("npz", "tsv")
 

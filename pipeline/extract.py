@@ -22,14 +22,14 @@ from PIL import Image
 from pydantic import Field
 from rich.console import Console
 
-from pipeline.cluster import dask_client, run_tasks
-from pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
-from pipeline.demo import load_demo
-from pipeline.features import extractor_models, image_features, load_image
-from pipeline.global_encoders import resolve_global_config
-from pipeline.importers import ImportPlan, load_precomp, plan_import
-from pipeline.regions import BACKBONES, GPU_PER_LOCAL_WORKER, resolve_region_config
-from pipeline.store import (
+from userpipe.pipeline.cluster import dask_client, run_tasks
+from userpipe.pipeline.datasets import DatasetIndex, check_image_folders, load_dataset
+from userpipe.pipeline.demo import load_demo
+from userpipe.pipeline.features import extractor_models, image_features, load_image
+from userpipe.pipeline.global_encoders import resolve_global_config
+from userpipe.pipeline.importers import ImportPlan, load_precomp, plan_import
+from userpipe.pipeline.regions import BACKBONES, GPU_PER_LOCAL_WORKER, resolve_region_config
+from userpipe.pipeline.store import (
     collect_failures,
     create_store,
     every_chunk_written,
@@ -37,10 +37,10 @@ from pipeline.store import (
     write_attrs,
     write_index_arrays,
 )
-from schemas.base import LocalWorkers, Options
-from schemas.errors import InputError
-from schemas.outputs import STORE, Output, check_output, claim, disk_full
-from schemas.store import (
+from userpipe.schemas.base import LocalWorkers, Options
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import STORE, Output, check_output, claim, disk_full
+from userpipe.schemas.store import (
     DETECTION_ARRAYS,
     IMPORTED_REGION_KINDS,
     ChunkImages,
@@ -55,7 +55,7 @@ from schemas.store import (
     split_array_specs,
     validate_store,
 )
-from schemas.store_reader import done_flags, open_store, store_problems
+from userpipe.schemas.store_reader import done_flags, open_store, store_problems
 
 TEXT_BATCH = 256
 
@@ -158,7 +158,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
     )
     detector = None
     if kind == "butd-vg":
-        from pipeline.butd_vg import checked_detector
+        from userpipe.pipeline.butd_vg import checked_detector
 
         detector = checked_detector(region_config)  # a checkpoint that does not fit fails here, not in a task
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.detections import Detections
-from pipeline.global_encoders import GlobalEncoder
-from pipeline.importers import read_imported
-from pipeline.regions import DETECTRON2_INSTALL, RegionExtractor
-from schemas.errors import InputError
-from schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
+from userpipe.pipeline.detections import Detections
+from userpipe.pipeline.global_encoders import GlobalEncoder
+from userpipe.pipeline.importers import read_imported
+from userpipe.pipeline.regions import DETECTRON2_INSTALL, RegionExtractor
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
 
 
 @lru_cache(maxsize=2)
@@ -32,7 +32,7 @@ def extractor_models(
     regions = None
     if config.regions.kind == "butd-vg":
         try:
-            from pipeline.butd_vg import ButdVgExtractor
+            from userpipe.pipeline.butd_vg import ButdVgExtractor
         except ImportError as exc:
             raise InputError(
                 f"this store's butd-vg regions need detectron2 ({exc}): {DETECTRON2_INSTALL}"

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.regions import BACKBONES
-from pipeline.weights import load_weights, local_weights
-from schemas.errors import InputError
-from schemas.store import GlobalConfig, WeightsRef
+from userpipe.pipeline.regions import BACKBONES
+from userpipe.pipeline.weights import load_weights, local_weights
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import GlobalConfig, WeightsRef
 
 IMAGENET_GLOBAL_SIZE = 224
 IMAGE_BATCH = 8  # larger CPU batches run slower per image (cache), measured on efficientnet_lite0

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.array_pickle import load_arrays
-from pipeline.datasets import (
+from userpipe.pipeline.array_pickle import load_arrays
+from userpipe.pipeline.datasets import (
     NAMED_DATASETS,
     DatasetIndex,
     ImageRecord,
     check_captions,
     read_karpathy_json,
 )
-from pipeline.detections import DETECTION_FIELDS, Detections
-from schemas.base import file_sha256
-from schemas.errors import InputError
-from schemas.sources import decode_text, read_text
+from userpipe.pipeline.detections import DETECTION_FIELDS, Detections
+from userpipe.schemas.base import file_sha256
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import decode_text, read_text
 
 # SCAN split files for each store split, first found wins (COCO's 5K test is "testall").
 PRECOMP_SPLIT_FILES = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}

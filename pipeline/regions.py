@@ -22,10 +22,10 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
-from pipeline.detections import Detections
-from pipeline.weights import load_weights, local_weights, torchvision_weights
-from schemas.errors import InputError
-from schemas.store import ExtractorConfig, RegionConfig, WeightsRef
+from userpipe.pipeline.detections import Detections
+from userpipe.pipeline.weights import load_weights, local_weights, torchvision_weights
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import ExtractorConfig, RegionConfig, WeightsRef
 
 TRUNK_STRIDE = 16
 BUTD_SHORT_SIDE, BUTD_LONG_SIDE = 600, 1000  # BUTD test scale (Anderson et al.)
@@ -166,7 +166,7 @@ def resolve_region_config(
 
 def _butd_vg_config(config_name: str, detector_weights: str | None, min_regions: int | None) -> RegionConfig:
     try:
-        from pipeline.butd_vg import config_file, load_config
+        from userpipe.pipeline.butd_vg import config_file, load_config
     except ImportError as exc:
         raise InputError(f"--regions butd-vg needs detectron2 ({exc}): {DETECTRON2_INSTALL}") from None
     path = config_file(config_name)

@@ -26,10 +26,10 @@ import zarr
 from pydantic import Field
 from rich.console import Console
 
-from pipeline.cluster import dask_client, run_tasks
-from schemas.base import LocalWorkers, Options, Seed, file_sha256, read_model
-from schemas.errors import InputError
-from schemas.outputs import (
+from userpipe.pipeline.cluster import dask_client, run_tasks
+from userpipe.schemas.base import LocalWorkers, Options, Seed, file_sha256, read_model
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import (
     PLAN_NAME,
     SHARDS,
     Output,
@@ -38,7 +38,7 @@ from schemas.outputs import (
     write_text_atomic,
     written_whole,
 )
-from schemas.shard import (
+from userpipe.schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
     SampleMeta,
@@ -51,8 +51,8 @@ from schemas.shard import (
     read_manifest,
     tar_samples,
 )
-from schemas.store import caption_chunk_size
-from schemas.store_reader import REPAIR, open_store, store_problems
+from userpipe.schemas.store import caption_chunk_size
+from userpipe.schemas.store_reader import REPAIR, open_store, store_problems
 
 TAR_MTIME = 0  # fixed member times: the same plan gives byte-identical shards. An int: a float
 # mtime makes tarfile add a pax header before every member, twice the headers a reader walks

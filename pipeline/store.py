@@ -9,8 +9,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.datasets import DatasetIndex
-from schemas.store import ATTRS_KEY, ArraySpec, Failure, StoreAttrs, split_array_specs
+from userpipe.pipeline.datasets import DatasetIndex
+from userpipe.schemas.store import ATTRS_KEY, ArraySpec, Failure, StoreAttrs, split_array_specs
 
 # Float arrays: zstd with byte shuffle (env measurements: ~1.6x on ReLU-like features at 70-100 MB/s).
 FLOAT_CODEC = dict(cname="zstd", clevel=3, shuffle="shuffle")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import DatasetIndex, ImageRecord
-from pipeline.store import collect_failures, create_store, every_chunk_written, write_attrs
-from schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSummary, StoreAttrs
+from userpipe.pipeline.datasets import DatasetIndex, ImageRecord
+from userpipe.pipeline.store import collect_failures, create_store, every_chunk_written, write_attrs
+from userpipe.schemas.store import ExtractorConfig, GlobalConfig, RegionConfig, SplitSummary, StoreAttrs
 
 BLOCK_CHUNKS = 16  # store chunks generated and written per step
 

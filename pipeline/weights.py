@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from schemas.base import file_sha256
-from schemas.errors import InputError
-from schemas.store import WeightsRef
+from userpipe.schemas.base import file_sha256
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import WeightsRef
 
 
 def local_weights(path: str, what: str) -> WeightsRef:

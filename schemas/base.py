@@ -11,8 +11,8 @@ from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.errors import InputError
-from schemas.sources import decode_text, read_bytes
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import decode_text, read_bytes
 
 
 class Frozen(BaseModel):

@@ -23,10 +23,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Frozen, read_model
-from schemas.errors import ManifestError
-from schemas.run import ModelConfig
-from schemas.store import ExtractorConfig
+from userpipe.schemas.base import Frozen, read_model
+from userpipe.schemas.errors import ManifestError
+from userpipe.schemas.run import ModelConfig
+from userpipe.schemas.store import ExtractorConfig
 
 INDEX_SCHEMA_VERSION = "1.1"
 MANIFEST_NAME = "index.json"

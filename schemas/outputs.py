@@ -32,12 +32,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.errors import InputError
-from schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
-from schemas.index import IndexManifest
-from schemas.run import RunConfig
-from schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
-from schemas.store import ATTRS_KEY, StoreAttrs
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
+from userpipe.schemas.index import IndexManifest
+from userpipe.schemas.run import RunConfig
+from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
+from userpipe.schemas.store import ATTRS_KEY, StoreAttrs
 
 
 def _validates(path: Path, model, *keys: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.base import Frozen, Seed
+from userpipe.schemas.base import Frozen, Seed
 
 MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden, xavier_init, max_tokens (1.0 configs read as what they built)
 RUN_RECORD_VERSION = "1.0"

@@ -31,9 +31,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationError
 
-from schemas.base import Frozen, first_problem, parse_json, read_model, validate_as
-from schemas.errors import InputError, ManifestError
-from schemas.store import ExtractorConfig
+from userpipe.schemas.base import Frozen, first_problem, parse_json, read_model, validate_as
+from userpipe.schemas.errors import InputError, ManifestError
+from userpipe.schemas.store import ExtractorConfig
 
 SHARD_SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"

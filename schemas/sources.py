@@ -26,7 +26,7 @@ import urllib.request
 from http import HTTPStatus
 from pathlib import Path
 
-from schemas.errors import InputError
+from userpipe.schemas.errors import InputError
 
 READ_SCHEMES = ("http", "https")
 TIMEOUT_S = 60  # without a byte for this long, a server is taken as gone (webdataset's curl waited forever)

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from schemas.base import Frozen
-from schemas.errors import InputError
+from userpipe.schemas.base import Frozen
+from userpipe.schemas.errors import InputError
 
 # the store's sizes, shared with `userpipe extract`'s options: 1000 slots is 10x the released adaptive
 # butd-vg's 100; a chunk of 4096 COCO images is 600 MB of regions in one task's memory

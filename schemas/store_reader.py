@@ -15,9 +15,9 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from schemas.base import parse_json
-from schemas.errors import InputError
-from schemas.store import (
+from userpipe.schemas.base import parse_json
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.store import (
     StoreAttrs,
     StoreValidationError,
     split_array_specs,

@@ -16,7 +16,7 @@ from crash.write_events import written_paths
 from PIL import Image
 from typer.testing import CliRunner
 
-from trainer.process import quiet_model_loading, reproducible_cpu_math
+from userpipe.trainer.process import quiet_model_loading, reproducible_cpu_math
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: fail at once instead of retrying for ~46 s
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run (slowly) on the CPU; a GPU run sets 0
@@ -129,7 +129,7 @@ UNCLAIMED_WRITES: list[str] = []
 
 
 def _in_a_claim(path: str) -> bool:
-    from schemas.outputs import claimed_paths
+    from userpipe.schemas.outputs import claimed_paths
 
     for out in map(str, claimed_paths()):
         out_folder, out_name = os.path.split(out)
@@ -228,7 +228,7 @@ def trained(tmp_path_factory) -> dict:
     built with it."""
     import yaml
 
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     runner = CliRunner()
     tmp = tmp_path_factory.mktemp("search")
@@ -288,7 +288,7 @@ def kill_at_first_done_chunk(command: list[str], store: Path, split: str = "trai
 
 def extractor_config(regions, num_regions=36, feature_dim=1280, image_size=128, chunk_size=4):
     """An ExtractorConfig of `regions` with no global encoder (to build region extractors directly)."""
-    from schemas.store import ExtractorConfig, GlobalConfig
+    from userpipe.schemas.store import ExtractorConfig, GlobalConfig
 
     return ExtractorConfig(
         dataset="t",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from trainer.model import GPO, Dropout, ImageEncoder, TextEncoder, sinusoid_positions, valid_mask
+from userpipe.trainer.model import GPO, Dropout, ImageEncoder, TextEncoder, sinusoid_positions, valid_mask
 
 EPS = 1e-8  # the released l2norm: x / (|x| + eps)
 

@@ -25,8 +25,8 @@ pytest.importorskip(
 from detectron2.modeling import build_model  # noqa: E402
 from torchvision.ops import roi_pool  # noqa: E402
 
-from pipeline.butd_checkpoints import file_state, load_checkpoint, write_checkpoint  # noqa: E402
-from pipeline.butd_vg import (  # noqa: E402
+from userpipe.pipeline.butd_checkpoints import file_state, load_checkpoint, write_checkpoint  # noqa: E402
+from userpipe.pipeline.butd_vg import (  # noqa: E402
     ButdVgExtractor,
     caffe_proposals,
     config_file,
@@ -35,9 +35,9 @@ from pipeline.butd_vg import (  # noqa: E402
     rpn_outputs,
     worker_device,
 )
-from pipeline.regions import resolve_region_config  # noqa: E402
-from schemas.errors import InputError  # noqa: E402
-from schemas.store import DETECTION_ARRAYS, WeightsRef  # noqa: E402
+from userpipe.pipeline.regions import resolve_region_config  # noqa: E402
+from userpipe.schemas.errors import InputError  # noqa: E402
+from userpipe.schemas.store import DETECTION_ARRAYS, WeightsRef  # noqa: E402
 
 # The packaged config at toy widths: every part of the real network, a few MB of weights. Its pixel std
 # keeps a random network's class scores unsaturated (saturated, every box ties with every other).
@@ -381,7 +381,7 @@ def test_rpn_outputs_pair_each_anchor_with_its_own_score_and_deltas(tiny):
 
 
 def test_adaptive_mode_keeps_the_boxes_generate_tsv_would(tiny, monkeypatch):
-    import pipeline.butd_vg as butd_vg
+    import userpipe.pipeline.butd_vg as butd_vg
 
     calls = []
 
@@ -514,7 +514,7 @@ def test_bad_butd_vg_options_are_one_line_errors_before_any_work(runner, tiny, b
 
 def test_an_image_file_query_on_a_butd_vg_store_runs_the_detector(tiny, tmp_path):
     """`userpipe search IMAGE` embeds a query file with the store's extractor (pipeline.features)."""
-    from pipeline.features import image_file_features
+    from userpipe.pipeline.features import image_file_features
 
     config = extractor_config(tiny)
     query = tmp_path / "query.png"  # lossless, so the file holds the same pixels as the image
@@ -526,7 +526,7 @@ def test_an_image_file_query_on_a_butd_vg_store_runs_the_detector(tiny, tmp_path
 
 
 def test_an_image_with_no_usable_proposal_is_an_invalid_image_not_zero_regions(tiny, tmp_path):
-    from pipeline.features import image_file_features
+    from userpipe.pipeline.features import image_file_features
 
     extractor = ButdVgExtractor(extractor_config(tiny))
     tiny_image = Image.new("RGB", (4, 4), (10, 200, 30))  # every proposal is under 16 original pixels
@@ -539,7 +539,7 @@ def test_an_image_with_no_usable_proposal_is_an_invalid_image_not_zero_regions(t
 
 @pytest.mark.parametrize("image_id", ["a/b", "..", "tab\there", "line\nbreak", "caf\u00e9", "\x00"])
 def test_export_refuses_ids_that_cannot_name_a_file_or_a_tsv_field(image_id):
-    from pipeline.export import _file_safe
+    from userpipe.pipeline.export import _file_safe
 
     with pytest.raises(InputError, match="cannot name"):
         _file_safe(image_id)
@@ -549,7 +549,7 @@ def test_export_refuses_ids_that_cannot_name_a_file_or_a_tsv_field(image_id):
 def test_each_local_worker_takes_its_own_gpu_and_other_workers_their_current_device(monkeypatch):
     import distributed
 
-    from pipeline.regions import GPU_PER_LOCAL_WORKER
+    from userpipe.pipeline.regions import GPU_PER_LOCAL_WORKER
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # as CUDA_VISIBLE_DEVICES would make it

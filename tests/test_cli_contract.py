@@ -240,7 +240,7 @@ def field_values(field, preset) -> tuple[list, list]:
 
 
 def run_config_fields() -> list[tuple[str, str, object]]:
-    from schemas.run import ModelConfig, TrainRecipe
+    from userpipe.schemas.run import ModelConfig, TrainRecipe
 
     return [
         (section, name, field)
@@ -260,7 +260,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
     """Shards of 16 pairs (two steps of the tiny recipe's batch of 8), a validation store, and the recipe."""
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     tmp = tmp_path_factory.mktemp("small-run")
     store = write_synthetic_store(tmp / "train.zarr", 16, seed=1, captions_per_image=1)

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from conftest import TINY, karpathy_record, write_image, write_json
 
-from pipeline.synthetic import write_synthetic_store
+from userpipe.pipeline.synthetic import write_synthetic_store
 
 pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
 

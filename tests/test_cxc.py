@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from schemas.errors import InputError
-from trainer.cxc import SITS_COLUMNS, cxc_positives, read_cxc
-from trainer.evaluate import positive_ranks, protocol_metrics
+from userpipe.schemas.errors import InputError
+from userpipe.trainer.cxc import SITS_COLUMNS, cxc_positives, read_cxc
+from userpipe.trainer.evaluate import positive_ranks, protocol_metrics
 
 IMAGES = ["391895", "522418", "184613"]
 CAPTIONS = [  # two per image, in the split's order

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from conftest import karpathy_record, write_image, write_json
 
-from pipeline.datasets import load_dataset, parse_splits, read_karpathy_json
-from schemas.errors import InputError
+from userpipe.pipeline.datasets import load_dataset, parse_splits, read_karpathy_json
+from userpipe.schemas.errors import InputError
 
 
 def test_coco_layout_restval_joins_train_and_six_captions_keep_first_five(coco_root: Path):

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from pipeline.demo import COLOURS, DEMO_JSON, ensure_demo, load_demo, render_scene, split_sizes
+from userpipe.pipeline.demo import COLOURS, DEMO_JSON, ensure_demo, load_demo, render_scene, split_sizes
 
 
 def test_default_split_sizes_follow_the_papers_proportions():

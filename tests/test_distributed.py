@@ -15,9 +15,9 @@ from conftest import TINY, run_cli, shard_cli
 from test_model import tiny_bert, tiny_config
 from typer.testing import CliRunner
 
-from pipeline.synthetic import write_synthetic_store
-from trainer import distributed
-from trainer.model import build_model
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.trainer import distributed
+from userpipe.trainer.model import build_model
 
 PAIRS, STEPS = 8, 2  # the global batch, split over the ranks
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from pipeline.synthetic import write_synthetic_store
-from schemas.errors import InputError
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.schemas.errors import InputError
 
 
 def test_an_input_error_is_always_one_line():
@@ -26,7 +26,7 @@ def test_an_input_error_is_always_one_line():
     ],
 )
 def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path, monkeypatch, code, words):
-    from schemas.outputs import Output
+    from userpipe.schemas.outputs import Output
 
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     out = tmp_path / "shards"
@@ -43,9 +43,9 @@ def test_os_errors_of_the_users_paths_are_one_line_exit_2(runner, tmp_path: Path
 
 
 def test_a_bug_keeps_its_traceback(runner, tmp_path: Path, monkeypatch):
-    import pipeline.shard
+    import userpipe.pipeline.shard as shard
 
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
-    monkeypatch.setattr(pipeline.shard, "plan_shards", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(shard, "plan_shards", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # not turned into "error: ..." (CliRunner re-raises it)
         run_cli(runner, "shard", "--store", store, "--out", tmp_path / "shards", "--workers", "1")

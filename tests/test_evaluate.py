@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.evaluate import protocol_metrics, retrieval_metrics
+from userpipe.trainer.evaluate import protocol_metrics, retrieval_metrics
 
 
 def reference_metrics(sims: np.ndarray, caption_image: np.ndarray | None = None) -> dict:
@@ -90,8 +90,8 @@ def test_embedding_metrics_of_one_model_and_of_an_ensemble():
     ranks by the mean of its members' similarities."""
     import torch
 
-    from schemas.errors import InputError
-    from trainer.encode import SplitEmbeddings, embedding_metrics
+    from userpipe.schemas.errors import InputError
+    from userpipe.trainer.encode import SplitEmbeddings, embedding_metrics
 
     rng = np.random.default_rng(7)
     caption_image = torch.arange(100) // 5
@@ -132,7 +132,7 @@ def test_ranks_with_extra_positives_equal_the_argsort_loops(ties):
     rank of the best-ranked positive, as the per-query argsort loops find it."""
     import torch
 
-    from trainer.evaluate import positive_ranks
+    from userpipe.trainer.evaluate import positive_ranks
 
     rng = np.random.default_rng(3)
     n = 50
@@ -160,7 +160,7 @@ def test_ranks_with_extra_positives_equal_the_argsort_loops(ties):
 def protocol_stores(tmp_path_factory) -> dict:
     """Test splits of the sizes the protocols name, of their dataset and of another, and small ones
     (5 captions per image, small features: a 5,000-image store is under a megabyte)."""
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     tmp = tmp_path_factory.mktemp("protocols")
 
@@ -188,7 +188,7 @@ def protocol_stores(tmp_path_factory) -> dict:
 
 def _cxc_files(folder: Path) -> tuple[str, ...]:
     """Well-formed CxC files, read (as they are) before the store is looked at."""
-    from trainer.cxc import SITS_COLUMNS
+    from userpipe.trainer.cxc import SITS_COLUMNS
 
     (folder / "cxc").mkdir(exist_ok=True)
     (folder / "cxc" / "sits_test.csv").write_text(
@@ -219,7 +219,7 @@ def test_a_named_protocol_refuses_a_split_that_is_not_the_one_it_names(
     line, exit 2) before any model is loaded, by size and by the dataset the store records."""
     from conftest import run_cli
 
-    from trainer.evaluate import PROTOCOL_SPLITS
+    from userpipe.trainer.evaluate import PROTOCOL_SPLITS
 
     need = PROTOCOL_SPLITS[protocol]
     cxc = _cxc_files(tmp_path) if protocol == "cxc" else ()
@@ -238,8 +238,8 @@ def test_a_named_protocol_refuses_a_split_that_is_not_the_one_it_names(
     "protocol, store", [("coco1k", "coco 5K"), ("coco5k", "coco 5K"), ("cxc", "coco 5K"), ("f30k", "f30k 1K")]
 )
 def test_a_named_protocol_accepts_the_split_it_names(protocol_stores, protocol, store):
-    from trainer.encode import split_sizes
-    from trainer.evaluate import check_protocol_split
+    from userpipe.trainer.encode import split_sizes
+    from userpipe.trainer.evaluate import check_protocol_split
 
     dataset, images, captions, invalid = split_sizes(protocol_stores[store], "test")
     assert invalid == 0
@@ -251,7 +251,7 @@ def test_a_named_protocol_accepts_the_split_it_names(protocol_stores, protocol, 
 
 
 def test_a_tables_title_states_what_was_evaluated():
-    from trainer.evaluate import format_table, with_sizes
+    from userpipe.trainer.evaluate import format_table, with_sizes
 
     rng = np.random.default_rng(0)
     sims = rng.normal(size=(10, 50))
@@ -275,8 +275,8 @@ def test_eval_on_the_split_a_protocol_names_prints_its_sizes(runner, protocol_st
     import torch
     from conftest import TINY, run_cli
 
-    from schemas.run import RunConfig
-    from trainer import checkpoint
+    from userpipe.schemas.run import RunConfig
+    from userpipe.trainer import checkpoint
 
     config = RunConfig.model_validate({"model": {**TINY["model"], "text_layers": 1}, "train": TINY["train"]})
     model = checkpoint.initial_model(config)

@@ -18,14 +18,14 @@ from conftest import (
     write_bomb_png,
 )
 
-from schemas.store import validate_store
+from userpipe.schemas.store import validate_store
 
 DEMO_ARGS = ("--dataset", "demo", "--images", "24", "--chunk-size", "4", "--workers", "1")
 
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    from pipeline.demo import ensure_demo
+    from userpipe.pipeline.demo import ensure_demo
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     ensure_demo(root, images=24)
@@ -165,7 +165,7 @@ def test_corrupt_and_missing_images_are_flagged_listed_and_fail_the_run(
 def test_a_decompression_bomb_is_an_invalid_image_with_its_size(runner, coco_root: Path, tmp_path: Path):
     """An image over the pixel cap is refused from its header, before it is decoded: one line naming the
     file and its size, whether Pillow lets it open (10,000 x 10,000) or refuses it (100,000 x 100,000)."""
-    from schemas.store_reader import open_store
+    from userpipe.schemas.store_reader import open_store
 
     images = coco_root / "images"
     big = write_bomb_png(images / "train2014" / "COCO_train2014_000000000101.jpg", 10_000, 10_000)
@@ -185,8 +185,8 @@ def test_a_decompression_bomb_is_an_invalid_image_with_its_size(runner, coco_roo
 @pytest.mark.slow
 def test_an_image_file_embeds_exactly_like_its_store_row(runner, coco_root: Path, tmp_path: Path):
     """`userpipe search --captions FILE` embeds a new image with the store's own extractor configuration."""
-    from pipeline.features import image_file_features
-    from schemas.store_reader import open_store
+    from userpipe.pipeline.features import image_file_features
+    from userpipe.schemas.store_reader import open_store
 
     out = tmp_path / "coco.zarr"
     clip = ("--clip", "imagenet:efficientnet_lite0")
@@ -258,8 +258,8 @@ def test_an_option_that_the_region_kind_does_not_read_is_refused_not_ignored(
 ):
     from typing import get_args
 
-    from pipeline.extract import KIND_OPTIONS
-    from schemas.store import IMPORTED_REGION_KINDS, RegionKind
+    from userpipe.pipeline.extract import KIND_OPTIONS
+    from userpipe.schemas.store import IMPORTED_REGION_KINDS, RegionKind
 
     values = {
         "backbone": "efficientnet_lite0",
@@ -327,7 +327,7 @@ def test_missing_image_folder_and_info_on_non_store(runner, coco_root: Path, tmp
 def test_local_cluster_leaves_the_callers_environment_as_it_was():
     """The Dask nanny writes OMP_NUM_THREADS=1 & co. into the calling process to spawn its workers;
     a training run started after an extract (same process tree) would otherwise run on one thread."""
-    from pipeline.cluster import dask_client
+    from userpipe.pipeline.cluster import dask_client
 
     before = dict(os.environ)
     with dask_client(2, None) as (client, threads):  # worker processes (one worker runs in this process)

@@ -17,10 +17,10 @@ import yaml
 import zarr
 from conftest import EXTRACT_COCO_GRID, TINY, run_cli, shard_cli
 
-from pipeline.synthetic import write_synthetic_store
-from schemas.errors import InputError, NonFiniteError
-from schemas.outputs import RUN, claim
-from trainer.evaluate import retrieval_metrics
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.schemas.errors import InputError, NonFiniteError
+from userpipe.schemas.outputs import RUN, claim
+from userpipe.trainer.evaluate import retrieval_metrics
 
 
 def error_line(result) -> str:
@@ -46,7 +46,7 @@ def test_metrics_refuse_non_finite_similarities_instead_of_ranking_them(bad):
 
 
 def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step():
-    from trainer.train import Position, check_step_finite
+    from userpipe.trainer.train import Position, check_step_finite
 
     position = Position(epoch=1, step=3, global_step=17)
     check_step_finite(torch.tensor(0.5), torch.tensor(2.0), position)
@@ -187,7 +187,7 @@ def test_train_refuses_a_shard_set_that_differs_from_its_manifest(runner, traine
 def test_a_sample_with_an_extra_member_or_another_dtype_is_named(tmp_path):
     import io
 
-    from schemas.shard import SampleError, decode_sample
+    from userpipe.schemas.shard import SampleError, decode_sample
 
     def npy(array) -> bytes:
         buffer = io.BytesIO()
@@ -377,7 +377,7 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
     out = tmp_path / "coco.zarr"
     result = run_cli(runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", out, "--clip", "none")
     assert result.exit_code == 1 and "3 image(s) could not be used" in result.output, result.output
-    from schemas.store_reader import open_store
+    from userpipe.schemas.store_reader import open_store
 
     _, attrs = open_store(out)
     reasons = {f.file.rsplit("/", 1)[-1]: f.error for f in attrs.failures}
@@ -389,7 +389,7 @@ def test_fifos_directories_and_symlink_loops_are_invalid_images_not_hangs(runner
 def test_an_unreadable_images_reason_names_its_path_and_not_the_runs_file_descriptors(tmp_path):
     """A reason is stored in the store's attributes, so it must not depend on which descriptor the run
     happened to get (a resumed store is compared byte for byte)."""
-    from pipeline.features import load_image
+    from userpipe.pipeline.features import load_image
 
     rng = np.random.default_rng(0)
     bad = {
@@ -421,7 +421,7 @@ def test_an_unreadable_images_reason_names_its_path_and_not_the_runs_file_descri
 
 
 def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_own_names(tmp_path):
-    from trainer.checkpoint import CHECKPOINTS, recover
+    from userpipe.trainer.checkpoint import CHECKPOINTS, recover
 
     folder = tmp_path / "run" / CHECKPOINTS
     for name in ("e001-s000000", "e002-s000000", "e002-s000004", ".e003-s000000.partial"):
@@ -445,7 +445,7 @@ def test_checkpoint_recovery_finishes_a_half_switched_save_and_touches_only_its_
 def test_a_log_line_that_parses_but_lost_a_field_is_refused_in_one_line(tmp_path):
     """A flipped byte can keep a line valid JSON but rename a key ("queue" -> "qteue"): refused, naming the
     line, before a resume writes anything or plots from it (found by the fuzz test)."""
-    from trainer.run_dir import JsonLog
+    from userpipe.trainer.run_dir import JsonLog
 
     step = {"step": 1, "epoch": 0, "lr": 1e-3, "loss": 0.5, "batch": 0.2, "queue": 0.3, "samples_per_s": 9.0}
     val = {

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from schemas.errors import InputError
+from userpipe.schemas.errors import InputError
 
 # default: the same examples every run (CI stays reproducible); thorough: new random ones each time
 settings.register_profile(
@@ -97,7 +97,7 @@ def karpathy_documents(draw) -> bytes:
 
 @given(karpathy_documents())
 def test_karpathy_reader_accepts_or_refuses_in_one_line(tmp_path_factory, document: bytes):
-    from pipeline.datasets import read_karpathy_json
+    from userpipe.pipeline.datasets import read_karpathy_json
 
     path = tmp_path_factory.mktemp("karpathy") / "d.json"
     path.write_bytes(document)
@@ -155,7 +155,7 @@ def write_precomp_split(folder: Path, n, lines, ids, encoding, features) -> None
 
 @given(precomp_folders())
 def test_precomp_import_accepts_or_refuses_in_one_line(tmp_path_factory, case):
-    from pipeline.importers import load_precomp
+    from userpipe.pipeline.importers import load_precomp
 
     folder = tmp_path_factory.mktemp("precomp") / "p"
     write_precomp_split(folder, *case)
@@ -260,7 +260,7 @@ def tsv_lines(draw) -> bytes:
 
 @given(tsv_lines())
 def test_tsv_lines_are_indexed_or_refused_and_read_or_flagged(tmp_path_factory, line: bytes):
-    from pipeline.importers import index_tsv, read_imported
+    from userpipe.pipeline.importers import index_tsv, read_imported
 
     path = tmp_path_factory.mktemp("tsv") / "f.tsv"
     path.write_bytes(line)
@@ -329,7 +329,7 @@ def npz_files(draw) -> bytes:
 
 @given(npz_files(), npz_files())
 def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_path_factory, first, second):
-    from pipeline.importers import index_npz, read_imported
+    from userpipe.pipeline.importers import index_npz, read_imported
 
     folder = tmp_path_factory.mktemp("npz")
     (folder / "a.npz").write_bytes(first)
@@ -353,7 +353,7 @@ def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_pat
 
 
 def test_a_code_carrying_npz_info_is_refused_without_running_it(tmp_path: Path):
-    from pipeline.importers import index_npz
+    from userpipe.pipeline.importers import index_npz
 
     marker = tmp_path / "ran"
     info = {"objects_id": Touches(marker)}
@@ -384,7 +384,7 @@ def npz_with_info(path: Path, info_pickle: bytes, n: int = 2) -> None:
 def test_a_crafted_npz_info_is_an_invalid_image_read_without_building_what_it_describes(tmp_path: Path):
     import pickle
 
-    from pipeline.importers import index_npz, read_imported
+    from userpipe.pipeline.importers import index_npz, read_imported
 
     nested: list = []
     for _ in range(60):  # 2**60 leaves in a pickle of a few hundred bytes (its lists are shared)
@@ -436,7 +436,7 @@ class Touches:
 
 @given(st.one_of(json_values.map(json.dumps), some_text), st.lists(some_text, max_size=3))
 def test_run_configs_and_overrides_load_or_refuse_in_one_line(tmp_path_factory, config_text, overrides):
-    from trainer.config import load_run_config, parse_overrides
+    from userpipe.trainer.config import load_run_config, parse_overrides
 
     path = tmp_path_factory.mktemp("config") / "c.yaml"
     path.write_text(config_text)
@@ -457,7 +457,7 @@ def test_run_configs_and_overrides_load_or_refuse_in_one_line(tmp_path_factory, 
     )
 )
 def test_set_strings_on_a_preset_load_or_refuse_in_one_line(pairs):
-    from trainer.config import load_run_config, parse_overrides
+    from userpipe.trainer.config import load_run_config, parse_overrides
 
     try:
         load_run_config("demo", parse_overrides(["".join(p) for p in pairs]))
@@ -494,7 +494,7 @@ def cli_outcome(result, allowed_ok: bool) -> None:
 @pytest.fixture(scope="module")
 def artefacts(trained, tmp_path_factory) -> dict:
     """The trained run, its index and gallery (conftest's `trained`), and a shard folder."""
-    from pipeline.synthetic import write_synthetic_store
+    from userpipe.pipeline.synthetic import write_synthetic_store
 
     tmp = tmp_path_factory.mktemp("artefacts")
     store = write_synthetic_store(tmp / "s.zarr", 6)
@@ -621,7 +621,7 @@ def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, lin
 
 
 def test_a_zip_that_is_not_an_npz_names_the_file(tmp_path: Path):
-    from pipeline.importers import index_npz
+    from userpipe.pipeline.importers import index_npz
 
     with zipfile.ZipFile(tmp_path / "a.npz", "w") as z:
         z.writestr("readme.txt", "not arrays")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.global_encoders import GlobalEncoder, resolve_global_config
-from schemas.errors import InputError
+from userpipe.pipeline.global_encoders import GlobalEncoder, resolve_global_config
+from userpipe.schemas.errors import InputError
 
 TINY_CLIP = {
     "embed_dim": 32,

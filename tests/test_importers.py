@@ -9,7 +9,7 @@ import pytest
 import zarr
 from conftest import run_cli
 
-from schemas.store import validate_store
+from userpipe.schemas.store import validate_store
 
 D = 16  # small feature width; the importers take it from the files
 
@@ -263,7 +263,7 @@ def write_npz(path: Path, boxes: np.ndarray, feats: np.ndarray, num_bbox: int | 
 def test_npz_by_file_stem_round_trips_and_an_inconsistent_file_invalidates_its_image(
     runner, coco_root, tmp_path
 ):
-    from pipeline.datasets import load_dataset
+    from userpipe.pipeline.datasets import load_dataset
 
     folder = tmp_path / "npz"
     folder.mkdir()

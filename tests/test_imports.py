@@ -1,6 +1,7 @@
-"""The package graph of docs/architecture.md, enforced: imports go one way, schemas <- pipeline <- trainer
-<- userpipe, and no library module imports a stage driver, the training loop or the command line.
-Every import counts, also those inside functions."""
+"""The package graph of docs/architecture.md, enforced: imports go one way, userpipe.schemas <-
+userpipe.pipeline <- userpipe.trainer <- the command line (userpipe.cli), no library module imports a
+stage driver, the training loop or the command line, and the graph has no circle. Every import counts,
+also those inside functions."""
 
 from __future__ import annotations
 
@@ -10,24 +11,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "userpipe": 3}
+# the installed package userpipe.X is the folder FOLDERS[X] (pyproject.toml's package-dir)
+FOLDERS = {"schemas": "schemas", "pipeline": "pipeline", "trainer": "trainer", "cli": "userpipe"}
+LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "cli": 3}
 # what a module of a lower layer may use of a higher one's neighbour: the trainer uses the pipeline only
 # as the extractor library (an image-file query is embedded as extract embeds a store row)
-TRAINER_USES_OF_PIPELINE = {"pipeline.features"}
+TRAINER_USES_OF_PIPELINE = {"userpipe.pipeline.features"}
 DRIVERS = {
-    "pipeline.extract",
-    "pipeline.shard",
-    "trainer.train",
-}  # stage entry points: only the CLI imports them
+    "userpipe.pipeline.extract",
+    "userpipe.pipeline.shard",
+    "userpipe.trainer.train",
+}  # stage entry points: only the command line imports them
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in LAYERS:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for package, folder in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join(("userpipe", *(() if package == "cli" else (package,)), *parts))
             found[name.removesuffix(".__init__")] = path
     return found
+
+
+def layer(module: str) -> str:
+    """The layer of a userpipe module: schemas, pipeline, trainer, or cli (the command line package)."""
+    part = module.split(".")[1] if "." in module else ""
+    return part if part in ("schemas", "pipeline", "trainer") else "cli"
 
 
 def first_party_imports(path: Path) -> set[str]:
@@ -37,11 +47,11 @@ def first_party_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from trainer import checkpoint` imports the module trainer.checkpoint
+            # `from userpipe.trainer import checkpoint` imports the module userpipe.trainer.checkpoint
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
-        imported |= {name for name in names if name.split(".")[0] in LAYERS}
+        imported |= {name for name in names if name.split(".")[0] == "userpipe"}
     return imported & set(modules())
 
 
@@ -49,20 +59,22 @@ GRAPH = {name: first_party_imports(path) for name, path in modules().items()}
 
 
 def test_the_graph_is_read():
-    assert "schemas.store_reader" in GRAPH["trainer.encode"]
-    assert "pipeline.features" in GRAPH["trainer.search"]
-    assert "trainer.train" in GRAPH["userpipe.cli"]
+    assert "userpipe.schemas.store_reader" in GRAPH["userpipe.trainer.encode"]
+    assert "userpipe.pipeline.features" in GRAPH["userpipe.trainer.search"]
+    assert "userpipe.trainer.train" in GRAPH["userpipe.cli"]
 
 
 def violations(module: str, imports: set[str]) -> list[str]:
-    layer, found = module.split(".")[0], []
+    found = []
     for target in sorted(imports):
-        target_layer = target.split(".")[0]
-        if LAYERS[target_layer] > LAYERS[layer]:
+        if LAYERS[layer(target)] > LAYERS[layer(module)]:
             found.append(f"{module} imports {target}, of a higher layer")
-        elif layer == "trainer" and target_layer == "pipeline" and target not in TRAINER_USES_OF_PIPELINE:
+        elif (layer(module), layer(target)) == (
+            "trainer",
+            "pipeline",
+        ) and target not in TRAINER_USES_OF_PIPELINE:
             found.append(f"{module} reaches into {target}, a pipeline internal")
-        if target in DRIVERS and layer != "userpipe":
+        if target in DRIVERS and layer(module) != "cli":
             found.append(f"{module} imports the stage driver {target}; only the command line may")
     return found
 
@@ -75,12 +87,58 @@ def test_imports_go_one_way(module):
 def test_a_module_that_breaks_the_rules_is_caught(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text(
-        "def f():\n    from trainer.train import train\n    from pipeline.datasets import load_dataset\n"
-        "    import userpipe.cli\n"
+        "def f():\n    from userpipe.trainer.train import train\n"
+        "    from userpipe.pipeline.datasets import load_dataset\n    import userpipe.cli\n"
     )
-    found = violations("trainer.encode", first_party_imports(bad))
+    found = violations("userpipe.trainer.encode", first_party_imports(bad))
     assert found == [
-        "trainer.encode reaches into pipeline.datasets, a pipeline internal",
-        "trainer.encode imports the stage driver trainer.train; only the command line may",
-        "trainer.encode imports userpipe.cli, of a higher layer",
+        "userpipe.trainer.encode imports userpipe.cli, of a higher layer",
+        "userpipe.trainer.encode reaches into userpipe.pipeline.datasets, a pipeline internal",
+        "userpipe.trainer.encode imports the stage driver userpipe.trainer.train; only the command line may",
     ]
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_namespace_importable_from_anywhere(tmp_path):
+    """pip puts userpipe.pipeline, userpipe.trainer and userpipe.schemas (with the presets) under one
+    `userpipe` package, and no generic top-level names beside other projects' modules."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: setuptools writes build/ beside the sources it builds
+    shutil.copytree(ROOT, source, ignore=sources_only)
+    pip = [sys.executable, "-m", "pip"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, source],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("userpipe-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"userpipe"}
+    subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", wheel], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = (
+        "import importlib.resources as r, userpipe.schemas.errors, userpipe.trainer, userpipe.pipeline\n"
+        "print(userpipe.schemas.errors.__file__)\n"
+        "print((r.files('userpipe.trainer') / 'configs' / 'coco.yaml').is_file())"
+    )
+    found = subprocess.run([python, "-c", probe], cwd=elsewhere, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    where, preset = found.stdout.split()
+    assert where.startswith(str(tmp_path / "venv")) and where.endswith("userpipe/schemas/errors.py")
+    assert preset == "True"
+
+
+def sources_only(folder: str, names: list[str]) -> list[str]:
+    """What a copy of the checkout leaves out to build the wheel: all but the packaging files and the
+    package folders at the top, caches below."""
+    if Path(folder) == ROOT:
+        return [name for name in names if name not in ("pyproject.toml", "README.md", *FOLDERS.values())]
+    return [name for name in names if name == "__pycache__"]

@@ -24,8 +24,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         allow_module_level=True,
     )
 
-import trainer.kernels.queue_lse as kernel  # noqa: E402
-from trainer.losses import uto_queue_loss  # noqa: E402
+import userpipe.trainer.kernels.queue_lse as kernel  # noqa: E402
+from userpipe.trainer.losses import uto_queue_loss  # noqa: E402
 
 MU, GAMMA = 90.0, 0.5
 CUDA = torch.device("cuda")
@@ -126,7 +126,7 @@ def test_low_precision_inputs_stay_finite_and_close_at_mu_90(dtype):
 
 def test_auto_picks_the_kernel_for_half_precision_queues_only():
     """As measured on an H200 (bench/results/gpu.md): the kernel wins on bf16/fp16 queues, eager on fp32."""
-    from trainer.losses import choose_backend
+    from userpipe.trainer.losses import choose_backend
 
     query = torch.zeros(128, 1024, device="cuda")
     assert choose_backend(query, torch.zeros(4096, 1024, device="cuda", dtype=torch.bfloat16)) == "triton"

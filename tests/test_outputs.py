@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, karpathy_record, run_cli, write_image, write_json
 
-from pipeline.synthetic import write_synthetic_store
+from userpipe.pipeline.synthetic import write_synthetic_store
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:
@@ -53,7 +53,7 @@ def test_demo_refuses_a_root_that_holds_the_users_files(runner, tmp_path: Path):
 
 
 def test_demo_replaces_only_its_own_demo(tmp_path: Path):
-    from pipeline.demo import DEMO_JSON, ensure_demo
+    from userpipe.pipeline.demo import DEMO_JSON, ensure_demo
 
     root = tmp_path / "demo"
     ensure_demo(root, images=6)
@@ -177,7 +177,7 @@ def test_shard_overwrite_replaces_its_own_shards_whole_and_only_them(runner, tmp
 
 @pytest.mark.slow
 def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tmp_path: Path, monkeypatch):
-    import pipeline.extract
+    import userpipe.pipeline.extract as extract
 
     dataset = karpathy_dataset(tmp_path / "d")
     out = tmp_path / "s.zarr"
@@ -198,18 +198,18 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tm
     )
     assert run_cli(runner, *args, "--num-regions", "4").exit_code == 0
     old = tree_bytes(out)
-    real = pipeline.extract.run_tasks
+    real = extract.run_tasks
 
     def interrupted(client, tasks, console, unit="items"):
         real(client, tasks[:2], console, unit)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.extract, "run_tasks", interrupted)
+    monkeypatch.setattr(extract, "run_tasks", interrupted)
     result = run_cli(runner, *args, "--num-regions", "2", "--overwrite")
     assert result.exit_code == 130 and "rerun the same command to resume" in result.output
     assert tree_bytes(out) == old  # the old store, untouched, while the new one is half built beside it
     assert (tmp_path / ".s.zarr.replacing").is_dir()
-    monkeypatch.setattr(pipeline.extract, "run_tasks", real)
+    monkeypatch.setattr(extract, "run_tasks", real)
     result = run_cli(runner, *args, "--num-regions", "2", "--overwrite")
     assert result.exit_code == 0 and "resuming" in result.output, result.output
     assert (
@@ -411,7 +411,7 @@ def folder_with(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch, exchange):
-    from schemas import outputs
+    from userpipe.schemas import outputs
 
     if not exchange:  # a filesystem without RENAME_EXCHANGE (NFS)
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
@@ -423,7 +423,7 @@ def test_swap_in_puts_the_new_output_in_place_whole(tmp_path: Path, monkeypatch,
 
 
 def test_recover_undoes_a_swap_killed_between_its_two_renames_and_removes_unfinished_builds(tmp_path: Path):
-    from schemas.outputs import _recover as recover
+    from userpipe.schemas.outputs import _recover as recover
 
     folder_with(tmp_path / ".out.old-abc", "old")  # killed after `out -> .out.old-abc`, before `new -> out`
     folder_with(tmp_path / ".out.new-def", "half-built")
@@ -439,8 +439,8 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
     import subprocess
     import sys
 
-    from schemas.errors import InputError
-    from schemas.outputs import RUN, claim
+    from userpipe.schemas.errors import InputError
+    from userpipe.schemas.outputs import RUN, claim
 
     out = tmp_path / "out"
     with claim(out, RUN):
@@ -453,7 +453,7 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
         [
             sys.executable,
             "-c",
-            "import sys, time; from schemas.outputs import RUN, claim\n"
+            "import sys, time; from userpipe.schemas.outputs import RUN, claim\n"
             f"with claim(__import__('pathlib').Path({str(out)!r}), RUN):\n"
             "    print('locked', flush=True); time.sleep(60)",
         ],
@@ -480,7 +480,7 @@ def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path
 
     from conftest import UNCLAIMED_WRITES
 
-    from schemas.outputs import RUN, claim
+    from userpipe.schemas.outputs import RUN, claim
 
     sys.audit("userpipe.command", "a-command", True)
     try:
@@ -496,8 +496,8 @@ def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path
 
 
 def test_a_claim_refused_or_failed_leaves_no_folder_it_made(tmp_path: Path):
-    from schemas.errors import InputError
-    from schemas.outputs import INDEX, claim
+    from userpipe.schemas.errors import InputError
+    from userpipe.schemas.outputs import INDEX, claim
 
     out = tmp_path / "a" / "b" / "index"
     with pytest.raises(InputError, match="lies inside the input"):
@@ -512,7 +512,7 @@ def test_a_claim_refused_or_failed_leaves_no_folder_it_made(tmp_path: Path):
 def test_two_exports_to_one_out_cannot_both_write(runner, tmp_path: Path):
     """export claims its output like every writer: a second export to the same --out is refused while the
     first holds it, and an existing --out is never replaced."""
-    from schemas.outputs import EXPORT_FOLDER, claim
+    from userpipe.schemas.outputs import EXPORT_FOLDER, claim
 
     store = write_synthetic_store(tmp_path / "s.zarr", 4, seed=1, split="val")
     out = tmp_path / "exported"
@@ -546,7 +546,7 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_the_work(
 ):
     """Sizes known in advance (a new store, the shards, a run's checkpoint, an index's vectors) are compared
     with the free space first: refused in one line, nothing written, rather than after hours of work."""
-    from schemas import outputs
+    from userpipe.schemas import outputs
 
     monkeypatch.setattr(outputs, "free_bytes", lambda path: 1000)
     out = tmp_path / "out"

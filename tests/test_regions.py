@@ -6,8 +6,8 @@ import torch
 from conftest import extractor_config
 from PIL import Image
 
-from pipeline.regions import RegionExtractor, grid_boxes, pad_with_grid, resolve_region_config
-from schemas.errors import InputError
+from userpipe.pipeline.regions import RegionExtractor, grid_boxes, pad_with_grid, resolve_region_config
+from userpipe.schemas.errors import InputError
 
 
 def assert_valid_boxes(boxes: np.ndarray, width: int, height: int, count: int):
@@ -90,11 +90,11 @@ def test_packaged_efficientnet_weights_are_real_imagenet_weights():
     """Loaded key-by-order from the package file, the model still recognises scikit-image's cat photo."""
     from skimage.data import chelsea
 
-    from pipeline.regions import BACKBONES
+    from userpipe.pipeline.regions import BACKBONES
 
     spec = BACKBONES["efficientnet_lite0"]
     model, _, _ = spec.build()
-    from pipeline.weights import load_weights
+    from userpipe.pipeline.weights import load_weights
 
     load_weights(model, spec.default_weights(), by_order=True)
     pixels = torch.from_numpy(chelsea()).permute(2, 0, 1).float()[None] / 255

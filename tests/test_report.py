@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from trainer.config import load_run_config
-from trainer.evaluate import retrieval_metrics
-from trainer.run_report import chance_metrics, run_label
+from userpipe.trainer.config import load_run_config
+from userpipe.trainer.evaluate import retrieval_metrics
+from userpipe.trainer.run_report import chance_metrics, run_label
 
 
 def test_chance_is_the_mean_over_every_ranking():

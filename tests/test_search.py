@@ -6,7 +6,7 @@ from conftest import EXTRACT_COCO_GRID, run_cli
 
 
 def _model(trained):
-    from trainer.checkpoint import load_trained
+    from userpipe.trainer.checkpoint import load_trained
 
     model, _, tokenizer = load_trained(trained["run"] / "checkpoints" / "best")
     return model, tokenizer
@@ -23,8 +23,8 @@ def test_index_holds_every_valid_image_and_caption(trained):
 
 
 def test_search_and_eval_agree_on_r1(runner, trained):
-    from trainer.encode import encode_texts
-    from trainer.search import SearchIndex
+    from userpipe.trainer.encode import encode_texts
+    from userpipe.trainer.search import SearchIndex
 
     evaluated = run_cli(runner, "eval", "--run", trained["run"], "--store", trained["gallery"], "--json")
     assert evaluated.exit_code == 0, evaluated.output
@@ -132,10 +132,10 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     import torch
     from conftest import TINY
 
-    from schemas.errors import InputError
-    from schemas.run import RunConfig
-    from trainer import checkpoint
-    from trainer.search import index_command, search_command
+    from userpipe.schemas.errors import InputError
+    from userpipe.schemas.run import RunConfig
+    from userpipe.trainer import checkpoint
+    from userpipe.trainer.search import index_command, search_command
 
     store = tmp_path / "coco.zarr"
     clip = ("--clip", "imagenet:efficientnet_lite0")
@@ -183,8 +183,8 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
 def _grid_config():
     from conftest import extractor_config
 
-    from pipeline.features import extractor_models
-    from pipeline.regions import resolve_region_config
+    from userpipe.pipeline.features import extractor_models
+    from userpipe.pipeline.regions import resolve_region_config
 
     config = extractor_config(
         resolve_region_config("grid", None, "efficientnet_lite0", None, None), num_regions=4, image_size=64
@@ -200,7 +200,7 @@ def test_a_huge_image_query_is_decoded_at_about_the_size_its_encoders_take(tmp_p
 
     from PIL import Image, ImageDraw
 
-    from pipeline.features import image_file_features, load_image
+    from userpipe.pipeline.features import image_file_features, load_image
 
     path = tmp_path / "huge.png"
     image = Image.new("L", (9000, 9000), 200)
@@ -225,8 +225,8 @@ def test_a_decompression_bomb_query_is_a_one_line_refusal_naming_its_size(tmp_pa
     limit, refused by Pillow as it opens) over a few bytes: refused before anything is decoded."""
     from conftest import write_bomb_png
 
-    from pipeline.features import image_file_features
-    from schemas.errors import InputError
+    from userpipe.pipeline.features import image_file_features
+    from userpipe.schemas.errors import InputError
 
     config = _grid_config()
     for side, size in ((10_000, "is 10000x10000 pixels"), (100_000, "Image size (10000000000 pixels)")):

@@ -8,10 +8,10 @@ import webdataset as wds
 import zarr
 from conftest import run_cli
 
-from pipeline.shard import plan_shards
-from pipeline.synthetic import write_synthetic_store
-from schemas.base import file_sha256
-from schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
+from userpipe.pipeline.shard import plan_shards
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.schemas.base import file_sha256
+from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
 
 
 def shard_args(store: Path, out: Path, *extra) -> tuple:
@@ -197,7 +197,7 @@ def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(for
     and GNU long names, ustar's prefix), sizes around the 512-byte block, empty members, folders."""
     import io
 
-    from schemas.shard import TarError, tar_members, tar_samples
+    from userpipe.schemas.shard import TarError, tar_members, tar_samples
 
     rng = np.random.default_rng(form)
     members = []
@@ -234,7 +234,7 @@ def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(for
 def test_npy_members_read_as_np_load_reads_them_and_cut_ones_are_refused():
     import io
 
-    from schemas.shard import NPY_HEADER, load_npy
+    from userpipe.schemas.shard import NPY_HEADER, load_npy
 
     rng = np.random.default_rng(0)
     for dtype in ("float16", "float32", "int64", "bool"):

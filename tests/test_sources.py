@@ -18,16 +18,16 @@ import yaml
 from conftest import TINY, karpathy_record, run_cli
 from typer.testing import CliRunner
 
-import schemas.sources
-from pipeline.datasets import read_karpathy_json
-from pipeline.importers import index_tsv, load_precomp, read_imported
-from pipeline.synthetic import write_synthetic_store
-from schemas.errors import InputError
-from schemas.sources import read_bytes
-from trainer.captions import CaptionTokenizer, load_tokenizer
-from trainer.config import load_run_config
-from trainer.cxc import read_coco_captions, read_sits
-from trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
+import userpipe.schemas.sources as sources
+from userpipe.pipeline.datasets import read_karpathy_json
+from userpipe.pipeline.importers import index_tsv, load_precomp, read_imported
+from userpipe.pipeline.synthetic import write_synthetic_store
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import read_bytes
+from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
+from userpipe.trainer.config import load_run_config
+from userpipe.trainer.cxc import read_coco_captions, read_sits
+from userpipe.trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
 
 BOM = codecs.BOM_UTF8
 MISSING, CUT, FLIPPED = "train-000002.tar", "train-000001.tar", "train-000003.tar"
@@ -265,7 +265,7 @@ def test_train_with_a_shard_missing_on_the_server_exits_2_in_one_line(runner, sh
 def test_http_answers_that_may_pass_are_asked_again_and_local_failures_name_the_path(
     shards, server, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(schemas.sources, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
     base = base_url(server, shards)
     server.faults = {"manifest.json": "busy:2"}
     assert read_bytes(f"{base}/manifest.json", "it") == (shards / "manifest.json").read_bytes()
@@ -274,7 +274,7 @@ def test_http_answers_that_may_pass_are_asked_again_and_local_failures_name_the_
         read_bytes(f"{base}/manifest.json", "the shard manifest")
     assert str(caught.value) == (
         f"cannot read the shard manifest: HTTP 503 (Service Unavailable) for {base}/manifest.json "
-        f"(after {schemas.sources.RETRIES + 1} tries)"
+        f"(after {sources.RETRIES + 1} tries)"
     )
     with pytest.raises(InputError) as caught:
         read_bytes(tmp_path / "nothing.csv", "the CxC ratings")

@@ -4,9 +4,9 @@ import pytest
 import zarr
 from pydantic import ValidationError
 
-from pipeline.datasets import DatasetIndex, ImageRecord
-from pipeline.store import create_store
-from schemas.store import (
+from userpipe.pipeline.datasets import DatasetIndex, ImageRecord
+from userpipe.pipeline.store import create_store
+from userpipe.schemas.store import (
     ATTRS_KEY,
     DETECTION_ARRAYS,
     ExtractorConfig,

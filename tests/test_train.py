@@ -5,7 +5,7 @@ import pytest
 import yaml
 from conftest import TINY, run_cli, shard_cli
 
-from pipeline.synthetic import write_synthetic_store
+from userpipe.pipeline.synthetic import write_synthetic_store
 
 pytestmark = pytest.mark.slow  # end-to-end: training runs
 

@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 
-from trainer.counter_random import hashed, uniform
+from userpipe.trainer.counter_random import hashed, uniform
 
 ALTER_PROB = 0.2
 MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 of altered words are deleted
@@ -23,7 +23,7 @@ def load_tokenizer(name_or_path: str):
     """A Hugging Face tokenizer by hub name or local folder (offline: a folder, or a cached name)."""
     from transformers import AutoTokenizer
 
-    from schemas.errors import InputError
+    from userpipe.schemas.errors import InputError
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
@@ -57,7 +57,7 @@ class CaptionTokenizer:
     @classmethod
     def for_text_model(cls, text_model: str, max_tokens: int | None = None) -> CaptionTokenizer:
         """The tokenizer of a `ModelConfig.text_model` ("package:NAME", hub name or local folder)."""
-        from trainer.model import resolve_text_model
+        from userpipe.trainer.model import resolve_text_model
 
         return cls(load_tokenizer(resolve_text_model(text_model)), max_tokens)
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from schemas.base import read_model
-from schemas.errors import InputError
-from schemas.outputs import check_free_space, fsync_path, written_whole
-from schemas.run import RunConfig
-from trainer.captions import CaptionTokenizer
-from trainer.model import USER, build_model
+from userpipe.schemas.base import read_model
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import check_free_space, fsync_path, written_whole
+from userpipe.schemas.run import RunConfig
+from userpipe.trainer.captions import CaptionTokenizer
+from userpipe.trainer.model import USER, build_model
 
 CHECKPOINTS = "checkpoints"
 LINKS = ("best", "last")

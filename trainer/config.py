@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from schemas.base import validate_as
-from schemas.errors import InputError
-from schemas.run import RunConfig
-from schemas.sources import read_text
+from userpipe.schemas.base import validate_as
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.run import RunConfig
+from userpipe.schemas.sources import read_text
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -53,7 +53,7 @@ def load_run_config(source: str | RunConfig, overrides: dict | None = None) -> R
 def _read_tree(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if not path.suffix:
-        path = Path(str(files("trainer") / "configs" / f"{name_or_path}.yaml"))
+        path = Path(str(files("userpipe.trainer") / "configs" / f"{name_or_path}.yaml"))
     if not path.is_file():
         raise InputError(f"unknown config '{name_or_path}' (presets: coco, f30k, demo, or a .yaml file)")
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from schemas.errors import InputError
-from schemas.sources import read_text
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import read_text
 
 SITS_FILE = "sits_test.csv"
 SITS_COLUMNS = ["caption", "image", "agg_score", "sampling_method"]

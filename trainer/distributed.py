@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from schemas.errors import InputError
+from userpipe.schemas.errors import InputError
 
 T = TypeVar("T")
 

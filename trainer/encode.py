@@ -13,14 +13,20 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from schemas.errors import InputError
-from schemas.run import ModelConfig
-from schemas.store_reader import open_store
-from trainer.captions import CaptionTokenizer
-from trainer.checkpoint import checkpoint_dir, load_trained
-from trainer.cxc import cxc_positives, read_cxc
-from trainer.evaluate import PROTOCOLS, check_finite, check_protocol_split, protocol_metrics, with_sizes
-from trainer.model import USER
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.run import ModelConfig
+from userpipe.schemas.store_reader import open_store
+from userpipe.trainer.captions import CaptionTokenizer
+from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
+from userpipe.trainer.cxc import cxc_positives, read_cxc
+from userpipe.trainer.evaluate import (
+    PROTOCOLS,
+    check_finite,
+    check_protocol_split,
+    protocol_metrics,
+    with_sizes,
+)
+from userpipe.trainer.model import USER
 
 IMAGE_BATCH, TEXT_BATCH = 128, 256
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.errors import InputError, NonFiniteError
+from userpipe.schemas.errors import InputError, NonFiniteError
 
 KS = (1, 5, 10)
 ROWS = 64  # image rows per block: a (64, C) slice stays in cache while both directions count over it

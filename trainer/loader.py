@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from schemas.errors import InputError, ManifestError
-from schemas.shard import (
+from userpipe.schemas.errors import InputError, ManifestError
+from userpipe.schemas.shard import (
     MANIFEST_NAME,
     SampleError,
     ShardSample,
@@ -47,10 +47,10 @@ from schemas.shard import (
     read_manifest,
     tar_samples,
 )
-from schemas.sources import announced_size, is_remote, read_bytes
-from schemas.store import ExtractorConfig
-from trainer.captions import CaptionTokenizer
-from trainer.counter_random import hashed
+from userpipe.schemas.sources import announced_size, is_remote, read_bytes
+from userpipe.schemas.store import ExtractorConfig
+from userpipe.trainer.captions import CaptionTokenizer
+from userpipe.trainer.counter_random import hashed
 
 
 class ShardError(InputError):

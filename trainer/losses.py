@@ -146,7 +146,7 @@ def queue_lse_chunked(query, queue, mu, gamma, query_ids=None, queue_ids=None, t
 
 
 def queue_lse_triton(query, queue, mu, gamma, query_ids=None, queue_ids=None, tile=None):
-    from trainer.kernels.queue_lse import queue_lse
+    from userpipe.trainer.kernels.queue_lse import queue_lse
 
     return queue_lse(query, queue, mu, gamma, query_ids, queue_ids)
 
@@ -163,7 +163,7 @@ def choose_backend(query: torch.Tensor, queue: torch.Tensor) -> str:
     since exact fp32 dots cannot use the tensor cores (the kernel is 0.4x eager). On the CPU: eager up to
     EAGER_MAX_ELEMENTS scores, tiles beyond."""
     if query.is_cuda:
-        from trainer.kernels.queue_lse import triton_available
+        from userpipe.trainer.kernels.queue_lse import triton_available
 
         return "triton" if triton_available() and queue.dtype in HALF_PRECISION else "eager"
     return "eager" if len(query) * len(queue) <= EAGER_MAX_ELEMENTS else "chunked"

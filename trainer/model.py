@@ -18,10 +18,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.profiler import record_function
 
-from schemas.errors import InputError
-from schemas.run import ModelConfig
-from trainer.distributed import BatchNorm1d, gather, gather_with_grad
-from trainer.losses import uto_loss, uto_queue_loss
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.run import ModelConfig
+from userpipe.trainer.distributed import BatchNorm1d, gather, gather_with_grad
+from userpipe.trainer.losses import uto_loss, uto_queue_loss
 
 MASKED = -10000.0  # VSE∞'s fill for masked scores and features (finite, so fp16-safe after scaling)
 GPO_TEMPERATURE = 0.1

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from schemas.base import parse_json, read_model, validate_as
-from schemas.errors import InputError
-from schemas.outputs import Output, write_text_atomic
-from schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
-from trainer import checkpoint
-from trainer.checkpoint import CHECKPOINTS
-from trainer.loader import ShardSet, is_remote
+from userpipe.schemas.base import parse_json, read_model, validate_as
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.outputs import Output, write_text_atomic
+from userpipe.schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
+from userpipe.trainer import checkpoint
+from userpipe.trainer.checkpoint import CHECKPOINTS
+from userpipe.trainer.loader import ShardSet, is_remote
 
 LOG_NAME = "log.jsonl"
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.base import read_model
-from schemas.outputs import RUN, claim, write_text_atomic, written_whole
-from schemas.run import RUN_RECORD_NAME, ModelConfig, RunRecord
-from schemas.store_reader import open_store
-from trainer.checkpoint import CHECKPOINTS, initial_model, load_trained, run_config_of
-from trainer.encode import SplitEmbeddings, embedding_metrics, encode_split, split_sizes
-from trainer.evaluate import KS, format_table, with_sizes
-from trainer.run_dir import LOG_NAME, JsonLog
-from trainer.search import thumbnail
+from userpipe.schemas.base import read_model
+from userpipe.schemas.outputs import RUN, claim, write_text_atomic, written_whole
+from userpipe.schemas.run import RUN_RECORD_NAME, ModelConfig, RunRecord
+from userpipe.schemas.store_reader import open_store
+from userpipe.trainer.checkpoint import CHECKPOINTS, initial_model, load_trained, run_config_of
+from userpipe.trainer.encode import SplitEmbeddings, embedding_metrics, encode_split, split_sizes
+from userpipe.trainer.evaluate import KS, format_table, with_sizes
+from userpipe.trainer.run_dir import LOG_NAME, JsonLog
+from userpipe.trainer.search import thumbnail
 
 GRID_QUERIES, GRID_TOP = 4, 5
 

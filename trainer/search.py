@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from schemas.base import file_sha256
-from schemas.errors import InputError
-from schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
-from schemas.outputs import HTML, HTML_SIGNATURE, INDEX, check_output, claim
-from schemas.store_reader import open_store
-from trainer.captions import CaptionTokenizer
-from trainer.checkpoint import WEIGHTS, checkpoint_dir, load_trained
-from trainer.encode import encode_regions, encode_split, encode_texts
-from trainer.model import USER
+from userpipe.schemas.base import file_sha256
+from userpipe.schemas.errors import InputError
+from userpipe.schemas.index import GALLERIES, MANIFEST_NAME, IndexedModel, IndexManifest, read_index_manifest
+from userpipe.schemas.outputs import HTML, HTML_SIGNATURE, INDEX, check_output, claim
+from userpipe.schemas.store_reader import open_store
+from userpipe.trainer.captions import CaptionTokenizer
+from userpipe.trainer.checkpoint import WEIGHTS, checkpoint_dir, load_trained
+from userpipe.trainer.encode import encode_regions, encode_split, encode_texts
+from userpipe.trainer.model import USER
 
 THUMBNAIL = 160  # px, longer side, in the HTML page and the report's query grid
 
@@ -201,7 +201,7 @@ class SearchIndex:
     def image_query(self, model: USER, query: str, k: int) -> list[Hit]:
         """Top-k captions for an image: the id of an indexed image (its stored embedding; its captions are
         correct), or an image file (embedded with the extractor the index records, and `model`)."""
-        from pipeline.features import image_file_features
+        from userpipe.pipeline.features import image_file_features
 
         own = self.image_row.get(query)
         if own is not None:
@@ -270,7 +270,7 @@ def search_command(
 def thumbnail(path: Path | None) -> Image.Image | None:
     """The image scaled to THUMBNAIL px on its longer side, decoded at reduced size (its shorter side at least
     twice that); None (a placeholder) when there is no readable image file, or one over the pixel cap."""
-    from pipeline.features import load_image
+    from userpipe.pipeline.features import load_image
 
     if path is None:
         return None

@@ -29,21 +29,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.profiler import record_function
 
-from schemas.errors import InputError, NonFiniteError
-from schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
-from schemas.run import RUN_RECORD_NAME, RunConfig
-from trainer import checkpoint, distributed
-from trainer.captions import CaptionTokenizer
-from trainer.checkpoint import CHECKPOINTS, initial_model
-from trainer.config import load_run_config, parse_overrides
-from trainer.distributed import World
-from trainer.encode import embedding_metrics, encode_split, open_split
-from trainer.evaluate import with_sizes
-from trainer.loader import LoaderSettings, ShardSet, StreamingLoader, is_remote, same_image_counts
-from trainer.model import USER
-from trainer.process import keep_freed_memory, reproducible_cpu_math
-from trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
-from trainer.run_report import validation_sizes, write_training_summary
+from userpipe.schemas.errors import InputError, NonFiniteError
+from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
+from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
+from userpipe.trainer import checkpoint, distributed
+from userpipe.trainer.captions import CaptionTokenizer
+from userpipe.trainer.checkpoint import CHECKPOINTS, initial_model
+from userpipe.trainer.config import load_run_config, parse_overrides
+from userpipe.trainer.distributed import World
+from userpipe.trainer.encode import embedding_metrics, encode_split, open_split
+from userpipe.trainer.evaluate import with_sizes
+from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader, is_remote, same_image_counts
+from userpipe.trainer.model import USER
+from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
+from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
+from userpipe.trainer.run_report import validation_sizes, write_training_summary
 
 
 @dataclass

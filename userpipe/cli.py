@@ -17,8 +17,8 @@ from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own click
 from typer.core import TyperGroup
 
-from schemas.errors import InputError
-from trainer.process import quiet_model_loading
+from userpipe.schemas.errors import InputError
+from userpipe.trainer.process import quiet_model_loading
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -211,8 +211,8 @@ def extract(
     allow_failures: bool = typer.Option(False, help="exit 0 even if some images could not be read"),
 ) -> None:
     """Compute region features and global embeddings into a Zarr store (resumable)."""
-    from pipeline.datasets import parse_splits
-    from pipeline.extract import ExtractOptions, run_extract
+    from userpipe.pipeline.datasets import parse_splits
+    from userpipe.pipeline.extract import ExtractOptions, run_extract
 
     opts = _options(ExtractOptions, locals(), splits=parse_splits(splits), workers=_local_workers(workers))
     out, attrs = run_extract(opts, console)
@@ -238,7 +238,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
-    from schemas.store_reader import store_summary
+    from userpipe.schemas.store_reader import store_summary
 
     summary = store_summary(path)
     if as_json:
@@ -296,7 +296,7 @@ def shard(
     overwrite: bool = typer.Option(False, help="replace shards of another plan in --out"),
 ) -> None:
     """Pack a store split into WebDataset tar shards with a manifest (resumable)."""
-    from pipeline.shard import ShardOptions, run_shard
+    from userpipe.pipeline.shard import ShardOptions, run_shard
 
     out, manifest = run_shard(
         _options(ShardOptions, locals(), workers=_local_workers(workers)),
@@ -317,7 +317,7 @@ def verify(
     """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
     exit 1 if any is missing, truncated or altered."""
     if (path / "zarr.json").is_file():
-        from schemas.store_reader import REPAIR, verify_store
+        from userpipe.schemas.store_reader import REPAIR, verify_store
 
         attrs, problems = verify_store(path)
         for problem in problems:
@@ -335,7 +335,7 @@ def verify(
         )
         console.print(f"{path} OK, {state}: {checked}")
         return
-    from pipeline.shard import verify_shards
+    from userpipe.pipeline.shard import verify_shards
 
     manifest, problems = verify_shards(path)
     for problem in problems:
@@ -357,7 +357,7 @@ def export(
     (--regions npz:DIR, tsv:GLOB) read back."""
     from rich.progress import Progress
 
-    from pipeline.export import export_split
+    from userpipe.pipeline.export import export_split
 
     with Progress(console=console, transient=True) as progress:
         count = export_split(store, split, format, out, progress)
@@ -392,8 +392,8 @@ def train(
     ),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
-    from trainer.evaluate import format_table
-    from trainer.train import train_command
+    from userpipe.trainer.evaluate import format_table
+    from userpipe.trainer.train import train_command
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
     best = train_command(out, shards, val_store, config, overrides, resume, allow_change, console)
@@ -424,8 +424,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
-    from trainer.encode import evaluate_checkpoints
-    from trainer.evaluate import format_table
+    from userpipe.trainer.encode import evaluate_checkpoints
+    from userpipe.trainer.evaluate import format_table
 
     runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
     metrics = evaluate_checkpoints(store, split, protocol, run, checkpoint, runs, cxc, coco_captions)
@@ -447,7 +447,7 @@ def index(
     ),
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
-    from trainer.search import index_command
+    from userpipe.trainer.search import index_command
 
     manifest = index_command(store, out, split, run, checkpoint, image_root)
     console.print(
@@ -482,7 +482,7 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
-    from trainer.search import search_command
+    from userpipe.trainer.search import search_command
 
     searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
     if as_json:  # a caption's image by id too, beside its row number
@@ -530,7 +530,7 @@ def report(
     compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
 ) -> None:
     """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
-    from trainer.run_report import comparison_table, write_run_report
+    from userpipe.trainer.run_report import comparison_table, write_run_report
 
     result = write_run_report(run, store, split, compare)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
