@@ -692,64 +692,6 @@ def _train_table(bench: Bench, section: dict) -> None:
 # --------------------------------------------------------------------------- 3. region extraction
 
 
-def make_extractor_class():
-    import numpy as np
-
-    from userpipe.pipeline.regions import TRUNK_STRIDE, RegionExtractor, butd_scale, pad_with_grid
-
-    class DeviceRegionExtractor(RegionExtractor):
-        """pipeline.regions.RegionExtractor with its models and tensors on `device`; the library's class
-        runs on the CPU only (its __call__ is repeated here with the device moves)."""
-
-        def __init__(self, config, device):
-            super().__init__(config)
-            self.device = device
-            for module in (self.trunk, self.head, self.detector):
-                if module is not None:
-                    module.to(device)
-            self.mean, self.std = self.mean.to(device), self.std.to(device)
-
-        def propose(self, pixels, annotated):
-            if self.kind != "butd":
-                return super().propose(pixels.cpu(), annotated)
-            detections = self.detector([pixels])[0]["boxes"].cpu().numpy()
-            return pad_with_grid(detections, pixels.shape[-1], pixels.shape[-2], self.num_regions)
-
-        @torch.inference_mode()
-        def __call__(self, image, annotated_boxes=None):
-            from torchvision.ops import roi_align
-
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(
-                2, 0, 1
-            )
-            pixels = pixels.to(self.device)
-            boxes = self.propose(
-                pixels, None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32)
-            )
-            height, width = pixels.shape[-2:]
-            scale = butd_scale(width, height, self.image_size)
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            resized = F.interpolate(
-                pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False
-            )
-            fmap = self.trunk(
-                ((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            )
-            rois = torch.from_numpy(boxes * scale).to(self.device)
-            pooled = roi_align(
-                fmap,
-                [rois],
-                output_size=self.roi_size,
-                spatial_scale=1.0 / TRUNK_STRIDE,
-                sampling_ratio=2,
-                aligned=True,
-            )
-            features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
-            return features.cpu().numpy().astype(np.float32), boxes
-
-    return DeviceRegionExtractor
-
-
 def extraction_setup(dry: bool, folder: Path):
     """The butd extractor's config with random weights written to `folder`, and synthetic images."""
     import numpy as np
@@ -757,7 +699,7 @@ def extraction_setup(dry: bool, folder: Path):
     from torchvision.models import resnet50, resnet101
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-    from userpipe.pipeline.regions import resolve_region_config
+    from userpipe.pipeline.region_kinds import resolve_region_config
     from userpipe.schemas.store import ExtractorConfig, GlobalConfig
 
     torch.manual_seed(0)
@@ -809,7 +751,7 @@ def images_per_s(extractor, images, count: int, sync) -> float:
 
 
 def extraction_section(bench: Bench) -> None:
-    from userpipe.pipeline.regions import RegionExtractor
+    from userpipe.pipeline.region_kinds import region_kind
 
     section = bench.report["sections"].setdefault("extraction", {})
     gpu_images, cpu_images = (2, 1) if bench.dry else (64, bench.args.device_cpu_images)
@@ -817,7 +759,8 @@ def extraction_section(bench: Bench) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config, images, setting = extraction_setup(bench.dry, Path(tmp))
         section.update(setting)
-        extractor = make_extractor_class()(config, bench.device)
+        build = region_kind(config.regions.kind).build  # the library's extractor, on the device
+        extractor = build(config, bench.device)
         rate = images_per_s(extractor, images, gpu_images, bench.sync)
         section["device_images_per_s"] = rate
         rows.append(
@@ -827,11 +770,12 @@ def extraction_section(bench: Bench) -> None:
                 rounded(rate),
             ]
         )
-        features, boxes = extractor(images[0])
+        found = extractor(images[0])
+        features, boxes = found.features, found.boxes
         del extractor
         if bench.time_left() > 30:
             torch.set_num_threads(os.cpu_count() or 1)
-            cpu_extractor = RegionExtractor(config)
+            cpu_extractor = build(config, "cpu")
             cpu_found = cpu_extractor(images[0])  # the library's own result on the same image
             cpu_features, cpu_boxes = cpu_found.features, cpu_found.boxes
             section["boxes_equal_cpu"] = bool((boxes == cpu_boxes).all())
@@ -887,11 +831,13 @@ def extraction_section(bench: Bench) -> None:
 def write_cpu_reference(count: int) -> None:
     """--cpu-reference: the same extractor on this machine's CPU at full size, for section 3 to
     compare with."""
-    from userpipe.pipeline.regions import RegionExtractor
+    from userpipe.pipeline.region_kinds import region_kind
 
     with tempfile.TemporaryDirectory() as tmp:
         config, images, setting = extraction_setup(False, Path(tmp))
-        rate = images_per_s(RegionExtractor(config), images, count, lambda: None)
+        rate = images_per_s(
+            region_kind(config.regions.kind).build(config, "cpu"), images, count, lambda: None
+        )
     result = {
         **report.machine(),
         "images": count,

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from glob import glob
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import zarr
@@ -27,8 +26,10 @@ from userpipe.pipeline.datasets import DatasetIndex, check_image_folders, load_d
 from userpipe.pipeline.demo import load_demo
 from userpipe.pipeline.features import extractor_models, image_features, load_image
 from userpipe.pipeline.global_encoders import resolve_global_config
-from userpipe.pipeline.importers import ImportPlan, load_precomp, plan_import
-from userpipe.pipeline.regions import BACKBONES, GPU_PER_LOCAL_WORKER, resolve_region_config
+from userpipe.pipeline.importers import ImportPlan
+from userpipe.pipeline.region_kinds import KINDS, RegionOptions, region_kind
+from userpipe.pipeline.region_kinds.registry import DatasetRequest
+from userpipe.pipeline.regions import GPU_PER_LOCAL_WORKER
 from userpipe.pipeline.store import (
     collect_failures,
     create_store,
@@ -42,11 +43,9 @@ from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import STORE, Output, check_output, claim, disk_full
 from userpipe.schemas.store import (
     DETECTION_ARRAYS,
-    IMPORTED_REGION_KINDS,
     ChunkImages,
     ExtractorConfig,
     ImageSide,
-    RegionKind,
     RegionSlots,
     SplitSummary,
     StoreAttrs,
@@ -82,17 +81,6 @@ class ExtractOptions(Options):
     device: str | None = None  # butd-vg: auto (None; cuda when there is a GPU), cpu or cuda
 
 
-# options that only some region kinds read: given with another kind they are refused, not ignored
-KIND_OPTIONS = {
-    "backbone": ("butd", "boxes", "grid"),
-    "backbone_weights": ("butd", "boxes", "grid"),
-    "detector_weights": ("butd", "butd-vg"),
-    "detector_config": ("butd-vg",),
-    "min_regions": ("butd-vg",),
-    "device": ("butd-vg",),
-}
-
-
 @dataclass
 class Prepared:
     config: ExtractorConfig
@@ -126,14 +114,18 @@ def prepare(opts: ExtractOptions) -> Prepared:
     out = opts.out or default_out(opts.dataset)
     check_output(out, STORE, _given_inputs(opts))  # refused before any work (the demo's included)
     is_demo = opts.dataset == "demo"
-    region_spec = opts.regions or ("boxes" if is_demo else "butd")
-    kind, _, source = region_spec.partition(":")
-    if kind in IMPORTED_REGION_KINDS and not source:
-        raise InputError(f"--regions {kind} needs a location: {kind}:{'GLOB' if kind == 'tsv' else 'DIR'}")
-    for name, kinds in KIND_OPTIONS.items():
-        if getattr(opts, name) is not None and kind in get_args(RegionKind) and kind not in kinds:
-            flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} does not apply to --regions {kind} (only to {', '.join(kinds)})")
+    name, colon, source = (opts.regions or ("boxes" if is_demo else "butd")).partition(":")
+    kind = region_kind(name)
+    options = RegionOptions(source or None, *(getattr(opts, f.name) for f in fields(RegionOptions)[1:]))
+    for option in fields(RegionOptions)[1:]:
+        if getattr(options, option.name) is not None and option.name not in kind.reads:
+            readers = [k.name for k in KINDS.values() if option.name in k.reads]
+            flag = "--" + option.name.replace("_", "-")
+            raise InputError(f"{flag} does not apply to --regions {name} (only to {', '.join(readers)})")
+    if kind.location and not source:
+        raise InputError(f"--regions {name} needs a location: {name}:{kind.location}")
+    if colon and not kind.location:
+        raise InputError(f"--regions {name} takes no location (got {name}:{source})")
     if opts.min_regions is not None and not 0 < opts.min_regions <= opts.num_regions:
         raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
     if opts.device not in (None, "auto", "cpu", "cuda"):
@@ -147,49 +139,25 @@ def prepare(opts: ExtractOptions) -> Prepared:
             )
     clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
     global_config = resolve_global_config(clip_spec)
-    region_config = resolve_region_config(
-        kind,
-        source or None,
-        opts.backbone,
-        opts.backbone_weights,
-        opts.detector_weights,
-        opts.detector_config,
-        opts.min_regions,
-    )
-    detector = None
-    if kind == "butd-vg":
-        from userpipe.pipeline.butd_vg import checked_detector
+    region_config = kind.resolve(options)
 
-        detector = checked_detector(region_config)  # a checkpoint that does not fit fails here, not in a task
-
-    imports = None
-    if kind == "precomp":
-        index, imports = load_precomp(Path(source), opts.dataset, opts.root, opts.splits)
-    else:
+    def dataset_index():
         index = load_demo(opts.root, opts.images) if is_demo else load_dataset(opts.dataset, opts.root)
         index.select(opts.splits)
-        if kind == "boxes" and not index.has_boxes:
-            raise InputError(f"--regions boxes needs a 'boxes' list on every image record of {opts.dataset}")
-        if kind in ("tsv", "npz"):
-            imports = plan_import(kind, source, index)
+        return index
 
-    needs_images = kind not in IMPORTED_REGION_KINDS or global_config.kind != "none"
-    if needs_images:
+    request = DatasetRequest(opts.dataset, opts.root, opts.splits, dataset_index)
+    index, imports = kind.index_and_imports(options, request)
+    if not region_config.stored.imported or global_config.kind != "none":  # the images are read
         if index.image_root is None:
             raise InputError(
                 f"--clip {clip_spec} needs the images, but {opts.dataset}'s Karpathy JSON was not "
                 "found under --root to locate them; pass --clip none or --root"
             )
         check_image_folders(index)
-
+    feature_dim, default_size = kind.facts(region_config, imports)
     if imports:
-        feature_dim = imports.feature_dim
         region_config = region_config.model_copy(update={"imported_detections": imports.detections})
-    elif detector:
-        feature_dim = detector.feature_dim
-    else:
-        feature_dim = BACKBONES[region_config.backbone].feature_dim
-    default_size = detector.short_side if detector else (256 if is_demo else 600)
     config = ExtractorConfig(
         dataset=opts.dataset,
         dataset_sha256=index.sha256,
@@ -197,7 +165,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
         max_captions=index.max_captions,
         num_regions=opts.num_regions,
         feature_dim=feature_dim,
-        image_size=opts.image_size or default_size,
+        image_size=opts.image_size or default_size or (256 if is_demo else 600),
         chunk_size=opts.chunk_size,
         regions=region_config,
         global_encoder=global_config,
@@ -457,7 +425,7 @@ def run_extract(opts: ExtractOptions, console: Console) -> tuple[Path, StoreAttr
 def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: Console) -> tuple[str, int]:
     """The butd-vg detector's device, and the local workers: on CUDA one per GPU (each holds the model and
     res5's activations for 300 proposals), so --workers above the GPU count is lowered to it."""
-    if config.regions.kind != "butd-vg" or opts.device == "cpu":
+    if "device" not in region_kind(config.regions.kind).reads or opts.device == "cpu":
         return "cpu", opts.workers
     import torch
 

@@ -8,6 +8,7 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,29 +18,20 @@ from PIL import Image, UnidentifiedImageError
 
 from userpipe.pipeline.detections import Detections
 from userpipe.pipeline.global_encoders import GlobalEncoder
-from userpipe.pipeline.importers import read_imported
-from userpipe.pipeline.regions import DETECTRON2_INSTALL, RegionExtractor
+from userpipe.pipeline.region_kinds import read_imported, region_kind
 from userpipe.schemas.errors import InputError
-from userpipe.schemas.store import IMPORTED_REGION_KINDS, ExtractorConfig
+from userpipe.schemas.store import ExtractorConfig
 
 
 @lru_cache(maxsize=2)
 def extractor_models(
     config_json: str, device: str = "cpu"
-) -> tuple[ExtractorConfig, RegionExtractor | None, GlobalEncoder | None]:
-    """Built once per worker process and configuration. `device` applies to the butd-vg detector."""
+) -> tuple[ExtractorConfig, Callable | None, GlobalEncoder | None]:
+    """Built once per worker process and configuration: the region kind's extractor (None for imported
+    regions) and the global encoder. `device` applies to the butd-vg detector."""
     config = ExtractorConfig.model_validate_json(config_json)
-    regions = None
-    if config.regions.kind == "butd-vg":
-        try:
-            from userpipe.pipeline.butd_vg import ButdVgExtractor
-        except ImportError as exc:
-            raise InputError(
-                f"this store's butd-vg regions need detectron2 ({exc}): {DETECTRON2_INSTALL}"
-            ) from None
-        regions = ButdVgExtractor(config, device)
-    elif config.regions.kind not in IMPORTED_REGION_KINDS:
-        regions = RegionExtractor(config)
+    kind = region_kind(config.regions.kind)
+    regions = kind.build(config, device) if kind.build else None
     encoder = None if config.global_encoder.kind == "none" else GlobalEncoder(config.global_encoder)
     return config, regions, encoder
 
@@ -120,7 +112,7 @@ class ImageResult:
 
 def image_features(
     config: ExtractorConfig,
-    extractor: RegionExtractor | None,
+    extractor: Callable | None,
     image: Image.Image | None,
     annotated_boxes,
     ref,
@@ -142,7 +134,7 @@ def image_file_features(config: ExtractorConfig, path: Path) -> tuple[np.ndarray
     """One image file as a store row of `config` would hold it: regions (R, D) zero-padded and
     float16-rounded, their count, and the global embedding (None without a global encoder). For
     `userpipe search` queries."""
-    if config.regions.kind in IMPORTED_REGION_KINDS:
+    if config.regions.stored.imported:
         raise InputError(
             f"the store's regions were imported ({config.regions.kind}), so no extractor can embed "
             "a new image; query with an image id from the index"

@@ -308,7 +308,7 @@ def _b64_array(text: str, field: str, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(raw, dtype)
 
 
-def _read_tsv_line(path: str, offset: int, detections: bool) -> ImportedRegions:
+def read_tsv_line(path: str, offset: int, detections: bool) -> ImportedRegions:
     # split on tabs as index_tsv does: the fields are numbers and base64, which csv never quotes (and a csv
     # reader would need its process-wide field size limit raised for megabyte-long feature fields)
     with open(path, encoding="ascii", newline="") as f:
@@ -339,7 +339,7 @@ def index_npz(directory: Path) -> tuple[dict[str, str], int, bool]:
     if not files:
         raise InputError(f"no .npz files in {directory}")
     try:
-        first = _read_npz(str(files[0]), detections=None)
+        first = read_npz(str(files[0]), detections=None)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(
             f"{files[0]} (the first .npz, which sets the feature width) is unusable: {exc}"
@@ -372,7 +372,7 @@ def _npz_detections(z, n: int) -> Detections | None:
     return Detections.from_fields(info, n)
 
 
-def _read_npz(path: str, detections: bool | None) -> ImportedRegions:
+def read_npz(path: str, detections: bool | None) -> ImportedRegions:
     """Raises ValueError (its image becomes invalid) for a file that is not a usable npz. `detections`:
     required (True), not read (False), or kept when the file has them (None: the first file, which decides
     for the source)."""
@@ -403,24 +403,24 @@ def match_refs(records: list[ImageRecord], lookup: dict) -> list:
     return [lookup.get(r.image_id, lookup.get(Path(r.file).stem)) for r in records]
 
 
-def plan_import(kind: str, source: str, index: DatasetIndex) -> ImportPlan:
-    """Index a tsv/npz source against the dataset's images (precomp plans itself in `load_precomp`)."""
-    lookup, dim, detections = index_tsv(source) if kind == "tsv" else index_npz(Path(source))
+def plan_import(source: str, found: tuple[dict, int, bool], index: DatasetIndex) -> ImportPlan:
+    """A tsv/npz source (`found`: its index, feature width, whether it holds detections) matched against
+    the dataset's images (precomp plans itself in `load_precomp`)."""
+    lookup, dim, detections = found
     refs = {split: match_refs(records, lookup) for split, records in index.splits.items()}
     if not any(ref is not None for split_refs in refs.values() for ref in split_refs):
-        raise InputError(
-            f"none of the dataset's images has features in {kind}:{source} (ids or file names differ?)"
-        )
+        raise InputError(f"none of the dataset's images has features in {source} (ids or file names differ?)")
     return ImportPlan(feature_dim=dim, refs=refs, detections=detections)
 
 
-def read_imported(kind: str, ref, feature_dim: int, detections: bool = False) -> ImportedRegions:
+def read_precomp(ref) -> ImportedRegions:
+    path, row = ref
+    return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
+
+
+def checked_imported(regions: ImportedRegions, feature_dim: int, detections: bool) -> ImportedRegions:
     """Raises ValueError (the image becomes invalid) when one image's source data is unusable, or lacks
     the detections (`detections`) that the source's first file has."""
-    if kind == "precomp":
-        path, row = ref
-        return ImportedRegions(np.asarray(_memmap(path)[row], np.float32), None, 0, 0)
-    regions = _read_tsv_line(*ref, detections) if kind == "tsv" else _read_npz(ref, detections)
     if regions.features.shape[1] != feature_dim:
         raise ValueError(
             f"features are {regions.features.shape[1]}-d, the source's first image has {feature_dim}"

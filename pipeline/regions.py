@@ -10,11 +10,9 @@ detectron2 (pipeline/butd_vg.py, imported only when used).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,18 +100,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         roi_size=14,
     ),
 }
-DETECTORS = {"fasterrcnn_resnet50_fpn": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
-DETECTOR_SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 
 
 # the butd-vg device of this run's own LocalCluster: its workers are named 0..n-1 and worker n takes GPU n
 # modulo the count ("cuda" is the worker's current device: an existing scheduler's workers, which dask-cuda
 # pins one GPU each with CUDA_VISIBLE_DEVICES)
 GPU_PER_LOCAL_WORKER = "cuda-per-local-worker"
-DETECTRON2_INSTALL = (
-    "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2' "
-    "then pip install 'userpipe[butd]' (README: The Visual Genome detector)"
-)
 
 
 @dataclass
@@ -123,77 +115,24 @@ class ImageRegions:
     detections: Detections | None = None  # from detectors that classify their boxes (butd-vg)
 
 
-def resolve_region_config(
-    kind: str,
-    source: str | None,
-    backbone: str | None,
-    backbone_weights: str | None,
-    detector_weights: str | None,
-    detector_config: str | None = None,
-    min_regions: int | None = None,
-) -> RegionConfig:
-    """Validate names and resolve weight files for computed regions (imported ones need no models).
-    None takes the default: backbone efficientnet_lite0, detector config the packaged butd_vg_r101_c4."""
-    if kind in ("precomp", "tsv", "npz"):
-        return RegionConfig(kind=kind, source=source)
-    if kind == "butd-vg":
-        return _butd_vg_config(detector_config or "butd_vg_r101_c4", detector_weights, min_regions)
-    if kind not in ("butd", "boxes", "grid"):
-        raise InputError(
-            f"unknown region kind '{kind}': use butd-vg, butd, boxes, grid, precomp:DIR, tsv:GLOB or npz:DIR"
-        )
-    backbone = backbone or "efficientnet_lite0"
+def backbone_fields(options) -> dict:
+    """The backbone and its weights, for the kinds that pool a backbone's features (grid, boxes, butd):
+    the default efficientnet_lite0 and its packaged weights, or a user's file, which must fit here."""
+    backbone = options.backbone or "efficientnet_lite0"
     if backbone not in BACKBONES:
         raise InputError(f"unknown backbone '{backbone}': choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
-    if backbone_weights:  # a user's file must fit the backbone here, not in every task
-        bweights = local_weights(backbone_weights, "backbone")
-        load_weights(spec.build()[0], bweights, by_order=spec.weights_by_order)
+    if options.backbone_weights:  # a user's file must fit the backbone here, not in every task
+        weights = local_weights(options.backbone_weights, "backbone")
+        load_weights(spec.build()[0], weights, by_order=spec.weights_by_order)
     else:
-        bweights = spec.default_weights()
-    detector = dweights = None
-    if kind == "butd":
-        detector = "fasterrcnn_resnet50_fpn"
-        dweights = (
-            local_weights(detector_weights, "detector")
-            if detector_weights
-            else torchvision_weights(DETECTORS[detector], "detector", "--detector-weights")
-        )
-    return RegionConfig(
-        kind=kind, backbone=backbone, backbone_weights=bweights, detector=detector, detector_weights=dweights
-    )
+        weights = spec.default_weights()
+    return {"backbone": backbone, "backbone_weights": weights}
 
 
-def _butd_vg_config(config_name: str, detector_weights: str | None, min_regions: int | None) -> RegionConfig:
-    try:
-        from userpipe.pipeline.butd_vg import config_file, load_config
-    except ImportError as exc:
-        raise InputError(f"--regions butd-vg needs detectron2 ({exc}): {DETECTRON2_INSTALL}") from None
-    path = config_file(config_name)
-    if not path.is_file():
-        raise InputError(f"detector config not found: {config_name} (a packaged name or a .yaml file)")
-    try:
-        merged = load_config(path).dump()
-    except Exception as exc:  # yacs and detectron2 raise many kinds for a malformed file
-        raise InputError(f"detector config {path} is not a valid detectron2 config: {exc}") from None
-    if not detector_weights:
-        raise InputError(
-            "--regions butd-vg needs --detector-weights FILE: airsplay's faster_rcnn_from_caffe_attr.pkl "
-            "or MILVLG's bua-caffe-frcn-r101_with_attributes.pth (README: The Visual Genome detector)"
-        )
-    packaged = path.parent == Path(__file__).parent / "configs"
-    config_ref = WeightsRef(  # the hash of the merged config covers the _BASE_ files it names
-        source=f"package:{path.stem}" if packaged else str(path),
-        path=str(path.resolve()),
-        sha256=hashlib.sha256(merged.encode()).hexdigest(),
-    )
-    return RegionConfig(
-        kind="butd-vg",
-        detector=path.stem,
-        detector_config=config_ref,
-        detector_weights=local_weights(detector_weights, "detector"),
-        min_regions=min_regions,
-    )
+def backbone_facts(config: RegionConfig, imports=None) -> tuple[int, None]:
+    """A backbone kind's region width; the image size is the dataset's default."""
+    return BACKBONES[config.backbone].feature_dim, None
 
 
 def grid_boxes(width: float, height: float, count: int) -> np.ndarray:
@@ -234,61 +173,41 @@ def butd_scale(width: int, height: int, short_side: int, long_side: float | None
     return scale
 
 
-class RegionExtractor:
-    """Per image: R boxes in pixel coordinates and one pooled backbone feature per box."""
+Proposer = Callable[[int, int, np.ndarray | None, torch.Tensor], np.ndarray]
 
-    def __init__(self, config: ExtractorConfig):
+
+class RegionExtractor:
+    """Per image: R boxes in pixel coordinates from the kind's `propose(width, height, annotated boxes,
+    pixels)`, and one pooled backbone feature per box."""
+
+    def __init__(self, config: ExtractorConfig, propose: Proposer, device: str = "cpu"):
         regions = config.regions
         spec = BACKBONES[regions.backbone]
         model, self.trunk, self.head = spec.build()
         load_weights(model, regions.backbone_weights, by_order=spec.weights_by_order)
-        model.eval().to(memory_format=torch.channels_last)  # 1.5-2.5x faster convolutions on CPU
-        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
-        self.std = torch.tensor(spec.std).view(3, 1, 1)
+        self.device = torch.device(device)
+        model.eval().to(self.device, memory_format=torch.channels_last)  # 1.5-2.5x faster convs on CPU
+        self.mean = torch.tensor(spec.mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(3, 1, 1)
         self.roi_size = spec.roi_size
-        self.num_regions = config.num_regions
         self.image_size = config.image_size
-        self.kind = regions.kind
-        self.detector = self._build_detector(regions) if regions.kind == "butd" else None
-
-    def _build_detector(self, regions: RegionConfig) -> nn.Module:
-        from torchvision.models.detection import fasterrcnn_resnet50_fpn
-
-        long_side = int(self.image_size * BUTD_LONG_SIDE / BUTD_SHORT_SIDE)
-        detector = fasterrcnn_resnet50_fpn(
-            weights=None,
-            weights_backbone=None,
-            box_detections_per_img=self.num_regions,
-            box_score_thresh=DETECTOR_SCORE_THRESH,
-            min_size=self.image_size,
-            max_size=long_side,
-        )
-        load_weights(detector, regions.detector_weights)
-        return detector.eval()
-
-    def propose(self, pixels: torch.Tensor, annotated: np.ndarray | None) -> np.ndarray:
-        height, width = pixels.shape[-2:]
-        if self.kind == "grid":
-            return grid_boxes(width, height, self.num_regions)
-        if self.kind == "boxes":
-            return pad_with_grid(annotated, width, height, self.num_regions)
-        detections = self.detector([pixels])[0]["boxes"].numpy()  # sorted by score, NMS applied
-        return pad_with_grid(detections, width, height, self.num_regions)
+        self.propose = propose
 
     @torch.inference_mode()
     def __call__(self, image: Image.Image, annotated_boxes=None) -> ImageRegions:
         """R boxes and their features."""
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        pixels = pixels.to(self.device)
         annotated = None if annotated_boxes is None else np.asarray(annotated_boxes, np.float32)
-        boxes = self.propose(pixels, annotated)
         height, width = pixels.shape[-2:]
+        boxes = self.propose(width, height, annotated, pixels)
         scale = butd_scale(width, height, self.image_size)
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         resized = nn.functional.interpolate(
             pixels[None], size=size, mode="bilinear", antialias=True, align_corners=False
         )
         fmap = self.trunk(((resized - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
-        rois = torch.from_numpy(boxes * scale)
+        rois = torch.from_numpy(boxes * scale).to(self.device)
         pooled = roi_align(
             fmap,
             [rois],
@@ -298,4 +217,4 @@ class RegionExtractor:
             aligned=True,
         )
         features = self.head(pooled.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
-        return ImageRegions(features.numpy().astype(np.float32), boxes)
+        return ImageRegions(features.cpu().numpy().astype(np.float32), boxes)

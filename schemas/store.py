@@ -8,6 +8,7 @@ both before use (`validate_store`), writers create arrays only through `split_ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
@@ -29,9 +30,30 @@ READABLE_STORE_VERSIONS = ("1.0", "1.1")
 ATTRS_KEY = "userpipe"
 SPLITS = ("train", "val", "test")
 
-RegionKind = Literal["butd-vg", "butd", "boxes", "grid", "precomp", "tsv", "npz"]
-IMPORTED_REGION_KINDS = ("precomp", "tsv", "npz")
-DETECTOR_KINDS = ("butd", "butd-vg")
+
+@dataclass(frozen=True)
+class StoredRegions:
+    """What a store's RegionConfig holds for one kind of regions: the contract every reader of a store
+    relies on. The kind's code (its options, how it resolves and builds) is one module of
+    userpipe/pipeline/region_kinds/."""
+
+    imported: bool = False  # read from feature files (`source`), not computed from the images
+    backbone: bool = False  # a feature backbone and its weights
+    detector: bool = False
+    detector_config: bool = False  # a detectron2 config file (the merged config's hash)
+    min_regions: bool = False  # an adaptive box count
+    detections: Literal["never", "always", "imported"] = "never"  # imported: when the files hold them
+
+
+REGION_KINDS = {
+    "butd-vg": StoredRegions(detector=True, detector_config=True, min_regions=True, detections="always"),
+    "butd": StoredRegions(backbone=True, detector=True),
+    "boxes": StoredRegions(backbone=True),
+    "grid": StoredRegions(backbone=True),
+    "precomp": StoredRegions(imported=True),
+    "tsv": StoredRegions(imported=True, detections="imported"),
+    "npz": StoredRegions(imported=True, detections="imported"),
+}
 # per box, from detectors that classify their boxes (butd-vg, or imported): name -> dtype
 DETECTION_ARRAYS = {
     "object_id": "int16",
@@ -50,7 +72,7 @@ class WeightsRef(Frozen):
 
 
 class RegionConfig(Frozen):
-    kind: RegionKind
+    kind: str = Field(description="a kind of REGION_KINDS")
     source: str | None = Field(default=None, description="importer location (DIR or GLOB)")
     backbone: str | None = Field(default=None, description="feature backbone for computed regions")
     backbone_weights: WeightsRef | None = None
@@ -71,25 +93,29 @@ class RegionConfig(Frozen):
     )
 
     @model_validator(mode="after")
-    def _computed_regions_need_backbone(self) -> RegionConfig:
-        if self.kind in IMPORTED_REGION_KINDS:
-            if self.source is None:
-                raise ValueError(f"region importer '{self.kind}' needs a source location")
-        elif self.backbone is None and self.kind != "butd-vg":  # butd-vg's detector is its backbone
-            raise ValueError(f"computed regions '{self.kind}' need a backbone")
-        if (self.kind in DETECTOR_KINDS) != (self.detector is not None):
-            raise ValueError(f"a detector is used exactly when regions are one of {DETECTOR_KINDS}")
-        if (self.kind == "butd-vg") != (self.detector_config is not None):
-            raise ValueError("a detector config is used exactly when regions are 'butd-vg'")
-        if self.min_regions is not None and self.kind != "butd-vg":
-            raise ValueError("min_regions only applies to butd-vg regions")
-        if self.imported_detections and self.kind not in ("tsv", "npz"):
-            raise ValueError("imported_detections only applies to tsv and npz regions")
+    def _holds_what_its_kind_stores(self) -> RegionConfig:
+        if self.kind not in REGION_KINDS:
+            raise ValueError(f"unknown region kind '{self.kind}' (known: {', '.join(REGION_KINDS)})")
+        stored = self.stored
+        if stored.imported and self.source is None:
+            raise ValueError(f"region importer '{self.kind}' needs a source location")
+        for field in ("backbone", "detector", "detector_config"):
+            needed = getattr(stored, field)
+            if needed != (getattr(self, field) is not None):
+                raise ValueError(f"'{self.kind}' regions {'need' if needed else 'have no'} {field}")
+        if self.min_regions is not None and not stored.min_regions:
+            raise ValueError(f"min_regions does not apply to '{self.kind}' regions")
+        if self.imported_detections and stored.detections != "imported":
+            raise ValueError(f"imported_detections does not apply to '{self.kind}' regions")
         return self
 
     @property
+    def stored(self) -> StoredRegions:
+        return REGION_KINDS[self.kind]
+
+    @property
     def has_detections(self) -> bool:
-        return self.kind == "butd-vg" or self.imported_detections
+        return self.stored.detections == "always" or self.imported_detections
 
 
 class GlobalConfig(Frozen):

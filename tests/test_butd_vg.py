@@ -35,7 +35,7 @@ from userpipe.pipeline.butd_vg import (  # noqa: E402
     rpn_outputs,
     worker_device,
 )
-from userpipe.pipeline.regions import resolve_region_config  # noqa: E402
+from userpipe.pipeline.region_kinds import resolve_region_config  # noqa: E402
 from userpipe.schemas.errors import InputError  # noqa: E402
 from userpipe.schemas.store import DETECTION_ARRAYS, WeightsRef  # noqa: E402
 

@@ -256,10 +256,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 def test_an_option_that_the_region_kind_does_not_read_is_refused_not_ignored(
     runner, coco_root: Path, tmp_path: Path
 ):
-    from typing import get_args
+    from dataclasses import fields
 
-    from userpipe.pipeline.extract import KIND_OPTIONS
-    from userpipe.schemas.store import IMPORTED_REGION_KINDS, RegionKind
+    from userpipe.pipeline.region_kinds import KINDS, RegionOptions
 
     values = {
         "backbone": "efficientnet_lite0",
@@ -269,19 +268,23 @@ def test_an_option_that_the_region_kind_does_not_read_is_refused_not_ignored(
         "min_regions": "10",
         "device": "cpu",
     }
-    assert values.keys() == KIND_OPTIONS.keys()
+    assert set(values) == {f.name for f in fields(RegionOptions)} - {"source"}  # every option a kind may read
     out = tmp_path / "never.zarr"
     refused = 0
-    for name, kinds in KIND_OPTIONS.items():
-        for kind in sorted(set(get_args(RegionKind)) - set(kinds)):
+    for name, value in values.items():
+        readers = [kind.name for kind in KINDS.values() if name in kind.reads]
+        for kind in (kind for kind in KINDS.values() if name not in kind.reads):
             flag = "--" + name.replace("_", "-")
-            spec = f"{kind}:{tmp_path / 'features'}" if kind in IMPORTED_REGION_KINDS else kind
+            spec = f"{kind.name}:{tmp_path / 'features'}" if kind.location else kind.name
             result = run_cli(
                 runner, "extract", "--dataset", "coco", "--root", coco_root, "--out", out,
-                "--regions", spec, "--clip", "none", flag, values[name],
+                "--regions", spec, "--clip", "none", flag, value,
             )  # fmt: skip
-            assert result.exit_code == 2, (flag, kind, result.output)
-            assert f"{flag} does not apply to --regions {kind} (only to {', '.join(kinds)})" in result.output
+            assert result.exit_code == 2, (flag, kind.name, result.output)
+            assert (
+                f"{flag} does not apply to --regions {kind.name} (only to {', '.join(readers)})"
+                in result.output
+            )
             assert len(result.output.strip().splitlines()) == 1 and not out.exists()
             refused += 1
     assert refused == 31  # every option with every kind that does not read it

@@ -260,7 +260,8 @@ def tsv_lines(draw) -> bytes:
 
 @given(tsv_lines())
 def test_tsv_lines_are_indexed_or_refused_and_read_or_flagged(tmp_path_factory, line: bytes):
-    from userpipe.pipeline.importers import index_tsv, read_imported
+    from userpipe.pipeline.importers import index_tsv
+    from userpipe.pipeline.region_kinds import read_imported
 
     path = tmp_path_factory.mktemp("tsv") / "f.tsv"
     path.write_bytes(line)
@@ -329,7 +330,8 @@ def npz_files(draw) -> bytes:
 
 @given(npz_files(), npz_files())
 def test_npz_first_file_is_validated_and_others_make_their_image_invalid(tmp_path_factory, first, second):
-    from userpipe.pipeline.importers import index_npz, read_imported
+    from userpipe.pipeline.importers import index_npz
+    from userpipe.pipeline.region_kinds import read_imported
 
     folder = tmp_path_factory.mktemp("npz")
     (folder / "a.npz").write_bytes(first)
@@ -384,7 +386,8 @@ def npz_with_info(path: Path, info_pickle: bytes, n: int = 2) -> None:
 def test_a_crafted_npz_info_is_an_invalid_image_read_without_building_what_it_describes(tmp_path: Path):
     import pickle
 
-    from userpipe.pipeline.importers import index_npz, read_imported
+    from userpipe.pipeline.importers import index_npz
+    from userpipe.pipeline.region_kinds import read_imported
 
     nested: list = []
     for _ in range(60):  # 2**60 leaves in a pickle of a few hundred bytes (its lists are shared)

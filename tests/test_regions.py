@@ -6,7 +6,8 @@ import torch
 from conftest import extractor_config
 from PIL import Image
 
-from userpipe.pipeline.regions import RegionExtractor, grid_boxes, pad_with_grid, resolve_region_config
+from userpipe.pipeline.region_kinds import region_kind, resolve_region_config
+from userpipe.pipeline.regions import grid_boxes, pad_with_grid
 from userpipe.schemas.errors import InputError
 
 
@@ -36,9 +37,8 @@ def test_padding_keeps_given_boxes_first_and_clips_them():
 
 
 def test_packaged_backbone_gives_finite_distinct_features_per_box():
-    extractor = RegionExtractor(
-        extractor_config(resolve_region_config("boxes", None, "efficientnet_lite0", None, None))
-    )
+    config = extractor_config(resolve_region_config("boxes", None, "efficientnet_lite0", None, None))
+    extractor = region_kind("boxes").build(config, "cpu")
     image = Image.new("RGB", (160, 120), (90, 90, 90))
     image.paste((220, 30, 30), (10, 10, 60, 60))
     found = extractor(image, [[10, 10, 60, 60]])
@@ -64,7 +64,8 @@ def test_butd_with_local_detector_and_resnet_weights(tmp_path: Path):
         "butd", None, "resnet50", str(tmp_path / "r50.pth"), str(tmp_path / "det.pth")
     )
     assert regions.detector == "fasterrcnn_resnet50_fpn" and len(regions.detector_weights.sha256) == 64
-    extractor = RegionExtractor(extractor_config(regions, num_regions=10, feature_dim=2048, image_size=96))
+    config = extractor_config(regions, num_regions=10, feature_dim=2048, image_size=96)
+    extractor = region_kind("butd").build(config, "cpu")
     found = extractor(Image.new("RGB", (128, 96), (30, 120, 200)))
     features, boxes = found.features, found.boxes
     assert features.shape == (10, 2048) and np.isfinite(features).all()

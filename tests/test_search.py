@@ -184,7 +184,7 @@ def _grid_config():
     from conftest import extractor_config
 
     from userpipe.pipeline.features import extractor_models
-    from userpipe.pipeline.regions import resolve_region_config
+    from userpipe.pipeline.region_kinds import resolve_region_config
 
     config = extractor_config(
         resolve_region_config("grid", None, "efficientnet_lite0", None, None), num_regions=4, image_size=64

@@ -71,9 +71,9 @@ def test_a_schema_1_0_store_reads_as_before_and_butd_vg_stores_have_the_detectio
         "attribute_id": ((3, 4), "int16"),
         "attribute_conf": ((3, 4), "float16"),
     }
-    with pytest.raises(ValueError, match="detector config"):
+    with pytest.raises(ValueError, match="regions need detector_config"):
         RegionConfig(kind="butd-vg", detector="d", detector_weights=weights)
-    with pytest.raises(ValueError, match="min_regions only applies"):
+    with pytest.raises(ValueError, match="min_regions does not apply to .grid. regions"):
         RegionConfig(kind="grid", backbone="efficientnet_lite0", min_regions=3)
     with pytest.raises(ValueError, match="exceeds num_regions"):
         tiny_config(regions=butd_vg.model_copy(update={"min_regions": 9}))
@@ -81,7 +81,7 @@ def test_a_schema_1_0_store_reads_as_before_and_butd_vg_stores_have_the_detectio
     imported = RegionConfig(kind="tsv", source="x.tsv", imported_detections=True)
     assert imported.has_detections and not RegionConfig(kind="tsv", source="x.tsv").has_detections
     assert set(DETECTION_ARRAYS) <= set(split_array_specs(tiny_config(regions=imported), 3, 6))
-    with pytest.raises(ValueError, match="imported_detections only applies"):
+    with pytest.raises(ValueError, match="imported_detections does not apply to .precomp. regions"):
         RegionConfig(kind="precomp", source="d", imported_detections=True)
 
 
@@ -107,7 +107,7 @@ def test_validation_names_what_is_wrong(tmp_path: Path, tamper, message: str):
 def test_config_models_reject_inconsistent_settings():
     with pytest.raises(ValidationError, match="splits must be"):
         tiny_config(splits=("dev",))
-    with pytest.raises(ValidationError, match="detector is used exactly when"):
+    with pytest.raises(ValidationError, match="butd. regions need detector"):
         RegionConfig(kind="butd", backbone="resnet50")
     with pytest.raises(ValidationError, match="needs a source location"):
         RegionConfig(kind="tsv")

@@ -1,0 +1,36 @@
+"""`--regions npz:DIR`: bottom-up-attention.pytorch (MILVLG) files, one IMAGE_ID.npz per image, with each
+box's object and attribute when their `info` holds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from userpipe.pipeline.region_kinds.registry import RegionKind, register
+from userpipe.schemas.store import RegionConfig
+
+
+def _dataset(options, request):
+    from userpipe.pipeline.importers import index_npz, plan_import
+
+    index = request.load()
+    return index, plan_import(f"npz:{options.source}", index_npz(Path(options.source)), index)
+
+
+def _read(ref, feature_dim: int, detections: bool):
+    from userpipe.pipeline.importers import checked_imported, read_npz
+
+    return checked_imported(read_npz(ref, detections), feature_dim, detections)
+
+
+register(
+    RegionKind(
+        "npz",
+        "bottom-up-attention.pytorch npz files",
+        reads=(),
+        location="DIR",
+        resolve=lambda options: RegionConfig(kind="npz", source=options.source),
+        facts=lambda config, imports: (imports.feature_dim, None),
+        dataset=_dataset,
+        read=_read,
+    )
+)
