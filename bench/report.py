@@ -1,5 +1,6 @@
 """Writing a benchmark's results: JSON for tools, a markdown table for people, and (`python -m bench.report`,
-the last step of `just bench`) one summary table of every benchmark's headline rows (quoted in the README)."""
+the last step of `just bench`) one summary table of every benchmark's headline rows (the README links it
+and quotes three)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from userpipe.schemas.store import RegionConfig, WeightsRef
 
 DETECTRON2_INSTALL = (
     "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2' "
-    "then pip install 'userpipe[butd]' (README: The Visual Genome detector)"
+    "then, in the userpipe checkout, pip install -e '.[butd]' (README: The Visual Genome detector)"
 )
 DEFAULT_CONFIG = "butd_vg_r101_c4"
 
