@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from bench import report
-from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader, same_image_counts
+from userpipe.trainer.data_order import same_image_counts
+from userpipe.trainer.loader import LoaderSettings, StreamingLoader
+from userpipe.trainer.shard_set import ShardSet
 
 COCO_IMAGES, CAPTIONS = 113_287, 5
 DATA = Path("data/bench-data-order")

@@ -65,8 +65,9 @@ def tokenizer():
 
 
 def measure_streaming(shards: str, pairs: int, batch: int, workers: int, check_sha256: bool = True) -> dict:
-    from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+    from userpipe.trainer.loader import LoaderSettings, StreamingLoader
     from userpipe.trainer.process import keep_freed_memory
+    from userpipe.trainer.shard_set import ShardSet
 
     keep_freed_memory()  # as `userpipe train` runs (trainer/process.py)
     start = time.perf_counter()

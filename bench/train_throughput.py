@@ -119,9 +119,10 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
     import torch
 
     from userpipe.trainer.captions import CaptionTokenizer
-    from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader
+    from userpipe.trainer.loader import LoaderSettings, StreamingLoader
     from userpipe.trainer.model import build_model
     from userpipe.trainer.process import keep_freed_memory
+    from userpipe.trainer.shard_set import ShardSet
     from userpipe.trainer.train import Position, build_optimizer, train_step
 
     eager = implementation == "plain eager"

@@ -7,13 +7,13 @@ So a shard is a random set of store chunks, and each task reads whole chunks seq
 decodes whole chunks anyway; random single rows cost a full chunk each).
 
 One Dask task writes one shard: to a temporary name, then hashed, then renamed, then its record
-(`.NAME.json`) is written; a rerun keeps shards whose record exists and whose bytes match it.
+(`.NAME.json`) is written; a rerun keeps shards whose record exists and that pass `check_shard` against it
+(pipeline/shard_io.py, the check `userpipe verify` and the loader make), and names any it writes again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -25,8 +25,10 @@ import webdataset as wds
 import zarr
 from pydantic import Field
 from rich.console import Console
+from rich.markup import escape
 
 from userpipe.pipeline.cluster import dask_client, run_tasks
+from userpipe.pipeline.shard_io import ShardDamage, check_shard, encode_sample, encoded_size
 from userpipe.schemas.base import LocalWorkers, Options, Seed, file_sha256, read_model
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import (
@@ -46,10 +48,7 @@ from userpipe.schemas.shard import (
     ShardPlanParams,
     ShardRecord,
     ShardSample,
-    encode_sample,
-    encoded_size,
     read_manifest,
-    tar_samples,
 )
 from userpipe.schemas.store import caption_chunk_size
 from userpipe.schemas.store_reader import REPAIR, open_store, store_problems
@@ -158,13 +157,18 @@ def write_shard(job: ShardJob) -> ShardRecord:
     return record
 
 
-def _finished(out: Path, name: str, recorded: dict[str, ShardRecord]) -> ShardRecord | None:
-    """The shard's record (its own, or the manifest's of the same plan) if the shard is complete and
-    unaltered, else None (it gets rewritten)."""
+def _finished(
+    out: Path,
+    name: str,
+    recorded: dict[str, ShardRecord],
+    fields: tuple[str, ...],
+    feature_dim: int,
+    console: Console,
+) -> ShardRecord | None:
+    """The shard's record (its own, or the manifest's of the same plan) if the shard passes `check_shard`
+    against it, else None (it gets rewritten; a shard that differs from its record is named, as `userpipe
+    verify` names it)."""
     path = _record_path(out, name)
-    shard = out / name
-    if not shard.is_file():
-        return None
     if path.is_file():
         try:
             record = read_model(ShardRecord, path, "shard record")
@@ -173,8 +177,11 @@ def _finished(out: Path, name: str, recorded: dict[str, ShardRecord]) -> ShardRe
     elif name in recorded:
         record = recorded[name]
     else:
-        return None
-    if shard.stat().st_size != record.bytes or file_sha256(shard) != record.sha256:
+        return None  # not written yet, or killed before its record: nothing to report
+    try:
+        check_shard(record, str(out / name), fields=fields, feature_dim=feature_dim)
+    except ShardDamage as damage:
+        console.print(f"{escape(name)}: {escape(damage.problem)}; writing it again", highlight=False)
         return None
     return record
 
@@ -280,7 +287,17 @@ def _write_shards(
         )
         for number, idx in enumerate(plan)
     ]
-    done = {job.name: record for job in jobs if (record := _finished(work, job.name, recorded))}
+    fields = (
+        ("regions.npy", "boxes.npy", "captions.json", "meta.json")
+        + (("clip_image.npy",) if glob.image_dim else ())
+        + (("clip_text.npy",) if glob.text_dim else ())
+    )
+    feature_dim = attrs.extractor.feature_dim
+    done = {
+        job.name: record
+        for job in jobs
+        if (record := _finished(work, job.name, recorded, fields, feature_dim, console))
+    }
     todo = [job for job in jobs if job.name not in done]
     check_free_space(work, sum(job.encoded_bytes for job in todo))  # a resume: what is left to write
     if done:
@@ -296,11 +313,6 @@ def _write_shards(
         done.update({r.name: r for r in records})
 
     shards = tuple(done[job.name] for job in jobs)
-    fields = (
-        ("regions.npy", "boxes.npy", "captions.json", "meta.json")
-        + (("clip_image.npy",) if glob.image_dim else ())
-        + (("clip_text.npy",) if glob.text_dim else ())
-    )
     manifest = ShardManifest(
         params=params,
         fields=fields,
@@ -367,7 +379,8 @@ class ShardProblem:
 
 
 def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
-    _, manifest = read_manifest(directory)
+    """The manifest's totals, and every shard by `check_shard` (the loader's and a rerun's check)."""
+    path, manifest = read_manifest(directory)
     problems = []
     totals = (sum(s.samples for s in manifest.shards), sum(s.captions for s in manifest.shards))
     if totals != (manifest.num_samples, manifest.num_captions):
@@ -379,43 +392,12 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
                 f"{manifest.num_captions}",
             )
         )
+    feature_dim = manifest.params.store_config.feature_dim
     for record in manifest.shards:
-        shard = directory / record.name
-        if not shard.is_file():
-            problems.append(ShardProblem(record.name, "missing"))
-            continue
-        size = shard.stat().st_size
-        if size != record.bytes:
-            kind = "truncated" if size < record.bytes else "longer than recorded"
-            problems.append(
-                ShardProblem(record.name, f"{kind}: {size:,} bytes, manifest says {record.bytes:,}")
+        try:
+            check_shard(
+                record, str(path.parent / record.name), fields=manifest.fields, feature_dim=feature_dim
             )
-            continue
-        sha256, samples, captions, error = count_shard(shard)
-        if sha256 != record.sha256:
-            problems.append(ShardProblem(record.name, "altered: sha256 differs from the manifest"))
-        elif error:
-            problems.append(ShardProblem(record.name, error))
-        elif (samples, captions) != (record.samples, record.captions):
-            problems.append(
-                ShardProblem(
-                    record.name,
-                    f"holds {samples} samples and {captions} captions, the "
-                    f"manifest says {record.samples} and {record.captions}",
-                )
-            )
+        except ShardDamage as damage:
+            problems.append(ShardProblem(record.name, damage.problem))
     return manifest, problems
-
-
-def count_shard(path: Path) -> tuple[str, int, int, str | None]:
-    """sha256, samples and captions of a shard in one read; the last item names what is unreadable."""
-    keys, captions, error = set(), 0, None
-    archive = path.read_bytes()
-    try:
-        for sample in tar_samples(archive, str(path)):
-            keys.add(sample["__key__"])
-            if "captions.json" in sample:
-                captions += len(json.loads(sample["captions.json"]))
-    except (ValueError, TypeError) as exc:  # TarError, and JSON that does not parse
-        error = f"not a readable shard ({type(exc).__name__}: {exc})"
-    return hashlib.sha256(archive).hexdigest(), len(keys), captions, error

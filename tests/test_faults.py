@@ -48,11 +48,11 @@ def test_metrics_refuse_non_finite_similarities_instead_of_ranking_them(bad):
 def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step():
     from userpipe.trainer.train import Position, check_step_finite
 
-    position = Position(epoch=1, step=3, global_step=17)
+    position = Position(epoch=1, step=3, global_step=17)  # in the second epoch, as messages count (from 1)
     check_step_finite(torch.tensor(0.5), torch.tensor(2.0), position)
-    with pytest.raises(NonFiniteError, match=r"step 18 \(epoch 1\): loss nan"):
+    with pytest.raises(NonFiniteError, match=r"step 18 \(epoch 2\): loss nan"):
         check_step_finite(torch.tensor(math.nan), torch.tensor(2.0), position)
-    with pytest.raises(NonFiniteError, match=r"step 18 \(epoch 1\): gradient norm inf"):
+    with pytest.raises(NonFiniteError, match=r"step 18 \(epoch 2\): gradient norm inf"):
         check_step_finite(torch.tensor(0.5), torch.tensor(math.inf), position)
 
 
@@ -187,7 +187,8 @@ def test_train_refuses_a_shard_set_that_differs_from_its_manifest(runner, traine
 def test_a_sample_with_an_extra_member_or_another_dtype_is_named(tmp_path):
     import io
 
-    from userpipe.schemas.shard import SampleError, decode_sample
+    from userpipe.pipeline.shard_io import decode_sample
+    from userpipe.schemas.shard import SampleError
 
     def npy(array) -> bytes:
         buffer = io.BytesIO()

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"schemas": "schemas", "pipeline": "pipeline", "trainer": "trainer", "cli": "userpipe"}
 LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "cli": 3}
 # what a module of a lower layer may use of a higher one's neighbour: the trainer uses the pipeline only
-# as the extractor library (an image-file query is embedded as extract embeds a store row)
-TRAINER_USES_OF_PIPELINE = {"userpipe.pipeline.features"}
+# as the extractor library (an image-file query is embedded as extract embeds a store row) and to read
+# shards (shard_io: the loader reads the bytes the sharder writes, and checks them as verify does)
+TRAINER_USES_OF_PIPELINE = {"userpipe.pipeline.features", "userpipe.pipeline.shard_io"}
 DRIVERS = {
     "userpipe.pipeline.extract",
     "userpipe.pipeline.shard",

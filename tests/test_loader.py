@@ -9,18 +9,14 @@ import zarr
 from conftest import run_cli
 from released import released_caption_ids
 
+from userpipe.pipeline.shard_io import tar_samples
 from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.errors import InputError
-from userpipe.schemas.shard import tar_samples
+from userpipe.schemas.shard import ShardError
 from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
-from userpipe.trainer.loader import (
-    LoaderSettings,
-    ShardError,
-    ShardSet,
-    StreamingLoader,
-    caption_for_pass,
-    same_image_counts,
-)
+from userpipe.trainer.data_order import caption_for_pass, same_image_counts
+from userpipe.trainer.loader import LoaderSettings, StreamingLoader
+from userpipe.trainer.shard_set import ShardSet
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +272,7 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(shards, tokenizer, tmp_pa
 def test_each_shard_is_hashed_once_per_loader_and_trusted_at_later_readings(shards, tokenizer, monkeypatch):
     import hashlib
 
-    import userpipe.trainer.loader as loader
+    import userpipe.pipeline.shard_io as loader  # where a shard is hashed (check_shard)
 
     hashed, sha256 = [], hashlib.sha256
     monkeypatch.setattr(loader.hashlib, "sha256", lambda data: hashed.append(1) or sha256(data))

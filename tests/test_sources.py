@@ -20,14 +20,17 @@ from typer.testing import CliRunner
 
 import userpipe.schemas.sources as sources
 from userpipe.pipeline.datasets import read_karpathy_json
-from userpipe.pipeline.importers import index_tsv, load_precomp, read_imported
+from userpipe.pipeline.importers import index_tsv, load_precomp
+from userpipe.pipeline.region_kinds import read_imported
 from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.errors import InputError
+from userpipe.schemas.shard import ShardError
 from userpipe.schemas.sources import read_bytes
 from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
 from userpipe.trainer.config import load_run_config
 from userpipe.trainer.cxc import read_coco_captions, read_sits
-from userpipe.trainer.loader import LoaderSettings, ShardError, ShardSet, StreamingLoader
+from userpipe.trainer.loader import LoaderSettings, StreamingLoader
+from userpipe.trainer.shard_set import ShardSet
 
 BOM = codecs.BOM_UTF8
 MISSING, CUT, FLIPPED = "train-000002.tar", "train-000001.tar", "train-000003.tar"
