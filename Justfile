@@ -18,19 +18,27 @@ setup:
     {{bin}}/python -m pip install -q --upgrade pip
     # the exact versions CI tests (constraints.txt); pyproject.toml states the ranges userpipe works with
     {{bin}}/python -m pip install -q -c constraints.txt torch torchvision
-    # detectron2 (for --regions butd-vg) is not on PyPI: a wheel built from its source for this Python and
-    # platform is taken from $USERPIPE_WHEELS (default ../shared/wheels) when there is one (README)
+    # detectron2 (for --regions butd-vg) is not on PyPI: one built from source into this venv (README,
+    # "detectron2, for the Visual Genome detector") is kept; a prebuilt wheel for this Python and platform
+    # is taken from $USERPIPE_WHEELS (CI's: ../shared/wheels) when there is one
     {{bin}}/python -m pip install -q -c constraints.txt packaging  # the wheel tags this Python accepts
     wheel=$({{bin}}/python -c 'import glob, os, sys; from packaging.tags import sys_tags; \
         tags = {str(t) for t in sys_tags()}; \
         found = [w for w in sorted(glob.glob(os.path.join(sys.argv[1], "detectron2-*.whl"))) \
                  if "-".join(os.path.basename(w)[:-4].split("-")[-3:]) in tags]; print(found[-1] if found else "")' \
         "${USERPIPE_WHEELS:-../shared/wheels}")
+    has_detectron2() { {{bin}}/python -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("detectron2"))'; }
+    # setuptools reports every editable install of a mapped package-dir layout as a warning ("Editable
+    # installation ... Please be careful with folders in your working directory"): information, not a problem
+    export PYTHONWARNINGS="ignore:Editable installation"
     if [ -n "$wheel" ]; then
         {{bin}}/python -m pip install -q -c constraints.txt "$wheel" -e '.[test,butd]'
+    elif has_detectron2; then
+        {{bin}}/python -m pip install -q -c constraints.txt -e '.[test,butd]'
     else
-        echo "no detectron2 wheel in ${USERPIPE_WHEELS:-../shared/wheels}: --regions butd-vg and its tests are off (README)"
         {{bin}}/python -m pip install -q -c constraints.txt -e '.[test]'
+        echo "--regions butd-vg is off: detectron2 is not installed (to build it: README.md, \"detectron2, for the Visual Genome detector\"; its tests skip)"
+        if [ -n "${USERPIPE_WHEELS:-}" ]; then echo "  (no detectron2 wheel for this Python in $USERPIPE_WHEELS)"; fi
     fi
     touch "$stamp"
 

@@ -74,7 +74,9 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
         "dims": ["image", "region", "feature"],
     }
     assert summary["extractor"]["num_regions"] == 36
-    assert "train" in run_cli(runner, "info", out).stdout
+    table = run_cli(runner, "info", out).stdout
+    assert "train" in table
+    assert "global image" in table and "(imagenet)" in table and "clip_image" not in table  # not CLIP
 
     ds = xr.open_zarr(out, group="val", consolidated=False)
     assert ds["regions"].dims == ("image", "region", "feature") and ds.sizes["caption"] == 10

@@ -82,6 +82,19 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
     hits = json.loads(captions.stdout)
     assert len(hits) == 3 and all(h["correct"] == (h["image_id"] == "img7") for h in hits)
     assert all(h["text"].endswith(f"of image {h['image_id'][3:]}") for h in hits)
+    table = run_cli(runner, "search", query, "--index", trained["index"], "--run", trained["run"], "-k", "20")
+    assert table.exit_code == 0, table.output
+    assert "match" in table.stdout and table.stdout.count(" yes ") == 1  # a caption: its image is known
+
+
+def test_a_free_text_query_has_no_match_column(runner, trained):
+    """No ground truth for a text that is not a caption of the gallery: no column that is always empty."""
+    query = ("search", "a shape of some colour", "--index", trained["index"], "--run", trained["run"])
+    table = run_cli(runner, *query)
+    assert table.exit_code == 0, table.output
+    assert "rank" in table.stdout and "match" not in table.stdout
+    hits = json.loads(run_cli(runner, *query, "--json").stdout)
+    assert len(hits) == 5 and all("correct" not in h for h in hits)
 
 
 def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path):

@@ -1,4 +1,7 @@
+import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,13 +42,34 @@ def train_args(data, out, *extra):
     )
 
 
-def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, tmp_path):
+def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("USERPIPE_PROGRESS_SECONDS", "0")  # a plain progress line after every step
     result = run_cli(runner, *train_args(data, out))
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     per_epoch = len(steps) // 3
+    # CliRunner's stderr is not a terminal: plain lines (rich's bar would print nothing until the end),
+    # epochs counted from 1, each step's line with its loss as logged, one line per epoch end
+    number = r"[0-9.e+-]+"
+    progress = re.findall(
+        rf"^epoch (\d)/3  step (\d+)/{len(steps)}  loss ({number})  lr {number}  \d+ pairs/s  ETA \S+$",
+        result.output,
+        re.MULTILINE,
+    )
+    assert [(int(e), int(s)) for e, s, _ in progress] == [(r["epoch"] + 1, r["step"]) for r in steps]
+    assert [float(loss) for *_, loss in progress] == pytest.approx([r["loss"] for r in steps], abs=1e-4)
+    ends = re.findall(
+        r"^epoch (\d)/3 done  step (\d+)/\d+ .* validation RSUM ([0-9.]+)$", result.output, re.MULTILINE
+    )
+    validations = [r for r in records if "val" in r][1:]
+    assert [(int(e), int(s)) for e, s, _ in ends] == [(r["epoch"], r["step"]) for r in validations]
+    assert [float(rsum) for *_, rsum in ends] == pytest.approx(
+        [r["val"]["rsum"] for r in validations], abs=0.05
+    )
+    assert "━" not in result.output  # no bar
+    assert f"training curves and tables: {out / 'training.md'}" in result.output
     assert [r["step"] for r in records if "val" in r] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
     assert {"lr", "batch", "queue", "samples_per_s", "same_image_batch", "same_image_queue"} <= set(steps[0])
@@ -55,7 +79,7 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     assert [r["same_image_batch"] for r in steps] == [0] * len(steps)
     assert 0 < np.mean([r["same_image_queue"] for r in steps]) < 0.5
     for name in (
-        "summary.md",
+        "training.md",
         "loss.png",
         "val_rsum.png",
         "config.json",
@@ -99,6 +123,7 @@ def test_resume_refuses_another_architecture_and_restarts_selection_on_another_v
     assert refused.exit_code == 2 and "--allow-change" in refused.output, refused.output
     resumed = run_cli(runner, *on_other, "--allow-change", "--set", "train.epochs=2")
     assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {out} at the start of epoch 2 of 2" in resumed.output  # the first one is done
     assert "best-model selection starts again on the new validation set" in resumed.output
     change = json.loads((out / "run.json").read_text())["changes"][-1]["fields"]
     assert change["val_store"][1] == str(other.resolve()) and change["best_rsum"] == [first_best, None]
@@ -125,3 +150,64 @@ def test_ablation_switches_train_from_the_config(runner, data, tmp_path, switche
         section, rest = switch.split(".", 1)
         key, value = rest.split("=")
         assert str(saved[section][key]).lower() == value
+
+
+def test_a_bad_progress_interval_is_refused_before_work(runner, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("USERPIPE_PROGRESS_SECONDS", "soon")
+    result = run_cli(runner, *train_args(data, tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.strip()
+        == "error: USERPIPE_PROGRESS_SECONDS='soon' is not a number of seconds (0 or more)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def _progress(console, every: float):
+    from userpipe.trainer.train import Position, TrainingProgress
+
+    with TrainingProgress(console, total=4, epochs=2, done=0, every=every) as progress:
+        for step in range(1, 5):
+            position = Position(epoch=(step - 1) // 2, step=(step - 1) % 2 + 1, global_step=step)
+            progress.step(position, loss=float(step), lr=1e-3, rate=100.0)
+            if step % 2 == 0:
+                progress.epoch_end(Position(epoch=step // 2, global_step=step), {"rsum": 10.0 * step})
+    return progress
+
+
+def test_progress_is_rich_s_bar_on_a_terminal_and_plain_lines_elsewhere():
+    from rich.console import Console
+
+    terminal = io.StringIO()
+    progress = _progress(Console(file=terminal, force_terminal=True, width=120), every=0)
+    assert progress.bar is not None and "━" in terminal.getvalue()
+    assert "step 1/4" not in terminal.getvalue()  # the bar shows the steps
+    assert "epoch 1/2 done  step 2/4  loss 1.5000" in terminal.getvalue()  # above the bar
+    log = io.StringIO()
+    progress = _progress(Console(file=log, force_terminal=False, width=120), every=0)
+    lines = log.getvalue().splitlines()
+    assert progress.bar is None and len(lines) == 6
+    assert lines[0].startswith("epoch 1/2  step 1/4  loss 1.0000  lr 1.00e-03  100 pairs/s  ETA 0:00:00")
+    assert lines[2].startswith("epoch 1/2 done  step 2/4  loss 1.5000") and lines[2].endswith("RSUM 20.0")
+    assert lines[5].startswith("epoch 2/2 done  step 4/4  loss 3.5000")
+    quiet = io.StringIO()
+    _progress(Console(file=quiet, force_terminal=False, width=120), every=3600)
+    assert [line.split("  ")[0] for line in quiet.getvalue().splitlines()] == [
+        "epoch 1/2 done",
+        "epoch 2/2 done",
+    ]
+
+
+def test_the_resume_message_counts_epochs_from_1():
+    from userpipe.trainer.train import Position, resume_message
+
+    run = Path("runs/r")
+    assert resume_message(run, Position(epoch=0, step=5, global_step=5), 3, [15] * 3) == (
+        "resuming runs/r in epoch 1 of 3, after its step 5 of 15"
+    )
+    assert resume_message(run, Position(epoch=1, step=0, global_step=15), 3, [15] * 3) == (
+        "resuming runs/r at the start of epoch 2 of 3"
+    )
+    assert resume_message(run, Position(epoch=3, step=0, global_step=45), 3, [15] * 3) == (
+        "resuming runs/r: its 3 epoch(s) are done (45 steps)"
+    )

@@ -18,9 +18,10 @@ from userpipe.schemas.base import parse_json, read_model, validate_as
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import Output, write_text_atomic
 from userpipe.schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
+from userpipe.schemas.sources import is_remote
 from userpipe.trainer import checkpoint
 from userpipe.trainer.checkpoint import CHECKPOINTS
-from userpipe.trainer.loader import ShardSet, is_remote
+from userpipe.trainer.shard_set import ShardSet
 
 LOG_NAME = "log.jsonl"
 

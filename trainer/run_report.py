@@ -3,7 +3,9 @@
 report.md     the trained model next to the untrained one (the run's seeded start) and chance;
               the training curves; an ablation table when other runs are given; the query grid
 report.json   the same numbers
-queries.png   a few captions of the split as text queries with their top-5 images, matches marked
+queries.png   a few captions of the split as text queries with their top-5 images, matches marked, and
+              where each caption's own image ranked
+Training writes its own page beside the log: training.md, loss.png, val_rsum.png (write_training_summary).
 """
 
 from __future__ import annotations
@@ -69,12 +71,21 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
     return HEADER + "".join(_row(name, m) for name, m in rows)
 
 
+def true_rank(scores: torch.Tensor, truth: int) -> int:
+    """The 1-based rank of image `truth` among a query's scores, as eval ranks (evaluate.positive_ranks:
+    the images scoring higher, and those tied with it at a larger index)."""
+    own = scores[truth]
+    return 1 + int((scores > own).sum()) + int((scores[truth + 1 :] == own).sum())
+
+
 def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> list[dict]:
-    """GRID_QUERIES captions spread over the split, each with its top-5 images (green = its own image)."""
+    """GRID_QUERIES captions spread over the split, each with its top-5 images (green = its own image) and
+    the rank of its own image over the whole split, which a top-5 alone does not show when it is lower."""
     from matplotlib.figure import Figure
 
     picks = np.linspace(0, len(emb.captions) - 1, GRID_QUERIES).round().astype(int)
-    scores, top = (emb.captions[picks] @ emb.images.T).topk(min(GRID_TOP, len(emb.images)), dim=1)
+    sims = emb.captions[picks] @ emb.images.T
+    scores, top = sims.topk(min(GRID_TOP, len(emb.images)), dim=1)
     queries = []
     rows, cols = len(picks), top.shape[1]
     fig = Figure(figsize=(2.0 * cols, 2.2 * rows))  # laid out by hand: each row a query line over its images
@@ -84,9 +95,13 @@ def query_grid(emb: SplitEmbeddings, files: list[Path | None], out: Path) -> lis
             {"image_id": emb.image_ids[i], "score": float(s), "correct": int(i) == truth}
             for s, i in zip(scores[q], top[q], strict=True)
         ]
-        queries.append({"text": emb.caption_texts[caption], "image_id": emb.image_ids[truth], "top": hits})
+        rank = true_rank(sims[q], truth)
+        queries.append(
+            {"text": emb.caption_texts[caption], "image_id": emb.image_ids[truth], "rank": rank, "top": hits}
+        )
         row_top = 1 - q / rows
-        fig.text(0.01, row_top - 0.04 / rows, f"“{emb.caption_texts[caption]}”", fontsize=10, va="top")
+        title = f"“{emb.caption_texts[caption]}”  (true image at rank {rank} of {len(emb.images)})"
+        fig.text(0.01, row_top - 0.04 / rows, title, fontsize=10, va="top")
         for col, (hit, i) in enumerate(zip(hits, top[q], strict=True)):
             ax = fig.add_axes((col / cols + 0.03 / cols, row_top - 0.78 / rows, 0.94 / cols, 0.6 / rows))
             image = thumbnail(files[int(i)])
@@ -124,8 +139,11 @@ def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -
         "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
         "chance": chance_metrics(trained.caption_image, len(trained.images)),
     }
-    validations = [r for r in JsonLog(run / LOG_NAME).records() if "val" in r]
-    best_epoch = max(validations, key=lambda r: r["val"]["rsum"])["epoch"] if validations else "?"
+    records = JsonLog(run / LOG_NAME).records()
+    validations = [r for r in records if "val" in r and r["step"] > 0]  # those a best checkpoint is of
+    best_at = (
+        when_validated(records, max(validations, key=lambda r: r["val"]["rsum"])) if validations else "?"
+    )
     ablation = [(run_label(config.model), run, metrics["trained"])]
     for other in compare:
         _, other_config, _, embeddings = _evaluate(other, store, split)
@@ -142,13 +160,14 @@ def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -
         [
             ("chance", metrics["chance"]),
             ("untrained (the run's start)", metrics["untrained"]),
-            (f"trained (best validation: after epoch {best_epoch})", metrics["trained"]),
+            (f"trained (best validation: {best_at})", metrics["trained"]),
         ]
     )
     text = (
         f"# {run.name}: {run_label(config.model)} on {store.name} [{split}]\n\n"
         f"{n} images, {c} captions; full-split ranking (R@K in %).\n\n{main_table}\n"
         "## Training\n\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n\n"
+        "The run's validation tables: [training.md](training.md).\n\n"
     )
     if compare:
         text += (
@@ -158,7 +177,8 @@ def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -
         )
     text += (
         "## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
-        "framed green.\n\n![queries](queries.png)\n"
+        "framed green, and the rank of that image over the split in each query's title.\n\n"
+        "![queries](queries.png)\n"
     )
     write_text_atomic(run / "report.md", text)
     result = {
@@ -183,34 +203,92 @@ def validation_sizes(run: Path) -> tuple[int, int]:
     return images, captions
 
 
-def write_training_summary(run: Path, records: list[dict]) -> None:
-    """loss.png, val_rsum.png and summary.md beside the log, at the end of training.
-    (matplotlib's Figure draws without pyplot, so no process-wide backend is chosen.)"""
+def when_validated(records: list[dict], record: dict) -> str:
+    """Where in the run a validation of the log was, its epochs counted from 1 as messages count them. The
+    log's "epoch" is the epochs completed when a line was written, so an epoch-end validation carries the
+    epoch's number and one within an epoch (train.val_every) the same number as that epoch's steps."""
+    if record["step"] == 0:
+        return "before training"
+    step = next((r for r in records if "loss" in r and r["step"] == record["step"]), None)
+    if step is not None and step["epoch"] == record["epoch"]:
+        return f"in epoch {record['epoch'] + 1}"
+    return f"after epoch {record['epoch']}"
+
+
+def epoch_ends(steps: list[dict]) -> list[int]:
+    """The step at which each epoch of the log ended (the last step logged with its epoch number)."""
+    ends: dict[int, int] = {}
+    for r in steps:
+        ends[r["epoch"]] = max(ends.get(r["epoch"], 0), r["step"])
+    return [ends[e] for e in sorted(ends)]
+
+
+def _mark_epochs(ax, ends: list[int]) -> None:
+    """Dotted lines where each epoch ended (the last: the plot's end), and each epoch's number on the top
+    axis over its span, clear of the curves."""
+    if not ends:
+        return
+    for end in ends[:-1]:
+        ax.axvline(end, color="#999999", linestyle=":", linewidth=0.8)
+    starts = [0, *ends[:-1]]
+    top = ax.secondary_xaxis("top")
+    middles = [(a + b) / 2 for a, b in zip(starts, ends, strict=True)]
+    top.set_xticks(middles, [f"epoch {n}" for n in range(1, len(ends) + 1)])
+    top.tick_params(length=0, labelsize=8)
+
+
+def loss_figure(records: list[dict]):
+    """loss.png: UTO's total (λ · in-batch part + queue part) and its two parts per step, epochs marked."""
     from matplotlib.figure import Figure
 
     steps = [r for r in records if "loss" in r]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    x = [r["step"] for r in steps]
+    curves = {"loss": "total (λ · in-batch + queue)", "batch": "in-batch part", "queue": "queue part"}
+    for key, label in curves.items():
+        values = [r[key] for r in steps]
+        if key != "queue" or any(values):  # a run without the queue logs a zero queue part
+            ax.plot(x, values, label=label, linewidth=0.8)
+    _mark_epochs(ax, epoch_ends(steps))
+    ax.set(xlabel="step", ylabel="UTO loss (in-batch + queue)", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def rsum_figure(records: list[dict]):
+    """val_rsum.png: validation RSUM per step (step 0: the untrained model), epochs marked."""
+    from matplotlib.figure import Figure
+
     vals = [r for r in records if "val" in r]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for key in ("loss", "batch", "queue"):
-        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=0.8)
-    ax.set(xlabel="step", ylabel="UTO", title="training loss")
-    ax.legend()
-    fig.tight_layout()
-    save_png(fig, run / "loss.png", dpi=120)
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
     ax.plot([r["step"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
-    ax.set(xlabel="step", ylabel="RSUM", title="validation RSUM")
+    _mark_epochs(ax, epoch_ends([r for r in records if "loss" in r]))
+    ax.set(xlabel="step", ylabel="RSUM (R@1,5,10 both ways)", title="validation RSUM")
     fig.tight_layout()
-    save_png(fig, run / "val_rsum.png", dpi=120)
-    best = max(vals, key=lambda r: r["val"]["rsum"])
+    return fig
+
+
+TRAINING_PAGE = "training.md"  # not "report": `userpipe report` writes report.md
+
+
+def write_training_summary(run: Path, records: list[dict]) -> None:
+    """loss.png, val_rsum.png and training.md beside the log, at the end of training.
+    (matplotlib's Figure draws without pyplot, so no process-wide backend is chosen.)"""
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val" in r]
+    save_png(loss_figure(records), run / "loss.png", dpi=120)
+    save_png(rsum_figure(records), run / "val_rsum.png", dpi=120)
+    trained = [r for r in vals if r["step"] > 0]  # the validations a best checkpoint is of
+    best = max(trained or vals, key=lambda r: r["val"]["rsum"])
     untrained = [r for r in vals if r["step"] == 0]
     sizes = validation_sizes(run)
     write_text_atomic(
-        run / "summary.md",
-        f"# Run {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
-        f"(epoch {best['epoch']}).\n\n"
+        run / TRAINING_PAGE,
+        f"# Training of {run.name}\n\n{len(steps)} steps; best validation at step {best['step']} "
+        f"({when_validated(records, best)}).\n\n"
         + format_table(with_sizes(best["val"], *sizes), "## Best validation")
         + (
             format_table(with_sizes(untrained[0]["val"], *sizes), "\n## Untrained model (step 0)")

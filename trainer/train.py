@@ -5,9 +5,14 @@ One loop, nanoGPT-style. The run directory holds:
   run.json                 RunRecord: the data it reads (shard set by content) and any change a resume made
   log.jsonl                one line per step ({"step", "epoch", "loss", "batch", "queue", "lr", ...,
                            "same_image_batch", "same_image_queue": the order's false negatives per query})
-                           and per validation ({"val": {...metrics}})
+                           and per validation ({"val": {...metrics}}); "epoch" is the number of epochs
+                           completed when the line was written: a step's counts from 0 (the step is in
+                           epoch "epoch" + 1 as messages count), the validation at an epoch's end
+                           carries that epoch's number
   checkpoints/             states, and the links last and best to them (trainer/checkpoint.py)
-  summary.md, loss.png, val_rsum.png   written at the end
+  training.md, loss.png, val_rsum.png   written at the end
+Progress: rich's bar on a terminal; elsewhere (a log file, which the bar leaves empty) a plain line every
+PROGRESS_SECONDS (env USERPIPE_PROGRESS_SECONDS) and one at each epoch's end, from rank 0 only.
 A run killed at any point resumes (`--resume`) from its last checkpoint and, since data order,
 augmentation and dropout are all seeded, ends where the uninterrupted run would have; one killed before
 its first checkpoint starts again. A resume must use the run's recipe and data, or say so
@@ -17,6 +22,7 @@ its first checkpoint starts again. A resume must use the run's recipe and data, 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -32,18 +38,21 @@ from torch.profiler import record_function
 from userpipe.schemas.errors import InputError, NonFiniteError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
+from userpipe.schemas.sources import is_remote
 from userpipe.trainer import checkpoint, distributed
 from userpipe.trainer.captions import CaptionTokenizer
 from userpipe.trainer.checkpoint import CHECKPOINTS, initial_model
 from userpipe.trainer.config import load_run_config, parse_overrides
+from userpipe.trainer.data_order import same_image_counts
 from userpipe.trainer.distributed import World
 from userpipe.trainer.encode import embedding_metrics, encode_split, open_split
 from userpipe.trainer.evaluate import with_sizes
-from userpipe.trainer.loader import LoaderSettings, ShardSet, StreamingLoader, is_remote, same_image_counts
+from userpipe.trainer.loader import LoaderSettings, StreamingLoader
 from userpipe.trainer.model import USER
 from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.run_report import validation_sizes, write_training_summary
+from userpipe.trainer.shard_set import ShardSet
 
 
 @dataclass
@@ -52,6 +61,111 @@ class Position:
     step: int = 0  # batches done in `epoch`
     global_step: int = 0
     best_rsum: float = float("-inf")
+
+
+PROGRESS_SECONDS = 30.0  # off a terminal: a plain progress line this often (env USERPIPE_PROGRESS_SECONDS)
+PROGRESS_ENV = "USERPIPE_PROGRESS_SECONDS"
+
+
+def progress_seconds() -> float:
+    """The interval between plain progress lines: PROGRESS_SECONDS, or the environment's."""
+    value = os.environ.get(PROGRESS_ENV)
+    if value is None:
+        return PROGRESS_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InputError(f"{PROGRESS_ENV}={value!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
+class TrainingProgress:
+    """What `train` shows while it runs. On a terminal, rich's bar. Elsewhere the bar draws nothing until
+    the end (36 silent minutes in a log file), so a plain line every `every` seconds instead: epoch,
+    step/total, the mean loss since the previous line, lr, pairs/s and the ETA. On both, a line at each
+    epoch's end with its validation RSUM. `shown` False (the ranks other than 0): nothing."""
+
+    def __init__(
+        self, console: Console, total: int, epochs: int, done: int, every: float, shown: bool = True
+    ):
+        self.console, self.total, self.epochs, self.done, self.every = console, total, epochs, done, every
+        self.shown = shown
+        self.bar: Progress | None = None
+        self.losses: list[float] = []  # since the last plain line
+        self.epoch_losses: list[float] = []
+        self.lr = self.rate = 0.0
+        self.started = self.last_line = time.monotonic()
+
+    def __enter__(self) -> TrainingProgress:
+        if self.shown and self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("training", total=self.total, completed=self.done, status="")
+        self.started = self.last_line = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def _numbers(self, global_step: int, loss: float) -> str:
+        steps = global_step - self.done  # by this process: a resumed run's ETA from its own pace
+        eta = (time.monotonic() - self.started) / steps * (self.total - global_step) if steps > 0 else None
+        return (
+            f"step {global_step}/{self.total}  loss {loss:.4f}  lr {self.lr:.2e}  {self.rate:.0f} pairs/s  "
+            f"ETA {'?' if eta is None else datetime.timedelta(seconds=round(eta))}"
+        )
+
+    def step(self, position: Position, loss: float, lr: float, rate: float) -> None:
+        """After a step (`position` counts it)."""
+        self.losses.append(loss)
+        self.epoch_losses.append(loss)
+        self.lr, self.rate = lr, rate
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, status=f"loss {loss:.4f}  {rate:.0f} pairs/s")
+        elif self.shown and time.monotonic() - self.last_line >= self.every:
+            mean = sum(self.losses) / len(self.losses)
+            self.console.print(
+                f"epoch {position.epoch + 1}/{self.epochs}  {self._numbers(position.global_step, mean)}",
+                highlight=False,
+            )
+            self.losses.clear()
+            self.last_line = time.monotonic()
+
+    def epoch_end(self, position: Position, metrics: dict | None) -> None:
+        """After an epoch's validation (`position.epoch` counts that epoch as done)."""
+        if self.shown and self.epoch_losses:
+            mean = sum(self.epoch_losses) / len(self.epoch_losses)
+            validation = f"  validation RSUM {metrics['rsum']:.1f}" if metrics else ""
+            self.console.print(
+                f"epoch {position.epoch}/{self.epochs} done  {self._numbers(position.global_step, mean)}"
+                + validation,
+                highlight=False,
+            )
+        self.losses.clear()
+        self.epoch_losses.clear()
+        self.last_line = time.monotonic()
+
+
+def resume_message(run: Path, position: Position, epochs: int, per_epoch: list[int]) -> str:
+    """Where a resumed run continues, its epochs counted from 1 as the other messages count them."""
+    if position.epoch >= epochs:
+        return f"resuming {run}: its {epochs} epoch(s) are done ({position.global_step} steps)"
+    if position.step == 0:
+        return f"resuming {run} at the start of epoch {position.epoch + 1} of {epochs}"
+    return (
+        f"resuming {run} in epoch {position.epoch + 1} of {epochs}, after its step {position.step} "
+        f"of {per_epoch[position.epoch]}"
+    )
 
 
 def check_fits(
@@ -185,6 +299,7 @@ def train(
     """Train (or resume) and return the best validation metrics (rank 0; None on the others). Rank 0 alone
     reads and writes the run directory and the validation store; what the others need of it (the start,
     the state to resume) reaches them from rank 0."""
+    every = progress_seconds()  # a bad value is refused before any work
     shards = ShardSet.resolve(shards_spec)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_fits(config, shards, shards_spec, device, world)
@@ -200,7 +315,9 @@ def train(
             )
 
         start = distributed.from_main(begin)
-        return _train(run, claimed, shards, shards_spec, val_store, start, console, bert, world, device)
+        return _train(
+            run, claimed, shards, shards_spec, val_store, start, console, bert, world, device, every
+        )
 
 
 class _NoLog:
@@ -224,6 +341,7 @@ def _train(
     bert,
     world: World,
     device: torch.device,
+    every: float = PROGRESS_SECONDS,
 ) -> dict | None:
     config = start.config
     recipe = config.train
@@ -301,7 +419,7 @@ def _train(
                     "change": start.change.model_dump(mode="json")["fields"],
                 }
             )
-        console.print(f"resuming {run} at epoch {position.epoch}, step {position.step}")
+        console.print(resume_message(run, position, recipe.epochs, per_epoch), highlight=False)
     else:
         if world.size > 1:  # each rank its own dropout masks, as one process draws them per row
             torch.manual_seed(recipe.seed * 1_000_003 + world.rank)
@@ -309,19 +427,13 @@ def _train(
             baseline = validate(model, val_store, tokenizer, recipe.val_images)
             log.write({"step": 0, "epoch": 0, "val": baseline})
 
-    def validate_and_save() -> None:
-        _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world)
+    def validate_and_save() -> dict | None:
+        return _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world)
 
     model.train()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("training", total=sum(per_epoch), completed=position.global_step, status="")
+    with TrainingProgress(
+        console, sum(per_epoch), recipe.epochs, position.global_step, every, shown=world.main
+    ) as progress:
         while position.epoch < recipe.epochs:
             started, pairs = time.perf_counter(), 0
             for batch in loader.batches(position.epoch, position.step):
@@ -348,7 +460,7 @@ def _train(
                         **{k: round(v.item(), 6) for k, v in losses.items()},
                     }
                 )
-                bar.update(task, advance=1, status=f"loss {losses['loss'].item():.4f}  {rate:.0f} pairs/s")
+                progress.step(position, losses["loss"].item(), lr, rate)
                 # at the epoch's last step the epoch's own validation follows: one, so that a run resumed
                 # from this step's checkpoint validates as often as the uninterrupted run
                 if (
@@ -358,7 +470,7 @@ def _train(
                 ):
                     validate_and_save()
             position.epoch, position.step = position.epoch + 1, 0
-            validate_and_save()
+            progress.epoch_end(position, validate_and_save())
     if not world.main:
         return None
     write_training_summary(run, log.records())
@@ -398,17 +510,20 @@ def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Pos
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
         raise NonFiniteError(
-            f"step {position.global_step + 1} (epoch {position.epoch}): {what}; the run stopped "
+            f"step {position.global_step + 1} (epoch {position.epoch + 1}): {what}; the run stopped "
             "without applying it (lower train.lr or raise train.warmup_steps, then --resume "
             "from the last checkpoint)"
         )
 
 
-def _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world) -> None:
-    """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks)."""
+def _validate_and_save(
+    run, model, optimizer, config, position, val_store, tokenizer, log, world
+) -> dict | None:
+    """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks), and
+    returns the metrics (None on the other ranks)."""
     rng_states = distributed.gather_objects(torch.get_rng_state())
     if not world.main:
-        return
+        return None
     metrics = validate(model, val_store, tokenizer, config.train.val_images)  # non-finite: NonFiniteError
     log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
     best = metrics["rsum"] > position.best_rsum
@@ -416,3 +531,4 @@ def _validate_and_save(run, model, optimizer, config, position, val_store, token
         position.best_rsum = metrics["rsum"]
     rng = rng_states if world.size > 1 else rng_states[0]
     checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best, rng, world.size)
+    return metrics

@@ -13,10 +13,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own click
 from typer.core import TyperGroup
 
+from userpipe.pipeline.region_kinds import KINDS
 from userpipe.schemas.errors import InputError
 from userpipe.trainer.process import quiet_model_loading
 
@@ -153,6 +155,23 @@ def _options(model, values: dict, **resolved):
     return model.checked(**{name: resolved.get(name, values[name]) for name in model.model_fields})
 
 
+def _read_by(option: str) -> str:
+    """The region kinds that read an extract option, for its help (the registry says which)."""
+    return ", ".join(kind.name for kind in KINDS.values() if option in kind.reads)
+
+
+def print_whole(out: Console, table: Table) -> None:
+    """A table with no cell cut short: off a terminal (a file or pipe, which has no width) at its own width
+    rather than rich's guess of 80 columns; on a terminal narrower than it, long cells fold onto more lines
+    instead of ending in an ellipsis."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if not out.is_terminal:
+        natural = Measurement.get(out, out.options.update_width(10_000), table).maximum
+        out = Console(soft_wrap=True, width=max(out.width, natural))
+    out.print(table)
+
+
 def _local_workers(workers: int | None) -> int:
     return os.cpu_count() or 1 if workers is None else workers
 
@@ -165,30 +184,36 @@ def extract(
     splits: str = typer.Option("train,val,test", help="comma-separated splits to extract"),
     regions: str = typer.Option(
         None,
-        help="butd-vg (the Visual Genome BUTD detector, needs detectron2) | butd | boxes | grid | "
-        "precomp:DIR | tsv:GLOB | npz:DIR (default: boxes for demo, butd otherwise)",
+        help=" | ".join(
+            f"{kind.name}{':' + kind.location if kind.location else ''} ({kind.summary})"
+            for kind in KINDS.values()
+        )
+        + " (default: boxes for demo, butd otherwise)",
     ),
     backbone: str = typer.Option(
-        None, help="butd, boxes, grid: region feature backbone (default efficientnet_lite0)"
+        None, help=f"{_read_by('backbone')}: region feature backbone (default efficientnet_lite0)"
     ),
     backbone_weights: str = typer.Option(
-        None, help="butd, boxes, grid: backbone weights file (default: packaged or torchvision's)"
+        None,
+        help=f"{_read_by('backbone_weights')}: backbone weights file (default: packaged or torchvision's)",
     ),
     detector_weights: str = typer.Option(
         None,
-        help="detector weights: butd-vg takes airsplay's .pkl or MILVLG's .pth; butd a torchvision "
-        "Faster R-CNN file",
+        help=f"{_read_by('detector_weights')}: detector weights (butd-vg: airsplay's .pkl or MILVLG's .pth; "
+        "butd: a torchvision Faster R-CNN file)",
     ),
     detector_config: str = typer.Option(
-        None, help="butd-vg: a packaged config name or a detectron2 .yaml file (default butd_vg_r101_c4)"
+        None,
+        help=f"{_read_by('detector_config')}: a packaged config name or a detectron2 .yaml file "
+        "(default butd_vg_r101_c4)",
     ),
     min_regions: int = typer.Option(
         None,
-        help="butd-vg: keep between this many and --num-regions boxes per image by confidence "
-        "(the released adaptive mode is 10 to 100; default: exactly --num-regions)",
+        help=f"{_read_by('min_regions')}: keep between this many and --num-regions boxes per image by "
+        "confidence (the released adaptive mode is 10 to 100; default: exactly --num-regions)",
     ),
     device: str = typer.Option(
-        None, help="butd-vg: auto (the default), cpu or cuda (one GPU per Dask worker)"
+        None, help=f"{_read_by('device')}: auto (the default), cpu or cuda (one GPU per Dask worker)"
     ),
     clip: str = typer.Option(
         None,
@@ -257,21 +282,19 @@ def info(
         f"D={ext['feature_dim']}  global {glob['kind']} {glob.get('model') or ''}",
         highlight=False,
     )
-    arrays = ("regions", "clip_image", "clip_text")
+    # the schema's clip_* arrays hold whatever global encoder the store has: named after it
+    kind = "" if glob["kind"] == "none" else f"\n({glob['kind']})"
+    arrays = {"regions": "regions", "clip_image": f"global image{kind}", "clip_text": f"global text{kind}"}
     first = next(iter(summary["splits"].values()))["arrays"]
-    table = Table(
-        "split",
-        "images",
-        "captions",
-        "invalid",
-        *(f"{name} ({first[name]['dtype']})" if name in first else name for name in arrays),
-    )
+    table = Table("split", "images", "captions", "invalid")
+    for name, label in arrays.items():
+        table.add_column(f"{label}\n{first[name]['dtype']}" if name in first else label)
     for split, s in summary["splits"].items():
         shapes = [
             "x".join(map(str, s["arrays"][name]["shape"])) if name in s["arrays"] else "-" for name in arrays
         ]
         table.add_row(split, str(s["num_images"]), str(s["num_captions"]), str(s["num_invalid"]), *shapes)
-    out.print(table)
+    print_whole(out, table)
     if summary["failures"]:
         out.print(f"{len(summary['failures'])} invalid image(s); see --json for the list")
     if summary["missing_chunks"]:
@@ -393,6 +416,7 @@ def train(
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from userpipe.trainer.evaluate import format_table
+    from userpipe.trainer.run_report import TRAINING_PAGE
     from userpipe.trainer.train import train_command
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
@@ -400,7 +424,7 @@ def train(
     if best is None:  # a rank other than 0 of several processes: rank 0 reports
         return
     print(format_table(best, f"best validation ({out})"))
-    console.print(f"report: {out / 'summary.md'}")
+    console.print(f"training curves and tables: {out / TRAINING_PAGE}")
 
 
 @command(
@@ -485,6 +509,8 @@ def search(
     from userpipe.trainer.search import search_command
 
     searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
+    # a free text or a new image file has no ground truth: no match column rather than an empty one
+    known = any(h.correct is not None for h in hits)
     if as_json:  # a caption's image by id too, beside its row number
         print(
             json.dumps(
@@ -494,7 +520,7 @@ def search(
                         "score": h.score,
                         **h.item,
                         **({} if images else {"image_id": h.image_id}),
-                        "correct": h.correct,
+                        **({"correct": h.correct} if known else {}),
                     }
                     for h in hits
                 ],
@@ -502,22 +528,18 @@ def search(
             )
         )
     else:
-        mark = {True: "[green]yes[/green]", False: "no", None: ""}
         if images:
-            table = Table("rank", "score", "image id", "file", "match", title=f"{query!r}")
-            for h in hits:
-                table.add_row(
-                    str(h.rank),
-                    f"{h.score:.3f}",
-                    h.item["id"],
-                    _shown(searcher.file(h.row), h.item["file"]),
-                    mark[h.correct],
-                )
+            table = Table("rank", "score", "image id", "file", title=f"{query!r}")
+            rows = [[h.item["id"], _shown(searcher.file(h.row), h.item["file"])] for h in hits]
         else:
-            table = Table("rank", "score", "caption", "its image", "match", title=f"captions for {query}")
-            for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.3f}", h.item["text"], h.image_id, mark[h.correct])
-        Console(soft_wrap=True).print(table)
+            table = Table("rank", "score", "caption", "its image", title=f"captions for {query}")
+            rows = [[h.item["text"], h.image_id] for h in hits]
+        if known:
+            table.add_column("match")
+        for h, row in zip(hits, rows, strict=True):
+            match = ["[green]yes[/green]" if h.correct else "no"] if known else []
+            table.add_row(str(h.rank), f"{h.score:.3f}", *row, *match)
+        print_whole(Console(soft_wrap=True), table)
     if html_out:
         console.print(f"wrote {html_out}")
 
