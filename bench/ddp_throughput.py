@@ -48,7 +48,7 @@ def synthetic_batch(step: int, config, pairs: int, rank: int):
 
 
 def measure(rank: int, world: int, threads: int, pairs: int, port: int, out: Path) -> None:
-    """WARMUP + MEASURED steps of `trainer.train.train_step` on this rank; rank 0 writes the step times."""
+    """WARMUP + MEASURED steps of `trainer.step.train_step` on this rank; rank 0 writes the step times."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = "0"
     import torch
@@ -56,7 +56,7 @@ def measure(rank: int, world: int, threads: int, pairs: int, port: int, out: Pat
     from userpipe.trainer import distributed
     from userpipe.trainer.checkpoint import initial_model
     from userpipe.trainer.config import load_run_config
-    from userpipe.trainer.train import Position, build_optimizer, train_step
+    from userpipe.trainer.step import Position, build_optimizer, train_step
 
     torch.set_num_threads(threads)
     device = distributed.start(distributed.world_from_environment())
@@ -120,7 +120,7 @@ def main() -> None:
         "ddp_throughput",
         result,
         f"Several processes: {result['benchmark']}",
-        f"Medians of {ROUNDS} alternating runs, each in fresh processes (`trainer.train.train_step`: "
+        f"Medians of {ROUNDS} alternating runs, each in fresh processes (`trainer.step.train_step`: "
         "forward, backward, clipping, AdamW; synthetic batches of the demo's shapes). The 2-process step "
         f"spends {share:.0%} of its time communicating or waiting: 1 - the third row's step / the second's.",
         ["layout", "step (s)", "pairs/s"],

@@ -470,22 +470,13 @@ def _queue_headline(bench: Bench, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- 2. training step
 
 
-def build_optimizer(model, recipe) -> torch.optim.AdamW:
-    """trainer.train.build_optimizer's groups (importing trainer.train pulls in the shard loader's
-    webdataset)."""
-    backbone = [p for p in model.text.bert.parameters() if p.requires_grad]
-    backbone_ids = {id(p) for p in backbone}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-    groups = [{"params": rest, "lr": recipe.lr}, {"params": backbone, "lr": recipe.lr * recipe.text_lr_scale}]
-    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-
-
 def train_section(bench: Bench) -> None:
     from transformers import BertConfig, BertModel
 
     from userpipe.trainer.config import load_run_config
     from userpipe.trainer.losses import choose_backend
     from userpipe.trainer.model import build_model
+    from userpipe.trainer.step import build_optimizer  # the library's fused AdamW, as training runs it
 
     section = bench.report["sections"].setdefault("train_step", {})
     config = load_run_config("coco")

@@ -1,7 +1,7 @@
 """Training throughput: (image, caption) pairs per second through the whole step (model, UTO with queues,
 backward, clipping, AdamW, momentum update), at two sizes, for three implementations on the same threads:
 
-- `userpipe`: `trainer.train.train_step` in a process set up as `userpipe train` sets it up (MKL as it
+- `userpipe`: `trainer.step.train_step` in a process set up as `userpipe train` sets it up (MKL as it
   comes, freed memory kept for the next step: trainer/process.py);
 - `plain eager`: the same step written plainly from the formulas, as the released code runs it: its encoders
   (tests/released.py, on the same weights, torch's dropout), one (B, B) score matrix and one (B, M) matrix
@@ -123,7 +123,7 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
     from userpipe.trainer.model import build_model
     from userpipe.trainer.process import keep_freed_memory
     from userpipe.trainer.shard_set import ShardSet
-    from userpipe.trainer.train import Position, build_optimizer, train_step
+    from userpipe.trainer.step import Position, build_optimizer, train_step
 
     eager = implementation == "plain eager"
     if not eager:

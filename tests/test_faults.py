@@ -46,7 +46,7 @@ def test_metrics_refuse_non_finite_similarities_instead_of_ranking_them(bad):
 
 
 def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step():
-    from userpipe.trainer.train import Position, check_step_finite
+    from userpipe.trainer.step import Position, check_step_finite
 
     position = Position(epoch=1, step=3, global_step=17)  # in the second epoch, as messages count (from 1)
     check_step_finite(torch.tensor(0.5), torch.tensor(2.0), position)

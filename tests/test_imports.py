@@ -1,6 +1,7 @@
 """The package graph of docs/architecture.md, enforced: imports go one way, userpipe.schemas <-
-userpipe.pipeline <- userpipe.trainer <- the command line (userpipe.cli), no library module imports a
-stage driver, the training loop or the command line, and the graph has no circle. Every import counts,
+userpipe.pipeline <- userpipe.trainer (the library) <- userpipe.retrieval (the commands that use a trained
+model) <- the command line (userpipe.cli), no library module imports a stage driver, the training loop or
+the command line, and the graph has no circle. Every import counts,
 also those inside functions."""
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # the installed package userpipe.X is the folder FOLDERS[X] (pyproject.toml's package-dir)
-FOLDERS = {"schemas": "schemas", "pipeline": "pipeline", "trainer": "trainer", "cli": "userpipe"}
-LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "cli": 3}
-# what a module of a lower layer may use of a higher one's neighbour: the trainer uses the pipeline only
-# as the extractor library (an image-file query is embedded as extract embeds a store row) and to read
-# shards (shard_io: the loader reads the bytes the sharder writes, and checks them as verify does)
-TRAINER_USES_OF_PIPELINE = {"userpipe.pipeline.features", "userpipe.pipeline.shard_io"}
+FOLDERS = {
+    "schemas": "schemas",
+    "pipeline": "pipeline",
+    "trainer": "trainer",
+    "retrieval": "retrieval",
+    "cli": "userpipe",
+}
+# the library (schemas, pipeline, trainer), then the commands that use a trained model, then the command line
+LAYERS = {"schemas": 0, "pipeline": 1, "trainer": 2, "retrieval": 3, "cli": 4}
+# the trainer uses the pipeline only to read shards (shard_io: the loader reads the bytes the sharder
+# writes, and checks them as verify does); search embeds an image file as extract embeds a store row, from
+# the retrieval layer, above both
+TRAINER_USES_OF_PIPELINE = {"userpipe.pipeline.shard_io"}
 DRIVERS = {
     "userpipe.pipeline.extract",
     "userpipe.pipeline.shard",
@@ -36,9 +44,9 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> str:
-    """The layer of a userpipe module: schemas, pipeline, trainer, or cli (the command line package)."""
+    """The layer of a userpipe module: schemas, pipeline, trainer, retrieval, or cli (the command line)."""
     part = module.split(".")[1] if "." in module else ""
-    return part if part in ("schemas", "pipeline", "trainer") else "cli"
+    return part if part in LAYERS and part != "cli" else "cli"
 
 
 def first_party_imports(path: Path) -> set[str]:
@@ -61,7 +69,7 @@ GRAPH = {name: first_party_imports(path) for name, path in modules().items()}
 
 def test_the_graph_is_read():
     assert "userpipe.schemas.store_reader" in GRAPH["userpipe.trainer.encode"]
-    assert "userpipe.pipeline.features" in GRAPH["userpipe.trainer.search"]
+    assert "userpipe.pipeline.features" in GRAPH["userpipe.retrieval.search"]
     assert "userpipe.trainer.train" in GRAPH["userpipe.cli"]
 
 

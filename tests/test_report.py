@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from userpipe.retrieval.report import chance_metrics, run_label
 from userpipe.trainer.config import load_run_config
 from userpipe.trainer.evaluate import ranks, retrieval_metrics
-from userpipe.trainer.run_report import chance_metrics, run_label
 
 
 def test_chance_is_the_mean_over_every_ranking():
@@ -104,7 +104,7 @@ def test_the_runs_tables_state_what_they_evaluated(runner, trained):
 
 
 def test_the_true_images_rank_is_evals_rank_ties_included():
-    from userpipe.trainer.run_report import true_rank
+    from userpipe.retrieval.report import true_rank
 
     generator = torch.Generator().manual_seed(0)
     sims = torch.randint(0, 4, (12, 30), generator=generator).double()  # images x captions, many ties
@@ -128,7 +128,7 @@ def _log(epochs: int, per_epoch: int, val_every: int = 0) -> list[dict]:
 
 
 def test_validations_are_placed_in_epochs_counted_from_1():
-    from userpipe.trainer.run_report import when_validated
+    from userpipe.trainer.training_page import when_validated
 
     log = _log(epochs=2, per_epoch=4, val_every=3)
     places = [(r["step"], when_validated(log, r)) for r in log if "val" in r]
@@ -142,7 +142,7 @@ def test_validations_are_placed_in_epochs_counted_from_1():
 
 
 def test_the_loss_plot_marks_epochs_and_names_what_it_draws():
-    from userpipe.trainer.run_report import loss_figure, rsum_figure
+    from userpipe.trainer.training_page import loss_figure, rsum_figure
 
     for figure in (loss_figure(_log(epochs=3, per_epoch=5)), rsum_figure(_log(epochs=3, per_epoch=5))):
         ax = figure.axes[0]
@@ -160,7 +160,7 @@ def test_the_loss_plot_marks_epochs_and_names_what_it_draws():
 
 
 def test_each_query_row_says_where_its_true_image_ranked(tmp_path, monkeypatch):
-    from userpipe.trainer import run_report
+    from userpipe.retrieval import report as run_report
     from userpipe.trainer.encode import SplitEmbeddings
 
     images = torch.eye(10)

@@ -23,8 +23,8 @@ def test_index_holds_every_valid_image_and_caption(trained):
 
 
 def test_search_and_eval_agree_on_r1(runner, trained):
+    from userpipe.retrieval.search import SearchIndex
     from userpipe.trainer.encode import encode_texts
-    from userpipe.trainer.search import SearchIndex
 
     evaluated = run_cli(runner, "eval", "--run", trained["run"], "--store", trained["gallery"], "--json")
     assert evaluated.exit_code == 0, evaluated.output
@@ -145,10 +145,11 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     import torch
     from conftest import TINY
 
+    from userpipe.retrieval.index import index_command
+    from userpipe.retrieval.search import search_command
     from userpipe.schemas.errors import InputError
     from userpipe.schemas.run import RunConfig
     from userpipe.trainer import checkpoint
-    from userpipe.trainer.search import index_command, search_command
 
     store = tmp_path / "coco.zarr"
     clip = ("--clip", "imagenet:efficientnet_lite0")

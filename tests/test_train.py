@@ -164,7 +164,8 @@ def test_a_bad_progress_interval_is_refused_before_work(runner, data, tmp_path, 
 
 
 def _progress(console, every: float):
-    from userpipe.trainer.train import Position, TrainingProgress
+    from userpipe.trainer.progress import TrainingProgress
+    from userpipe.trainer.step import Position
 
     with TrainingProgress(console, total=4, epochs=2, done=0, every=every) as progress:
         for step in range(1, 5):
@@ -199,7 +200,8 @@ def test_progress_is_rich_s_bar_on_a_terminal_and_plain_lines_elsewhere():
 
 
 def test_the_resume_message_counts_epochs_from_1():
-    from userpipe.trainer.train import Position, resume_message
+    from userpipe.trainer.step import Position
+    from userpipe.trainer.train import resume_message
 
     run = Path("runs/r")
     assert resume_message(run, Position(epoch=0, step=5, global_step=5), 3, [15] * 3) == (

@@ -17,14 +17,9 @@ from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import ModelConfig
 from userpipe.schemas.store_reader import open_store
 from userpipe.trainer.captions import CaptionTokenizer
-from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
-from userpipe.trainer.cxc import cxc_positives, read_cxc
 from userpipe.trainer.evaluate import (
-    PROTOCOLS,
     check_finite,
-    check_protocol_split,
     protocol_metrics,
-    with_sizes,
 )
 from userpipe.trainer.model import USER
 
@@ -185,43 +180,3 @@ def embedding_metrics(embeddings: list[SplitEmbeddings], protocol: str = "full",
         return protocol_metrics(sims, first.caption_image, protocol, positives)
     except ValueError as exc:  # a protocol the split does not fit, e.g. coco1k on 1,001 images
         raise InputError(str(exc)) from None
-
-
-def evaluate_checkpoints(
-    store: Path,
-    split: str,
-    protocol: str,
-    run: Path | None = None,
-    checkpoint: Path | None = None,
-    ensemble: tuple[Path, ...] = (),
-    cxc: Path | None = None,
-    coco_captions: Path | None = None,
-) -> dict:
-    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best;
-    `cxc` and `coco_captions`: the CxC annotations the cxc protocol reads (trainer/cxc.py)."""
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
-    if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
-        raise InputError("--protocol cxc goes with --cxc DIR and --coco-captions FILE, and they only with it")
-    annotations = read_cxc(cxc, coco_captions) if cxc is not None else None  # before any model loads
-    dataset, num_images, num_captions, invalid = split_sizes(store, split)
-    left_out = f" (invalid images left out: {invalid:,})" if invalid else ""
-    check_protocol_split(protocol, dataset, num_images, num_captions, f"split '{split}' of {store}{left_out}")
-    sources = (
-        [checkpoint_dir(r, None) for r in ensemble]
-        if ensemble
-        else [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")]
-    )
-    embeddings = []
-    for source in sources:
-        model, _, tokenizer = load_trained(source)
-        embeddings.append(encode_split(model, store, split, tokenizer))
-    first = embeddings[0]
-    positives = (
-        cxc_positives(first.image_ids, first.caption_texts, first.caption_image, annotations)
-        if annotations is not None
-        else None
-    )
-    return with_sizes(
-        embedding_metrics(embeddings, protocol, positives), len(first.images), len(first.captions), protocol
-    )

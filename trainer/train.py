@@ -22,20 +22,15 @@ its first checkpoint starts again. A resume must use the run's recipe and data, 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.profiler import record_function
 
-from userpipe.schemas.errors import InputError, NonFiniteError
+from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
 from userpipe.schemas.sources import is_remote
@@ -50,110 +45,11 @@ from userpipe.trainer.evaluate import with_sizes
 from userpipe.trainer.loader import LoaderSettings, StreamingLoader
 from userpipe.trainer.model import USER
 from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
+from userpipe.trainer.progress import PROGRESS_SECONDS, TrainingProgress, progress_seconds
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
-from userpipe.trainer.run_report import validation_sizes, write_training_summary
 from userpipe.trainer.shard_set import ShardSet
-
-
-@dataclass
-class Position:
-    epoch: int = 0
-    step: int = 0  # batches done in `epoch`
-    global_step: int = 0
-    best_rsum: float = float("-inf")
-
-
-PROGRESS_SECONDS = 30.0  # off a terminal: a plain progress line this often (env USERPIPE_PROGRESS_SECONDS)
-PROGRESS_ENV = "USERPIPE_PROGRESS_SECONDS"
-
-
-def progress_seconds() -> float:
-    """The interval between plain progress lines: PROGRESS_SECONDS, or the environment's."""
-    value = os.environ.get(PROGRESS_ENV)
-    if value is None:
-        return PROGRESS_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise InputError(f"{PROGRESS_ENV}={value!r} is not a number of seconds (0 or more)")
-    return seconds
-
-
-class TrainingProgress:
-    """What `train` shows while it runs. On a terminal, rich's bar. Elsewhere the bar draws nothing until
-    the end (36 silent minutes in a log file), so a plain line every `every` seconds instead: epoch,
-    step/total, the mean loss since the previous line, lr, pairs/s and the ETA. On both, a line at each
-    epoch's end with its validation RSUM. `shown` False (the ranks other than 0): nothing."""
-
-    def __init__(
-        self, console: Console, total: int, epochs: int, done: int, every: float, shown: bool = True
-    ):
-        self.console, self.total, self.epochs, self.done, self.every = console, total, epochs, done, every
-        self.shown = shown
-        self.bar: Progress | None = None
-        self.losses: list[float] = []  # since the last plain line
-        self.epoch_losses: list[float] = []
-        self.lr = self.rate = 0.0
-        self.started = self.last_line = time.monotonic()
-
-    def __enter__(self) -> TrainingProgress:
-        if self.shown and self.console.is_terminal:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("training", total=self.total, completed=self.done, status="")
-        self.started = self.last_line = time.monotonic()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def _numbers(self, global_step: int, loss: float) -> str:
-        steps = global_step - self.done  # by this process: a resumed run's ETA from its own pace
-        eta = (time.monotonic() - self.started) / steps * (self.total - global_step) if steps > 0 else None
-        return (
-            f"step {global_step}/{self.total}  loss {loss:.4f}  lr {self.lr:.2e}  {self.rate:.0f} pairs/s  "
-            f"ETA {'?' if eta is None else datetime.timedelta(seconds=round(eta))}"
-        )
-
-    def step(self, position: Position, loss: float, lr: float, rate: float) -> None:
-        """After a step (`position` counts it)."""
-        self.losses.append(loss)
-        self.epoch_losses.append(loss)
-        self.lr, self.rate = lr, rate
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, status=f"loss {loss:.4f}  {rate:.0f} pairs/s")
-        elif self.shown and time.monotonic() - self.last_line >= self.every:
-            mean = sum(self.losses) / len(self.losses)
-            self.console.print(
-                f"epoch {position.epoch + 1}/{self.epochs}  {self._numbers(position.global_step, mean)}",
-                highlight=False,
-            )
-            self.losses.clear()
-            self.last_line = time.monotonic()
-
-    def epoch_end(self, position: Position, metrics: dict | None) -> None:
-        """After an epoch's validation (`position.epoch` counts that epoch as done)."""
-        if self.shown and self.epoch_losses:
-            mean = sum(self.epoch_losses) / len(self.epoch_losses)
-            validation = f"  validation RSUM {metrics['rsum']:.1f}" if metrics else ""
-            self.console.print(
-                f"epoch {position.epoch}/{self.epochs} done  {self._numbers(position.global_step, mean)}"
-                + validation,
-                highlight=False,
-            )
-        self.losses.clear()
-        self.epoch_losses.clear()
-        self.last_line = time.monotonic()
+from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
+from userpipe.trainer.training_page import validation_sizes, write_training_summary
 
 
 def resume_message(run: Path, position: Position, epochs: int, per_epoch: list[int]) -> str:
@@ -204,31 +100,6 @@ def check_fits(
                 f"config model.clip_dim={model.clip_dim} but the shards' CLIP features are "
                 f"{store.global_encoder.image_dim}-d"
             )
-
-
-def build_optimizer(model: USER, recipe) -> torch.optim.AdamW:
-    """The recipe's groups: the text backbone at text_lr_scale x lr, everything else at lr. AdamW runs as one
-    fused kernel, several times faster than the default per-tensor loop (bench/train_throughput.py)."""
-    backbone = [p for p in model.text.bert.parameters() if p.requires_grad]
-    backbone_ids = {id(p) for p in backbone}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-    return torch.optim.AdamW(
-        [
-            {"params": rest, "lr": recipe.lr, "scale": 1.0},
-            {"params": backbone, "lr": recipe.lr * recipe.text_lr_scale, "scale": recipe.text_lr_scale},
-        ],
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        fused=True,
-    )
-
-
-def learning_rate(recipe, epoch: int, global_step: int) -> float:
-    """Step schedule (x lr_decay from each listed epoch) with optional linear warmup."""
-    lr = recipe.lr * recipe.lr_decay ** sum(epoch >= e for e in recipe.lr_decay_epochs)
-    if recipe.warmup_steps and global_step < recipe.warmup_steps:
-        lr *= (global_step + 1) / recipe.warmup_steps
-    return lr
 
 
 def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: int | None) -> dict:
@@ -397,19 +268,7 @@ def _train(
     trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
     optimizer = build_optimizer(model, recipe)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a state saved by the per-tensor loop resumes fused too
-            group["fused"] = True
-        position = Position(**state["position"])
-        rng = state["torch_rng"]
-        torch.set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
-        if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
-            # CPU reductions split work by thread, so the thread count is part of what makes a resumed
-            # run compute the bits the uninterrupted one would have
-            console.print(
-                f"using the run's {state['threads']} CPU threads (this process had {torch.get_num_threads()})"
-            )
-            torch.set_num_threads(state["threads"])
+        position = checkpoint.restore(state, optimizer, world.rank, console)
         log.truncate_after(position.global_step)
         if start.change:
             log.write(
@@ -476,44 +335,6 @@ def _train(
     write_training_summary(run, log.records())
     best = json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
     return with_sizes(best, *validation_sizes(run))  # the table's title states what was validated on
-
-
-def train_step(
-    model: USER, optimizer: torch.optim.Optimizer, batch, config: RunConfig, device, position: Position
-) -> dict[str, torch.Tensor]:
-    """One optimizer step: forward (bf16 autocast on CUDA; the losses stay fp32), backward, clipping, the
-    finiteness check, AdamW. Returns the losses."""
-    clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        losses = model(
-            batch.regions.to(device),
-            batch.region_lengths.to(device),
-            batch.tokens.to(device),
-            batch.token_lengths.to(device),
-            batch.image_index.to(device),
-            clip=clip,
-            backend=config.train.backend,
-        )
-    optimizer.zero_grad(set_to_none=True)
-    with record_function("backward"):
-        losses["loss"].backward()
-    with record_function("optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-        check_step_finite(losses["loss"], grad_norm, position)
-        optimizer.step()
-    return losses
-
-
-def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Position) -> None:
-    """Stop before a non-finite loss or gradient reaches the weights (and every later number)."""
-    loss_value, norm_value = loss.item(), grad_norm.item()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
-        raise NonFiniteError(
-            f"step {position.global_step + 1} (epoch {position.epoch + 1}): {what}; the run stopped "
-            "without applying it (lower train.lr or raise train.warmup_steps, then --resume "
-            "from the last checkpoint)"
-        )
 
 
 def _validate_and_save(

@@ -416,8 +416,8 @@ def train(
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from userpipe.trainer.evaluate import format_table
-    from userpipe.trainer.run_report import TRAINING_PAGE
     from userpipe.trainer.train import train_command
+    from userpipe.trainer.training_page import TRAINING_PAGE
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
     best = train_command(out, shards, val_store, config, overrides, resume, allow_change, console)
@@ -448,7 +448,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
-    from userpipe.trainer.encode import evaluate_checkpoints
+    from userpipe.retrieval.evaluate import evaluate_checkpoints
     from userpipe.trainer.evaluate import format_table
 
     runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
@@ -471,7 +471,7 @@ def index(
     ),
 ) -> None:
     """Embed a store split's images and captions into flat inner-product faiss indexes."""
-    from userpipe.trainer.search import index_command
+    from userpipe.retrieval.index import index_command
 
     manifest = index_command(store, out, split, run, checkpoint, image_root)
     console.print(
@@ -506,7 +506,8 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
-    from userpipe.trainer.search import search_command
+    from userpipe.retrieval.html import write_html
+    from userpipe.retrieval.search import search_command
 
     searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
     # a free text or a new image file has no ground truth: no match column rather than an empty one
@@ -541,6 +542,7 @@ def search(
             table.add_row(str(h.rank), f"{h.score:.3f}", *row, *match)
         print_whole(Console(soft_wrap=True), table)
     if html_out:
+        write_html(html_out, searcher, query, "images" if images else "captions", hits)
         console.print(f"wrote {html_out}")
 
 
@@ -552,7 +554,7 @@ def report(
     compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
 ) -> None:
     """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
-    from userpipe.trainer.run_report import comparison_table, write_run_report
+    from userpipe.retrieval.report import comparison_table, write_run_report
 
     result = write_run_report(run, store, split, compare)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]

@@ -1,0 +1,56 @@
+"""`userpipe eval`: a run's best checkpoint, a checkpoint, or an ensemble of runs on a store split, under
+the protocol named (which must be the split it names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from userpipe.schemas.errors import InputError
+from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
+from userpipe.trainer.cxc import cxc_positives, read_cxc
+from userpipe.trainer.encode import embedding_metrics, encode_split, split_sizes
+from userpipe.trainer.evaluate import (
+    PROTOCOLS,
+    check_protocol_split,
+    with_sizes,
+)
+
+
+def evaluate_checkpoints(
+    store: Path,
+    split: str,
+    protocol: str,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    ensemble: tuple[Path, ...] = (),
+    cxc: Path | None = None,
+    coco_captions: Path | None = None,
+) -> dict:
+    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best;
+    `cxc` and `coco_captions`: the CxC annotations the cxc protocol reads (trainer/cxc.py)."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
+        raise InputError("--protocol cxc goes with --cxc DIR and --coco-captions FILE, and they only with it")
+    annotations = read_cxc(cxc, coco_captions) if cxc is not None else None  # before any model loads
+    dataset, num_images, num_captions, invalid = split_sizes(store, split)
+    left_out = f" (invalid images left out: {invalid:,})" if invalid else ""
+    check_protocol_split(protocol, dataset, num_images, num_captions, f"split '{split}' of {store}{left_out}")
+    sources = (
+        [checkpoint_dir(r, None) for r in ensemble]
+        if ensemble
+        else [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")]
+    )
+    embeddings = []
+    for source in sources:
+        model, _, tokenizer = load_trained(source)
+        embeddings.append(encode_split(model, store, split, tokenizer))
+    first = embeddings[0]
+    positives = (
+        cxc_positives(first.image_ids, first.caption_texts, first.caption_image, annotations)
+        if annotations is not None
+        else None
+    )
+    return with_sizes(
+        embedding_metrics(embeddings, protocol, positives), len(first.images), len(first.captions), protocol
+    )
