@@ -13,7 +13,6 @@ One Dask task writes one shard: to a temporary name, then hashed, then renamed, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -207,7 +206,7 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
     """`userpipe shard`: pack a store split into shards (resuming a killed run); returns the folder
     and manifest."""
     if opts.out is None:
-        opts = dataclasses.replace(opts, out=opts.store.with_name(opts.store.stem + "-shards") / opts.split)
+        opts = opts.model_copy(update={"out": opts.store.with_name(opts.store.stem + "-shards") / opts.split})
     root, attrs = open_store(opts.store)
     if not attrs.complete:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
