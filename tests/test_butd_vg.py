@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import extractor_config as config_with
-from conftest import karpathy_record, kill_at_first_done_chunk, run_cli, tree_bytes, write_json
+from kit import extractor_config as config_with
+from kit import karpathy_record, kill_at_first_done_chunk, run_cli, tree_bytes, write_json
 from PIL import Image
 
 pytest.importorskip(

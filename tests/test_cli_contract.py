@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import typer.main
 import yaml
-from conftest import TINY, run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
+from kit import Chain, run_cli, tiny_recipe
 
 from userpipe.cli import app
 
@@ -62,37 +61,32 @@ def bad_values(kind: type, area: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def bases(trained, tmp_path_factory) -> dict:
     """A working invocation of every command (outputs under `area`, inputs the session's run)."""
-    tmp = trained["tmp"]
     area = tmp_path_factory.mktemp("contract")
     (area / "notes.txt").write_text("three years of field notes\n")
     (area / "folder").mkdir()
     (area / "folder" / "a.txt").write_text("not userpipe's")
     (area / "empty").write_bytes(b"")
     config = area / "one-epoch.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}}
-        )
-    )
+    config.write_text(yaml.safe_dump(tiny_recipe({"train.epochs": 1})))
     report_run = area / "report-run"
-    shutil.copytree(trained["run"], report_run, symlinks=True)
+    shutil.copytree(trained.run, report_run, symlinks=True)
     demo = ["--dataset", "demo", "--images", "6", "--root", area / "demo-images", "--regions", "grid"]
     return {
         "area": area,
         "extract": ["extract", *demo, "--num-regions", "2", "--image-size", "32", "--clip", "none",
                     "--out", area / "out.zarr", "--workers", "1"],
-        "info": ["info", trained["val"]],
-        "verify": ["verify", trained["val"]],
-        "shard": ["shard", "--store", tmp / "train.zarr", "--out", area / "shards", "--workers", "1"],
-        "export": ["export", "--store", trained["val"], "--split", "val", "--format", "npz", "--out",
+        "info": ["info", trained.val],
+        "verify": ["verify", trained.val],
+        "shard": ["shard", "--store", trained.train_store, "--out", area / "shards", "--workers", "1"],
+        "export": ["export", "--store", trained.val, "--split", "val", "--format", "npz", "--out",
                    area / "export"],
-        "train": ["train", "--shards", tmp / "shards", "--val-store", trained["val"], "--config", config,
+        "train": ["train", "--shards", trained.shards, "--val-store", trained.val, "--config", config,
                   "--out", area / "run"],
-        "eval": ["eval", "--store", trained["val"], "--split", "val", "--run", trained["run"]],
-        "index": ["index", "--store", trained["gallery"], "--split", "test", "--run", trained["run"], "--out",
+        "eval": ["eval", "--store", trained.val, "--split", "val", "--run", trained.run],
+        "index": ["index", "--store", trained.gallery, "--split", "test", "--run", trained.run, "--out",
                   area / "index"],
-        "search": ["search", "a red circle", "--index", trained["index"], "--run", trained["run"]],
-        "report": ["report", "--run", report_run, "--store", trained["val"], "--split", "val"],
+        "search": ["search", "a red circle", "--index", trained.index, "--run", trained.run],
+        "report": ["report", "--run", report_run, "--store", trained.val, "--split", "val"],
     }  # fmt: skip
 
 
@@ -147,7 +141,7 @@ def test_every_option_refuses_a_bad_value_in_one_line_or_runs(
     for value in bad_values(kind, area):
         # an argument (each command has one at most, first in its base) is replaced
         args = [*base, flag, value] if flag else [base[0], value, *base[2:]]
-        watched = (area, trained["tmp"])
+        watched = (area, trained.tmp)
         before = state_of(*watched)
         result = run_cli(runner, *args)
         seen[value] = outcome(
@@ -251,32 +245,16 @@ def run_config_fields() -> list[tuple[str, str, object]]:
 
 
 # the tiny recipe for 16 pairs: one epoch of two steps
-SMALL = {
-    "model": {**TINY["model"], "text_layers": 1, "queue_size": 16},
-    "train": {**TINY["train"], "epochs": 1},
-}
+SMALL_OVERRIDES = {"model.queue_size": 16, "train.epochs": 1}
+SMALL = tiny_recipe(SMALL_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> dict:
+def small_run(chain) -> Chain:
     """Shards of 16 pairs (two steps of the tiny recipe's batch of 8), a validation store, and the recipe."""
-    from userpipe.pipeline.synthetic import write_synthetic_store
-
-    tmp = tmp_path_factory.mktemp("small-run")
-    store = write_synthetic_store(tmp / "train.zarr", 16, seed=1, captions_per_image=1)
-    assert (
-        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
-        == 0
+    return chain(
+        "small-run", images=16, captions_per_image=1, shard_count=None, config_overrides=SMALL_OVERRIDES
     )
-    config = SMALL
-    (tmp / "small.yaml").write_text(yaml.safe_dump(config))
-    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
-    return {
-        "tmp": tmp,
-        "shards": tmp / "shards",
-        "val": val,
-        "config": tmp / "small.yaml",
-    }
 
 
 @st.composite
@@ -316,15 +294,15 @@ def as_yaml(value) -> str:
 @example(overrides={"model.max_tokens": 100000})
 @example(overrides={"model.text_layers": 7})
 def test_every_config_field_is_refused_in_one_line_or_trains(runner, small_run, overrides):
-    out = small_run["tmp"] / "run"
-    args = ["train", "--shards", small_run["shards"], "--val-store", small_run["val"]]
-    args += ["--config", small_run["config"], "--out", out]
+    out = small_run.tmp / "run"
+    args = ["train", "--shards", small_run.shards, "--val-store", small_run.val]
+    args += ["--config", small_run.config, "--out", out]
     for key, value in overrides.items():
         args += ["--set", f"{key}={as_yaml(value)}"]
-    before = state_of(small_run["tmp"])
+    before = state_of(small_run.tmp)
     result = run_cli(runner, *args)
     try:
-        verdict = outcome(result, before, state_of(small_run["tmp"]), f"train {overrides}")
+        verdict = outcome(result, before, state_of(small_run.tmp), f"train {overrides}")
         if verdict == "ran":
             steps = [line for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
             assert steps, f"{overrides}: exit 0 without a training step"

@@ -24,10 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import TINY, karpathy_record, write_image, write_json
-
-from userpipe.pipeline.synthetic import write_synthetic_store
+from kit import karpathy_record, write_image, write_json
 
 pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
 
@@ -122,9 +119,11 @@ class Writer:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, trained) -> dict:
-    tmp = tmp_path_factory.mktemp("crash-inputs")
-    images = tmp / "coco"
+def inputs(chain, trained) -> dict:
+    made = chain(
+        "crash-inputs", captions_per_image=3, val_images=12, val_seed=2, config_overrides={"train.epochs": 2}
+    )
+    images = made.tmp / "coco"
     records = []
     for i, split in enumerate(["train"] * 6 + ["val"] * 2 + ["test"] * 2):
         name = f"{i:03d}.jpg"
@@ -139,31 +138,15 @@ def inputs(tmp_path_factory, trained) -> dict:
                 boxes=[[4, 4, 40, 30], [50, 20, 90, 70]],
             )
         )
-    dataset = write_json(images / "dataset_crash.json", records)
-    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1, captions_per_image=3)
-    val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
-    shards = tmp / "shards"
-    assert (
-        userpipe(
-            ["shard", "--store", train_store, "--out", shards, "--max-count", "10", "--workers", "1"]
-        ).returncode
-        == 0
-    )
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 2}}
-        )
-    )
     return {
-        "dataset": dataset,
+        "dataset": write_json(images / "dataset_crash.json", records),
         "images": images,
-        "train_store": train_store,
-        "val_store": val_store,
-        "shards": shards,
-        "config": config,
-        "run": trained["run"],
-        "gallery": trained["gallery"],
+        "train_store": made.train_store,
+        "val_store": made.val,
+        "shards": made.shards,
+        "config": made.config,
+        "run": trained.run,
+        "gallery": trained.gallery,
     }
 
 

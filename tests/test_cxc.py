@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.schemas.errors import InputError
 from userpipe.trainer.cxc import SITS_COLUMNS, cxc_positives, read_cxc

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import karpathy_record, write_image, write_json
+from kit import karpathy_record, write_image, write_json
 
 from userpipe.pipeline.datasets import load_dataset, parse_splits, read_karpathy_json
 from userpipe.schemas.errors import InputError

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY, run_cli, shard_cli
+from kit import Chain, run_cli
 from test_model import tiny_bert, tiny_config
 from typer.testing import CliRunner
 
-from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.trainer import distributed
 from userpipe.trainer.model import build_model
 
@@ -110,22 +109,13 @@ TORCHRUN_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SH
 
 
 @pytest.fixture(scope="module")
-def torchrun_inputs(tmp_path_factory) -> dict:
+def torchrun_inputs(chain) -> Chain:
     """Shards of 30 images (3 shards; an epoch is ~18 steps at batch 8), a validation store, a tiny config."""
-    import yaml
-
-    tmp = tmp_path_factory.mktemp("torchrun")
-    train = write_synthetic_store(tmp / "train.zarr", 30, seed=1, captions_per_image=5)
-    assert shard_cli(CliRunner(), train, tmp / "shards").exit_code == 0
-    config = tmp / "tiny.yaml"
-    recipe = {**TINY["train"], "epochs": 1, "val_every": 4}
-    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1}, "train": recipe}))
-    val = write_synthetic_store(tmp / "val.zarr", 8, seed=3, split="val")
-    return {"shards": tmp / "shards", "val": val, "config": config}
+    return chain("torchrun", images=30, config_overrides={"train.epochs": 1, "train.val_every": 4})
 
 
-def train_command(inputs: dict, run: Path, *torchrun_options: str) -> list[str]:
-    options = ["--shards", inputs["shards"], "--val-store", inputs["val"], "--config", inputs["config"]]
+def train_command(inputs: Chain, run: Path, *torchrun_options: str) -> list[str]:
+    options = ["--shards", inputs.shards, "--val-store", inputs.val, "--config", inputs.config]
     return torchrun(*torchrun_options, "-m", "userpipe", "train", *map(str, [*options, "--out", run]))
 
 
@@ -179,7 +169,7 @@ def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, tmp_path):
     steps = logged_steps(run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 6  # none twice, none missing
     runner = CliRunner()
-    evaluated = run_cli(runner, "eval", "--run", run, "--store", torchrun_inputs["val"], "--split", "val")
+    evaluated = run_cli(runner, "eval", "--run", run, "--store", torchrun_inputs.val, "--split", "val")
     assert evaluated.exit_code == 0 and "RSUM" in evaluated.output, evaluated.output
     alone = run_cli(runner, "train", "--out", run, "--resume")
     assert alone.exit_code == 2 and "trained by 2 process(es); resume it with 2" in alone.output
@@ -191,13 +181,13 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused_befo
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "start", lambda world: torch.device("cpu"))  # rank 0 alone, no group
     out = tmp_path / "odd"
-    options = ["--shards", torchrun_inputs["shards"], "--val-store", torchrun_inputs["val"]]
+    options = ["--shards", torchrun_inputs.shards, "--val-store", torchrun_inputs.val]
     result = run_cli(
         CliRunner(),
         "train",
         *options,
         "--config",
-        torchrun_inputs["config"],
+        torchrun_inputs.config,
         "--out",
         out,
         "--set",

@@ -4,7 +4,7 @@ import errno
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.errors import InputError

@@ -217,7 +217,7 @@ def test_a_named_protocol_refuses_a_split_that_is_not_the_one_it_names(
 ):
     """coco1k on 25 images would average five folds of five and print R@10 = 100 as COCO 1K: refused (one
     line, exit 2) before any model is loaded, by size and by the dataset the store records."""
-    from conftest import run_cli
+    from kit import run_cli
 
     from userpipe.trainer.evaluate import PROTOCOL_SPLITS
 
@@ -273,12 +273,12 @@ def test_eval_on_the_split_a_protocol_names_prints_its_sizes(runner, protocol_st
     import json
 
     import torch
-    from conftest import TINY, run_cli
+    from kit import run_cli, tiny_recipe
 
     from userpipe.schemas.run import RunConfig
     from userpipe.trainer import checkpoint
 
-    config = RunConfig.model_validate({"model": {**TINY["model"], "text_layers": 1}, "train": TINY["train"]})
+    config = RunConfig.model_validate(tiny_recipe())
     model = checkpoint.initial_model(config)
     optimizer = torch.optim.AdamW(model.parameters())
     checkpoint.save(tmp_path / "run", model, optimizer, config, {"epoch": 0, "step": 0}, {"rsum": 0.0}, True)

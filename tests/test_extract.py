@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from conftest import (
+from kit import (
     EXTRACT_COCO_GRID,
     kill_at_first_done_chunk,
     run_cli,

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 import zarr
-from conftest import EXTRACT_COCO_GRID, TINY, run_cli, shard_cli
+from kit import EXTRACT_COCO_GRID, Chain, run_cli
 
-from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.errors import InputError, NonFiniteError
 from userpipe.schemas.outputs import RUN, claim
 from userpipe.trainer.evaluate import retrieval_metrics
@@ -57,41 +55,16 @@ def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> dict:
-    from typer.testing import CliRunner
-
-    tmp = tmp_path_factory.mktemp("faults")
-    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
-    val = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
-    runner = CliRunner()
-    assert shard_cli(runner, train_store, tmp / "shards").exit_code == 0
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}}
-        )
+def trained_run(chain) -> Chain:
+    """A run of one epoch on 40 images of 1 to 5 captions (shards of 10), validated on 12 images."""
+    return chain(
+        "faults",
+        captions_per_image=None,
+        val_images=12,
+        val_seed=2,
+        config_overrides={"train.epochs": 1},
+        train=True,
     )
-    result = run_cli(
-        runner,
-        "train",
-        "--shards",
-        tmp / "shards",
-        "--val-store",
-        val,
-        "--config",
-        config,
-        "--out",
-        tmp / "run",
-    )
-    assert result.exit_code == 0, result.output
-    return {
-        "tmp": tmp,
-        "train_store": train_store,
-        "val": val,
-        "shards": tmp / "shards",
-        "config": config,
-        "run": tmp / "run",
-    }
 
 
 def copy_store(source: Path, target: Path) -> Path:
@@ -101,12 +74,10 @@ def copy_store(source: Path, target: Path) -> Path:
 
 @pytest.mark.slow
 def test_nan_embeddings_make_eval_fail_instead_of_scoring(runner, trained_run, tmp_path):
-    store = copy_store(trained_run["val"], tmp_path / "val.zarr")
+    store = copy_store(trained_run.val, tmp_path / "val.zarr")
     with zarr.config.set({"array.write_empty_chunks": True}):
         zarr.open_group(str(store), mode="r+")["val"]["regions"][5] = np.nan  # a valid image's features
-    line = error_line(
-        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
-    )
+    line = error_line(run_cli(runner, "eval", "--run", trained_run.run, "--store", store, "--split", "val"))
     assert "1 of 12 image embeddings and 0 of" in line and "non-finite" in line
 
 
@@ -117,16 +88,14 @@ def test_nan_embeddings_make_eval_fail_instead_of_scoring(runner, trained_run, t
 def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract(
     runner, trained_run, tmp_path
 ):
-    store = copy_store(trained_run["val"], tmp_path / "val.zarr")
+    store = copy_store(trained_run.val, tmp_path / "val.zarr")
     chunk = store / "val" / "regions" / "c" / "1" / "0" / "0"
     chunk.unlink()
     info = run_cli(runner, "info", store)
     assert info.exit_code == 0 and "1 chunk file(s) missing (val/regions[1])" in info.output
     verified = run_cli(runner, "verify", store)
     assert verified.exit_code == 1 and "val/regions chunk 1: missing" in verified.output
-    line = error_line(
-        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
-    )
+    line = error_line(run_cli(runner, "eval", "--run", trained_run.run, "--store", store, "--split", "val"))
     assert "chunk 1 (rows 4-7) of array 'val/regions' is missing" in line and "rerun userpipe extract" in line
     shard = ("shard", "--store", store, "--split", "val", "--out", tmp_path / "shards", "--workers", "1")
     line = error_line(run_cli(runner, *shard))
@@ -138,14 +107,12 @@ def test_a_missing_or_cut_chunk_is_named_by_every_reader_and_repaired_by_extract
     verified = run_cli(runner, "verify", store)
     assert verified.exit_code == 1 and "val/boxes chunk 2: damaged (crc32c differs)" in verified.output
     assert "val/regions chunk 1: missing" in verified.output
-    shutil.copy(trained_run["val"] / "val" / "regions" / "c" / "1" / "0" / "0", chunk)
+    shutil.copy(trained_run.val / "val" / "regions" / "c" / "1" / "0" / "0", chunk)
     line = error_line(run_cli(runner, *shard))
     assert "chunk 2 (rows 8-11) of array 'val/boxes' is damaged (crc32c differs)" in line
     data = chunk.read_bytes()
     chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte changed: the checksum's last
-    line = error_line(
-        run_cli(runner, "eval", "--run", trained_run["run"], "--store", store, "--split", "val")
-    )
+    line = error_line(run_cli(runner, "eval", "--run", trained_run.run, "--store", store, "--split", "val"))
     assert "chunk 1 (rows 4-7) of array 'val/regions' is damaged (crc32c differs)" in line
 
 
@@ -172,9 +139,9 @@ def test_an_extract_rerun_re_extracts_damaged_chunks_to_the_same_bytes(runner, c
 
 def test_train_refuses_a_shard_set_that_differs_from_its_manifest(runner, trained_run, tmp_path):
     shards = tmp_path / "shards"
-    shutil.copytree(trained_run["shards"], shards)
+    shutil.copytree(trained_run.shards, shards)
     first = sorted(shards.glob("*.tar"))[0]
-    args = ("train", "--shards", shards, "--val-store", trained_run["val"], "--config", trained_run["config"])
+    args = ("train", "--shards", shards, "--val-store", trained_run.val, "--config", trained_run.config)
     first.write_bytes(first.read_bytes() + b"\0" * 512)
     line = error_line(run_cli(runner, *args, "--out", tmp_path / "a"))
     assert first.name in line and "bytes" in line and "cut or altered" in line
@@ -233,15 +200,15 @@ def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorde
     runner, trained_run, tmp_path
 ):
     run = tmp_path / "run"
-    shutil.copytree(trained_run["run"], run, symlinks=True)
+    shutil.copytree(trained_run.run, run, symlinks=True)
     base = (
         "train",
         "--shards",
-        trained_run["shards"],
+        trained_run.shards,
         "--val-store",
-        trained_run["val"],
+        trained_run.val,
         "--config",
-        trained_run["config"],
+        trained_run.config,
         "--out",
         run,
         "--resume",
@@ -254,7 +221,7 @@ def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorde
             runner,
             "shard",
             "--store",
-            trained_run["train_store"],
+            trained_run.train_store,
             "--out",
             other,
             "--max-count",
@@ -265,7 +232,7 @@ def test_resume_refuses_another_recipe_or_shard_set_unless_the_change_is_recorde
         == 0
     )
     line = error_line(run_cli(runner, *base[:2], other, *base[3:]))
-    assert f"shards {trained_run['shards']} -> {other}" in line
+    assert f"shards {trained_run.shards} -> {other}" in line
     line = error_line(run_cli(runner, *base, "--set", "model.embed_dim=32"))
     assert "another model configuration (model.embed_dim 16 -> 32)" in line
 
@@ -288,16 +255,16 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_and_a_torn_log_line_i
     args = (
         "train",
         "--shards",
-        trained_run["shards"],
+        trained_run.shards,
         "--val-store",
-        trained_run["val"],
+        trained_run.val,
         "--config",
-        trained_run["config"],
+        trained_run.config,
         "--out",
         run,
     )
     run.mkdir()
-    shutil.copy(trained_run["run"] / "config.json", run / "config.json")
+    shutil.copy(trained_run.run / "config.json", run / "config.json")
     (run / "log.jsonl").write_text('{"step": 0, "epoch": 0, "val": {}}\n{"step": 1, "ep')
     (run / "checkpoints" / ".e000-s000000.partial").mkdir(parents=True)  # a save killed part-way
     result = run_cli(runner, *args)
@@ -330,24 +297,24 @@ def test_a_second_writer_is_refused_naming_the_holder(runner, trained_run, tmp_p
             "--workers",
             "1",
         ),
-        "shard": ("shard", "--store", trained_run["train_store"], "--out", out, "--workers", "1"),
+        "shard": ("shard", "--store", trained_run.train_store, "--out", out, "--workers", "1"),
         "train": (
             "train",
             "--shards",
-            trained_run["shards"],
+            trained_run.shards,
             "--val-store",
-            trained_run["val"],
+            trained_run.val,
             "--config",
-            trained_run["config"],
+            trained_run.config,
             "--out",
             out,
         ),
         "index": (
             "index",
             "--run",
-            trained_run["run"],
+            trained_run.run,
             "--store",
-            trained_run["val"],
+            trained_run.val,
             "--split",
             "val",
             "--out",

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
+from kit import run_cli, tiny_recipe
 from typer.testing import CliRunner
 
 from userpipe.schemas.errors import InputError
@@ -495,17 +495,10 @@ def cli_outcome(result, allowed_ok: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def artefacts(trained, tmp_path_factory) -> dict:
-    """The trained run, its index and gallery (conftest's `trained`), and a shard folder."""
-    from userpipe.pipeline.synthetic import write_synthetic_store
-
-    tmp = tmp_path_factory.mktemp("artefacts")
-    store = write_synthetic_store(tmp / "s.zarr", 6)
-    assert (
-        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
-        == 0
-    )
-    return {**trained, "shards": tmp / "shards"}
+def artefacts(trained, chain) -> dict:
+    """The trained run, its index and gallery (conftest's `trained`), and a shard folder of 6 images."""
+    small = chain("artefacts", images=6, seed=0, captions_per_image=None, shard_count=None, val_images=0)
+    return {**vars(trained), "shards": small.shards}
 
 
 ARTEFACT_FILES = [
@@ -562,11 +555,7 @@ def test_training_on_a_damaged_shard_stops_in_one_line(artefacts, how):
         target.write_bytes(damaged(target.read_bytes(), how))
         before = {p: p.read_bytes() for p in shards.rglob("*") if p.is_file()}
         config = Path(tmp) / "tiny.yaml"
-        config.write_text(
-            json.dumps(
-                {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}}
-            )
-        )
+        config.write_text(json.dumps(tiny_recipe({"train.epochs": 1})))
         result = run_cli(
             CliRunner(),
             "train",
@@ -602,11 +591,7 @@ def test_a_damaged_log_line_is_refused_in_one_line_on_resume(artefacts, how, lin
         lines[at] = damaged(lines[at].rstrip(b"\n"), how) + b"\n"
         (run / "log.jsonl").write_bytes(b"".join(lines))
         config = Path(tmp) / "tiny.yaml"
-        config.write_text(
-            json.dumps(
-                {"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 2}}
-            )
-        )
+        config.write_text(json.dumps(tiny_recipe({"train.epochs": 2})))
         result = run_cli(
             CliRunner(),
             "train",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.schemas.store import validate_store
 

@@ -1,6 +1,6 @@
 """`userpipe info`'s table: what a newcomer reads first about a store."""
 
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.pipeline.synthetic import write_synthetic_store
 

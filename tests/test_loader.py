@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
 from released import released_caption_ids
 
 from userpipe.pipeline.shard_io import tar_samples
-from userpipe.pipeline.synthetic import write_synthetic_store
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.shard import ShardError
 from userpipe.trainer.captions import CaptionTokenizer, load_tokenizer
@@ -27,16 +25,11 @@ def tokenizer() -> CaptionTokenizer:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> tuple[Path, Path]:
-    from typer.testing import CliRunner
-
-    tmp = tmp_path_factory.mktemp("loader")
-    store = write_synthetic_store(tmp / "s.zarr", num_images=60, invalid=(7,))
-    result = run_cli(
-        CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--max-count", "5", "--workers", "1"
+def shards(chain) -> tuple[Path, Path]:
+    made = chain(
+        "loader", images=60, seed=0, captions_per_image=None, invalid=(7,), shard_count=5, val_images=0
     )
-    assert result.exit_code == 0, result.output
-    return store, tmp / "shards"
+    return made.train_store, made.shards
 
 
 def all_pairs(store: Path) -> set[tuple[int, int]]:

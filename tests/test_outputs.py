@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY, karpathy_record, run_cli, write_image, write_json
+from kit import Chain, karpathy_record, run_cli, write_image, write_json
 
 from userpipe.pipeline.synthetic import write_synthetic_store
 
@@ -219,21 +219,16 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_is_resumed(runner, tm
 
 
 @pytest.fixture(scope="module")
-def shards_and_val(tmp_path_factory) -> dict:
-    from typer.testing import CliRunner
-
-    tmp = tmp_path_factory.mktemp("outputs")
-    store = write_synthetic_store(tmp / "train.zarr", 16, seed=1)
-    val = write_synthetic_store(tmp / "val.zarr", 6, seed=2, split="val")
-    assert (
-        run_cli(CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--workers", "1").exit_code
-        == 0
+def shards_and_val(chain) -> Chain:
+    return chain(
+        "outputs",
+        images=16,
+        captions_per_image=None,
+        shard_count=None,
+        val_images=6,
+        val_seed=2,
+        config_overrides={"train.epochs": 1},
     )
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        json.dumps({"model": {**TINY["model"], "text_layers": 1}, "train": {**TINY["train"], "epochs": 1}})
-    )
-    return {"shards": tmp / "shards", "val": val, "config": config}
 
 
 @pytest.mark.parametrize(
@@ -251,7 +246,7 @@ def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path:
     if case == "foreign":
         users_folder(out)
     elif case == "shards":
-        out = shards_and_val["shards"]
+        out = shards_and_val.shards
     elif case == "val-width":
         extra = ["--val-store", write_synthetic_store(tmp_path / "wide.zarr", 4, feature_dim=12, split="val")]
     else:
@@ -261,11 +256,11 @@ def test_train_refuses_before_writing_anything(runner, shards_and_val, tmp_path:
         runner,
         "train",
         "--shards",
-        shards_and_val["shards"],
+        shards_and_val.shards,
         "--val-store",
-        shards_and_val["val"],
+        shards_and_val.val,
         "--config",
-        shards_and_val["config"],
+        shards_and_val.config,
         "--out",
         out,
         *extra,
@@ -283,9 +278,9 @@ def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, t
         "search",
         "caption 1 of image 2",
         "--index",
-        trained["index"],
+        trained.index,
         "--run",
-        trained["run"],
+        trained.run,
         "--html",
         page,
     )
@@ -298,9 +293,9 @@ def test_search_html_never_overwrites_a_file_it_did_not_write(runner, trained, t
             "search",
             "caption 1 of image 2",
             "--index",
-            trained["index"],
+            trained.index,
             "--run",
-            trained["run"],
+            trained.run,
             "--html",
             ours,
         )
@@ -331,13 +326,13 @@ def test_an_output_that_is_a_plain_file_is_refused_and_kept(
         "train": (
             "train",
             "--shards",
-            shards_and_val["shards"],
+            shards_and_val.shards,
             "--val-store",
-            shards_and_val["val"],
+            shards_and_val.val,
             "--config",
-            shards_and_val["config"],
+            shards_and_val.config,
         ),
-        "index": ("index", "--run", trained["run"], "--store", trained["gallery"]),
+        "index": ("index", "--run", trained.run, "--store", trained.gallery),
     }[command]
     assert_refused(run_cli(runner, *args, "--out", target), "is a file, not a folder")
     assert target.read_text() == "keep me"
@@ -358,7 +353,7 @@ def test_a_common_file_name_does_not_make_a_folder_userpipes(runner, trained, tm
     before = tree_bytes(mine)
     store = write_synthetic_store(tmp_path / "s.zarr", 6)
     for args in (
-        ("index", "--run", trained["run"], "--store", trained["gallery"]),
+        ("index", "--run", trained.run, "--store", trained.gallery),
         ("shard", "--store", store, "--workers", "1", "--overwrite"),
     ):
         assert_refused(run_cli(runner, *args, "--out", mine), "holds files that are not")
@@ -369,9 +364,7 @@ def test_the_working_directory_is_never_an_output(runner, trained, tmp_path: Pat
     (tmp_path / "a" / "b").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a" / "b")
     for out in (".", ".."):
-        result = run_cli(
-            runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", out
-        )
+        result = run_cli(runner, "index", "--run", trained.run, "--store", trained.gallery, "--out", out)
         assert_refused(result, "is the working directory or holds it")
 
 
@@ -383,9 +376,7 @@ def test_a_symlinked_output_keeps_its_link_and_the_new_index_lands_in_its_target
     target.parent.mkdir()
     link.symlink_to(target, target_is_directory=True)
     for _ in range(2):  # new, then replacing its own
-        result = run_cli(
-            runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", link
-        )
+        result = run_cli(runner, "index", "--run", trained.run, "--store", trained.gallery, "--out", link)
         assert result.exit_code == 0, result.output
     assert link.is_symlink() and (target / "index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big-disk", "index"]
@@ -474,11 +465,9 @@ def test_the_writer_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_p
 # -------------------------------------------------------------------------- the one protocol: claim
 
 
-def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path):
+def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path, unclaimed_writes):
     """conftest.py's audit hook: what a running command writes must lie in an output it claimed."""
     import sys
-
-    from conftest import UNCLAIMED_WRITES
 
     from userpipe.schemas.outputs import RUN, claim
 
@@ -490,8 +479,8 @@ def test_a_write_outside_every_claim_is_caught_by_the_tests_guard(tmp_path: Path
         (tmp_path / "stray.txt").write_text("not in any claim")
     finally:
         sys.audit("userpipe.command", "a-command", False)
-    caught = list(UNCLAIMED_WRITES)
-    UNCLAIMED_WRITES.clear()
+    caught = list(unclaimed_writes)
+    unclaimed_writes.clear()
     assert caught == [f"userpipe a-command: open {tmp_path.resolve() / 'stray.txt'}"]
 
 
@@ -550,14 +539,13 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_the_work(
 
     monkeypatch.setattr(outputs, "free_bytes", lambda path: 1000)
     out = tmp_path / "out"
-    tmp = trained["tmp"]
     args = {
         "extract": ("extract", "--dataset", "demo", "--images", "6", "--root", tmp_path / "demo", "--regions",
                     "grid", "--num-regions", "2", "--image-size", "32", "--clip", "none", "--workers", "1"),
-        "shard": ("shard", "--store", tmp / "train.zarr", "--workers", "1"),
-        "train": ("train", "--shards", tmp / "shards", "--val-store", trained["val"], "--config",
-                  tmp / "tiny.yaml"),
-        "index": ("index", "--run", trained["run"], "--store", trained["gallery"], "--split", "test"),
+        "shard": ("shard", "--store", trained.train_store, "--workers", "1"),
+        "train": ("train", "--shards", trained.shards, "--val-store", trained.val, "--config",
+                  trained.config),
+        "index": ("index", "--run", trained.run, "--store", trained.gallery, "--split", "test"),
     }[command]  # fmt: skip
     result = run_cli(runner, *args, "--out", out)
     assert_refused(result, "no space left: the write needs about", "1.0 kB are free there")

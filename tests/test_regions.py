@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import extractor_config
+from kit import extractor_config
 from PIL import Image
 
 from userpipe.pipeline.region_kinds import region_kind, resolve_region_config

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.retrieval.report import chance_metrics, run_label
 from userpipe.trainer.config import load_run_config
@@ -52,9 +52,9 @@ def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
 
 
 def test_report_compares_trained_untrained_and_chance(runner, trained):
-    run = trained["run"]
+    run = trained.run
     result = run_cli(
-        runner, "report", "--run", run, "--store", trained["val"], "--split", "val", "--compare", run
+        runner, "report", "--run", run, "--store", trained.val, "--split", "val", "--compare", run
     )
     assert result.exit_code == 0, result.output
     report = json.loads((run / "report.json").read_text())
@@ -79,24 +79,24 @@ def test_report_compares_trained_untrained_and_chance(runner, trained):
     assert f"| trained (best validation: after epoch {best['epoch']}) |" in text  # epoch-end: its number
     assert "| chance |" in text and "## Ablation" in text and "![queries](queries.png)" in text
     assert (run / "queries.png").stat().st_size > 10_000
-    missing = run_cli(runner, "report", "--run", trained["tmp"], "--store", trained["val"], "--split", "val")
-    assert missing.exit_code == 2 and f"--run {trained['tmp']} is not a userpipe run" in missing.output
+    missing = run_cli(runner, "report", "--run", trained.tmp, "--store", trained.val, "--split", "val")
+    assert missing.exit_code == 2 and f"--run {trained.tmp} is not a userpipe run" in missing.output
 
 
 def test_the_runs_tables_state_what_they_evaluated(runner, trained):
     """training.md's validation tables, and eval's table and JSON, say how many images and captions their
     numbers are over: the run validates on all 8 images of `val` (21 captions); the gallery has 15 valid
     images (42 captions)."""
-    assert not (trained["run"] / "summary.md").exists()  # one "report" per run: report.md
-    summary = (trained["run"] / "training.md").read_text()
-    assert summary.startswith(f"# Training of {trained['run'].name}\n")
+    assert not (trained.run / "summary.md").exists()  # one "report" per run: report.md
+    summary = (trained.run / "training.md").read_text()
+    assert summary.startswith(f"# Training of {trained.run.name}\n")
     assert re.search(r"best validation at step \d+ \(after epoch [12]\)", summary), summary
     assert "## Best validation: 8 images, 21 captions\n" in summary
     assert "## Untrained model (step 0): 8 images, 21 captions\n" in summary
-    base = ("eval", "--run", trained["run"], "--store", trained["gallery"])
+    base = ("eval", "--run", trained.run, "--store", trained.gallery)
     table = run_cli(runner, *base)
     assert table.exit_code == 0, table.output
-    assert f"full on {trained['gallery']} [test]: 15 images, 42 captions\n" in table.stdout
+    assert f"full on {trained.gallery} [test]: 15 images, 42 captions\n" in table.stdout
     as_json = run_cli(runner, *base, "--json")
     assert as_json.exit_code == 0, as_json.output
     metrics = json.loads(as_json.stdout)

@@ -2,22 +2,22 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EXTRACT_COCO_GRID, run_cli
+from kit import EXTRACT_COCO_GRID, run_cli
 
 
 def _model(trained):
     from userpipe.trainer.checkpoint import load_trained
 
-    model, _, tokenizer = load_trained(trained["run"] / "checkpoints" / "best")
+    model, _, tokenizer = load_trained(trained.run / "checkpoints" / "best")
     return model, tokenizer
 
 
 def test_index_holds_every_valid_image_and_caption(trained):
-    manifest = json.loads((trained["index"] / "index.json").read_text())
+    manifest = json.loads((trained.index / "index.json").read_text())
     assert manifest["num_images"] == 15 and manifest["split"] == "test"  # image 3 is invalid
-    images = [json.loads(line) for line in (trained["index"] / "images.jsonl").read_text().splitlines()]
+    images = [json.loads(line) for line in (trained.index / "images.jsonl").read_text().splitlines()]
     assert [i["id"] for i in images] == [f"img{i}" for i in range(16) if i != 3]
-    captions = [json.loads(line) for line in (trained["index"] / "captions.jsonl").read_text().splitlines()]
+    captions = [json.loads(line) for line in (trained.index / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == manifest["num_captions"] == sum(1 + i % 5 for i in range(16) if i != 3)
     assert all(c["text"].endswith(f"of image {images[c['image']]['id'][3:]}") for c in captions)
 
@@ -26,10 +26,10 @@ def test_search_and_eval_agree_on_r1(runner, trained):
     from userpipe.retrieval.search import SearchIndex
     from userpipe.trainer.encode import encode_texts
 
-    evaluated = run_cli(runner, "eval", "--run", trained["run"], "--store", trained["gallery"], "--json")
+    evaluated = run_cli(runner, "eval", "--run", trained.run, "--store", trained.gallery, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
-    index = SearchIndex(trained["index"])
+    index = SearchIndex(trained.index)
     model, tokenizer = _model(trained)
     model.eval()
     captions = index.items["captions"]
@@ -48,9 +48,9 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
         "search",
         query,
         "--index",
-        trained["index"],
+        trained.index,
         "--run",
-        trained["run"],
+        trained.run,
         "-k",
         "20",
         "--json",
@@ -71,9 +71,9 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
         "img7",
         "--captions",
         "--index",
-        trained["index"],
+        trained.index,
         "--run",
-        trained["run"],
+        trained.run,
         "-k",
         "3",
         "--json",
@@ -82,14 +82,14 @@ def test_cli_search_prints_and_marks_the_matching_image(runner, trained, tmp_pat
     hits = json.loads(captions.stdout)
     assert len(hits) == 3 and all(h["correct"] == (h["image_id"] == "img7") for h in hits)
     assert all(h["text"].endswith(f"of image {h['image_id'][3:]}") for h in hits)
-    table = run_cli(runner, "search", query, "--index", trained["index"], "--run", trained["run"], "-k", "20")
+    table = run_cli(runner, "search", query, "--index", trained.index, "--run", trained.run, "-k", "20")
     assert table.exit_code == 0, table.output
     assert "match" in table.stdout and table.stdout.count(" yes ") == 1  # a caption: its image is known
 
 
 def test_a_free_text_query_has_no_match_column(runner, trained):
     """No ground truth for a text that is not a caption of the gallery: no column that is always empty."""
-    query = ("search", "a shape of some colour", "--index", trained["index"], "--run", trained["run"])
+    query = ("search", "a shape of some colour", "--index", trained.index, "--run", trained.run)
     table = run_cli(runner, *query)
     assert table.exit_code == 0, table.output
     assert "rank" in table.stdout and "match" not in table.stdout
@@ -103,21 +103,21 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
     from safetensors.torch import load_file, save_file
 
     other = tmp_path / "other"
-    shutil.copytree(trained["run"] / "checkpoints" / "best", other)
+    shutil.copytree(trained.run / "checkpoints" / "best", other)
     weights = load_file(other / "model.safetensors")
     name = next(iter(weights))
     weights[name] = weights[name] + 1
     save_file(weights, other / "model.safetensors")
-    base = ("--index", trained["index"])
+    base = ("--index", trained.index)
     cases = [
         (("search", "a query", *base, "--checkpoint", other), "was built with the model in"),
-        (("search", "  ", *base, "--run", trained["run"]), "the query is empty"),
-        (("search", "a query", *base, "--run", trained["run"], "-k", "0"), "-k must be positive"),
+        (("search", "  ", *base, "--run", trained.run), "the query is empty"),
+        (("search", "a query", *base, "--run", trained.run, "-k", "0"), "-k must be positive"),
         (
-            ("search", "no-such-id", "--captions", *base, "--run", trained["run"]),
+            ("search", "no-such-id", "--captions", *base, "--run", trained.run),
             "neither an image file nor the id",
         ),
-        (("search", "a query", "--index", tmp_path, "--run", trained["run"]), "is not an index"),
+        (("search", "a query", "--index", tmp_path, "--run", trained.run), "is not an index"),
         (("search", "a query", *base), "pass --run or --checkpoint"),
         (("search", "a query", *base, "--run", tmp_path), "no checkpoint at"),
     ]
@@ -129,9 +129,7 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
 
 def test_index_refuses_to_replace_a_folder_that_is_not_an_index(runner, trained, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    result = run_cli(
-        runner, "index", "--run", trained["run"], "--store", trained["gallery"], "--out", tmp_path
-    )
+    result = run_cli(runner, "index", "--run", trained.run, "--store", trained.gallery, "--out", tmp_path)
     assert result.exit_code == 2 and "holds files that are not a userpipe index" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
@@ -143,7 +141,7 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     import shutil
 
     import torch
-    from conftest import TINY
+    from kit import tiny_recipe
 
     from userpipe.retrieval.index import index_command
     from userpipe.retrieval.search import search_command
@@ -157,12 +155,7 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
         runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", store, *clip, "--splits", "test"
     )
     assert result.exit_code == 0, result.output
-    config = RunConfig.model_validate(
-        {
-            "model": {**TINY["model"], "feature_dim": 1280, "num_regions": 4, "text_layers": 1},
-            "train": TINY["train"],
-        }
-    )
+    config = RunConfig.model_validate(tiny_recipe({"model.feature_dim": 1280, "model.num_regions": 4}))
     model = checkpoint.initial_model(config)
     optimizer = torch.optim.AdamW(model.parameters())
     checkpoint.save(tmp_path / "run", model, optimizer, config, {"epoch": 0, "step": 0}, {"rsum": 0.0}, True)
@@ -195,7 +188,7 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
 
 
 def _grid_config():
-    from conftest import extractor_config
+    from kit import extractor_config
 
     from userpipe.pipeline.features import extractor_models
     from userpipe.pipeline.region_kinds import resolve_region_config
@@ -237,7 +230,7 @@ def test_a_huge_image_query_is_decoded_at_about_the_size_its_encoders_take(tmp_p
 def test_a_decompression_bomb_query_is_a_one_line_refusal_naming_its_size(tmp_path):
     """A header that claims 10,000 x 10,000 (over the cap) or 100,000 x 100,000 pixels (over twice Pillow's
     limit, refused by Pillow as it opens) over a few bytes: refused before anything is decoded."""
-    from conftest import write_bomb_png
+    from kit import write_bomb_png
 
     from userpipe.pipeline.features import image_file_features
     from userpipe.schemas.errors import InputError
@@ -257,10 +250,10 @@ def test_a_decompression_bomb_in_the_gallery_is_a_placeholder_on_the_page(runner
     placeholder a missing file gets), a large photo is decoded at reduced size."""
     import shutil
 
-    from conftest import write_bomb_png, write_image
+    from kit import write_bomb_png, write_image
 
     index = tmp_path / "index"
-    shutil.copytree(trained["index"], index)
+    shutil.copytree(trained.index, index)
     manifest = json.loads((index / "index.json").read_text())
     (index / "index.json").write_text(json.dumps({**manifest, "image_root": str(tmp_path / "images")}))
     files = [json.loads(line)["file"] for line in (index / "images.jsonl").read_text().splitlines()]
@@ -268,7 +261,7 @@ def test_a_decompression_bomb_in_the_gallery_is_a_placeholder_on_the_page(runner
     write_bomb_png(tmp_path / "images" / files[1], 10_000, 10_000)
     write_image(tmp_path / "images" / files[2], 0, size=(1600, 1200))
     page = tmp_path / "page.html"
-    args = ("search", "caption 0 of image 0", "--index", index, "--run", trained["run"], "-k", "20")
+    args = ("search", "caption 0 of image 0", "--index", index, "--run", trained.run, "-k", "20")
     result = run_cli(runner, *args, "--html", page)
     assert result.exit_code == 0, result.output
     text = page.read_text()

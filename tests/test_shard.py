@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 import zarr
-from conftest import run_cli
+from kit import run_cli
 
 from userpipe.pipeline.shard import plan_shards
 from userpipe.pipeline.shard_io import decode_sample

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY, karpathy_record, run_cli
-from typer.testing import CliRunner
+from kit import TINY, karpathy_record, run_cli, tiny_recipe
 
 import userpipe.schemas.sources as sources
 from userpipe.pipeline.datasets import read_karpathy_json
@@ -44,15 +43,9 @@ def tokenizer() -> CaptionTokenizer:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(chain) -> Path:
     """4 shards of 5 images (train-000000.tar .. train-000003.tar) beside their manifest."""
-    tmp = tmp_path_factory.mktemp("sources")
-    store = write_synthetic_store(tmp / "s.zarr", 20, seed=1, captions_per_image=2)
-    result = run_cli(
-        CliRunner(), "shard", "--store", store, "--out", tmp / "shards", "--max-count", "5", "--workers", "1"
-    )
-    assert result.exit_code == 0, result.output
-    return tmp / "shards"
+    return chain("sources", images=20, captions_per_image=2, shard_count=5, val_images=0).shards
 
 
 class FaultyHandler(http.server.BaseHTTPRequestHandler):
@@ -233,7 +226,7 @@ def test_a_pipe_command_that_fails_is_named_with_its_status_and_curls_meaning(
 
 def tiny_config(folder: Path) -> Path:
     config = folder / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": {**TINY["model"], "text_layers": 1}, "train": TINY["train"]}))
+    config.write_text(yaml.safe_dump(tiny_recipe()))
     return config
 
 

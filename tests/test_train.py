@@ -5,8 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import TINY, run_cli, shard_cli
+from kit import Chain, run_cli
 
 from userpipe.pipeline.synthetic import write_synthetic_store
 
@@ -14,28 +13,20 @@ pytestmark = pytest.mark.slow  # end-to-end: training runs
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    from typer.testing import CliRunner
-
-    tmp = tmp_path_factory.mktemp("train")
-    train_store = write_synthetic_store(tmp / "train.zarr", 40, seed=1)
-    val_store = write_synthetic_store(tmp / "val.zarr", 12, seed=2, split="val")
-    result = shard_cli(CliRunner(), train_store, tmp / "shards")
-    assert result.exit_code == 0, result.output
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "text_layers": 1}}))
-    return {"shards": tmp / "shards", "val": val_store, "config": config, "tmp": tmp}
+def data(chain) -> Chain:
+    """40 images of 1 to 5 captions in shards of 10, 12 validation images, the tiny recipe's 3 epochs."""
+    return chain("train", captions_per_image=None, val_images=12, val_seed=2)
 
 
 def train_args(data, out, *extra):
     return (
         "train",
         "--shards",
-        data["shards"],
+        data.shards,
         "--val-store",
-        data["val"],
+        data.val,
         "--config",
-        data["config"],
+        data.config,
         "--out",
         out,
         *extra,
@@ -88,7 +79,7 @@ def test_training_runs_logs_checkpoints_and_eval_reproduces_best(runner, data, t
     ):
         assert (out / name).is_file(), name
     best = json.loads((out / "checkpoints/best/metrics.json").read_text())
-    evaluated = run_cli(runner, "eval", "--run", out, "--store", data["val"], "--split", "val", "--json")
+    evaluated = run_cli(runner, "eval", "--run", out, "--store", data.val, "--split", "val", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["rsum"] == pytest.approx(best["rsum"], abs=1e-6)
     again = run_cli(runner, *train_args(data, out))
@@ -118,7 +109,7 @@ def test_resume_refuses_another_architecture_and_restarts_selection_on_another_v
     assert result.exit_code == 2 and "another model configuration" in result.output
     first_best = json.loads((out / "checkpoints/best/metrics.json").read_text())["rsum"]
     other = write_synthetic_store(tmp_path / "other-val.zarr", 10, seed=7, split="val")
-    on_other = ("train", "--shards", data["shards"], "--val-store", other, "--out", out, "--resume")
+    on_other = ("train", "--shards", data.shards, "--val-store", other, "--out", out, "--resume")
     refused = run_cli(runner, *on_other, "--set", "train.epochs=2")
     assert refused.exit_code == 2 and "--allow-change" in refused.output, refused.output
     resumed = run_cli(runner, *on_other, "--allow-change", "--set", "train.epochs=2")
