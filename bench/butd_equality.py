@@ -1,11 +1,7 @@
-"""Do `--regions butd-vg` features equal the released ones? For whoever has the real detector weights.
-
-Extracts the first N COCO 5K-test images that SCAN's precomp files hold (a Karpathy JSON of just those,
-written beside the output) with `userpipe extract --regions butd-vg`, then compares each image's boxes
-with SCAN's 36 released rows of the same id: every extracted box is matched with its most similar released
-box (the two box orders need not agree) and the cosines are averaged per image. Features from the same
-network on the same image give a mean near 1 (the per-box best match is lenient: a few shifted boxes lower
-it little); writes OUT/equality.{json,md}.
+"""Do `--regions butd-vg` features equal the released ones? For whoever has the real detector weights:
+extracts the first N COCO 5K-test images that SCAN's precomp files hold and compares each image's boxes
+with SCAN's released rows of the same id (how: docs/architecture.md, "The Visual Genome detector");
+writes OUT/equality.{json,md}.
 
     python -m bench.butd_equality --coco data/coco --precomp data/coco_precomp \\
         --weights faster_rcnn_from_caffe_attr.pkl --images 10

@@ -1,15 +1,8 @@
-"""The data order's false negatives: per query, the mean number of other captions of its own image in its
-batch (`same_image_batch`) and of entries of its own image in the queue it is scored against
-(`same_image_queue`), as `userpipe train` logs them per step, here for a whole epoch without training.
-
-Each such entry counts as a negative unless model.mask_false_negatives. The anchor row is a global
-shuffle of the same pairs, the released code's order. Two shard sets:
-- COCO-sized: a synthetic store of 113,287 images x 5 captions (tiny features: only the order matters),
-  sharded as `userpipe shard` does by default (1,000 images per shard); the coco preset's batch 128,
-  queue 4,096 and 2 loader workers;
-- the demo's shards (data/demo-shards/train, made by `just demo`), with the demo config's batch 64,
-  queue 1,024 and 1 worker; skipped when they are not there.
-Results: bench/results/data_order.{json,md}.
+"""The data order's false negatives for a whole epoch without training: per query, the mean number of other
+captions of its own image in its batch (`same_image_batch`) and in its queue (`same_image_queue`), as
+`userpipe train` logs them, against a global shuffle of the same pairs; on a COCO-sized synthetic shard
+set and the demo's shards. Results: bench/results/data_order.{json,md}; the setup: docs/architecture.md,
+"Data order".
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """The GPU path measured on one card in one process (issue 17): the fused queue kernel compiled, a COCO-size
-training step under bf16, BUTD-style region extraction on CUDA.
-
-Sections, each recorded even if a later one fails (results are rewritten after every section):
-  0. device: name, versions, measured copy bandwidth and matmul rates (the ceilings used below)
-  1. queue kernel: forward + backward of UTO's queue logsumexp, B = 128, E = 1024, M in {65,536; 262,144;
-     1,048,576}, queue bf16 and fp32: triton vs eager vs chunked; median time, peak memory above the
-     inputs, errors against an fp64 reference, time over the memory-bound limit
-  2. training step at COCO size (coco preset, bert-base shape with random weights): fp32 vs bf16 autocast
-     vs bf16 + torch.compile of the encoders; step time, peak memory, fp32/bf16 loss and gradient agreement
-  3. region extraction (pipeline.regions, butd kind: Faster R-CNN boxes + ResNet-101 features, random
-     weights) on 64 images at 600 px on the GPU, against the CPU (bench/results/gpu_cpu_reference.json,
-     written by --cpu-reference on the development machine, and a few images on this machine's CPU)
+training step under bf16, BUTD-style region extraction on CUDA; each section is recorded even if a later
+one fails (what each measures: docs/architecture.md, "On a GPU").
 
 Run on a GPU:   TRITON_INTERPRET=0 PYTHONPATH=. python -m bench.gpu --out DIR
 Dry run (CPU):  TRITON_INTERPRET=1 PYTHONPATH=. python -m bench.gpu --dry-run   (tiny sizes, every code path)
@@ -493,20 +483,7 @@ def train_section(bench: Bench) -> None:
     device = bench.device
     torch.manual_seed(recipe.seed)
     model = build_model(model_config, BertModel(bert_config)).to(device).train()
-    gen = torch.Generator().manual_seed(0)
-    inputs = (
-        torch.randn(batch, model_config.num_regions, model_config.feature_dim, generator=gen),
-        torch.full((batch,), model_config.num_regions),  # BUTD always yields R boxes
-        torch.randint(
-            min(1000, bert_config.vocab_size // 2),
-            bert_config.vocab_size,
-            (batch, tokens_long),
-            generator=gen,
-        ),  # bert-base's word pieces start at 1000 (below: specials, unused)
-        torch.randint(tokens_long * 3 // 5, tokens_long + 1, (batch,), generator=gen),  # COCO: 12-20 tokens
-        torch.arange(batch),
-    )
-    inputs = tuple(x.to(device) for x in inputs)
+    inputs = _train_inputs(model_config, bert_config, batch, tokens_long, device)
     section.update(
         batch=batch,
         regions=list(inputs[0].shape[1:]),
@@ -552,14 +529,33 @@ def train_section(bench: Bench) -> None:
                 bench.error(f"train_step {name}", exc)
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"   {row}", flush=True)
-        if key == "fp32":  # at initialisation every score sits below γ: loss and gradients are ~0 there
-            try:
-                section["agreement"] = _fp32_bf16_agreement(model, inputs, device)
-                print(f"   agreement {section['agreement']}", flush=True)
-            except Exception as exc:
-                bench.error("train_step agreement", exc)
+        if key == "fp32":
+            _record_agreement(bench, section, model, inputs)
         _train_table(bench, section)
         bench.write()  # a compile that outlasts the command's timeout keeps the rows before it
+    _train_headline(bench, variants, batch)
+
+
+def _train_inputs(model_config, bert_config, batch: int, tokens_long: int, device) -> tuple:
+    """One synthetic batch of the model's inputs at COCO's shapes, seeded."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(batch, model_config.num_regions, model_config.feature_dim, generator=gen),
+        torch.full((batch,), model_config.num_regions),  # BUTD always yields R boxes
+        torch.randint(
+            min(1000, bert_config.vocab_size // 2),
+            bert_config.vocab_size,
+            (batch, tokens_long),
+            generator=gen,
+        ),  # bert-base's word pieces start at 1000 (below: specials, unused)
+        torch.randint(tokens_long * 3 // 5, tokens_long + 1, (batch,), generator=gen),  # COCO: 12-20 tokens
+        torch.arange(batch),
+    )
+    return tuple(x.to(device) for x in inputs)
+
+
+def _train_headline(bench: Bench, variants: list[dict], batch: int) -> None:
+    """The fastest variant that ran against fp32, when fp32 and another ran."""
     done = {v["variant"]: v for v in variants if "step_ms" in v}
     if "fp32" in done and len(done) > 1:
         best = min(done.values(), key=lambda v: v["step_ms"])
@@ -571,6 +567,16 @@ def train_section(bench: Bench) -> None:
                 f"{done['fp32']['pairs_per_s']:,.0f}",
             ]
         )
+
+
+def _record_agreement(bench: Bench, section: dict, model, inputs: tuple) -> None:
+    """fp32 against bf16 autocast on the same batch, recorded (or its error) in the section. At
+    initialisation every score sits below γ: loss and gradients are ~0 there."""
+    try:
+        section["agreement"] = _fp32_bf16_agreement(model, inputs, bench.device)
+        print(f"   agreement {section['agreement']}", flush=True)
+    except Exception as exc:
+        bench.error("train_step agreement", exc)
 
 
 def _time_steps(

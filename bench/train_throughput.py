@@ -1,23 +1,8 @@
-"""Training throughput: (image, caption) pairs per second through the whole step (model, UTO with queues,
-backward, clipping, AdamW, momentum update), at two sizes, for three implementations on the same threads:
-
-- `userpipe`: `trainer.step.train_step` in a process set up as `userpipe train` sets it up (MKL as it
-  comes, freed memory kept for the next step: trainer/process.py);
-- `plain eager`: the same step written plainly from the formulas, as the released code runs it: its encoders
-  (tests/released.py, on the same weights, torch's dropout), one (B, B) score matrix and one (B, M) matrix
-  per queue, the momentum update one parameter at a time, the queues as concatenation, AdamW's default
-  (for-loop) implementation, Python's process defaults;
-- `userpipe --deterministic`: `train_step` with MKL_CBWR=COMPATIBLE (bit-exact resume), to state its cost.
-
-Each implementation runs in processes of its own on the same batches (taken from memory). This VM's speed
-drifts by up to a quarter between minutes, so plain eager and userpipe alternate over ROUNDS processes each;
-their speed ratio is the ratio of the pooled medians, and its spread the lowest and highest ratio of one
-round's medians. Minor page faults per step are counted too: unlike seconds, they do not drift.
-
-Sizes: `demo` (the demo preset: B=64, 36x1280 regions, E=256, M=1024, MiniLM 1 layer) and `coco-like`
-(the coco preset's B=128, 36x2048, E=1024, M=4096, with MiniLM's 6 layers for BERT-base, which is not
-offline). A profile of the userpipe step (torch.profiler over the labels in model.forward and train_step,
-plus the wall time spent waiting for the streaming loader) says where the time goes.
+"""Training throughput: (image, caption) pairs per second through the whole step, at two sizes (`demo`,
+`coco-like`), for `userpipe`, a `plain eager` step written from the released formulas and `userpipe
+--deterministic`, each in processes of its own on the same batches; plain eager and userpipe alternate
+over ROUNDS processes each. What each implementation is and how to read the numbers: docs/reference.md,
+"Benchmark details"; the sizes: docs/architecture.md, "The training step".
 Results: bench/results/train_throughput.{json,md}.
 """
 

@@ -1,14 +1,6 @@
-"""The Visual Genome BUTD detector's checkpoints as users have them, mapped onto pipeline/butd_vg.py's
-network through explicit key tables: a file loads only if every key and shape is accounted for.
-
-Both tables were derived from the two projects' model code:
-- airsplay: py-bottom-up-attention's faster_rcnn_from_caffe_attr.pkl, a pickle of {"model": {name:
-  ndarray}, "__author__": ...} in detectron2 names with background last (the names of this network).
-  Its frozen BatchNorms may carry running statistics or only the folded scale and bias.
-- milvlg: bottom-up-attention.pytorch's bua-caffe-frcn-r101_with_attributes.pth (and -k36, -k10-100),
-  a torch.save of {"model": state} in Caffe's orders: background first among classes, box deltas and
-  attributes; RPN objectness as (background, object) logit pairs; the attribute head named cls_embed /
-  attr_linear1 / attr_linear2; BatchNorm counters (num_batches_tracked) where it did not freeze them.
+"""The Visual Genome BUTD detector's checkpoints as users have them (airsplay's .pkl, MILVLG's .pth), mapped
+onto pipeline/butd_vg.py's network through explicit key tables: a file loads only if every key and shape
+is accounted for. The two formats: docs/architecture.md, "The Visual Genome detector".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""`userpipe export`: a store split -> the region interchange formats the importers read back.
-
-- npz: bottom-up-attention.pytorch (MILVLG) files, one per image (IMAGE_ID.npz: x, bbox, num_bbox,
-  image_h, image_w, and `info` with the per-box objects and attributes when the store has them).
-- tsv: one file for the split, arrays as base64. A store with detections is written in the LXMERT layout
-  (img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features),
-  one without in generate_tsv.py's (image_id, image_w, image_h, num_boxes, boxes, features), so no
-  detection is made up.
-
-Only valid images are written, each with its num_regions boxes (the store's float16 features widened to
-float32, as both formats hold them). The output appears whole or not at all, and never replaces anything.
+"""`userpipe export`: a store split -> the region interchange formats the importers read back: one
+bottom-up-attention.pytorch (MILVLG) .npz per image, or one TSV for the split (LXMERT's layout when the
+store has detections, generate_tsv.py's otherwise). The layouts: docs/architecture.md, "The Visual Genome
+detector".
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from userpipe.pipeline.features import extractor_models, image_features, load_im
 from userpipe.pipeline.global_encoders import resolve_global_config
 from userpipe.pipeline.importers import ImportPlan
 from userpipe.pipeline.region_kinds import KINDS, RegionOptions, region_kind
-from userpipe.pipeline.region_kinds.registry import DatasetRequest
+from userpipe.pipeline.region_kinds.registry import DatasetRequest, RegionKind
 from userpipe.pipeline.regions import GPU_PER_LOCAL_WORKER
 from userpipe.pipeline.store import (
     collect_failures,
@@ -114,29 +114,8 @@ def prepare(opts: ExtractOptions) -> Prepared:
     out = opts.out or default_out(opts.dataset)
     check_output(out, STORE, _given_inputs(opts))  # refused before any work (the demo's included)
     is_demo = opts.dataset == "demo"
-    name, colon, source = (opts.regions or ("boxes" if is_demo else "butd")).partition(":")
-    kind = region_kind(name)
-    options = RegionOptions(source or None, *(getattr(opts, f.name) for f in fields(RegionOptions)[1:]))
-    for option in fields(RegionOptions)[1:]:
-        if getattr(options, option.name) is not None and option.name not in kind.reads:
-            readers = [k.name for k in KINDS.values() if option.name in k.reads]
-            flag = "--" + option.name.replace("_", "-")
-            raise InputError(f"{flag} does not apply to --regions {name} (only to {', '.join(readers)})")
-    if kind.location and not source:
-        raise InputError(f"--regions {name} needs a location: {name}:{kind.location}")
-    if colon and not kind.location:
-        raise InputError(f"--regions {name} takes no location (got {name}:{source})")
-    if opts.min_regions is not None and not 0 < opts.min_regions <= opts.num_regions:
-        raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
-    if opts.device not in (None, "auto", "cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, not '{opts.device}'")
-    if opts.device == "cuda" and opts.scheduler is None:  # an existing scheduler's workers may have GPUs
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(
-                "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is false)"
-            )
+    kind, options = _region_options(opts)
+    _check_detector_options(opts)
     clip_spec = opts.clip or ("imagenet:efficientnet_lite0" if is_demo else "ViT-B-32:openai")
     global_config = resolve_global_config(clip_spec)
     region_config = kind.resolve(options)
@@ -172,6 +151,42 @@ def prepare(opts: ExtractOptions) -> Prepared:
     )
     check_output(out, STORE, [index.image_root])
     return Prepared(config, index, imports, out)
+
+
+def _region_options(opts: ExtractOptions) -> tuple[RegionKind, RegionOptions]:
+    """The kind `--regions` names (the dataset's default when not given) and the region options given,
+    each refused unless that kind reads it; a location (`KIND:WHERE`) only and always where the kind
+    takes one."""
+    default = "boxes" if opts.dataset == "demo" else "butd"
+    name, colon, source = (opts.regions or default).partition(":")
+    kind = region_kind(name)
+    options = RegionOptions(source or None, *(getattr(opts, f.name) for f in fields(RegionOptions)[1:]))
+    for option in fields(RegionOptions)[1:]:
+        if getattr(options, option.name) is not None and option.name not in kind.reads:
+            readers = [k.name for k in KINDS.values() if option.name in k.reads]
+            flag = "--" + option.name.replace("_", "-")
+            raise InputError(f"{flag} does not apply to --regions {name} (only to {', '.join(readers)})")
+    if kind.location and not source:
+        raise InputError(f"--regions {name} needs a location: {name}:{kind.location}")
+    if colon and not kind.location:
+        raise InputError(f"--regions {name} takes no location (got {name}:{source})")
+    return kind, options
+
+
+def _check_detector_options(opts: ExtractOptions) -> None:
+    """--min-regions and --device have values that work (a CUDA device on this machine, unless the
+    workers are an existing scheduler's, which may have GPUs)."""
+    if opts.min_regions is not None and not 0 < opts.min_regions <= opts.num_regions:
+        raise InputError(f"--min-regions must be between 1 and --num-regions ({opts.num_regions})")
+    if opts.device not in (None, "auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, not '{opts.device}'")
+    if opts.device == "cuda" and opts.scheduler is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(
+                "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is false)"
+            )
 
 
 # --------------------------------------------------------------------------- worker side

@@ -1,16 +1,7 @@
-"""Importers for region features users already have, read lazily and checked before use.
-
-- precomp:DIR  SCAN layout ({split}_ims.npy, {split}_caps.txt, {split}_ids.txt); also the dataset
-               (captions and ids come from these files). The .npy is memory-mapped.
-- tsv:GLOB     bottom-up-attention TSV (Anderson et al. tools/generate_tsv.py) or its LXMERT variant;
-               indexed once by byte offset, lines read on demand.
-- npz:DIR      bottom-up-attention.pytorch per-image .npz files.
-
-Each box's object and attribute (LXMERT's TSV fields, the `info` dict of MILVLG's npz) are kept when every
-TSV line or the first npz file holds them.
-
-Each importer yields, per dataset image, a small picklable reference (`ref`) that a worker turns
-into features with `read_imported`.
+"""Importers for region features users already have (`--regions precomp:DIR`, `tsv:GLOB`, `npz:DIR`), read
+lazily and checked before use. Each yields, per dataset image, a small picklable reference (`ref`) that
+a worker turns into features with `read_imported`. The formats: docs/reference.md, "`userpipe extract`";
+how they are read: docs/architecture.md, "`userpipe extract`".
 """
 
 from __future__ import annotations
@@ -144,6 +135,52 @@ def _karpathy_files(dataset: str, root: Path | None) -> dict[str, ImageRecord]:
     return {key(r): r for records in index.splits.values() for r in records}
 
 
+@dataclass
+class _PrecompSplit:
+    """One split's SCAN files, checked against each other: the features file and its width, one id per
+    image, the captions (`per_image` per image, in image order) and the text files' sha256."""
+
+    ims: Path
+    dim: int
+    ids: list[str]
+    captions: list[str]
+    per_image: int
+    hashes: list[str]
+
+
+def _read_precomp_split(directory: Path, split: str, max_captions: int | None) -> _PrecompSplit:
+    found = _precomp_split(directory, split)
+    if found is None:
+        names = " or ".join(f"{s}_ims.npy" for s in PRECOMP_SPLIT_FILES[split])
+        raise InputError(f"precomp folder {directory} has no {names} for split '{split}'")
+    stem, ims = found
+    (n, _, dim), _ = checked_npy(ims)
+    caps_path, ids_path = directory / f"{stem}_caps.txt", directory / f"{stem}_ids.txt"
+    for p in (caps_path, ids_path):
+        if not p.is_file():
+            raise InputError(f"precomp folder {directory} has {ims.name} but no {p.name}")
+    caps, ids = _read_lines(caps_path), _read_lines(ids_path)
+    counts = (
+        f"{ims.name} has {n} images, {ids_path.name} {len(ids)} ids, {caps_path.name} {len(caps)} captions"
+    )
+    if n == 0 or len(caps) % n or (max_captions is not None and len(caps) != n * max_captions):
+        needs = f"{max_captions} per image" if max_captions is not None else "the same number per image"
+        raise InputError(f"{counts}: the captions must be {needs}")
+    per_image = len(caps) // n
+    if len(ids) not in (n, len(caps)):
+        raise InputError(f"{counts}: expected one id per image or one per caption")
+    check_captions([" ".join(c.split()) for c in caps], str(caps_path))
+    if len(ids) == len(caps) and per_image > 1:
+        grouped = [ids[i * per_image : (i + 1) * per_image] for i in range(n)]
+        bad = next((i for i, g in enumerate(grouped) if len(set(g)) != 1), None)
+        if bad is not None:
+            raise InputError(
+                f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})"
+            )
+        ids = [g[0] for g in grouped]
+    return _PrecompSplit(ims, dim, ids, caps, per_image, [file_sha256(caps_path), file_sha256(ids_path)])
+
+
 def load_precomp(
     directory: Path, dataset: str, root: Path | None, splits: tuple[str, ...]
 ) -> tuple[DatasetIndex, ImportPlan]:
@@ -158,51 +195,23 @@ def load_precomp(
     dims = set()
     hashes = []
     for split in splits:
-        found = _precomp_split(directory, split)
-        if found is None:
-            names = " or ".join(f"{s}_ims.npy" for s in PRECOMP_SPLIT_FILES[split])
-            raise InputError(f"precomp folder {directory} has no {names} for split '{split}'")
-        stem, ims = found
-        (n, _, dim), _ = checked_npy(ims)
-        dims.add(dim)
-        caps_path, ids_path = directory / f"{stem}_caps.txt", directory / f"{stem}_ids.txt"
-        for p in (caps_path, ids_path):
-            if not p.is_file():
-                raise InputError(f"precomp folder {directory} has {ims.name} but no {p.name}")
-        caps, ids = _read_lines(caps_path), _read_lines(ids_path)
-        counts = (
-            f"{ims.name} has {n} images, {ids_path.name} {len(ids)} ids, {caps_path.name} {len(caps)} "
-            "captions"
-        )
-        if n == 0 or len(caps) % n or (max_captions is not None and len(caps) != n * max_captions):
-            needs = f"{max_captions} per image" if max_captions is not None else "the same number per image"
-            raise InputError(f"{counts}: the captions must be {needs}")
-        per_image = len(caps) // n
-        if len(ids) not in (n, len(caps)):
-            raise InputError(f"{counts}: expected one id per image or one per caption")
-        check_captions([" ".join(c.split()) for c in caps], str(caps_path))
-        if len(ids) == len(caps) and per_image > 1:
-            grouped = [ids[i * per_image : (i + 1) * per_image] for i in range(n)]
-            bad = next((i for i, g in enumerate(grouped) if len(set(g)) != 1), None)
-            if bad is not None:
-                raise InputError(
-                    f"{ids_path.name}: the {per_image} caption ids of image {bad} disagree ({grouped[bad]})"
-                )
-            ids = [g[0] for g in grouped]
-        keep = max_captions or per_image
+        found = _read_precomp_split(directory, split, max_captions)
+        dims.add(found.dim)
+        per_image, keep = found.per_image, max_captions or found.per_image
         records = []
-        for i, image_id in enumerate(ids):
+        for i, image_id in enumerate(found.ids):
             known = by_id.get(image_id)
+            captions = found.captions[i * per_image : i * per_image + keep]
             records.append(
                 ImageRecord(
                     image_id=known.image_id if known else image_id,
                     file=known.file if known else "",
-                    captions=tuple(" ".join(c.split()) for c in caps[i * per_image : i * per_image + keep]),
+                    captions=tuple(" ".join(c.split()) for c in captions),
                 )
             )
         index_splits[split] = records
-        refs[split] = [(str(ims), i) for i in range(n)]
-        hashes += [file_sha256(caps_path), file_sha256(ids_path)]
+        refs[split] = [(str(found.ims), i) for i in range(len(found.ids))]
+        hashes += found.hashes
     if len(dims) != 1:
         raise InputError(f"precomp splits in {directory} disagree on the feature dim: {sorted(dims)}")
     image_root = None
@@ -256,9 +265,8 @@ def index_tsv(pattern: str) -> tuple[dict[str, tuple[str, int]], int, bool]:
     detections = True
     for path in files:
         with open(path, "rb") as f:
-            offset, number = 0, 0
-            for line in iter(f.readline, b""):
-                number += 1
+            offset = 0
+            for number, line in enumerate(iter(f.readline, b""), 1):
                 if offset == 0 and line.startswith(codecs.BOM_UTF8):  # the first line starts after the mark
                     offset, line = len(codecs.BOM_UTF8), line[len(codecs.BOM_UTF8) :]
                 fields = line.rstrip(b"\r\n").split(b"\t")

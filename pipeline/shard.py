@@ -1,14 +1,8 @@
 """`userpipe shard` and `userpipe verify`: a store split -> WebDataset tar shards + manifest.
 
 The plan (which image goes to which shard, in which order) is computed up front from the store's
-metadata alone, deterministically from the seed: store chunks are visited in a seeded random order,
-their valid images cut into shards by `max_count` and `max_size`, and each shard's images shuffled.
-So a shard is a random set of store chunks, and each task reads whole chunks sequentially (Zarr
-decodes whole chunks anyway; random single rows cost a full chunk each).
-
-One Dask task writes one shard: to a temporary name, then hashed, then renamed, then its record
-(`.NAME.json`) is written; a rerun keeps shards whose record exists and that pass `check_shard` against it
-(pipeline/shard_io.py, the check `userpipe verify` and the loader make), and names any it writes again.
+metadata alone, seeded; one Dask task writes one shard, and a rerun keeps every shard that passes
+`check_shard` against its record. How and why: docs/architecture.md, "`userpipe shard`".
 """
 
 from __future__ import annotations
@@ -75,7 +69,7 @@ def shard_name(split: str, number: int) -> str:
 def plan_shards(
     valid: np.ndarray, chunk: int, sizes: np.ndarray, seed: int, max_count: int, max_size: int
 ) -> list[np.ndarray]:
-    """Seeded assignment of valid images to shards; see the module docstring."""
+    """Seeded assignment of valid images to shards (docs/architecture.md, "`userpipe shard`")."""
     rng = np.random.default_rng(seed)
     n = len(valid)
     chunk_order = rng.permutation(-(-n // chunk))

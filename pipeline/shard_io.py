@@ -213,60 +213,75 @@ def decode_sample(
 ) -> ShardSample:
     """From webdataset's raw dict (member name without the key -> bytes); checks the members (exactly
     `fields`, when given), every dtype and every size."""
-
-    def array(name: str) -> np.ndarray | None:
-        data = raw.get(name)
-        if data is None:
-            return None
-        value = load_npy(data)
-        if value.dtype != MEMBER_DTYPES[name]:
-            raise ValueError(f"{name} is {value.dtype}, not {MEMBER_DTYPES[name]}")
-        return value
-
-    def refused(problem: str) -> SampleError:
-        key = raw.get("__key__")
-        return SampleError(f"sample {key} in {raw.get('__url__', '?')}: {problem}", key, problem)
-
-    # exactly the expected members (the common case, tested without building sets), or say which differs
-    exact = len(raw) == len(fields or ()) + 2 and "__key__" in raw and "__url__" in raw
-    if not (fields and exact and all(name in raw for name in fields)):
-        members = {name for name in raw if not name.startswith("__")}
-        unexpected = sorted(members - set(fields or MEMBERS))
-        missing = sorted(set(fields or ()) - members)
-        if unexpected or missing:
-            raise refused(f"unexpected member {unexpected[0]}" if unexpected else f"no {missing[0]} member")
+    _check_member_names(raw, fields)
     try:
         meta = SampleMeta.model_validate_json(bytes(raw["meta.json"]))  # one pass, in pydantic's parser
         captions = parse_json(raw["captions.json"], "captions.json")
-        regions, boxes = array("regions.npy"), array("boxes.npy")
+        regions, boxes = _member_array(raw, "regions.npy"), _member_array(raw, "boxes.npy")
     except KeyError as exc:
-        raise refused(f"no {exc.args[0]} member") from None
+        raise _refused(raw, f"no {exc.args[0]} member") from None
     except ValidationError as exc:
-        raise refused(f"unreadable (meta.json: {first_problem(exc)})") from None
+        raise _refused(raw, f"unreadable (meta.json: {first_problem(exc)})") from None
     except (InputError, ValueError, EOFError) as exc:
-        raise refused(f"unreadable ({' '.join(str(exc).split())})") from None
+        raise _refused(raw, f"unreadable ({' '.join(str(exc).split())})") from None
     if regions is None or boxes is None:
-        raise refused(f"no {'regions.npy' if regions is None else 'boxes.npy'} member")
+        raise _refused(raw, f"no {'regions.npy' if regions is None else 'boxes.npy'} member")
     sample = ShardSample(
         meta,
         regions,
         boxes,
         captions,
-        array("clip_image.npy"),
-        array("clip_text.npy"),
+        _member_array(raw, "clip_image.npy"),
+        _member_array(raw, "clip_text.npy"),
         source=raw.get("__url__"),
     )
-    k, n = meta.num_regions, meta.num_captions
+    problem = _shape_problem(sample, feature_dim)
+    if problem is not None:
+        raise _refused(raw, problem)
+    return sample
+
+
+def _refused(raw: dict, problem: str) -> SampleError:
+    key = raw.get("__key__")
+    return SampleError(f"sample {key} in {raw.get('__url__', '?')}: {problem}", key, problem)
+
+
+def _check_member_names(raw: dict, fields: tuple[str, ...] | None) -> None:
+    """Exactly the expected members (the common case, tested without building sets), or say which differs."""
+    exact = len(raw) == len(fields or ()) + 2 and "__key__" in raw and "__url__" in raw
+    if fields and exact and all(name in raw for name in fields):
+        return
+    members = {name for name in raw if not name.startswith("__")}
+    unexpected = sorted(members - set(fields or MEMBERS))
+    missing = sorted(set(fields or ()) - members)
+    if unexpected or missing:
+        raise _refused(raw, f"unexpected member {unexpected[0]}" if unexpected else f"no {missing[0]} member")
+
+
+def _member_array(raw: dict, name: str) -> np.ndarray | None:
+    data = raw.get(name)
+    if data is None:
+        return None
+    value = load_npy(data)
+    if value.dtype != MEMBER_DTYPES[name]:
+        raise ValueError(f"{name} is {value.dtype}, not {MEMBER_DTYPES[name]}")
+    return value
+
+
+def _shape_problem(sample: ShardSample, feature_dim: int | None) -> str | None:
+    """How a decoded sample's arrays disagree with its meta.json or the store's feature width, if they do."""
+    regions, boxes, captions = sample.regions, sample.boxes, sample.captions
+    k, n = sample.meta.num_regions, sample.meta.num_captions
     if regions.ndim != 2 or regions.shape[0] != k or boxes.shape != (k, 4) or len(captions) != n:
-        raise refused(
+        return (
             f"regions {regions.shape}, boxes {boxes.shape}, {len(captions)} captions "
             f"disagree with meta (num_regions={k}, num_captions={n})"
         )
     if feature_dim is not None and regions.shape[1] != feature_dim:
-        raise refused(f"regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d")
+        return f"regions are {regions.shape[1]}-d, the manifest's store has {feature_dim}-d"
     if sample.clip_text is not None and sample.clip_text.shape[0] != n:
-        raise refused(f"clip_text has {sample.clip_text.shape[0]} rows for {n} captions")
-    return sample
+        return f"clip_text has {sample.clip_text.shape[0]} rows for {n} captions"
+    return None
 
 
 def encoded_size(
@@ -312,13 +327,29 @@ class ShardDamage(ShardError):
         return cls(f"{shard} {verb + ' ' if verb else ''}{problem} ({VERIFY_HINT})", problem)
 
 
+def check_shard_present(record: ShardRecord, shard: str, size: int | None = None) -> None:
+    """What is known of a shard without reading it: present, at its record's size. A local file is
+    stat'ed; `size` is what a server announced for a URL (nothing is checked for a URL without it). The
+    loader checks every shard so before training starts; `check_shard` does it first for a local shard."""
+    if size is None and not is_remote(shard):
+        if not Path(shard).is_file():
+            raise ShardDamage.of(shard, "is", "missing")
+        size = Path(shard).stat().st_size
+    if size is not None:
+        _check_size(record, shard, size)
+
+
+def _check_size(record: ShardRecord, shard: str, size: int) -> None:
+    if size != record.bytes:
+        verdict = "truncated" if size < record.bytes else "cut or altered"
+        raise ShardDamage.of(shard, "was", f"{verdict}: {size:,} bytes, the manifest says {record.bytes:,}")
+
+
 def check_shard(
     record: ShardRecord,
     shard: str,
     archive: bytes | memoryview | None = None,
     *,
-    read: bool = True,
-    size: int | None = None,
     sha256: bool = True,
     trusted: bool = False,
     fields: tuple[str, ...] | None = None,
@@ -332,28 +363,13 @@ def check_shard(
     `shard` is where it is (a local path, a URL or a `pipe:` command) and how messages name it.
     `archive`: its bytes, when the caller has them (the loader maps a shard once per reading); without
     them a local shard is mapped here, so hashing it reads the file once, through the page cache.
-    `read=False`: only what is known without reading it, presence and size: a local file's stat, or `size`
-    (what a server announced for a URL); the loader checks every shard so before training starts.
     `sha256=False`: not hashed (the loader's check_sha256 off), and the tar headers' own checksums computed
-    instead; `trusted`: it matched at an earlier reading (the loader's shared state), so neither."""
-
-    def sized(size: int) -> None:
-        if size != record.bytes:
-            verdict = "truncated" if size < record.bytes else "cut or altered"
-            problem = f"{verdict}: {size:,} bytes, the manifest says {record.bytes:,}"
-            raise ShardDamage.of(shard, "was", problem)
-
-    if archive is None and size is None and not is_remote(shard):
-        if not Path(shard).is_file():
-            raise ShardDamage.of(shard, "is", "missing")
-        size = Path(shard).stat().st_size
-    if size is not None:
-        sized(size)
-    if not read:
-        return []
+    instead; `trusted`: it matched at an earlier reading (the loader's shared state), so neither.
+    What is known without reading it (presence and size) is `check_shard_present`."""
     if archive is None:
+        check_shard_present(record, shard)
         archive = read_bytes(shard, "a shard", ShardError, mapped=True)
-    sized(len(archive))
+    _check_size(record, shard, len(archive))
     if sha256 and not trusted and hashlib.sha256(archive).hexdigest() != record.sha256:
         raise ShardDamage.of(shard, "was", "altered: its sha256 differs from the manifest")
     samples: list[ShardSample] = []

@@ -64,33 +64,18 @@ def write_synthetic_store(
     )
     root = create_store(path, attrs, DatasetIndex(dataset, path.parent, {split: records}, None))
     with every_chunk_written():
-        _write_features(
-            root[split],
-            rng,
-            num_images,
-            num_regions,
-            feature_dim,
-            clip_dim,
-            chunk_size,
-            invalid,
-            num_captions,
-        )
+        _write_features(root[split], rng, config, num_images, num_captions, invalid)
     write_attrs(root, collect_failures(root, attrs))
     return path
 
 
 def _write_features(
-    group,
-    rng,
-    num_images: int,
-    num_regions: int,
-    feature_dim: int,
-    clip_dim: int,
-    chunk_size: int,
-    invalid: tuple[int, ...],
-    num_captions: int,
+    group, rng, config: ExtractorConfig, num_images: int, num_captions: int, invalid: tuple[int, ...]
 ) -> None:
-    block = chunk_size * BLOCK_CHUNKS
+    """Random rows of the arrays `config` shapes, every image valid but those in `invalid`."""
+    num_regions, feature_dim = config.num_regions, config.feature_dim
+    clip_dim = config.global_encoder.image_dim
+    block = config.chunk_size * BLOCK_CHUNKS
     for start in range(0, num_images, block):
         rows = slice(start, min(num_images, start + block))
         n = rows.stop - rows.start

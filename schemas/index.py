@@ -1,19 +1,6 @@
-"""Vector indexes: the contract between `userpipe index` and `userpipe search`.
-
-An index is a folder:
-
-  index.json      IndexManifest (below)
-  images.faiss    faiss IndexFlatIP over the L2-normalized image embeddings, row i = images.jsonl line i
-  images.jsonl    {"id", "file", "row"} per indexed image (file relative to `image_root`, row in the
-                  store split)
-  captions.faiss  the same over the caption embeddings, row j = captions.jsonl line j
-  captions.jsonl  {"text", "image"} per caption, `image` = its row in images.jsonl
-
-Embeddings are L2-normalized, so inner product = cosine similarity = the score eval ranks by.
-
-Versions: 1.1 records the extractor configuration of the store the gallery came from, so an image-file
-query is embedded from the index and checkpoint alone; 1.0 indexes (without it) still load and answer
-text and image-id queries, and an image-file query names the rebuild command.
+"""Vector indexes: the contract between `userpipe index` and `userpipe search`: the manifest
+(`IndexManifest`, index.json) and the rows of images.jsonl and captions.jsonl beside the two faiss indexes.
+The folder's layout and its versions: docs/architecture.md, "Using a trained model".
 """
 
 from __future__ import annotations

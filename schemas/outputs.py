@@ -1,20 +1,7 @@
-"""Where a stage may write: the one output protocol, `claim`, that every userpipe command that writes uses.
-
-1. An output is new, an empty folder, or a folder holding userpipe's own output of the same kind
-   (recognised by the metadata file that kind always writes); a file output is new or a file of its kind.
-   Anything else is refused: userpipe never deletes or overwrites what it did not write.
-2. An output never is, contains or lies inside an input of the same command.
-3. One writer per output: the claim holds an advisory lock beside it (`.NAME.lock`) for the whole command.
-4. A killed predecessor is recovered at the next claim: an old output moved aside by a swap killed between
-   its two renames goes back (or away), unfinished `.NAME.new-*` builds are removed.
-5. A whole output (or a replacement of one's own) is built beside its name (`Output.built`: a fresh
-   `.NAME.new-*`; `.NAME.replacing` where a rerun resumes it) and swapped in with one atomic exchange, so a
-   command killed at any instant leaves the old output or the new one, whole.
-6. A write whose size is known is refused before the work when the disk cannot hold it; a claim refused or
-   failed before its output appeared leaves no folder it created behind.
-
-`claimed_paths` lists this process's held claims: tests/conftest.py refuses, with an audit hook, any write
-a command makes outside them (docs/reference.md, "What userpipe may write").
+"""Where a stage may write: `claim`, the one output protocol every userpipe command that writes uses (an
+output apart from the inputs, new or its own kind, one writer at a time, a killed predecessor recovered,
+built beside its name and swapped in, its size checked first), and `claimed_paths`, the claims this process
+holds. The rules one by one: docs/architecture.md, "Where stages may write".
 """
 
 from __future__ import annotations

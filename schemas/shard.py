@@ -1,21 +1,8 @@
-"""WebDataset shards: the contract between `userpipe shard` and the trainer's streaming loader.
-
-A shard is a POSIX tar; one sample per image, its members sharing the key (the image's index in
-its split, zero-padded). Members:
-
-  regions.npy     (k, D) float16   region features, k = num_regions (no padding on disk)
-  boxes.npy       (k, 4) float32   x1, y1, x2, y2 in pixels (NaN when the source had none)
-  clip_image.npy  (C,)   float16   only when the store has global embeddings
-  clip_text.npy   (n, C) float16   only when the store has caption embeddings
-  captions.json   [n strings]
-  meta.json       SampleMeta
-
-Beside the shards, manifest.json (ShardManifest) and sizes.json ({shard name: samples}, as open_clip
-reads it).
-
-This module is the contract: the manifest models, the sample and its members, the names and the errors.
-The bytes are read and written by `userpipe.pipeline.shard_io` (tar and .npy parsing, `encode_sample` /
-`decode_sample`, and `check_shard`, the one check of a shard against its manifest record).
+"""WebDataset shards: the contract between `userpipe shard` and the trainer's streaming loader: the manifest
+models (manifest.json, sizes.json), the sample and its members, the names and the errors. The bytes are
+read and written by `userpipe.pipeline.shard_io` (tar and .npy parsing, `encode_sample` /
+`decode_sample`, and `check_shard`, the one check of a shard against its manifest record). The layout:
+docs/reference.md and docs/architecture.md, "`userpipe shard`".
 """
 
 from __future__ import annotations

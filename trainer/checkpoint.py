@@ -1,17 +1,7 @@
 """Checkpoints: a run's saved states, written so that a kill or a full disk at any instant leaves a run
 that `--resume` continues; the seeded initial model a run starts from; loading a trained model (eval,
-index, search, report) and finding the checkpoint a command names.
-
-  RUN/checkpoints/e002-s000000/   model.safetensors, config.json, state.pt, metrics.json (+ BEST)
-  RUN/checkpoints/last -> e002-s000000     the state `--resume` continues from
-  RUN/checkpoints/best -> e001-s000000     the best validation so far (eval, index, search use it)
-
-A state is written whole into `.NAME.partial` (with a `BEST` marker when it is the best so far),
-flushed to disk, and renamed to its name; `last` and `best` are symbolic links, each switched by one
-atomic rename of a new link over the old one, `last` first. So `last` always names a complete state:
-the one before the save, or the new one. At the next start `recover` finishes a save killed between
-the two switches (the marker says `best` should follow) and removes what a killed save left (a partial
-folder, a state no link names).
+index, search, report) and finding the checkpoint a command names. The layout, and how a save switches
+`last` and `best`: docs/architecture.md, "What survives a fault".
 """
 
 from __future__ import annotations
@@ -129,10 +119,10 @@ def save(
     metrics: dict,
     best: bool,
     rng: torch.Tensor | list[torch.Tensor] | None = None,
-    world_size: int = 1,
 ) -> None:
-    """Write the state at `position` and make it `last` (and `best`); see the module docstring. `rng`: the
-    RNG state (this process's by default; with several processes, every rank's, in rank order)."""
+    """Write the state at `position` and make it `last` (and `best`): docs/architecture.md, "What survives a
+    fault". `rng`: the RNG state (this process's by default; with several processes, every rank's, in rank
+    order: the state records their number as the run's world size)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
@@ -164,7 +154,7 @@ def save(
                         "position": position,
                         "torch_rng": torch.get_rng_state() if rng is None else rng,
                         "threads": torch.get_num_threads(),
-                        "world_size": world_size,
+                        "world_size": len(rng) if isinstance(rng, list) else 1,
                     },
                     keeping,
                 )

@@ -1,14 +1,6 @@
 """Crisscrossed Captions (CxC; Parekh et al., EACL 2021) on COCO's Karpathy 5K test split: image-text
-positives beyond each caption's own image, from human similarity ratings.
-
-Inputs as users download them:
-  DIR/sits_test.csv     google-research-datasets/Crisscrossed-Captions, data/: caption,image,agg_score,
-                        sampling_method; captions as COCO_val2014:sentid:<COCO caption id>, images as
-                        COCO_val2014_<12-digit COCO image id>.jpg, agg_score a mean rating in [0, 5]
-  captions_val2014.json the COCO captions annotation file: annotations[].{id, image_id, caption}
-A rated pair is a positive at agg_score >= 3 (the CxC paper, section 3); every original pair is one too,
-as in VSE∞'s eval_cxc (whose every query has a positive). CxC names captions by COCO caption id, so the
-annotation file maps each to its image and text, and the text to the split's caption of that image.
+positives beyond each caption's own image, from human similarity ratings, read from the files as users
+download them. The files and the rule for a positive: docs/architecture.md, "Crisscrossed Captions".
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """The data order: which pairs each rank and DataLoader worker reads in an epoch, and in which order, as a
-pure function of (seed, epoch, rank, world, worker count) and the manifest's counts.
-
-An epoch is `passes` passes over the shards (the set's captions per image, 5 for COCO and Flickr30K), and
-each pass pairs every image with one of its captions, so the captions of an image are a whole pass apart:
-a query meets another caption of its own image in its batch or queue about as rarely as under the released
-code's global shuffle of all pairs (bench/data_order.py; docs/architecture.md, "Data order").
-
-The shard order is permuted per pass and split by rank, then by DataLoader worker, so each logical worker
-owns a list of shard visits (pass, shard); images are permuted within each visit, and the caption an image
-gets in pass p is entry p of a permutation of its captions drawn per (seed, epoch, image). Because a visit
-yields exactly its shard's manifest sample count of pairs, the manifest says where step S of an epoch is:
-`worker_plans` drops whole visits unread and skips pairs only inside the one partial visit.
+pure function of (seed, epoch, rank, world, worker count) and the manifest's counts. An epoch is `passes`
+passes over the shards, each pairing every image with one of its captions; `worker_plans` says where any
+step of an epoch is. Why and how: docs/architecture.md, "Data order".
 """
 
 from __future__ import annotations

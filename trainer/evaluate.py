@@ -2,11 +2,8 @@
 (Lee et al. 2018), VSE∞ (Chen et al. 2021) and USER (its released evaluation.py): 1K as 5-fold means,
 5K, F30K 1K.
 
-Ranks are counted, not sorted: an item's 0-based rank is the number of items scoring strictly
-higher, plus the tied items that a stable descending sort (`np.argsort(d, kind="stable")[::-1]`) puts
-first, i.e. tied items with a larger index. That equals the released evaluation's per-query argsort
-positions wherever the ground truth has no exact tie (where it has one, numpy's default sort leaves the
-order unspecified). Both directions count over one pass of the similarity rows, with bounded memory.
+Ranks are counted, not sorted, in one pass over the similarity rows (how ties are ordered:
+docs/architecture.md, "The trainer").
   i2t: rank of image i = the best rank among its captions;  t2i: rank of caption c = rank of its image.
   R@K = 100 · mean(rank < K); medr = floor(median(rank)) + 1; meanr = mean(rank) + 1;
   RSUM = i2t (R@1 + R@5 + R@10) + t2i (R@1 + R@5 + R@10).

@@ -1,19 +1,7 @@
-"""The streaming loader: WebDataset shards -> (image, caption) pair batches, flat in memory.
-
-Stages, each a small generator (webdataset style), composed in `_EpochStream.__iter__`:
-
-  shard set (trainer/shard_set.py: a manifest, its shards checked to be there at their size)
-  -> per-pass seeded shard order -> split by rank -> split by DataLoader worker (trainer/data_order.py)
-  -> shard reading (a mapped file, an http(s) URL or a `pipe:` command, read by schemas.sources;
-  pipeline.shard_io.check_shard decodes it and checks it against its manifest record, the sha256 at the
-  shard's first reading by any worker of this loader)
-  -> pairs: one caption of every image per pass, images shuffled within the shard (data_order.visit_pairs)
-  -> tokenize (+ augmentation) -> batches (trainer/batch_buffers.py: collate into a worker's shared buffer)
-
-Ordering is a pure function of (seed, epoch, rank, world, worker count) and the manifest
-(trainer/data_order.py), and augmentation draws are hashed from (seed, epoch, image, caption)
-(trainer/counter_random.py), so `StreamingLoader.batches(epoch, start_step)` resumes at any step by
-dropping whole shard visits unread and skipping pairs only inside the one partial visit.
+"""The streaming loader: WebDataset shards -> (image, caption) pair batches, flat in memory. Its stages are
+small generators (webdataset style), composed in `_EpochStream.__iter__`; the order is
+trainer/data_order.py's and the augmentation draws are hashed, so `StreamingLoader.batches(epoch,
+start_step)` resumes at any step. The stages: docs/architecture.md, "`userpipe shard` and the loader".
 """
 
 from __future__ import annotations

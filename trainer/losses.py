@@ -1,16 +1,11 @@
-"""USER's unified training objective (UTO), in logsumexp form.
-
-Batch part (Zhang et al. 2023, eq. for L_mb; identical to HAL, Liu et al. AAAI 2020), S = V Tᵀ:
+"""USER's unified training objective (UTO), in logsumexp form. Batch part (Zhang et al. 2023, eq. for L_mb;
+identical to HAL, Liu et al. AAAI 2020), S = V Tᵀ; queue part, one direction: queries q_n, their momentum
+positive keys k̂_n, the queue of keys Q_1..Q_M:
   L_mb = 1/B Σ_j 1/μ log(1 + Σ_{i≠j} e^{μ(S_ij − γ)}) + 1/B Σ_i 1/μ log(1 + Σ_{j≠i} e^{μ(S_ij − γ)})
          − 1/B Σ_i log(1 + ReLU(S_ii))
-Queue part, one direction (USER's momentum-queue term): queries q_n, their momentum positive keys k̂_n,
-the queue of keys Q_1..Q_M:
   L_q = 1/B Σ_n [ 1/μ log(1 + Σ_k e^{μ(q_n·Q_k − γ)}) − log(1 + ReLU(q_n·k̂_n)) ]
-log(1 + Σ e^z) is computed as logsumexp over {0} ∪ z (`log1p_sum_exp`), stable at μ = 90 in fp16/bf16.
-
-The queue's logsumexp is the part that grows with M; it has three backends with equal values and
-gradients: `eager` (plain torch, the reference), `chunked` (tiles of the queue, online logsumexp,
-recomputed in backward: memory O(B × tile)), `triton` (trainer/kernels/queue_lse.py, CUDA).
+The queue's logsumexp has three backends with equal values and gradients (eager, chunked, triton):
+docs/architecture.md, "The queue term".
 """
 
 from __future__ import annotations

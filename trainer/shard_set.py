@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from userpipe.pipeline.shard_io import check_shard
+from userpipe.pipeline.shard_io import check_shard_present
 from userpipe.schemas.errors import InputError, ManifestError
 from userpipe.schemas.shard import MANIFEST_NAME, ShardError, ShardRecord, parse_manifest, read_manifest
 from userpipe.schemas.sources import announced_size, is_remote, read_bytes
@@ -41,7 +41,7 @@ class ShardSet:
         path, manifest = read_manifest(location)
         urls = tuple(str(path.parent / record.name) for record in manifest.shards)
         for url, record in zip(urls, manifest.shards, strict=True):
-            check_shard(record, url, read=False)  # a stat each: the rest as the shards stream
+            check_shard_present(record, url)  # a stat each: the rest as the shards stream
         return cls(urls, manifest.shards, manifest.params.store_config, manifest.fields)
 
     @classmethod
@@ -130,4 +130,4 @@ def _check_announced_sizes(urls: tuple[str, ...], records: tuple[ShardRecord, ..
     with ThreadPoolExecutor(16) as pool:
         for url, record, announced in zip(urls, records, pool.map(size, urls), strict=True):
             if announced is not None:
-                check_shard(record, url, read=False, size=announced)
+                check_shard_present(record, url, announced)

@@ -1,22 +1,9 @@
 """`userpipe train`: streaming batches → USER → UTO → AdamW, with validation, checkpoints and logs.
 
-One loop, nanoGPT-style. The run directory holds:
-  config.json              the resolved RunConfig
-  run.json                 RunRecord: the data it reads (shard set by content) and any change a resume made
-  log.jsonl                one line per step ({"step", "epoch", "loss", "batch", "queue", "lr", ...,
-                           "same_image_batch", "same_image_queue": the order's false negatives per query})
-                           and per validation ({"val": {...metrics}}); "epoch" is the number of epochs
-                           completed when the line was written: a step's counts from 0 (the step is in
-                           epoch "epoch" + 1 as messages count), the validation at an epoch's end
-                           carries that epoch's number
-  checkpoints/             states, and the links last and best to them (trainer/checkpoint.py)
-  training.md, loss.png, val_rsum.png   written at the end
-Progress: rich's bar on a terminal; elsewhere (a log file, which the bar leaves empty) a plain line every
-PROGRESS_SECONDS (env USERPIPE_PROGRESS_SECONDS) and one at each epoch's end, from rank 0 only.
-A run killed at any point resumes (`--resume`) from its last checkpoint and, since data order,
-augmentation and dropout are all seeded, ends where the uninterrupted run would have; one killed before
-its first checkpoint starts again. A resume must use the run's recipe and data, or say so
-(`--allow-change`, recorded). A non-finite loss, gradient or validation stops the run (NonFiniteError).
+One loop over the library's parts (trainer/step.py, loader.py, checkpoint.py, run_dir.py, progress.py).
+A run directory holds config.json, run.json, log.jsonl, checkpoints/ and, at the end, training.md with
+its plots (docs/reference.md, "`userpipe train`"); a run killed at any point resumes with `--resume`
+(docs/architecture.md, "The trainer").
 """
 
 from __future__ import annotations
@@ -25,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,7 +33,7 @@ from userpipe.trainer.evaluate import with_sizes
 from userpipe.trainer.loader import LoaderSettings, StreamingLoader
 from userpipe.trainer.model import USER
 from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
-from userpipe.trainer.progress import PROGRESS_SECONDS, TrainingProgress, progress_seconds
+from userpipe.trainer.progress import TrainingProgress, progress_seconds
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.shard_set import ShardSet
 from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
@@ -106,6 +94,16 @@ def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: 
     return embedding_metrics([encode_split(model, store, "val", tokenizer, max_images, progress=False)])
 
 
+@dataclass
+class RunInputs:
+    """What a run trains on and how, as rank 0 resolves them (on --resume, the run's own unless given)."""
+
+    shards: str  # the shard set as given (`ShardSet.resolve` reads it)
+    val_store: Path
+    config: RunConfig
+    resume: bool
+
+
 def train_command(
     run: Path,
     shards: str | None,
@@ -125,22 +123,19 @@ def train_command(
     device = distributed.start(world)
     try:
 
-        def inputs() -> tuple[bool, str, Path, RunConfig]:  # rank 0 reads the run directory
+        def inputs() -> RunInputs:  # rank 0 reads the run directory
             resuming = resume or restarted_by_torchrun(run)
             spec, val = resume_inputs(run, shards, val_store, resuming)
             base = config or (checkpoint.run_config_of(run) if resuming else "demo")
-            return resuming, spec, val, load_run_config(base, parse_overrides(overrides))
+            return RunInputs(spec, val, load_run_config(base, parse_overrides(overrides)), resuming)
 
-        resuming, spec, val, run_config = distributed.from_main(inputs)
+        run_inputs = distributed.from_main(inputs)
         keep_freed_memory()
-        if run_config.train.deterministic:
+        if run_inputs.config.train.deterministic:
             reproducible_cpu_math()
         return train(
             run,
-            spec,
-            val,
-            run_config,
-            resuming,
+            run_inputs,
             console if world.main else Console(quiet=True),
             allow_change=allow_change,
             world=world,
@@ -157,71 +152,87 @@ def restarted_by_torchrun(run: Path) -> bool:
 
 def train(
     run: Path,
-    shards_spec: str,
-    val_store: Path,
-    config: RunConfig,
-    resume: bool,
+    inputs: RunInputs,
     console: Console,
-    bert=None,
+    *,
     allow_change: bool = False,
     world: World = World(),
     device: torch.device | None = None,
+    bert=None,
 ) -> dict | None:
     """Train (or resume) and return the best validation metrics (rank 0; None on the others). Rank 0 alone
     reads and writes the run directory and the validation store; what the others need of it (the start,
     the state to resume) reaches them from rank 0."""
     every = progress_seconds()  # a bad value is refused before any work
-    shards = ShardSet.resolve(shards_spec)
+    shards = ShardSet.resolve(inputs.shards)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_fits(config, shards, shards_spec, device, world)
+    check_fits(inputs.config, shards, inputs.shards, device, world)
 
     with contextlib.ExitStack() as held:
         claimed: list[Output] = []  # rank 0's claim of the run directory, held for the whole run
 
         def begin() -> Start:  # on rank 0; an error in it is raised on every rank
-            inputs = [val_store, *(Path(u).parent for u in shards.urls[:1] if not is_remote(u))]
-            claimed.append(held.enter_context(claim(run, RUN, inputs)))
-            return start_run(
-                claimed[0], config, run_data(shards_spec, shards, val_store), resume, allow_change, console
-            )
+            local = [Path(u).parent for u in shards.urls[:1] if not is_remote(u)]
+            claimed.append(held.enter_context(claim(run, RUN, [inputs.val_store, *local])))
+            data = run_data(inputs.shards, shards, inputs.val_store)
+            return start_run(claimed[0], inputs.config, data, inputs.resume, allow_change, console)
 
         start = distributed.from_main(begin)
-        return _train(
-            run, claimed, shards, shards_spec, val_store, start, console, bert, world, device, every
+        config = start.config
+        tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
+        loader, per_epoch = _epoch_plan(config, shards, inputs.shards, tokenizer, world)
+        _check_world_size(run, start.state, world)
+        model = initial_model(config, bert).to(device)  # the same on every rank (DDP also copies rank 0's)
+        # on rank 0, once every check above has passed: the run directory's first write
+        distributed.from_main(lambda: _prepare_run_directory(run, claimed[0], start, model, inputs.val_store))
+        if start.state is not None and world.main:
+            checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
+        distributed.use_global_batch_statistics(model, config.train.global_batchnorm)
+        trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
+        log = JsonLog(run / LOG_NAME) if world.main else _NoLog()
+        training = _Training(
+            run=run,
+            config=config,
+            model=model,
+            trained=trained,
+            optimizer=build_optimizer(model, config.train),
+            val_store=inputs.val_store,
+            tokenizer=tokenizer,
+            log=log,
+            world=world,
+            device=device,
         )
+        if start.state is not None:
+            training.resume(start, per_epoch, console)
+        else:
+            training.begin()
+        model.train()
+        with TrainingProgress(
+            console,
+            sum(per_epoch),
+            config.train.epochs,
+            training.position.global_step,
+            every,
+            shown=world.main,
+        ) as progress:
+            training.run_epochs(loader, per_epoch, progress)
+        if not world.main:
+            return None
+        write_training_summary(run, log.records())
+        best = json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
+        return with_sizes(best, *validation_sizes(run))  # the table's title states what was validated on
 
 
-class _NoLog:
-    """The log of a rank other than 0: it writes nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def truncate_after(self, global_step: int) -> None:
-        pass
-
-
-def _train(
-    run: Path,
-    claimed: list[Output],
-    shards: ShardSet,
-    shards_spec: str,
-    val_store: Path,
-    start: Start,
-    console: Console,
-    bert,
-    world: World,
-    device: torch.device,
-    every: float = PROGRESS_SECONDS,
-) -> dict | None:
-    config = start.config
+def _epoch_plan(
+    config: RunConfig, shards: ShardSet, shards_spec: str, tokenizer: CaptionTokenizer, world: World
+) -> tuple[StreamingLoader, list[int]]:
+    """This rank's loader and the batches of each epoch, refused when an epoch is too short for a batch
+    or for the queue."""
     recipe = config.train
-    tokenizer = CaptionTokenizer.for_text_model(config.model.text_model, config.model.max_tokens)
-    rank_batch = recipe.batch_size // world.size
     loader = StreamingLoader(
         shards,
         tokenizer,
-        LoaderSettings(rank_batch, recipe.seed, recipe.workers, train=True),
+        LoaderSettings(recipe.batch_size // world.size, recipe.seed, recipe.workers, train=True),
         rank=world.rank,
         world=world.size,
     )
@@ -236,7 +247,10 @@ def _train(
             f"{shards_spec} trains on: the queue would hold each pair's own key among its negatives; "
             f"use at most {pairs}"
         )
-    state = start.state
+    return loader, per_epoch
+
+
+def _check_world_size(run: Path, state: dict | None, world: World) -> None:
     saved_world = world.size if state is None else state.get("world_size", 1)
     if saved_world != world.size:
         raise InputError(
@@ -244,72 +258,85 @@ def _train(
             f"(the data position is planned per process), not {world.size}"
         )
 
-    model = initial_model(config, bert).to(device)  # the same on every rank (DDP also copies rank 0's)
 
-    def prepare_run_directory() -> None:  # rank 0: every check above ran before the first write
-        open_split(val_store, "val", config.model, recipe.val_images)
-        check_free_space(run, checkpoint.checkpoint_bytes(model))  # a save's size, before an epoch trains
-        files = {
-            "config.json": config.model_dump_json(indent=1),
-            RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
-        }
-        if claimed[0].holds_own(run):
-            for name, text in files.items():
-                write_text_atomic(run / name, text)
-        else:
-            claimed[0].create(files)
+def _prepare_run_directory(run: Path, claimed: Output, start: Start, model: USER, val_store: Path) -> None:
+    """Rank 0, before the first write: the validation split readable, room for a checkpoint, then the run's
+    config and record written."""
+    config = start.config
+    open_split(val_store, "val", config.model, config.train.val_images)
+    check_free_space(run, checkpoint.checkpoint_bytes(model))  # a save's size, before an epoch trains
+    files = {
+        "config.json": config.model_dump_json(indent=1),
+        RUN_RECORD_NAME: start.record.model_dump_json(indent=1),
+    }
+    if claimed.holds_own(run):
+        for name, text in files.items():
+            write_text_atomic(run / name, text)
+    else:
+        claimed.create(files)
 
-    distributed.from_main(prepare_run_directory)
-    position = Position()
-    log = JsonLog(run / LOG_NAME) if world.main else _NoLog()
-    if state is not None and world.main:
-        checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
-    distributed.use_global_batch_statistics(model, recipe.global_batchnorm)
-    trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
-    optimizer = build_optimizer(model, recipe)
-    if state is not None:
-        position = checkpoint.restore(state, optimizer, world.rank, console)
-        log.truncate_after(position.global_step)
+
+class _NoLog:
+    """The log of a rank other than 0: it writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, global_step: int) -> None:
+        pass
+
+
+@dataclass
+class _Training:
+    """A run's parts as the loop uses them: where it writes, what it trains and how, and where it stands."""
+
+    run: Path
+    config: RunConfig
+    model: USER
+    trained: torch.nn.Module  # the model as the step calls it: DDP with several processes
+    optimizer: torch.optim.Optimizer
+    val_store: Path
+    tokenizer: CaptionTokenizer
+    log: JsonLog | _NoLog
+    world: World
+    device: torch.device
+    position: Position = field(default_factory=Position)
+
+    def resume(self, start: Start, per_epoch: list[int], console: Console) -> None:
+        """Continue from the last checkpoint's state: the position, the optimizer, the RNGs, the log."""
+        position = self.position = checkpoint.restore(start.state, self.optimizer, self.world.rank, console)
+        self.log.truncate_after(position.global_step)
         if start.change:
-            log.write(
+            self.log.write(
                 {
                     "step": position.global_step,
                     "epoch": position.epoch,
                     "change": start.change.model_dump(mode="json")["fields"],
                 }
             )
-        console.print(resume_message(run, position, recipe.epochs, per_epoch), highlight=False)
-    else:
-        if world.size > 1:  # each rank its own dropout masks, as one process draws them per row
-            torch.manual_seed(recipe.seed * 1_000_003 + world.rank)
-        if world.main:  # the untrained model's numbers, the baseline every run is compared with
-            baseline = validate(model, val_store, tokenizer, recipe.val_images)
-            log.write({"step": 0, "epoch": 0, "val": baseline})
+        console.print(
+            resume_message(self.run, position, self.config.train.epochs, per_epoch), highlight=False
+        )
 
-    def validate_and_save() -> dict | None:
-        return _validate_and_save(run, model, optimizer, config, position, val_store, tokenizer, log, world)
+    def begin(self) -> None:
+        """A new run: each rank its own dropout masks, as one process draws them per row; rank 0 logs the
+        untrained model's numbers, the baseline every run is compared with."""
+        if self.world.size > 1:
+            torch.manual_seed(self.config.train.seed * 1_000_003 + self.world.rank)
+        if self.world.main:
+            baseline = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
+            self.log.write({"step": 0, "epoch": 0, "val": baseline})
 
-    model.train()
-    with TrainingProgress(
-        console, sum(per_epoch), recipe.epochs, position.global_step, every, shown=world.main
-    ) as progress:
-        while position.epoch < recipe.epochs:
+    def run_epochs(self, loader: StreamingLoader, per_epoch: list[int], progress: TrainingProgress) -> None:
+        """From the position to the last epoch: steps, their log lines, and the validations and saves."""
+        position = self.position
+        while position.epoch < self.config.train.epochs:
             started, pairs = time.perf_counter(), 0
             for batch in loader.batches(position.epoch, position.step):
-                lr = learning_rate(recipe, position.epoch, position.global_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["scale"]
-                # before the step: the queue the global batch is scored against
-                same_image = same_image_counts(
-                    distributed.gather(batch.image_index.to(device)),
-                    model.text_queue.ids if config.model.use_queue else None,
-                )
-                losses = train_step(trained, optimizer, batch, config, device, position)
-                position.step += 1
-                position.global_step += 1
-                pairs += len(batch.image_index) * world.size
+                lr, same_image, losses = self.step(batch)
+                pairs += len(batch.image_index) * self.world.size
                 rate = pairs / (time.perf_counter() - started)
-                log.write(
+                self.log.write(
                     {
                         "step": position.global_step,
                         "epoch": position.epoch,
@@ -320,36 +347,54 @@ def _train(
                     }
                 )
                 progress.step(position, losses["loss"].item(), lr, rate)
-                # at the epoch's last step the epoch's own validation follows: one, so that a run resumed
-                # from this step's checkpoint validates as often as the uninterrupted run
-                if (
-                    recipe.val_every
-                    and position.global_step % recipe.val_every == 0
-                    and position.step < per_epoch[position.epoch]
-                ):
-                    validate_and_save()
+                if _validates_after_step(self.config.train.val_every, position, per_epoch):
+                    self.validate_and_save()
             position.epoch, position.step = position.epoch + 1, 0
-            progress.epoch_end(position, validate_and_save())
-    if not world.main:
-        return None
-    write_training_summary(run, log.records())
-    best = json.loads((run / CHECKPOINTS / "best" / "metrics.json").read_text())
-    return with_sizes(best, *validation_sizes(run))  # the table's title states what was validated on
+            progress.epoch_end(position, self.validate_and_save())
+
+    def step(self, batch) -> tuple[float, dict, dict]:
+        """One training step at the position's learning rate; returns the lr, the same-image counts of the
+        batch and queue it was scored against, and the losses."""
+        position = self.position
+        lr = learning_rate(self.config.train, position.epoch, position.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["scale"]
+        # before the step: the queue the global batch is scored against
+        same_image = same_image_counts(
+            distributed.gather(batch.image_index.to(self.device)),
+            self.model.text_queue.ids if self.config.model.use_queue else None,
+        )
+        losses = train_step(self.trained, self.optimizer, batch, self.config, self.device, position)
+        position.step += 1
+        position.global_step += 1
+        return lr, same_image, losses
+
+    def validate_and_save(self) -> dict | None:
+        """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks), and
+        returns the metrics (None on the other ranks)."""
+        rng_states = distributed.gather_objects(torch.get_rng_state())
+        if not self.world.main:
+            return None
+        position = self.position
+        # non-finite metrics: NonFiniteError
+        metrics = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
+        self.log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
+        best = metrics["rsum"] > position.best_rsum
+        if best:
+            position.best_rsum = metrics["rsum"]
+        rng = rng_states if self.world.size > 1 else rng_states[0]
+        checkpoint.save(
+            self.run, self.model, self.optimizer, self.config, dict(position.__dict__), metrics, best, rng
+        )
+        return metrics
 
 
-def _validate_and_save(
-    run, model, optimizer, config, position, val_store, tokenizer, log, world
-) -> dict | None:
-    """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks), and
-    returns the metrics (None on the other ranks)."""
-    rng_states = distributed.gather_objects(torch.get_rng_state())
-    if not world.main:
-        return None
-    metrics = validate(model, val_store, tokenizer, config.train.val_images)  # non-finite: NonFiniteError
-    log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
-    best = metrics["rsum"] > position.best_rsum
-    if best:
-        position.best_rsum = metrics["rsum"]
-    rng = rng_states if world.size > 1 else rng_states[0]
-    checkpoint.save(run, model, optimizer, config, dict(position.__dict__), metrics, best, rng, world.size)
-    return metrics
+def _validates_after_step(val_every: int | None, position: Position, per_epoch: list[int]) -> bool:
+    """Every `val_every` steps, except at an epoch's last step: the epoch's own validation follows it, and
+    one is enough, so that a run resumed from this step's checkpoint validates as often as the
+    uninterrupted run."""
+    return (
+        bool(val_every)
+        and position.global_step % val_every == 0
+        and position.step < per_epoch[position.epoch]
+    )

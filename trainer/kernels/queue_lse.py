@@ -1,22 +1,8 @@
-"""Fused Triton kernels for UTO's queue term: lse_n = log(1 + Σ_k exp(μ(q_n·Q_k − γ))).
-
-Forward, split over the queue: each program owns BLOCK_B queries and one slice of the queue, walks
-it in BLOCK_M tiles with an online logsumexp (FlashAttention-style running max and sum) and writes
-one partial (max, sum) per query; a small kernel folds the partials and the {0} element into lse.
-Splitting M keeps the GPU busy when B is small (B = 128 is one or two query blocks). The B × M
-scores are never stored.
-
-Backward, in chunks of the queue: a kernel recomputes each tile's scores and writes the weights
-W = μ g exp(z − lse) (B × chunk, the inputs' dtype) to a bounded workspace; then dq += W Q_chunk and
-dQ_chunk = Wᵀ q are two plain matrix products (cuBLAS on the GPU). dq's reduction runs over the whole
-queue and E is 1024 wide, so no program could hold a B × E accumulator in registers; the workspace
-costs one B × chunk matrix, a few percent of what eager keeps (several B × M matrices).
-
-Scores are q·Q_k accumulated over E in BLOCK_E slices, in fp32 for every input dtype: bf16/fp16
-inputs go to the tensor cores as they are, fp32 inputs use FP32_DOT_PRECISION ("ieee": exact fp32
-on the CUDA cores, as the tests' tolerances assume; "tf32x3" is close to fp32 on the tensor cores,
-measured by bench/gpu.py). Block sizes are autotuned per (B, M, E, dtype) on the GPU; under Triton's
-interpreter (TRITON_INTERPRET=1, the CPU tests) one small configuration runs.
+"""Fused Triton kernels for UTO's queue term: lse_n = log(1 + Σ_k exp(μ(q_n·Q_k − γ))). The forward is
+split over the queue with an online logsumexp, the backward runs in chunks of the queue through a bounded
+workspace; the B × M scores are never stored. Block sizes are autotuned on the GPU; under Triton's
+interpreter (TRITON_INTERPRET=1) one small configuration runs. The design: docs/architecture.md, "The
+queue term".
 """
 
 from __future__ import annotations
