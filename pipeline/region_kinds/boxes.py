@@ -3,21 +3,8 @@ up with a grid to R, pooled from a backbone."""
 
 from __future__ import annotations
 
-from userpipe.pipeline.region_kinds.registry import RegionKind, register
+from userpipe.pipeline.region_kinds.registry import pooled_kind, register
 from userpipe.schemas.errors import InputError
-from userpipe.schemas.store import RegionConfig
-
-
-def _resolve(options) -> RegionConfig:
-    from userpipe.pipeline.regions import backbone_fields
-
-    return RegionConfig(kind="boxes", **backbone_fields(options))
-
-
-def _facts(config: RegionConfig, imports) -> tuple[int, None]:
-    from userpipe.pipeline.regions import backbone_facts
-
-    return backbone_facts(config)
 
 
 def _dataset(options, request):
@@ -27,23 +14,12 @@ def _dataset(options, request):
     return index, None
 
 
-def _build(config, device: str):
-    from userpipe.pipeline.regions import RegionExtractor, pad_with_grid
+def _annotated(config, device: str):
+    from userpipe.pipeline.regions import pad_with_grid
 
-    def propose(width, height, annotated, pixels):
-        return pad_with_grid(annotated, width, height, config.num_regions)
-
-    return RegionExtractor(config, propose, device)
-
-
-register(
-    RegionKind(
-        "boxes",
-        "the dataset's own boxes, topped up with a grid",
-        reads=("backbone", "backbone_weights"),
-        resolve=_resolve,
-        facts=_facts,
-        dataset=_dataset,
-        build=_build,
+    return lambda width, height, annotated, pixels: pad_with_grid(
+        annotated, width, height, config.num_regions
     )
-)
+
+
+register(pooled_kind("boxes", "the dataset's own boxes, topped up with a grid", _annotated, dataset=_dataset))

@@ -3,16 +3,14 @@ grid), pooled BUTD-style from a backbone: a CPU-friendly stand-in for the Visual
 
 from __future__ import annotations
 
-from userpipe.pipeline.region_kinds.registry import RegionKind, register
-from userpipe.schemas.store import RegionConfig
+from userpipe.pipeline.region_kinds.registry import pooled_kind, register
 
 DETECTOR = "fasterrcnn_resnet50_fpn"
 DETECTOR_WEIGHTS = "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
 SCORE_THRESH = 0.2  # the bottom-up-attention forks' conf_thresh
 
 
-def _resolve(options) -> RegionConfig:
-    from userpipe.pipeline.regions import backbone_fields
+def _detector_fields(options) -> dict:
     from userpipe.pipeline.weights import local_weights, torchvision_weights
 
     weights = (
@@ -20,19 +18,13 @@ def _resolve(options) -> RegionConfig:
         if options.detector_weights
         else torchvision_weights(DETECTOR_WEIGHTS, "detector", "--detector-weights")
     )
-    return RegionConfig(kind="butd", detector=DETECTOR, detector_weights=weights, **backbone_fields(options))
+    return {"detector": DETECTOR, "detector_weights": weights}
 
 
-def _facts(config: RegionConfig, imports) -> tuple[int, None]:
-    from userpipe.pipeline.regions import backbone_facts
-
-    return backbone_facts(config)
-
-
-def _build(config, device: str):
+def _detected(config, device: str):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-    from userpipe.pipeline.regions import BUTD_LONG_SIDE, BUTD_SHORT_SIDE, RegionExtractor, pad_with_grid
+    from userpipe.pipeline.regions import BUTD_LONG_SIDE, BUTD_SHORT_SIDE, pad_with_grid
     from userpipe.pipeline.weights import load_weights
 
     detector = fasterrcnn_resnet50_fpn(
@@ -50,16 +42,15 @@ def _build(config, device: str):
         found = detector([pixels])[0]["boxes"].cpu().numpy()  # sorted by score, NMS applied
         return pad_with_grid(found, width, height, config.num_regions)
 
-    return RegionExtractor(config, propose, device)
+    return propose
 
 
 register(
-    RegionKind(
+    pooled_kind(
         "butd",
         "torchvision's COCO Faster R-CNN boxes, BUTD pooling",
-        reads=("backbone", "backbone_weights", "detector_weights"),
-        resolve=_resolve,
-        facts=_facts,
-        build=_build,
+        _detected,
+        reads=("detector_weights",),
+        resolve_more=_detector_fields,
     )
 )

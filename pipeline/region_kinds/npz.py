@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from userpipe.pipeline.region_kinds.registry import RegionKind, register
-from userpipe.schemas.store import RegionConfig
+from userpipe.pipeline.region_kinds.registry import imported_kind, register
 
 
 def _dataset(options, request):
@@ -22,15 +21,4 @@ def _read(ref, feature_dim: int, detections: bool):
     return checked_imported(read_npz(ref, detections), feature_dim, detections)
 
 
-register(
-    RegionKind(
-        "npz",
-        "bottom-up-attention.pytorch npz files",
-        reads=(),
-        location="DIR",
-        resolve=lambda options: RegionConfig(kind="npz", source=options.source),
-        facts=lambda config, imports: (imports.feature_dim, None),
-        dataset=_dataset,
-        read=_read,
-    )
-)
+register(imported_kind("npz", "bottom-up-attention.pytorch npz files", "DIR", _dataset, _read))

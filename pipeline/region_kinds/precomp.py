@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from userpipe.pipeline.region_kinds.registry import RegionKind, register
-from userpipe.schemas.store import RegionConfig
+from userpipe.pipeline.region_kinds.registry import imported_kind, register
 
 
 def _dataset(options, request):
@@ -21,15 +20,4 @@ def _read(ref, feature_dim: int, detections: bool):
     return read_precomp(ref)
 
 
-register(
-    RegionKind(
-        "precomp",
-        "SCAN precomputed features",
-        reads=(),
-        location="DIR",
-        resolve=lambda options: RegionConfig(kind="precomp", source=options.source),
-        facts=lambda config, imports: (imports.feature_dim, None),
-        dataset=_dataset,
-        read=_read,
-    )
-)
+register(imported_kind("precomp", "SCAN precomputed features", "DIR", _dataset, _read))

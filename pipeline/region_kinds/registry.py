@@ -61,6 +61,52 @@ class RegionKind:
         return self.dataset(options, request)
 
 
+def pooled_kind(
+    name: str,
+    summary: str,
+    proposer: Callable[[ExtractorConfig, str], Callable],
+    *,
+    reads: tuple[str, ...] = (),
+    resolve_more: Callable[[RegionOptions], dict] | None = None,
+    dataset=None,
+) -> RegionKind:
+    """A kind that pools a backbone's features (userpipe.pipeline.regions) over the boxes that
+    `proposer(config, device)`'s function gives per image; `resolve_more`: its own config fields."""
+
+    def resolve(options: RegionOptions) -> RegionConfig:
+        from userpipe.pipeline.regions import backbone_fields
+
+        more = resolve_more(options) if resolve_more else {}
+        return RegionConfig(kind=name, **backbone_fields(options), **more)
+
+    def facts(config: RegionConfig, imports) -> tuple[int, None]:
+        from userpipe.pipeline.regions import backbone_facts
+
+        return backbone_facts(config)
+
+    def build(config: ExtractorConfig, device: str):
+        from userpipe.pipeline.regions import RegionExtractor
+
+        return RegionExtractor(config, proposer(config, device), device)
+
+    reads = ("backbone", "backbone_weights", *reads)
+    return RegionKind(name, summary, reads, resolve, facts, dataset=dataset, build=build)
+
+
+def imported_kind(name: str, summary: str, location: str, dataset, read) -> RegionKind:
+    """A kind read from feature files at `location` (`--regions NAME:LOCATION`); its width is the files'."""
+    return RegionKind(
+        name,
+        summary,
+        reads=(),
+        resolve=lambda options: RegionConfig(kind=name, source=options.source),
+        facts=lambda config, imports: (imports.feature_dim, None),
+        location=location,
+        dataset=dataset,
+        read=read,
+    )
+
+
 KINDS: dict[str, RegionKind] = {}
 
 

@@ -3,8 +3,7 @@ box's object and attribute), matched to the dataset's images by id or file name.
 
 from __future__ import annotations
 
-from userpipe.pipeline.region_kinds.registry import RegionKind, register
-from userpipe.schemas.store import RegionConfig
+from userpipe.pipeline.region_kinds.registry import imported_kind, register
 
 
 def _dataset(options, request):
@@ -20,15 +19,4 @@ def _read(ref, feature_dim: int, detections: bool):
     return checked_imported(read_tsv_line(*ref, detections), feature_dim, detections)
 
 
-register(
-    RegionKind(
-        "tsv",
-        "bottom-up-attention / LXMERT TSV files",
-        reads=(),
-        location="GLOB",
-        resolve=lambda options: RegionConfig(kind="tsv", source=options.source),
-        facts=lambda config, imports: (imports.feature_dim, None),
-        dataset=_dataset,
-        read=_read,
-    )
-)
+register(imported_kind("tsv", "bottom-up-attention / LXMERT TSV files", "GLOB", _dataset, _read))
