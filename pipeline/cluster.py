@@ -3,16 +3,20 @@ running a list of tasks under a rich progress bar."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import dask
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from userpipe.schemas.progress import progress_seconds
 
 
 @contextmanager
@@ -88,6 +92,7 @@ def run_tasks(
     """
     from distributed import as_completed
 
+    every = progress_seconds()
     results: dict[str, object] = {}
     with Progress(
         TextColumn("{task.description}"),
@@ -104,8 +109,22 @@ def run_tasks(
             progress.update(bars[name], total=progress.tasks[bars[name]].total + size)
         futures = [client.submit(fn, *args, pure=False) for _, _, fn, args in tasks]
         meta = {f.key: (tasks[i][0], tasks[i][1]) for i, f in enumerate(futures)}
+        last_line = time.monotonic()
         for future in as_completed(futures):
             results[future.key] = future.result()
             name, size = meta[future.key]
             progress.advance(bars[name], size)
+            if not console.is_terminal and time.monotonic() - last_line >= every:
+                console.print(_plain_line(progress.tasks, unit), highlight=False)
+                last_line = time.monotonic()
     return [results[f.key] for f in futures]
+
+
+def _plain_line(tasks, unit: str) -> str:
+    """The bars as one line, for a log file (rich's bar draws nothing there until the end)."""
+    parts = []
+    for task in tasks:
+        rate = f", {task.speed:.1f} {unit}/s" if task.speed else ""
+        eta = f", ETA {datetime.timedelta(seconds=round(task.time_remaining))}" if task.time_remaining else ""
+        parts.append(f"{task.description} {task.completed:.0f}/{task.total:.0f}{rate}{eta}")
+    return "; ".join(parts)

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
+from userpipe.schemas.progress import progress_seconds
 from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
 from userpipe.schemas.sources import is_remote
 from userpipe.trainer import checkpoint, distributed
@@ -33,7 +34,7 @@ from userpipe.trainer.evaluate import with_sizes
 from userpipe.trainer.loader import LoaderSettings, StreamingLoader
 from userpipe.trainer.model import USER
 from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
-from userpipe.trainer.progress import TrainingProgress, progress_seconds
+from userpipe.trainer.progress import TrainingProgress
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.shard_set import ShardSet
 from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
