@@ -2,7 +2,10 @@
 and `--regions butd-vg` (the Visual Genome R101-C4 detector at its real input scale, 600 px).
 
 Runs the real command end to end (cluster start, model loading, Zarr writes included) on a fresh
-store for each worker count, and writes bench/results/extract_throughput.{json,md}. The butd-vg detector
+store for each worker count, and in the same run the models alone: the store's region extractor and global
+encoder, built as a worker builds them, on the same images already decoded in RAM (their resize and
+normalisation included; no decoding, Dask or store). That is the limit for this machine; the end-to-end
+rate is reported as a share of it. Writes bench/results/extract_throughput.{json,md}. The butd-vg detector
 has random weights written in airsplay's format (no model hub here) with the RPN's box deltas zeroed, so
 each image yields the released 300 proposals through res5 as trained weights do (random deltas would
 blow every proposal up to the whole image and leave one box after NMS), and its stem scaled down so the
@@ -31,7 +34,11 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--butd-images", type=int, default=8, help="640x480 images for butd-vg (0: skip)")
+    parser.add_argument("--models-alone", type=Path, help=argparse.SUPPRESS)  # child: time the models
     args = parser.parse_args()
+    if args.models_alone:
+        print(json.dumps(models_alone(args.models_alone)))
+        return
 
     from userpipe.pipeline.demo import ensure_demo
 
@@ -56,7 +63,16 @@ def main() -> None:
         result,
         result["benchmark"],
         "Wall time of the whole command (Dask cluster start and model loading included).",
-        ["regions", "workers", "images", "seconds", "images/s", "store KB per image"],
+        [
+            "regions",
+            "workers",
+            "images",
+            "seconds",
+            "images/s",
+            "models alone (images/s)",
+            "share",
+            "KB/image",
+        ],
         [
             [
                 r["regions"],
@@ -64,6 +80,8 @@ def main() -> None:
                 r["images"],
                 r["seconds"],
                 r["images_per_s"],
+                r["models_alone_per_s"],
+                f"{100 * r['images_per_s'] / r['models_alone_per_s']:.0f}%",
                 r["store_kb_per_image"],
             ]
             for r in runs
@@ -71,7 +89,8 @@ def main() -> None:
         [
             (
                 f"extract {r['regions']}, {r['images']:,} images, {r['workers']} worker(s)",
-                f"{r['images_per_s']} images/s, {r['store_kb_per_image']} KB/image",
+                f"{r['images_per_s']} images/s ({100 * r['images_per_s'] / r['models_alone_per_s']:.0f}% of "
+                f"the models alone), {r['store_kb_per_image']} KB/image",
             )
             for r in runs
         ],
@@ -89,6 +108,13 @@ def run(userpipe: str, regions: str, images: int, dataset_args: list[str], worke
         )
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        alone = subprocess.run(
+            [sys.executable, "-m", "bench.extract_throughput", "--models-alone", str(out)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        ).stdout
     result = {
         "regions": regions,
         "workers": workers,
@@ -96,9 +122,41 @@ def run(userpipe: str, regions: str, images: int, dataset_args: list[str], worke
         "seconds": round(seconds, 1),
         "images_per_s": round(images / seconds, 3),
         "store_kb_per_image": round(size / images / 1e3, 1),
+        "models_alone_per_s": json.loads(alone.strip().splitlines()[-1])["images_per_s"],
     }
     print(result)
     return result
+
+
+def models_alone(store: Path) -> dict:
+    """The store's extractor models on its images, decoded beforehand: images/s of the models alone."""
+    import numpy as np
+    import zarr
+
+    from userpipe.pipeline.features import extractor_models, load_image
+    from userpipe.schemas import threads
+
+    root = zarr.open_group(str(store), mode="r")
+    attrs = root.attrs["userpipe"]
+    config_json = json.dumps(attrs["extractor"])
+    images, boxes = [], []
+    for split in attrs["splits"]:
+        group = root[split]
+        counts = group["num_regions"][:]
+        for i, file in enumerate(group["file"][:]):
+            images.append(load_image(str(Path(attrs["image_root"]) / str(file))))
+            boxes.append(np.asarray(group["boxes"][i, : counts[i]]))
+    with threads.sharing():  # as a worker of `extract --workers 1` runs
+        config, extractor, encoder = extractor_models(config_json)
+        extractor(images[0], boxes[0])  # warm-up
+        start = time.perf_counter()
+        for image, image_boxes in zip(images, boxes, strict=True):
+            threads.adjust()
+            extractor(image, image_boxes)
+        if encoder is not None:
+            encoder.encode_images(images)
+        seconds = time.perf_counter() - start
+    return {"images": len(images), "seconds": seconds, "images_per_s": round(len(images) / seconds, 3)}
 
 
 BUTD_FOLDER = Path("data") / "bench-butd"

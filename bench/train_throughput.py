@@ -103,6 +103,7 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
 
     import torch
 
+    from userpipe.schemas import threads
     from userpipe.trainer.captions import CaptionTokenizer
     from userpipe.trainer.loader import LoaderSettings, StreamingLoader
     from userpipe.trainer.model import build_model
@@ -138,6 +139,7 @@ def measure(size: str, implementation: str, profiled: bool) -> dict:
     for i, batch in enumerate(batches):
         if i == warmup:
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        threads.adjust()  # as the training loop does before each step (a no-op outside a share)
         start = time.perf_counter()
         step(batch)
         if i >= warmup:

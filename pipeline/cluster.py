@@ -16,17 +16,19 @@ import dask
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from userpipe.schemas import threads
 from userpipe.schemas.progress import progress_seconds
 
 
 @contextmanager
-def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, int | None]]:
-    """Yields (client, torch threads per task): None leaves an external worker's default alone."""
+def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, threads.Plan]]:
+    """Yields (client, each task's thread plan): on a LocalCluster each worker's share of this machine's
+    cores; on an existing scheduler the worker's own count (its OMP_NUM_THREADS, one under Dask's nanny)."""
     from distributed import Client, LocalCluster
 
     if scheduler:
         with Client(scheduler) as client:
-            yield client, None
+            yield client, threads.Plan()
         return
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers; any value turns off glibc's adaptive mmap
     # threshold, so every large tensor is mmap'd and unmapped again: measured 2x slower extraction,
@@ -51,7 +53,7 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[tuple[object, i
         )
     try:
         with Client(cluster) as client:
-            yield client, max(1, (os.cpu_count() or 1) // workers)
+            yield client, threads.worker_plan(workers)
     finally:
         cluster.close()
         os.environ.clear()

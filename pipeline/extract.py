@@ -38,6 +38,7 @@ from userpipe.pipeline.store import (
     write_attrs,
     write_index_arrays,
 )
+from userpipe.schemas import threads
 from userpipe.schemas.base import LocalWorkers, Options
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import STORE, Output, check_output, claim, disk_full
@@ -203,15 +204,12 @@ class ImageChunk:
     refs: tuple  # importer refs per image, or None
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+def extract_image_chunk(config_json: str, chunk: ImageChunk, plan: threads.Plan, device: str) -> int:
+    with threads.sharing(plan):  # the worker's share of the cores, adapting per image
+        return _extract_image_chunk(config_json, chunk, device)
 
 
-def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None, device: str) -> int:
-    _set_threads(threads)
+def _extract_image_chunk(config_json: str, chunk: ImageChunk, device: str) -> int:
     config, extractor, encoder = extractor_models(config_json, device)
     n, r, d = len(chunk.paths), config.num_regions, config.feature_dim
     # Invalid images keep NaN everywhere; valid ones get zeros past num_regions (padding, by contract).
@@ -227,6 +225,7 @@ def extract_image_chunk(config_json: str, chunk: ImageChunk, threads: int | None
     errors = [""] * n
     images: dict[int, Image.Image] = {}
     for i, path in enumerate(chunk.paths):
+        threads.adjust()
         try:
             image = load_image(path) if (extractor or encoder) else None
             result = image_features(config, extractor, image, chunk.boxes[i], chunk.refs[i])
@@ -294,13 +293,13 @@ def embed_caption_chunk(
     chunk: int,
     start: int,
     texts: tuple[str, ...],
-    threads: int | None,
+    plan: threads.Plan,
 ) -> int:
-    _set_threads(threads)
-    _, _, encoder = extractor_models(config_json)
-    embeddings = np.concatenate(
-        [encoder.encode_texts(list(texts[i : i + TEXT_BATCH])) for i in range(0, len(texts), TEXT_BATCH)]
-    )
+    with threads.sharing(plan):
+        _, _, encoder = extractor_models(config_json)
+        embeddings = np.concatenate(
+            [encoder.encode_texts(list(texts[i : i + TEXT_BATCH])) for i in range(0, len(texts), TEXT_BATCH)]
+        )
     _write_rows(store, split, start, {"clip_text": embeddings.astype(np.float16)}, ("captions_done", chunk))
     return len(texts)
 
@@ -467,14 +466,13 @@ def _extract(prepared: Prepared, output: Output, opts: ExtractOptions, console: 
     config_json = prepared.config.model_dump_json()
     if image_chunks or caption_chunks:
         device, workers = _device_and_workers(prepared.config, opts, console)
-        with dask_client(workers, opts.scheduler) as (client, threads):
+        with dask_client(workers, opts.scheduler) as (client, plan):
             tasks = [
-                ("images", len(c.paths), extract_image_chunk, (config_json, c, threads, device))
+                ("images", len(c.paths), extract_image_chunk, (config_json, c, plan, device))
                 for c in image_chunks
             ]
             tasks += [
-                ("captions", len(c[4]), embed_caption_chunk, (config_json, *c, threads))
-                for c in caption_chunks
+                ("captions", len(c[4]), embed_caption_chunk, (config_json, *c, plan)) for c in caption_chunks
             ]
             run_tasks(client, tasks, console)
     final = collect_failures(root, attrs)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from userpipe.retrieval.index import model_sha256
+from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.index import GALLERIES, read_index_manifest
 from userpipe.schemas.outputs import HTML, check_output
@@ -68,6 +69,7 @@ class SearchIndex:
     def search(self, queries: torch.Tensor, gallery: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(q, E) L2-normalized queries -> (q, k') scores and gallery rows, best first; k' = min(k, size)."""
         index = self._index(gallery)
+        threads.adjust()
         return index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), min(k, index.ntotal))
 
     def _index(self, gallery: str):

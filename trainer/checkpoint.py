@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from userpipe.schemas import threads
 from userpipe.schemas.base import read_model
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import check_free_space, fsync_path, written_whole
@@ -249,19 +250,22 @@ def checkpoint_dir(run: Path | None, checkpoint: Path | None, choices: str = "--
     return directory
 
 
-def restore(state: dict, optimizer: torch.optim.Optimizer, rank: int, console) -> Position:
-    """A saved state into this process: the optimizer's moments, the RNG (this rank's), the CPU thread
-    count, and where the run is. The weights are loaded apart (rank 0's, before DDP copies them)."""
+def restore(
+    state: dict, optimizer: torch.optim.Optimizer, rank: int, console, deterministic: bool = False
+) -> Position:
+    """A saved state into this process: the optimizer's moments, the RNG (this rank's), a deterministic
+    run's CPU thread count, and where the run is. The weights are loaded apart (rank 0's, before DDP copies
+    them)."""
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:  # a state saved by the per-tensor loop resumes fused too
         group["fused"] = True
     rng = state["torch_rng"]
     torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
-    if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+    if deterministic and state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         # CPU reductions split work by thread, so the thread count is part of what makes a resumed run
         # compute the bits the uninterrupted one would have
         console.print(
             f"using the run's {state['threads']} CPU threads (this process had {torch.get_num_threads()})"
         )
-        torch.set_num_threads(state["threads"])
+        threads.fix(state["threads"])
     return Position(**state["position"])

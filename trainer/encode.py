@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import ModelConfig
 from userpipe.schemas.store_reader import open_store
@@ -49,6 +50,7 @@ def encode_texts(model: USER, tokenizer: CaptionTokenizer, texts, on_batch=None)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), TEXT_BATCH):
+        threads.adjust()
         tokens, lengths = _pad_tokens([tokenizer(str(t)) for t in texts[start : start + TEXT_BATCH]])
         out.append(model.encode_texts(tokens.to(device), lengths.to(device)).float().cpu())
         if on_batch:
@@ -62,6 +64,7 @@ def encode_regions(
 ) -> torch.Tensor:
     """(n, E) image embeddings of (n, R, D) region features; `clip` (n, C) only for cge models."""
     device = next(model.parameters()).device
+    threads.adjust()
     return (
         model.encode_images(
             torch.from_numpy(regions.astype(np.float32)).to(device),

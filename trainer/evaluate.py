@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError, NonFiniteError
 
 KS = (1, 5, 10)
@@ -96,6 +97,7 @@ def positive_ranks(
     (what a stable descending argsort puts first). Exact ties are rare in float scores, so they are
     counted again only for the queries that have any.
     """
+    threads.adjust()
     n, c = sims.shape
     columns, rows = torch.arange(c), torch.arange(n)
     score = sims[pair_image, pair_caption]  # each positive pair's score

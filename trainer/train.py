@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from userpipe.schemas.progress import progress_seconds
@@ -134,6 +135,7 @@ def train_command(
         keep_freed_memory()
         if run_inputs.config.train.deterministic:
             reproducible_cpu_math()
+            threads.fix()  # reductions split by thread count: one count for the whole run
         return train(
             run,
             run_inputs,
@@ -305,7 +307,9 @@ class _Training:
 
     def resume(self, start: Start, per_epoch: list[int], console: Console) -> None:
         """Continue from the last checkpoint's state: the position, the optimizer, the RNGs, the log."""
-        position = self.position = checkpoint.restore(start.state, self.optimizer, self.world.rank, console)
+        position = self.position = checkpoint.restore(
+            start.state, self.optimizer, self.world.rank, console, self.config.train.deterministic
+        )
         self.log.truncate_after(position.global_step)
         if start.change:
             self.log.write(
@@ -334,6 +338,7 @@ class _Training:
         while position.epoch < self.config.train.epochs:
             started, pairs = time.perf_counter(), 0
             for batch in loader.batches(position.epoch, position.step):
+                threads.adjust()
                 lr, same_image, losses = self.step(batch)
                 pairs += len(batch.image_index) * self.world.size
                 rate = pairs / (time.perf_counter() - started)

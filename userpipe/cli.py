@@ -19,6 +19,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own
 from typer.core import TyperGroup
 
 from userpipe.pipeline.region_kinds import KINDS
+from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.trainer.process import quiet_model_loading
 
@@ -131,7 +132,8 @@ def command(
             sys.audit("userpipe.command", function.__name__, True)  # tests check its writes (conftest.py)
             try:
                 check_option_rules(function, k, excludes, requires or {})
-                return function(*a, **k)
+                with threads.sharing():  # the command's torch threads follow the free cores
+                    return function(*a, **k)
             except KeyboardInterrupt:
                 console.print("interrupted" + ("; rerun the same command to resume" if resumable else ""))
                 raise typer.Exit(EXIT_INTERRUPTED) from None

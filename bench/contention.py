@@ -1,0 +1,285 @@
+"""Every stage quiet and beside one competing CPU-bound process: how much of its quiet throughput it keeps.
+
+Stages: extract (the demo, the real command, one worker), shard (the real command), the training loader
+(2 workers, a synthetic COCO-shaped store), a training step (the demo config, the loop's thread
+adjustment), eval ranking (`retrieval_metrics` on 5,000 x 25,000) and search (faiss, 25,000 caption
+queries against 5,000 images and back). Each measurement is a fresh process (`--stage NAME`), run three
+ways, alternating over ROUNDS rounds: `before` (as userpipe ran until this policy: libgomp's default spin
+count and a fixed thread count, the count it used), `quiet` (the policy of schemas/threads.py) and `loaded`
+(the policy, beside `python -c 'while True: pass'`, started before the stage and stopped after it; it ends
+by itself after COMPETITOR_SECONDS should the benchmark die). A fair share of this 2-core machine beside
+one busy process is 50%. Results: bench/results/contention.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report
+
+DATA = Path("data/bench-contention")
+ROUNDS = 2
+COMPETITOR_SECONDS = 900
+DEMO_IMAGES = 320
+LOADER_IMAGES = 2000
+EVAL_IMAGES = 5000
+
+
+def _userpipe(*args: str) -> float:
+    """Seconds of one `userpipe` command (its whole process: start, models, writes)."""
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "userpipe", *args], check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def demo_root() -> Path:
+    from userpipe.pipeline.demo import ensure_demo
+
+    return ensure_demo(DATA / f"demo-{DEMO_IMAGES}", images=DEMO_IMAGES)
+
+
+def stage_extract() -> dict:
+    with tempfile.TemporaryDirectory(dir=DATA) as tmp:
+        demo = [
+            "--dataset",
+            "demo",
+            "--root",
+            str(DATA / f"demo-{DEMO_IMAGES}"),
+            "--images",
+            str(DEMO_IMAGES),
+        ]
+        seconds = _userpipe("extract", *demo, "--out", str(Path(tmp) / "s.zarr"), "--workers", "1")
+    return {"items": DEMO_IMAGES, "seconds": seconds, "unit": "images/s"}
+
+
+def stage_shard() -> dict:
+    with tempfile.TemporaryDirectory(dir=DATA) as tmp:
+        seconds = _userpipe("shard", "--store", str(DATA / "loader.zarr"), "--out", str(Path(tmp) / "shards"))
+    return {"items": LOADER_IMAGES, "seconds": seconds, "unit": "images/s"}
+
+
+def stage_loader() -> dict:
+    from bench.loader_throughput import measure_streaming
+
+    batch, pairs = 128, LOADER_IMAGES * 5
+    with _shared():
+        result = measure_streaming(str(DATA / "loader-shards"), pairs, batch, workers=2)
+    return {"items": result["steady_batches_per_s"] * batch, "seconds": 1.0, "unit": "pairs/s"}
+
+
+def stage_train() -> dict:
+    from bench.train_throughput import measure
+
+    with _shared():
+        result = measure("demo", "userpipe", profiled=False)
+    batch = 128
+    return {"items": batch, "seconds": statistics.median(result["step_s"]), "unit": "pairs/s"}
+
+
+def stage_ranking() -> dict:
+    import numpy as np
+    import torch
+
+    from userpipe.trainer.evaluate import retrieval_metrics
+
+    sims = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((EVAL_IMAGES, 5 * EVAL_IMAGES), np.float32)
+    )
+    with _shared():
+        seconds = _median_of(3, lambda: retrieval_metrics(sims))
+    return {"items": 1, "seconds": seconds, "unit": "rankings/s"}
+
+
+def stage_search() -> dict:
+    import faiss  # noqa: F401  (loaded before the share, as `userpipe search` has it when it searches)
+    import numpy as np
+    import torch
+
+    from userpipe.retrieval.index import _flat_ip
+
+    rng = np.random.default_rng(0)
+    images, captions = (
+        torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((n, 1024), np.float32)), dim=1)
+        for n in (EVAL_IMAGES, 5 * EVAL_IMAGES)
+    )
+    with _shared():
+        from userpipe.schemas import threads
+
+        def both_ways():
+            threads.adjust()
+            _flat_ip(images).search(captions.numpy(), 10)
+            _flat_ip(captions).search(images.numpy(), 10)
+
+        seconds = _median_of(3, both_ways)
+    return {"items": 6 * EVAL_IMAGES, "seconds": seconds, "unit": "queries/s"}
+
+
+STAGES = {
+    "extract": stage_extract,
+    "shard": stage_shard,
+    "loader": stage_loader,
+    "train step": stage_train,
+    "eval ranking": stage_ranking,
+    "search": stage_search,
+}
+
+
+def _shared():
+    from userpipe.schemas import threads
+
+    return threads.sharing()
+
+
+def _median_of(repeats: int, work) -> float:
+    work()  # warm-up: first-call allocations, the thread pool
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepare() -> None:
+    """The inputs, once: the demo images, a synthetic COCO-shaped store and its shards."""
+    from bench.loader_throughput import DIM, REGIONS
+    from userpipe.pipeline.synthetic import write_synthetic_store
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    demo_root()
+    if not (DATA / "loader-shards" / "manifest.json").is_file():
+        shutil.rmtree(DATA / "loader.zarr", ignore_errors=True)
+        write_synthetic_store(
+            DATA / "loader.zarr",
+            LOADER_IMAGES,
+            num_regions=REGIONS,
+            feature_dim=DIM,
+            clip_dim=512,
+            captions_per_image=5,
+            chunk_size=64,
+        )
+        _userpipe("shard", "--store", str(DATA / "loader.zarr"), "--out", str(DATA / "loader-shards"))
+
+
+def measure(stage: str, condition: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    if condition == "before":  # libgomp's default spin count, torch's default thread count, fixed
+        env.update(GOMP_SPINCOUNT="300000", OMP_NUM_THREADS=str(_torch_default_threads()))
+    competitor = None
+    if condition == "loaded":
+        busy = f"import time\nend = time.time() + {COMPETITOR_SECONDS}\nwhile time.time() < end: pass"
+        competitor = subprocess.Popen([sys.executable, "-c", busy])
+        time.sleep(0.5)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.contention", "--stage", stage],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"stage": stage, "condition": condition, "rate": result["items"] / result["seconds"], **result}
+
+
+def _torch_default_threads() -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if "OMP" not in k},
+    ).stdout
+    return int(out)
+
+
+CONDITIONS = ("before", "quiet", "loaded")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # child: one measurement
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    if args.stage:
+        print(json.dumps(STAGES[args.stage]()))
+        return
+    prepare()
+    runs = []
+    for stage in args.stages:
+        for round_ in range(args.rounds):  # conditions alternate: this machine's speed drifts
+            for condition in CONDITIONS:
+                runs.append({**measure(stage, condition), "round": round_})
+                print(runs[-1], flush=True)
+    rows, table = [], []
+    for stage in args.stages:
+        rate = {
+            c: [r["rate"] for r in runs if (r["stage"], r["condition"]) == (stage, c)] for c in CONDITIONS
+        }
+        median = {c: statistics.median(v) for c, v in rate.items()}
+        unit = next(r["unit"] for r in runs if r["stage"] == stage)
+        row = {
+            "stage": stage,
+            "unit": unit,
+            **{f"{c}_rate": round(median[c], 3) for c in CONDITIONS},
+            **{f"{c}_spread": [round(min(v), 3), round(max(v), 3)] for c, v in rate.items()},
+            "kept_loaded": round(median["loaded"] / median["quiet"], 3),
+            "quiet_vs_before": round(median["quiet"] / median["before"], 3),
+        }
+        rows.append(row)
+        table.append(
+            [
+                stage,
+                unit,
+                _cell(row, "before"),
+                _cell(row, "quiet"),
+                _cell(row, "loaded"),
+                f"{100 * row['kept_loaded']:.0f}%",
+                f"{100 * (row['quiet_vs_before'] - 1):+.1f}%",
+            ]
+        )
+    result = {
+        "benchmark": "every stage quiet and beside one busy process",
+        **report.machine(),
+        "runs": runs,
+        "stages": rows,
+    }
+    report.write(
+        "contention",
+        result,
+        "Every stage quiet and beside one competing CPU-bound process",
+        "Median (lowest–highest) of the rounds; each measurement a fresh process. `before`: libgomp's "
+        "default spin count and torch's default thread count, fixed, as userpipe ran before its "
+        "thread policy; "
+        "`quiet` and `loaded`: the policy (schemas/threads.py), alone and beside `while True: pass`. "
+        "Goals: loaded ≥ 45% of quiet (a fair share is 50%), quiet within 3% of before.",
+        ["stage", "unit", "before", "quiet", "loaded", "loaded / quiet", "quiet vs before"],
+        table,
+        [(f"{r['stage']} beside one busy process", f"{100 * r['kept_loaded']:.0f}% of quiet") for r in rows],
+    )
+
+
+def _cell(row: dict, condition: str) -> str:
+    low, high = row[f"{condition}_spread"]
+    return f"{row[f'{condition}_rate']:,.3g} ({low:,.3g}–{high:,.3g})"
+
+
+if __name__ == "__main__":
+    main()
