@@ -6,9 +6,10 @@ adjustment), eval ranking (`retrieval_metrics` on 5,000 x 25,000) and search (fa
 queries against 5,000 images and back). Each measurement is a fresh process (`--stage NAME`), run three
 ways, alternating over ROUNDS rounds: `before` (as userpipe ran until this policy: libgomp's default spin
 count and a fixed thread count, the count it used), `quiet` (the policy of schemas/threads.py) and `loaded`
-(the policy, beside `python -c 'while True: pass'`, started before the stage and stopped after it; it ends
-by itself after COMPETITOR_SECONDS should the benchmark die). A fair share of this 2-core machine beside
-one busy process is 50%. Results: bench/results/contention.{json,md}.
+(the policy, beside `python -c 'while True: pass'`, started before the stage and stopped after it:
+bench/report.py). A fair share of this 2-core machine beside one busy process is 50%. A second table
+compares spin counts (the choice of schemas/threads.py's SPIN_COUNT). Results:
+bench/results/contention.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from bench import report
 
 DATA = Path("data/bench-contention")
 ROUNDS = 2
-COMPETITOR_SECONDS = 900
 DEMO_IMAGES = 320
 LOADER_IMAGES = 2000
 EVAL_IMAGES = 5000
@@ -171,18 +171,13 @@ def prepare() -> None:
         _userpipe("shard", "--store", str(DATA / "loader.zarr"), "--out", str(DATA / "loader-shards"))
 
 
-def measure(stage: str, condition: str) -> dict:
+def measure(stage: str, settings: dict[str, str], loaded: bool) -> dict:
+    """One fresh process of `stage` with these environment settings, alone or beside a busy process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
         env.pop(name, None)
-    if condition == "before":  # libgomp's default spin count, torch's default thread count, fixed
-        env.update(GOMP_SPINCOUNT="300000", OMP_NUM_THREADS=str(_torch_default_threads()))
-    competitor = None
-    if condition == "loaded":
-        busy = f"import time\nend = time.time() + {COMPETITOR_SECONDS}\nwhile time.time() < end: pass"
-        competitor = subprocess.Popen([sys.executable, "-c", busy])
-        time.sleep(0.5)
-    try:
+    env.update(settings)
+    with report.beside_a_busy_process(loaded):
         out = subprocess.run(
             [sys.executable, "-m", "bench.contention", "--stage", stage],
             check=True,
@@ -190,12 +185,29 @@ def measure(stage: str, condition: str) -> dict:
             text=True,
             env=env,
         ).stdout
-    finally:
-        if competitor is not None:
-            competitor.kill()
-            competitor.wait()
     result = json.loads(out.strip().splitlines()[-1])
-    return {"stage": stage, "condition": condition, "rate": result["items"] / result["seconds"], **result}
+    return {"stage": stage, "rate": result["items"] / result["seconds"], **result}
+
+
+def alternating(stages, conditions: dict[str, tuple[dict, bool]], rounds: int) -> list[dict]:
+    """Every stage under every condition, the conditions alternating over the rounds (this machine's speed
+    drifts between minutes)."""
+    runs = []
+    for stage in stages:
+        for round_ in range(rounds):
+            for name, (settings, loaded) in conditions.items():
+                runs.append({**measure(stage, settings, loaded), "condition": name, "round": round_})
+                print(runs[-1], flush=True)
+    return runs
+
+
+def medians(runs: list[dict], stage: str, conditions) -> dict[str, tuple[float, float, float]]:
+    """condition -> (median, lowest, highest) rate of the stage's runs."""
+    out = {}
+    for condition in conditions:
+        rates = [r["rate"] for r in runs if (r["stage"], r["condition"]) == (stage, condition)]
+        out[condition] = (statistics.median(rates), min(rates), max(rates))
+    return out
 
 
 def _torch_default_threads() -> int:
@@ -209,7 +221,8 @@ def _torch_default_threads() -> int:
     return int(out)
 
 
-CONDITIONS = ("before", "quiet", "loaded")
+SPIN_STAGES = ("eval ranking", "train step")
+LIBGOMP_SPIN_COUNT = "300000"  # libgomp's own default when no wait policy is set
 
 
 def main() -> None:
@@ -217,49 +230,48 @@ def main() -> None:
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # child: one measurement
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--no-spin", action="store_true", help="skip the spin-count comparison")
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(STAGES[args.stage]()))
         return
     prepare()
-    runs = []
-    for stage in args.stages:
-        for round_ in range(args.rounds):  # conditions alternate: this machine's speed drifts
-            for condition in CONDITIONS:
-                runs.append({**measure(stage, condition), "round": round_})
-                print(runs[-1], flush=True)
+    fixed = str(_torch_default_threads())
+    conditions = {
+        "before": ({"GOMP_SPINCOUNT": LIBGOMP_SPIN_COUNT, "OMP_NUM_THREADS": fixed}, False),
+        "quiet": ({}, False),
+        "loaded": ({}, True),
+    }
+    runs = alternating(args.stages, conditions, args.rounds)
     rows, table = [], []
     for stage in args.stages:
-        rate = {
-            c: [r["rate"] for r in runs if (r["stage"], r["condition"]) == (stage, c)] for c in CONDITIONS
-        }
-        median = {c: statistics.median(v) for c, v in rate.items()}
-        unit = next(r["unit"] for r in runs if r["stage"] == stage)
+        rate = medians(runs, stage, conditions)
         row = {
             "stage": stage,
-            "unit": unit,
-            **{f"{c}_rate": round(median[c], 3) for c in CONDITIONS},
-            **{f"{c}_spread": [round(min(v), 3), round(max(v), 3)] for c, v in rate.items()},
-            "kept_loaded": round(median["loaded"] / median["quiet"], 3),
-            "quiet_vs_before": round(median["quiet"] / median["before"], 3),
+            "unit": next(r["unit"] for r in runs if r["stage"] == stage),
+            **{condition: [round(x, 3) for x in values] for condition, values in rate.items()},
+            "kept_loaded": round(rate["loaded"][0] / rate["quiet"][0], 3),
+            "quiet_vs_before": round(rate["quiet"][0] / rate["before"][0], 3),
         }
         rows.append(row)
         table.append(
             [
                 stage,
-                unit,
-                _cell(row, "before"),
-                _cell(row, "quiet"),
-                _cell(row, "loaded"),
+                row["unit"],
+                *(_cell(rate[c]) for c in conditions),
                 f"{100 * row['kept_loaded']:.0f}%",
                 f"{100 * (row['quiet_vs_before'] - 1):+.1f}%",
             ]
         )
+    spin_runs, extra = [], []
+    if not args.no_spin:
+        spin_runs, extra = spin_counts([s for s in SPIN_STAGES if s in args.stages], fixed, args.rounds)
     result = {
         "benchmark": "every stage quiet and beside one busy process",
         **report.machine(),
         "runs": runs,
         "stages": rows,
+        "spin_runs": spin_runs,
     }
     report.write(
         "contention",
@@ -267,18 +279,50 @@ def main() -> None:
         "Every stage quiet and beside one competing CPU-bound process",
         "Median (lowest–highest) of the rounds; each measurement a fresh process. `before`: libgomp's "
         "default spin count and torch's default thread count, fixed, as userpipe ran before its "
-        "thread policy; "
-        "`quiet` and `loaded`: the policy (schemas/threads.py), alone and beside `while True: pass`. "
-        "Goals: loaded ≥ 45% of quiet (a fair share is 50%), quiet within 3% of before.",
+        "thread policy; `quiet` and `loaded`: the policy (schemas/threads.py), alone and beside "
+        "`while True: pass`. Goals: loaded ≥ 45% of quiet (a fair share is 50%), quiet within 3% of before.",
         ["stage", "unit", "before", "quiet", "loaded", "loaded / quiet", "quiet vs before"],
         table,
         [(f"{r['stage']} beside one busy process", f"{100 * r['kept_loaded']:.0f}% of quiet") for r in rows],
+        extra,
     )
 
 
-def _cell(row: dict, condition: str) -> str:
-    low, high = row[f"{condition}_spread"]
-    return f"{row[f'{condition}_rate']:,.3g} ({low:,.3g}–{high:,.3g})"
+def spin_counts(stages, fixed: str, rounds: int) -> tuple[list[dict], list[str]]:
+    """The choice of SPIN_COUNT: each spin count with the policy (quiet, loaded) and with a fixed thread
+    count beside the load (what a user's OMP_NUM_THREADS or a deterministic run gets)."""
+    from userpipe.schemas.threads import SPIN_COUNT
+
+    conditions = {}
+    for spin in ("0", str(SPIN_COUNT), LIBGOMP_SPIN_COUNT):
+        conditions[f"{spin} quiet"] = ({"GOMP_SPINCOUNT": spin}, False)
+        conditions[f"{spin} loaded"] = ({"GOMP_SPINCOUNT": spin}, True)
+        conditions[f"{spin} fixed loaded"] = ({"GOMP_SPINCOUNT": spin, "OMP_NUM_THREADS": fixed}, True)
+    runs = alternating(stages, conditions, rounds)
+    lines = [
+        "",
+        f"## The spin count (GOMP_SPINCOUNT; userpipe sets {SPIN_COUNT:,}, libgomp's default is 300,000)",
+        "",
+        f"Rate, median (lowest–highest); `fixed`: {fixed} threads whatever the load, as with a user's "
+        "OMP_NUM_THREADS or `--deterministic`.",
+        "",
+        "| stage | spin count | policy, quiet | policy, loaded | fixed, loaded |",
+        "|---|---|---|---|---|",
+    ]
+    for stage in stages:
+        rate = medians(runs, stage, conditions)
+        for spin in ("0", str(SPIN_COUNT), LIBGOMP_SPIN_COUNT):
+            cells = (_cell(rate[f"{spin} {c}"]) for c in ("quiet", "loaded", "fixed loaded"))
+            lines.append(f"| {stage} | {int(spin):,} | " + " | ".join(cells) + " |")
+    return runs, lines
+
+
+def _cell(rate: tuple[float, float, float]) -> str:
+    return " ".join((_number(rate[0]), f"({_number(rate[1])}–{_number(rate[2])})"))
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 if __name__ == "__main__":

@@ -4,13 +4,35 @@ and quotes three)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+COMPETITOR_SECONDS = 900  # a competing process ends by itself after this, should its benchmark die
+
+
+@contextlib.contextmanager
+def beside_a_busy_process(busy: bool = True) -> Iterator[None]:
+    """The block runs beside one CPU-bound Python process (`while True: pass`), started before and
+    stopped after it; busy=False: alone."""
+    if not busy:
+        yield
+        return
+    code = f"import time\nend = time.time() + {COMPETITOR_SECONDS}\nwhile time.time() < end: pass"
+    competitor = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.5)  # running before the measured work starts
+        yield
+    finally:
+        competitor.kill()
+        competitor.wait()
 
 
 def machine() -> dict:

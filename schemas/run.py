@@ -116,7 +116,7 @@ class TrainRecipe(BaseModel):
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
     deterministic: bool = Field(
         default=False,
-        description="bit-exact resume on the CPU: MKL_CBWR=COMPATIBLE, at the cost that "
+        description="bit-exact resume on the same kind of CPU: MKL_CBWR=AUTO,STRICT, at the cost that "
         "bench/results/train_throughput.md measures",
     )
     val_images: int | None = Field(

@@ -22,6 +22,7 @@ from userpipe.schemas.outputs import check_free_space, fsync_path, written_whole
 from userpipe.schemas.run import RunConfig
 from userpipe.trainer.captions import CaptionTokenizer
 from userpipe.trainer.model import USER, build_model
+from userpipe.trainer.process import cpu_model
 from userpipe.trainer.step import Position
 
 CHECKPOINTS = "checkpoints"
@@ -155,6 +156,7 @@ def save(
                         "position": position,
                         "torch_rng": torch.get_rng_state() if rng is None else rng,
                         "threads": torch.get_num_threads(),
+                        "cpu": cpu_model(),
                         "world_size": len(rng) if isinstance(rng, list) else 1,
                     },
                     keeping,
@@ -261,6 +263,12 @@ def restore(
         group["fused"] = True
     rng = state["torch_rng"]
     torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)
+    if deterministic and state.get("cpu", cpu_model()) != cpu_model():
+        console.print(
+            f"note: this run was saved on another CPU ({state['cpu']}); on {cpu_model()} MKL may take "
+            "another code path, so the resumed steps can differ in the last bits from an uninterrupted run "
+            "(MKL_CBWR=COMPATIBLE gives the same bits on every x86 CPU)"
+        )
     if deterministic and state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         # CPU reductions split work by thread, so the thread count is part of what makes a resumed run
         # compute the bits the uninterrupted one would have

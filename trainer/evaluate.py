@@ -11,6 +11,7 @@ docs/architecture.md, "The trainer").
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,21 +113,38 @@ def positive_ranks(
 
     best_caption_score, best_caption = best(pair_image, pair_caption, n)
     best_image_score, best_image = best(pair_caption, pair_image, c)
-    i2t, t2i, t2i_at_least = (
-        torch.empty(n, dtype=torch.long),
-        torch.zeros(c, dtype=torch.long),
-        torch.zeros(c, dtype=torch.long),
-    )
-    for start in range(0, n, ROWS):
-        block, threshold = sims[start : start + ROWS], best_caption_score[start : start + ROWS, None]
-        i2t[start : start + ROWS] = (block > threshold).sum(1)
-        tied = ((block == threshold).sum(1) > 1).nonzero().squeeze(1)  # the best caption ties another caption
-        if len(tied):
-            i2t[start + tied] += (
-                (block[tied] == threshold[tied]) & (columns > best_caption[start + tied, None])
-            ).sum(1)
-        t2i += (block > best_image_score).sum(0)
-        t2i_at_least += (block >= best_image_score).sum(0)
+    # numpy's comparisons are vectorised where torch's broadcast comparison is not (5x here); numpy runs one
+    # thread, so the rows are split across the calling thread's share of the cores (schemas/threads.py)
+    # float32 on the CPU: upcasting keeps every order and tie
+    scores = sims.detach().to("cpu", torch.float32).numpy()
+    caption_best = best_caption_score.detach().to("cpu", torch.float32).numpy()[:, None]
+    image_best = best_image_score.detach().to("cpu", torch.float32).numpy()
+
+    def count(rows_from: int, rows_to: int) -> tuple[np.ndarray, ...]:
+        """Rows [rows_from, rows_to): i2t's higher counts and tie counts, t2i's higher and at-least counts."""
+        higher, tied = np.empty(rows_to - rows_from, np.int64), np.empty(rows_to - rows_from, np.int64)
+        image_higher, image_at_least = np.zeros(c, np.int64), np.zeros(c, np.int64)
+        for start in range(rows_from, rows_to, ROWS):
+            end = min(rows_to, start + ROWS)
+            block, threshold = scores[start:end], caption_best[start:end]
+            higher[start - rows_from : end - rows_from] = np.count_nonzero(block > threshold, axis=1)
+            tied[start - rows_from : end - rows_from] = np.count_nonzero(block == threshold, axis=1)
+            image_higher += np.count_nonzero(block > image_best, axis=0)
+            image_at_least += np.count_nonzero(block >= image_best, axis=0)
+        return higher, tied, image_higher, image_at_least
+
+    parts = max(1, min(torch.get_num_threads(), n // ROWS))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+        counted = list(pool.map(count, bounds[:-1], bounds[1:]))
+    i2t = torch.from_numpy(np.concatenate([part[0] for part in counted]))
+    equal = np.concatenate([part[1] for part in counted])
+    t2i = torch.from_numpy(sum(part[2] for part in counted))
+    t2i_at_least = torch.from_numpy(sum(part[3] for part in counted))
+    tied = torch.from_numpy(np.flatnonzero(equal > 1))  # the best caption ties another caption
+    if len(tied):
+        higher_index = columns > best_caption[tied, None]
+        i2t[tied] += ((sims[tied] == best_caption_score[tied, None]) & higher_index).sum(1)
     tied = (t2i_at_least - t2i > 1).nonzero().squeeze(1)  # the best image ties another image
     if len(tied):
         t2i[tied] += ((sims[:, tied] == best_image_score[tied]) & (rows[:, None] > best_image[tied])).sum(0)

@@ -5,6 +5,12 @@ code as a side effect of building or loading something."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# MKL's strict reproducibility mode on this CPU's own code path: matmuls whose bits do not depend on memory
+# alignment (measured at 1.1x the default step; COMPATIBLE, one code path for every x86 CPU, costs 3.5x:
+# bench/results/train_throughput.md)
+REPRODUCIBLE_MKL = "AUTO,STRICT"
 
 
 def reproducible_cpu_math() -> None:
@@ -12,11 +18,22 @@ def reproducible_cpu_math() -> None:
     `userpipe train --deterministic` (and the test suite, whose comparisons are exact) runs with.
 
     MKL picks matmul kernels by memory alignment, so the same CPU run differs in the last bits between
-    processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it). MKL_CBWR=COMPATIBLE
-    fixes that at a cost in speed (bench/results/train_throughput.md), so it is an option, not the default;
-    a value already set is kept.
+    processes, and a resumed run drifts from the uninterrupted one (Adam amplifies it). REPRODUCIBLE_MKL
+    fixes that on the same kind of CPU at a small cost in speed; a value already set is kept
+    (MKL_CBWR=COMPATIBLE: the same bits on every x86 CPU).
     """
-    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    os.environ.setdefault("MKL_CBWR", REPRODUCIBLE_MKL)
+
+
+def cpu_model() -> str:
+    """This machine's CPU, as the kernel names it: MKL's AUTO code path depends on it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def quiet_model_loading() -> None:
