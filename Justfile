@@ -82,7 +82,7 @@ test-fast: setup
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py tests/test_distributed.py -s
 
-# every benchmark (about 50 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
+# every benchmark (about 65 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.extract_throughput
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.loader_throughput
@@ -91,6 +91,7 @@ bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.train_throughput
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.ddp_throughput
     {{bin}}/python -m bench.queue_loss
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.contention
     {{bin}}/python -m bench.report
 
 # the GPU benchmark (a CUDA GPU; about 4 minutes on an H100/H200): bench/results/gpu.{json,md}

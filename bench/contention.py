@@ -8,7 +8,7 @@ ways, alternating over ROUNDS rounds: `before` (as userpipe ran until this polic
 count and a fixed thread count, the count it used), `quiet` (the policy of schemas/threads.py) and `loaded`
 (the policy, beside `python -c 'while True: pass'`, started before the stage and stopped after it:
 bench/report.py). A fair share of this 2-core machine beside one busy process is 50%. A second table
-compares spin counts (the choice of schemas/threads.py's SPIN_COUNT). Results:
+compares OpenMP spin counts (userpipe keeps libgomp's default). Results:
 bench/results/contention.{json,md}.
 """
 
@@ -96,7 +96,7 @@ def stage_ranking() -> dict:
         np.random.default_rng(0).standard_normal((EVAL_IMAGES, 5 * EVAL_IMAGES), np.float32)
     )
     with _shared():
-        seconds = _median_of(3, lambda: retrieval_metrics(sims))
+        seconds = _median_of(7, lambda: retrieval_metrics(sims))
     return {"items": 1, "seconds": seconds, "unit": "rankings/s"}
 
 
@@ -221,7 +221,8 @@ def _torch_default_threads() -> int:
     return int(out)
 
 
-SPIN_STAGES = ("eval ranking", "train step")
+SPIN_STAGES = ("extract", "train step")  # the ranking counts with numpy: no OpenMP barrier to spin at
+SPIN_COUNTS = ("0", "30000", "300000")
 LIBGOMP_SPIN_COUNT = "300000"  # libgomp's own default when no wait policy is set
 
 
@@ -230,7 +231,9 @@ def main() -> None:
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # child: one measurement
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--no-spin", action="store_true", help="skip the spin-count comparison")
+    parser.add_argument(
+        "--spin-rounds", type=int, default=1, help="rounds of the spin counts' table (0: none)"
+    )
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(STAGES[args.stage]()))
@@ -264,8 +267,8 @@ def main() -> None:
             ]
         )
     spin_runs, extra = [], []
-    if not args.no_spin:
-        spin_runs, extra = spin_counts([s for s in SPIN_STAGES if s in args.stages], fixed, args.rounds)
+    if args.spin_rounds:
+        spin_runs, extra = spin_counts([s for s in SPIN_STAGES if s in args.stages], fixed, args.spin_rounds)
     result = {
         "benchmark": "every stage quiet and beside one busy process",
         **report.machine(),
@@ -289,29 +292,27 @@ def main() -> None:
 
 
 def spin_counts(stages, fixed: str, rounds: int) -> tuple[list[dict], list[str]]:
-    """The choice of SPIN_COUNT: each spin count with the policy (quiet, loaded) and with a fixed thread
-    count beside the load (what a user's OMP_NUM_THREADS or a deterministic run gets)."""
-    from userpipe.schemas.threads import SPIN_COUNT
-
+    """Each spin count with the policy (quiet, loaded) and with a fixed thread count beside the load (what a
+    user's OMP_NUM_THREADS or a deterministic run gets)."""
     conditions = {}
-    for spin in ("0", str(SPIN_COUNT), LIBGOMP_SPIN_COUNT):
+    for spin in SPIN_COUNTS:
         conditions[f"{spin} quiet"] = ({"GOMP_SPINCOUNT": spin}, False)
         conditions[f"{spin} loaded"] = ({"GOMP_SPINCOUNT": spin}, True)
         conditions[f"{spin} fixed loaded"] = ({"GOMP_SPINCOUNT": spin, "OMP_NUM_THREADS": fixed}, True)
     runs = alternating(stages, conditions, rounds)
     lines = [
         "",
-        f"## The spin count (GOMP_SPINCOUNT; userpipe sets {SPIN_COUNT:,}, libgomp's default is 300,000)",
+        "## The spin count (GOMP_SPINCOUNT; libgomp's default, which userpipe keeps, is 300,000)",
         "",
-        f"Rate, median (lowest–highest); `fixed`: {fixed} threads whatever the load, as with a user's "
-        "OMP_NUM_THREADS or `--deterministic`.",
+        f"Rate, median (lowest–highest) of {rounds} round(s); `fixed`: {fixed} threads whatever the load, as "
+        "with a user's OMP_NUM_THREADS or `--deterministic`.",
         "",
         "| stage | spin count | policy, quiet | policy, loaded | fixed, loaded |",
         "|---|---|---|---|---|",
     ]
     for stage in stages:
         rate = medians(runs, stage, conditions)
-        for spin in ("0", str(SPIN_COUNT), LIBGOMP_SPIN_COUNT):
+        for spin in SPIN_COUNTS:
             cells = (_cell(rate[f"{spin} {c}"]) for c in ("quiet", "loaded", "fixed loaded"))
             lines.append(f"| {stage} | {int(spin):,} | " + " | ".join(cells) + " |")
     return runs, lines

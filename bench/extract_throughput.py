@@ -62,7 +62,9 @@ def main() -> None:
         "extract_throughput",
         result,
         result["benchmark"],
-        "Wall time of the whole command (Dask cluster start and model loading included).",
+        "Wall time of the whole command (Dask cluster start and model loading included). Models alone: the "
+        "store's region extractor and global encoder on the same images, decoded beforehand, in one process "
+        "on the machine's threads (the limit here); share: the command's images/s as a part of it.",
         [
             "regions",
             "workers",

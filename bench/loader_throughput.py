@@ -206,7 +206,16 @@ def main() -> None:
             for kind in kinds:
                 path = npy if kind == "reference" else shards
                 pairs = args.pairs or size * CAPTIONS
-                command = [sys.executable, __file__, "--measure", kind, str(path), "--pairs", str(pairs)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "bench.loader_throughput",
+                    "--measure",
+                    kind,
+                    str(path),
+                    "--pairs",
+                    str(pairs),
+                ]
                 command += ["--batch", str(args.batch), "--workers", str(args.workers)]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1"}
                 out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout

@@ -113,7 +113,8 @@ def main() -> None:
         out = subprocess.run(
             [
                 sys.executable,
-                __file__,
+                "-m",
+                "bench.queue_loss",
                 "--one",
                 backend,
                 str(m),

@@ -200,7 +200,15 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
             if implementation in DETERMINISTIC:
                 env["MKL_CBWR"] = DETERMINISTIC[implementation]
-            command = [sys.executable, __file__, "--size", size, "--implementation", implementation]
+            command = [
+                sys.executable,
+                "-m",
+                "bench.train_throughput",
+                "--size",
+                size,
+                "--implementation",
+                implementation,
+            ]
             if implementation == "userpipe" and round_ == 0:
                 command.append("--profile")
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout

@@ -2,16 +2,16 @@
 
 `prepare_process()` runs when anything of userpipe is first imported (userpipe/__init__.py), so before
 torch in every entry point: the command, `python -m bench.*`, a Dask worker's first task, a torchrun rank.
-It sets OpenMP's spin count and starts the first window of the measurement below. A user's own
-OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; so does an explicit OMP_NUM_THREADS, which fixes the thread count.
+It starts the first window of the measurement below. OpenMP's wait policy stays libgomp's default (idle
+threads spin ~3 ms before they sleep): the fastest alone, and harmless beside a load once the thread count
+adapts (bench/results/contention.md compares spin counts). An explicit OMP_NUM_THREADS fixes the count.
 
 Within a command (`sharing()`, entered by userpipe/cli.py's `command` decorator and by each Dask task),
 `adjust()` at the heavy loops' steps sets torch's intra-op threads to the cores the last window left free:
 its CPUs (affinity, capped by a cgroup quota) less the CPU time other processes used on them, within the
 process's budget. OpenMP splits each operation statically across its threads, so one thread that shares a
 core with another process holds back all the others; fewer threads, each on a core of its own, finish
-sooner. Measurements and the choice of the spin count: docs/architecture.md, "Threads on shared cores";
-bench/results/contention.md.
+sooner. Measurements: docs/architecture.md, "Threads on a shared machine"; bench/results/contention.md.
 """
 
 from __future__ import annotations
@@ -26,21 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# libgomp spins this many times before a waiting thread sleeps (its default is 300,000, and 30 billion
-# with OMP_WAIT_POLICY=ACTIVE): long enough to keep quiet speed, short enough that a thread waiting at a
-# barrier hands a shared core back soon (docs/architecture.md measures the choice)
-SPIN_COUNT = 30_000
-WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # the user's choice of wait policy, kept
 THREADS_SETTING = "OMP_NUM_THREADS"
 WINDOW_SECONDS = 1.0  # how often adjust() measures again; shorter windows count too few clock ticks
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's unit
 
 
 def prepare_process() -> None:
-    """Before torch loads: OpenMP's spin count, unless the user chose a wait policy (libgomp reads it
-    once, when torch loads it; a process that loaded torch first keeps its settings)."""
-    if "torch" not in sys.modules and not any(name in os.environ for name in WAIT_SETTINGS):
-        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    """At import, before torch loads: the start of the first measurement window, so that a command's first
+    adjust() already knows how busy its cores were while it started."""
     _Window.started = _Window.now()
 
 

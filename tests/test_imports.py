@@ -177,3 +177,19 @@ def test_the_package_graph_has_no_circle():
     butd_vg); the walk itself finds a planted circle."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
     assert circles(GRAPH) == []
+
+
+def test_benchmarks_start_their_child_processes_as_modules():
+    """`python -m bench.NAME` is how benchmarks run (the README, the Justfile); a child started as a
+    script (`python bench/NAME.py`, i.e. `__file__`) has bench/ itself on sys.path, where `from bench
+    import report` fails. `__file__` may only locate files (`Path(__file__)`)."""
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        located = {
+            id(node.args[0])
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Path" and node.args
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id == "__file__":
+                assert id(node) in located, f"{path.name}:{node.lineno}: __file__ outside Path(__file__)"

@@ -27,16 +27,19 @@ def fresh_process(code: str, **env: str | None) -> str:
     ).stdout.strip()
 
 
-SPIN = "import os, userpipe; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in __import__('sys').modules)"
+STARTED = """
+import os, sys, userpipe
+from userpipe.schemas import threads
+print(threads._Window.started is not None, "torch" in sys.modules, *(k for k in os.environ if "OMP" in k))
+"""
 
 
-def test_importing_userpipe_sets_the_spin_count_before_torch_unless_the_user_chose_a_wait_policy():
-    assert fresh_process(SPIN) == f"{threads.SPIN_COUNT} False"
-    assert fresh_process(SPIN, OMP_WAIT_POLICY="PASSIVE") == "None False"
-    assert fresh_process(SPIN, GOMP_SPINCOUNT="7") == "7 False"
-    # torch loaded first: libgomp has read its settings, so userpipe changes nothing
-    late = "import os, torch, userpipe; print(os.environ.get('GOMP_SPINCOUNT'))"
-    assert fresh_process(late) == "None"
+def test_importing_userpipe_starts_the_first_window_before_torch_and_leaves_openmp_alone():
+    assert fresh_process(STARTED, OMP_NUM_THREADS=None) == "True False"
+    assert (
+        fresh_process(STARTED, OMP_NUM_THREADS=None, OMP_WAIT_POLICY="PASSIVE")
+        == "True False OMP_WAIT_POLICY"
+    )
 
 
 def test_the_users_omp_num_threads_fixes_the_count_and_torchruns_default_does_not(monkeypatch):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 # MKL's strict reproducibility mode on this CPU's own code path: matmuls whose bits do not depend on memory
-# alignment (measured at 1.1x the default step; COMPATIBLE, one code path for every x86 CPU, costs 3.5x:
+# alignment (measured at 1.01-1.05x the default step; COMPATIBLE, one code path for every x86 CPU, 2.2-3.4x:
 # bench/results/train_throughput.md)
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 
