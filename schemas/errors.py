@@ -16,6 +16,11 @@ class ManifestError(InputError):
     """A manifest (of shards, of an index) is missing or damaged; the message names it."""
 
 
+class NotLearningError(InputError):
+    """A training run whose first validation is within noise of its untrained start, stopped as its config
+    asked (train.stop_if_not_learning)."""
+
+
 class NonFiniteError(InputError):
     """NaN or infinite numbers where a result would be computed from them (a diverged model, a damaged
     artefact): refused, since a NaN similarity ranks like a perfect one and a NaN loss trains nothing."""

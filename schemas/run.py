@@ -125,6 +125,11 @@ class TrainRecipe(BaseModel):
         description="validate on the first N images (the reference uses 1,000 of COCO's dev split)",
     )
     val_every: int | None = Field(default=None, gt=0, description="also validate every N steps")
+    stop_if_not_learning: bool = Field(
+        default=False,
+        description="stop when the first validation's RSUM is within noise of the untrained model's "
+        "(a warning either way)",
+    )
     global_batchnorm: bool = Field(
         default=True,
         description="with several processes, BatchNorm statistics over the global batch, as the released "
@@ -223,4 +228,12 @@ class ChangeLine(_LogLine):
     change: dict
 
 
-LOG_LINES = {"loss": StepLine, "val": ValidationLine, "change": ChangeLine}  # told apart by this key
+class WarningLine(_LogLine):
+    """A warning the run gave (a first validation within noise of the untrained start)."""
+
+    model_config = ConfigDict(extra="forbid")
+    warning: str = Field(min_length=1)
+
+
+# told apart by this key
+LOG_LINES = {"loss": StepLine, "val": ValidationLine, "change": ChangeLine, "warning": WarningLine}

@@ -204,3 +204,40 @@ def test_the_resume_message_counts_epochs_from_1():
     assert resume_message(run, Position(epoch=3, step=0, global_step=45), 3, [15] * 3) == (
         "resuming runs/r: its 3 epoch(s) are done (45 steps)"
     )
+
+
+def test_a_run_that_is_not_learning_is_told_and_stopped_when_asked(runner, data, tmp_path):
+    """A learning rate of 1e-9 leaves the model where it started: its first validation is within noise of
+    step 0's, which is a warning in the console and the log, and with train.stop_if_not_learning the end of
+    the run (one line, exit 2), its checkpoint kept."""
+    still = ("--set", "train.lr=1e-9", "--set", "train.epochs=1")
+    warned = run_cli(runner, *train_args(data, tmp_path / "warned", *still))
+    assert warned.exit_code == 0, warned.output
+    assert "warning: the run is not learning" in " ".join(warned.output.split())
+    log = [json.loads(line) for line in (tmp_path / "warned" / "log.jsonl").read_text().splitlines()]
+    warnings = [r["warning"] for r in log if "warning" in r]
+    assert len(warnings) == 1 and warnings[0].startswith("the run is not learning: validation RSUM")
+    stopped = run_cli(
+        runner, *train_args(data, tmp_path / "stopped", *still, "--set", "train.stop_if_not_learning=true")
+    )
+    assert stopped.exit_code == 2
+    errors = [line for line in stopped.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not learning" in errors[0] and "stop_if_not_learning" in errors[0]
+    assert (tmp_path / "stopped" / "checkpoints" / "last").exists()
+
+
+def test_rsum_noise_is_the_sum_of_the_recalls_binomial_errors_at_chance_or_above():
+    from userpipe.trainer.evaluate import rsum_noise
+    from userpipe.trainer.train import NOT_LEARNING_ERRORS, not_learning
+
+    side = {"r1": 0.0, "r5": 0.5, "r10": 50.0}
+    baseline = {"i2t": side, "t2i": side, "rsum": 101.0, "num_images": 100, "num_captions": 500}
+    expected = 0.0
+    for queries, items in ((100, 500), (500, 100)):
+        for k, recall in ((1, 0.0), (5, 0.5), (10, 50.0)):
+            p = max(recall / 100, k / items)
+            expected += 100 * np.sqrt(p * (1 - p) / queries)
+    assert rsum_noise(baseline) == pytest.approx(expected)
+    limit = baseline["rsum"] + NOT_LEARNING_ERRORS * expected
+    assert not_learning(baseline, {"rsum": limit - 0.01}) is not None
+    assert not_learning(baseline, {"rsum": limit + 0.01}) is None

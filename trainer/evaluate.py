@@ -12,6 +12,7 @@ docs/architecture.md, "The trainer").
 from __future__ import annotations
 
 import concurrent.futures
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def with_sizes(metrics: dict, num_images: int, num_captions: int, protocol: str 
     """The metrics with the sizes of what they were computed over, which format_table's title states."""
     folds = {"num_folds": FOLDS} if protocol == "coco1k" else {}
     return {**metrics, "num_images": num_images, "num_captions": num_captions, **folds}
+
+
+def rsum_noise(metrics: dict) -> float:
+    """RSUM's sampling noise at these metrics (with their sizes): the sum, over both directions and each K,
+    of a recall's binomial standard error 100·sqrt(p(1-p)/queries) (the standard error of a proportion),
+    p at least chance (K / items ranked). A sum of errors, not of variances: one direction's R@K move
+    together."""
+    n, c = metrics["num_images"], metrics["num_captions"]
+    total = 0.0
+    for side, queries, items in (("i2t", n, c), ("t2i", c, n)):
+        for k in KS:
+            p = min(1.0, max(metrics[side][f"r{k}"] / 100, k / items))
+            total += 100 * math.sqrt(p * (1 - p) / queries)
+    return total
 
 
 def evaluated(metrics: dict) -> str:

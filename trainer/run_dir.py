@@ -46,7 +46,7 @@ class JsonLog:
             kinds = [key for key in LOG_LINES if isinstance(record, dict) and key in record]
             if len(kinds) != 1:
                 raise InputError(
-                    f"{self.path} line {number} is not a log record (a step, validation or change)"
+                    f"{self.path} line {number} is not a log record (a step, validation, change or warning)"
                 )
             validate_as(LOG_LINES[kinds[0]], record, f"{self.path} line {number}")
         return records

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from userpipe.schemas import threads
-from userpipe.schemas.errors import InputError
+from userpipe.schemas.errors import InputError, NotLearningError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from userpipe.schemas.progress import progress_seconds
 from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
@@ -31,7 +32,7 @@ from userpipe.trainer.config import load_run_config, parse_overrides
 from userpipe.trainer.data_order import same_image_counts
 from userpipe.trainer.distributed import World
 from userpipe.trainer.encode import embedding_metrics, encode_split, open_split
-from userpipe.trainer.evaluate import with_sizes
+from userpipe.trainer.evaluate import rsum_noise, with_sizes
 from userpipe.trainer.loader import LoaderSettings, StreamingLoader
 from userpipe.trainer.model import USER
 from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
@@ -94,6 +95,23 @@ def check_fits(
 
 def validate(model: USER, store: Path, tokenizer: CaptionTokenizer, max_images: int | None) -> dict:
     return embedding_metrics([encode_split(model, store, "val", tokenizer, max_images, progress=False)])
+
+
+NOT_LEARNING_ERRORS = 3.0  # a first validation at most this many noise units above the untrained start
+
+
+def not_learning(baseline: dict, metrics: dict) -> str | None:
+    """What to say when a run's first validation is within noise of its untrained start (step 0), else
+    None: released USER runs stuck near chance went unnoticed for whole runs (USER issues #4, #6)."""
+    noise = rsum_noise(baseline)
+    if metrics["rsum"] - baseline["rsum"] > NOT_LEARNING_ERRORS * noise:
+        return None
+    return (
+        f"the run is not learning: validation RSUM {metrics['rsum']:.1f} against {baseline['rsum']:.1f} "
+        f"untrained, within {NOT_LEARNING_ERRORS:g} x its noise ({noise:.1f}); check that captions belong "
+        "to their images (the shards' store and split), the learning rate and warm-up, and the loss in "
+        "log.jsonl"
+    )
 
 
 @dataclass
@@ -204,6 +222,7 @@ def train(
             log=log,
             world=world,
             device=device,
+            console=console,
         )
         if start.state is not None:
             training.resume(start, per_epoch, console)
@@ -303,7 +322,9 @@ class _Training:
     log: JsonLog | _NoLog
     world: World
     device: torch.device
+    console: Console
     position: Position = field(default_factory=Position)
+    baseline: dict | None = None  # the untrained model's validation, until the first validation is judged
 
     def resume(self, start: Start, per_epoch: list[int], console: Console) -> None:
         """Continue from the last checkpoint's state: the position, the optimizer, the RNGs, the log."""
@@ -331,6 +352,7 @@ class _Training:
         if self.world.main:
             baseline = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
             self.log.write({"step": 0, "epoch": 0, "val": baseline})
+            self.baseline = with_sizes(baseline, *validation_sizes(self.run))
 
     def run_epochs(self, loader: StreamingLoader, per_epoch: list[int], progress: TrainingProgress) -> None:
         """From the position to the last epoch: steps, their log lines, and the validations and saves."""
@@ -377,10 +399,13 @@ class _Training:
 
     def validate_and_save(self) -> dict | None:
         """Rank 0 validates and saves, with every rank's RNG state (each draws its own dropout masks), and
-        returns the metrics (None on the other ranks)."""
+        returns the metrics (None on the other ranks); an error there (non-finite metrics, a run stopped for
+        not learning) is raised on every rank."""
         rng_states = distributed.gather_objects(torch.get_rng_state())
-        if not self.world.main:
-            return None
+        metrics = distributed.from_main(lambda: self._validate_and_save(rng_states))
+        return metrics if self.world.main else None
+
+    def _validate_and_save(self, rng_states: list) -> dict:
         position = self.position
         # non-finite metrics: NonFiniteError
         metrics = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
@@ -392,7 +417,20 @@ class _Training:
         checkpoint.save(
             self.run, self.model, self.optimizer, self.config, dict(position.__dict__), metrics, best, rng
         )
+        self._judge_learning(metrics)
         return metrics
+
+    def _judge_learning(self, metrics: dict) -> None:
+        """The first validation against the untrained start: a warning in the log and on the console, and
+        the end of the run with train.stop_if_not_learning."""
+        baseline, self.baseline = self.baseline, None
+        warning = baseline and not_learning(baseline, metrics)
+        if not warning:
+            return
+        self.log.write({"step": self.position.global_step, "epoch": self.position.epoch, "warning": warning})
+        if self.config.train.stop_if_not_learning:
+            raise NotLearningError(f"{warning} (stopped: train.stop_if_not_learning; the checkpoint is kept)")
+        self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 def _validates_after_step(val_every: int | None, position: Position, per_epoch: list[int]) -> bool:
