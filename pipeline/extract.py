@@ -297,9 +297,11 @@ def embed_caption_chunk(
 ) -> int:
     with threads.sharing(plan):
         _, _, encoder = extractor_models(config_json)
-        embeddings = np.concatenate(
-            [encoder.encode_texts(list(texts[i : i + TEXT_BATCH])) for i in range(0, len(texts), TEXT_BATCH)]
-        )
+        batches = []
+        for i in range(0, len(texts), TEXT_BATCH):
+            threads.adjust()
+            batches.append(encoder.encode_texts(list(texts[i : i + TEXT_BATCH])))
+    embeddings = np.concatenate(batches)
     _write_rows(store, split, start, {"clip_text": embeddings.astype(np.float16)}, ("captions_done", chunk))
     return len(texts)
 

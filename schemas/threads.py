@@ -87,9 +87,8 @@ def worker_plan(workers: int) -> Plan:
 
 def available_cpus() -> int:
     """The CPUs this process may run on: its affinity, capped by its cgroup's CPU quota."""
-    cpus = len(_affinity())
-    quota = _Cgroup.find().quota() if _Cgroup.find() else None
-    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+    cpus, group = len(_affinity()), _Cgroup.find()
+    return max(1, min(cpus, math.ceil(group.quota()))) if group else cpus
 
 
 def _affinity() -> set[int]:
@@ -166,16 +165,25 @@ def _everyone_seconds() -> float | None:
 
 
 class _Share:
-    def __init__(self, plan: Plan):
-        import torch
+    """One thread's share. It takes hold of torch's count when torch is loaded (at entry, or at the first
+    adjust() or fix()), so a command that never loads torch (info, verify, shard) does not import it."""
 
-        self.torch = torch
-        self.before = torch.get_num_threads()
-        self.budget = plan.budget or self.before
-        self.fixed = plan.fixed
+    def __init__(self, plan: Plan):
+        self.plan, self.fixed = plan, plan.fixed
+        self.torch = self.before = self.budget = None
         # the first share's window starts at import: a command's first decision comes with its first step
         self.window, _Window.started = _Window.started or _Window.now(), None
-        self.set(self.budget)
+        if "torch" in sys.modules:
+            self.hold()
+
+    def hold(self) -> None:
+        """torch's count as this share found it, then the plan's budget."""
+        if self.torch is None:
+            import torch
+
+            self.torch, self.before = torch, torch.get_num_threads()
+            self.budget = self.plan.budget or self.before
+            self.set(self.budget)
 
     def set(self, threads: int) -> None:
         """torch's intra-op threads, and faiss's (its own OpenMP pool) once something loaded it."""
@@ -185,11 +193,10 @@ class _Share:
             sys.modules["faiss"].omp_set_num_threads(threads)
 
     def adjust(self) -> None:
-        if self.fixed:
+        self.hold()
+        if self.fixed or time.monotonic() - self.window.wall < WINDOW_SECONDS:
             return
         now = _Window.now()
-        if now.wall - self.window.wall < WINDOW_SECONDS:
-            return
         others = now.others_since(self.window)
         if others is not None:
             self.set(min(self.budget, max(1, math.floor(available_cpus() - others + 0.5))))
@@ -212,7 +219,8 @@ def sharing(plan: Plan | None = None) -> Iterator[None]:
         yield
     finally:
         _active.share = None
-        share.set(share.before)
+        if share.torch is not None:
+            share.set(share.before)
 
 
 def adjust() -> None:
@@ -229,6 +237,7 @@ def fix(threads: int | None = None) -> None:
     share = getattr(_active, "share", None)
     if share is None:
         return
+    share.hold()
     if threads is not None:
         share.set(threads)
     share.fixed = True

@@ -167,3 +167,17 @@ def test_every_command_runs_within_a_share(monkeypatch, tmp_path):
     result = run_cli(CliRunner(), "info", tmp_path / "none.zarr")
     assert result.exit_code == 2 and seen == [True]
     assert threads._active.share is None
+
+
+def test_a_command_that_does_not_load_torch_is_not_made_to_by_its_share(tmp_path):
+    """`sharing()` takes hold of torch's count only once torch is loaded: `userpipe info` stays quick."""
+    code = f"""
+import sys
+from userpipe.cli import main
+sys.argv = ["userpipe", "info", {str(tmp_path / "none.zarr")!r}]
+try:
+    main()
+except SystemExit as exc:
+    print(exc.code, "torch" in sys.modules)
+"""
+    assert fresh_process(code).splitlines()[-1] == "2 False"

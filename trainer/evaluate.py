@@ -128,7 +128,7 @@ def positive_ranks(
 
     best_caption_score, best_caption = best(pair_image, pair_caption, n)
     best_image_score, best_image = best(pair_caption, pair_image, c)
-    # numpy's comparisons are vectorised where torch's broadcast comparison is not (5x here); numpy runs one
+    # numpy's comparisons are vectorised where torch's broadcast comparison is not; numpy runs one
     # thread, so the rows are split across the calling thread's share of the cores (schemas/threads.py)
     # float32 on the CPU: upcasting keeps every order and tie
     scores = sims.detach().to("cpu", torch.float32).numpy()
