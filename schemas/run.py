@@ -185,6 +185,12 @@ class RunRecord(Frozen):
     schema_version: Literal["1.0"] = RUN_RECORD_VERSION
     data: RunData
     changes: tuple[RunChange, ...] = ()
+    id: str | None = Field(
+        default=None,
+        pattern="^[0-9a-f]{16}$",
+        description="the run's id, for trackers that continue it on resume (W&B); runs from before it "
+        "get one on their next resume",
+    )
 
 
 class DirectionMetrics(BaseModel):

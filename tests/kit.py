@@ -230,3 +230,66 @@ def kill_at_first_done_chunk(command: list[str], store: Path, split: str = "trai
     wait_for_first_done_chunk(job, store, split)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+
+
+# --------------------------------------------------------------------------- what trackers recorded
+
+
+def log_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """log.jsonl's numbers by tracker tag, as (step, value) in log order: a step's keys as train/<key>, a
+    validation's as val/rsum and val/<direction>/<metric> (written here apart from trainer/tracking.py)."""
+    found: dict[str, list] = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            values = {f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}
+        elif "val" in record:
+            val = record["val"]
+            values = {"val/rsum": val["rsum"]}
+            values.update({f"val/{d}/{m}": v for d in ("i2t", "t2i") for m, v in val[d].items()})
+        else:
+            continue
+        for tag, value in values.items():
+            found.setdefault(tag, []).append((record["step"], value))
+    return found
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a folder of event files, read by TensorBoard's own reader (which applies the purge of
+    a restarted writer, as TensorBoard shows it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    reader.Reload()
+    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of a W&B run file (run-ID.wandb: a 7-byte header, then LevelDB's log format of
+    32 KiB blocks holding protobuf `Record`s), as {key: value} with `_step`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    offset, pending, rows = 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
+        kind = data[offset + 6]
+        if kind == 0:  # padding
+            break
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # a full record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {
+                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                        for item in record.history.item
+                    }
+                )
+    return rows

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kit import karpathy_record, write_image, write_json
+from kit import karpathy_record, log_scalars, tensorboard_scalars, write_image, write_json
 
 pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
 
@@ -327,6 +327,30 @@ def test_a_default_resume_continues_the_data_position_queues_and_optimizer(input
     }
     assert optimizer_step_counts(tmp_path / "out") == optimizer_steps
     assert json.loads((tmp_path / "out" / "config.json").read_text())["train"]["deterministic"] is False
+
+
+def test_tensorboard_shows_every_number_of_the_log_once_across_a_kill_and_resume(inputs, tmp_path):
+    """`--report-to tensorboard`, killed two steps past a mid-epoch checkpoint (its event files then hold
+    steps the resume trains again) and resumed: TensorBoard's reader shows exactly log.jsonl's numbers,
+    each step once."""
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+    run = tmp_path / "out"
+    args = [a for a in writer("train", inputs).command(run) if a != "--deterministic"]
+    args += ["--set", "train.val_every=3", "--report-to", "tensorboard"]
+    # log.jsonl's records: val@0, steps 1-3, val@3 (checkpoint), a warning or not, step 4, (step 5): the
+    # command is killed as it opens the log for its 8th record
+    killed = userpipe(args, crash_env(run / "log.jsonl", tmp_path / "count", at=8))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = [step for step, _ in tensorboard_scalars(run / "tensorboard")["train/loss"]]
+    assert before in ([1, 2, 3, 4], [1, 2, 3, 4, 5])  # flushed as logged, past the checkpoint at step 3
+    again = userpipe([*args, "--resume"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    shown, logged = tensorboard_scalars(run / "tensorboard"), log_scalars(run)
+    assert set(shown) == set(logged)
+    assert len(logged["train/loss"]) == len({step for step, _ in logged["train/loss"]}) > 4
+    for tag, values in logged.items():
+        assert [s for s, _ in shown[tag]] == [s for s, _ in values], tag
+        assert [v for _, v in shown[tag]] == pytest.approx([v for _, v in values], rel=1e-6), tag
 
 
 def optimizer_step_counts(run: Path) -> list[float]:

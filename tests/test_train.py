@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kit import Chain, run_cli
+from kit import Chain, log_scalars, run_cli, wandb_history
 
 from userpipe.pipeline.synthetic import write_synthetic_store
 
@@ -241,3 +241,40 @@ def test_rsum_noise_is_the_sum_of_the_recalls_binomial_errors_at_chance_or_above
     limit = baseline["rsum"] + NOT_LEARNING_ERRORS * expected
     assert not_learning(baseline, {"rsum": limit - 0.01}) is not None
     assert not_learning(baseline, {"rsum": limit + 0.01}) is None
+
+
+def test_wandb_offline_records_the_log_s_numbers_in_the_run_s_id(runner, data, tmp_path, monkeypatch):
+    """`--report-to wandb` in W&B's offline mode: one W&B run with run.json's id, in RUN/wandb, whose history
+    holds log.jsonl's numbers at the same steps (read back from W&B's own run file)."""
+    pytest.importorskip("wandb", reason="the wandb package is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    result = run_cli(runner, *train_args(data, out, "--set", "train.epochs=1", "--report-to", "wandb"))
+    assert result.exit_code == 0, result.output
+    run_id = json.loads((out / "run.json").read_text())["id"]
+    files = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1, list((out / "wandb").iterdir())
+    recorded: dict[str, list] = {}
+    for row in wandb_history(files[0]):
+        for key, value in row.items():
+            if not key.startswith("_"):
+                recorded.setdefault(key, []).append((row["_step"], value))
+    logged = log_scalars(out)
+    assert set(logged) <= set(recorded)
+    for tag, values in logged.items():
+        assert recorded[tag] == values, tag  # as JSON, exactly
+
+
+def test_report_to_names_a_known_tracker_whose_package_is_installed(monkeypatch):
+    import importlib.util
+
+    from userpipe.schemas.errors import InputError
+    from userpipe.trainer.tracking import parse_report_to
+
+    assert parse_report_to(None) == ()
+    with pytest.raises(InputError, match="unknown tracker 'mlflow' \\(choose from tensorboard, wandb\\)"):
+        parse_report_to("tensorboard,mlflow")
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else found(n, *a))
+    with pytest.raises(InputError, match="^--report-to wandb needs the wandb package: pip install wandb$"):
+        parse_report_to("tensorboard, wandb")

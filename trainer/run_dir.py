@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,11 @@ def start_run(
         step = state["position"]["global_step"]
         # changes recorded by a resume killed before its next checkpoint were never applied: forget them
         record = record.model_copy(
-            update={"data": data, "changes": tuple(c for c in record.changes if c.step < step)}
+            update={
+                "data": data,
+                "changes": tuple(c for c in record.changes if c.step < step),
+                "id": record.id or new_run_id(),
+            }
         )
         if changed:
             if not allow_change:
@@ -169,7 +174,11 @@ def start_run(
         console.print(f"{run} has no checkpoint yet: starting it again")
         shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
         (run / LOG_NAME).unlink(missing_ok=True)
-    return Start(config, RunRecord(data=data))
+    return Start(config, RunRecord(data=data, id=new_run_id()))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _listed(changed: dict, keys: list[str]) -> str:

@@ -40,6 +40,7 @@ from userpipe.trainer.progress import TrainingProgress
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.shard_set import ShardSet
 from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
+from userpipe.trainer.tracking import TrackedLog, open_trackers, parse_report_to
 from userpipe.trainer.training_page import validation_sizes, write_training_summary
 
 
@@ -122,18 +123,23 @@ class RunInputs:
     val_store: Path
     config: RunConfig
     resume: bool
+    report_to: tuple[str, ...] = ()  # trackers (trainer/tracking.py), their packages checked
 
 
-def train_command(
-    run: Path,
-    shards: str | None,
-    val_store: Path | None,
-    config: str | None,
-    overrides: list[str],
-    resume: bool,
-    allow_change: bool,
-    console: Console,
-) -> dict | None:
+@dataclass(frozen=True)
+class TrainRequest:
+    """What `userpipe train` is asked, as given (None: the run's own on --resume, else the default)."""
+
+    shards: str | None = None
+    val_store: Path | None = None
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+    resume: bool = False
+    allow_change: bool = False
+    report_to: str | None = None  # comma-separated tracker names
+
+
+def train_command(run: Path, request: TrainRequest, console: Console) -> dict | None:
     """`userpipe train`, in one process or in each process torchrun starts: the process group, the run's
     inputs (on --resume, the run's own unless given; rank 0 reads them), its configuration, then `train`.
     The process keeps freed memory for the next step, and a deterministic run sets its CPU math, before the
@@ -144,10 +150,11 @@ def train_command(
     try:
 
         def inputs() -> RunInputs:  # rank 0 reads the run directory
-            resuming = resume or restarted_by_torchrun(run)
-            spec, val = resume_inputs(run, shards, val_store, resuming)
-            base = config or (checkpoint.run_config_of(run) if resuming else "demo")
-            return RunInputs(spec, val, load_run_config(base, parse_overrides(overrides)), resuming)
+            resuming = request.resume or restarted_by_torchrun(run)
+            spec, val = resume_inputs(run, request.shards, request.val_store, resuming)
+            base = request.config or (checkpoint.run_config_of(run) if resuming else "demo")
+            run_config = load_run_config(base, parse_overrides(list(request.overrides)))
+            return RunInputs(spec, val, run_config, resuming, parse_report_to(request.report_to))
 
         run_inputs = distributed.from_main(inputs)
         keep_freed_memory()
@@ -158,7 +165,7 @@ def train_command(
             run,
             run_inputs,
             console if world.main else Console(quiet=True),
-            allow_change=allow_change,
+            allow_change=request.allow_change,
             world=world,
             device=device,
         )
@@ -210,7 +217,11 @@ def train(
             checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
         distributed.use_global_batch_statistics(model, config.train.global_batchnorm)
         trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
-        log = JsonLog(run / LOG_NAME) if world.main else _NoLog()
+        log = TrackedLog(JsonLog(run / LOG_NAME), []) if world.main else TrackedLog(_NoLog(), [])
+        if world.main and inputs.report_to:
+            first_step = 0 if start.state is None else start.state["position"]["global_step"] + 1
+            log.trackers = open_trackers(inputs.report_to, run, first_step, start.record.id, config)
+        held.callback(log.close)
         training = _Training(
             run=run,
             config=config,
@@ -304,6 +315,9 @@ class _NoLog:
     def write(self, record: dict) -> None:
         pass
 
+    def records(self) -> list[dict]:
+        return []
+
     def truncate_after(self, global_step: int) -> None:
         pass
 
@@ -319,7 +333,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     val_store: Path
     tokenizer: CaptionTokenizer
-    log: JsonLog | _NoLog
+    log: TrackedLog
     world: World
     device: torch.device
     console: Console
@@ -359,17 +373,22 @@ class _Training:
         position = self.position
         while position.epoch < self.config.train.epochs:
             started, pairs = time.perf_counter(), 0
+            asked = started  # when the loop asked the loader for the next batch
             for batch in loader.batches(position.epoch, position.step):
                 threads.adjust()
+                got = time.perf_counter()
                 lr, same_image, losses = self.step(batch)
+                done = time.perf_counter()
                 pairs += len(batch.image_index) * self.world.size
-                rate = pairs / (time.perf_counter() - started)
+                rate = pairs / (done - started)
                 self.log.write(
                     {
                         "step": position.global_step,
                         "epoch": position.epoch,
                         "lr": lr,
                         "samples_per_s": round(rate, 1),
+                        "step_s": round(done - got, 4),
+                        "loader_wait_s": round(got - asked, 4),
                         **{k: round(v, 4) for k, v in same_image.items()},
                         **{k: round(v.item(), 6) for k, v in losses.items()},
                     }
@@ -377,6 +396,7 @@ class _Training:
                 progress.step(position, losses["loss"].item(), lr, rate)
                 if _validates_after_step(self.config.train.val_every, position, per_epoch):
                     self.validate_and_save()
+                asked = time.perf_counter()
             position.epoch, position.step = position.epoch + 1, 0
             progress.epoch_end(position, self.validate_and_save())
 
@@ -410,6 +430,7 @@ class _Training:
         # non-finite metrics: NonFiniteError
         metrics = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
         self.log.write({"step": position.global_step, "epoch": position.epoch, "val": metrics})
+        self.log.flush()  # the trackers hold every step the checkpoint covers before it is saved
         best = metrics["rsum"] > position.best_rsum
         if best:
             position.best_rsum = metrics["rsum"]

@@ -415,14 +415,20 @@ def train(
         help="bit-exact resume on the CPU at some speed (= --set train.deterministic=true; "
         "bench/results/train_throughput.md)",
     ),
+    report_to: str = typer.Option(
+        None,
+        help="also report log.jsonl's records to tensorboard and/or wandb (comma-separated; RUN/tensorboard, "
+        "RUN/wandb); give it again on --resume",
+    ),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from userpipe.trainer.evaluate import format_table
-    from userpipe.trainer.train import train_command
+    from userpipe.trainer.train import TrainRequest, train_command
     from userpipe.trainer.training_page import TRAINING_PAGE
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
-    best = train_command(out, shards, val_store, config, overrides, resume, allow_change, console)
+    request = TrainRequest(shards, val_store, config, tuple(overrides), resume, allow_change, report_to)
+    best = train_command(out, request, console)
     if best is None:  # a rank other than 0 of several processes: rank 0 reports
         return
     print(format_table(best, f"best validation ({out})"))
