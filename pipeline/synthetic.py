@@ -30,10 +30,12 @@ def write_synthetic_store(
     seed: int = 0,
     split: str = "train",
     dataset: str = "synthetic",
+    global_encoder: GlobalConfig | None = None,
 ) -> Path:
     """One split ("train" by default). Captions per image: fixed, or 1 + i % 5 (variable) when None.
     Features are ReLU-like (half zeros), region counts vary in [1, num_regions]. `dataset`: the name the store
-    records, which the evaluation protocols check (e.g. "coco" for a stand-in of COCO's 5K test split)."""
+    records, which the evaluation protocols check (e.g. "coco" for a stand-in of COCO's 5K test split);
+    `global_encoder`: the one it records (default: an open_clip "synthetic" of `clip_dim`)."""
     rng = np.random.default_rng(seed)
     records = [
         ImageRecord(
@@ -52,9 +54,8 @@ def write_synthetic_store(
         image_size=64,
         chunk_size=chunk_size,
         regions=RegionConfig(kind="grid", backbone="efficientnet_lite0"),
-        global_encoder=GlobalConfig(
-            kind="open_clip", model="synthetic", image_dim=clip_dim, text_dim=clip_dim
-        ),
+        global_encoder=global_encoder
+        or GlobalConfig(kind="open_clip", model="synthetic", image_dim=clip_dim, text_dim=clip_dim),
     )
     num_captions = sum(len(r.captions) for r in records)
     attrs = StoreAttrs(

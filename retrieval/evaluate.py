@@ -1,14 +1,17 @@
-"""`userpipe eval`: a run's best checkpoint, a checkpoint, or an ensemble of runs on a store split, under
-the protocol named (which must be the split it names)."""
+"""`userpipe eval`: a run's best checkpoint, a checkpoint, an ensemble of runs, or the zero-shot baseline
+of the store's open_clip model on a store split, under the protocol named (which must be the split it
+names)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from userpipe.retrieval.zero_shot import zero_shot_embeddings
 from userpipe.schemas.errors import InputError
 from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
 from userpipe.trainer.cxc import cxc_positives, read_cxc
-from userpipe.trainer.encode import embedding_metrics, encode_split, split_sizes
+from userpipe.trainer.encode import SplitEmbeddings, embedding_metrics, encode_split, split_sizes
 from userpipe.trainer.evaluate import (
     PROTOCOLS,
     check_protocol_split,
@@ -16,18 +19,17 @@ from userpipe.trainer.evaluate import (
 )
 
 
-def evaluate_checkpoints(
+def evaluate_split(
     store: Path,
     split: str,
     protocol: str,
-    run: Path | None = None,
-    checkpoint: Path | None = None,
-    ensemble: tuple[Path, ...] = (),
+    embed: Callable[[], list[SplitEmbeddings]],
     cxc: Path | None = None,
     coco_captions: Path | None = None,
 ) -> dict:
-    """`userpipe eval`: the metrics of a run's best checkpoint, a checkpoint, or an ensemble of runs' best;
-    `cxc` and `coco_captions`: the CxC annotations the cxc protocol reads (trainer/cxc.py)."""
+    """The metrics of `embed()`'s embeddings of a split (several: an ensemble), the protocol and its
+    annotations checked first; `cxc` and `coco_captions`: the CxC files the cxc protocol reads
+    (trainer/cxc.py)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
     if (protocol == "cxc") != (cxc is not None and coco_captions is not None):
@@ -36,15 +38,7 @@ def evaluate_checkpoints(
     dataset, num_images, num_captions, invalid = split_sizes(store, split)
     left_out = f" (invalid images left out: {invalid:,})" if invalid else ""
     check_protocol_split(protocol, dataset, num_images, num_captions, f"split '{split}' of {store}{left_out}")
-    sources = (
-        [checkpoint_dir(r, None) for r in ensemble]
-        if ensemble
-        else [checkpoint_dir(run, checkpoint, "--run, --checkpoint or --ensemble")]
-    )
-    embeddings = []
-    for source in sources:
-        model, _, tokenizer = load_trained(source)
-        embeddings.append(encode_split(model, store, split, tokenizer))
+    embeddings = embed()
     first = embeddings[0]
     positives = (
         cxc_positives(first.image_ids, first.caption_texts, first.caption_image, annotations)
@@ -54,3 +48,31 @@ def evaluate_checkpoints(
     return with_sizes(
         embedding_metrics(embeddings, protocol, positives), len(first.images), len(first.captions), protocol
     )
+
+
+def evaluation_embedder(
+    store: Path,
+    split: str,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    ensemble: tuple[Path, ...] = (),
+    zero_shot: str | None = None,
+) -> Callable[[], list[SplitEmbeddings]]:
+    """What `eval` embeds the split with: the zero-shot baseline (MODEL:PRETRAINED), the best checkpoints of
+    an ensemble of runs, or one run's best (or a checkpoint)."""
+    if zero_shot is not None:
+        return lambda: [zero_shot_embeddings(zero_shot, store, split)]
+
+    def trained() -> list[SplitEmbeddings]:
+        sources = (
+            [checkpoint_dir(r, None) for r in ensemble]
+            if ensemble
+            else [checkpoint_dir(run, checkpoint, "--run, --checkpoint, --ensemble or --zero-shot")]
+        )
+        embeddings = []
+        for source in sources:
+            model, _, tokenizer = load_trained(source)
+            embeddings.append(encode_split(model, store, split, tokenizer))
+        return embeddings
+
+    return trained

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from userpipe.retrieval.html import thumbnail
+from userpipe.retrieval.zero_shot import zero_shot_embeddings, zero_shot_label
 from userpipe.schemas.outputs import RUN, claim, write_text_atomic
 from userpipe.schemas.run import ModelConfig
 from userpipe.schemas.store_reader import open_store
@@ -120,13 +121,25 @@ def _evaluate(run: Path, store: Path, split: str):
     return model, config, tokenizer, encode_split(model, store, split, tokenizer)
 
 
-def write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
-    """report.md, report.json and queries.png, added to the run (its own output: claimed as train does)."""
+def write_run_report(
+    run: Path, store: Path, split: str, compare: list[Path], zero_shot: str | None = None
+) -> dict:
+    """report.md, report.json and queries.png, added to the run (its own output: claimed as train does);
+    `zero_shot`: the store's open_clip model (MODEL:PRETRAINED), whose zero-shot row joins the table."""
     with claim(run, RUN, [store], option="--run", own_only=True):
-        return _write_run_report(run, store, split, compare)
+        # the baseline first: a spec the store does not fit is refused before the run's model loads
+        baseline = zero_shot_embeddings(zero_shot, store, split) if zero_shot else None
+        return _write_run_report(run, store, split, compare, zero_shot, baseline)
 
 
-def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -> dict:
+def _write_run_report(
+    run: Path,
+    store: Path,
+    split: str,
+    compare: list[Path],
+    zero_shot: str | None,
+    baseline: SplitEmbeddings | None,
+) -> dict:
     model, config, tokenizer, trained = _evaluate(run, store, split)
     untrained_model = initial_model(config).to(next(model.parameters()).device)
     metrics = {
@@ -134,6 +147,8 @@ def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -
         "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
         "chance": chance_metrics(trained.caption_image, len(trained.images)),
     }
+    if baseline is not None:
+        metrics["zero_shot"] = {"label": zero_shot_label(zero_shot), **embedding_metrics([baseline])}
     records = JsonLog(run / LOG_NAME).records()
     validations = [r for r in records if "val" in r and r["step"] > 0]  # those a best checkpoint is of
     best_at = (
@@ -156,6 +171,7 @@ def _write_run_report(run: Path, store: Path, split: str, compare: list[Path]) -
             ("chance", metrics["chance"]),
             ("untrained (the run's start)", metrics["untrained"]),
             (f"trained (best validation: {best_at})", metrics["trained"]),
+            *([(metrics["zero_shot"]["label"], metrics["zero_shot"])] if baseline is not None else []),
         ]
     )
     text = (

@@ -6,6 +6,7 @@ through its schema, in sequential chunk-sized blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +88,12 @@ def check_store_fits(config: ModelConfig, store: Path, attrs, group) -> None:
 
 def open_split(store: Path, split: str, config: ModelConfig, max_images: int | None = None):
     """The store's split checked against the model that will encode it: (group, attrs, n, valid rows)."""
-    group, attrs, n, valid, keep = _split_rows(store, split, max_images)
+    group, attrs, n, valid, keep = split_rows(store, split, max_images)
     check_store_fits(config, store, attrs, group)
     return group, attrs, n, valid, keep
 
 
-def _split_rows(store: Path, split: str, max_images: int | None):
+def split_rows(store: Path, split: str, max_images: int | None = None):
     """A complete store's split: (group, attrs, n, valid flags of its first n rows, the valid rows)."""
     root, attrs = open_store(store)
     if not attrs.complete:
@@ -115,7 +116,7 @@ def _split_rows(store: Path, split: str, max_images: int | None):
 def split_sizes(store: Path, split: str, max_images: int | None = None) -> tuple[str, int, int, int]:
     """What encode_split embeds of a split, without a model: the store's dataset, the valid images among the
     first `max_images`, their captions, and the invalid images left out."""
-    group, attrs, n, valid, keep = _split_rows(store, split, max_images)
+    group, attrs, n, valid, keep = split_rows(store, split, max_images)
     captions = int(np.isin(group["caption_image"][:], keep).sum())
     return attrs.extractor.dataset, len(keep), captions, n - len(keep)
 
@@ -129,34 +130,57 @@ def encode_split(
     max_images: int | None = None,
     progress: bool = True,
 ) -> SplitEmbeddings:
+    """A trained (or untrained) USER model's embeddings of a split."""
     group, attrs, n, valid, keep = open_split(store, split, model.config, max_images)
     needs_clip = model.config.enhancement == "cge"
     was_training = model.training
     model.eval()
     try:
-        caption_image_all = group["caption_image"][:]
-        caption_rows = np.flatnonzero(np.isin(caption_image_all, keep))
-        texts = group["caption_text"][:][caption_rows]
-        images = []
-        with Progress(transient=True, disable=not progress) as bar:
-            task = bar.add_task(f"encoding {split}", total=len(keep) + len(caption_rows))
-            for start in range(0, n, IMAGE_BATCH):
-                rows = slice(start, min(n, start + IMAGE_BATCH))
-                ok = valid[rows]
-                if not ok.any():
-                    continue
-                images.append(
-                    encode_regions(
-                        model,
-                        group["regions"][rows][ok],
-                        group["num_regions"][rows][ok],
-                        group["clip_image"][rows][ok] if needs_clip else None,
-                    )
-                )
-                bar.advance(task, int(ok.sum()))
-            captions = encode_texts(model, tokenizer, texts, on_batch=lambda k: bar.advance(task, k))
+        return embed_split(
+            group,
+            split,
+            n,
+            valid,
+            keep,
+            lambda rows, ok: encode_regions(
+                model,
+                group["regions"][rows][ok],
+                group["num_regions"][rows][ok],
+                group["clip_image"][rows][ok] if needs_clip else None,
+            ),
+            lambda texts, on_batch: encode_texts(model, tokenizer, texts, on_batch),
+            progress,
+        )
     finally:
         model.train(was_training)
+
+
+def embed_split(
+    group,
+    split: str,
+    n: int,
+    valid: np.ndarray,
+    keep: np.ndarray,
+    embed_images: Callable[[slice, np.ndarray], torch.Tensor],
+    embed_texts: Callable[[list[str], Callable[[int], None]], torch.Tensor],
+    progress: bool = True,
+) -> SplitEmbeddings:
+    """A split's valid images (`embed_images(rows, ok)`: the store rows `rows` whose `ok` is set, in blocks
+    of IMAGE_BATCH) and their captions (`embed_texts(texts, on_batch)`), each once, checked finite."""
+    caption_image_all = group["caption_image"][:]
+    caption_rows = np.flatnonzero(np.isin(caption_image_all, keep))
+    texts = group["caption_text"][:][caption_rows]
+    images = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"encoding {split}", total=len(keep) + len(caption_rows))
+        for start in range(0, n, IMAGE_BATCH):
+            rows = slice(start, min(n, start + IMAGE_BATCH))
+            ok = valid[rows]
+            if not ok.any():
+                continue
+            images.append(embed_images(rows, ok))
+            bar.advance(task, int(ok.sum()))
+        captions = embed_texts(list(texts), lambda k: bar.advance(task, k))
     images = torch.cat(images)
     check_finite(images, captions)
     position = np.full(n, -1)

@@ -437,7 +437,7 @@ def train(
 
 @command(
     "eval",
-    excludes=(("run", "checkpoint", "ensemble"),),
+    excludes=(("run", "checkpoint", "ensemble", "zero_shot"),),
     requires={"cxc": "coco_captions", "coco_captions": "cxc"},
 )
 def evaluate(
@@ -453,18 +453,26 @@ def evaluate(
     ),
     cxc: Path = typer.Option(None, help="for cxc: the folder with CxC's sits_test.csv"),
     coco_captions: Path = typer.Option(None, help="for cxc: COCO's captions_val2014.json"),
+    zero_shot: str = typer.Option(
+        None,
+        help="the baseline instead of a run: the store's CLIP image globals against captions embedded by the "
+        "same open_clip model's text tower (MODEL:PRETRAINED, as extract's --clip)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """R@1/5/10, medr, meanr and RSUM on the standard protocols."""
-    from userpipe.retrieval.evaluate import evaluate_checkpoints
+    from userpipe.retrieval.evaluate import evaluate_split, evaluation_embedder
+    from userpipe.retrieval.zero_shot import zero_shot_label
     from userpipe.trainer.evaluate import format_table
 
     runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
-    metrics = evaluate_checkpoints(store, split, protocol, run, checkpoint, runs, cxc, coco_captions)
+    embed = evaluation_embedder(store, split, run, checkpoint, runs, zero_shot)
+    metrics = evaluate_split(store, split, protocol, embed, cxc, coco_captions)
     if as_json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "folds"}, indent=2))
     else:
-        print(format_table(metrics, f"{protocol} on {store} [{split}]"))
+        what = f"{zero_shot_label(zero_shot)}: " if zero_shot else ""
+        print(format_table(metrics, f"{what}{protocol} on {store} [{split}]"))
 
 
 @command(excludes=(("run", "checkpoint"),))
@@ -560,12 +568,17 @@ def report(
     store: Path = typer.Option(..., help="store to evaluate on"),
     split: str = typer.Option("test", help="split of the store"),
     compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
+    zero_shot: str = typer.Option(
+        None, help="add the zero-shot row of the store's open_clip model (MODEL:PRETRAINED; see eval)"
+    ),
 ) -> None:
     """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
     from userpipe.retrieval.report import comparison_table, write_run_report
 
-    result = write_run_report(run, store, split, compare)
+    result = write_run_report(run, store, split, compare, zero_shot)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
+    if zero_shot:
+        rows.append((result["zero_shot"]["label"], result["zero_shot"]))
     print(f"{run} on {store} [{split}]: {result['num_images']} images, {result['num_captions']} captions\n")
     print(comparison_table(rows))
     if compare:
