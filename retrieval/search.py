@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from userpipe.retrieval import ann
 from userpipe.retrieval.index import model_sha256
 from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.index import GALLERIES, read_index_manifest
-from userpipe.schemas.outputs import HTML, check_output
 from userpipe.trainer.captions import CaptionTokenizer
-from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
 from userpipe.trainer.encode import encode_regions, encode_texts
 from userpipe.trainer.model import USER
 
@@ -90,6 +89,8 @@ class SearchIndex:
                     f"{path} holds {index.ntotal} x {index.d}, the manifest says {expected} x "
                     f"{self.manifest.embed_dim}: rebuild the index with userpipe index"
                 )
+            if self.manifest.galleries:  # the search setting tuned at build (nprobe, efSearch)
+                ann.set_search(index, self.manifest.galleries[gallery].search)
             self._faiss[gallery] = index
         return self._faiss[gallery]
 
@@ -138,31 +139,3 @@ class SearchIndex:
             image = item if gallery == "images" else self.items["images"][item["image"]]
             hits.append(Hit(rank, float(score), int(row), item, correct(int(row)), image["id"]))
         return hits
-
-
-def search_command(
-    index: Path,
-    query: str,
-    k: int,
-    images: bool,
-    run: Path | None = None,
-    checkpoint: Path | None = None,
-    html_out: Path | None = None,
-) -> tuple[SearchIndex, list[Hit]]:
-    """`userpipe search`: the top-k images for a text (`images`) or captions for an image id or file, with the
-    model the index was built with. `html_out`: the page the caller writes (retrieval/html.py), checked
-    before the model loads."""
-    if html_out:
-        check_output(html_out, HTML, [index], "--html")
-    if not query.strip():
-        raise InputError("the query is empty")
-    if k <= 0:
-        raise InputError(f"-k must be positive, got {k}")
-    source = checkpoint_dir(run, checkpoint)
-    searcher = SearchIndex(index)
-    searcher.check_model(source)
-    model, _, tokenizer = load_trained(source)
-    hits = (
-        searcher.text_query(model, tokenizer, query, k) if images else searcher.image_query(model, query, k)
-    )
-    return searcher, hits

@@ -109,6 +109,11 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
     weights[name] = weights[name] + 1
     save_file(weights, other / "model.safetensors")
     base = ("--index", trained.index)
+    moved = tmp_path / "moved-index"  # its recorded checkpoint removed since: the default is gone
+    shutil.copytree(trained.index, moved)
+    manifest = json.loads((moved / "index.json").read_text())
+    manifest["model"]["checkpoint"] = str(tmp_path / "gone")
+    (moved / "index.json").write_text(json.dumps(manifest))
     cases = [
         (("search", "a query", *base, "--checkpoint", other), "was built with the model in"),
         (("search", "  ", *base, "--run", trained.run), "the query is empty"),
@@ -118,7 +123,7 @@ def test_search_refuses_another_model_and_bad_queries(runner, trained, tmp_path)
             "neither an image file nor the id",
         ),
         (("search", "a query", "--index", tmp_path, "--run", trained.run), "is not an index"),
-        (("search", "a query", *base), "pass --run or --checkpoint"),
+        (("search", "a query", "--index", moved), f"no checkpoint at {tmp_path / 'gone'}"),
         (("search", "a query", *base, "--run", tmp_path), "no checkpoint at"),
     ]
     for args, message in cases:
@@ -143,8 +148,8 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     import torch
     from kit import tiny_recipe
 
-    from userpipe.retrieval.index import index_command
-    from userpipe.retrieval.search import search_command
+    from userpipe.api import open_index
+    from userpipe.retrieval.index import IndexRequest, index_command
     from userpipe.schemas.errors import InputError
     from userpipe.schemas.run import RunConfig
     from userpipe.trainer import checkpoint
@@ -160,12 +165,13 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     optimizer = torch.optim.AdamW(model.parameters())
     checkpoint.save(tmp_path / "run", model, optimizer, config, {"epoch": 0, "step": 0}, {"rsum": 0.0}, True)
     index = tmp_path / "index"
-    manifest = index_command(store, index, "test", run=tmp_path / "run")
-    assert manifest.schema_version == "1.1" and manifest.extractor.regions.kind == "grid"
+    manifest = index_command(IndexRequest(store, "test", index), run=tmp_path / "run")
+    assert manifest.schema_version == "1.2" and manifest.extractor.regions.kind == "grid"
     image = coco_root / "images" / "val2014" / "COCO_val2014_000000000108.jpg"
-    _, by_id = search_command(index, "108", 3, images=False, run=tmp_path / "run")
+    by_id = open_index(index, tmp_path / "run").search_image("108", 3)
     shutil.move(store, tmp_path / "elsewhere.zarr")
-    searcher, by_file = search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+    found = open_index(index, tmp_path / "run")
+    by_file, searcher = found.search_image(str(image), 3), found.searcher
     assert [h.row for h in by_file] == [h.row for h in by_id]
     np.testing.assert_allclose([h.score for h in by_file], [h.score for h in by_id], rtol=1e-5, atol=1e-6)
     # a caption hit carries its image's id, joined in the library
@@ -175,13 +181,13 @@ def test_an_image_file_is_searched_from_the_index_and_checkpoint_alone(runner, c
     old = json.loads((index / "index.json").read_text())
     del old["extractor"]
     (index / "index.json").write_text(json.dumps({**old, "schema_version": "1.0"}))
-    _, hits = search_command(index, "image 8 caption 0", 1, images=True, run=tmp_path / "run")
+    hits = open_index(index, tmp_path / "run").search("image 8 caption 0", 1)
     assert hits[0].image_id == hits[0].item["id"]
     with pytest.raises(InputError, match="schema 1.0.*rebuild it with userpipe index"):
-        search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+        open_index(index, tmp_path / "run").search_image(str(image), 3)
     (index / "index.json").write_text(json.dumps({**old, "schema_version": "1.1"}))
     with pytest.raises(InputError, match="records its extractor"):
-        search_command(index, str(image), 3, images=False, run=tmp_path / "run")
+        open_index(index, tmp_path / "run").search_image(str(image), 3)
 
 
 # ---------------------------------------------------------------------------- images decoded within a budget

@@ -129,8 +129,9 @@ def encode_split(
     tokenizer: CaptionTokenizer,
     max_images: int | None = None,
     progress: bool = True,
+    with_captions: bool = True,
 ) -> SplitEmbeddings:
-    """A trained (or untrained) USER model's embeddings of a split."""
+    """A trained (or untrained) USER model's embeddings of a split (its images only, without captions)."""
     group, attrs, n, valid, keep = open_split(store, split, model.config, max_images)
     needs_clip = model.config.enhancement == "cge"
     was_training = model.training
@@ -148,11 +149,15 @@ def encode_split(
                 group["num_regions"][rows][ok],
                 group["clip_image"][rows][ok] if needs_clip else None,
             ),
-            lambda texts, on_batch: encode_texts(model, tokenizer, texts, on_batch),
+            _caption_encoder(model, tokenizer) if with_captions else None,
             progress,
         )
     finally:
         model.train(was_training)
+
+
+def _caption_encoder(model: USER, tokenizer: CaptionTokenizer):
+    return lambda texts, on_batch: encode_texts(model, tokenizer, texts, on_batch)
 
 
 def embed_split(
@@ -162,13 +167,14 @@ def embed_split(
     valid: np.ndarray,
     keep: np.ndarray,
     embed_images: Callable[[slice, np.ndarray], torch.Tensor],
-    embed_texts: Callable[[list[str], Callable[[int], None]], torch.Tensor],
+    embed_texts: Callable[[list[str], Callable[[int], None]], torch.Tensor] | None,
     progress: bool = True,
 ) -> SplitEmbeddings:
     """A split's valid images (`embed_images(rows, ok)`: the store rows `rows` whose `ok` is set, in blocks
-    of IMAGE_BATCH) and their captions (`embed_texts(texts, on_batch)`), each once, checked finite."""
+    of IMAGE_BATCH) and their captions (`embed_texts(texts, on_batch)`; None: no captions), each once,
+    checked finite."""
     caption_image_all = group["caption_image"][:]
-    caption_rows = np.flatnonzero(np.isin(caption_image_all, keep))
+    caption_rows = np.flatnonzero(np.isin(caption_image_all, keep)) if embed_texts else np.zeros(0, int)
     texts = group["caption_text"][:][caption_rows]
     images = []
     with Progress(transient=True, disable=not progress) as bar:
@@ -180,8 +186,12 @@ def embed_split(
                 continue
             images.append(embed_images(rows, ok))
             bar.advance(task, int(ok.sum()))
-        captions = embed_texts(list(texts), lambda k: bar.advance(task, k))
-    images = torch.cat(images)
+        images = torch.cat(images)
+        captions = (
+            embed_texts(list(texts), lambda k: bar.advance(task, k))
+            if embed_texts
+            else torch.zeros(0, images.shape[1])
+        )
     check_finite(images, captions)
     position = np.full(n, -1)
     position[keep] = np.arange(len(keep))

@@ -485,15 +485,25 @@ def index(
     image_root: Path = typer.Option(
         None, help="folder the store's image files are relative to (default: where extract found them)"
     ),
+    kind: str = typer.Option(
+        "flat",
+        help="flat (exact), ivf, hnsw or ivfpq (approximate: recall against exact measured and recorded)",
+    ),
+    max_memory: str = typer.Option(
+        None, help="memory for both indexes, e.g. 2GB: the parameters are chosen to fit it, or it is refused"
+    ),
 ) -> None:
-    """Embed a store split's images and captions into flat inner-product faiss indexes."""
-    from userpipe.retrieval.index import index_command
+    """Embed a store split's images and captions into faiss indexes: exact, or approximate with its recall."""
+    from userpipe.retrieval.index import IndexRequest, index_command, index_summary
 
-    manifest = index_command(store, out, split, run, checkpoint, image_root)
+    request = IndexRequest(store, split, out, image_root, kind, max_memory)
+    manifest = index_command(request, run, checkpoint)
     console.print(
         f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
         f"{manifest.embed_dim}-d, model {manifest.model.sha256[:12]}"
     )
+    for gallery, built in manifest.galleries.items():
+        console.print(f"  {gallery}: {index_summary(manifest.kind, built)}", highlight=False)
 
 
 def _shown(path: Path | None, fallback: str) -> str:
@@ -512,7 +522,9 @@ def search(
         ..., help="a text (gallery --images), or an image id or file (gallery --captions)"
     ),
     index: Path = typer.Option(..., help="folder written by userpipe index"),
-    run: Path = typer.Option(None, help="the run the index was built with (its best checkpoint)"),
+    run: Path = typer.Option(
+        None, help="the run the index was built with (default: the checkpoint the index records)"
+    ),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
     k: int = typer.Option(5, "-k", "--top-k", help="results to show"),
     images: bool = typer.Option(
@@ -522,10 +534,26 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
+    from userpipe.api import Index
     from userpipe.retrieval.html import write_html
-    from userpipe.retrieval.search import search_command
+    from userpipe.retrieval.index import index_summary
+    from userpipe.schemas.outputs import HTML, check_output
+    from userpipe.trainer.checkpoint import checkpoint_dir
 
-    searcher, hits = search_command(index, query, k, images, run, checkpoint, html_out)
+    if html_out:  # before the model loads
+        check_output(html_out, HTML, [index], "--html")
+    model = checkpoint_dir(run, checkpoint) if run or checkpoint else None
+    found = Index(index, model)
+    hits = found.search(query, k) if images else found.search_image(query, k)
+    searcher = found.searcher
+    gallery = "images" if images else "captions"
+    if searcher.manifest.galleries:  # 1.2 on; older indexes are exact
+        console.print(
+            f"{gallery} index: {index_summary(searcher.manifest.kind, searcher.manifest.galleries[gallery])}",
+            highlight=False,
+        )
+    else:
+        console.print(f"{gallery} index: flat (exact)", highlight=False)
     # a free text or a new image file has no ground truth: no match column rather than an empty one
     known = any(h.correct is not None for h in hits)
     if as_json:  # a caption's image by id too, beside its row number
