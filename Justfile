@@ -82,11 +82,12 @@ test-fast: setup
 test-crash: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m pytest -m exhaustive tests/test_crash.py tests/test_distributed.py -s
 
-# every benchmark (about 65 minutes here, 13 minutes of it data_order's COCO-sized epoch; 13 GB of scratch under data/); one table in bench/results/summary.md
+# every benchmark (about 80 minutes here, 13 minutes of it data_order's COCO-sized epoch, 15 bench.ann's 1M-vector indexes (10 GB of RAM); 13 GB of scratch under data/); one table in bench/results/summary.md
 bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.extract_throughput
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.loader_throughput
     {{bin}}/python -m bench.ranking
+    {{bin}}/python -m bench.ann
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.data_order
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.train_throughput
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.ddp_throughput
