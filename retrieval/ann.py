@@ -24,7 +24,7 @@ from userpipe.schemas.outputs import human_bytes
 KS = (1, 5, 10)
 RECALL_TARGET = 0.95  # recall@10 against the exact index that `tune` raises the search knob to
 PLATEAU = 0.005  # lossy codes: a doubled knob gaining less recall@10 than this ends the tuning
-TUNING_QUERIES = 1000  # queries the recall is measured on (all of them when there are fewer)
+TUNING_QUERIES = 1000  # queries the knob is tuned on, and as many others the recall is measured on
 HNSW_LINKS = 32  # HNSW's M: the faiss documentation's default trade-off for recall at high dimension
 MIN_POINTS_PER_CLUSTER = 39  # faiss warns below 39 training points per centroid
 TRAINING_POINTS_PER_CLUSTER = 64
@@ -48,7 +48,8 @@ def _clusters(n: int) -> int:
 
 
 def _probes(lists: int) -> tuple[int, ...]:
-    return tuple(2**i for i in range(int(math.log2(lists)) + 1))
+    """1, 2, 4, ... and every list (an exhaustive search of a gallery of few lists)."""
+    return tuple(sorted({2**i for i in range(int(math.log2(lists)) + 1)} | {lists}))
 
 
 def plan_flat(n: int, d: int, max_memory: int | None) -> Plan:
@@ -57,7 +58,8 @@ def plan_flat(n: int, d: int, max_memory: int | None) -> Plan:
 
 def plan_ivf(n: int, d: int, max_memory: int | None) -> Plan:
     lists = _clusters(n)
-    return Plan(f"IVF{lists},Flat", "nprobe", _probes(lists), n * (4 * d + 8) + lists * 4 * d)
+    # per vector: its floats, its id, and its entry in the direct map (an image looked up by id)
+    return Plan(f"IVF{lists},Flat", "nprobe", _probes(lists), n * (4 * d + 16) + lists * 4 * d)
 
 
 def plan_hnsw(n: int, d: int, max_memory: int | None) -> Plan:
@@ -81,15 +83,16 @@ def plan_ivfpq(n: int, d: int, max_memory: int | None) -> Plan:
     if max_memory is None:
         code = max(m for m in divisors if m <= max(1, d // 16))
     else:
-        fitting = [m for m in divisors if n * (m + 8) + fixed <= max_memory]
+        fitting = [m for m in divisors if n * (m + 16) + fixed <= max_memory]
         if not fitting:
-            smallest = n * (divisors[0] + 8) + fixed
+            smallest = n * (divisors[0] + 16) + fixed
             raise InputError(
-                f"--max-memory {human_bytes(max_memory)}: the smallest ivfpq index of {n:,} vectors takes "
-                f"{human_bytes(smallest)}"
+                f"--max-memory: the smallest ivfpq index of {n:,} vectors takes {human_bytes(smallest)}, "
+                f"more than its share {human_bytes(max_memory)}"
             )
         code = max(fitting)
-    return Plan(f"IVF{lists},PQ{code}", "nprobe", _probes(lists), n * (code + 8) + fixed, lossy=True)
+    # per vector: its code, its id and its direct-map entry
+    return Plan(f"IVF{lists},PQ{code}", "nprobe", _probes(lists), n * (code + 16) + fixed, lossy=True)
 
 
 # --kind -> planner (n vectors, width d, memory budget in bytes or None) -> Plan
@@ -101,15 +104,21 @@ KINDS: dict[str, Callable[[int, int, int | None], Plan]] = {
 }
 
 
-def plan(kind: str, n: int, d: int, max_memory: int | None) -> Plan:
-    """The kind's plan for n vectors of width d, within `max_memory` bytes (one line if it cannot be)."""
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise InputError(f"--kind: unknown index kind '{kind}' (choose from {', '.join(KINDS)})")
+
+
+def plan(kind: str, n: int, d: int, max_memory: int | None) -> Plan:
+    """The kind's plan for n vectors of width d, within `max_memory` bytes (its share of `--max-memory`; one
+    line if it cannot be)."""
+    check_kind(kind)
     chosen = KINDS[kind](n, d, max_memory)
     if max_memory is not None and chosen.bytes > max_memory:
         raise InputError(
-            f"--max-memory {human_bytes(max_memory)}: a {kind} index of {n:,} {d}-d vectors takes about "
-            f"{human_bytes(chosen.bytes)}; allow more, or use --kind ivfpq, whose codes fit the budget"
+            f"--max-memory: a {kind} index of {n:,} {d}-d vectors takes about {human_bytes(chosen.bytes)}, "
+            f"more than its share {human_bytes(max_memory)}; allow more, or use --kind ivfpq, whose codes "
+            "fit the budget"
         )
     return chosen
 
@@ -121,7 +130,9 @@ def build(vectors: np.ndarray, chosen: Plan):
     index = faiss.index_factory(vectors.shape[1], chosen.factory, faiss.METRIC_INNER_PRODUCT)
     threads.adjust()
     if not index.is_trained:  # on a sample spread over the gallery: k-means time grows with it
-        size = min(len(vectors), TRAINING_POINTS_PER_CLUSTER * faiss.extract_index_ivf(index).nlist)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.min_points_per_centroid = 1  # a small gallery's few lists are planned: no warning about them
+        size = min(len(vectors), TRAINING_POINTS_PER_CLUSTER * ivf.nlist)
         index.train(vectors[np.linspace(0, len(vectors) - 1, size).round().astype(int)])
     index.add(vectors)
     if chosen.knob == "nprobe":  # an indexed image's own vector, looked up by id (`search`)
@@ -176,11 +187,14 @@ def tune(index, chosen: Plan, queries: np.ndarray, exact: np.ndarray) -> tuple[s
     return best
 
 
-def tuning_queries(queries: np.ndarray) -> np.ndarray:
-    """Up to TUNING_QUERIES of the gallery's real queries, spread evenly over them."""
-    if len(queries) <= TUNING_QUERIES:
-        return queries
-    return queries[np.linspace(0, len(queries) - 1, TUNING_QUERIES).round().astype(int)]
+def held_out_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tuning, measuring): up to TUNING_QUERIES each of the gallery's real queries, spread evenly over
+    them and alternating, so the recall recorded is of queries the tuning did not see (one query: both)."""
+    if len(queries) < 2:
+        return queries, queries
+    count = min(len(queries), 2 * TUNING_QUERIES)
+    picked = queries[np.linspace(0, len(queries) - 1, count).round().astype(int)]
+    return picked[0::2], picked[1::2]
 
 
 def parse_size(text: str) -> int:

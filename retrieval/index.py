@@ -28,9 +28,10 @@ from userpipe.trainer.encode import encode_split
 from userpipe.trainer.model import USER
 
 
-def index_summary(kind: str, built: GalleryIndex) -> str:
-    """One line on how exact a gallery's index is, for `index` and `search`."""
-    if not built.search:
+def index_summary(kind: str, built: GalleryIndex | None) -> str:
+    """One line on how exact a gallery's index is, for `index` and `search` (None: an index of schema 1.0 or
+    1.1, which is exact)."""
+    if built is None or not built.search:
         return f"{kind} (exact)"
     r = built.recall
     return (
@@ -48,21 +49,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _gallery_index(kind: str, vectors: torch.Tensor, queries: torch.Tensor, max_memory: int | None):
-    """(the faiss index, its GalleryIndex record): planned, built, and tuned on up to ann.TUNING_QUERIES of
-    the other gallery's embeddings as queries (captions for images, images for captions)."""
+    """(the faiss index, its GalleryIndex record): planned, built, and tuned on the other gallery's embeddings
+    as queries (captions for images, images for captions); its recall measured on other such queries."""
     import faiss
 
     gallery = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-    asked = ann.tuning_queries(np.ascontiguousarray(queries.numpy(), dtype=np.float32))
+    tuning, measuring = ann.held_out_queries(np.ascontiguousarray(queries.numpy(), dtype=np.float32))
     chosen = ann.plan(kind, *gallery.shape, max_memory)
     index = ann.build(gallery, chosen)
-    setting, recall = ann.tune(index, chosen, asked, ann.exact_top(gallery, asked, min(10, len(gallery))))
+    k = min(10, len(gallery))
+    setting, _ = ann.tune(index, chosen, tuning, ann.exact_top(gallery, tuning, k))
+    recall = ann.recall_at(index.search(measuring, k)[1], ann.exact_top(gallery, measuring, k))
     record = GalleryIndex(
         factory=chosen.factory,
         search=setting,
         bytes=len(faiss.serialize_index(index)),
         recall=Recall(**recall),
-        queries=len(asked),
+        queries=len(measuring),
     )
     return index, record
 
@@ -85,8 +88,7 @@ def index_command(
     """`userpipe index`: a run's best checkpoint (or the checkpoint given) indexes a store split."""
     if request.image_root is not None and not request.image_root.is_dir():
         raise InputError(f"--image-root {request.image_root} is not a folder")
-    if request.kind not in ann.KINDS:
-        raise InputError(f"--kind: unknown index kind '{request.kind}' (choose from {', '.join(ann.KINDS)})")
+    ann.check_kind(request.kind)
     if request.max_memory is not None:
         ann.parse_size(request.max_memory)  # refused before the model loads
     source = checkpoint_dir(run, checkpoint)
@@ -118,7 +120,7 @@ def build_index(
             kind=kind,
             galleries={"images": image_record, "captions": caption_record},
             model=IndexedModel(
-                checkpoint=str(checkpoint.absolute()), sha256=model_sha256(checkpoint), config=model.config
+                checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config
             ),
             store=str(store.resolve()),
             split=split,

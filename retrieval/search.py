@@ -102,8 +102,9 @@ class SearchIndex:
         return self._hits(scores[0], rows[0], "images", lambda row: row in truth if truth else None)
 
     def image_query(self, model: USER, query: str, k: int) -> list[Hit]:
-        """Top-k captions for an image: the id of an indexed image (its stored embedding; its captions are
-        correct), or an image file (embedded with the extractor the index records, and `model`)."""
+        """Top-k captions for an image: the id of an indexed image (its embedding as the index holds it,
+        decoded from its codes for ivfpq; its captions are correct), or an image file (embedded with the
+        extractor the index records, and `model`)."""
         from userpipe.pipeline.features import image_file_features
 
         own = self.image_row.get(query)
@@ -134,7 +135,9 @@ class SearchIndex:
 
     def _hits(self, scores, rows, gallery: str, correct) -> list[Hit]:
         hits = []
-        for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1):
+        found = [(score, row) for score, row in zip(scores, rows, strict=True) if row >= 0]
+        # (an approximate index pads with row -1 when the lists it probes hold fewer than k vectors)
+        for rank, (score, row) in enumerate(found, start=1):
             item = self.items[gallery][row]
             image = item if gallery == "images" else self.items["images"][item["image"]]
             hits.append(Hit(rank, float(score), int(row), item, correct(int(row)), image["id"]))

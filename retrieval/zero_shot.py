@@ -30,7 +30,10 @@ def zero_shot_embeddings(spec: str, store: Path, split: str, progress: bool = Tr
             f"--zero-shot needs a store extracted with an open_clip model (--clip MODEL:PRETRAINED); {store} "
             f"holds {'no global embeddings' if stored.kind == 'none' else stored.kind + ' globals'}"
         )
-    config = resolve_global_config(spec)
+    try:
+        config = resolve_global_config(spec)
+    except InputError as exc:  # its messages name extract's option, which takes the same spec
+        raise InputError(str(exc).replace("--clip", "--zero-shot")) from None
     if config.kind != "open_clip" or not config.text_dim:
         raise InputError(f"--zero-shot {spec}: not an open_clip MODEL:PRETRAINED with a text tower")
     if (config.model, _weights_sha(config)) != (stored.model, _weights_sha(stored)):

@@ -41,6 +41,7 @@ def test_recall_at_k_is_the_share_of_the_exact_top_k_found():
         (100_000, "ivf", "IVF512,Flat"),  # a power of two near 2·sqrt(n)
         (1_000_000, "ivf", "IVF2048,Flat"),
         (100, "ivf", "IVF2,Flat"),  # at least 39 training points per list
+        (1000, "ivf", "IVF25,Flat"),
         (100_000, "hnsw", "HNSW32,Flat"),
         (100_000, "ivfpq", "IVF512,PQ64"),  # d/16 bytes per vector without a budget
     ],
@@ -49,13 +50,28 @@ def test_plans_follow_the_gallery_size(n, kind, factory):
     assert ann.plan(kind, n, 1024, None).factory == factory
 
 
+def test_the_search_knob_can_probe_every_list():
+    assert ann.plan("ivf", 1000, 32, None).knob_values == (1, 2, 4, 8, 16, 25)
+
+
+def test_recall_is_measured_on_queries_the_tuning_did_not_see():
+    queries = np.arange(10, dtype=np.float32)[:, None]
+    tuning, measuring = ann.held_out_queries(queries)
+    assert tuning.ravel().tolist() == [0, 2, 4, 6, 8] and measuring.ravel().tolist() == [1, 3, 5, 7, 9]
+    one = queries[:1]
+    assert all(part.tolist() == one.tolist() for part in ann.held_out_queries(one))
+
+
 def test_a_memory_budget_chooses_the_code_or_is_refused_in_one_line():
     budget = ann.parse_size("50MB")
     chosen = ann.plan("ivfpq", 1_000_000, 1024, budget)
     code = int(chosen.factory.split("PQ")[1])
     assert chosen.bytes <= budget < ann.plan("ivfpq", 1_000_000, 1024, None).bytes
-    assert 1_000_000 * (code + 8) <= budget < 1_000_000 * (code * 2 + 8)  # the largest code that fits
-    with pytest.raises(InputError, match=r"^--max-memory 50.0 MB: a hnsw index of 1,000,000 1024-d .*ivfpq"):
+    fixed = chosen.bytes - 1_000_000 * (code + 16)  # lists and codebooks; per vector: code, id, direct map
+    assert fixed > 0 and 1_000_000 * (2 * code + 16) + fixed > budget  # the next code would not fit
+    with pytest.raises(
+        InputError, match=r"^--max-memory: a hnsw index of 1,000,000 1024-d .*share 50.0 MB.*ivfpq"
+    ):
         ann.plan("hnsw", 1_000_000, 1024, budget)
     with pytest.raises(InputError, match="smallest ivfpq index"):
         ann.plan("ivfpq", 1_000_000, 1024, ann.parse_size("1MB"))
@@ -114,7 +130,8 @@ def test_index_records_its_recall_and_search_says_which_it_used(runner, trained,
     manifest = json.loads((out / "index.json").read_text())
     assert manifest["schema_version"] == "1.2" and manifest["kind"] == kind
     images = manifest["galleries"]["images"]
-    assert images["queries"] == manifest["num_captions"] and 0 <= images["recall"]["r10"] <= 1
+    # measured on half the captions, the tuning having seen the other half
+    assert images["queries"] == manifest["num_captions"] // 2 and 0 <= images["recall"]["r10"] <= 1
     assert f"images: {kind} (" in built.output and "recall@1/5/10" in built.output
     found = run_cli(runner, "search", "caption 0 of image 2", "--index", out, "--run", trained.run, "--json")
     assert found.exit_code == 0, found.output
@@ -135,3 +152,13 @@ def test_index_refuses_a_budget_it_cannot_meet_before_embedding(runner, trained,
     assert refused.exit_code == 2 and "--max-memory" in refused.output and not out.exists()
     small = run_cli(runner, *args, "--kind", "ivfpq")
     assert small.exit_code == 2 and "too small" in small.output and not out.exists()
+
+
+@pytest.mark.slow
+def test_hits_leave_out_what_an_approximate_index_pads_with(trained):
+    """IVF returns row -1 (score -FLT_MAX) where the lists it probed hold fewer than k vectors: no hit."""
+    from userpipe.retrieval.search import SearchIndex
+
+    searcher = SearchIndex(trained.index)
+    hits = searcher._hits(np.array([0.9, -3.4e38]), np.array([2, -1]), "images", lambda row: None)
+    assert [(h.rank, h.row) for h in hits] == [(1, 2)]

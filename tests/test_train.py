@@ -278,3 +278,29 @@ def test_report_to_names_a_known_tracker_whose_package_is_installed(monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else found(n, *a))
     with pytest.raises(InputError, match="^--report-to wandb needs the wandb package: pip install wandb$"):
         parse_report_to("tensorboard, wandb")
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_the_run_restarts_clean(
+    runner, data, tmp_path, monkeypatch
+):
+    """W&B refusing to start (no login, say) ends the command in one line, exit 2, before any step; the
+    TensorBoard writer opened before it is closed, and the rerun without W&B starts the run again from
+    nothing, its tracker folders included."""
+    wandb = pytest.importorskip("wandb", reason="the wandb package is not installed")
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+
+    def refuse(**_):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    out = tmp_path / "run"
+    failed = run_cli(
+        runner, *train_args(data, out, "--set", "train.epochs=1", "--report-to", "tensorboard,wandb")
+    )
+    assert failed.exit_code == 2
+    errors = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --report-to wandb: api_key not configured")
+    assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()  # before any step
+    again = run_cli(runner, *train_args(data, out, "--set", "train.epochs=1", "--report-to", "tensorboard"))
+    assert again.exit_code == 0, again.output
+    assert len(list((out / "tensorboard").iterdir())) == 1  # the failed start's event file went with it

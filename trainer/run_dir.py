@@ -23,6 +23,7 @@ from userpipe.schemas.sources import is_remote
 from userpipe.trainer import checkpoint
 from userpipe.trainer.checkpoint import CHECKPOINTS
 from userpipe.trainer.shard_set import ShardSet
+from userpipe.trainer.tracking import TENSORBOARD_FOLDER, WANDB_FOLDER
 
 LOG_NAME = "log.jsonl"
 
@@ -172,7 +173,8 @@ def start_run(
         )
     if found == "own":  # killed before its first checkpoint: nothing to continue, so it starts again
         console.print(f"{run} has no checkpoint yet: starting it again")
-        shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)
+        for folder in (CHECKPOINTS, TENSORBOARD_FOLDER, WANDB_FOLDER):  # its trackers' runs too
+            shutil.rmtree(run / folder, ignore_errors=True)
         (run / LOG_NAME).unlink(missing_ok=True)
     return Start(config, RunRecord(data=data, id=new_run_id()))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import RunConfig
 
-TENSORBOARD_FOLDER = "tensorboard"  # in the run directory
+TENSORBOARD_FOLDER, WANDB_FOLDER = "tensorboard", "wandb"  # in the run directory
 WANDB_PROJECT = "userpipe"  # unless WANDB_PROJECT says otherwise
 
 _NOT_SCALARS = ("step", "epoch")
@@ -73,7 +73,7 @@ class TensorBoardTracker:
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 
@@ -88,7 +88,7 @@ class WandbTracker:
                 project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT),
                 id=run_id,
                 name=run.name,
-                dir=str(run),
+                dir=str(run),  # W&B writes RUN/wandb (WANDB_FOLDER)
                 resume="allow",  # a resumed userpipe run continues its W&B run
                 config=config.model_dump(mode="json"),
                 settings=wandb.Settings(console="off", silent=True),  # rich owns the console
@@ -112,8 +112,8 @@ class WandbTracker:
     def flush(self) -> None:
         pass  # W&B's service process receives each record as it is logged
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # a failed run is marked so in W&B
 
 
 # name -> (module it needs, the tracker); `--report-to` takes a comma-separated list of names
@@ -142,8 +142,16 @@ def parse_report_to(value: str | None) -> tuple[str, ...]:
 class TrackedLog:
     """log.jsonl and the trackers: each record goes to the log first, then to every tracker."""
 
-    def __init__(self, log, trackers: list):
-        self.log, self.trackers = log, trackers
+    def __init__(self, log):
+        self.log, self.trackers = log, []
+
+    def open(
+        self, names: tuple[str, ...], run: Path, first_step: int, run_id: str, config: RunConfig
+    ) -> None:
+        """The trackers named, continuing the run from `first_step` (0 for a new run); each is kept as it
+        opens, so one that fails leaves the others to be closed."""
+        for name in names:
+            self.trackers.append(TRACKERS[name][1](run, first_step, run_id, config))
 
     def write(self, record: dict) -> None:
         self.log.write(record)
@@ -161,11 +169,8 @@ class TrackedLog:
         for tracker in self.trackers:
             tracker.flush()
 
-    def close(self) -> None:
+    def close_on_exit(self, exc_type, exc, traceback) -> bool:
+        """An ExitStack exit callback: close every tracker, telling it whether the run failed."""
         for tracker in self.trackers:
-            tracker.close()
-
-
-def open_trackers(names: tuple[str, ...], run: Path, first_step: int, run_id: str, config: RunConfig) -> list:
-    """The trackers named, continuing the run from `first_step` (0 for a new run)."""
-    return [TRACKERS[name][1](run, first_step, run_id, config) for name in names]
+            tracker.close(failed=exc_type is not None)
+        return False

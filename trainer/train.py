@@ -40,7 +40,7 @@ from userpipe.trainer.progress import TrainingProgress
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.shard_set import ShardSet
 from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
-from userpipe.trainer.tracking import TrackedLog, open_trackers, parse_report_to
+from userpipe.trainer.tracking import TrackedLog, parse_report_to
 from userpipe.trainer.training_page import validation_sizes, write_training_summary
 
 
@@ -217,11 +217,13 @@ def train(
             checkpoint.load_model_weights(model, run / CHECKPOINTS / "last" / checkpoint.WEIGHTS, device)
         distributed.use_global_batch_statistics(model, config.train.global_batchnorm)
         trained = distributed.wrap(model, device)  # DDP with several processes (its parameters from rank 0)
-        log = TrackedLog(JsonLog(run / LOG_NAME), []) if world.main else TrackedLog(_NoLog(), [])
-        if world.main and inputs.report_to:
+        log = TrackedLog(JsonLog(run / LOG_NAME) if world.main else _NoLog())
+        held.push(log.close_on_exit)  # the trackers opened so far, told whether the run failed
+        if inputs.report_to:  # on rank 0; a tracker that cannot start is an error on every rank
             first_step = 0 if start.state is None else start.state["position"]["global_step"] + 1
-            log.trackers = open_trackers(inputs.report_to, run, first_step, start.record.id, config)
-        held.callback(log.close)
+            distributed.from_main(
+                lambda: log.open(inputs.report_to, run, first_step, start.record.id, config)
+            )
         training = _Training(
             run=run,
             config=config,
@@ -314,9 +316,6 @@ class _NoLog:
 
     def write(self, record: dict) -> None:
         pass
-
-    def records(self) -> list[dict]:
-        return []
 
     def truncate_after(self, global_step: int) -> None:
         pass

@@ -138,13 +138,13 @@ class Index:
 
     def search(self, text: str, k: int = 5) -> list[Hit]:
         """The top-k images for a text (`userpipe search TEXT`); a caption of the gallery marks its image."""
-        _check_query(text, k)
+        check_query(text, k)
         run = self.run
         return self.searcher.text_query(run.model, run.tokenizer, text, k)
 
     def search_image(self, query: str, k: int = 5) -> list[Hit]:
         """The top-k captions for an indexed image's id or an image file (`userpipe search --captions`)."""
-        _check_query(query, k)
+        check_query(query, k)
         return self.searcher.image_query(self.run.model, query, k)
 
     def search_vectors(self, queries: torch.Tensor | np.ndarray, gallery: str = "images", k: int = 5):
@@ -152,7 +152,8 @@ class Index:
         return self.searcher.search(torch.as_tensor(queries, dtype=torch.float32), gallery, k)
 
 
-def _check_query(query: str, k: int) -> None:
+def check_query(query: str, k: int) -> None:
+    """A query and a count `search` can answer (refused in one line before anything loads)."""
     if not query.strip():
         raise InputError("the query is empty")
     if k <= 0:

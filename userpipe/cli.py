@@ -534,26 +534,21 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Text -> image (or image -> text) search in an index, with the model that built it."""
-    from userpipe.api import Index
+    from userpipe.api import Index, check_query
     from userpipe.retrieval.html import write_html
     from userpipe.retrieval.index import index_summary
     from userpipe.schemas.outputs import HTML, check_output
     from userpipe.trainer.checkpoint import checkpoint_dir
 
-    if html_out:  # before the model loads
+    check_query(query, k)  # before the index and the model are read
+    if html_out:
         check_output(html_out, HTML, [index], "--html")
-    model = checkpoint_dir(run, checkpoint) if run or checkpoint else None
-    found = Index(index, model)
+    found = Index(index, checkpoint_dir(run, checkpoint) if run or checkpoint else None)
     hits = found.search(query, k) if images else found.search_image(query, k)
     searcher = found.searcher
-    gallery = "images" if images else "captions"
-    if searcher.manifest.galleries:  # 1.2 on; older indexes are exact
-        console.print(
-            f"{gallery} index: {index_summary(searcher.manifest.kind, searcher.manifest.galleries[gallery])}",
-            highlight=False,
-        )
-    else:
-        console.print(f"{gallery} index: flat (exact)", highlight=False)
+    gallery, manifest = "images" if images else "captions", searcher.manifest
+    built = (manifest.galleries or {}).get(gallery)  # None before schema 1.2: exact
+    console.print(f"{gallery} index: {index_summary(manifest.kind, built)}", highlight=False)
     # a free text or a new image file has no ground truth: no match column rather than an empty one
     known = any(h.correct is not None for h in hits)
     if as_json:  # a caption's image by id too, beside its row number
