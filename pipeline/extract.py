@@ -55,7 +55,7 @@ from userpipe.schemas.store import (
     split_array_specs,
     validate_store,
 )
-from userpipe.schemas.store_reader import done_flags, open_store, store_problems
+from userpipe.schemas.store_reader import chunk_file, done_flags, open_store, store_problems
 
 TEXT_BATCH = 256
 
@@ -362,7 +362,8 @@ def _mark_damage(
     path: Path, root: zarr.Group, attrs: StoreAttrs, index: DatasetIndex, console: Console
 ) -> StoreAttrs:
     """Find missing or damaged chunks (crc32c) and mark them to be extracted again: a task's chunk loses
-    its done-flag, an index array is rewritten from the dataset index. The store is incomplete meanwhile."""
+    its done-flag (a damaged shard is removed), an index array is rewritten from the dataset index. The store
+    is incomplete meanwhile."""
     problems = store_problems(path, root, attrs)
     if not problems:
         return attrs
@@ -380,6 +381,9 @@ def _mark_damage(
         else:
             with every_chunk_written():
                 root[split][f"{written_by}_done"][problem.chunk] = False
+            if root[split][name].shards and problem.problem != "missing":
+                # a shard is rewritten by merging into what is there, which a damaged one cannot give: removed
+                chunk_file(path, root[split][name], problem.chunk).unlink()
     return attrs
 
 

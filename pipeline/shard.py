@@ -44,7 +44,7 @@ from userpipe.schemas.shard import (
     read_manifest,
 )
 from userpipe.schemas.store import caption_chunk_size
-from userpipe.schemas.store_reader import REPAIR, open_store, store_problems
+from userpipe.schemas.store_reader import REPAIR, open_store, store_problems, stored_rows
 
 TAR_MTIME = 0  # fixed member times: the same plan gives byte-identical shards. An int: a float
 # mtime makes tarfile add a pax header before every member, twice the headers a reader walks
@@ -94,7 +94,7 @@ def _record_path(out: Path, name: str) -> Path:
 def write_shard(job: ShardJob) -> ShardRecord:
     group = open_store(Path(job.store))[0][job.split]  # checked reads: damage is named, never read as NaN
     has_clip, has_text = "clip_image" in group, "clip_text" in group
-    chunk = group["regions"].chunks[0]
+    chunk = stored_rows(group["regions"])  # whole stored objects: one read each
     wanted = np.array(job.indices)
     samples: dict[int, ShardSample] = {}
     for c in np.unique(wanted // chunk):  # whole chunks, in order: sequential reads

@@ -24,7 +24,8 @@ def every_chunk_written():
 
 
 def _create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
-    """Every chunk ends in a crc32c of its bytes, checked on every read."""
+    """Every chunk ends in a crc32c of its bytes, checked on every read (in a shard: each inner chunk, and
+    the shard's index by Zarr's default index codecs)."""
     dtype = str if spec.dtype == "str" else spec.dtype
     kwargs = {}
     if spec.dtype.startswith("float"):
@@ -35,7 +36,8 @@ def _create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
     return group.create_array(
         name,
         shape=spec.shape,
-        chunks=spec.chunks,
+        chunks=spec.inner or spec.chunks,
+        shards=spec.chunks if spec.inner else None,
         dtype=dtype,
         dimension_names=spec.dims,
         compressors=[compressor, Crc32cCodec()],

@@ -24,9 +24,10 @@ ImageSide = Annotated[int, Field(ge=16, le=8192)]
 ChunkImages = Annotated[int, Field(gt=0, le=4096)]
 
 # 1.1 adds the butd-vg region kind and per-box detection arrays (DETECTION_ARRAYS), from butd-vg or from
-# imported files that hold them; 1.0 stores are read as they are.
-STORE_SCHEMA_VERSION = "1.1"
-READABLE_STORE_VERSIONS = ("1.0", "1.1")
+# imported files that hold them; 1.2 writes the per-image arrays of more than one value as shards of one
+# chunk per image (`ArraySpec.inner`). Older stores are read as they are.
+STORE_SCHEMA_VERSION = "1.2"
+READABLE_STORE_VERSIONS = ("1.0", "1.1", "1.2")
 ATTRS_KEY = "userpipe"
 SPLITS = ("train", "val", "test")
 
@@ -178,7 +179,7 @@ class SplitSummary(Frozen):
 
 
 class StoreAttrs(Frozen):
-    schema_version: Literal["1.0", "1.1"] = STORE_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = STORE_SCHEMA_VERSION
     extractor: ExtractorConfig
     splits: dict[str, SplitSummary]
     complete: bool = False
@@ -198,7 +199,8 @@ class StoreAttrs(Frozen):
 class ArraySpec(Frozen):
     dims: tuple[str, ...]
     shape: tuple[int, ...]
-    chunks: tuple[int, ...]
+    chunks: tuple[int, ...]  # the stored objects' shape: Zarr chunks, or shards when `inner` is set
+    inner: tuple[int, ...] | None = None  # sharded (1.2): the chunks inside each shard, read one by one
     dtype: str  # a numpy dtype name, or "str" for variable-length UTF-8
     # who writes its chunks: the store's creation (from the dataset index), an image task, a caption task,
     # or the tasks' done-flags (a flag chunk exists once its task has finished)
@@ -207,7 +209,9 @@ class ArraySpec(Frozen):
 
 # Chunking: image arrays are chunked `chunk_size` images at a time along the image axis and whole
 # along the others, so a split scan (sharding, evaluation) reads each chunk once, sequentially, and
-# each extraction task owns its chunks (no two processes ever write the same chunk).
+# each extraction task owns its chunks (no two processes ever write the same chunk). The per-region arrays
+# and the CLIP globals (1.2) are Zarr v3 shards of `chunk_size` images holding one chunk per image: the
+# same objects, each written whole by its task, and any one image read alone (a range of its shard).
 CAPTIONS_PER_CHUNK_FACTOR = 5
 
 
@@ -225,7 +229,12 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
 
     def image(name_dims: tuple[str, ...], tail: tuple[int, ...], dtype: str, by: str = "images") -> ArraySpec:
         return ArraySpec(
-            dims=("image", *name_dims), shape=(n, *tail), chunks=(c, *tail), dtype=dtype, written_by=by
+            dims=("image", *name_dims),
+            shape=(n, *tail),
+            chunks=(c, *tail),
+            inner=(1, *tail) if tail else None,  # an image's regions, boxes or global: sharded
+            dtype=dtype,
+            written_by=by,
         )
 
     def caption(
@@ -267,6 +276,16 @@ def split_array_specs(config: ExtractorConfig, num_images: int, num_captions: in
         specs["clip_text"] = caption(("clip_dim",), (g.text_dim,), "float16")
         specs["captions_done"] = progress("caption_chunk", m)
     return specs
+
+
+def stored_objects(attrs: StoreAttrs) -> int:
+    """The files (objects, on an object store) a complete store of `attrs` consists of: every chunk or shard
+    of every array, one per done-flag, and the metadata documents (root, split groups, arrays)."""
+    count = 1
+    for summary in attrs.splits.values():
+        specs = split_array_specs(attrs.extractor, summary.num_images, summary.num_captions)
+        count += 1 + len(specs) + sum(num_chunks(spec.shape[0], spec.chunks[0]) for spec in specs.values())
+    return count
 
 
 class StoreValidationError(InputError):

@@ -13,7 +13,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from userpipe.schemas.base import parse_json
 from userpipe.schemas.errors import InputError
@@ -21,6 +22,7 @@ from userpipe.schemas.store import (
     StoreAttrs,
     StoreValidationError,
     split_array_specs,
+    stored_objects,
     validate_store,
 )
 
@@ -51,24 +53,57 @@ def open_store(path: Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
 REPAIR = "rerun userpipe extract with the same options to repair the store"
 
 
+def stored_rows(array) -> int:
+    """Rows per stored object along the first axis: a shard's (the sharded arrays of 1.2) or a chunk's. The
+    schema's "chunk" of an array is this object: what a task writes, a file, a done-flag's unit."""
+    return (array.shards or array.chunks)[0]
+
+
 def chunk_file(store: Path, array: zarr.Array, chunk: int) -> Path:
-    """The file of chunk `chunk` along the first axis (the others are whole, by the schema's chunking)."""
+    """The file of chunk (or shard) `chunk` along the first axis (the others are whole, by the schema)."""
     return Path(store) / array.path / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
 
 
+def _crc_differs(data: bytes) -> bool:
+    """Bytes that end in a crc32c of the rest (Zarr's crc32c codec) whose crc does not match."""
+    return len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]
+
+
+_EMPTY = 2**64 - 1  # a shard index's offset and length of an inner chunk that was never written
+
+
+def _shard_problem(data: bytes, array, sharding: ShardingCodec) -> str | None:
+    """A shard's bytes checked without decoding: its index (inner chunks' offsets and lengths, then a
+    crc32c), and each inner chunk's own crc32c."""
+    count = int(np.prod([s // c for s, c in zip(array.shards, sharding.chunk_shape, strict=True)]))
+    size = 16 * count + 4
+    index = data[-size:] if sharding.index_location == ShardingCodecIndexLocation.end else data[:size]
+    if len(data) < size or _crc_differs(index):
+        return "damaged (the shard's index: crc32c differs)"
+    for row, (offset, length) in enumerate(np.frombuffer(index[:-4], "<u8").reshape(-1, 2)):
+        if offset != _EMPTY and _crc_differs(data[int(offset) : int(offset) + int(length)]):
+            return f"damaged (its image {row}: crc32c differs)"
+    return None
+
+
 def chunk_problem(store: Path, array: zarr.Array, chunk: int) -> str | None:
-    """What is wrong with a chunk that should exist: 'missing', 'damaged (...)', or None when it is intact.
-    With a crc32c codec the stored bytes are checked without decoding them; otherwise it is decoded."""
+    """What is wrong with a chunk (or shard) that should exist: 'missing', 'damaged (...)', or None when it
+    is intact. With crc32c codecs the stored bytes are checked without decoding them; otherwise decoded."""
     path = chunk_file(store, array, chunk)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return "missing"
-    if any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs):
-        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
-            return "damaged (crc32c differs)"
-        return None
-    size = array.chunks[0]
+    codecs = array.metadata.codecs
+    sharding = next((codec for codec in codecs if isinstance(codec, ShardingCodec)), None)
+    if sharding is not None and all(
+        any(isinstance(codec, Crc32cCodec) for codec in chain)
+        for chain in (sharding.codecs, sharding.index_codecs)
+    ):
+        return _shard_problem(data, array, sharding)
+    if any(isinstance(codec, Crc32cCodec) for codec in codecs):
+        return "damaged (crc32c differs)" if _crc_differs(data) else None
+    size = stored_rows(array)
     try:
         array[chunk * size : (chunk + 1) * size]
     except Exception as exc:  # noqa: BLE001 - each codec reports damage its own way
@@ -89,7 +124,7 @@ class CheckedArray:
     def _chunks_read(self, selection) -> range:
         """The chunks along the first axis that `selection` reads (every chunk for an index array)."""
         rows = selection[0] if isinstance(selection, tuple) and selection else selection
-        size, length = self.array.chunks[0], self.array.shape[0]
+        size, length = stored_rows(self.array), self.array.shape[0]
         if isinstance(rows, (int, np.integer)):
             if not -length <= rows < length:
                 return range(0)  # Zarr raises its IndexError
@@ -100,7 +135,7 @@ class CheckedArray:
         return range(start // size, -(-stop // size)) if stop > start else range(0)
 
     def _damage(self, chunk: int, problem: str) -> InputError:
-        size = self.array.chunks[0]
+        size = stored_rows(self.array)
         return InputError(
             f"{self.store}: chunk {chunk} "
             f"(rows {chunk * size}-{min(self.array.shape[0], (chunk + 1) * size) - 1}) "
@@ -203,6 +238,7 @@ def store_summary(path: Path) -> dict:
                     "shape": list(arr.shape),
                     "dtype": str(arr.dtype),
                     "chunks": list(arr.chunks),
+                    **({"shards": list(arr.shards)} if arr.shards else {}),
                     "dims": list(arr.metadata.dimension_names or ()),
                 }
                 for name, arr in sorted(group.arrays())
@@ -212,6 +248,7 @@ def store_summary(path: Path) -> dict:
         "path": str(path),
         "schema_version": attrs.schema_version,
         "complete": attrs.complete,
+        "objects": stored_objects(attrs),  # files, or objects on an object store, once complete
         "splits": splits,
         "extractor": attrs.extractor.model_dump(mode="json"),
         "failures": [f.model_dump() for f in attrs.failures],

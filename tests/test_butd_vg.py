@@ -441,7 +441,7 @@ def test_extract_resume_after_kill_and_export_round_trip(runner, tiny, butd_coco
     test = group["test"]
     assert list(test["num_regions"][:]) == [36, 36]
     assert test["object_id"].shape == (2, 36) and (test["object_id"][:] >= 0).all()
-    assert group.attrs["userpipe"]["schema_version"] == "1.1"
+    assert group.attrs["userpipe"]["schema_version"] == "1.2"
     assert len(group.attrs["userpipe"]["extractor"]["regions"]["detector_weights"]["sha256"]) == 64
 
     resumed = tmp_path / "resumed.zarr"

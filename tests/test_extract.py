@@ -43,7 +43,7 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
     assert {s: v.num_images for s, v in attrs.splits.items()} == {"train": 14, "val": 2, "test": 8}
     train = root["train"]
     assert train["regions"].shape == (14, 36, 1280) and train["regions"].dtype == np.float16
-    assert train["regions"].chunks == (4, 36, 1280)
+    assert train["regions"].shards == (4, 36, 1280) and train["regions"].chunks == (1, 36, 1280)
     assert np.isfinite(train["regions"][:]).all() and train["valid"][:].all()
     assert (train["num_regions"][:] == 36).all() and train["images_done"][:].all()
     dataset = json.loads((demo_root / "dataset_demo.json").read_text())
@@ -66,11 +66,12 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
 
     info = run_cli(runner, "info", out, "--json")
     summary = json.loads(info.stdout)
-    assert summary["schema_version"] == "1.1" and summary["complete"]
+    assert summary["schema_version"] == "1.2" and summary["complete"]
     assert summary["splits"]["test"]["arrays"]["regions"] == {
         "shape": [8, 36, 1280],
         "dtype": "float16",
-        "chunks": [4, 36, 1280],
+        "chunks": [1, 36, 1280],
+        "shards": [4, 36, 1280],
         "dims": ["image", "region", "feature"],
     }
     assert summary["extractor"]["num_regions"] == 36

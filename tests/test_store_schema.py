@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 from pydantic import ValidationError
@@ -48,10 +49,13 @@ def tiny_store(path: Path) -> zarr.Group:
 def test_created_store_validates_and_keeps_variable_caption_counts(tmp_path: Path):
     root = tiny_store(tmp_path / "s.zarr")
     attrs = validate_store(root)
-    assert not attrs.complete and attrs.schema_version == "1.1"
+    assert not attrs.complete and attrs.schema_version == "1.2"
     test = root["test"]
     assert test["caption_image"][:].tolist() == [0, 1, 1, 2, 2, 2]
-    assert test["regions"].shape == (3, 4, 8) and test["regions"].chunks == (2, 4, 8)
+    # per-image arrays of several values: shards of `chunk_size` images, one chunk per image (1.2)
+    assert test["regions"].shape == (3, 4, 8) and test["regions"].shards == (2, 4, 8)
+    assert test["regions"].chunks == (1, 4, 8) and test["clip_image"].chunks == (1, 6)
+    assert test["num_regions"].chunks == (2,) and test["num_regions"].shards is None
     assert test["clip_text"].shape == (6, 6) and test["captions_done"].shape == (1,)
     assert test["images_done"].shape == (2,)
 
@@ -113,3 +117,60 @@ def test_config_models_reject_inconsistent_settings():
         RegionConfig(kind="tsv")
     with pytest.raises(ValidationError, match="needs image_dim"):
         GlobalConfig(kind="open_clip", model="m")
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_one_image_of_a_shard_reads_alone_and_a_damaged_one_is_named(tmp_path: Path):
+    """A shard holds its images' chunks one by one: an image reads without the others being decoded (one
+    damaged beside it does not stop it), `verify` finds the damaged one from the crc32c of each chunk and of
+    the shard's index without decoding, and a read of it is one line naming the shard's rows."""
+    from userpipe.pipeline.synthetic import write_synthetic_store
+    from userpipe.schemas.errors import InputError
+    from userpipe.schemas.store import stored_objects
+    from userpipe.schemas.store_reader import chunk_file, open_store, verify_store
+
+    store = write_synthetic_store(tmp_path / "s.zarr", 10, chunk_size=4)
+    root, attrs = open_store(store)
+    assert len([p for p in store.rglob("*") if p.is_file()]) == stored_objects(attrs)  # info's count
+    regions = root["train"]["regions"]
+    before = regions[0]
+    shard = chunk_file(store, regions.array, 0)
+    # image 2's chunk: its offset and length from the shard index at the end (4 images x 16 bytes + crc32c)
+    index = np.frombuffer(shard.read_bytes()[-(16 * 4 + 4) : -4], "<u8").reshape(4, 2)
+    _flip_byte(shard, int(index[2, 0]) + int(index[2, 1]) // 2)
+    assert np.array_equal(open_store(store)[0]["train"]["regions"][0], before, equal_nan=True)
+    _, problems = verify_store(store)
+    assert [(p.array, p.chunk, p.problem) for p in problems] == [
+        ("train/regions", 0, "damaged (its image 2: crc32c differs)")
+    ]
+    with pytest.raises(
+        InputError, match=r"chunk 0 \(rows 0-3\) of array 'train/regions' is damaged \(its image 2"
+    ):
+        open_store(store)[0]["train"]["regions"][2]
+    _flip_byte(shard, len(shard.read_bytes()) - 10)  # the index itself
+    assert verify_store(store)[1][0].problem == "damaged (the shard's index: crc32c differs)"
+
+
+def test_a_store_written_before_shards_still_reads_and_verifies(tmp_path: Path, monkeypatch):
+    """A 1.1 store's region arrays are plain chunks of `chunk_size` images: read, verified and sharded as
+    before."""
+    import userpipe.pipeline.store as writer
+    from userpipe.pipeline.synthetic import write_synthetic_store
+    from userpipe.schemas.store_reader import open_store, stored_rows, verify_store
+
+    unsharded = writer.split_array_specs
+
+    def as_in_1_1(*args):
+        return {name: spec.model_copy(update={"inner": None}) for name, spec in unsharded(*args).items()}
+
+    monkeypatch.setattr(writer, "split_array_specs", as_in_1_1)
+    store = write_synthetic_store(tmp_path / "old.zarr", 10, chunk_size=4)
+    root, attrs = open_store(store)
+    regions = root["train"]["regions"]
+    assert regions.shards is None and stored_rows(regions) == 4 and regions.chunks == (4, 6, 8)
+    assert verify_store(store)[1] == [] and regions[:].shape == (10, 6, 8)
