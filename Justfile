@@ -88,6 +88,7 @@ bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.loader_throughput
     {{bin}}/python -m bench.ranking
     {{bin}}/python -m bench.ann
+    {{bin}}/python -m bench.store_reads
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.data_order
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.train_throughput
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.ddp_throughput
