@@ -18,22 +18,20 @@ from userpipe.pipeline.importers import LXMERT_TSV_FIELDS, TSV_FIELDS
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import EXPORT_FILE, EXPORT_FOLDER, check_output, claim
 from userpipe.schemas.store import DETECTION_ARRAYS
-from userpipe.schemas.store_reader import open_store
+from userpipe.schemas.store_reader import open_store, store_split
 
 FORMATS = ("npz", "tsv")
 
 
 def _rows(store: Path, split: str) -> Iterator[dict]:
     root, attrs = open_store(store)
-    if split not in attrs.splits:
-        raise InputError(f"{store} has no split '{split}' (it has {', '.join(attrs.splits)})")
+    group = store_split(store, root, attrs, split)
     if not attrs.complete:
         raise InputError(f"{store} is incomplete; rerun userpipe extract to finish it before exporting")
     if attrs.extractor.regions.kind == "precomp":
         raise InputError(
             f"{store} was imported from SCAN precomp files, which have no boxes; npz and TSV need them"
         )
-    group = root[split]
     detections = [name for name in DETECTION_ARRAYS if name in group]
     size = attrs.extractor.chunk_size
     for start in range(0, attrs.splits[split].num_images, size):

@@ -44,7 +44,7 @@ from userpipe.schemas.shard import (
     read_manifest,
 )
 from userpipe.schemas.store import caption_chunk_size
-from userpipe.schemas.store_reader import REPAIR, open_store, store_problems, stored_rows
+from userpipe.schemas.store_reader import REPAIR, open_store, store_problems, store_split, stored_rows
 
 TAR_MTIME = 0  # fixed member times: the same plan gives byte-identical shards. An int: a float
 # mtime makes tarfile add a pax header before every member, twice the headers a reader walks
@@ -204,8 +204,7 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
     root, attrs = open_store(opts.store)
     if not attrs.complete:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
-    if opts.split not in attrs.splits:
-        raise InputError(f"{opts.store} has no split '{opts.split}' (it has: {', '.join(attrs.splits)})")
+    store_split(opts.store, root, attrs, opts.split)
     # a lost chunk file is refused before anything is written (a listing, no reads); damaged bytes
     # are found by the crc32c as the tasks read them, leaving a folder that a rerun resumes
     missing = [

@@ -53,6 +53,13 @@ def open_store(path: Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
 REPAIR = "rerun userpipe extract with the same options to repair the store"
 
 
+def store_split(path: Path, root, attrs: StoreAttrs, split: str):
+    """The split's group of an open store; one line naming the splits it has when it has not that one."""
+    if split not in attrs.splits:
+        raise InputError(f"{path} has no split '{split}' (it has: {', '.join(attrs.splits)})")
+    return root[split]
+
+
 def stored_rows(array) -> int:
     """Rows per stored object along the first axis: a shard's (the sharded arrays of 1.2) or a chunk's. The
     schema's "chunk" of an array is this object: what a task writes, a file, a done-flag's unit."""

@@ -17,7 +17,7 @@ from rich.progress import Progress
 from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import ModelConfig
-from userpipe.schemas.store_reader import open_store
+from userpipe.schemas.store_reader import open_store, store_split
 from userpipe.trainer.captions import CaptionTokenizer
 from userpipe.trainer.evaluate import (
     check_finite,
@@ -98,9 +98,7 @@ def split_rows(store: Path, split: str, max_images: int | None = None):
     root, attrs = open_store(store)
     if not attrs.complete:
         raise InputError(f"{store} is incomplete; finish it with userpipe extract first")
-    if split not in attrs.splits:
-        raise InputError(f"{store} has no split '{split}' (it has: {', '.join(attrs.splits)})")
-    group = root[split]
+    group = store_split(store, root, attrs, split)
     n = (
         attrs.splits[split].num_images
         if max_images is None
@@ -173,9 +171,12 @@ def embed_split(
     """A split's valid images (`embed_images(rows, ok)`: the store rows `rows` whose `ok` is set, in blocks
     of IMAGE_BATCH) and their captions (`embed_texts(texts, on_batch)`; None: no captions), each once,
     checked finite."""
-    caption_image_all = group["caption_image"][:]
-    caption_rows = np.flatnonzero(np.isin(caption_image_all, keep)) if embed_texts else np.zeros(0, int)
-    texts = group["caption_text"][:][caption_rows]
+    if embed_texts:
+        caption_image_all = group["caption_image"][:]
+        caption_rows = np.flatnonzero(np.isin(caption_image_all, keep))
+        texts = group["caption_text"][:][caption_rows]
+    else:  # images only: the caption arrays are not read
+        caption_image_all, caption_rows, texts = np.zeros(0, int), np.zeros(0, int), np.array([], object)
     images = []
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"encoding {split}", total=len(keep) + len(caption_rows))

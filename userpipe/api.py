@@ -24,7 +24,7 @@ from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import RunConfig
 from userpipe.schemas.store import StoreAttrs
 from userpipe.schemas.store_reader import open_store as _open_zarr_store
-from userpipe.schemas.store_reader import store_summary
+from userpipe.schemas.store_reader import store_split, store_summary
 from userpipe.trainer.captions import CaptionTokenizer
 from userpipe.trainer.checkpoint import checkpoint_dir, load_trained
 from userpipe.trainer.encode import SplitEmbeddings, encode_split, encode_texts
@@ -37,6 +37,7 @@ class Store:
     checked against its checksum."""
 
     path: Path
+    root: object  # the checked group (schemas.store_reader.CheckedGroup)
     attrs: StoreAttrs
 
     def summary(self) -> dict:
@@ -45,10 +46,7 @@ class Store:
 
     def group(self, split: str):
         """The split's arrays (regions, boxes, num_regions, clip_image, caption_text, ...), checked reads."""
-        root, _ = _open_zarr_store(self.path)
-        if split not in self.attrs.splits:
-            raise InputError(f"{self.path} has no split '{split}' (it has: {', '.join(self.attrs.splits)})")
-        return root[split]
+        return store_split(self.path, self.root, self.attrs, split)
 
     def captions(self, split: str) -> list[tuple[str, str]]:
         """(image id, caption) for every caption of the split."""
@@ -63,8 +61,7 @@ class Store:
 def open_store(path: str | Path) -> Store:
     """A store by its path (refused in one line if it is not one, or of another schema)."""
     path = Path(path)
-    _, attrs = _open_zarr_store(path)
-    return Store(path, attrs)
+    return Store(path, *_open_zarr_store(path))
 
 
 def _store_path(store: Store | str | Path) -> Path:
