@@ -125,6 +125,12 @@ class TrainRecipe(BaseModel):
         description="validate on the first N images (the reference uses 1,000 of COCO's dev split)",
     )
     val_every: int | None = Field(default=None, gt=0, description="also validate every N steps")
+    max_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="end the run after this many steps, validated and saved there (a smoke test or a "
+        "benchmark); the learning-rate schedule stays that of `epochs`",
+    )
     stop_if_not_learning: bool = Field(
         default=False,
         description="stop when the first validation's RSUM is within noise of the untrained model's "

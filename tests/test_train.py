@@ -206,6 +206,28 @@ def test_the_resume_message_counts_epochs_from_1():
     )
 
 
+def test_max_steps_ends_the_run_mid_epoch_validated_and_saved_and_a_resume_can_extend_it(
+    runner, data, tmp_path
+):
+    out = tmp_path / "run"
+    first = run_cli(runner, *train_args(data, out, "--set", "train.max_steps=3"))
+    assert first.exit_code == 0, first.output
+    assert "stopped in epoch 1/3 (train.max_steps)  step 3/3" in first.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert [(r["step"], r["epoch"]) for r in log if "val" in r] == [(0, 0), (3, 0)]
+    assert (out / "checkpoints" / "last").resolve().name == "e000-s000003"  # epoch 0, its step 3
+    again = run_cli(runner, *train_args(data, out, "--resume", "--set", "train.max_steps=3"))
+    assert again.exit_code == 0, again.output
+    assert "its 3 steps (train.max_steps) are done" in again.output
+    assert len((out / "log.jsonl").read_text().splitlines()) == len(log)
+    longer = run_cli(runner, *train_args(data, out, "--resume", "--allow-change", "--set", "train.max_steps=5"))
+    assert longer.exit_code == 0, longer.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in log if "val" in r] == [0, 3, 5]
+
+
 def test_a_run_that_is_not_learning_is_told_and_stopped_when_asked(runner, data, tmp_path):
     """A learning rate of 1e-9 leaves the model where it started: its first validation is within noise of
     step 0's, which is a warning in the console and the log, and with train.stop_if_not_learning the end of

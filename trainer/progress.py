@@ -71,13 +71,19 @@ class TrainingProgress:
             self.losses.clear()
             self.last_line = time.monotonic()
 
-    def epoch_end(self, position: Position, metrics: dict | None) -> None:
-        """After an epoch's validation (`position.epoch` counts that epoch as done)."""
+    def epoch_end(self, position: Position, metrics: dict | None, last_step: bool = False) -> None:
+        """After an epoch's validation (`position.epoch` counts that epoch as done), or (`last_step`) the
+        validation at train.max_steps, within an epoch."""
         if self.shown and self.epoch_losses:
             mean = sum(self.epoch_losses) / len(self.epoch_losses)
             validation = f"  validation RSUM {metrics['rsum']:.1f}" if metrics else ""
+            done = (
+                f"stopped in epoch {position.epoch + 1}/{self.epochs} (train.max_steps)"
+                if last_step
+                else f"epoch {position.epoch}/{self.epochs} done"
+            )
             self.console.print(
-                f"epoch {position.epoch}/{self.epochs} done  {self._numbers(position.global_step, mean)}"
+                f"{done}  {self._numbers(position.global_step, mean)}"
                 + validation,
                 highlight=False,
             )

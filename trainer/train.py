@@ -44,8 +44,12 @@ from userpipe.trainer.tracking import TrackedLog, parse_report_to
 from userpipe.trainer.training_page import validation_sizes, write_training_summary
 
 
-def resume_message(run: Path, position: Position, epochs: int, per_epoch: list[int]) -> str:
+def resume_message(
+    run: Path, position: Position, epochs: int, per_epoch: list[int], max_steps: int | None = None
+) -> str:
     """Where a resumed run continues, its epochs counted from 1 as the other messages count them."""
+    if max_steps is not None and position.global_step >= max_steps:
+        return f"resuming {run}: its {max_steps} steps (train.max_steps) are done"
     if position.epoch >= epochs:
         return f"resuming {run}: its {epochs} epoch(s) are done ({position.global_step} steps)"
     if position.step == 0:
@@ -244,7 +248,7 @@ def train(
         model.train()
         with TrainingProgress(
             console,
-            sum(per_epoch),
+            min(sum(per_epoch), config.train.max_steps or sum(per_epoch)),
             config.train.epochs,
             training.position.global_step,
             every,
@@ -354,7 +358,10 @@ class _Training:
                 }
             )
         console.print(
-            resume_message(self.run, position, self.config.train.epochs, per_epoch), highlight=False
+            resume_message(
+                self.run, position, self.config.train.epochs, per_epoch, self.config.train.max_steps
+            ),
+            highlight=False,
         )
 
     def begin(self) -> None:
@@ -368,9 +375,11 @@ class _Training:
             self.baseline = with_sizes(baseline, *validation_sizes(self.run))
 
     def run_epochs(self, loader: StreamingLoader, per_epoch: list[int], progress: TrainingProgress) -> None:
-        """From the position to the last epoch: steps, their log lines, and the validations and saves."""
+        """From the position to the last epoch (or `max_steps`): steps, their log lines, and the validations
+        and saves."""
         position = self.position
-        while position.epoch < self.config.train.epochs:
+        last_step = self.config.train.max_steps or sum(per_epoch)
+        while position.epoch < self.config.train.epochs and position.global_step < last_step:
             started, pairs = time.perf_counter(), 0
             asked = started  # when the loop asked the loader for the next batch
             for batch in loader.batches(position.epoch, position.step):
@@ -393,6 +402,9 @@ class _Training:
                     }
                 )
                 progress.step(position, losses["loss"].item(), lr, rate)
+                if position.global_step == last_step and position.step < per_epoch[position.epoch]:
+                    progress.epoch_end(position, self.validate_and_save(), last_step=True)
+                    return
                 if _validates_after_step(self.config.train.val_every, position, per_epoch):
                     self.validate_and_save()
                 asked = time.perf_counter()
