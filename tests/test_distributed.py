@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,11 +153,38 @@ def userpipe(*args) -> subprocess.CompletedProcess:
     return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, capture_output=True, text=True)
 
 
-@pytest.mark.slow
-def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, tmp_path):
-    """torchrun, 2 gloo processes: SIGKILL rank 1 mid-run, then `--resume` finishes the run with each step
-    logged once; `userpipe eval` loads it; one process may not resume what two trained."""
-    run = tmp_path / "run"
+def launch(command: list[str], cwd: Path, output: Path) -> subprocess.Popen:
+    """One torchrun launch (a "node") writing its output to `output`."""
+    log = open(output, "w")  # noqa: SIM115 - the process writes it until it ends
+    env = {**os.environ, **TORCHRUN_ENV}
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def kill_when_saved(run: Path, victim: subprocess.Popen, watched: list[subprocess.Popen]) -> None:
+    """Once `run` has a checkpoint and 6 logged steps, SIGKILL `victim` and its processes (a node: torchrun
+    starts its workers in sessions of their own, so not one process group)."""
+    import psutil
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in watched), "a launch ended before the kill"
+        log = run / "log.jsonl"
+        steps = log.read_text().count('"loss"') if log.is_file() else 0
+        if (run / "checkpoints" / "last").exists() and steps >= 6:
+            node = psutil.Process(victim.pid)
+            for process in [node, *node.children(recursive=True)]:
+                process.kill()
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{run} saved no checkpoint in time")
+
+
+@pytest.fixture(scope="module")
+def single_node_run(torchrun_inputs, tmp_path_factory) -> Path:
+    """torchrun, 2 gloo processes on one node: rank 1 killed (SIGKILL) mid-run, then `--resume` finishes."""
+    run = tmp_path_factory.mktemp("single-node") / "run"
     group = killed_midway(train_command(torchrun_inputs, run), run)
     assert group.wait(timeout=240) != 0
     resumed = subprocess.run(
@@ -166,13 +194,104 @@ def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, tmp_path):
         text=True,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    steps = logged_steps(run)
+    return run
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_a_rank_is_killed(torchrun_inputs, single_node_run):
+    """Each step logged once after the resume; `userpipe eval` loads the run; one process may not resume
+    what two trained."""
+    steps = logged_steps(single_node_run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 6  # none twice, none missing
     runner = CliRunner()
-    evaluated = run_cli(runner, "eval", "--run", run, "--store", torchrun_inputs.val, "--split", "val")
+    evaluated = run_cli(
+        runner, "eval", "--run", single_node_run, "--store", torchrun_inputs.val, "--split", "val"
+    )
     assert evaluated.exit_code == 0 and "RSUM" in evaluated.output, evaluated.output
-    alone = run_cli(runner, "train", "--out", run, "--resume")
+    alone = run_cli(runner, "train", "--out", single_node_run, "--resume")
     assert alone.exit_code == 2 and "trained by 2 process(es); resume it with 2" in alone.output
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_folder_train_as_one_and_resume_after_a_node_is_killed(
+    torchrun_inputs, single_node_run, tmp_path
+):
+    """`torchrun --nnodes 2` as two launches on loopback, each in its own folder (node 0 holds the
+    validation store and writes the run; node 1 only the config), the shards served over http from a third
+    folder. Node 1 is killed (SIGKILL to all its processes) after a checkpoint; both launches again with
+    --resume finish the run, which equals the one-node run of the same global batch step by step."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+        shutil.copy(torchrun_inputs.config, node / "tiny.yaml")
+    shutil.copytree(torchrun_inputs.val, nodes[0] / "val.zarr")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            torchrun_inputs.shards,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shards = f"http://127.0.0.1:{port}/"
+
+        def node_command(rank: int, master_port: int, *extra: str) -> list[str]:
+            launch_options = ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank)]
+            launch_options += ["--master_addr", "127.0.0.1", "--master_port", str(master_port)]
+            train = ["--shards", shards, "--val-store", "val.zarr", "--config", "tiny.yaml", "--out", "run"]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *launch_options,
+                "-m",
+                "userpipe",
+                "train",
+                *train,
+                *extra,
+            ]
+
+        master = free_port()
+        first = [launch(node_command(r, master), n, tmp_path / f"node{r}.out") for r, n in enumerate(nodes)]
+        kill_when_saved(nodes[0] / "run", first[1], first)
+        for launched in first:
+            assert launched.wait(timeout=240) != 0
+        master = free_port()
+        again = [
+            launch(node_command(r, master, "--resume"), n, tmp_path / f"node{r}.resumed.out")
+            for r, n in enumerate(nodes)
+        ]
+        for r, launched in enumerate(again):
+            assert launched.wait(timeout=240) == 0, (tmp_path / f"node{r}.resumed.out").read_text()[-3000:]
+    finally:
+        server.kill()
+        server.wait()
+    assert "resuming" in (tmp_path / "node0.resumed.out").read_text()
+    assert not (nodes[1] / "run").exists()  # node 1 wrote nothing: no folder is shared
+    two, one = (_records(r) for r in (nodes[0] / "run", single_node_run))
+    assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r]
+    for a, b in zip(two, one, strict=True):
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+        if "val" in a:
+            assert a["val"]["rsum"] == pytest.approx(b["val"]["rsum"], abs=1e-3), a["step"]
+
+
+def _records(run: Path) -> list[dict]:
+    """The log's steps and validations (a resume's `change` and warning lines left out)."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r or "val" in r]
 
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused_before_any_work(
