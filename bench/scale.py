@@ -304,13 +304,19 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="a fraction of COCO's counts (a dry run)")
     parser.add_argument("--scratch", type=Path, default=Path("data/bench-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--only",
+        choices=("small size", "COCO size"),
+        help="run this size again, the other one's figures kept from bench/results/scale.json",
+    )
     options = parser.parse_args()
     if options.scratch.exists():
         sys.exit(f"{options.scratch} exists: remove it (the benchmark writes it anew)")
     sizes = scaled(COCO, options.scale)
-    runs = {}
+    runs = json.loads((report.RESULTS / "scale.json").read_text())["runs"] if options.only else {}
+    chains = [(label, chosen) for label, chosen in (("small size", SMALL), ("COCO size", sizes))]
     try:
-        for label, chosen in (("small size", SMALL), ("COCO size", sizes)):
+        for label, chosen in [c for c in chains if options.only in (None, c[0])]:
             scratch = options.scratch / label.split()[0].lower()
             scratch.mkdir(parents=True)
             print(f"--- {label}: {chosen}", flush=True)
@@ -324,7 +330,8 @@ def main() -> None:
                 shutil.rmtree(scratch)
     finally:
         if not options.keep and options.scratch.exists():
-            shutil.copy(options.scratch / "log.txt", report.RESULTS / "scale-log.txt")
+            kept = f"scale-log-{options.only.split()[0].lower()}.txt" if options.only else "scale-log.txt"
+            shutil.copy(options.scratch / "log.txt", report.RESULTS / kept)
             shutil.rmtree(options.scratch)
     write_results(runs, options.scale)
 

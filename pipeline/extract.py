@@ -9,6 +9,7 @@ finished chunks and recomputes the rest bit-for-bit.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, fields
@@ -42,7 +43,9 @@ from userpipe.schemas import threads
 from userpipe.schemas.base import LocalWorkers, Options
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import STORE, Output, check_output, claim, disk_full
+from userpipe.schemas.sources import location, read_bytes
 from userpipe.schemas.store import (
+    ATTRS_KEY,
     DETECTION_ARRAYS,
     ChunkImages,
     ExtractorConfig,
@@ -55,7 +58,7 @@ from userpipe.schemas.store import (
     split_array_specs,
     validate_store,
 )
-from userpipe.schemas.store_reader import chunk_file, done_flags, open_store, store_problems
+from userpipe.schemas.store_reader import done_flags, open_store, remove_chunk, store_problems
 
 TEXT_BATCH = 256
 
@@ -63,7 +66,7 @@ TEXT_BATCH = 256
 class ExtractOptions(Options):
     dataset: str = Field(min_length=1)
     root: Path | None
-    out: Path | None
+    out: str | None  # a folder or a URL (`sources.location`)
     splits: tuple[str, ...]
     regions: str | None  # None: dataset default
     backbone: str | None  # None: resolve_region_config's default
@@ -87,7 +90,7 @@ class Prepared:
     config: ExtractorConfig
     index: DatasetIndex
     imports: ImportPlan | None
-    out: Path
+    out: Path | str  # a folder, or a URL
 
 
 def default_out(dataset: str) -> Path:
@@ -112,7 +115,7 @@ def prepare(opts: ExtractOptions) -> Prepared:
     """Everything that can be wrong with the input is found here, before anything is written."""
     if opts.images is not None and opts.dataset != "demo":
         raise InputError("--images only applies to --dataset demo")
-    out = opts.out or default_out(opts.dataset)
+    out = location(opts.out) if opts.out else default_out(opts.dataset)
     check_output(out, STORE, _given_inputs(opts))  # refused before any work (the demo's included)
     is_demo = opts.dataset == "demo"
     kind, options = _region_options(opts)
@@ -327,35 +330,61 @@ COMPRESSED_AT_MOST = 0.5
 
 def open_or_create(
     prepared: Prepared, output: Output, overwrite: bool, console: Console
-) -> tuple[zarr.Group, StoreAttrs, Path]:
+) -> tuple[zarr.Group, StoreAttrs, Path | str]:
     """The store to extract into (a new one, or one to resume, its damaged chunks marked to redo) and where
     it is being written: the output itself, or its `replacing()` when `--overwrite` replaces a store
     (swapped in at the end). A new store is created whole beside its name and renamed into place, so a
-    kill never leaves a half-created store that is neither resumable nor replaceable."""
+    kill never leaves a half-created store that is neither resumable nor replaceable. At a URL, where
+    nothing can be renamed, it is created in place, its attributes first: a creation that was cut short is
+    recognised as userpipe's and created again."""
     config, index, out = prepared.config, prepared.index, prepared.out
+    if output.state == "own" and output.at_url and overwrite:
+        raise InputError(
+            f"--overwrite: {out} is at a URL, where a store cannot be replaced in one step (an object store "
+            "has no rename); remove it first, or choose another --out"
+        )
     if output.state == "own" and not overwrite:
-        root, attrs = open_store(out, mode="r+")
-        if not same_content(attrs.extractor, config):
-            raise InputError(
-                f"{prepared.out} was extracted with another configuration; pass --overwrite to "
-                "replace it, or --out for a new store"
-            )
-        return root.group, _mark_damage(out, root.group, attrs, index, console), out
+        try:
+            root, attrs = open_store(out, mode="r+")
+        except InputError:
+            if not output.at_url or _recorded_complete(out):
+                raise
+            root = None  # a creation at a URL cut short: made again below
+        if root is not None:
+            if not same_content(attrs.extractor, config):
+                raise InputError(
+                    f"{prepared.out} was extracted with another configuration; pass --overwrite to "
+                    "replace it, or --out for a new store"
+                )
+            return root.group, _mark_damage(out, root.group, attrs, index, console), out
+    attrs = _new_attrs(prepared)
+    if output.at_url:
+        return create_store(out, attrs, index), attrs, out
     work = output.replacing() if output.state == "own" else out
     if work != out and output.holds_own(work):  # an interrupted replacement: resume it if it fits
-        root, attrs = open_store(work, mode="r+")
-        if same_content(attrs.extractor, config):
-            return root.group, _mark_damage(work, root.group, attrs, index, console), work
+        root, found = open_store(work, mode="r+")
+        if same_content(found.extractor, config):
+            return root.group, _mark_damage(work, root.group, found, index, console), work
         shutil.rmtree(work)
+    with output.built(int(store_bytes(attrs) * COMPRESSED_AT_MOST), into=work) as building:
+        create_store(building, attrs, index)
+    return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
+
+
+def _new_attrs(prepared: Prepared) -> StoreAttrs:
+    index = prepared.index
     splits = {
         s: SplitSummary(num_images=len(recs), num_captions=sum(len(r.captions) for r in recs))
         for s, recs in index.splits.items()
     }
     image_root = str(index.image_root.resolve()) if index.image_root else None
-    attrs = StoreAttrs(extractor=config, splits=splits, image_root=image_root, chunk_checksums=True)
-    with output.built(int(store_bytes(attrs) * COMPRESSED_AT_MOST), into=work) as building:
-        create_store(building, attrs, index)
-    return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
+    return StoreAttrs(extractor=prepared.config, splits=splits, image_root=image_root, chunk_checksums=True)
+
+
+def _recorded_complete(url: str) -> bool:
+    """The attributes userpipe recorded at `url` say the store was finished."""
+    meta = json.loads(read_bytes(f"{url.rstrip('/')}/zarr.json", "the store's metadata"))
+    return bool(meta["attributes"][ATTRS_KEY].get("complete"))
 
 
 def _mark_damage(
@@ -364,7 +393,7 @@ def _mark_damage(
     """Find missing or damaged chunks (crc32c) and mark them to be extracted again: a task's chunk loses
     its done-flag (a damaged shard is removed), an index array is rewritten from the dataset index. The store
     is incomplete meanwhile."""
-    problems = store_problems(path, root, attrs)
+    problems = store_problems(root, attrs)
     if not problems:
         return attrs
     console.print(
@@ -383,7 +412,7 @@ def _mark_damage(
                 root[split][f"{written_by}_done"][problem.chunk] = False
             if root[split][name].shards and problem.problem != "missing":
                 # a shard is rewritten by merging into what is there, which a damaged one cannot give: removed
-                chunk_file(path, root[split][name], problem.chunk).unlink()
+                remove_chunk(root[split][name], problem.chunk)
     return attrs
 
 
@@ -392,7 +421,7 @@ def _image_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[Imag
     size = config.chunk_size
     chunks = []
     for split, records in index.splits.items():
-        done = done_flags(work, root[split], "images_done", num_chunks(len(records), size))
+        done = done_flags(root[split], "images_done", num_chunks(len(records), size))
         refs = prepared.imports.refs[split] if prepared.imports else [None] * len(records)
         for c in range(num_chunks(len(records), size)):
             if done[c]:
@@ -425,7 +454,7 @@ def _caption_chunks(prepared: Prepared, root: zarr.Group, work: Path) -> list[tu
     chunks = []
     for split, records in prepared.index.splits.items():
         texts = [c for r in records for c in r.captions]
-        done = done_flags(work, root[split], "captions_done", num_chunks(len(texts), size))
+        done = done_flags(root[split], "captions_done", num_chunks(len(texts), size))
         chunks += [
             (str(work), split, c, c * size, tuple(texts[c * size : (c + 1) * size]))
             for c in range(num_chunks(len(texts), size))
@@ -461,7 +490,7 @@ def _device_and_workers(config: ExtractorConfig, opts: ExtractOptions, console: 
 
 def _extract(prepared: Prepared, output: Output, opts: ExtractOptions, console: Console) -> StoreAttrs:
     root, attrs, work = open_or_create(prepared, output, opts.overwrite, console)
-    for partial in work.rglob("*.partial"):  # Zarr's chunk files being written when a kill came
+    for partial in work.rglob("*.partial") if isinstance(work, Path) else ():  # Zarr's, when a kill came
         partial.unlink()
     image_chunks = _image_chunks(prepared, root, work)
     caption_chunks = _caption_chunks(prepared, root, work)

@@ -43,6 +43,7 @@ from userpipe.schemas.shard import (
     ShardSample,
     read_manifest,
 )
+from userpipe.schemas.sources import location, resolved
 from userpipe.schemas.store import caption_chunk_size
 from userpipe.schemas.store_reader import REPAIR, open_store, store_problems, store_split, stored_rows
 
@@ -92,7 +93,7 @@ def _record_path(out: Path, name: str) -> Path:
 
 
 def write_shard(job: ShardJob) -> ShardRecord:
-    group = open_store(Path(job.store))[0][job.split]  # checked reads: damage is named, never read as NaN
+    group = open_store(location(job.store))[0][job.split]  # checked reads: damage is named, never read as NaN
     has_clip, has_text = "clip_image" in group, "clip_text" in group
     chunk = stored_rows(group["regions"])  # whole stored objects: one read each
     wanted = np.array(job.indices)
@@ -180,7 +181,7 @@ def _finished(
 
 
 class ShardOptions(Options):
-    store: Path
+    store: str  # a folder or a URL (`location`)
     split: str
     out: Path | None  # None: STORE-shards/SPLIT beside the store
     max_count: int = Field(ge=1, le=10_000_000)
@@ -199,18 +200,19 @@ def _caption_layout(group: zarr.Group, num_images: int) -> tuple[np.ndarray, np.
 def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest]:
     """`userpipe shard`: pack a store split into shards (resuming a killed run); returns the folder
     and manifest."""
+    store = location(opts.store)
     if opts.out is None:
-        opts = opts.model_copy(update={"out": opts.store.with_name(opts.store.stem + "-shards") / opts.split})
-    root, attrs = open_store(opts.store)
+        if not isinstance(store, Path):
+            raise InputError(f"--store {store} is a URL: name the shards' folder with --out")
+        opts = opts.model_copy(update={"out": store.with_name(store.stem + "-shards") / opts.split})
+    root, attrs = open_store(store)
     if not attrs.complete:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
     store_split(opts.store, root, attrs, opts.split)
     # a lost chunk file is refused before anything is written (a listing, no reads); damaged bytes
     # are found by the crc32c as the tasks read them, leaving a folder that a rerun resumes
     missing = [
-        p
-        for p in store_problems(opts.store, root, attrs, check_bytes=False)
-        if p.array.startswith(f"{opts.split}/")
+        p for p in store_problems(root, attrs, check_bytes=False) if p.array.startswith(f"{opts.split}/")
     ]
     if missing:
         raise InputError(
@@ -222,7 +224,7 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
     if not valid.any():
         raise InputError(f"split '{opts.split}' of {opts.store} has no valid images")
     params = ShardPlanParams(
-        source_store=str(Path(opts.store).resolve()),
+        source_store=resolved(store),
         split=opts.split,
         store_config=attrs.extractor,
         seed=opts.seed,

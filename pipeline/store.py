@@ -45,9 +45,12 @@ def _create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
     )
 
 
-def create_store(path: Path, attrs: StoreAttrs, index: DatasetIndex) -> zarr.Group:
-    """Create every array, fill the ones the dataset index determines, and record the attributes."""
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+def create_store(path: Path | str, attrs: StoreAttrs, index: DatasetIndex) -> zarr.Group:
+    """Create every array, fill the ones the dataset index determines, and record the attributes (first, as
+    an unfinished store: a creation cut short at a URL is recognised, and made again, by the next run)."""
+    root = zarr.open_group(
+        str(path), mode="w", zarr_format=3, attributes={ATTRS_KEY: attrs.model_dump(mode="json")}
+    )
     for split, records in index.splits.items():
         summary = attrs.splits[split]
         group = root.create_group(split)

@@ -21,6 +21,7 @@ from userpipe.schemas.base import file_sha256
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.index import MANIFEST_NAME, GalleryIndex, IndexedModel, IndexManifest, Recall
 from userpipe.schemas.outputs import INDEX, claim
+from userpipe.schemas.sources import resolved
 from userpipe.schemas.store_reader import open_store
 from userpipe.trainer.captions import CaptionTokenizer
 from userpipe.trainer.checkpoint import WEIGHTS, checkpoint_dir, load_trained
@@ -75,7 +76,7 @@ def _gallery_index(kind: str, vectors: torch.Tensor, queries: torch.Tensor, max_
 class IndexRequest:
     """What `userpipe index` is asked besides the model: where the gallery is and what index to build."""
 
-    store: Path
+    store: str | Path  # a folder or a URL (`sources.location`)
     split: str
     out: Path
     image_root: Path | None = None
@@ -123,7 +124,7 @@ def build_index(
             model=IndexedModel(
                 checkpoint=str(checkpoint.resolve()), sha256=model_sha256(checkpoint), config=model.config
             ),
-            store=str(store.resolve()),
+            store=resolved(store),
             split=split,
             image_root=str(recorded_root) if recorded_root else None,
             embed_dim=emb.images.shape[1],

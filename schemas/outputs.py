@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,17 +25,19 @@ from userpipe.schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
 from userpipe.schemas.index import IndexManifest
 from userpipe.schemas.run import RunConfig
 from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
+from userpipe.schemas.sources import is_remote, object_store, read_bytes
 from userpipe.schemas.store import ATTRS_KEY, StoreAttrs
 
 
-def _validates(path: Path, model, *keys: str) -> bool:
-    """The file holds JSON (at `keys` inside it, if given) that `model` accepts: userpipe wrote it."""
+def _validates(path: Path | str, model, *keys: str) -> bool:
+    """The file (or object) holds JSON (at `keys` inside it, if given) that `model` accepts: userpipe wrote
+    it."""
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(path.read_bytes() if isinstance(path, Path) else read_bytes(path, "metadata"))
         for key in keys:
             value = value[key]
         model.model_validate(value)
-    except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
+    except (OSError, InputError, ValueError, KeyError, TypeError):  # pydantic's ValidationError: ValueError
         return False
     return True
 
@@ -61,15 +64,18 @@ def _starts_with(signature: bytes) -> Callable[[Path], bool]:
 @dataclass(frozen=True)
 class OutputKind:
     name: str  # as messages say it: "a userpipe store", ...
-    recognise: Callable[[Path], bool]  # does this path hold userpipe's output of this kind (validated)?
+    recognise: Callable[[Path | str], bool]  # does this path (or URL) hold userpipe's output of this kind?
     file: bool = False  # a single file (else a folder)
     replaceable: bool = True  # False: the command writes only a new output (its files carry no mark)
+    at_url: bool = False  # may be written to an object store (`_claim_url`)
 
 
 PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes it first, removes it last)
 HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
 STORE = OutputKind(
-    "a userpipe store", lambda f: _validates(f / "zarr.json", StoreAttrs, "attributes", ATTRS_KEY)
+    "a userpipe store",
+    lambda f: _validates(_within(f, "zarr.json"), StoreAttrs, "attributes", ATTRS_KEY),
+    at_url=True,
 )
 SHARDS = OutputKind(
     "userpipe shards",
@@ -84,11 +90,18 @@ EXPORT_FOLDER = OutputKind("export", lambda f: False, replaceable=False)
 EXPORT_FILE = OutputKind("export", lambda f: False, file=True, replaceable=False)
 
 
+def _within(folder: Path | str, name: str) -> Path | str:
+    return folder / name if isinstance(folder, Path) else f"{folder.rstrip('/')}/{name}"
+
+
+URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # also a URL that a Path folded ("s3://b" -> "s3:/b")
+
+
 def _check_apart(out: Path, inputs: Iterable[Path | str | None], option: str) -> None:
     """Refuse an output that is, contains or lies inside one of the command's inputs."""
     target = Path(out).resolve()
     for given in inputs:
-        if given is None or str(given) == "":
+        if given is None or str(given) == "" or is_remote(str(given)):  # a URL is not a local output's
             continue
         source = Path(given).resolve()
         if target == source or source.is_relative_to(target) or target.is_relative_to(source):
@@ -136,14 +149,48 @@ def check_output(
 ) -> str:
     """What `claim` checks first, without claiming: for a command to refuse a wrong output before costly
     preparation (loading models, reading a dataset). Returns the state `claim` would find."""
+    if URL_LIKE.match(str(out)):
+        return _existing_at_url(str(out), kind, inputs, option)
     _check_apart(out, inputs, option)
     return _existing(Path(out), kind, option)
 
 
-_HELD: list[Path] = []  # this process's claimed outputs, resolved
+def _existing_at_url(url: str, kind: OutputKind, inputs: Iterable[Path | str | None], option: str) -> str:
+    """`_existing` for an output on an object store: 'new' (no object under the URL) or 'own'."""
+    if not kind.at_url or not is_remote(url):
+        raise InputError(f"{option} {url}: {kind.name} is written to a local folder, not a URL")
+    for given in inputs:
+        source = str(given or "").rstrip("/")
+        if is_remote(source) and (
+            source == url.rstrip("/")
+            or f"{source}/".startswith(f"{url.rstrip('/')}/")
+            or url.startswith(f"{source}/")
+        ):
+            raise InputError(
+                f"{option} {url} overlaps the input {given}; choose an {option} apart from the inputs"
+            )
+    filesystem, path = object_store(url)
+    try:
+        filesystem.invalidate_cache(path)
+        held = filesystem.ls(path, detail=False) if filesystem.exists(path) else []
+    except Exception as exc:  # noqa: BLE001 - each backend has its own errors (no credentials, no endpoint)
+        raise InputError(
+            f"{option} {url}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        ) from None
+    if not held:
+        return "new"
+    if kind.recognise(url):
+        return "own"
+    raise InputError(
+        f"{option} {url} holds objects that are not {kind.name}; userpipe writes only where nothing is or "
+        f"its own output: choose another {option}"
+    )
 
 
-def claimed_paths() -> tuple[Path, ...]:
+_HELD: list[Path | str] = []  # this process's claimed outputs, resolved (or URLs)
+
+
+def claimed_paths() -> tuple[Path | str, ...]:
     return tuple(_HELD)
 
 
@@ -151,11 +198,17 @@ def claimed_paths() -> tuple[Path, ...]:
 class Output:
     """A claimed output (see `claim`): where to build it and how it is put in place."""
 
-    path: Path  # resolved
-    given: Path  # as the user named it, for messages
+    path: Path | str  # resolved, or a URL (`at_url`)
+    given: Path | str  # as the user named it, for messages
     kind: OutputKind
     state: str  # "new", "empty" or "own", as found under the lock
     option: str
+
+    @property
+    def at_url(self) -> bool:
+        """On an object store: no rename, so nothing is built beside it and swapped in; each object is
+        written whole, in one request."""
+        return isinstance(self.path, str)
 
     def replacing(self) -> Path:
         """Where a resumable stage builds the replacement of its own output, found again by a rerun."""
@@ -211,8 +264,16 @@ def claim(
     a known size the disk cannot hold (`needed` bytes), take the writer lock, recover a killed predecessor,
     and yield the `Output` to build and swap in. Folders it made for the lock are removed again if the
     output never appeared."""
-    out = Path(out)
     inputs = list(inputs)
+    if URL_LIKE.match(str(out)):
+        state = _existing_at_url(str(out), kind, inputs, option)
+        _HELD.append(str(out))
+        try:  # no lock on an object store: what holds instead, docs/architecture.md "Object stores"
+            yield Output(str(out), str(out), kind, state, option)
+        finally:
+            _HELD.remove(str(out))
+        return
+    out = Path(out)
     if own_only and not (out.is_dir() and kind.recognise(out)):
         raise InputError(f"{option} {out} is not {kind.name}")
     check_output(out, kind, inputs, option)

@@ -1,7 +1,9 @@
 """The one way userpipe reads an input from outside, and the one map of how that fails.
 
 A source is a local path, an http(s) URL (read with urllib, its Content-Length checked against what
-arrived) or `pipe:CMD` (CMD run by the shell, its standard output read). Every failure to read one is an
+arrived), an object-store URL (`s3://`, `gs://`, any scheme fsspec has a filesystem for; credentials from
+the environment as that filesystem reads them, e.g. AWS_ACCESS_KEY_ID and AWS_ENDPOINT_URL for s3) or
+`pipe:CMD` (CMD run by the shell, its standard output read). Every failure to read one is an
 InputError (or the caller's subclass of it) of one line that names the source in words: "HTTP 404 (Not
 Found) for URL", "connection refused to URL", "`CMD` exited with status 7 (curl: could not connect)".
 Text is UTF-8, with or without a byte order mark; other bytes are refused naming the byte and the line.
@@ -48,6 +50,29 @@ CURL_EXITS = {
 def is_remote(spec: str) -> bool:
     """A URL (any scheme) or a `pipe:` command, not a local path."""
     return "://" in spec or spec.startswith("pipe:")
+
+
+def location(spec: str | Path) -> str | Path:
+    """A store or shard location as given on a command line: a URL stays text (a Path would fold its
+    `//`), a local path becomes a Path."""
+    text = str(spec)
+    return text if is_remote(text) else Path(text)
+
+
+def resolved(spec: str | Path) -> str:
+    """A location as metadata records it: a URL as given, a local path absolute."""
+    text = str(spec)
+    return text if is_remote(text) else str(Path(text).resolve())
+
+
+def object_store(url: str):
+    """(fsspec filesystem, path in it) of an object-store URL; one line when no filesystem serves it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # e.g. "Install s3fs to access S3"
+        raise InputError(f"cannot open {url}: {exc}") from None
 
 
 def read_bytes(
@@ -106,9 +131,23 @@ def _read(source: str | Path, mapped: bool) -> bytes | memoryview:
         return _read_http(source)
     if scheme == "file":  # as webdataset read it
         return _read_file(Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)), mapped)
-    raise _Unreadable(
-        f"unsupported URL scheme {scheme}:// in {source} (http, https, file paths and pipe: are read)"
-    )
+    return _read_object(source)
+
+
+def _read_object(url: str) -> bytes:
+    """An object through fsspec (s3://, gs://, ...): whole, or one line naming why not."""
+    try:
+        filesystem, path = object_store(url)
+    except InputError as exc:
+        raise _Unreadable(str(exc).removeprefix("cannot open ")) from None
+    try:
+        return filesystem.cat_file(path)
+    except FileNotFoundError:
+        raise _Unreadable(f"{url} does not exist") from None
+    except PermissionError:
+        raise _Unreadable(f"{url}: access denied") from None
+    except Exception as exc:  # noqa: BLE001 - each backend has its own errors (botocore's NoCredentialsError, ...)
+        raise _Unreadable(f"{url}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _read_file(path: Path, mapped: bool) -> bytes | memoryview:
@@ -194,9 +233,21 @@ def _open(url: str, method: str = "GET"):
 
 
 def announced_size(url: str, what: str, error: type[InputError] = InputError) -> int | None:
-    """The size an http(s) server announces for `url` (a HEAD request), None where it does not say or the
-    source is not http(s): to find a missing or cut file before a long job reads it. Fails as read_bytes."""
-    if url.split("://", 1)[0].lower() not in READ_SCHEMES:
+    """The size an http(s) server (a HEAD request) or an object store announces for `url`, None where it
+    does not say or the source is neither: to find a missing or cut file before a long job reads it. Fails
+    as read_bytes."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme and scheme not in (*READ_SCHEMES, "file"):
+        try:
+            filesystem, path = object_store(url)
+            return int(filesystem.size(path))
+        except FileNotFoundError:
+            raise error(f"cannot read {what}: {url} does not exist") from None
+        except InputError as exc:
+            raise error(f"cannot read {what}: {str(exc).removeprefix('cannot open ')}") from None
+        except Exception as exc:  # noqa: BLE001 - as _read_object
+            raise error(f"cannot read {what}: {url}: {type(exc).__name__}: {exc}") from None
+    if scheme not in READ_SCHEMES:
         return None
     try:
         with _open(url, "HEAD") as response:

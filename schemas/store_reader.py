@@ -1,8 +1,10 @@
 """Reading a feature store, for every stage that reads one (shard, eval, index, search, report, verify, info).
 
-A Zarr v3 group laid out as `schemas.store` says. Reads go through `CheckedGroup`/`CheckedArray`, which
-turn a missing or damaged chunk into one line naming the array, the rows and the repair. The writer is
-pipeline/store.py.
+A Zarr v3 group laid out as `schemas.store` says, at a local path or a URL (`s3://`, `gs://`, any fsspec
+filesystem, its credentials from the environment as that filesystem reads them). Reads go through
+`CheckedGroup`/`CheckedArray`, which turn a missing or damaged chunk into one line naming the array, the rows
+and the repair. Chunks are found, read and removed through Zarr's store interface, the same calls for a
+folder and a bucket. The writer is pipeline/store.py.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
 
 from userpipe.schemas.base import parse_json
 from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import is_remote
 from userpipe.schemas.store import (
     StoreAttrs,
     StoreValidationError,
@@ -27,16 +33,50 @@ from userpipe.schemas.store import (
 )
 
 
-def open_store(path: Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
+def zarr_store(location: str | Path, read_only: bool = True):
+    """The Zarr store at a local path, or at a URL through fsspec."""
+    text = str(location)
+    if not is_remote(text):
+        return LocalStore(text, read_only=read_only)
+    try:
+        return FsspecStore.from_url(text, read_only=read_only)
+    except (ImportError, ValueError) as exc:  # no filesystem for the scheme, or a URL it cannot parse
+        raise InputError(f"cannot open {text}: {exc}") from None
+
+
+def is_store(location: str | Path) -> bool:
+    """A Zarr group's metadata is at `location` (a folder or a URL)."""
+    return sync(zarr_store(location).exists("zarr.json"))
+
+
+def _listed(store, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [name async for name in store.list_dir(prefix)]
+
+    return sync(collect())
+
+
+def _get(store, key: str) -> bytes | None:
+    found = sync(store.get(key, default_buffer_prototype()))
+    return None if found is None else found.to_bytes()
+
+
+def open_store(path: str | Path, mode: str = "r") -> tuple[CheckedGroup, StoreAttrs]:
     """Open and validate; a missing, foreign or damaged store is an InputError naming the file.
     Reads through the returned group turn a missing or undecodable chunk into one line (`CheckedArray`)."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+    store = zarr_store(path, read_only=mode == "r")
+    if not sync(store.exists("zarr.json")):
         raise InputError(f"no Zarr store at {path}")
-    for meta in [path / "zarr.json", *sorted(path.glob("*/zarr.json")), *sorted(path.glob("*/*/zarr.json"))]:
-        parse_json(meta.read_bytes(), meta)  # split groups and arrays: metadata only, no chunk is read
+    parse_json(_get(store, "zarr.json"), f"{path}/zarr.json")
+    for split in sorted(set(_listed(store, "")) - {"zarr.json"}):  # the groups' and arrays' metadata
+        if (meta := _get(store, f"{split}/zarr.json")) is None:
+            continue  # not a group: validation names what is missing
+        parse_json(meta, f"{path}/{split}/zarr.json")
+        for name in sorted(_listed(store, split)):
+            if (meta := _get(store, f"{split}/{name}/zarr.json")) is not None:
+                parse_json(meta, f"{path}/{split}/{name}/zarr.json")
     try:
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        root = zarr.open_group(store, mode=mode, zarr_format=3)
         attrs = validate_store(root)
         return CheckedGroup(root, path, attrs.chunk_checksums and attrs.complete), attrs
     except StoreValidationError as exc:
@@ -66,9 +106,30 @@ def stored_rows(array) -> int:
     return (array.shards or array.chunks)[0]
 
 
-def chunk_file(store: Path, array: zarr.Array, chunk: int) -> Path:
-    """The file of chunk (or shard) `chunk` along the first axis (the others are whole, by the schema)."""
-    return Path(store) / array.path / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+def chunk_key(array: zarr.Array, chunk: int) -> str:
+    """The key (path in the store) of chunk (or shard) `chunk` along the first axis (the others are whole,
+    by the schema)."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+
+
+def chunk_exists(array: zarr.Array, chunk: int) -> bool:
+    return sync(array.store_path.store.exists(chunk_key(array, chunk)))
+
+
+def remove_chunk(array: zarr.Array, chunk: int) -> None:
+    sync(array.store_path.store.delete(chunk_key(array, chunk)))
+
+
+def stored_chunks(array: zarr.Array) -> set[int]:
+    """The chunks along the first axis that are stored, from one listing of the array's keys (a request
+    per thousand objects on an object store, not one per chunk)."""
+
+    async def collect() -> set[str]:
+        return {key async for key in array.store_path.store.list_prefix(f"{array.path}/")}
+
+    keys = sync(collect())
+    count = -(-array.shape[0] // stored_rows(array))
+    return {chunk for chunk in range(count) if chunk_key(array, chunk) in keys}
 
 
 def _crc_differs(data: bytes) -> bool:
@@ -93,13 +154,11 @@ def _shard_problem(data: bytes, array, sharding: ShardingCodec) -> str | None:
     return None
 
 
-def chunk_problem(store: Path, array: zarr.Array, chunk: int) -> str | None:
+def chunk_problem(array: zarr.Array, chunk: int) -> str | None:
     """What is wrong with a chunk (or shard) that should exist: 'missing', 'damaged (...)', or None when it
     is intact. With crc32c codecs the stored bytes are checked without decoding them; otherwise decoded."""
-    path = chunk_file(store, array, chunk)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = _get(array.store_path.store, chunk_key(array, chunk))
+    if data is None:
         return "missing"
     codecs = array.metadata.codecs
     sharding = next((codec for codec in codecs if isinstance(codec, ShardingCodec)), None)
@@ -122,8 +181,8 @@ class CheckedArray:
     """A store array whose reads name the array and chunk of any damage (else as `zarr.Array`). In a complete
     store with chunk checksums, a chunk file that is not there is reported too, not read as fill values."""
 
-    def __init__(self, array: zarr.Array, store: Path, expect_every_chunk: bool):
-        self.array, self.store, self.expect_every_chunk = array, Path(store), expect_every_chunk
+    def __init__(self, array: zarr.Array, store: str | Path, expect_every_chunk: bool):
+        self.array, self.store, self.expect_every_chunk = array, store, expect_every_chunk
 
     def __getattr__(self, name):  # shape, dtype, chunks, metadata, ...
         return getattr(self.array, name)
@@ -153,7 +212,7 @@ class CheckedArray:
         chunks = self._chunks_read(selection)
         if self.expect_every_chunk:
             for chunk in chunks:
-                if not chunk_file(self.store, self.array, chunk).is_file():
+                if not chunk_exists(self.array, chunk):
                     raise self._damage(chunk, "missing")
         try:
             if self.array.shards is None:
@@ -163,7 +222,7 @@ class CheckedArray:
                 return self.array[selection]
         except Exception:  # which chunk, and why: checked one by one
             for chunk in chunks:
-                if problem := chunk_problem(self.store, self.array, chunk):
+                if problem := chunk_problem(self.array, chunk):
                     raise self._damage(chunk, problem) from None
             raise
 
@@ -171,8 +230,8 @@ class CheckedArray:
 class CheckedGroup:
     """A store group whose arrays are `CheckedArray`s; everything else as `zarr.Group`."""
 
-    def __init__(self, group: zarr.Group, store: Path, expect_every_chunk: bool):
-        self.group, self.store, self.expect_every_chunk = group, Path(store), expect_every_chunk
+    def __init__(self, group: zarr.Group, store: str | Path, expect_every_chunk: bool):
+        self.group, self.store, self.expect_every_chunk = group, store, expect_every_chunk
 
     def __getattr__(self, name):  # attrs, arrays(), ...
         return getattr(self.group, name)
@@ -193,50 +252,51 @@ class ChunkProblem:
     problem: str
 
 
-def done_flags(store: Path, group, name: str, count: int) -> np.ndarray:
+def done_flags(group, name: str, count: int) -> np.ndarray:
     """A split's done-flags; a flag whose chunk is missing or damaged counts as not done."""
     if name not in group:
         return np.zeros(count, bool)
     array = group[name]
     flags = np.zeros(count, bool)
-    for chunk in range(count):
-        if chunk_file(store, array, chunk).is_file() and chunk_problem(store, array, chunk) is None:
+    for chunk in sorted(stored_chunks(array)):
+        if chunk < count and chunk_problem(array, chunk) is None:
             flags[chunk] = bool(array[chunk])
     return flags
 
 
-def store_problems(path: Path, root, attrs: StoreAttrs, check_bytes: bool = True) -> list[ChunkProblem]:
+def store_problems(root, attrs: StoreAttrs, check_bytes: bool = True) -> list[ChunkProblem]:
     """Every chunk that should be there (index arrays: all; task arrays: those of finished tasks) and is
     missing or, with `check_bytes`, damaged. Stores without chunk checksums: only the bytes are checked."""
     problems = []
     for split, summary in attrs.splits.items():
         group = root.group[split] if isinstance(root, CheckedGroup) else root[split]
         specs = split_array_specs(attrs.extractor, summary.num_images, summary.num_captions)
-        done = {"images": done_flags(path, group, "images_done", specs["images_done"].shape[0])}
+        done = {"images": done_flags(group, "images_done", specs["images_done"].shape[0])}
         if "captions_done" in specs:
-            done["captions"] = done_flags(path, group, "captions_done", specs["captions_done"].shape[0])
+            done["captions"] = done_flags(group, "captions_done", specs["captions_done"].shape[0])
         for name, spec in specs.items():
             if spec.written_by == "progress":
                 continue
             array = group[name]
             count = -(-spec.shape[0] // spec.chunks[0])
             expected = done[spec.written_by] if spec.written_by in done else np.ones(count, bool)
+            stored = stored_chunks(array)
             for chunk in np.flatnonzero(expected[:count]):
-                exists = chunk_file(path, array, int(chunk)).is_file()
+                exists = int(chunk) in stored
                 if not exists and attrs.chunk_checksums:
                     problems.append(ChunkProblem(f"{split}/{name}", int(chunk), "missing"))
-                elif exists and check_bytes and (problem := chunk_problem(path, array, int(chunk))):
+                elif exists and check_bytes and (problem := chunk_problem(array, int(chunk))):
                     problems.append(ChunkProblem(f"{split}/{name}", int(chunk), problem))
     return problems
 
 
-def verify_store(path: Path) -> tuple[StoreAttrs, list[ChunkProblem]]:
+def verify_store(path: str | Path) -> tuple[StoreAttrs, list[ChunkProblem]]:
     """`userpipe verify STORE`: every chunk that should be there, checked (crc32c, or decoded without one)."""
     root, attrs = open_store(path)
-    return attrs, store_problems(path, root, attrs)
+    return attrs, store_problems(root, attrs)
 
 
-def store_summary(path: Path) -> dict:
+def store_summary(path: str | Path) -> dict:
     """The store as `userpipe info --json` reports it."""
     root, attrs = open_store(path)
     splits = {}
@@ -264,7 +324,5 @@ def store_summary(path: Path) -> dict:
         "extractor": attrs.extractor.model_dump(mode="json"),
         "failures": [f.model_dump() for f in attrs.failures],
         # chunk files only listed, not read (userpipe verify reads them)
-        "missing_chunks": [
-            f"{p.array}[{p.chunk}]" for p in store_problems(path, root, attrs, check_bytes=False)
-        ],
+        "missing_chunks": [f"{p.array}[{p.chunk}]" for p in store_problems(root, attrs, check_bytes=False)],
     }

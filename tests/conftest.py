@@ -126,6 +126,52 @@ def _restore_environ():
     os.environ.update(saved)
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """An S3-compatible endpoint on 127.0.0.1 (moto's server mode, as s3fs's own tests use), in a process of
+    its own; the environment carries its address and credentials as users' does (AWS_ENDPOINT_URL, ...),
+    for this process and every process the tests start."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while socket.socket().connect_ex(("127.0.0.1", port)):
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="userpipe-tests",
+        AWS_SECRET_ACCESS_KEY="userpipe-tests",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request) -> str:
+    """A new, empty bucket on the endpoint: its URL (s3://NAME)."""
+    import hashlib
+
+    import fsspec
+
+    name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

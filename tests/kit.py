@@ -212,13 +212,25 @@ def write_chain(
 # ------------------------------------------------------------------------------ a job killed midway
 
 
-def wait_for_first_done_chunk(job: subprocess.Popen, store: Path, split: str = "train") -> None:
-    """Return once the extraction `job` into `store` has marked its first image chunk done."""
-    done_flags = store / split / "images_done" / "c"
+def wait_for_first_done_chunk(job: subprocess.Popen, store: Path | str, split: str = "train") -> None:
+    """Return once the extraction `job` into `store` (a folder, or an s3:// URL) has marked its first image
+    chunk done."""
     deadline = time.monotonic() + 120
-    while not (done_flags.is_dir() and any(done_flags.iterdir())):
+    while not _any_done_flag(store, split):
         assert job.poll() is None and time.monotonic() < deadline, "extraction ended before its first chunk"
         time.sleep(0.05)
+
+
+def _any_done_flag(store: Path | str, split: str) -> bool:
+    if isinstance(store, str):
+        import fsspec
+
+        filesystem = fsspec.filesystem("s3")
+        prefix = f"{store.removeprefix('s3://')}/{split}/images_done/c"
+        filesystem.invalidate_cache()
+        return bool(filesystem.exists(prefix) and filesystem.find(prefix))
+    flags = store / split / "images_done" / "c"
+    return flags.is_dir() and any(flags.iterdir())
 
 
 def kill_at_first_done_chunk(command: list[str], store: Path, split: str = "train") -> None:

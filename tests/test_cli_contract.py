@@ -55,7 +55,8 @@ def bad_values(kind: type, area: Path) -> list[str]:
         return ["x", "-1", "0", "", "1.5", str(2**70)]
     if kind is float:
         return ["x", "nan", "inf", "-1", "0", ""]
-    return ["", str(area / "missing"), str(area / "notes.txt"), str(area / "folder"), str(area / "empty")]
+    missing, notes, folder, empty = (str(area / name) for name in ("missing", "notes.txt", "folder", "empty"))
+    return ["", missing, notes, folder, empty, "nosuch://bucket/x"]  # a URL no filesystem serves
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """A real Dask cluster, started the way a cluster starts it: `dask scheduler` and two `dask worker`
-processes on loopback, each a process of its own. `extract --scheduler` runs on it; one worker is killed
-with SIGKILL once the first chunk is done, and the store still ends complete and equal to the store a
-local run writes (docs/reference.md, "`userpipe extract`": the same commands for a real cluster)."""
+processes on loopback, each a process of its own, with no folder to write in common: `extract --scheduler`
+writes the store to the S3 endpoint (conftest's `s3_endpoint`). One worker is killed with SIGKILL once the
+first chunk is done, and the store still ends complete and equal to the store a local run writes
+(docs/reference.md, "`userpipe extract`": the same commands for a real cluster)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    """(scheduler address, the two worker processes); everything killed at the end."""
+def cluster(tmp_path, s3_endpoint):
+    """(scheduler address, the two worker processes, started with the endpoint's credentials in their
+    environment); everything killed at the end."""
     info = tmp_path / "scheduler.json"
     scheduler = start(
         [
@@ -85,7 +87,9 @@ def cluster(tmp_path):
             process.wait()
 
 
-def test_extract_on_a_cluster_survives_a_killed_worker_and_equals_a_local_run(runner, tmp_path, cluster):
+def test_extract_on_a_cluster_into_s3_survives_a_killed_worker_and_equals_a_local_run(
+    runner, tmp_path, cluster, bucket
+):
     from distributed import Client
 
     address, workers = cluster
@@ -94,7 +98,7 @@ def test_extract_on_a_cluster_survives_a_killed_worker_and_equals_a_local_run(ru
     root = tmp_path / "demo"
     local = tmp_path / "local.zarr"
     assert run_cli(runner, "extract", *DEMO, "--root", root, "--out", local, "--workers", "1").exit_code == 0
-    remote = tmp_path / "cluster.zarr"
+    remote = f"{bucket}/cluster.zarr"
     job = subprocess.Popen(
         [
             sys.executable,
@@ -105,7 +109,7 @@ def test_extract_on_a_cluster_survives_a_killed_worker_and_equals_a_local_run(ru
             "--root",
             str(root),
             "--out",
-            str(remote),
+            remote,
             "--scheduler",
             address,
         ],
@@ -120,7 +124,7 @@ def test_extract_on_a_cluster_survives_a_killed_worker_and_equals_a_local_run(ru
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output
     assert "Remove worker" in (tmp_path / "scheduler.log").read_text()  # the scheduler saw it go
-    ours, theirs = zarr.open_group(str(remote), mode="r"), zarr.open_group(str(local), mode="r")
+    ours, theirs = zarr.open_group(remote, mode="r"), zarr.open_group(str(local), mode="r")
     assert ours.attrs["userpipe"]["complete"] and run_cli(runner, "verify", remote).exit_code == 0
     for split in ("train", "val", "test"):
         for name, array in theirs[split].arrays():

@@ -132,14 +132,14 @@ def test_one_image_of_a_shard_reads_alone_and_a_damaged_one_is_named(tmp_path: P
     from userpipe.pipeline.synthetic import write_synthetic_store
     from userpipe.schemas.errors import InputError
     from userpipe.schemas.store import stored_objects
-    from userpipe.schemas.store_reader import chunk_file, open_store, verify_store
+    from userpipe.schemas.store_reader import chunk_key, open_store, verify_store
 
     store = write_synthetic_store(tmp_path / "s.zarr", 10, chunk_size=4)
     root, attrs = open_store(store)
     assert len([p for p in store.rglob("*") if p.is_file()]) == stored_objects(attrs)  # info's count
     regions = root["train"]["regions"]
     before = regions[0]
-    shard = chunk_file(store, regions.array, 0)
+    shard = store / chunk_key(regions.array, 0)
     # image 2's chunk: its offset and length from the shard index at the end (4 images x 16 bytes + crc32c)
     index = np.frombuffer(shard.read_bytes()[-(16 * 4 + 4) : -4], "<u8").reshape(4, 2)
     _flip_byte(shard, int(index[2, 0]) + int(index[2, 1]) // 2)

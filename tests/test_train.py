@@ -221,7 +221,9 @@ def test_max_steps_ends_the_run_mid_epoch_validated_and_saved_and_a_resume_can_e
     assert again.exit_code == 0, again.output
     assert "its 3 steps (train.max_steps) are done" in again.output
     assert len((out / "log.jsonl").read_text().splitlines()) == len(log)
-    longer = run_cli(runner, *train_args(data, out, "--resume", "--allow-change", "--set", "train.max_steps=5"))
+    longer = run_cli(
+        runner, *train_args(data, out, "--resume", "--allow-change", "--set", "train.max_steps=5")
+    )
     assert longer.exit_code == 0, longer.output
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]

@@ -83,8 +83,7 @@ class TrainingProgress:
                 else f"epoch {position.epoch}/{self.epochs} done"
             )
             self.console.print(
-                f"{done}  {self._numbers(position.global_step, mean)}"
-                + validation,
+                f"{done}  {self._numbers(position.global_step, mean)}" + validation,
                 highlight=False,
             )
         self.losses.clear()

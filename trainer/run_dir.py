@@ -19,7 +19,7 @@ from userpipe.schemas.base import parse_json, read_model, validate_as
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import Output, write_text_atomic
 from userpipe.schemas.run import LOG_LINES, RUN_RECORD_NAME, RunChange, RunConfig, RunData, RunRecord
-from userpipe.schemas.sources import is_remote
+from userpipe.schemas.sources import is_remote, location, resolved
 from userpipe.trainer import checkpoint
 from userpipe.trainer.checkpoint import CHECKPOINTS
 from userpipe.trainer.shard_set import ShardSet
@@ -194,7 +194,7 @@ def run_data(shards_spec: str, shards: ShardSet, val_store: Path) -> RunData:
     return RunData(
         shards=shards_spec if is_remote(shards_spec) else str(spec.parent.resolve() / spec.name),
         shards_sha256=shards_identity(shards),
-        val_store=str(val_store.resolve()),
+        val_store=resolved(val_store),
     )
 
 
@@ -202,7 +202,7 @@ def resume_inputs(run: Path, shards: str | None, val_store: Path | None, resume:
     """The shards and validation store a command trains on: those given, else (on --resume) the run's."""
     if resume and (shards is None or val_store is None) and (run / RUN_RECORD_NAME).is_file():
         data = read_model(RunRecord, run / RUN_RECORD_NAME, "run record").data
-        shards, val_store = shards or data.shards, val_store or Path(data.val_store)
+        shards, val_store = shards or data.shards, val_store or location(data.val_store)
     if shards is None or val_store is None:
         raise InputError(f"pass {'--shards' if shards is None else '--val-store'}")
     return shards, val_store

@@ -22,6 +22,7 @@ from userpipe.retrieval.evaluate import evaluate_split
 from userpipe.retrieval.search import Hit, SearchIndex
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import RunConfig
+from userpipe.schemas.sources import location
 from userpipe.schemas.store import StoreAttrs
 from userpipe.schemas.store_reader import open_store as _open_zarr_store
 from userpipe.schemas.store_reader import store_split, store_summary
@@ -36,7 +37,7 @@ class Store:
     """A feature store written by `userpipe extract` (Zarr v3), read through its schema: every chunk read is
     checked against its checksum."""
 
-    path: Path
+    path: str | Path  # a folder or a URL
     root: object  # the checked group (schemas.store_reader.CheckedGroup)
     attrs: StoreAttrs
 
@@ -59,13 +60,13 @@ class Store:
 
 
 def open_store(path: str | Path) -> Store:
-    """A store by its path (refused in one line if it is not one, or of another schema)."""
-    path = Path(path)
+    """A store by its path or URL (refused in one line if it is not one, or of another schema)."""
+    path = location(path)
     return Store(path, *_open_zarr_store(path))
 
 
-def _store_path(store: Store | str | Path) -> Path:
-    return store.path if isinstance(store, Store) else Path(store)
+def _store_path(store: Store | str | Path) -> str | Path:
+    return store.path if isinstance(store, Store) else location(store)
 
 
 @dataclass

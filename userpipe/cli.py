@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from userpipe.pipeline.region_kinds import KINDS
 from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError
+from userpipe.schemas.sources import location
 from userpipe.trainer.process import quiet_model_loading
 
 
@@ -76,10 +77,17 @@ USER_OS_ERRORS = {
 }
 
 
+# the clients of object stores (through fsspec): their exceptions are the store's answer (no credentials, no
+# endpoint, access denied), not userpipe's bug
+OBJECT_STORE_CLIENTS = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp"}
+
+
 def user_error(exc: BaseException) -> str | None:
     """The one-line message of an expected failure; None for a bug, which keeps its traceback."""
     if isinstance(exc, InputError):
         return str(exc)
+    if type(exc).__module__.split(".")[0] in OBJECT_STORE_CLIENTS:
+        return f"the object store: {type(exc).__name__}: {' '.join(str(exc).split())}"
     if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         return f"{where}: {exc.strerror}" if where else exc.strerror or str(exc)
@@ -137,7 +145,7 @@ def command(
             except KeyboardInterrupt:
                 console.print("interrupted" + ("; rerun the same command to resume" if resumable else ""))
                 raise typer.Exit(EXIT_INTERRUPTED) from None
-            except (InputError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - user_error tells expected failures from bugs
                 message = user_error(exc)
                 if message is None:
                     raise
@@ -182,7 +190,11 @@ def _local_workers(workers: int | None) -> int:
 def extract(
     dataset: str = typer.Option("demo", help="coco, f30k, demo, or a path to a Karpathy-format JSON"),
     root: Path = typer.Option(None, help="dataset folder (default data/DATASET)"),
-    out: Path = typer.Option(None, help="output store (default data/DATASET.zarr)"),
+    out: str = typer.Option(
+        None,
+        help="output store: a folder or an object-store URL such as s3://bucket/coco.zarr (default "
+        "data/DATASET.zarr)",
+    ),
     splits: str = typer.Option("train,val,test", help="comma-separated splits to extract"),
     regions: str = typer.Option(
         None,
@@ -261,13 +273,13 @@ def extract(
 
 @command()
 def info(
-    path: Path = typer.Argument(..., help="a store written by userpipe extract"),
+    path: str = typer.Argument(..., help="a store written by userpipe extract (a folder or a URL)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Summarize a store: schema version, per-split counts, arrays, extractor configuration."""
     from userpipe.schemas.store_reader import store_summary
 
-    summary = store_summary(path)
+    summary = store_summary(location(path))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -308,7 +320,7 @@ def info(
 
 @command(resumable=True, excludes=(("scheduler", "workers"),))
 def shard(
-    store: Path = typer.Option(..., help="a store written by userpipe extract"),
+    store: str = typer.Option(..., help="a store written by userpipe extract (a folder or a URL)"),
     split: str = typer.Option("train", help="the split to shard"),
     out: Path = typer.Option(None, help="output folder (default: STORE-shards/SPLIT beside the store)"),
     max_count: int = typer.Option(1000, help="samples (images) per shard at most"),
@@ -335,15 +347,17 @@ def shard(
 
 @command()
 def verify(
-    path: Path = typer.Argument(
-        ..., help="a store written by userpipe extract, or a folder written by userpipe shard"
+    path: str = typer.Argument(
+        ...,
+        help="a store written by userpipe extract (a folder or a URL), or a folder written by userpipe shard",
     ),
 ) -> None:
     """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
     exit 1 if any is missing, truncated or altered."""
-    if (path / "zarr.json").is_file():
-        from userpipe.schemas.store_reader import REPAIR, verify_store
+    from userpipe.schemas.store_reader import REPAIR, is_store, verify_store
 
+    path = location(path)
+    if is_store(path):
         attrs, problems = verify_store(path)
         for problem in problems:
             console.print(
@@ -362,6 +376,8 @@ def verify(
         return
     from userpipe.pipeline.shard import verify_shards
 
+    if not isinstance(path, Path):
+        raise InputError(f"{path} is not a userpipe store (shards are verified in a local folder)")
     manifest, problems = verify_shards(path)
     for problem in problems:
         console.print(f"[red]{problem.name}[/red]: {problem.problem}", highlight=False)
@@ -373,7 +389,7 @@ def verify(
 
 @command()
 def export(
-    store: Path = typer.Option(..., help="a complete store written by userpipe extract"),
+    store: str = typer.Option(..., help="a complete store written by userpipe extract (a folder or a URL)"),
     split: str = typer.Option(..., help="the split to export"),
     format: str = typer.Option(..., "--format", help="npz (bottom-up-attention.pytorch) or tsv (LXMERT)"),
     out: Path = typer.Option(..., help="a new folder (npz) or file (tsv)"),
@@ -385,7 +401,7 @@ def export(
     from userpipe.pipeline.export import export_split
 
     with Progress(console=console, transient=True) as progress:
-        count = export_split(store, split, format, out, progress)
+        count = export_split(location(store), split, format, out, progress)
     console.print(f"wrote {count} images to {out}")
 
 
@@ -394,8 +410,8 @@ def train(
     shards: str = typer.Option(
         None, help="shard folder (or a brace pattern) written by userpipe shard (on --resume: the run's)"
     ),
-    val_store: Path = typer.Option(
-        None, help="store whose 'val' split is used for model selection (on --resume: the run's)"
+    val_store: str = typer.Option(
+        None, help="store (a folder or a URL) whose 'val' split selects the model (on --resume: the run's)"
     ),
     config: str = typer.Option(
         None, help="coco, f30k, demo, or a YAML file (default demo; on --resume: the run's)"
@@ -427,7 +443,8 @@ def train(
     from userpipe.trainer.training_page import TRAINING_PAGE
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
-    request = TrainRequest(shards, val_store, config, tuple(overrides), resume, allow_change, report_to)
+    val = location(val_store) if val_store is not None else None
+    request = TrainRequest(shards, val, config, tuple(overrides), resume, allow_change, report_to)
     best = train_command(out, request, console)
     if best is None:  # a rank other than 0 of several processes: rank 0 reports
         return
@@ -441,7 +458,7 @@ def train(
     requires={"cxc": "coco_captions", "coco_captions": "cxc"},
 )
 def evaluate(
-    store: Path = typer.Option(..., help="store to evaluate on"),
+    store: str = typer.Option(..., help="store to evaluate on (a folder or a URL)"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
     ensemble: str = typer.Option(
@@ -466,6 +483,7 @@ def evaluate(
     from userpipe.trainer.evaluate import format_table
 
     runs = tuple(Path(r) for r in ensemble.split(",")) if ensemble else ()
+    store = location(store)
     embed = evaluation_embedder(store, split, run, checkpoint, runs, zero_shot)
     metrics = evaluate_split(store, split, protocol, embed, cxc, coco_captions)
     if as_json:
@@ -477,7 +495,7 @@ def evaluate(
 
 @command(excludes=(("run", "checkpoint"),))
 def index(
-    store: Path = typer.Option(..., help="store holding the gallery"),
+    store: str = typer.Option(..., help="store holding the gallery (a folder or a URL)"),
     out: Path = typer.Option(..., help="index folder to write (an existing index there is replaced)"),
     run: Path = typer.Option(None, help="run directory (uses its best checkpoint)"),
     checkpoint: Path = typer.Option(None, help="a checkpoint directory instead of --run"),
@@ -496,7 +514,7 @@ def index(
     """Embed a store split's images and captions into faiss indexes: exact, or approximate with its recall."""
     from userpipe.retrieval.index import IndexRequest, index_command, index_summary
 
-    request = IndexRequest(store, split, out, image_root, kind, max_memory)
+    request = IndexRequest(location(store), split, out, image_root, kind, max_memory)
     manifest = index_command(request, run, checkpoint)
     console.print(
         f"wrote {out}: {manifest.num_images} images, {manifest.num_captions} captions, "
@@ -588,7 +606,7 @@ def search(
 @command()
 def report(
     run: Path = typer.Option(..., help="run directory"),
-    store: Path = typer.Option(..., help="store to evaluate on"),
+    store: str = typer.Option(..., help="store to evaluate on (a folder or a URL)"),
     split: str = typer.Option("test", help="split of the store"),
     compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
     zero_shot: str = typer.Option(
@@ -598,7 +616,7 @@ def report(
     """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
     from userpipe.retrieval.report import comparison_table, write_run_report
 
-    result = write_run_report(run, store, split, compare, zero_shot)
+    result = write_run_report(run, location(store), split, compare, zero_shot)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
     if zero_shot:
         rows.append((result["zero_shot"]["label"], result["zero_shot"]))
