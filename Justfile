@@ -96,6 +96,11 @@ bench: setup
     HF_HUB_OFFLINE=1 {{bin}}/python -m bench.contention
     {{bin}}/python -m bench.report
 
+# the whole pipeline at COCO size on generated features (about 45 minutes here; 55 GB of scratch under data/ at
+# its peak): bench/results/scale.{json,md}
+bench-scale: setup
+    HF_HUB_OFFLINE=1 {{bin}}/python -m bench.scale
+
 # the GPU benchmark (a CUDA GPU; about 4 minutes on an H100/H200): bench/results/gpu.{json,md}
 bench-gpu: setup
     TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 {{bin}}/python -m bench.gpu

@@ -338,7 +338,7 @@ def main() -> None:
 
 def write_results(runs: dict, scale: float) -> None:
     small, large = runs["small size"], runs["COCO size"]
-    rows, worst_ratio, worst_rss = [], 0.0, 0
+    rows, worst_ratio, worst_rss, worst_process = [], 0.0, 0, 0
     at_small = {s["name"]: s for s in small["stages"]}
     at_small["eval coco1k"] = at_small.get("eval full")  # five folds of 1,000 vs one set of 1,000: same work
     for coco in large["stages"]:
@@ -346,6 +346,7 @@ def write_results(runs: dict, scale: float) -> None:
         ratio = coco["per_unit"] / demo["per_unit"] if demo else None
         worst_ratio = max(worst_ratio, ratio or 0)
         worst_rss = max(worst_rss, coco["peak_pss_tree"])
+        worst_process = max(worst_process, coco["peak_rss_process"])
         rows.append(
             [
                 coco["name"],
@@ -370,7 +371,11 @@ def write_results(runs: dict, scale: float) -> None:
         "scale": scale,
         "runs": runs,
         "goals": {"peak_rss_bytes": GOAL_RSS, "time_per_unit_ratio": GOAL_RATIO},
-        "worst": {"ratio": round(worst_ratio, 2), "peak_pss_tree": worst_rss},
+        "worst": {
+            "ratio": round(worst_ratio, 2),
+            "peak_rss_process": worst_process,
+            "peak_pss_tree": worst_rss,
+        },
     }
     first = {s["name"]: s for s in large["stages"]}
     source = large["generated"]
@@ -409,8 +414,8 @@ def write_results(runs: dict, scale: float) -> None:
                 f"{worst_ratio:.2f}x (goal ≤ {GOAL_RATIO}x)",
             ),
             (
-                "COCO-size pipeline: peak RSS of any stage (process tree)",
-                f"{worst_rss / 1e9:.2f} GB (goal ≤ 4 GB)",
+                "COCO-size pipeline: peak memory of any stage, largest process / process tree",
+                f"{worst_process / 1e9:.2f} / {worst_rss / 1e9:.2f} GB (goal ≤ 4 GB)",
             ),
             (
                 "COCO-size store: stored objects",
