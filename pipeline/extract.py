@@ -58,7 +58,7 @@ from userpipe.schemas.store import (
     split_array_specs,
     validate_store,
 )
-from userpipe.schemas.store_reader import done_flags, open_store, remove_chunk, store_problems
+from userpipe.schemas.store_reader import done_flags, open_store, remove_chunk, store_problems, zarr_store
 
 TEXT_BATCH = 256
 
@@ -278,7 +278,7 @@ def _write_rows(
 ) -> None:
     """A task's rows of each array, then its done-flag: the chunk counts as done only once all is written.
     (Zarr writes each chunk file beside and renames it, so a chunk file is whole or absent.)"""
-    group = zarr.open_group(store, mode="r+")[split]
+    group = zarr.open_group(zarr_store(store, read_only=False), mode="r+")[split]
     try:
         with every_chunk_written():
             for name, values in columns.items():
@@ -368,7 +368,7 @@ def open_or_create(
         shutil.rmtree(work)
     with output.built(int(store_bytes(attrs) * COMPRESSED_AT_MOST), into=work) as building:
         create_store(building, attrs, index)
-    return zarr.open_group(str(work), mode="r+", zarr_format=3), attrs, work
+    return zarr.open_group(zarr_store(work, read_only=False), mode="r+", zarr_format=3), attrs, work
 
 
 def _new_attrs(prepared: Prepared) -> StoreAttrs:

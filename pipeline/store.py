@@ -11,6 +11,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from userpipe.pipeline.datasets import DatasetIndex
 from userpipe.schemas.store import ATTRS_KEY, ArraySpec, Failure, StoreAttrs, split_array_specs
+from userpipe.schemas.store_reader import zarr_store
 
 # Float arrays: zstd with byte shuffle (env measurements: ~1.6x on ReLU-like features at 70-100 MB/s).
 FLOAT_CODEC = dict(cname="zstd", clevel=3, shuffle="shuffle")
@@ -49,7 +50,10 @@ def create_store(path: Path | str, attrs: StoreAttrs, index: DatasetIndex) -> za
     """Create every array, fill the ones the dataset index determines, and record the attributes (first, as
     an unfinished store: a creation cut short at a URL is recognised, and made again, by the next run)."""
     root = zarr.open_group(
-        str(path), mode="w", zarr_format=3, attributes={ATTRS_KEY: attrs.model_dump(mode="json")}
+        zarr_store(path, read_only=False),
+        mode="w",
+        zarr_format=3,
+        attributes={ATTRS_KEY: attrs.model_dump(mode="json")},
     )
     for split, records in index.splits.items():
         summary = attrs.splits[split]

@@ -34,12 +34,14 @@ from userpipe.schemas.store import (
 
 
 def zarr_store(location: str | Path, read_only: bool = True):
-    """The Zarr store at a local path, or at a URL through fsspec."""
+    """The Zarr store at a local path, or at a URL through fsspec: the one way every reader and writer opens
+    one. Without fsspec's listings cache: a listing (`stored_chunks`) would otherwise hide, for the rest of
+    the process, the chunks other tasks write after it."""
     text = str(location)
     if not is_remote(text):
         return LocalStore(text, read_only=read_only)
     try:
-        return FsspecStore.from_url(text, read_only=read_only)
+        return FsspecStore.from_url(text, storage_options={"use_listings_cache": False}, read_only=read_only)
     except (ImportError, ValueError) as exc:  # no filesystem for the scheme, or a URL it cannot parse
         raise InputError(f"cannot open {text}: {exc}") from None
 

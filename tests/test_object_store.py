@@ -90,9 +90,7 @@ def test_eval_and_index_read_a_store_at_a_url_as_they_read_a_folder(runner, trai
         runner, "index", "--run", trained.run, "--store", url, "--split", "test", "--out", tmp_path / "i"
     )
     assert result.exit_code == 0, result.output
-    manifest, theirs = (
-        json.loads((f / "manifest.json").read_text()) for f in (tmp_path / "i", trained.index)
-    )
+    manifest, theirs = (json.loads((f / "index.json").read_text()) for f in (tmp_path / "i", trained.index))
     assert manifest["store"] == url
     assert (manifest["num_images"], manifest["num_captions"]) == (
         theirs["num_images"],
