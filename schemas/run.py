@@ -68,7 +68,12 @@ class ModelConfig(BaseModel):
         "(false: PyTorch's default)",
     )
     dropout: float = Field(default=0.4, ge=0, lt=1)
-    gpo_pe_dim: int = Field(default=32, gt=0, description="GPO's positional encoding width")
+    gpo_pe_dim: int = Field(
+        default=32,
+        gt=0,
+        multiple_of=2,
+        description="GPO's positional encoding width (sines and cosines: even)",
+    )
     gpo_hidden: int = Field(default=32, gt=0, description="GPO's GRU hidden width")
     queue_size: int = Field(gt=0, description="M, entries per momentum queue")
     momentum: float = Field(gt=0, lt=1, description="r: key weights <- r key + (1 - r) query")

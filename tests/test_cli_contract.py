@@ -294,6 +294,8 @@ def as_yaml(value) -> str:
 @example(overrides={"model.queue_size": 17})
 @example(overrides={"model.max_tokens": 100000})
 @example(overrides={"model.text_layers": 7})
+@example(overrides={"model.gpo_pe_dim": 31})  # found by this test: sines and cosines need an even width
+@example(overrides={"train.max_steps": 1})
 def test_every_config_field_is_refused_in_one_line_or_trains(runner, small_run, overrides):
     out = small_run.tmp / "run"
     args = ["train", "--shards", small_run.shards, "--val-store", small_run.val]
