@@ -150,25 +150,16 @@ def check_output(
     """What `claim` checks first, without claiming: for a command to refuse a wrong output before costly
     preparation (loading models, reading a dataset). Returns the state `claim` would find."""
     if URL_LIKE.match(str(out)):
-        return _existing_at_url(str(out), kind, inputs, option)
+        return _existing_at_url(str(out), kind, option)
     _check_apart(out, inputs, option)
     return _existing(Path(out), kind, option)
 
 
-def _existing_at_url(url: str, kind: OutputKind, inputs: Iterable[Path | str | None], option: str) -> str:
-    """`_existing` for an output on an object store: 'new' (no object under the URL) or 'own'."""
+def _existing_at_url(url: str, kind: OutputKind, option: str) -> str:
+    """`_existing` for an output on an object store: 'new' (no object under the URL) or 'own'. (Apart from the
+    inputs by construction: every input that can be a URL is a store, and no command writes one from one.)"""
     if not kind.at_url or not is_remote(url):
         raise InputError(f"{option} {url}: {kind.name} is written to a local folder, not a URL")
-    for given in inputs:
-        source = str(given or "").rstrip("/")
-        if is_remote(source) and (
-            source == url.rstrip("/")
-            or f"{source}/".startswith(f"{url.rstrip('/')}/")
-            or url.startswith(f"{source}/")
-        ):
-            raise InputError(
-                f"{option} {url} overlaps the input {given}; choose an {option} apart from the inputs"
-            )
     filesystem, path = object_store(url)
     try:
         filesystem.invalidate_cache(path)
@@ -266,7 +257,7 @@ def claim(
     output never appeared."""
     inputs = list(inputs)
     if URL_LIKE.match(str(out)):
-        state = _existing_at_url(str(out), kind, inputs, option)
+        state = _existing_at_url(str(out), kind, option)
         _HELD.append(str(out))
         try:  # no lock on an object store: what holds instead, docs/architecture.md "Object stores"
             yield Output(str(out), str(out), kind, state, option)

@@ -194,3 +194,15 @@ def test_an_object_store_that_cannot_answer_is_one_line(s3_endpoint, environment
     )
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_a_url_holding_someone_else_s_objects_is_refused_and_left_as_it_was(runner, coco_root, bucket):
+    theirs = f"{bucket}/theirs.zarr"
+    fsspec.filesystem("s3").pipe_file(
+        f"{theirs}/notes.txt".removeprefix("s3://"), b"three years of field notes"
+    )
+    result = run_cli(runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", theirs, "--clip", "none")
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: --out {theirs} holds objects that are not a userpipe store"
+    ), result.output
+    assert objects(theirs) == [f"{theirs.removeprefix('s3://')}/notes.txt"]
