@@ -314,7 +314,7 @@ def main() -> None:
         sys.exit(f"{options.scratch} exists: remove it (the benchmark writes it anew)")
     sizes = scaled(COCO, options.scale)
     runs = json.loads((report.RESULTS / "scale.json").read_text())["runs"] if options.only else {}
-    chains = [(label, chosen) for label, chosen in (("small size", SMALL), ("COCO size", sizes))]
+    chains = (("small size", SMALL), ("COCO size", sizes))
     try:
         for label, chosen in [c for c in chains if options.only in (None, c[0])]:
             scratch = options.scratch / label.split()[0].lower()
@@ -342,8 +342,8 @@ def write_results(runs: dict, scale: float) -> None:
     at_small = {s["name"]: s for s in small["stages"]}
     at_small["eval coco1k"] = at_small.get("eval full")  # five folds of 1,000 vs one set of 1,000: same work
     for coco in large["stages"]:
-        demo = at_small.get(coco["name"])  # coco5k has no small-size form: its similarities grow as N²
-        ratio = coco["per_unit"] / demo["per_unit"] if demo else None
+        small_stage = at_small.get(coco["name"])  # coco5k has no small-size form: similarities grow as N²
+        ratio = coco["per_unit"] / small_stage["per_unit"] if small_stage else None
         worst_ratio = max(worst_ratio, ratio or 0)
         worst_rss = max(worst_rss, coco["peak_pss_tree"])
         worst_process = max(worst_process, coco["peak_rss_process"])
@@ -352,10 +352,12 @@ def write_results(runs: dict, scale: float) -> None:
                 coco["name"],
                 f"{coco['seconds']:,.1f}",
                 f"{coco['per_unit'] * 1e3:,.2f} ms/{coco['per']}",
-                f"{demo['per_unit'] * 1e3:,.2f} ms/{demo['per']}" if demo else "—",
+                f"{small_stage['per_unit'] * 1e3:,.2f} ms/{small_stage['per']}" if small_stage else "—",
                 f"{ratio:.2f}x" if ratio else "—",
                 f"{coco['peak_rss_process'] / 1e9:.2f} / {coco['peak_pss_tree'] / 1e9:.2f}",
-                f"{demo['peak_rss_process'] / 1e9:.2f} / {demo['peak_pss_tree'] / 1e9:.2f}" if demo else "—",
+                f"{small_stage['peak_rss_process'] / 1e9:.2f} / {small_stage['peak_pss_tree'] / 1e9:.2f}"
+                if small_stage
+                else "—",
                 human_bytes(coco["written_bytes"]) if coco["written_files"] else "—",
                 f"{coco['written_files']:,}" if coco["written_files"] else "—",
             ]
@@ -382,9 +384,8 @@ def write_results(runs: dict, scale: float) -> None:
     note = " ".join(
         [
             f"`python -m bench.scale`; generated SCAN precomp source ({human_bytes(source['bytes'])},",
-            f"{source['seconds']:.0f} s to write, removed after import). Each stage is the userpipe",
-            "command as",
-            "a user runs it, alone on the machine; the small-size column is the same chain on",
+            f"{source['seconds']:.0f} s to write, removed after import). Each stage is the userpipe command",
+            "as a user runs it, alone on the machine; the small-size column is the same chain on",
             f"{SMALL['train']:,} / {SMALL['val']:,} / {SMALL['test']:,} images. Train: the coco preset with",
             f"MiniLM as the text tower, {STEPS} steps of 128 pairs (median step {large['median_step_s']} s,",
             f"at small size {small['median_step_s']} s). Peak memory: the largest process's RSS / the PSS",

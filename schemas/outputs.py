@@ -25,7 +25,7 @@ from userpipe.schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
 from userpipe.schemas.index import IndexManifest
 from userpipe.schemas.run import RunConfig
 from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
-from userpipe.schemas.sources import is_remote, object_store, read_bytes
+from userpipe.schemas.sources import is_remote, objects_under, read_bytes
 from userpipe.schemas.store import ATTRS_KEY, StoreAttrs
 
 
@@ -33,7 +33,7 @@ def _validates(path: Path | str, model, *keys: str) -> bool:
     """The file (or object) holds JSON (at `keys` inside it, if given) that `model` accepts: userpipe wrote
     it."""
     try:
-        value = json.loads(path.read_bytes() if isinstance(path, Path) else read_bytes(path, "metadata"))
+        value = json.loads(read_bytes(path, "metadata"))
         for key in keys:
             value = value[key]
         model.model_validate(value)
@@ -67,7 +67,7 @@ class OutputKind:
     recognise: Callable[[Path | str], bool]  # does this path (or URL) hold userpipe's output of this kind?
     file: bool = False  # a single file (else a folder)
     replaceable: bool = True  # False: the command writes only a new output (its files carry no mark)
-    at_url: bool = False  # may be written to an object store (`_claim_url`)
+    at_url: bool = False  # may be written to an object store (`_existing_at_url`)
 
 
 PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes it first, removes it last)
@@ -160,14 +160,7 @@ def _existing_at_url(url: str, kind: OutputKind, option: str) -> str:
     inputs by construction: every input that can be a URL is a store, and no command writes one from one.)"""
     if not kind.at_url or not is_remote(url):
         raise InputError(f"{option} {url}: {kind.name} is written to a local folder, not a URL")
-    filesystem, path = object_store(url)
-    try:
-        filesystem.invalidate_cache(path)
-        held = filesystem.ls(path, detail=False) if filesystem.exists(path) else []
-    except Exception as exc:  # noqa: BLE001 - each backend has its own errors (no credentials, no endpoint)
-        raise InputError(
-            f"{option} {url}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        ) from None
+    held = objects_under(url, f"{option} {url}")
     if not held:
         return "new"
     if kind.recognise(url):

@@ -25,6 +25,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from pathlib import Path
 
@@ -65,14 +67,15 @@ def resolved(spec: str | Path) -> str:
     return text if is_remote(text) else str(Path(text).resolve())
 
 
-def object_store(url: str):
-    """(fsspec filesystem, path in it) of an object-store URL; one line when no filesystem serves it."""
-    import fsspec
-
+def objects_under(url: str, what: str) -> list[str]:
+    """The objects under an object-store URL (empty: nothing is there), listed afresh; fails as read_bytes."""
     try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as exc:  # e.g. "Install s3fs to access S3"
-        raise InputError(f"cannot open {url}: {exc}") from None
+        filesystem, path = _filesystem(url)
+        with _object_errors(url):
+            filesystem.invalidate_cache(path)
+            return filesystem.ls(path, detail=False) if filesystem.exists(path) else []
+    except _Unreadable as exc:
+        raise InputError(f"cannot read {what}: {exc}") from None
 
 
 def read_bytes(
@@ -136,12 +139,26 @@ def _read(source: str | Path, mapped: bool) -> bytes | memoryview:
 
 def _read_object(url: str) -> bytes:
     """An object through fsspec (s3://, gs://, ...): whole, or one line naming why not."""
-    try:
-        filesystem, path = object_store(url)
-    except InputError as exc:
-        raise _Unreadable(str(exc).removeprefix("cannot open ")) from None
-    try:
+    filesystem, path = _filesystem(url)
+    with _object_errors(url):
         return filesystem.cat_file(path)
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path in it) of an object-store URL."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # no filesystem for the scheme, e.g. "Install s3fs to access S3"
+        raise _Unreadable(f"{url}: {exc}") from None
+
+
+@contextmanager
+def _object_errors(url: str) -> Iterator[None]:
+    """The one map of an object store's answers to a line naming `url`."""
+    try:
+        yield
     except FileNotFoundError:
         raise _Unreadable(f"{url} does not exist") from None
     except PermissionError:
@@ -239,14 +256,11 @@ def announced_size(url: str, what: str, error: type[InputError] = InputError) ->
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme and scheme not in (*READ_SCHEMES, "file"):
         try:
-            filesystem, path = object_store(url)
-            return int(filesystem.size(path))
-        except FileNotFoundError:
-            raise error(f"cannot read {what}: {url} does not exist") from None
-        except InputError as exc:
-            raise error(f"cannot read {what}: {str(exc).removeprefix('cannot open ')}") from None
-        except Exception as exc:  # noqa: BLE001 - as _read_object
-            raise error(f"cannot read {what}: {url}: {type(exc).__name__}: {exc}") from None
+            filesystem, path = _filesystem(url)
+            with _object_errors(url):
+                return int(filesystem.size(path))
+        except _Unreadable as exc:
+            raise error(f"cannot read {what}: {exc}") from None
     if scheme not in READ_SCHEMES:
         return None
     try:

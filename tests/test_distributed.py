@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -122,25 +123,30 @@ def train_command(inputs: Chain, run: Path, *torchrun_options: str) -> list[str]
 
 def killed_midway(command: list[str], run: Path) -> subprocess.Popen:
     """Start `command`; once a checkpoint is saved and a few more steps are logged, SIGKILL rank 1."""
-    import psutil
-
     output = open(run.with_suffix(".out"), "w")  # noqa: SIM115 - the process writes it until it ends
     group = subprocess.Popen(
         command, env={**os.environ, **TORCHRUN_ENV}, stdout=output, stderr=subprocess.STDOUT
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert group.poll() is None, run.with_suffix(".out").read_text()[-3000:]
-        log = run / "log.jsonl"
-        steps = log.read_text().count('"loss"') if log.is_file() else 0
-        if (run / "checkpoints" / "last").exists() and steps >= 6:
-            break
-        time.sleep(0.2)
+    wait_for_a_checkpoint(run, {group: run.with_suffix(".out")})
     for child in psutil.Process(group.pid).children(recursive=True):
         if child.environ().get("RANK") == "1" and "userpipe" in " ".join(child.cmdline()):
             child.kill()
             return group
     pytest.fail("rank 1 was not found among torchrun's processes")
+
+
+def wait_for_a_checkpoint(run: Path, launched: dict[subprocess.Popen, Path]) -> None:
+    """Return once `run` has a checkpoint and 6 logged steps, every launch (process: its output) alive."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        for process, output in launched.items():
+            assert process.poll() is None, output.read_text()[-3000:]
+        log = run / "log.jsonl"
+        steps = log.read_text().count('"loss"') if log.is_file() else 0
+        if (run / "checkpoints" / "last").exists() and steps >= 6:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{run} saved no checkpoint in time")
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -160,25 +166,6 @@ def launch(command: list[str], cwd: Path, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def kill_when_saved(run: Path, victim: subprocess.Popen, watched: list[subprocess.Popen]) -> None:
-    """Once `run` has a checkpoint and 6 logged steps, SIGKILL `victim` and its processes (a node: torchrun
-    starts its workers in sessions of their own, so not one process group)."""
-    import psutil
-
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert all(p.poll() is None for p in watched), "a launch ended before the kill"
-        log = run / "log.jsonl"
-        steps = log.read_text().count('"loss"') if log.is_file() else 0
-        if (run / "checkpoints" / "last").exists() and steps >= 6:
-            node = psutil.Process(victim.pid)
-            for process in [node, *node.children(recursive=True)]:
-                process.kill()
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{run} saved no checkpoint in time")
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +250,15 @@ def test_two_nodes_without_a_shared_folder_train_as_one_and_resume_after_a_node_
             ]
 
         master = free_port()
-        first = [launch(node_command(r, master), n, tmp_path / f"node{r}.out") for r, n in enumerate(nodes)]
-        kill_when_saved(nodes[0] / "run", first[1], first)
+        outputs = [tmp_path / f"node{r}.out" for r in range(2)]
+        first = [
+            launch(node_command(r, master), n, out)
+            for r, (n, out) in enumerate(zip(nodes, outputs, strict=True))
+        ]
+        wait_for_a_checkpoint(nodes[0] / "run", dict(zip(first, outputs, strict=True)))
+        killed = psutil.Process(first[1].pid)  # node 1; torchrun starts its workers in sessions of their own
+        for process in [killed, *killed.children(recursive=True)]:
+            process.kill()
         for launched in first:
             assert launched.wait(timeout=240) != 0
         master = free_port()

@@ -23,7 +23,7 @@ from userpipe.schemas import threads
 from userpipe.schemas.errors import InputError, NotLearningError
 from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
 from userpipe.schemas.progress import progress_seconds
-from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig
+from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig, TrainRecipe
 from userpipe.schemas.sources import is_remote
 from userpipe.trainer import checkpoint, distributed
 from userpipe.trainer.captions import CaptionTokenizer
@@ -58,6 +58,11 @@ def resume_message(
         f"resuming {run} in epoch {position.epoch + 1} of {epochs}, after its step {position.step} "
         f"of {per_epoch[position.epoch]}"
     )
+
+
+def last_step(recipe: TrainRecipe, per_epoch: list[int]) -> int:
+    """The run's last global step: its epochs' steps, or train.max_steps if it ends the run earlier."""
+    return min(sum(per_epoch), recipe.max_steps or sum(per_epoch))
 
 
 def check_fits(
@@ -248,7 +253,7 @@ def train(
         model.train()
         with TrainingProgress(
             console,
-            min(sum(per_epoch), config.train.max_steps or sum(per_epoch)),
+            last_step(config.train, per_epoch),
             config.train.epochs,
             training.position.global_step,
             every,
@@ -378,8 +383,8 @@ class _Training:
         """From the position to the last epoch (or `max_steps`): steps, their log lines, and the validations
         and saves."""
         position = self.position
-        last_step = self.config.train.max_steps or sum(per_epoch)
-        while position.epoch < self.config.train.epochs and position.global_step < last_step:
+        final = last_step(self.config.train, per_epoch)
+        while position.epoch < self.config.train.epochs and position.global_step < final:
             started, pairs = time.perf_counter(), 0
             asked = started  # when the loop asked the loader for the next batch
             for batch in loader.batches(position.epoch, position.step):
@@ -402,7 +407,7 @@ class _Training:
                     }
                 )
                 progress.step(position, losses["loss"].item(), lr, rate)
-                if position.global_step == last_step and position.step < per_epoch[position.epoch]:
+                if position.global_step == final and position.step < per_epoch[position.epoch]:
                     progress.epoch_end(position, self.validate_and_save(), last_step=True)
                     return
                 if _validates_after_step(self.config.train.val_every, position, per_epoch):
