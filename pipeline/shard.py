@@ -30,6 +30,7 @@ from userpipe.schemas.outputs import (
     Output,
     check_free_space,
     claim,
+    remove_entry,
     write_text_atomic,
     written_whole,
 )
@@ -37,13 +38,14 @@ from userpipe.schemas.shard import (
     MANIFEST_NAME,
     SIZES_NAME,
     SampleMeta,
+    ShardError,
     ShardManifest,
     ShardPlanParams,
     ShardRecord,
     ShardSample,
     read_manifest,
 )
-from userpipe.schemas.sources import location, resolved
+from userpipe.schemas.sources import is_file, joined, location, resolved
 from userpipe.schemas.store import caption_chunk_size
 from userpipe.schemas.store_reader import REPAIR, open_store, store_problems, store_split, stored_rows
 
@@ -88,8 +90,8 @@ def plan_shards(
     return [rng.permutation(np.array(s)) for s in shards]
 
 
-def _record_path(out: Path, name: str) -> Path:
-    return out / f".{name}.json"
+def _record_path(out: Path | str, name: str) -> Path | str:
+    return joined(out, f".{name}.json")
 
 
 def write_shard(job: ShardJob) -> ShardRecord:
@@ -132,9 +134,10 @@ def write_shard(job: ShardJob) -> ShardRecord:
                 clip_image=block["clip_image"][local] if has_clip else None,
                 clip_text=text_emb[caps] if has_text else None,
             )
-    out = Path(job.out)
-    scratch = out / f".{job.name}.tmp-{os.getpid()}"  # per process: two workers never share one
-    with written_whole(out / job.name, job.encoded_bytes, scratch) as temporary:
+    out = location(job.out)
+    # per process: two workers never share one (at a URL, a local temporary file)
+    scratch = out / f".{job.name}.tmp-{os.getpid()}" if isinstance(out, Path) else None
+    with written_whole(joined(out, job.name), job.encoded_bytes, scratch) as temporary:
         with open(temporary, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=TAR_MTIME, encoder=False)
             for index in job.indices:
@@ -152,7 +155,7 @@ def write_shard(job: ShardJob) -> ShardRecord:
 
 
 def _finished(
-    out: Path,
+    out: Path | str,
     name: str,
     recorded: dict[str, ShardRecord],
     fields: tuple[str, ...],
@@ -163,7 +166,7 @@ def _finished(
     against it, else None (it gets rewritten; a shard that differs from its record is named, as `userpipe
     verify` names it)."""
     path = _record_path(out, name)
-    if path.is_file():
+    if is_file(path, "a shard record"):
         try:
             record = read_model(ShardRecord, path, "shard record")
         except InputError:  # damaged by the disk: the shard is checked again by rewriting it
@@ -173,9 +176,12 @@ def _finished(
     else:
         return None  # not written yet, or killed before its record: nothing to report
     try:
-        check_shard(record, str(out / name), fields=fields, feature_dim=feature_dim)
+        check_shard(record, str(joined(out, name)), fields=fields, feature_dim=feature_dim)
     except ShardDamage as damage:
         console.print(f"{escape(name)}: {escape(damage.problem)}; writing it again", highlight=False)
+        return None
+    except ShardError as unread:  # at a URL, a missing shard cannot be read (locally: ShardDamage)
+        console.print(f"{escape(name)}: {escape(str(unread))}; writing it again", highlight=False)
         return None
     return record
 
@@ -183,7 +189,7 @@ def _finished(
 class ShardOptions(Options):
     store: str  # a folder or a URL (`location`)
     split: str
-    out: Path | None  # None: STORE-shards/SPLIT beside the store
+    out: str | None  # a folder or an object-store URL; None: STORE-shards/SPLIT beside the store
     max_count: int = Field(ge=1, le=10_000_000)
     max_size: int = Field(ge=1)  # bytes (the command line's float, when whole)
     seed: Seed
@@ -204,7 +210,7 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
     if opts.out is None:
         if not isinstance(store, Path):
             raise InputError(f"--store {store} is a URL: name the shards' folder with --out")
-        opts = opts.model_copy(update={"out": store.with_name(store.stem + "-shards") / opts.split})
+        opts = opts.model_copy(update={"out": str(store.with_name(store.stem + "-shards") / opts.split)})
     root, attrs = open_store(store)
     if not attrs.complete:
         raise InputError(f"{opts.store} is incomplete; finish it with userpipe extract first")
@@ -231,12 +237,14 @@ def run_shard(opts: ShardOptions, console: Console) -> tuple[Path, ShardManifest
         max_count=opts.max_count,
         max_size=opts.max_size,
     )
-    with claim(opts.out, SHARDS, [opts.store]) as output:
-        return opts.out, _write_shards(opts, output, console, group, attrs, valid, params)
+    out = location(opts.out)
+    with claim(out, SHARDS, [opts.store]) as output:
+        return out, _write_shards(opts, out, output, console, group, attrs, valid, params)
 
 
 def _write_shards(
     opts: ShardOptions,
+    out: Path | str,
     output: Output,
     console: Console,
     group,
@@ -257,15 +265,16 @@ def _write_shards(
         ]
     )
     plan = plan_shards(valid, attrs.extractor.chunk_size, sizes, opts.seed, opts.max_count, opts.max_size)
-    if output.state != "own":  # new shards: all of them must fit, known before the first is written
-        check_free_space(opts.out, int(sum(sizes[idx].sum() for idx in plan)))
-    work = _work_folder(opts.out, output, params, opts.overwrite)
-    for leftover in work.glob(".*.tar.tmp-*"):  # shards being written when a writer was killed
+    local = not output.at_url  # an object store has no free space to check, no scratch names to clear
+    if local and output.state != "own":  # new shards: all of them must fit, known before the first is written
+        check_free_space(out, int(sum(sizes[idx].sum() for idx in plan)))
+    work = _work_folder(out, output, params, opts.overwrite)
+    for leftover in work.glob(".*.tar.tmp-*") if local else ():  # being written when a writer was killed
         leftover.unlink()
-    manifest_path = work / MANIFEST_NAME
+    manifest_path = joined(work, MANIFEST_NAME)
     recorded = (
         {r.name: r for r in read_model(ShardManifest, manifest_path, "shard manifest").shards}
-        if manifest_path.is_file() and _plan_of(work) == params
+        if is_file(manifest_path, "the shard manifest") and _plan_of(work) == params
         else {}
     )
     jobs = [
@@ -293,7 +302,8 @@ def _write_shards(
         if (record := _finished(work, job.name, recorded, fields, feature_dim, console))
     }
     todo = [job for job in jobs if job.name not in done]
-    check_free_space(work, sum(job.encoded_bytes for job in todo))  # a resume: what is left to write
+    if local:
+        check_free_space(work, sum(job.encoded_bytes for job in todo))  # a resume: what is left to write
     if done:
         console.print(f"resuming {work}: {len(done)} of {len(jobs)} shards already written and verified")
     if todo:
@@ -315,12 +325,12 @@ def _write_shards(
         num_captions=sum(s.captions for s in shards),
         num_invalid_skipped=int((~valid).sum()),
     )
-    write_text_atomic(work / SIZES_NAME, json.dumps({s.name: s.samples for s in shards}, indent=1))
-    write_text_atomic(work / MANIFEST_NAME, manifest.model_dump_json(indent=1))
+    write_text_atomic(joined(work, SIZES_NAME), json.dumps({s.name: s.samples for s in shards}, indent=1))
+    write_text_atomic(joined(work, MANIFEST_NAME), manifest.model_dump_json(indent=1))
     for job in jobs:
-        _record_path(work, job.name).unlink(missing_ok=True)
-    (work / PLAN_NAME).unlink(missing_ok=True)
-    if work != opts.out:
+        remove_entry(_record_path(work, job.name))
+    remove_entry(joined(work, PLAN_NAME))
+    if work != out:
         output.swap_in(work)
     return manifest
 
@@ -337,17 +347,17 @@ def _caption_bytes(group: zarr.Group, starts: np.ndarray, counts: np.ndarray, ch
     return sums[starts + counts] - sums[starts]
 
 
-def _plan_of(folder: Path) -> ShardPlanParams | None:
+def _plan_of(folder: Path | str) -> ShardPlanParams | None:
     """The plan a folder of userpipe shards was (or is being) written for."""
-    plan, manifest = folder / PLAN_NAME, folder / MANIFEST_NAME
-    if plan.is_file():
+    plan, manifest = joined(folder, PLAN_NAME), joined(folder, MANIFEST_NAME)
+    if is_file(plan, "the shard plan"):
         return read_model(ShardPlanParams, plan, "shard plan")
-    if manifest.is_file():
+    if is_file(manifest, "the shard manifest"):
         return read_model(ShardManifest, manifest, "shard manifest").params
     return None
 
 
-def _work_folder(out: Path, output: Output, params: ShardPlanParams, overwrite: bool) -> Path:
+def _work_folder(out: Path | str, output: Output, params: ShardPlanParams, overwrite: bool) -> Path | str:
     """The folder to write shards of this plan into: `out` (new, or holding part of the same plan) or,
     when `--overwrite` replaces shards of another plan, its `replacing()`, swapped in at the end."""
     work = out
@@ -356,10 +366,15 @@ def _work_folder(out: Path, output: Output, params: ShardPlanParams, overwrite: 
             raise InputError(
                 f"{out} holds shards of another plan; pass --overwrite to replace them, or another --out"
             )
+        if output.at_url:  # no rename there: the old shards could not stay whole until the new ones are
+            raise InputError(f"--overwrite cannot replace shards at a URL ({out}); choose another --out")
         work = output.replacing()
         if output.holds_own(work) and _plan_of(work) != params:
             shutil.rmtree(work)
-    if not output.holds_own(work):
+    if output.at_url:  # the plan first: what makes the URL recognisable as userpipe's to a rerun
+        if output.state == "new" or not is_file(joined(out, PLAN_NAME), "the shard plan"):
+            write_text_atomic(joined(out, PLAN_NAME), params.model_dump_json())
+    elif not output.holds_own(work):
         output.create({PLAN_NAME: params.model_dump_json()}, at=work)
     elif not (work / PLAN_NAME).is_file():
         write_text_atomic(work / PLAN_NAME, params.model_dump_json())
@@ -372,9 +387,10 @@ class ShardProblem:
     problem: str
 
 
-def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
+def verify_shards(directory: Path | str) -> tuple[ShardManifest, list[ShardProblem]]:
     """The manifest's totals, and every shard by `check_shard` (the loader's and a rerun's check)."""
     path, manifest = read_manifest(directory)
+    folder = path.parent if isinstance(path, Path) else path.rsplit("/", 1)[0]
     problems = []
     totals = (sum(s.samples for s in manifest.shards), sum(s.captions for s in manifest.shards))
     if totals != (manifest.num_samples, manifest.num_captions):
@@ -390,8 +406,13 @@ def verify_shards(directory: Path) -> tuple[ShardManifest, list[ShardProblem]]:
     for record in manifest.shards:
         try:
             check_shard(
-                record, str(path.parent / record.name), fields=manifest.fields, feature_dim=feature_dim
+                record,
+                str(joined(folder, record.name)),
+                fields=manifest.fields,
+                feature_dim=feature_dim,
             )
         except ShardDamage as damage:
             problems.append(ShardProblem(record.name, damage.problem))
+        except ShardError as unread:  # at a URL: a missing shard cannot be read
+            problems.append(ShardProblem(record.name, str(unread)))
     return manifest, problems

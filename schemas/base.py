@@ -64,12 +64,12 @@ def parse_json(text: str | bytes | memoryview, source: Path | str):
         ) from None
 
 
-def read_model(cls: type[Model], path: Path, what: str, error: type[InputError] = InputError) -> Model:
-    """A validated `cls` from a JSON file; every way it can be wrong is one line naming the file, raised
-    as `error` (e.g. ManifestError for manifests)."""
-    if not path.exists():
+def read_model(cls: type[Model], path: Path | str, what: str, error: type[InputError] = InputError) -> Model:
+    """A validated `cls` from a JSON file (or an object at a URL); every way it can be wrong is one line
+    naming the file, raised as `error` (e.g. ManifestError for manifests)."""
+    if isinstance(path, Path) and not path.exists():
         raise error(f"no {what} at {path}")
-    if path.is_dir():
+    if isinstance(path, Path) and path.is_dir():
         raise error(f"{path} is a folder, not {what}")
     data = read_bytes(path, what, error)
     try:

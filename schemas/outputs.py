@@ -18,14 +18,14 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.index import MANIFEST_NAME as INDEX_MANIFEST_NAME
 from userpipe.schemas.index import IndexManifest
 from userpipe.schemas.run import RunConfig
 from userpipe.schemas.shard import MANIFEST_NAME, ShardManifest, ShardPlanParams
-from userpipe.schemas.sources import is_remote, objects_under, read_bytes
+from userpipe.schemas.sources import is_remote, joined, objects_under, read_bytes, remove_object, write_object
 from userpipe.schemas.store import ATTRS_KEY, StoreAttrs
 
 
@@ -74,12 +74,16 @@ PLAN_NAME = ".plan.json"  # the shard plan in progress (pipeline/shard.py writes
 HTML_SIGNATURE = "<!doctype html><meta charset='utf-8'><title>userpipe search</title>"
 STORE = OutputKind(
     "a userpipe store",
-    lambda f: _validates(_within(f, "zarr.json"), StoreAttrs, "attributes", ATTRS_KEY),
+    lambda f: _validates(joined(f, "zarr.json"), StoreAttrs, "attributes", ATTRS_KEY),
     at_url=True,
 )
 SHARDS = OutputKind(
     "userpipe shards",
-    lambda f: _validates(f / MANIFEST_NAME, ShardManifest) or _validates(f / PLAN_NAME, ShardPlanParams),
+    lambda f: (
+        _validates(joined(f, MANIFEST_NAME), ShardManifest)
+        or _validates(joined(f, PLAN_NAME), ShardPlanParams)
+    ),
+    at_url=True,
 )
 RUN = OutputKind("a userpipe run", lambda f: _validates(f / "config.json", RunConfig))
 INDEX = OutputKind("a userpipe index", lambda f: _validates(f / INDEX_MANIFEST_NAME, IndexManifest))
@@ -90,20 +94,28 @@ EXPORT_FOLDER = OutputKind("export", lambda f: False, replaceable=False)
 EXPORT_FILE = OutputKind("export", lambda f: False, file=True, replaceable=False)
 
 
-def _within(folder: Path | str, name: str) -> Path | str:
-    return folder / name if isinstance(folder, Path) else f"{folder.rstrip('/')}/{name}"
-
-
 URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # also a URL that a Path folded ("s3://b" -> "s3:/b")
 
 
-def _check_apart(out: Path, inputs: Iterable[Path | str | None], option: str) -> None:
-    """Refuse an output that is, contains or lies inside one of the command's inputs."""
-    target = Path(out).resolve()
+def _place(spec: Path | str) -> tuple[str, PurePath]:
+    """Where a location is, comparable with another's: (scheme, path) of an object-store URL, ("", absolute
+    path) of a local one. (A `pipe:` command or an http(s) source is no place an output can be.)"""
+    text = str(spec)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        return scheme.lower(), PurePosixPath("/", rest.strip("/"))
+    return "", Path(text).resolve()
+
+
+def _check_apart(out: Path | str, inputs: Iterable[Path | str | None], option: str) -> None:
+    """Refuse an output that is, contains or lies inside one of the command's inputs (a folder or a URL)."""
+    scheme, target = _place(out)
     for given in inputs:
-        if given is None or str(given) == "" or is_remote(str(given)):  # a URL is not a local output's
+        if given is None or str(given) == "" or str(given).startswith("pipe:"):
             continue
-        source = Path(given).resolve()
+        other, source = _place(given)
+        if other != scheme:
+            continue
         if target == source or source.is_relative_to(target) or target.is_relative_to(source):
             relation = (
                 "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
@@ -150,16 +162,17 @@ def check_output(
     """What `claim` checks first, without claiming: for a command to refuse a wrong output before costly
     preparation (loading models, reading a dataset). Returns the state `claim` would find."""
     if URL_LIKE.match(str(out)):
-        return _existing_at_url(str(out), kind, option)
+        return _existing_at_url(str(out), kind, inputs, option)
     _check_apart(out, inputs, option)
     return _existing(Path(out), kind, option)
 
 
-def _existing_at_url(url: str, kind: OutputKind, option: str) -> str:
-    """`_existing` for an output on an object store: 'new' (no object under the URL) or 'own'. (Apart from the
-    inputs by construction: every input that can be a URL is a store, and no command writes one from one.)"""
+def _existing_at_url(url: str, kind: OutputKind, inputs: Iterable[Path | str | None], option: str) -> str:
+    """`_existing` for an output on an object store, apart from the inputs: 'new' (no object under the URL) or
+    'own'."""
     if not kind.at_url or not is_remote(url):
         raise InputError(f"{option} {url}: {kind.name} is written to a local folder, not a URL")
+    _check_apart(url, inputs, option)
     held = objects_under(url, f"{option} {url}")
     if not held:
         return "new"
@@ -250,7 +263,7 @@ def claim(
     output never appeared."""
     inputs = list(inputs)
     if URL_LIKE.match(str(out)):
-        state = _existing_at_url(str(out), kind, option)
+        state = _existing_at_url(str(out), kind, inputs, option)
         _HELD.append(str(out))
         try:  # no lock on an object store: what holds instead, docs/architecture.md "Object stores"
             yield Output(str(out), str(out), kind, state, option)
@@ -427,21 +440,40 @@ def fsync_path(path: Path) -> None:
 
 
 @contextmanager
-def written_whole(path: Path, needed: int = 0, scratch: Path | None = None) -> Iterator[Path]:
+def written_whole(path: Path | str, needed: int = 0, scratch: Path | None = None) -> Iterator[Path]:
     """The one way a file, link or new folder appears under its name: the caller writes it at the scratch
     name this yields (beside `path`: `.NAME.tmp` unless given), and it is renamed onto `path` in one step
-    when the block ends, so readers see the previous entry or the new one, whole. A failure removes the
-    scratch entry; a full disk becomes DiskFullError quoting `needed` bytes."""
-    temporary = scratch or path.with_name(f".{path.name}.tmp")
-    _remove(temporary)
+    when the block ends, so readers see the previous entry or the new one, whole. At an object-store URL the
+    scratch is a local temporary file, put there in one request. A failure removes the scratch entry; a full
+    disk becomes DiskFullError quoting `needed` bytes."""
+    remote = not isinstance(path, Path)
+    if remote:
+        descriptor, name = tempfile.mkstemp(prefix=".userpipe-upload-")
+        os.close(descriptor)
+        temporary = Path(name)
+    else:
+        temporary = scratch or path.with_name(f".{path.name}.tmp")
+        _remove(temporary)
     try:
         yield temporary
-        os.replace(temporary, path)
+        if remote:
+            write_object(path, temporary, path)
+            temporary.unlink()
+        else:
+            os.replace(temporary, path)
     except BaseException as exc:
         _remove(temporary)
         if isinstance(exc, OSError):
-            raise disk_full(exc, path, needed) or exc from None
+            raise disk_full(exc, temporary if remote else path, needed) or exc from None
         raise
+
+
+def remove_entry(entry: Path | str) -> None:
+    """Remove a file, folder or link, or an object at an object-store URL, if it is there."""
+    if isinstance(entry, Path):
+        _remove(entry)
+    else:
+        remove_object(entry, entry)
 
 
 def _remove(entry: Path) -> None:
@@ -451,7 +483,7 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path | str, text: str) -> None:
     """A whole text file or the previous one, never a part."""
     data = text.encode()
     with written_whole(path, len(data)) as temporary:

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from userpipe.schemas.base import Frozen, parse_json, read_model, validate_as
 from userpipe.schemas.errors import InputError, ManifestError
+from userpipe.schemas.sources import joined, location
 from userpipe.schemas.store import ExtractorConfig
 
 SHARD_SCHEMA_VERSION = "1.0"
@@ -64,10 +65,12 @@ class ShardManifest(Frozen):
     num_invalid_skipped: int = Field(description="invalid images in the store split, left out")
 
 
-def read_manifest(location: str | Path) -> tuple[Path, ShardManifest]:
-    """A shard folder or its manifest.json -> (manifest path, validated manifest)."""
-    path = Path(location)
-    path = path / MANIFEST_NAME if path.is_dir() else path
+def read_manifest(folder: str | Path) -> tuple[str | Path, ShardManifest]:
+    """A shard folder (or one at an object-store URL) or its manifest.json -> (manifest's path, validated
+    manifest)."""
+    path = location(folder)
+    if isinstance(path, Path) and path.is_dir() or isinstance(path, str) and not path.endswith(".json"):
+        path = joined(path, MANIFEST_NAME)
     return path, read_model(ShardManifest, path, "shard manifest", ManifestError)
 
 

@@ -1,4 +1,5 @@
-"""The one way userpipe reads an input from outside, and the one map of how that fails.
+"""The one way userpipe reads an input from outside (and writes an object to an object store), and the one
+map of how that fails.
 
 A source is a local path, an http(s) URL (read with urllib, its Content-Length checked against what
 arrived), an object-store URL (`s3://`, `gs://`, any scheme fsspec has a filesystem for; credentials from
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http import HTTPStatus
 from pathlib import Path
 
@@ -65,6 +66,48 @@ def resolved(spec: str | Path) -> str:
     """A location as metadata records it: a URL as given, a local path absolute."""
     text = str(spec)
     return text if is_remote(text) else str(Path(text).resolve())
+
+
+def joined(folder: str | Path, name: str) -> str | Path:
+    """`name` inside a folder or under a URL (a Path would fold a URL's `//`)."""
+    return folder / name if isinstance(folder, Path) else f"{folder.rstrip('/')}/{name}"
+
+
+def is_file(source: str | Path, what: str) -> bool:
+    """A local file, or an object at an object-store URL, is there (asked afresh); fails as read_bytes."""
+    if not is_remote(str(source)):
+        return Path(source).is_file()
+    try:
+        filesystem, path = _filesystem(str(source))
+        with _object_errors(str(source)):
+            filesystem.invalidate_cache(path)
+            return filesystem.isfile(path)
+    except _Unreadable as exc:
+        raise InputError(f"cannot read {what}: {exc}") from None
+
+
+def write_object(url: str, data: bytes | Path, what: str) -> None:
+    """Put an object at an object-store URL in one request (`data`: its bytes, or a local file holding them):
+    readers see the previous object or the new one, whole. Fails as read_bytes ("cannot write WHAT: ...")."""
+    try:
+        filesystem, path = _filesystem(url)
+        with _object_errors(url):
+            if isinstance(data, Path):
+                filesystem.put_file(str(data), path)
+            else:
+                filesystem.pipe_file(path, data)
+    except _Unreadable as exc:
+        raise InputError(f"cannot write {what}: {exc}") from None
+
+
+def remove_object(url: str, what: str) -> None:
+    """Remove the object at an object-store URL, if it is there."""
+    try:
+        filesystem, path = _filesystem(url)
+        with _object_errors(url), suppress(FileNotFoundError):  # already gone: what was asked
+            filesystem.rm_file(path)
+    except _Unreadable as exc:
+        raise InputError(f"cannot remove {what}: {exc}") from None
 
 
 def objects_under(url: str, what: str) -> list[str]:

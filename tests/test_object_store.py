@@ -1,7 +1,8 @@
 """Stores and shards on an object store: a real S3 endpoint on 127.0.0.1 (conftest's `s3_endpoint`, moto's
 server), reached through fsspec with the credentials and address from the environment, as users reach
 theirs. Every stage that reads a store reads it there; extract writes it there, resumes a run killed
-mid-upload, and repairs a damaged object; training streams its shards from there."""
+mid-upload, and repairs a damaged object; shard writes there and completes what a killed run left; training
+streams its shards from there."""
 
 from __future__ import annotations
 
@@ -65,16 +66,67 @@ def test_a_store_extracted_to_s3_equals_a_local_one_and_every_stage_reads_it(
     manifests = [json.loads((tmp_path / f / "manifest.json").read_text()) for f in ("from-s3", "from-disk")]
     assert manifests[0]["params"]["source_store"] == copy
     assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
+    inside = run_cli(runner, "shard", "--store", copy, "--out", f"{copy}/shards")
+    assert inside.exit_code == 2 and f"--out {copy}/shards lies inside the input {copy}" in inside.output
     # a store at a URL is never replaced (no rename there), and a URL is no output for other kinds
     again = run_cli(
         runner, *EXTRACT_COCO_GRID, "--root", coco_root, "--out", url, "--clip", "none", "--overwrite"
     )
     assert again.exit_code == 2 and "cannot be replaced in one step" in again.output
-    elsewhere = run_cli(runner, "shard", "--store", local, "--out", f"{bucket}/shards")
-    assert (
-        elsewhere.exit_code == 2
-        and "userpipe shards is written to a local folder, not a URL" in elsewhere.output
+    elsewhere = run_cli(
+        runner, "export", "--store", local, "--split", "train", "--format", "npz", "--out", f"{bucket}/npz"
     )
+    assert elsewhere.exit_code == 2 and "export is written to a local folder, not a URL" in elsewhere.output
+
+
+def test_shards_written_to_s3_equal_a_folder_s_and_a_rerun_completes_what_a_killed_run_left(
+    runner, trained, bucket, tmp_path
+):
+    url, local = f"{bucket}/shards", tmp_path / "shards"
+    options = ("shard", "--store", trained.train_store, "--max-count", "8", "--workers", "1", "--out")
+    for out in (url, local):
+        result = run_cli(runner, *options, out)
+        assert result.exit_code == 0, result.output
+    s3 = fsspec.filesystem("s3")
+
+    def key(name: str) -> str:
+        return f"{url}/{name}".removeprefix("s3://")
+
+    def assert_same_as_the_folder() -> None:  # every object byte for byte; no record or plan left behind
+        names = sorted(p.name for p in local.iterdir())
+        assert sorted(o.rsplit("/", 1)[-1] for o in objects(url)) == names
+        for name in names:
+            assert s3.cat_file(key(name)) == (local / name).read_bytes(), name
+
+    assert_same_as_the_folder()
+    verified = run_cli(runner, "verify", url)
+    assert verified.exit_code == 0 and "5 shards OK (40 samples)" in verified.output
+    # what a run killed part-way leaves (it writes the plan first, then each shard and its record, the
+    # manifest last): shard 0 finished; shard 1 finished and since damaged; shard 2's record without its
+    # object (removed since); shard 3 uploaded without its record; shard 4 not written
+    manifest = json.loads((local / "manifest.json").read_text())
+    s3.rm([key("manifest.json"), key("sizes.json"), key("train-000002.tar"), key("train-000004.tar")])
+    s3.pipe_file(key(".plan.json"), json.dumps(manifest["params"]).encode())
+    for record in manifest["shards"][:3]:
+        s3.pipe_file(key(f".{record['name']}.json"), json.dumps(record).encode())
+    damaged = bytearray(s3.cat_file(key("train-000001.tar")))
+    damaged[1000] ^= 0xFF
+    s3.pipe_file(key("train-000001.tar"), bytes(damaged))
+    resumed = run_cli(runner, *options, url)
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert "train-000001.tar: altered: its sha256 differs from the manifest; writing it again" in said
+    assert f"train-000002.tar: cannot read a shard: {url}/train-000002.tar does not exist; writing" in said
+    assert f"resuming {url}: 1 of 5 shards already written and verified" in resumed.output
+    assert_same_as_the_folder()
+    # shards of another plan are never replaced at a URL: there is no rename to keep them whole meanwhile
+    for extra, expected in (
+        ((), "holds shards of another plan; pass --overwrite"),
+        (("--overwrite",), "--overwrite cannot replace shards at a URL"),
+    ):
+        other = run_cli(runner, *options, url, "--seed", "1", *extra)
+        assert other.exit_code == 2 and expected in other.output, other.output
+    assert_same_as_the_folder()
 
 
 def test_eval_and_index_read_a_store_at_a_url_as_they_read_a_folder(runner, trained, bucket, tmp_path):

@@ -322,7 +322,9 @@ def info(
 def shard(
     store: str = typer.Option(..., help="a store written by userpipe extract (a folder or a URL)"),
     split: str = typer.Option("train", help="the split to shard"),
-    out: Path = typer.Option(None, help="output folder (default: STORE-shards/SPLIT beside the store)"),
+    out: str = typer.Option(
+        None, help="output folder or object-store URL (default: STORE-shards/SPLIT beside the store)"
+    ),
     max_count: int = typer.Option(1000, help="samples (images) per shard at most"),
     max_size: float = typer.Option(1e9, help="bytes per shard at most (by the encoded sample sizes)"),
     seed: int = typer.Option(0, help="seed of the image-to-shard assignment and order"),
@@ -349,7 +351,7 @@ def shard(
 def verify(
     path: str = typer.Argument(
         ...,
-        help="a store written by userpipe extract (a folder or a URL), or a folder written by userpipe shard",
+        help="a store written by userpipe extract, or shards written by userpipe shard (a folder or a URL)",
     ),
 ) -> None:
     """Check every chunk of a store (crc32c) or every shard (sha256, samples) against what was recorded;
@@ -376,8 +378,6 @@ def verify(
         return
     from userpipe.pipeline.shard import verify_shards
 
-    if not isinstance(path, Path):
-        raise InputError(f"{path} is not a userpipe store (shards are verified in a local folder)")
     manifest, problems = verify_shards(path)
     for problem in problems:
         console.print(f"[red]{problem.name}[/red]: {problem.problem}", highlight=False)
