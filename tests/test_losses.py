@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from userpipe.trainer.losses import log1p_sum_exp, uto_loss, uto_queue_loss
+from userpipe.trainer.losses import log1p_sum_exp, score_signals, uto_loss, uto_queue_loss
 
 MU, GAMMA = 90.0, 0.5
 
@@ -53,6 +53,21 @@ def test_batch_loss_value_and_gradients_match_the_formula(b, e, mu):
     g_ref = torch.autograd.grad(ref, (v, t))
     for a, r in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a.cpu().double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_score_signals_count_what_the_batch_term_sees():
+    v, t = unit(6, 8, 0), unit(6, 8, 1)
+    t[2] = -v[2]  # a pair at S_ii = -1: no pull from the positive term
+    t[3] = v[4]  # S_43 = 1 > γ: a negative with a gradient
+    signals = score_signals(v, t, GAMMA)
+    s = v @ t.T
+    off = [s[i, j] for i in range(6) for j in range(6) if i != j]
+    assert signals["positive_score"].item() == pytest.approx(s.diagonal().mean().item())
+    assert signals["negative_score"].item() == pytest.approx(sum(off).item() / 30)
+    assert signals["negatives_above_gamma"].item() == pytest.approx(sum(x > GAMMA for x in off).item() / 30)
+    assert signals["negatives_above_gamma"].item() >= 1 / 30
+    assert signals["positives_unpulled"].item() == pytest.approx(sum(x <= 0 for x in s.diagonal()).item() / 6)
+    assert signals["positives_unpulled"].item() >= 1 / 6
 
 
 def test_batch_loss_can_leave_same_image_pairs_out():

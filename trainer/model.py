@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.run import ModelConfig
 from userpipe.trainer.distributed import BatchNorm1d, gather, gather_with_grad
-from userpipe.trainer.losses import uto_loss, uto_queue_loss
+from userpipe.trainer.losses import score_signals, uto_loss, uto_queue_loss
 
 MASKED = -10000.0  # VSE∞'s fill for masked scores and features (finite, so fp16-safe after scaling)
 GPO_TEMPERATURE = 0.1
@@ -347,9 +347,10 @@ class USER(nn.Module):
         with record_function("uto"):
             same = (global_ids[:, None] == global_ids[None, :]) if cfg.mask_false_negatives else None
             batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
+            signals = score_signals(img, txt, cfg.gamma)
         if not cfg.use_queue:
             zero = torch.zeros((), device=batch.device)
-            return {"loss": cfg.batch_weight * batch, "batch": batch.detach(), "queue": zero}
+            return {"loss": cfg.batch_weight * batch, "batch": batch.detach(), "queue": zero, **signals}
         with record_function("key encoders"), torch.no_grad():
             self.momentum_update()
             img_key = gather(self.image_key.encode(regions, region_lengths, clip))
@@ -365,7 +366,12 @@ class USER(nn.Module):
         self.image_queue.push(img_key, global_ids)
         self.text_queue.push(txt_key, global_ids)
         queue = image_to_text + text_to_image
-        return {"loss": cfg.batch_weight * batch + queue, "batch": batch.detach(), "queue": queue.detach()}
+        return {
+            "loss": cfg.batch_weight * batch + queue,
+            "batch": batch.detach(),
+            "queue": queue.detach(),
+            **signals,
+        }
 
 
 def build_model(config: ModelConfig, bert: nn.Module | None = None) -> USER:

@@ -52,7 +52,8 @@ def train_step(
     model: USER, optimizer: torch.optim.Optimizer, batch, config: RunConfig, device, position: Position
 ) -> dict[str, torch.Tensor]:
     """One optimizer step: forward (bf16 autocast on CUDA; the losses stay fp32), backward, clipping, the
-    finiteness check, AdamW. Returns the losses."""
+    finiteness check, AdamW. Returns the losses, the model's score signals and the gradient norm before
+    clipping."""
     clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         losses = model(
@@ -71,7 +72,7 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         check_step_finite(losses["loss"], grad_norm, position)
         optimizer.step()
-    return losses
+    return {**losses, "grad_norm": grad_norm}
 
 
 def check_step_finite(loss: torch.Tensor, grad_norm: torch.Tensor, position: Position) -> None:
