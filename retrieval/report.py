@@ -18,8 +18,10 @@ import torch
 
 from userpipe.retrieval.html import thumbnail
 from userpipe.retrieval.zero_shot import zero_shot_embeddings, zero_shot_label
+from userpipe.schemas.base import read_model
+from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import RUN, claim, write_text_atomic
-from userpipe.schemas.run import ModelConfig
+from userpipe.schemas.run import RUN_RECORD_NAME, ModelConfig, RunConfig, RunRecord
 from userpipe.schemas.store_reader import open_store
 from userpipe.trainer.checkpoint import CHECKPOINTS, initial_model, load_trained
 from userpipe.trainer.encode import SplitEmbeddings, embedding_metrics, encode_split
@@ -70,6 +72,79 @@ HEADER = "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM |\n|---|-
 
 def comparison_table(rows: list[tuple[str, dict]]) -> str:
     return HEADER + "".join(_row(name, m) for name, m in rows)
+
+
+METRIC_CELLS = [*((side, f"r{k}") for side in ("i2t", "t2i") for k in KS), (None, "rsum")]
+
+
+def _metric(metrics: dict, side: str | None, name: str) -> float:
+    return metrics[name] if side is None else metrics[side][name]
+
+
+SEED_HEADER = (
+    "| model | seeds | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSUM | RSUM spread |\n"
+    "|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def seed_table(groups: list[dict]) -> str:
+    """One row per group of `seed_groups`: each metric's mean ± std over its seeds (a single run: its value)
+    and the spread (max − min) of RSUM."""
+    rows = []
+    for group in groups:
+        several = len(group["seeds"]) > 1
+        cells = [
+            f"{_metric(group['mean'], side, name):.1f}"
+            + (f" ± {_metric(group['std'], side, name):.1f}" if several else "")
+            for side, name in METRIC_CELLS
+        ]
+        spread = f"{group['rsum_spread']:.1f}" if several else "—"
+        seeds = ", ".join(map(str, group["seeds"]))
+        rows.append(f"| {group['label']} | {seeds} | " + " | ".join(cells) + f" | {spread} |\n")
+    return SEED_HEADER + "".join(rows)
+
+
+def seed_groups(runs: list[tuple[str, Path, RunConfig, dict]]) -> list[dict]:
+    """(label, run, its configuration, metrics) of runs -> groups of the runs that differ in train.seed alone
+    (same configuration otherwise, same shards), in the order first met: label, runs, seeds, each metric's
+    mean and std (n − 1; 0 for one run) and the spread (max − min) of RSUM."""
+    found: dict[str, dict] = {}
+    for label, run, config, metrics in runs:
+        tree = config.model_dump(mode="json")
+        seed = tree["train"].pop("seed")
+        shards = read_model(RunRecord, run / RUN_RECORD_NAME, "run record").data.shards_sha256
+        key = json.dumps([tree, shards], sort_keys=True)
+        group = found.setdefault(key, {"label": label, "runs": [], "seeds": [], "metrics": []})
+        group["runs"].append(str(run))
+        group["seeds"].append(seed)
+        group["metrics"].append(metrics)
+    groups = []
+    for group in found.values():
+        every = group.pop("metrics")
+        summary = {"mean": {"i2t": {}, "t2i": {}}, "std": {"i2t": {}, "t2i": {}}}
+        for side, name in METRIC_CELLS:
+            values = np.array([_metric(m, side, name) for m in every])
+            for stat, value in (
+                ("mean", values.mean()),
+                ("std", values.std(ddof=1) if len(values) > 1 else 0.0),
+            ):
+                (summary[stat] if side is None else summary[stat][side])[name] = float(value)
+        rsum = [m["rsum"] for m in every]
+        groups.append({**group, **summary, "rsum_spread": float(max(rsum) - min(rsum))})
+    return groups
+
+
+def runs_in(path: Path) -> list[Path]:
+    """A run, or the runs of `train --seeds` in a folder (its seed-N runs, by seed)."""
+    if RUN.recognise(path):
+        return [path]
+    seeds = sorted(
+        (p for p in path.glob("seed-*") if p.name[5:].isdigit() and RUN.recognise(p)),
+        key=lambda p: int(p.name[5:]),
+    )
+    if not seeds:
+        raise InputError(f"--compare {path} is neither a run nor a folder of seed runs (train --seeds)")
+    return seeds
 
 
 def true_rank(scores: torch.Tensor, truth: int) -> int:
@@ -154,10 +229,15 @@ def _write_run_report(
     best_at = (
         when_validated(records, max(validations, key=lambda r: r["val"]["rsum"])) if validations else "?"
     )
-    ablation = [(run_label(config.model), run, metrics["trained"])]
-    for other in compare:
+    ablation = [(run_label(config.model), run, config, metrics["trained"])]
+    seen = {run.resolve()}
+    for other in (found for given in compare for found in runs_in(given)):
+        if other.resolve() in seen:  # the run itself, or a run named twice
+            continue
+        seen.add(other.resolve())
         _, other_config, _, embeddings = _evaluate(other, store, split)
-        ablation.append((run_label(other_config.model), other, embedding_metrics([embeddings])))
+        ablation.append((run_label(other_config.model), other, other_config, embedding_metrics([embeddings])))
+    groups = seed_groups(ablation)
     root, attrs = open_store(store)
     relative = root[split]["file"][:]
     files = [
@@ -183,8 +263,13 @@ def _write_run_report(
     if compare:
         text += (
             "## Ablation\n\nEach row a run of its own, evaluated the same way.\n\n"
-            + comparison_table([(f"{label} (`{path}`)", m) for label, path, m in ablation])
+            + comparison_table([(f"{label} (`{path}`)", m) for label, path, _, m in ablation])
             + "\n"
+        )
+    if any(len(g["runs"]) > 1 for g in groups):
+        text += (
+            "## Over seeds\n\nRuns that differ in `train.seed` alone, together: mean ± std (n − 1) of each "
+            "metric, and the spread (max − min) of RSUM.\n\n" + seed_table(groups) + "\n"
         )
     text += (
         "## Text queries\n\nCaptions of the split as queries; their top-5 images, the caption's own image "
@@ -199,7 +284,8 @@ def _write_run_report(
         "num_images": n,
         "num_captions": c,
         **metrics,
-        "ablation": [{"label": label, "run": str(path), **m} for label, path, m in ablation],
+        "ablation": [{"label": label, "run": str(path), **m} for label, path, _, m in ablation],
+        "seeds": groups,
         "queries": queries,
     }
     write_text_atomic(run / "report.json", json.dumps(result, indent=1))

@@ -1,6 +1,7 @@
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,59 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_run_restarts_clean(
     again = run_cli(runner, *train_args(data, out, "--set", "train.epochs=1", "--report-to", "tensorboard"))
     assert again.exit_code == 0, again.output
     assert len(list((out / "tensorboard").iterdir())) == 1  # the failed start's event file went with it
+
+
+def test_seeds_train_a_run_each_resume_the_unfinished_and_report_their_mean_std_and_spread(
+    runner, data, tmp_path
+):
+    out, short = tmp_path / "seeds", ("--set", "train.max_steps=3")
+    first = run_cli(runner, *train_args(data, out, "--seeds", "1,2", *short))
+    assert first.exit_code == 0, first.output
+    logs = {seed: (out / f"seed-{seed}" / "log.jsonl").read_text() for seed in (1, 2)}
+    for seed in (1, 2):  # each an ordinary run at its seed
+        assert json.loads((out / f"seed-{seed}" / "config.json").read_text())["train"]["seed"] == seed
+        assert f"best validation ({out / f'seed-{seed}'})" in first.output
+    assert log_scalars(out / "seed-1")["train/loss"] != log_scalars(out / "seed-2")["train/loss"]
+    for extra, message in (
+        ((), f"holds the run {out / 'seed-1'}: pass --resume"),  # refused before any seed trains again
+        (("--set", "train.seed=4"), "--seeds sets train.seed of each run: leave out --set train.seed"),
+        (("--seeds", "1,1"), "--seeds '1,1': give distinct seeds"),
+        (("--seeds", "1,-2"), "--seeds '1,-2': 1: Input should be greater than or equal to 0"),
+    ):
+        refused = run_cli(runner, *train_args(data, out, "--seeds", "1,2", *short, *extra))
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    # a command killed before its second seed started: --resume leaves the first and trains the second
+    shutil.rmtree(out / "seed-2")
+    resumed = run_cli(runner, *train_args(data, out, "--seeds", "1,2", *short, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "its 3 steps (train.max_steps) are done" in resumed.output
+    assert (out / "seed-1" / "log.jsonl").read_text() == logs[1]
+    again = [json.loads(line) for line in (out / "seed-2" / "log.jsonl").read_text().splitlines()]
+    before = [json.loads(line) for line in logs[2].splitlines()]
+    assert [r["loss"] for r in again if "loss" in r] == pytest.approx(
+        [r["loss"] for r in before if "loss" in r], abs=1e-5
+    )
+    # the report: runs that differ in the seed alone together, another recipe apart
+    other = tmp_path / "other"
+    trained_other = run_cli(runner, *train_args(data, other, *short, "--set", "train.lr=1e-3"))
+    assert trained_other.exit_code == 0, trained_other.output
+    run = out / "seed-1"
+    report = run_cli(
+        runner, "report", "--run", run, "--store", data.val, "--split", "val", "--compare", out,
+        "--compare", other,
+    )  # fmt: skip
+    assert report.exit_code == 0, report.output
+    result = json.loads((run / "report.json").read_text())
+    rsums = [a["rsum"] for a in result["ablation"]]  # seed-1 (the run), seed-2 (from the folder), other
+    assert [a["run"] for a in result["ablation"]] == [str(run), str(out / "seed-2"), str(other)]
+    seeds, alone = result["seeds"]
+    other_seed = json.loads((other / "config.json").read_text())["train"]["seed"]  # the recipe's own
+    assert (seeds["seeds"], alone["seeds"]) == ([1, 2], [other_seed])
+    assert seeds["mean"]["rsum"] == pytest.approx(np.mean(rsums[:2]))
+    assert seeds["std"]["rsum"] == pytest.approx(np.std(rsums[:2], ddof=1))
+    assert seeds["rsum_spread"] == pytest.approx(abs(rsums[0] - rsums[1]))
+    i2t = [a["i2t"]["r1"] for a in result["ablation"][:2]]
+    assert seeds["mean"]["i2t"]["r1"] == pytest.approx(np.mean(i2t))
+    row = f"| USER-SGE | 1, 2 | {np.mean(i2t):.1f} ± {np.std(i2t, ddof=1):.1f} |"
+    assert row in (run / "report.md").read_text() and row in report.output
+    assert f"| {alone['mean']['rsum']:.1f} | — |" in (run / "report.md").read_text()

@@ -12,16 +12,18 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from userpipe.schemas import threads
+from userpipe.schemas.base import Seed, first_problem
 from userpipe.schemas.errors import InputError, NotLearningError
-from userpipe.schemas.outputs import RUN, Output, check_free_space, claim, write_text_atomic
+from userpipe.schemas.outputs import RUN, Output, check_free_space, check_output, claim, write_text_atomic
 from userpipe.schemas.progress import progress_seconds
 from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig, TrainRecipe
 from userpipe.schemas.sources import is_remote
@@ -146,40 +148,93 @@ class TrainRequest:
     resume: bool = False
     allow_change: bool = False
     report_to: str | None = None  # comma-separated tracker names
+    seeds: tuple[int, ...] = ()  # one run per seed (`seed_runs`); () one run at the config's seed
 
 
-def train_command(run: Path, request: TrainRequest, console: Console) -> dict | None:
-    """`userpipe train`, in one process or in each process torchrun starts: the process group, the run's
-    inputs (on --resume, the run's own unless given; rank 0 reads them), its configuration, then `train`.
-    The process keeps freed memory for the next step, and a deterministic run sets its CPU math, before the
-    first matmul (trainer/process.py). A group that torchrun restarts (--max-restarts) resumes by itself.
-    Returns the best validation metrics on rank 0, None on the other ranks."""
+def parse_seeds(text: str | None) -> tuple[int, ...]:
+    """`--seeds 1,2,3` -> distinct seeds, each in the config's range (one line naming the value if not)."""
+    if text is None:
+        return ()
+    try:
+        seeds = TypeAdapter(tuple[Seed, ...]).validate_python(tuple(text.split(",")))
+    except ValidationError as exc:
+        raise InputError(f"--seeds {text!r}: {first_problem(exc)}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds {text!r}: give distinct seeds, comma-separated (e.g. 1,2,3,4,5)")
+    return seeds
+
+
+def seed_runs(out: Path, request: TrainRequest) -> list[tuple[Path, TrainRequest]]:
+    """The runs a request trains: `out` itself, or with seeds one run per seed in OUT/seed-N, its config's
+    train.seed set to N. (Each is an ordinary run: eval, report and --resume take it as any other.)"""
+    if not request.seeds:
+        return [(out, request)]
+    if any(o.partition("=")[0] == "train.seed" for o in request.overrides):
+        raise InputError("--seeds sets train.seed of each run: leave out --set train.seed")
+    return [
+        (
+            out / f"seed-{seed}",
+            replace(request, overrides=(*request.overrides, f"train.seed={seed}"), seeds=(seed,)),
+        )
+        for seed in request.seeds
+    ]
+
+
+def train_command(run: Path, request: TrainRequest, console: Console) -> list[tuple[Path, dict]]:
+    """`userpipe train`, in one process or in each process torchrun starts: the process group, then each run
+    of `seed_runs` in turn: its inputs (on --resume, the run's own unless given; rank 0 reads them), its
+    configuration, then `train`. The process keeps freed memory for the next step, and a deterministic run
+    sets its CPU math, before the first matmul (trainer/process.py). A group that torchrun restarts
+    (--max-restarts) resumes by itself. With seeds and --resume, each seed's run that has a checkpoint
+    continues and the others start. Returns each run's best validation metrics on rank 0 ([] on the
+    other ranks)."""
     world = distributed.world_from_environment()
     device = distributed.start(world)
     try:
-
-        def inputs() -> RunInputs:  # rank 0 reads the run directory
-            resuming = request.resume or restarted_by_torchrun(run)
-            spec, val = resume_inputs(run, request.shards, request.val_store, resuming)
-            base = request.config or (checkpoint.run_config_of(run) if resuming else "demo")
-            run_config = load_run_config(base, parse_overrides(list(request.overrides)))
-            return RunInputs(spec, val, run_config, resuming, parse_report_to(request.report_to))
-
-        run_inputs = distributed.from_main(inputs)
-        keep_freed_memory()
-        if run_inputs.config.train.deterministic:
-            reproducible_cpu_math()
-            threads.fix()  # reductions split by thread count: one count for the whole run
-        return train(
-            run,
-            run_inputs,
-            console if world.main else Console(quiet=True),
-            allow_change=request.allow_change,
-            world=world,
-            device=device,
-        )
+        runs = seed_runs(run, request)
+        if len(runs) > 1 and not request.resume:  # refused before the first seed trains, not at the last
+            distributed.from_main(lambda: _check_new_runs([out for out, _ in runs]))
+        results = []
+        for out, asked in runs:
+            best = _train_run(out, asked, world, device, console)
+            if best is not None:
+                results.append((out, best))
+        return results
     finally:
         distributed.stop()
+
+
+def _check_new_runs(runs: list[Path]) -> None:
+    for out in runs:
+        if check_output(out, RUN) == "own":
+            raise InputError(f"--out {out.parent} holds the run {out}: pass --resume to continue the seeds")
+
+
+def _train_run(
+    run: Path, request: TrainRequest, world: World, device: torch.device, console: Console
+) -> dict | None:
+    def inputs() -> RunInputs:  # rank 0 reads the run directory
+        resuming = request.resume or restarted_by_torchrun(run)
+        if request.seeds and not checkpoint.has_checkpoint(run):
+            resuming = False  # a seed the interrupted command had not started yet
+        spec, val = resume_inputs(run, request.shards, request.val_store, resuming)
+        base = request.config or (checkpoint.run_config_of(run) if resuming else "demo")
+        run_config = load_run_config(base, parse_overrides(list(request.overrides)))
+        return RunInputs(spec, val, run_config, resuming, parse_report_to(request.report_to))
+
+    run_inputs = distributed.from_main(inputs)
+    keep_freed_memory()
+    if run_inputs.config.train.deterministic:
+        reproducible_cpu_math()
+        threads.fix()  # reductions split by thread count: one count for the whole run
+    return train(
+        run,
+        run_inputs,
+        console if world.main else Console(quiet=True),
+        allow_change=request.allow_change,
+        world=world,
+        device=device,
+    )
 
 
 def restarted_by_torchrun(run: Path) -> bool:

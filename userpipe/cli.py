@@ -436,20 +436,25 @@ def train(
         help="also report log.jsonl's records to tensorboard and/or wandb (comma-separated; RUN/tensorboard, "
         "RUN/wandb); give it again on --resume",
     ),
+    seeds: str = typer.Option(
+        None,
+        help="comma-separated seeds (e.g. 1,2,3,4,5): one run per seed in OUT/seed-N, train.seed=N; "
+        "compare them with userpipe report --compare OUT (mean ± std)",
+    ),
 ) -> None:
     """Train USER on streamed shards, validating and checkpointing every epoch."""
     from userpipe.trainer.evaluate import format_table
-    from userpipe.trainer.train import TrainRequest, train_command
+    from userpipe.trainer.train import TrainRequest, parse_seeds, train_command
     from userpipe.trainer.training_page import TRAINING_PAGE
 
     overrides = [*set_, "train.deterministic=true"] if deterministic else set_
     val = location(val_store) if val_store is not None else None
-    request = TrainRequest(shards, val, config, tuple(overrides), resume, allow_change, report_to)
-    best = train_command(out, request, console)
-    if best is None:  # a rank other than 0 of several processes: rank 0 reports
-        return
-    print(format_table(best, f"best validation ({out})"))
-    console.print(f"training curves and tables: {out / TRAINING_PAGE}")
+    request = TrainRequest(
+        shards, val, config, tuple(overrides), resume, allow_change, report_to, parse_seeds(seeds)
+    )
+    for run, best in train_command(out, request, console):  # [] on ranks other than 0: rank 0 reports
+        print(format_table(best, f"best validation ({run})"))
+        console.print(f"training curves and tables: {run / TRAINING_PAGE}")
 
 
 @command(
@@ -608,13 +613,17 @@ def report(
     run: Path = typer.Option(..., help="run directory"),
     store: str = typer.Option(..., help="store to evaluate on (a folder or a URL)"),
     split: str = typer.Option("test", help="split of the store"),
-    compare: list[Path] = typer.Option([], help="another run for the ablation table (repeatable)"),
+    compare: list[Path] = typer.Option(
+        [],
+        help="another run for the ablation table, or a folder of train --seeds runs (repeatable); runs that "
+        "differ in train.seed alone are also shown as mean ± std",
+    ),
     zero_shot: str = typer.Option(
         None, help="add the zero-shot row of the store's open_clip model (MODEL:PRETRAINED; see eval)"
     ),
 ) -> None:
     """Report of a run: trained vs untrained vs chance, curves, ablation, query grid (RUN/report.md)."""
-    from userpipe.retrieval.report import comparison_table, write_run_report
+    from userpipe.retrieval.report import comparison_table, seed_table, write_run_report
 
     result = write_run_report(run, location(store), split, compare, zero_shot)
     rows = [("chance", result["chance"]), ("untrained", result["untrained"]), ("trained", result["trained"])]
@@ -624,6 +633,8 @@ def report(
     print(comparison_table(rows))
     if compare:
         print(comparison_table([(a["label"], a) for a in result["ablation"]]))
+    if any(len(group["runs"]) > 1 for group in result["seeds"]):
+        print(seed_table(result["seeds"]))
     console.print(f"report: {run / 'report.md'}")
 
 
