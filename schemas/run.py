@@ -116,6 +116,15 @@ class TrainRecipe(BaseModel):
     )
     lr_decay: float = Field(default=0.1, gt=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
+    mu_start: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e4,
+        description="μ warm-up: UTO's inverse temperature rises linearly from this to model.mu over "
+        "mu_warmup_steps (None: model.mu from the first step, as released; docs/architecture.md, "
+        '"Seeds")',
+    )
+    mu_warmup_steps: int = Field(default=0, ge=0, description="steps of the μ warm-up (with mu_start)")
     seed: Seed = 1
     workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
@@ -146,6 +155,12 @@ class TrainRecipe(BaseModel):
         description="with several processes, BatchNorm statistics over the global batch, as the released "
         "single-process code computes them over its one batch (false: each process's own rows)",
     )
+
+    @model_validator(mode="after")
+    def _mu_warmup_has_both_ends(self) -> TrainRecipe:
+        if (self.mu_start is None) != (self.mu_warmup_steps == 0):
+            raise ValueError("the μ warm-up needs both mu_start and mu_warmup_steps > 0 (or neither)")
+        return self
 
     @model_validator(mode="after")
     def _decays_within_the_run(self) -> TrainRecipe:

@@ -331,12 +331,21 @@ class USER(nn.Module):
         return self.text(tokens, lengths)
 
     def forward(
-        self, regions, region_lengths, tokens, token_lengths, image_ids, clip=None, backend: str = "auto"
+        self,
+        regions,
+        region_lengths,
+        tokens,
+        token_lengths,
+        image_ids,
+        clip=None,
+        backend: str = "auto",
+        mu: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training step's losses; updates the key encoders first and the queues last. With several
         processes (trainer/distributed.py) every rank computes them over the global batch: the embeddings,
-        keys and image ids of all ranks, in rank order."""
+        keys and image ids of all ranks, in rank order. `mu`: UTO's μ this step (None: model.mu)."""
         cfg = self.config
+        mu = cfg.mu if mu is None else mu
         with record_function("image encoder"):  # the labels: bench/train_throughput.py's profile
             regions = self.image.prepare(regions, region_lengths)
             img = self.image.encode(regions, region_lengths, clip)
@@ -346,7 +355,7 @@ class USER(nn.Module):
             img, txt, global_ids = gather_with_grad(img), gather_with_grad(txt), gather(image_ids)
         with record_function("uto"):
             same = (global_ids[:, None] == global_ids[None, :]) if cfg.mask_false_negatives else None
-            batch = uto_loss(img, txt, cfg.mu, cfg.gamma, same_image=same)
+            batch = uto_loss(img, txt, mu, cfg.gamma, same_image=same)
             signals = score_signals(img, txt, cfg.gamma)
         if not cfg.use_queue:
             zero = torch.zeros((), device=batch.device)
@@ -360,9 +369,9 @@ class USER(nn.Module):
             text_queue, text_ids = self.text_queue.keys.clone(), self.text_queue.ids.clone()
             image_queue, image_ids_queue = self.image_queue.keys.clone(), self.image_queue.ids.clone()
             ids = (global_ids, text_ids) if cfg.mask_false_negatives else (None, None)
-            image_to_text = uto_queue_loss(img, txt_key, text_queue, cfg.mu, cfg.gamma, backend, *ids)
+            image_to_text = uto_queue_loss(img, txt_key, text_queue, mu, cfg.gamma, backend, *ids)
             ids = (global_ids, image_ids_queue) if cfg.mask_false_negatives else (None, None)
-            text_to_image = uto_queue_loss(txt, img_key, image_queue, cfg.mu, cfg.gamma, backend, *ids)
+            text_to_image = uto_queue_loss(txt, img_key, image_queue, mu, cfg.gamma, backend, *ids)
         self.image_queue.push(img_key, global_ids)
         self.text_queue.push(txt_key, global_ids)
         queue = image_to_text + text_to_image

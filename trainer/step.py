@@ -48,6 +48,14 @@ def learning_rate(recipe, epoch: int, global_step: int) -> float:
     return lr
 
 
+def uto_mu(config: RunConfig, global_step: int) -> float:
+    """UTO's μ at a step: model.mu, or on a μ warm-up the linear ramp from train.mu_start to it."""
+    recipe, mu = config.train, config.model.mu
+    if recipe.mu_start is None or global_step >= recipe.mu_warmup_steps:
+        return mu
+    return recipe.mu_start + (mu - recipe.mu_start) * global_step / recipe.mu_warmup_steps
+
+
 def train_step(
     model: USER, optimizer: torch.optim.Optimizer, batch, config: RunConfig, device, position: Position
 ) -> dict[str, torch.Tensor]:
@@ -64,6 +72,7 @@ def train_step(
             batch.image_index.to(device),
             clip=clip,
             backend=config.train.backend,
+            mu=uto_mu(config, position.global_step),
         )
     optimizer.zero_grad(set_to_none=True)
     with record_function("backward"):
