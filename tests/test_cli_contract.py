@@ -296,6 +296,8 @@ def as_yaml(value) -> str:
 @example(overrides={"model.text_layers": 7})
 @example(overrides={"model.gpo_pe_dim": 31})  # found by this test: sines and cosines need an even width
 @example(overrides={"train.max_steps": 1})
+@example(overrides={"train.mu_start": 20})  # a warm-up without its length
+@example(overrides={"train.mu_start": 20, "train.mu_warmup_steps": 2})
 def test_every_config_field_is_refused_in_one_line_or_trains(runner, small_run, overrides):
     out = small_run.tmp / "run"
     args = ["train", "--shards", small_run.shards, "--val-store", small_run.val]

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from userpipe.trainer.model import (
     build_model,
     sinusoid_positions,
 )
+from userpipe.trainer.step import uto_mu
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -253,6 +255,26 @@ def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert (model.text_queue.ids >= 0).all()  # 25 batches of 8 filled the 12 slots with real ids
+
+
+def test_the_mu_warm_up_rises_linearly_to_model_mu_and_a_step_uses_the_step_s_mu():
+    warm = load_run_config("demo", {"train.mu_start": 20, "train.mu_warmup_steps": 100})
+    assert [uto_mu(warm, step) for step in (0, 50, 100, 1000)] == pytest.approx([20, 55, 90, 90])
+    assert uto_mu(load_run_config("demo"), 0) == 90  # off: the released μ from the first step
+    with pytest.raises(InputError, match="needs both mu_start and mu_warmup_steps > 0"):
+        load_run_config("demo", {"train.mu_start": 20})
+    torch.manual_seed(3)
+    model = build_model(tiny_config(mu=90.0), bert=tiny_bert())
+    built_at_20 = copy.deepcopy(model)
+    built_at_20.config = tiny_config(mu=20.0)
+    batch = (torch.randn(8, 6, 12), torch.randint(2, 7, (8,)), torch.randint(1, 100, (8, 7)))
+    inputs = (*batch[:2], batch[2], torch.randint(3, 8, (8,)), torch.arange(8))
+    losses = []
+    for net, mu in ((copy.deepcopy(model), 20.0), (built_at_20, None), (copy.deepcopy(model), None)):
+        torch.manual_seed(5)  # the same dropout masks
+        losses.append({k: v.item() for k, v in net(*inputs, mu=mu).items()})
+    assert losses[0] == losses[1]  # μ given to the step = μ of the config
+    assert losses[0]["loss"] != pytest.approx(losses[2]["loss"])  # and it is not model.mu's
 
 
 def test_presets_are_the_released_recipe():
