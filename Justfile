@@ -64,6 +64,11 @@ demo-ablation: demo
     HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test \
         --compare runs/demo-cge --compare runs/demo-vse --compare runs/demo-mask
 
+# the demo over 5 seeds, as released and with the μ warm-up: bench/results/seeds.{md,json,png} (about 30
+# minutes on 2 cores after `just demo`; finished seeds are kept)
+demo-seeds: demo
+    {{bin}}/python -m bench.seeds
+
 # train the demo config into OUT (resumes a run that is there)
 _demo-train out *overrides:
     HF_HUB_OFFLINE=1 {{bin}}/userpipe train --shards data/demo-shards/train --val-store data/demo.zarr \

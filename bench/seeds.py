@@ -1,0 +1,188 @@
+"""The demo's seed study (issue 31): `userpipe train --seeds` of the demo preset as released (μ = 90 from the
+first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first epoch), on the same
+shards; `userpipe report --compare` of both on the test split (1,000 images, 5,000 captions); and, from each
+run's log, what separates a low seed from a high one: the untrained model's score of every pair (the step-1
+`positive_score`: all pairs score alike at the start, see docs/architecture.md, "Seeds"), the validation RSUM
+after the first epoch, and the gap between matching and other pairs over the first epoch.
+
+Needs the demo's store and shards (`just demo` makes them: data/demo.zarr, data/demo-shards/train). Writes
+the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. Two runs
+at a time (one per recipe), each on its share of the cores: about 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench import report
+
+RECIPES = {  # name -> the overrides of the demo preset
+    "released": (),
+    "mu-warmup": ("train.mu_start=20", "train.mu_warmup_steps=157"),  # one demo epoch: 156.25 steps
+}
+STORE, SHARDS = Path("data/demo.zarr"), Path("data/demo-shards/train")
+
+
+def userpipe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "userpipe", *map(str, args)]
+
+
+def train_all(runs: Path, seeds: str) -> None:
+    """Both recipes' seeds, the two commands side by side; a finished seed is kept (--resume)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = []
+    for name, overrides in RECIPES.items():
+        out = runs / name
+        command = userpipe(
+            "train", "--shards", SHARDS, "--val-store", STORE, "--config", "demo", "--out", out,
+            "--seeds", seeds, *(a for o in overrides for a in ("--set", o)),
+            *(["--resume"] if out.exists() else []),
+        )  # fmt: skip
+        log = open(runs / f"{name}.log", "a")  # noqa: SIM115 - closed when the process is waited for
+        started.append(
+            (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log)
+        )
+    for process, log in started:
+        if process.wait():
+            sys.exit(f"a training command failed: see {log.name}")
+        log.close()
+
+
+def compare(runs: Path, seeds: list[int]) -> dict:
+    """`userpipe report` of the first seed of the released recipe, every other run compared: its JSON."""
+    first = runs / "released" / f"seed-{seeds[0]}"
+    command = userpipe(
+        "report", "--run", first, "--store", STORE, "--split", "test",
+        *(a for name in RECIPES for a in ("--compare", runs / name)),
+    )  # fmt: skip
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    return json.loads((first / "report.json").read_text())
+
+
+def log_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def per_seed(runs: Path, seeds: list[int], tested: dict[str, float]) -> list[dict]:
+    """A row per recipe and seed: the start's pair score, validation after epoch 1 and best, test RSUM."""
+    rows = []
+    for name in RECIPES:
+        for seed in seeds:
+            run = runs / name / f"seed-{seed}"
+            records = log_of(run)
+            steps = [r for r in records if "loss" in r]
+            validations = [r for r in records if "val" in r]
+            first_epoch = next(r for r in validations if r["epoch"] == 1)
+            rows.append(
+                {
+                    "recipe": name,
+                    "seed": seed,
+                    "start_score": steps[0]["positive_score"],
+                    "start_unpulled": steps[0]["positives_unpulled"],
+                    "val_epoch_1": first_epoch["val"]["rsum"],
+                    "val_best": max(r["val"]["rsum"] for r in validations),
+                    "test_rsum": tested[str(run)],
+                    "curve": [(r["step"], r["val"]["rsum"]) for r in validations],
+                    "first_epoch": [
+                        (r["step"], r["positive_score"], r["negative_score"])
+                        for r in steps
+                        if r["epoch"] == 0
+                    ],
+                }
+            )
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Left: validation RSUM of every run. Right: the first epoch's mean score of matching pairs minus that
+    of the other pairs (how far a run has left the plateau where every pair scores alike), per seed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    curves, gaps = fig.subplots(1, 2)
+    colours = {"released": "#cc3311", "mu-warmup": "#0077bb"}
+    for row in rows:
+        steps, rsums = zip(*row["curve"], strict=True)
+        label = f"{row['recipe']} seed {row['seed']}"
+        curves.plot(steps, rsums, color=colours[row["recipe"]], alpha=0.75, marker=".", label=label)
+        steps, positive, negative = zip(*row["first_epoch"], strict=True)
+        gaps.plot(steps, np.array(positive) - np.array(negative), color=colours[row["recipe"]], alpha=0.75)
+    curves.set(xlabel="step", ylabel="validation RSUM (200 images)", title="validation, every run")
+    curves.legend(fontsize=6, ncol=2)
+    gaps.set(
+        xlabel="step (first epoch)",
+        ylabel="mean score: matching − other pairs",
+        title="leaving the plateau (red: released, blue: μ warm-up)",
+    )
+    gaps.set_yscale("symlog", linthresh=1e-3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="1,2,3,4,5")
+    parser.add_argument("--runs", type=Path, default=Path("runs/seeds"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not (STORE.is_dir() and SHARDS.is_dir()):
+        sys.exit(f"no {STORE} and {SHARDS}: run `just demo` first (its extract and shard make them)")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    train_all(args.runs, args.seeds)
+    result = compare(args.runs, seeds)
+    tested = {a["run"]: a["rsum"] for a in result["ablation"]}
+    rows = per_seed(args.runs, seeds, tested)
+    groups = {Path(g["runs"][0]).parent.name: g for g in result["seeds"]}
+    report.RESULTS.mkdir(exist_ok=True)
+    plot(rows, report.RESULTS / "seeds.png")
+    table = []
+    for name in RECIPES:
+        group = groups[name]
+        for row in (r for r in rows if r["recipe"] == name):
+            table.append(
+                [name, row["seed"], f"{row['start_score']:+.3f}", f"{100 * row['start_unpulled']:.0f}%",
+                 f"{row['val_epoch_1']:.1f}", f"{row['val_best']:.1f}", f"{row['test_rsum']:.1f}"]
+            )  # fmt: skip
+        table.append(
+            [f"**{name}: mean ± std**", "", "", "", "", "",
+             f"**{group['rsum_mean']:.1f} ± {group['rsum_std']:.1f}** (spread {group['rsum_spread']:.1f})"]
+        )  # fmt: skip
+    headline = [
+        (f"demo test RSUM over seeds {args.seeds}, {name}", f"{g['rsum_mean']:.1f} ± {g['rsum_std']:.1f}, "
+         f"spread {g['rsum_spread']:.1f}")
+        for name, g in groups.items()
+    ]  # fmt: skip
+    seed_rows = Path(result["run"]) / "report.md"
+    report.write(
+        "seeds",
+        {
+            **report.machine(),
+            "seeds": seeds,
+            "recipes": {k: list(v) for k, v in RECIPES.items()},
+            "runs": [{k: v for k, v in r.items() if k != "first_epoch"} for r in rows],
+            "groups": result["seeds"],
+        },
+        "The demo over seeds: the released recipe and the μ warm-up",
+        "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
+        f"{args.seeds}` as released and with `--set train.mu_start=20 --set train.mu_warmup_steps=157`, on "
+        "the same shards; test split (1,000 images, 5,000 captions), best validation checkpoint, from "
+        f"`userpipe report --compare` ({seed_rows}). Start score: the mean score of matching pairs at step 1 "
+        "(every pair scores about the same then); no pull: the share of them at or below 0, which the "
+        "positive term's ReLU leaves without a gradient.",
+        ["recipe", "seed", "start score", "no pull", "val RSUM after epoch 1", "best val RSUM", "test RSUM"],
+        table,
+        headline,
+        extra=["", "![validation and the first epoch's gap, every run](seeds.png)"],
+    )
+    print((report.RESULTS / "seeds.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
