@@ -101,27 +101,34 @@ def per_seed(runs: Path, seeds: list[int], tested: dict[str, float]) -> list[dic
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Left: validation RSUM of every run. Right: the first epoch's mean score of matching pairs minus that
-    of the other pairs (how far a run has left the plateau where every pair scores alike), per seed."""
+    """Left: validation RSUM of every run. Middle: the first epoch's mean score of matching pairs minus that
+    of the other pairs (how far a run has left the plateau where every pair scores alike). Right: the
+    start's pair score against the validation RSUM after the first epoch."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5))
-    curves, gaps = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.5))
+    curves, gaps, starts = fig.subplots(1, 3)
     colours = {"released": "#cc3311", "mu-warmup": "#0077bb"}
     for row in rows:
+        colour = colours[row["recipe"]]
         steps, rsums = zip(*row["curve"], strict=True)
-        label = f"{row['recipe']} seed {row['seed']}"
-        curves.plot(steps, rsums, color=colours[row["recipe"]], alpha=0.75, marker=".", label=label)
+        curves.plot(
+            steps, rsums, color=colour, alpha=0.75, marker=".", label=f"{row['recipe']} seed {row['seed']}"
+        )
         steps, positive, negative = zip(*row["first_epoch"], strict=True)
-        gaps.plot(steps, np.array(positive) - np.array(negative), color=colours[row["recipe"]], alpha=0.75)
+        gaps.plot(steps, np.array(positive) - np.array(negative), color=colour, alpha=0.75)
+        starts.scatter(row["start_score"], row["val_epoch_1"], color=colour)
+        starts.annotate(str(row["seed"]), (row["start_score"], row["val_epoch_1"]), fontsize=8)
     curves.set(xlabel="step", ylabel="validation RSUM (200 images)", title="validation, every run")
     curves.legend(fontsize=6, ncol=2)
-    gaps.set(
-        xlabel="step (first epoch)",
-        ylabel="mean score: matching − other pairs",
-        title="leaving the plateau (red: released, blue: μ warm-up)",
-    )
+    gaps.set(xlabel="step (first epoch)", ylabel="mean score: matching − other pairs")
     gaps.set_yscale("symlog", linthresh=1e-3)
+    gaps.set_title("leaving the plateau (red: released, blue: μ warm-up)")
+    starts.set(
+        xlabel="start: mean score of matching pairs at step 1",
+        ylabel="validation RSUM after epoch 1",
+        title="where a seed starts, and epoch 1 (numbers: seeds)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
