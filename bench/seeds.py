@@ -133,6 +133,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def over_seeds(group: dict) -> str:
+    return f"{group['mean']['rsum']:.1f} ± {group['std']['rsum']:.1f}, spread {group['rsum_spread']:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="1,2,3,4,5")
@@ -157,15 +161,11 @@ def main() -> None:
                 [name, row["seed"], f"{row['start_score']:+.3f}", f"{100 * row['start_unpulled']:.0f}%",
                  f"{row['val_epoch_1']:.1f}", f"{row['val_best']:.1f}", f"{row['test_rsum']:.1f}"]
             )  # fmt: skip
-        table.append(
-            [f"**{name}: mean ± std**", "", "", "", "", "",
-             f"**{group['rsum_mean']:.1f} ± {group['rsum_std']:.1f}** (spread {group['rsum_spread']:.1f})"]
-        )  # fmt: skip
+        table.append([f"**{name}: mean ± std, spread**", "", "", "", "", "", f"**{over_seeds(group)}**"])
     headline = [
-        (f"demo test RSUM over seeds {args.seeds}, {name}", f"{g['rsum_mean']:.1f} ± {g['rsum_std']:.1f}, "
-         f"spread {g['rsum_spread']:.1f}")
-        for name, g in groups.items()
-    ]  # fmt: skip
+        (f"demo test RSUM over seeds {args.seeds}, {name}", over_seeds(group))
+        for name, group in groups.items()
+    ]
     seed_rows = Path(result["run"]) / "report.md"
     report.write(
         "seeds",

@@ -21,7 +21,7 @@ from userpipe.retrieval.zero_shot import zero_shot_embeddings, zero_shot_label
 from userpipe.schemas.base import read_model
 from userpipe.schemas.errors import InputError
 from userpipe.schemas.outputs import RUN, claim, write_text_atomic
-from userpipe.schemas.run import RUN_RECORD_NAME, ModelConfig, RunConfig, RunRecord
+from userpipe.schemas.run import RUN_RECORD_NAME, RunConfig, RunRecord
 from userpipe.schemas.store_reader import open_store
 from userpipe.trainer.checkpoint import CHECKPOINTS, initial_model, load_trained
 from userpipe.trainer.encode import SplitEmbeddings, embedding_metrics, encode_split
@@ -48,17 +48,20 @@ def chance_metrics(caption_image: torch.Tensor, num_images: int) -> dict:
     return out
 
 
-def run_label(config: ModelConfig) -> str:
+def run_label(config: RunConfig) -> str:
     """The names the USER paper's ablation uses, plus this tool's departures from the released code."""
-    if config.enhancement == "none" and not config.use_queue:
+    model = config.model
+    if model.enhancement == "none" and not model.use_queue:
         name = "VSE∞-style baseline (no enhancement, no queue)"
     else:
-        name = {"sge": "USER-SGE", "cge": "USER-CGE", "none": "USER without enhancement"}[config.enhancement]
-        name = name if config.use_queue else f"{name} without queue"
-    if config.mask_false_negatives:
+        name = {"sge": "USER-SGE", "cge": "USER-CGE", "none": "USER without enhancement"}[model.enhancement]
+        name = name if model.use_queue else f"{name} without queue"
+    if model.mask_false_negatives:
         name += ", same-image negatives masked"
-    if not config.keys_in_train_mode:
+    if not model.keys_in_train_mode:
         name += ", key encoders in eval mode"
+    if config.train.mu_start is not None:
+        name += f", μ warm-up from {config.train.mu_start:g} over {config.train.mu_warmup_steps} steps"
     return name
 
 
@@ -229,14 +232,14 @@ def _write_run_report(
     best_at = (
         when_validated(records, max(validations, key=lambda r: r["val"]["rsum"])) if validations else "?"
     )
-    ablation = [(run_label(config.model), run, config, metrics["trained"])]
+    ablation = [(run_label(config), run, config, metrics["trained"])]
     seen = {run.resolve()}
     for other in (found for given in compare for found in runs_in(given)):
         if other.resolve() in seen:  # the run itself, or a run named twice
             continue
         seen.add(other.resolve())
         _, other_config, _, embeddings = _evaluate(other, store, split)
-        ablation.append((run_label(other_config.model), other, other_config, embedding_metrics([embeddings])))
+        ablation.append((run_label(other_config), other, other_config, embedding_metrics([embeddings])))
     groups = seed_groups(ablation)
     root, attrs = open_store(store)
     relative = root[split]["file"][:]
@@ -255,7 +258,7 @@ def _write_run_report(
         ]
     )
     text = (
-        f"# {run.name}: {run_label(config.model)} on {store.name} [{split}]\n\n"
+        f"# {run.name}: {run_label(config)} on {store.name} [{split}]\n\n"
         f"{n} images, {c} captions; full-split ranking (R@K in %).\n\n{main_table}\n"
         "## Training\n\n![loss](loss.png)\n\n![validation RSUM](val_rsum.png)\n\n"
         "The run's validation tables: [training.md](training.md).\n\n"

@@ -45,10 +45,14 @@ def test_chance_is_the_mean_over_every_ranking():
             {"model.enhancement": "cge", "model.clip_dim": 1280, "model.keys_in_train_mode": False},
             "USER-CGE, key encoders in eval mode",
         ),
+        (
+            {"train.mu_start": 20, "train.mu_warmup_steps": 157},
+            "USER-SGE, μ warm-up from 20 over 157 steps",
+        ),
     ],
 )
 def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
-    assert run_label(load_run_config("demo", overrides).model) == label
+    assert run_label(load_run_config("demo", overrides)) == label
 
 
 def test_report_compares_trained_untrained_and_chance(runner, trained):
