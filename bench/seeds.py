@@ -1,13 +1,14 @@
-"""The demo's seed study (issue 31): `userpipe train --seeds` of the demo preset as released (μ = 90 from the
-first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first epoch), on the same
-shards; `userpipe report --compare` of both on the test split (1,000 images, 5,000 captions); and, from each
-run's log, what separates a low seed from a high one: the untrained model's score of every pair (the step-1
-`positive_score`: all pairs score alike at the start, see docs/architecture.md, "Seeds"), the validation RSUM
-after the first epoch, and the gap between matching and other pairs over the first epoch.
+"""The demo's seed study (issue 31): `userpipe train --seeds` of the demo recipe as released (μ = 90 from the
+first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first two of the three
+epochs; and over the first epoch only), on the same shards; `userpipe report --compare` of all of them on
+the test split (1,000 images, 5,000 captions); and, from each run's log, what separates a low seed from a
+high one: the untrained model's score of every pair (the step-1 `positive_score`: all pairs score alike at
+the start, see docs/architecture.md, "Seeds"), the validation RSUM after the first epoch, and the gap
+between matching and other pairs over the first epoch.
 
 Needs the demo's store and shards (`just demo` makes them: data/demo.zarr, data/demo-shards/train). Writes
-the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. Two runs
-at a time (one per recipe), each on its share of the cores: about 30 minutes on 2 cores.
+the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. The runs
+side by side (one command per recipe), each on its share of the cores: about 45 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ import numpy as np
 
 from bench import report
 
-RECIPES = {  # name -> the overrides of the demo preset
-    "released": (),
-    "mu-warmup": ("train.mu_start=20", "train.mu_warmup_steps=157"),  # one demo epoch: 156.25 steps
+RECIPES = {  # name -> the overrides of the demo preset (each recipe stated whole, whatever the preset's)
+    "released": ("train.mu_start=null", "train.mu_warmup_steps=0"),  # μ = 90 from the first step
+    "mu-warmup": (
+        "train.mu_start=20",
+        "train.mu_warmup_steps=313",
+    ),  # over 2 of the 3 epochs (156.25 steps each)
+    "mu-warmup-1-epoch": ("train.mu_start=20", "train.mu_warmup_steps=157"),
 }
+COLOURS = {"released": "#cc3311", "mu-warmup": "#0077bb", "mu-warmup-1-epoch": "#88ccee"}
 STORE, SHARDS = Path("data/demo.zarr"), Path("data/demo-shards/train")
 
 
@@ -108,9 +114,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(15, 4.5))
     curves, gaps, starts = fig.subplots(1, 3)
-    colours = {"released": "#cc3311", "mu-warmup": "#0077bb"}
     for row in rows:
-        colour = colours[row["recipe"]]
+        colour = COLOURS[row["recipe"]]
         steps, rsums = zip(*row["curve"], strict=True)
         curves.plot(
             steps, rsums, color=colour, alpha=0.75, marker=".", label=f"{row['recipe']} seed {row['seed']}"
@@ -123,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
     curves.legend(fontsize=6, ncol=2)
     gaps.set(xlabel="step (first epoch)", ylabel="mean score: matching − other pairs")
     gaps.set_yscale("symlog", linthresh=1e-3)
-    gaps.set_title("leaving the plateau (red: released, blue: μ warm-up)")
+    gaps.set_title("leaving the plateau (red: released; blue: μ warm-up, light: over 1 epoch)")
     starts.set(
         xlabel="start: mean score of matching pairs at step 1",
         ylabel="validation RSUM after epoch 1",
@@ -178,10 +183,11 @@ def main() -> None:
         },
         "The demo over seeds: the released recipe and the μ warm-up",
         "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
-        f"{args.seeds}` as released and with `--set train.mu_start=20 --set train.mu_warmup_steps=157`, on "
-        "the same shards; test split (1,000 images, 5,000 captions), best validation checkpoint, from "
-        f"`userpipe report --compare` ({seed_rows}). Start score: the mean score of matching pairs at step 1 "
-        "(every pair scores about the same then); no pull: the share of them at or below 0, which the "
+        f"{args.seeds}` for each recipe (its overrides: "
+        + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in RECIPES.items())
+        + "), on the same shards; test split (1,000 images, 5,000 captions), best validation checkpoint, "
+        f"from `userpipe report --compare` ({seed_rows}). Start score: the mean score of matching pairs at "
+        "step 1 (every pair scores about the same then); no pull: the share of them at or below 0, which the "
         "positive term's ReLU leaves without a gradient.",
         ["recipe", "seed", "start score", "no pull", "val RSUM after epoch 1", "best val RSUM", "test RSUM"],
         table,
