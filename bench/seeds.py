@@ -8,7 +8,8 @@ between matching and other pairs over the first epoch.
 
 Needs the demo's store and shards (`just demo` makes them: data/demo.zarr, data/demo-shards/train). Writes
 the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. The runs
-side by side (one command per recipe), each on its share of the cores: about 45 minutes on 2 cores.
+side by side (one command per recipe), each on its share of the cores: about 45 minutes on 2 cores, and 25
+more for the longer and larger checks (6 epochs of seed 3; 6,400 generated images, seeds 1 and 3).
 """
 
 from __future__ import annotations
@@ -35,31 +36,88 @@ RECIPES = {  # name -> the overrides of the demo preset (each recipe stated whol
 }
 COLOURS = {"released": "#cc3311", "mu-warmup": "#0077bb", "mu-warmup-1-epoch": "#88ccee"}
 STORE, SHARDS = Path("data/demo.zarr"), Path("data/demo-shards/train")
+# is it the short schedule? the released recipe's low and a high seed with twice the epochs, and on twice
+# the images (the demo generator's 6,400: 4,000 train / 400 val / 2,000 test)
+LONGER = ("train.epochs=6", "train.lr_decay_epochs=[4]")
+LARGER_IMAGES = 6400
+LARGER_STORE, LARGER_SHARDS = Path("data/demo6400.zarr"), Path("data/demo6400-shards/train")
+
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def userpipe(*args: str) -> list[str]:
     return [sys.executable, "-m", "userpipe", *map(str, args)]
 
 
+def train_seeds(out: Path, shards: Path, store: Path, seeds: str, overrides) -> list[str]:
+    """The `userpipe train --seeds` command of a recipe; a finished seed is kept (--resume)."""
+    return userpipe(
+        "train", "--shards", shards, "--val-store", store, "--config", "demo", "--out", out,
+        "--seeds", seeds, *(a for o in overrides for a in ("--set", o)),
+        *(["--resume"] if out.exists() else []),
+    )  # fmt: skip
+
+
 def train_all(runs: Path, seeds: str) -> None:
-    """Both recipes' seeds, the two commands side by side; a finished seed is kept (--resume)."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """Every recipe's seeds, the commands side by side."""
     started = []
     for name, overrides in RECIPES.items():
-        out = runs / name
-        command = userpipe(
-            "train", "--shards", SHARDS, "--val-store", STORE, "--config", "demo", "--out", out,
-            "--seeds", seeds, *(a for o in overrides for a in ("--set", o)),
-            *(["--resume"] if out.exists() else []),
-        )  # fmt: skip
         log = open(runs / f"{name}.log", "a")  # noqa: SIM115 - closed when the process is waited for
-        started.append(
-            (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log)
-        )
+        command = train_seeds(runs / name, SHARDS, STORE, seeds, overrides)
+        started.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=OFFLINE), log))
     for process, log in started:
         if process.wait():
             sys.exit(f"a training command failed: see {log.name}")
         log.close()
+
+
+def run_quietly(command: list[str], log: Path) -> None:
+    with open(log, "a") as out:
+        if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=OFFLINE).returncode:
+            sys.exit(f"{' '.join(command[2:5])} failed: see {log}")
+
+
+def test_rsum(run: Path, store: Path) -> float:
+    done = subprocess.run(
+        userpipe("eval", "--run", run, "--store", store, "--split", "test", "--json"),
+        capture_output=True, text=True, check=True, env=OFFLINE,
+    )  # fmt: skip
+    return json.loads(done.stdout)["rsum"]
+
+
+def longer_and_larger(runs: Path) -> list[list]:
+    """Rows (check, seed, validation RSUM by epoch, test RSUM) of the released recipe's seeds 1 and 3: as in
+    the study (3 epochs), with 6 epochs (seed 3), and on twice the images (validated on 200 of its 400)."""
+    released, log = RECIPES["released"], runs / "checks.log"
+    run_quietly(train_seeds(runs / "longer", SHARDS, STORE, "3", (*released, *LONGER)), log)
+    run_quietly(
+        userpipe("extract", "--dataset", "demo", "--images", LARGER_IMAGES, "--root", "data/demo6400",
+                 "--out", LARGER_STORE),
+        log,
+    )  # fmt: skip
+    run_quietly(userpipe("shard", "--store", LARGER_STORE, "--split", "train", "--max-count", 250), log)
+    larger = (*released, "train.val_images=200")
+    run_quietly(train_seeds(runs / "larger", LARGER_SHARDS, LARGER_STORE, "1,3", larger), log)
+    rows = []
+    for check, run, store in (
+        ("3 epochs (the study)", runs / "released" / "seed-1", STORE),
+        ("3 epochs (the study)", runs / "released" / "seed-3", STORE),
+        ("6 epochs, lr x 0.1 from the fifth", runs / "longer" / "seed-3", STORE),
+        (
+            f"{LARGER_IMAGES:,} images, 3 epochs (test: 2,000 images)",
+            runs / "larger" / "seed-1",
+            LARGER_STORE,
+        ),
+        (
+            f"{LARGER_IMAGES:,} images, 3 epochs (test: 2,000 images)",
+            runs / "larger" / "seed-3",
+            LARGER_STORE,
+        ),
+    ):
+        curve = [f"{r['val']['rsum']:.1f}" for r in log_of(run) if "val" in r][1:]
+        rows.append([check, int(run.name.split("-")[1]), " → ".join(curve), f"{test_rsum(run, store):.1f}"])
+    return rows
 
 
 def compare(runs: Path, seeds: list[int]) -> dict:
@@ -69,7 +127,7 @@ def compare(runs: Path, seeds: list[int]) -> dict:
         "report", "--run", first, "--store", STORE, "--split", "test",
         *(a for name in RECIPES for a in ("--compare", runs / name)),
     )  # fmt: skip
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, env=OFFLINE, stdout=subprocess.DEVNULL)
     return json.loads((first / "report.json").read_text())
 
 
@@ -125,15 +183,19 @@ def plot(rows: list[dict], path: Path) -> None:
         gaps.plot(steps, np.array(positive) - np.array(negative), color=colour, alpha=0.75)
         starts.scatter(row["start_score"], row["val_epoch_1"], color=colour)
         starts.annotate(str(row["seed"]), (row["start_score"], row["val_epoch_1"]), fontsize=8)
-    curves.set(xlabel="step", ylabel="validation RSUM (200 images)", title="validation, every run")
+    curves.set(
+        xlabel="step",
+        ylabel="validation RSUM (200 images)",
+        title="validation (red: released, blue: μ warm-up)",
+    )
     curves.legend(fontsize=6, ncol=2)
     gaps.set(xlabel="step (first epoch)", ylabel="mean score: matching − other pairs")
     gaps.set_yscale("symlog", linthresh=1e-3)
-    gaps.set_title("leaving the plateau (red: released; blue: μ warm-up, light: over 1 epoch)")
+    gaps.set_title("leaving the plateau: score gap, first epoch")
     starts.set(
         xlabel="start: mean score of matching pairs at step 1",
         ylabel="validation RSUM after epoch 1",
-        title="where a seed starts, and epoch 1 (numbers: seeds)",
+        title="start and epoch 1 (numbers: seeds)",
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,6 +234,7 @@ def main() -> None:
         (f"demo test RSUM over seeds {args.seeds}, {name}", over_seeds(group))
         for name, group in groups.items()
     ]
+    checks = longer_and_larger(args.runs)
     seed_rows = Path(result["run"]) / "report.md"
     report.write(
         "seeds",
@@ -181,6 +244,9 @@ def main() -> None:
             "recipes": {k: list(v) for k, v in RECIPES.items()},
             "runs": [{k: v for k, v in r.items() if k != "first_epoch"} for r in rows],
             "groups": result["seeds"],
+            "checks": [
+                dict(zip(("check", "seed", "validation", "test_rsum"), row, strict=True)) for row in checks
+            ],
         },
         "The demo over seeds: the released recipe and the μ warm-up",
         "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
@@ -200,6 +266,16 @@ def main() -> None:
             seed_table(result["seeds"]).rstrip("\n"),
             "",
             "![validation and the first epoch's gap, every run](seeds.png)",
+            "",
+            "## Is it the short schedule?",
+            "",
+            "The released recipe's seeds 1 and 3 with twice the epochs, and on twice the images (`--images "
+            f"{LARGER_IMAGES}`, validated on 200 of its 400 images): validation RSUM after each epoch, and "
+            "test RSUM.",
+            "",
+            "| check | seed | validation RSUM by epoch | test RSUM |",
+            "|---|---|---|---|",
+            *("| " + " | ".join(map(str, row)) + " |" for row in checks),
         ],
     )
     print((report.RESULTS / "seeds.md").read_text())
