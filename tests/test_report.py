@@ -52,7 +52,7 @@ def test_chance_is_the_mean_over_every_ranking():
     ],
 )
 def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
-    assert run_label(load_run_config("demo", overrides)) == label
+    assert run_label(load_run_config("coco", overrides)) == label  # the released recipe: no μ warm-up
 
 
 def test_report_compares_trained_untrained_and_chance(runner, trained):

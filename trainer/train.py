@@ -205,8 +205,9 @@ def train_command(run: Path, request: TrainRequest, console: Console) -> list[tu
 
 
 def _check_new_runs(runs: list[Path]) -> None:
+    """What `start_run` refuses for each seed's run, asked of all of them before the first trains."""
     for out in runs:
-        if check_output(out, RUN) == "own":
+        if check_output(out, RUN) == "own" and checkpoint.has_checkpoint(out):
             raise InputError(f"--out {out.parent} holds the run {out}: pass --resume to continue the seeds")
 
 
