@@ -77,48 +77,29 @@ def is_file(source: str | Path, what: str) -> bool:
     """A local file, or an object at an object-store URL, is there (asked afresh); fails as read_bytes."""
     if not is_remote(str(source)):
         return Path(source).is_file()
-    try:
-        filesystem, path = _filesystem(str(source))
-        with _object_errors(str(source)):
-            filesystem.invalidate_cache(path)
-            return filesystem.isfile(path)
-    except _Unreadable as exc:
-        raise InputError(f"cannot read {what}: {exc}") from None
+    with _object_store(str(source), f"cannot read {what}") as (filesystem, path):
+        filesystem.invalidate_cache(path)
+        return filesystem.isfile(path)
 
 
-def write_object(url: str, data: bytes | Path, what: str) -> None:
-    """Put an object at an object-store URL in one request (`data`: its bytes, or a local file holding them):
-    readers see the previous object or the new one, whole. Fails as read_bytes ("cannot write WHAT: ...")."""
-    try:
-        filesystem, path = _filesystem(url)
-        with _object_errors(url):
-            if isinstance(data, Path):
-                filesystem.put_file(str(data), path)
-            else:
-                filesystem.pipe_file(path, data)
-    except _Unreadable as exc:
-        raise InputError(f"cannot write {what}: {exc}") from None
+def write_object(url: str, local: Path, what: str) -> None:
+    """Put a local file's bytes at an object-store URL in one request: readers see the previous object or the
+    new one, whole. Fails as read_bytes ("cannot write WHAT: ...")."""
+    with _object_store(url, f"cannot write {what}") as (filesystem, path):
+        filesystem.put_file(str(local), path)
 
 
 def remove_object(url: str, what: str) -> None:
     """Remove the object at an object-store URL, if it is there."""
-    try:
-        filesystem, path = _filesystem(url)
-        with _object_errors(url), suppress(FileNotFoundError):  # already gone: what was asked
-            filesystem.rm_file(path)
-    except _Unreadable as exc:
-        raise InputError(f"cannot remove {what}: {exc}") from None
+    with _object_store(url, f"cannot remove {what}") as (filesystem, path), suppress(FileNotFoundError):
+        filesystem.rm_file(path)  # already gone: what was asked
 
 
 def objects_under(url: str, what: str) -> list[str]:
     """The objects under an object-store URL (empty: nothing is there), listed afresh; fails as read_bytes."""
-    try:
-        filesystem, path = _filesystem(url)
-        with _object_errors(url):
-            filesystem.invalidate_cache(path)
-            return filesystem.ls(path, detail=False) if filesystem.exists(path) else []
-    except _Unreadable as exc:
-        raise InputError(f"cannot read {what}: {exc}") from None
+    with _object_store(url, f"cannot read {what}") as (filesystem, path):
+        filesystem.invalidate_cache(path)
+        return filesystem.ls(path, detail=False) if filesystem.exists(path) else []
 
 
 def read_bytes(
@@ -195,6 +176,18 @@ def _filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:  # no filesystem for the scheme, e.g. "Install s3fs to access S3"
         raise _Unreadable(f"{url}: {exc}") from None
+
+
+@contextmanager
+def _object_store(url: str, failure: str) -> Iterator[tuple]:
+    """(fsspec filesystem, path in it) of `url` for the block; whatever fails there is one InputError,
+    "FAILURE: REASON"."""
+    try:
+        filesystem, path = _filesystem(url)
+        with _object_errors(url):
+            yield filesystem, path
+    except _Unreadable as exc:
+        raise InputError(f"{failure}: {exc}") from None
 
 
 @contextmanager
