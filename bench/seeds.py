@@ -1,15 +1,16 @@
 """The demo's seed study (issue 31): `userpipe train --seeds` of the demo recipe as released (μ = 90 from the
-first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first two of the three
-epochs; and over the first epoch only), on the same shards; `userpipe report --compare` of all of them on
-the test split (1,000 images, 5,000 captions); and, from each run's log, what separates a low seed from a
-high one: the untrained model's score of every pair (the step-1 `positive_score`: all pairs score alike at
-the start, see docs/architecture.md, "Seeds"), the validation RSUM after the first epoch, and the gap
-between matching and other pairs over the first epoch.
+first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first two epochs; and over the
+first epoch only), each for the demo's 3 epochs and both main recipes for 6, on the same shards; `userpipe
+report --compare` of all of them on the test split (1,000 images, 5,000 captions); and, from each run's log,
+what separates a low seed from a high one: the untrained model's score of every pair (the step-1
+`positive_score`: all pairs score alike at the start, see docs/architecture.md, "Seeds"), the validation RSUM
+after the first epoch, and the gap between matching and other pairs over the first epoch. Then two checks:
+SGE's BatchNorm running statistics (validation RSUM with them and with them recomputed over the training
+split) and twice the images (6,400 generated images, seeds 1 and 3).
 
 Needs the demo's store and shards (`just demo` makes them: data/demo.zarr, data/demo-shards/train). Writes
-the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. The runs
-side by side (one command per recipe), each on its share of the cores: about 45 minutes on 2 cores, and 25
-more for the longer and larger checks (6 epochs of seed 3; 6,400 generated images, seeds 1 and 3).
+the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. Two
+recipes train side by side (one process per core): about 2 hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,19 +27,27 @@ import numpy as np
 from bench import report
 from userpipe.retrieval.report import seed_table
 
+RELEASED = ("train.mu_start=null", "train.mu_warmup_steps=0")  # μ = 90 from the first step
+MU_WARMUP = ("train.mu_start=20", "train.mu_warmup_steps=313")  # over 2 epochs (156.25 steps each)
+SIX_EPOCHS = ("train.epochs=6", "train.lr_decay_epochs=[4]")  # twice the demo's 3, lr x 0.1 from the fifth
+THREE_EPOCHS = ("train.epochs=3", "train.lr_decay_epochs=[2]")
 RECIPES = {  # name -> the overrides of the demo preset (each recipe stated whole, whatever the preset's)
-    "released": ("train.mu_start=null", "train.mu_warmup_steps=0"),  # μ = 90 from the first step
-    "mu-warmup": (
-        "train.mu_start=20",
-        "train.mu_warmup_steps=313",
-    ),  # over 2 of the 3 epochs (156.25 steps each)
-    "mu-warmup-1-epoch": ("train.mu_start=20", "train.mu_warmup_steps=157"),
+    "released": (*RELEASED, *THREE_EPOCHS),
+    "mu-warmup": (*MU_WARMUP, *THREE_EPOCHS),
+    "mu-warmup-1-epoch": ("train.mu_start=20", "train.mu_warmup_steps=157", *THREE_EPOCHS),
+    "released-6-epochs": (*RELEASED, *SIX_EPOCHS),
+    "mu-warmup-6-epochs": (*MU_WARMUP, *SIX_EPOCHS),
 }
-COLOURS = {"released": "#cc3311", "mu-warmup": "#0077bb", "mu-warmup-1-epoch": "#88ccee"}
+COLOURS = {
+    "released": "#cc3311",
+    "mu-warmup": "#0077bb",
+    "mu-warmup-1-epoch": "#88ccee",
+    "released-6-epochs": "#ee7733",
+    "mu-warmup-6-epochs": "#009988",
+}
 STORE, SHARDS = Path("data/demo.zarr"), Path("data/demo-shards/train")
-# is it the short schedule? the released recipe's low and a high seed with twice the epochs, and on twice
-# the images (the demo generator's 6,400: 4,000 train / 400 val / 2,000 test)
-LONGER = ("train.epochs=6", "train.lr_decay_epochs=[4]")
+# is it the short schedule? the released recipe's low and a high seed on twice the images (the demo
+# generator's 6,400: 4,000 train / 400 val / 2,000 test)
 LARGER_IMAGES = 6400
 LARGER_STORE, LARGER_SHARDS = Path("data/demo6400.zarr"), Path("data/demo6400-shards/train")
 
@@ -60,13 +69,17 @@ def train_seeds(out: Path, shards: Path, store: Path, seeds: str, overrides) -> 
 
 
 def train_all(runs: Path, seeds: str) -> None:
-    """Every recipe's seeds, the commands side by side."""
-    started = []
-    for name, overrides in RECIPES.items():
-        log = open(runs / f"{name}.log", "a")  # noqa: SIM115 - closed when the process is waited for
-        command = train_seeds(runs / name, SHARDS, STORE, seeds, overrides)
-        started.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=OFFLINE), log))
-    for process, log in started:
+    """Every recipe's seeds: one command per recipe, as many side by side as there are cores."""
+    waiting = list(RECIPES.items())
+    running = []
+    while waiting or running:
+        while waiting and len(running) < (os.cpu_count() or 1):
+            name, overrides = waiting.pop(0)
+            log = open(runs / f"{name}.log", "a")  # noqa: SIM115 - closed when the process is waited for
+            command = train_seeds(runs / name, SHARDS, STORE, seeds, overrides)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=OFFLINE)
+            running.append((process, log))
+        process, log = running.pop(0)
         if process.wait():
             sys.exit(f"a training command failed: see {log.name}")
         log.close()
@@ -86,11 +99,10 @@ def test_rsum(run: Path, store: Path) -> float:
     return json.loads(done.stdout)["rsum"]
 
 
-def longer_and_larger(runs: Path) -> list[list]:
+def schedule_checks(runs: Path) -> list[list]:
     """Rows (check, seed, validation RSUM by epoch, test RSUM) of the released recipe's seeds 1 and 3: as in
-    the study (3 epochs), with 6 epochs (seed 3), and on twice the images (validated on 200 of its 400)."""
+    the study (3 epochs), with 6 epochs, and on twice the images (validated on 200 of its 400)."""
     released, log = RECIPES["released"], runs / "checks.log"
-    run_quietly(train_seeds(runs / "longer", SHARDS, STORE, "3", (*released, *LONGER)), log)
     run_quietly(
         userpipe("extract", "--dataset", "demo", "--images", LARGER_IMAGES, "--root", "data/demo6400",
                  "--out", LARGER_STORE),
@@ -99,24 +111,90 @@ def longer_and_larger(runs: Path) -> list[list]:
     run_quietly(userpipe("shard", "--store", LARGER_STORE, "--split", "train", "--max-count", 250), log)
     larger = (*released, "train.val_images=200")
     run_quietly(train_seeds(runs / "larger", LARGER_SHARDS, LARGER_STORE, "1,3", larger), log)
+    larger_check = f"{LARGER_IMAGES:,} images, 3 epochs (test: 2,000 images)"
     rows = []
-    for check, run, store in (
-        ("3 epochs (the study)", runs / "released" / "seed-1", STORE),
-        ("3 epochs (the study)", runs / "released" / "seed-3", STORE),
-        ("6 epochs, lr x 0.1 from the fifth", runs / "longer" / "seed-3", STORE),
-        (
-            f"{LARGER_IMAGES:,} images, 3 epochs (test: 2,000 images)",
-            runs / "larger" / "seed-1",
-            LARGER_STORE,
-        ),
-        (
-            f"{LARGER_IMAGES:,} images, 3 epochs (test: 2,000 images)",
-            runs / "larger" / "seed-3",
-            LARGER_STORE,
-        ),
+    for check, recipe, store in (
+        ("3 epochs (the study)", runs / "released", STORE),
+        ("6 epochs, lr x 0.1 from the fifth", runs / "released-6-epochs", STORE),
+        (larger_check, runs / "larger", LARGER_STORE),
     ):
-        curve = [f"{r['val']['rsum']:.1f}" for r in log_of(run) if "val" in r][1:]
-        rows.append([check, int(run.name.split("-")[1]), " → ".join(curve), f"{test_rsum(run, store):.1f}"])
+        for run in (recipe / "seed-1", recipe / "seed-3"):
+            curve = [f"{r['val']['rsum']:.1f}" for r in log_of(run) if "val" in r][1:]
+            seed = int(run.name.split("-")[1])
+            rows.append([check, seed, " → ".join(curve), f"{test_rsum(run, store):.1f}"])
+    return rows
+
+
+def init_or_order(runs: Path) -> list[list]:
+    """Rows (initialised from, data order from, start score, validation RSUM after epoch 1, best, test RSUM)
+    of the demo preset (the μ warm-up) with the untrained model of one seed and the data order, augmentation
+    and dropout of another (train.init_seed, train.seed), beside the two seeds' own runs."""
+    pairs = {(1, 1): runs / "mu-warmup" / "seed-1", (3, 3): runs / "mu-warmup" / "seed-3"}
+    for init, order in ((3, 1), (1, 3)):
+        run = pairs[init, order] = runs / "init-or-order" / f"init-{init}-order-{order}"
+        overrides = (*RECIPES["mu-warmup"], f"train.seed={order}", f"train.init_seed={init}")
+        command = userpipe(
+            "train", "--shards", SHARDS, "--val-store", STORE, "--config", "demo", "--out", run,
+            *(a for o in overrides for a in ("--set", o)), *(["--resume"] if run.exists() else []),
+        )  # fmt: skip
+        run_quietly(command, runs / "checks.log")
+    rows = []
+    for (init, order), run in pairs.items():
+        records = log_of(run)
+        validations = [r["val"]["rsum"] for r in records if "val" in r]
+        start = next(r for r in records if "loss" in r)["positive_score"]
+        rows.append([init, order, f"{start:+.3f}", f"{validations[1]:.1f}", f"{max(validations):.1f}",
+                     f"{test_rsum(run, STORE):.1f}"])  # fmt: skip
+    return rows
+
+
+def batchnorm_check(runs: Path, seeds: list[int]) -> list[list]:
+    """Rows (seed, validation RSUM, the same with recomputed statistics, the largest ratio of a running
+    variance to its recomputed value) of the released recipe's best checkpoints: do SGE's and the image head's
+    BatchNorm running statistics, which evaluation uses, differ between a low and a high seed? Recomputed:
+    one pass over the training split's images in batches of 64, dropout off, a cumulative average (precise
+    BatchNorm)."""
+    import copy
+
+    import torch
+
+    from userpipe.trainer.checkpoint import load_trained
+    from userpipe.trainer.encode import embedding_metrics, encode_split, open_split
+
+    def val_rsum(model, tokenizer) -> float:
+        return embedding_metrics([encode_split(model, STORE, "val", tokenizer, progress=False)])["rsum"]
+
+    rows = []
+    for seed in seeds:
+        model, config, tokenizer = load_trained(runs / "released" / f"seed-{seed}" / "checkpoints" / "best")
+        recomputed = copy.deepcopy(model)
+        norms = {
+            name: module
+            for name, module in recomputed.image.named_modules()
+            if isinstance(module, torch.nn.BatchNorm1d)
+        }
+        for norm in norms.values():
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average
+        group, _, _, _, keep = open_split(STORE, "train", config.model)
+        order = np.random.default_rng(seed).permutation(keep)
+        recomputed.image.train()
+        recomputed.image.apply(lambda m: m.eval() if isinstance(m, torch.nn.Dropout) else None)
+        with torch.no_grad():
+            for start in range(0, len(order) - 63, 64):
+                batch = np.sort(order[start : start + 64])
+                recomputed.image(
+                    torch.from_numpy(group["regions"].oindex[batch].astype(np.float32)),
+                    torch.from_numpy(group["num_regions"].oindex[batch].astype(np.int64)),
+                )
+        recomputed.eval()
+        running = dict(model.image.named_modules())
+        ratio = max(
+            float((running[name].running_var / norm.running_var).log().abs().max().exp())
+            for name, norm in norms.items()
+        )
+        rows.append([seed, f"{val_rsum(model, tokenizer):.1f}", f"{val_rsum(recomputed, tokenizer):.1f}",
+                     f"{ratio:.2f}"])  # fmt: skip
     return rows
 
 
@@ -176,9 +254,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         colour = COLOURS[row["recipe"]]
         steps, rsums = zip(*row["curve"], strict=True)
-        curves.plot(
-            steps, rsums, color=colour, alpha=0.75, marker=".", label=f"{row['recipe']} seed {row['seed']}"
-        )
+        label = row["recipe"] if row is next(r for r in rows if r["recipe"] == row["recipe"]) else None
+        curves.plot(steps, rsums, color=colour, alpha=0.75, marker=".", label=label)
         steps, positive, negative = zip(*row["first_epoch"], strict=True)
         gaps.plot(steps, np.array(positive) - np.array(negative), color=colour, alpha=0.75)
         starts.scatter(row["start_score"], row["val_epoch_1"], color=colour)
@@ -186,9 +263,9 @@ def plot(rows: list[dict], path: Path) -> None:
     curves.set(
         xlabel="step",
         ylabel="validation RSUM (200 images)",
-        title="validation (red: released, blue: μ warm-up)",
+        title="validation, every seed of each recipe",
     )
-    curves.legend(fontsize=6, ncol=2)
+    curves.legend(fontsize=7)
     gaps.set(xlabel="step (first epoch)", ylabel="mean score: matching − other pairs")
     gaps.set_yscale("symlog", linthresh=1e-3)
     gaps.set_title("leaving the plateau: score gap, first epoch")
@@ -199,6 +276,10 @@ def plot(rows: list[dict], path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def as_records(columns: tuple[str, ...], rows: list[list]) -> list[dict]:
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def over_seeds(group: dict) -> str:
@@ -234,7 +315,9 @@ def main() -> None:
         (f"demo test RSUM over seeds {args.seeds}, {name}", over_seeds(group))
         for name, group in groups.items()
     ]
-    checks = longer_and_larger(args.runs)
+    checks = schedule_checks(args.runs)
+    norms = batchnorm_check(args.runs, seeds)
+    origins = init_or_order(args.runs)
     seed_rows = Path(result["run"]) / "report.md"
     report.write(
         "seeds",
@@ -244,9 +327,11 @@ def main() -> None:
             "recipes": {k: list(v) for k, v in RECIPES.items()},
             "runs": [{k: v for k, v in r.items() if k != "first_epoch"} for r in rows],
             "groups": result["seeds"],
-            "checks": [
-                dict(zip(("check", "seed", "validation", "test_rsum"), row, strict=True)) for row in checks
-            ],
+            "checks": as_records(("check", "seed", "validation", "test_rsum"), checks),
+            "init_or_order": as_records(
+                ("init_seed", "seed", "start_score", "val_epoch_1", "val_best", "test_rsum"), origins
+            ),
+            "batchnorm": as_records(("seed", "val_rsum", "val_rsum_recomputed", "variance_ratio_max"), norms),
         },
         "The demo over seeds: the released recipe and the μ warm-up",
         "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
@@ -276,6 +361,28 @@ def main() -> None:
             "| check | seed | validation RSUM by epoch | test RSUM |",
             "|---|---|---|---|",
             *("| " + " | ".join(map(str, row)) + " |" for row in checks),
+            "",
+            "## The untrained model or the data order?",
+            "",
+            "The demo preset (the μ warm-up) with the untrained model of one seed (`train.init_seed`) and "
+            "the data order, augmentation and dropout of another (`train.seed`), beside seeds 1 and 3 of "
+            "the study.",
+            "",
+            "| initialised from seed | data order from seed | start score | val RSUM after epoch 1 | "
+            "best val RSUM | test RSUM |",
+            "|---|---|---|---|---|---|",
+            *("| " + " | ".join(map(str, row)) + " |" for row in origins),
+            "",
+            "## SGE's BatchNorm statistics",
+            "",
+            "The released recipe's best checkpoints: validation RSUM with the running statistics evaluation "
+            "uses, and with them recomputed over one pass of the training split (batches of 64, dropout off, "
+            "a cumulative average); the largest ratio between a running variance and its recomputed value "
+            "(SGE's two BatchNorms and the image head's).",
+            "",
+            "| seed | validation RSUM | recomputed statistics | largest variance ratio |",
+            "|---|---|---|---|",
+            *("| " + " | ".join(map(str, row)) + " |" for row in norms),
         ],
     )
     print((report.RESULTS / "seeds.md").read_text())

@@ -126,6 +126,12 @@ class TrainRecipe(BaseModel):
     )
     mu_warmup_steps: int = Field(default=0, ge=0, description="steps of the μ warm-up (with mu_start)")
     seed: Seed = 1
+    init_seed: Seed | None = Field(
+        default=None,
+        description="the untrained model (weights, queues) from this seed, and the data order, augmentation "
+        "and dropout from `seed` (None: all from `seed`): what each decides, apart (docs/architecture.md, "
+        '"Seeds")',
+    )
     workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes")
     backend: Literal["auto", "eager", "chunked", "triton"] = "auto"
     deterministic: bool = Field(

@@ -21,6 +21,14 @@ quiet_model_loading()  # as every `userpipe` command does
 
 
 @pytest.fixture
+def one_thread(monkeypatch) -> None:
+    """Commands run here and in subprocesses on one fixed thread (OMP_NUM_THREADS, the user's setting): for
+    tests that compare bytes written by two runs. The adaptive count follows the machine's load, and a
+    rerun beside another process would sum the same floats in another order."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
 def coco_root(tmp_path: Path) -> Path:
     """A COCO-layout dataset: dataset_coco.json + images/{train2014,val2014}/, 4 train, 1 restval, 2 val,
     2 test."""

@@ -430,6 +430,7 @@ def butd_args(tiny, root: Path, out: Path, fmt: str = "airsplay") -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_extract_resume_after_kill_and_export_round_trip(runner, tiny, butd_coco, tmp_path):
     reference = tmp_path / "reference.zarr"
     result = run_cli(runner, *butd_args(tiny, butd_coco, reference))

@@ -26,7 +26,10 @@ import numpy as np
 import pytest
 from kit import karpathy_record, log_scalars, tensorboard_scalars, write_image, write_json
 
-pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
+pytestmark = [
+    pytest.mark.slow,  # end-to-end: writers killed and rerun
+    pytest.mark.usefixtures("one_thread"),  # a rerun must write the same bytes
+]
 
 HOOK = Path(__file__).parent / "crash"
 CRASH_POINTS = 1

@@ -84,6 +84,7 @@ def test_demo_store_layout_values_and_info(runner, demo_root: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_resume_after_kill_gives_the_identical_store(runner, demo_root: Path, tmp_path: Path):
     reference = tmp_path / "reference.zarr"
     assert run_cli(runner, "extract", *DEMO_ARGS, "--root", demo_root, "--out", reference).exit_code == 0

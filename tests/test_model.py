@@ -8,7 +8,8 @@ from released import released_image_encoder, released_text_encoder
 from transformers import BertConfig, BertModel
 
 from userpipe.schemas.errors import InputError
-from userpipe.schemas.run import ModelConfig
+from userpipe.schemas.run import ModelConfig, RunConfig, TrainRecipe
+from userpipe.trainer.checkpoint import initial_model
 from userpipe.trainer.config import load_run_config
 from userpipe.trainer.model import (
     GPO,
@@ -255,6 +256,22 @@ def test_a_few_steps_on_a_tiny_batch_reduce_the_loss(mask):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert (model.text_queue.ids >= 0).all()  # 25 batches of 8 filled the 12 slots with real ids
+
+
+def test_init_seed_draws_the_untrained_model_and_train_seed_is_left_the_rest():
+    def start(**seeds) -> dict[str, torch.Tensor]:
+        recipe = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, **seeds)
+        return initial_model(RunConfig(model=tiny_config(), train=recipe), bert=tiny_bert()).state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[name], b[name]) for name in a)
+
+    from_3 = start(seed=1, init_seed=3)
+    assert same(from_3, start(seed=2, init_seed=3))  # train.seed (order, dropout) leaves the start alone
+    assert same(from_3, start(seed=3))  # init_seed=None: the start of train.seed's own run
+    assert not same(from_3, start(seed=1))
+    with pytest.raises(ValidationError, match="init_seed"):
+        TrainRecipe(epochs=1, batch_size=8, lr=1e-3, init_seed=-1)
 
 
 def test_the_mu_warm_up_rises_linearly_to_model_mu_and_a_step_uses_the_step_s_mu():

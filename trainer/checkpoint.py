@@ -238,7 +238,8 @@ def load_trained(directory: Path) -> tuple[USER, RunConfig, CaptionTokenizer]:
 
 def initial_model(config: RunConfig, bert=None) -> USER:
     """The untrained model a run of `config` starts from (seeded: the same every time)."""
-    torch.manual_seed(config.train.seed)
+    init_seed = config.train.init_seed
+    torch.manual_seed(config.train.seed if init_seed is None else init_seed)
     return build_model(config.model, bert)
 
 
