@@ -119,10 +119,13 @@ def seed_groups(runs: list[tuple[str, Path, RunConfig, dict]]) -> list[dict]:
         seed = tree["train"].pop("seed")
         shards = read_model(RunRecord, run / RUN_RECORD_NAME, "run record").data.shards_sha256
         key = json.dumps([tree, shards], sort_keys=True)
-        group = found.setdefault(key, {"label": label, "runs": [], "seeds": [], "metrics": []})
+        group = found.setdefault(
+            key, {"label": label, "runs": [], "seeds": [], "metrics": [], "tree": tree, "shards": shards}
+        )
         group["runs"].append(str(run))
         group["seeds"].append(seed)
         group["metrics"].append(metrics)
+    _tell_apart(list(found.values()))
     groups = []
     for group in found.values():
         every = group.pop("metrics")
@@ -137,6 +140,31 @@ def seed_groups(runs: list[tuple[str, Path, RunConfig, dict]]) -> list[dict]:
         rsum = [m["rsum"] for m in every]
         groups.append({**group, **summary, "rsum_spread": float(max(rsum) - min(rsum))})
     return groups
+
+
+def _tell_apart(groups: list[dict]) -> None:
+    """Groups whose labels are the same (the paper's names do not cover every setting: epochs, lr) get the
+    settings in which they differ appended, e.g. ", train.epochs=6"; the same settings on other shards get
+    ", shards <sha256 prefix>"."""
+    by_label: dict[str, list[dict]] = {}
+    for group in groups:
+        by_label.setdefault(group["label"], []).append(group)
+    for group in groups:
+        group["settings"] = {
+            f"{section}.{name}": value if isinstance(value, str) else json.dumps(value)
+            for section, fields in group.pop("tree").items()
+            if isinstance(fields, dict)
+            for name, value in fields.items()
+        }
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        differ = [k for k in same[0]["settings"] if len({g["settings"].get(k) for g in same}) > 1]
+        for group in same:
+            told = [f"{k}={group['settings'][k]}" for k in differ]
+            group["label"] += ", " + (", ".join(told) if told else f"shards {group['shards'][:8]}")
+    for group in groups:
+        del group["settings"], group["shards"]
 
 
 def runs_in(path: Path) -> list[Path]:

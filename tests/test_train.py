@@ -382,6 +382,8 @@ def test_seeds_train_a_run_each_resume_the_unfinished_and_report_their_mean_std_
     assert seeds["rsum_spread"] == pytest.approx(abs(rsums[0] - rsums[1]))
     i2t = [a["i2t"]["r1"] for a in result["ablation"][:2]]
     assert seeds["mean"]["i2t"]["r1"] == pytest.approx(np.mean(i2t))
-    row = f"| USER-SGE | 1, 2 | {np.mean(i2t):.1f} ± {np.std(i2t, ddof=1):.1f} |"
+    # the same name for two recipes: the setting that tells them apart is appended
+    assert (seeds["label"], alone["label"]) == ("USER-SGE, train.lr=0.002", "USER-SGE, train.lr=0.001")
+    row = f"| USER-SGE, train.lr=0.002 | 1, 2 | {np.mean(i2t):.1f} ± {np.std(i2t, ddof=1):.1f} |"
     assert row in (run / "report.md").read_text() and row in report.output
     assert f"| {alone['mean']['rsum']:.1f} | — |" in (run / "report.md").read_text()
