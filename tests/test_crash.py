@@ -26,10 +26,7 @@ import numpy as np
 import pytest
 from kit import karpathy_record, log_scalars, tensorboard_scalars, write_image, write_json
 
-pytestmark = [
-    pytest.mark.slow,  # end-to-end: writers killed and rerun
-    pytest.mark.usefixtures("one_thread"),  # a rerun must write the same bytes
-]
+pytestmark = pytest.mark.slow  # end-to-end: writers killed and rerun
 
 HOOK = Path(__file__).parent / "crash"
 CRASH_POINTS = 1
@@ -297,6 +294,7 @@ def crash_and_recover(w: Writer, tmp: Path, points: int, seed: int) -> tuple[lis
 # Training's kill and resume runs in `just test` as test_a_default_resume_... (the default math users get);
 # its --deterministic variant, at every one of the 24 points, in `just test-crash` (below).
 @pytest.mark.parametrize("name", [w for w in WRITERS if w != "train"])
+@pytest.mark.usefixtures("one_thread")  # the rerun must write the same bytes
 def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
     seen, _ = crash_and_recover(writer(name, inputs), tmp_path, CRASH_POINTS, seed=WRITERS.index(name))
     assert len(seen) == CRASH_POINTS
@@ -368,6 +366,7 @@ def optimizer_step_counts(run: Path) -> list[float]:
 
 @pytest.mark.exhaustive
 @pytest.mark.parametrize("name", WRITERS + REPLACING)
+@pytest.mark.usefixtures("one_thread")
 def test_killed_writer_is_repaired_by_a_rerun_at_many_points(name, inputs, tmp_path):
     seen, total = crash_and_recover(
         writer(name, inputs), tmp_path, CRASH_POINTS_SLOW, seed=100 + (WRITERS + REPLACING).index(name)

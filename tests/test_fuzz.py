@@ -527,7 +527,7 @@ ARTEFACT_FILES = [
 @pytest.mark.parametrize(
     "kind, name, command", ARTEFACT_FILES, ids=[f"{k}/{n}" for k, n, _ in ARTEFACT_FILES]
 )
-@settings(max_examples=12, phases=CLI_PHASES)
+@settings(max_examples=8, phases=CLI_PHASES)
 @given(how=damage)
 def test_damaged_artefacts_are_refused_in_one_line(artefacts, kind, name, command, how):
     with tempfile.TemporaryDirectory() as tmp:
