@@ -131,13 +131,10 @@ def init_or_order(runs: Path) -> list[list]:
     and dropout of another (train.init_seed, train.seed), beside the two seeds' own runs."""
     pairs = {(1, 1): runs / "mu-warmup" / "seed-1", (3, 3): runs / "mu-warmup" / "seed-3"}
     for init, order in ((3, 1), (1, 3)):
-        run = pairs[init, order] = runs / "init-or-order" / f"init-{init}-order-{order}"
-        overrides = (*RECIPES["mu-warmup"], f"train.seed={order}", f"train.init_seed={init}")
-        command = userpipe(
-            "train", "--shards", SHARDS, "--val-store", STORE, "--config", "demo", "--out", run,
-            *(a for o in overrides for a in ("--set", o)), *(["--resume"] if run.exists() else []),
-        )  # fmt: skip
-        run_quietly(command, runs / "checks.log")
+        out = runs / "init-or-order" / f"init-{init}"
+        overrides = (*RECIPES["mu-warmup"], f"train.init_seed={init}")
+        run_quietly(train_seeds(out, SHARDS, STORE, str(order), overrides), runs / "checks.log")
+        pairs[init, order] = out / f"seed-{order}"
     rows = []
     for (init, order), run in pairs.items():
         records = log_of(run)

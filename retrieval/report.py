@@ -114,18 +114,18 @@ def seed_groups(runs: list[tuple[str, Path, RunConfig, dict]]) -> list[dict]:
     (same configuration otherwise, same shards), in the order first met: label, runs, seeds, each metric's
     mean and std (n − 1; 0 for one run) and the spread (max − min) of RSUM."""
     found: dict[str, dict] = {}
+    settings: dict[str, tuple[dict[str, str], str]] = {}  # key -> (its settings, flattened; its shards)
     for label, run, config, metrics in runs:
         tree = config.model_dump(mode="json")
         seed = tree["train"].pop("seed")
         shards = read_model(RunRecord, run / RUN_RECORD_NAME, "run record").data.shards_sha256
         key = json.dumps([tree, shards], sort_keys=True)
-        group = found.setdefault(
-            key, {"label": label, "runs": [], "seeds": [], "metrics": [], "tree": tree, "shards": shards}
-        )
+        group = found.setdefault(key, {"label": label, "runs": [], "seeds": [], "metrics": []})
+        settings.setdefault(key, (_flattened(tree), shards))
         group["runs"].append(str(run))
         group["seeds"].append(seed)
         group["metrics"].append(metrics)
-    _tell_apart(list(found.values()))
+    _tell_apart([(group, *settings[key]) for key, group in found.items()])
     groups = []
     for group in found.values():
         every = group.pop("metrics")
@@ -142,29 +142,29 @@ def seed_groups(runs: list[tuple[str, Path, RunConfig, dict]]) -> list[dict]:
     return groups
 
 
-def _tell_apart(groups: list[dict]) -> None:
-    """Groups whose labels are the same (the paper's names do not cover every setting: epochs, lr) get the
-    settings in which they differ appended, e.g. ", train.epochs=6"; the same settings on other shards get
-    ", shards <sha256 prefix>"."""
-    by_label: dict[str, list[dict]] = {}
-    for group in groups:
-        by_label.setdefault(group["label"], []).append(group)
-    for group in groups:
-        group["settings"] = {
-            f"{section}.{name}": value if isinstance(value, str) else json.dumps(value)
-            for section, fields in group.pop("tree").items()
-            if isinstance(fields, dict)
-            for name, value in fields.items()
-        }
-    for same in by_label.values():
-        if len(same) < 2:
-            continue
-        differ = [k for k in same[0]["settings"] if len({g["settings"].get(k) for g in same}) > 1]
-        for group in same:
-            told = [f"{k}={group['settings'][k]}" for k in differ]
-            group["label"] += ", " + (", ".join(told) if told else f"shards {group['shards'][:8]}")
-    for group in groups:
-        del group["settings"], group["shards"]
+def _flattened(tree: dict) -> dict[str, str]:
+    """A configuration's settings as {"train.epochs": "6", ...}."""
+    return {
+        f"{section}.{name}": value if isinstance(value, str) else json.dumps(value)
+        for section, fields in tree.items()
+        if isinstance(fields, dict)
+        for name, value in fields.items()
+    }
+
+
+def _tell_apart(groups: list[tuple[dict, dict[str, str], str]]) -> None:
+    """(group, its settings, its shards): groups whose labels are the same (the paper's names do not cover
+    every setting: epochs, lr) get the settings in which they differ appended, e.g. ", train.epochs=6", and
+    ", shards <sha256 prefix>" when their shards differ."""
+    by_label: dict[str, list] = {}
+    for entry in groups:
+        by_label.setdefault(entry[0]["label"], []).append(entry)
+    for same in (entries for entries in by_label.values() if len(entries) > 1):
+        differ = [k for k in same[0][1] if len({settings.get(k) for _, settings, _ in same}) > 1]
+        other_shards = len({shards for _, _, shards in same}) > 1
+        for group, settings, shards in same:
+            told = [f"{k}={settings[k]}" for k in differ] + ([f"shards {shards[:8]}"] if other_shards else [])
+            group["label"] += ", " + ", ".join(told)
 
 
 def runs_in(path: Path) -> list[Path]:

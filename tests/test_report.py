@@ -49,6 +49,7 @@ def test_chance_is_the_mean_over_every_ranking():
             {"train.mu_start": 20, "train.mu_warmup_steps": 157},
             "USER-SGE, μ warm-up from 20 over 157 steps",
         ),
+        ({"train.init_seed": 3}, "USER-SGE, initialised from seed 3"),
     ],
 )
 def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
@@ -184,3 +185,24 @@ def test_each_query_row_says_where_its_true_image_ranked(tmp_path, monkeypatch):
     assert [q["rank"] for q in queries] == [1, 4, 7, 10]  # the captions picked: 0, 3, 6, 9
     titles = [t.get_text() for t in drawn[0].texts]
     assert titles == [f"“caption {c}”  (true image at rank {c + 1} of 10)" for c in (0, 3, 6, 9)]
+
+
+def test_groups_of_the_same_name_are_told_apart_by_their_settings_or_their_shards():
+    from userpipe.retrieval.report import _tell_apart
+
+    six, three, other_shards = ({"label": "USER-SGE"} for _ in range(3))
+    alone = {"label": "USER-CGE"}
+    _tell_apart(
+        [
+            (six, {"train.epochs": "6", "train.lr": "0.0005"}, "a" * 64),
+            (three, {"train.epochs": "3", "train.lr": "0.0005"}, "a" * 64),
+            (other_shards, {"train.epochs": "3", "train.lr": "0.0005"}, "b" * 64),
+            (alone, {"train.epochs": "3", "train.lr": "0.0005"}, "a" * 64),
+        ]
+    )
+    assert [g["label"] for g in (six, three, other_shards, alone)] == [
+        "USER-SGE, train.epochs=6, shards aaaaaaaa",
+        "USER-SGE, train.epochs=3, shards aaaaaaaa",
+        "USER-SGE, train.epochs=3, shards bbbbbbbb",
+        "USER-CGE",
+    ]
