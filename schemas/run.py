@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from userpipe.schemas.base import Frozen, Seed
 
-MODEL_SCHEMA_VERSION = "1.1"  # 1.1: sge_hidden, xavier_init, max_tokens (1.0 configs read as what they built)
+# 1.1: sge_hidden, xavier_init, max_tokens (1.0 configs read as what they built); gpo_init came later with a
+# default that builds what a 1.1 config without it built
+MODEL_SCHEMA_VERSION = "1.1"
 RUN_RECORD_VERSION = "1.0"
 
 
@@ -66,6 +68,12 @@ class ModelConfig(BaseModel):
         default=True,
         description="image fc and SGE linears start Xavier-uniform with zero bias, as released "
         "(false: PyTorch's default)",
+    )
+    gpo_init: Literal["random", "uniform"] = Field(
+        default="random",
+        description="GPO's score layers start drawn like every linear, as released (random), or at zero "
+        "(uniform: both towers pool by the mean at the start, whatever the seed; docs/architecture.md, "
+        '"Seeds")',
     )
     dropout: float = Field(default=0.4, ge=0, lt=1)
     gpo_pe_dim: int = Field(

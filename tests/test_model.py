@@ -274,6 +274,25 @@ def test_init_seed_draws_the_untrained_model_and_train_seed_is_left_the_rest():
         TrainRecipe(epochs=1, batch_size=8, lr=1e-3, init_seed=-1)
 
 
+def test_uniform_gpo_init_pools_by_the_mean_and_leaves_every_other_weight_as_drawn():
+    def start(gpo_init: str) -> dict[str, torch.Tensor]:
+        recipe = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, seed=5)
+        run = RunConfig(model=tiny_config(gpo_init=gpo_init), train=recipe)
+        return initial_model(run, bert=tiny_bert()).state_dict()
+
+    drawn, uniform = start("random"), start("uniform")
+    scores = {name for name in drawn if ".gpo.score." in name}
+    # both towers and both key encoders
+    assert {name.split(".")[0] for name in scores} == {"image", "text", "image_key", "text_key"}
+    assert all(torch.equal(drawn[name], uniform[name]) for name in drawn.keys() - scores)
+    assert all((uniform[name] == 0).all() and (drawn[name] != 0).any() for name in scores)
+
+    gpo = GPO(pe_dim=8, hidden=8, init="uniform")
+    lengths, features = torch.tensor([5, 2, 7]), torch.randn(3, 7, 4)
+    for i, k in enumerate(lengths.tolist()):
+        torch.testing.assert_close(gpo(features, lengths)[i], features[i, :k].mean(0), rtol=1e-5, atol=1e-6)
+
+
 def test_the_mu_warm_up_rises_linearly_to_model_mu_and_a_step_uses_the_step_s_mu():
     warm = load_run_config("demo", {"train.mu_start": 20, "train.mu_warmup_steps": 100})
     assert [uto_mu(warm, step) for step in (0, 50, 100, 1000)] == pytest.approx([20, 55, 90, 90])
