@@ -339,7 +339,7 @@ def main() -> None:
             ),
             "batchnorm": as_records(("seed", "val_rsum", "val_rsum_recomputed", "variance_ratio_max"), norms),
         },
-        "The demo over seeds: the released recipe and the μ warm-up",
+        "The demo over seeds: the released recipe, the μ warm-up and GPO's uniform start",
         "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
         f"{args.seeds}` for each recipe (its overrides: "
         + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in RECIPES.items())

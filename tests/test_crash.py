@@ -86,7 +86,7 @@ def training_outcome(run: Path) -> dict:
         "rsums": [r["val"]["rsum"] for r in records if "val" in r],
         "best": json.loads((run / "checkpoints/best/metrics.json").read_text())["rsum"],
         "config": (run / "config.json").read_text(),
-        # the record, but its id: each run gets its own (a resumed run keeps it: the tensorboard test)
+        # the record, but its id: each run gets its own (a resumed run keeps it: the default-resume test)
         "record": {k: v for k, v in json.loads((run / "run.json").read_text()).items() if k != "id"},
         "states": sorted(p.name for p in (run / "checkpoints").iterdir()),
     }
@@ -300,26 +300,32 @@ def test_killed_writer_is_repaired_by_a_rerun(name, inputs, tmp_path):
     assert len(seen) == CRASH_POINTS
 
 
-def test_a_default_resume_continues_the_data_position_queues_and_optimizer(inputs, tmp_path):
-    """Default math (MKL as it comes, not bit for bit): a run killed halfway and resumed reads the same
-    batches against the same queue ids (same-image counts per step), validates at the same steps with the
-    optimizer's step count carried over, and its losses stay within a rounding drift of the uninterrupted
-    run's."""
-    args = [a for a in writer("train", inputs).command(tmp_path / "out") if a != "--deterministic"]
-    args += ["--set", "train.val_every=3"]  # checkpoints mid-epoch: the kill halfway resumes mid-epoch
+def test_a_default_resume_continues_the_data_position_queues_optimizer_and_trackers(inputs, tmp_path):
+    """Default math (MKL as it comes, not bit for bit): a run killed two steps past a mid-epoch checkpoint and
+    resumed reads the same batches against the same queue ids (same-image counts per step), validates at the
+    same steps with the optimizer's step count carried over, and its losses stay within a rounding drift of
+    the uninterrupted run's. With `--report-to tensorboard` (its event files then hold steps the resume trains
+    again), TensorBoard's reader shows exactly log.jsonl's numbers, each step once."""
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+    run = tmp_path / "out"
+    args = [a for a in writer("train", inputs).command(run) if a != "--deterministic"]
+    args += ["--set", "train.val_every=3", "--report-to", "tensorboard"]  # checkpoints mid-epoch
     fast = {"MKL_CBWR": None}
-    counter = tmp_path / "count"
-    assert userpipe(args, {**fast, **crash_env(tmp_path, counter)}).returncode == 0
-    uninterrupted = training_outcome(tmp_path / "out")
-    optimizer_steps = optimizer_step_counts(tmp_path / "out")
-    total = counter.stat().st_size
-    subprocess.run(["rm", "-rf", str(tmp_path / "out"), str(counter)], check=True)
-    killed = userpipe(args, {**fast, **crash_env(tmp_path, counter, total // 2)})
+    assert userpipe(args, fast).returncode == 0
+    uninterrupted = training_outcome(run)
+    optimizer_steps = optimizer_step_counts(run)
+    subprocess.run(["rm", "-rf", str(run)], check=True)
+    # log.jsonl's records: val@0, steps 1-3, val@3 (checkpoint), a warning or not, step 4, (step 5): the
+    # command is killed as it opens the log for its 8th record
+    killed = userpipe(args, {**fast, **crash_env(run / "log.jsonl", tmp_path / "count", at=8)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_id = json.loads((run / "run.json").read_text())["id"]
+    before = [step for step, _ in tensorboard_scalars(run / "tensorboard")["train/loss"]]
+    assert before in ([1, 2, 3, 4], [1, 2, 3, 4, 5])  # flushed as logged, past the checkpoint at step 3
     again = userpipe([*args, "--resume"], fast)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout + again.stderr
-    resumed = training_outcome(tmp_path / "out")
+    resumed = training_outcome(run)
     assert resumed["vals"] == uninterrupted["vals"], str((resumed["vals"], uninterrupted["vals"]))
     assert resumed == {
         **uninterrupted,
@@ -327,27 +333,8 @@ def test_a_default_resume_continues_the_data_position_queues_and_optimizer(input
         "rsums": resumed["rsums"],
         "best": resumed["best"],
     }
-    assert optimizer_step_counts(tmp_path / "out") == optimizer_steps
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["train"]["deterministic"] is False
-
-
-def test_tensorboard_shows_every_number_of_the_log_once_across_a_kill_and_resume(inputs, tmp_path):
-    """`--report-to tensorboard`, killed two steps past a mid-epoch checkpoint (its event files then hold
-    steps the resume trains again) and resumed: TensorBoard's reader shows exactly log.jsonl's numbers,
-    each step once."""
-    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
-    run = tmp_path / "out"
-    args = [a for a in writer("train", inputs).command(run) if a != "--deterministic"]
-    args += ["--set", "train.val_every=3", "--report-to", "tensorboard"]
-    # log.jsonl's records: val@0, steps 1-3, val@3 (checkpoint), a warning or not, step 4, (step 5): the
-    # command is killed as it opens the log for its 8th record
-    killed = userpipe(args, crash_env(run / "log.jsonl", tmp_path / "count", at=8))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_id = json.loads((run / "run.json").read_text())["id"]
-    before = [step for step, _ in tensorboard_scalars(run / "tensorboard")["train/loss"]]
-    assert before in ([1, 2, 3, 4], [1, 2, 3, 4, 5])  # flushed as logged, past the checkpoint at step 3
-    again = userpipe([*args, "--resume"])
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert optimizer_step_counts(run) == optimizer_steps
+    assert json.loads((run / "config.json").read_text())["train"]["deterministic"] is False
     assert json.loads((run / "run.json").read_text())["id"] == run_id  # the trackers' run continues
     shown, logged = tensorboard_scalars(run / "tensorboard"), log_scalars(run)
     assert set(shown) == set(logged)

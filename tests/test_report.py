@@ -50,6 +50,7 @@ def test_chance_is_the_mean_over_every_ranking():
             "USER-SGE, μ warm-up from 20 over 157 steps",
         ),
         ({"train.init_seed": 3}, "USER-SGE, initialised from seed 3"),
+        ({"model.gpo_init": "uniform"}, "USER-SGE, GPO from a uniform start"),
     ],
 )
 def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):
