@@ -33,12 +33,16 @@ RELEASED = ("train.mu_start=null", "train.mu_warmup_steps=0")  # μ = 90 from th
 MU_WARMUP = ("train.mu_start=20", "train.mu_warmup_steps=313")  # over 2 epochs (156.25 steps each)
 SIX_EPOCHS = ("train.epochs=6", "train.lr_decay_epochs=[4]")  # twice the demo's 3, lr x 0.1 from the fifth
 THREE_EPOCHS = ("train.epochs=3", "train.lr_decay_epochs=[2]")
-DRAWN_GPO, UNIFORM_GPO = ("model.gpo_init=random",), ("model.gpo_init=uniform",)  # GPO's score layers
+# GPO's score layers drawn or zero, and train.align_start (the demo preset: uniform and aligned)
+DRAWN_GPO = ("model.gpo_init=random", "train.align_start=false")
+UNIFORM_GPO = ("model.gpo_init=uniform", "train.align_start=false")
+ALIGNED = ("model.gpo_init=uniform", "train.align_start=true")
 RECIPES = {  # name -> the overrides of the demo preset (each recipe stated whole, whatever the preset's)
     "released": (*RELEASED, *THREE_EPOCHS, *DRAWN_GPO),
     "mu-warmup": (*MU_WARMUP, *THREE_EPOCHS, *DRAWN_GPO),
     "uniform-gpo": (*RELEASED, *THREE_EPOCHS, *UNIFORM_GPO),
     "mu-warmup-uniform-gpo": (*MU_WARMUP, *THREE_EPOCHS, *UNIFORM_GPO),
+    "mu-warmup-uniform-gpo-aligned": (*MU_WARMUP, *THREE_EPOCHS, *ALIGNED),
     "mu-warmup-1-epoch": ("train.mu_start=20", "train.mu_warmup_steps=157", *THREE_EPOCHS, *DRAWN_GPO),
     "released-6-epochs": (*RELEASED, *SIX_EPOCHS, *DRAWN_GPO),
     "mu-warmup-6-epochs": (*MU_WARMUP, *SIX_EPOCHS, *DRAWN_GPO),
@@ -48,6 +52,7 @@ COLOURS = {
     "mu-warmup": "#0077bb",
     "uniform-gpo": "#aa3377",
     "mu-warmup-uniform-gpo": "#228833",
+    "mu-warmup-uniform-gpo-aligned": "#332288",
     "mu-warmup-1-epoch": "#88ccee",
     "released-6-epochs": "#ee7733",
     "mu-warmup-6-epochs": "#009988",

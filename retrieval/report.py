@@ -64,6 +64,8 @@ def run_label(config: RunConfig) -> str:
         name += f", μ warm-up from {config.train.mu_start:g} over {config.train.mu_warmup_steps} steps"
     if model.gpo_init == "uniform":
         name += ", GPO from a uniform start"
+    if config.train.align_start:
+        name += ", sign-aligned start"
     if config.train.init_seed is not None:
         name += f", initialised from seed {config.train.init_seed}"
     return name

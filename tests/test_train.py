@@ -231,6 +231,27 @@ def test_max_steps_ends_the_run_mid_epoch_validated_and_saved_and_a_resume_can_e
     assert [r["step"] for r in log if "val" in r] == [0, 3, 5]
 
 
+@pytest.mark.parametrize("seed", [1, 5])  # the tiny model's start: seed 1 below zero, seed 5 above
+def test_align_start_negates_the_text_projection_when_the_first_batch_scores_below_zero(
+    runner, data, tmp_path, seed
+):
+    """The start score is measured on the first batch the run trains on, leaving the model's buffers and
+    the dropout RNG alone: the first step then scores that batch's matching pairs at |start score|."""
+    out = tmp_path / "run"
+    aligned = ("model.gpo_init=uniform", "train.align_start=true", f"train.seed={seed}", "train.max_steps=1")
+    result = run_cli(runner, *train_args(data, out, *(a for o in aligned for a in ("--set", o))))
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if "start_score" in r)
+    first_step = next(r for r in log if "loss" in r)
+    assert start["text_negated"] == (start["start_score"] < 0) == (seed == 1)
+    assert first_step["positive_score"] == pytest.approx(abs(start["start_score"]), abs=1e-5)
+    refused = run_cli(runner, *train_args(data, tmp_path / "drawn", "--set", "train.align_start=true"))
+    assert refused.exit_code == 2
+    assert "train.align_start needs model.gpo_init: uniform" in refused.output
+    assert not (tmp_path / "drawn").exists()
+
+
 def test_a_run_that_is_not_learning_is_told_and_stopped_when_asked(runner, data, tmp_path):
     """A learning rate of 1e-9 leaves the model where it started: its first validation is within noise of
     step 0's, which is a warning in the console and the log, and with train.stop_if_not_learning the end of

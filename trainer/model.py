@@ -330,6 +330,15 @@ class USER(nn.Module):
             self.text_key.eval()
         return self
 
+    @torch.no_grad()
+    def negate_text_projection(self) -> None:
+        """Every caption embedding negated, query and key encoders alike, while GPO pools by the mean (a
+        linear pooling of a negated projection is the negated embedding): every image–caption score
+        changes sign, and nothing else does."""
+        for tower in (self.text, self.text_key):
+            tower.linear.weight.neg_()
+            tower.linear.bias.neg_()
+
     def encode_images(self, regions, lengths, clip=None) -> torch.Tensor:
         return self.image(regions, lengths, clip)
 

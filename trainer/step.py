@@ -12,6 +12,7 @@ from torch.profiler import record_function
 
 from userpipe.schemas.errors import NonFiniteError
 from userpipe.schemas.run import RunConfig
+from userpipe.trainer import distributed
 from userpipe.trainer.model import USER
 
 
@@ -54,6 +55,21 @@ def uto_mu(config: RunConfig, global_step: int) -> float:
     if recipe.mu_start is None or global_step >= recipe.mu_warmup_steps:
         return mu
     return recipe.mu_start + (mu - recipe.mu_start) * global_step / recipe.mu_warmup_steps
+
+
+@torch.no_grad()
+def matching_score(model: USER, batch, config: RunConfig, device: torch.device) -> float:
+    """The mean score of a batch's matching pairs, every rank's rows, as a training step's forward sees them
+    (training mode, each rank's BatchNorm statistics over the global batch); the model's buffers (BatchNorm's
+    running statistics) and the RNG (dropout's) are left as they were."""
+    saved = [buffer.clone() for buffer in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
+        images = model.encode_images(batch.regions.to(device), batch.region_lengths.to(device), clip)
+        texts = model.encode_texts(batch.tokens.to(device), batch.token_lengths.to(device))
+    for buffer, value in zip(model.buffers(), saved, strict=True):
+        buffer.copy_(value)
+    return float((distributed.gather(images) * distributed.gather(texts)).sum(-1).mean())
 
 
 def train_step(

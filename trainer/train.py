@@ -41,7 +41,7 @@ from userpipe.trainer.process import keep_freed_memory, reproducible_cpu_math
 from userpipe.trainer.progress import TrainingProgress
 from userpipe.trainer.run_dir import LOG_NAME, JsonLog, Start, resume_inputs, run_data, start_run
 from userpipe.trainer.shard_set import ShardSet
-from userpipe.trainer.step import Position, build_optimizer, learning_rate, train_step
+from userpipe.trainer.step import Position, build_optimizer, learning_rate, matching_score, train_step
 from userpipe.trainer.tracking import TrackedLog, parse_report_to
 from userpipe.trainer.training_page import validation_sizes, write_training_summary
 
@@ -305,7 +305,7 @@ def train(
         if start.state is not None:
             training.resume(start, per_epoch, console)
         else:
-            training.begin()
+            training.begin(loader)
         model.train()
         with TrainingProgress(
             console,
@@ -425,15 +425,27 @@ class _Training:
             highlight=False,
         )
 
-    def begin(self) -> None:
+    def begin(self, loader: StreamingLoader) -> None:
         """A new run: each rank its own dropout masks, as one process draws them per row; rank 0 logs the
-        untrained model's numbers, the baseline every run is compared with."""
+        untrained model's numbers, the baseline every run is compared with; then train.align_start."""
         if self.world.size > 1:
             torch.manual_seed(self.config.train.seed * 1_000_003 + self.world.rank)
         if self.world.main:
             baseline = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
             self.log.write({"step": 0, "epoch": 0, "val": baseline})
             self.baseline = with_sizes(baseline, *validation_sizes(self.run))
+        if self.config.train.align_start:
+            self._align_start(loader)
+
+    def _align_start(self, loader: StreamingLoader) -> None:
+        """The untrained model scores every pair about alike, at a sign its draw decides; below zero UTO's
+        reward has no gradient and a run can stay there (docs/architecture.md, "Seeds"). Scored on the first
+        batch the run trains on, the same global batch on every rank, so every rank decides alike."""
+        with contextlib.closing(loader.batches(0)) as batches:
+            score = matching_score(self.model, next(batches), self.config, self.device)
+        if score < 0:
+            self.model.negate_text_projection()
+        self.log.write({"step": 0, "epoch": 0, "start_score": round(score, 6), "text_negated": score < 0})
 
     def run_epochs(self, loader: StreamingLoader, per_epoch: list[int], progress: TrainingProgress) -> None:
         """From the position to the last epoch (or `max_steps`): steps, their log lines, and the validations
