@@ -423,10 +423,12 @@ def test_a_log_line_that_parses_but_lost_a_field_is_refused_in_one_line(tmp_path
         "val": {side: dict.fromkeys(("r1", "r5", "r10", "medr", "meanr"), 1.0) for side in ("i2t", "t2i")}
         | {"rsum": 6.0},
     }
+    start = {"step": 0, "epoch": 0, "start_score": -0.08, "text_negated": True}
     log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps(step) + "\n" + json.dumps(val) + "\n")
-    assert JsonLog(log).records() == [step, val]
+    log.write_text("".join(json.dumps(record) + "\n" for record in (start, step, val)))
+    assert JsonLog(log).records() == [start, step, val]
     for broken, message in [
+        ({**start, "start_score": 3.0}, "line 1: start_score"),  # a cosine
         ({**step, "qtueue": step["queue"]} | {"queue": None}, "line 1: queue"),
         ({k: v for k, v in step.items() if k != "queue"} | {"qtueue": 0.3}, "line 1: queue"),
         ({"step": 1, "epoch": 0, "lr": 1e-3}, "line 1 is not a log record"),
