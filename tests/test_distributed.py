@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from userpipe.trainer import distributed
 from userpipe.trainer.model import build_model
+from userpipe.trainer.step import matching_score
 
 PAIRS, STEPS = 8, 2  # the global batch, split over the ranks
 
@@ -62,6 +64,10 @@ def run_steps(rank: int, world: int, port: int, out: Path, mask_false_negatives:
     trained = distributed.wrap(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam would magnify the rounding of ~0 gradients
     part = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+    first = {name: value[part] for name, value in global_batch(0).items()}
+    first = SimpleNamespace(**first, region_lengths=first["lengths"])
+    # train.align_start's measure: the global batch's, the same on every rank
+    start_score = matching_score(model, first, device)
     steps = []
     for step in range(STEPS):
         batch = {name: value[part] for name, value in global_batch(step).items()}
@@ -73,7 +79,9 @@ def run_steps(rank: int, world: int, port: int, out: Path, mask_false_negatives:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         steps.append({"loss": losses["loss"].detach(), "grads": grads})
         optimizer.step()
-    torch.save({"steps": steps, "state": model.state_dict()}, out / f"{world}-{rank}.pt")
+    torch.save(
+        {"steps": steps, "state": model.state_dict(), "start": start_score}, out / f"{world}-{rank}.pt"
+    )
     distributed.stop()
 
 
@@ -87,6 +95,7 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path):
         torch.set_num_threads(threads)  # later tests compare numbers computed with the suite's threads
     mp.start_processes(run_steps, (2, free_port(), tmp_path, True), nprocs=2, start_method="spawn")
     one, ranks = torch.load(tmp_path / "1-0.pt"), [torch.load(tmp_path / f"2-{r}.pt") for r in range(2)]
+    assert ranks[0]["start"] == ranks[1]["start"] == pytest.approx(one["start"], abs=1e-6)
     for step, (alone, together) in enumerate(zip(one["steps"], ranks[0]["steps"], strict=True)):
         assert together["loss"].item() == pytest.approx(alone["loss"].item(), rel=1e-5), step
         assert together["grads"].keys() == alone["grads"].keys()

@@ -1,5 +1,6 @@
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from userpipe.trainer.model import (
     build_model,
     sinusoid_positions,
 )
-from userpipe.trainer.step import uto_mu
+from userpipe.trainer.step import matching_score, uto_mu
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -274,7 +275,7 @@ def test_init_seed_draws_the_untrained_model_and_train_seed_is_left_the_rest():
         TrainRecipe(epochs=1, batch_size=8, lr=1e-3, init_seed=-1)
 
 
-def test_uniform_gpo_init_pools_by_the_mean_and_leaves_every_other_weight_as_drawn():
+def test_uniform_gpo_init_pools_by_the_mean_and_a_negated_text_projection_negates_every_score():
     def start(gpo_init: str) -> dict[str, torch.Tensor]:
         recipe = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, seed=5)
         run = RunConfig(model=tiny_config(gpo_init=gpo_init), train=recipe)
@@ -286,6 +287,23 @@ def test_uniform_gpo_init_pools_by_the_mean_and_leaves_every_other_weight_as_dra
     assert {name.split(".")[0] for name in scores} == {"image", "text", "image_key", "text_key"}
     assert all(torch.equal(drawn[name], uniform[name]) for name in drawn.keys() - scores)
     assert all((uniform[name] == 0).all() and (drawn[name] != 0).any() for name in scores)
+
+    model = initial_model(
+        RunConfig(model=tiny_config(gpo_init="uniform"), train=TrainRecipe(epochs=1, batch_size=8, lr=1e-3)),
+        bert=tiny_bert(),
+    ).train()
+    batch = SimpleNamespace(
+        regions=torch.randn(8, 6, 12),
+        region_lengths=torch.randint(2, 7, (8,)),
+        tokens=torch.randint(1, 100, (8, 7)),
+        token_lengths=torch.randint(3, 8, (8,)),
+    )
+    buffers, rng = copy.deepcopy(dict(model.named_buffers())), torch.get_rng_state()
+    score = matching_score(model, batch, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's masks of the first step are its own
+    assert all(torch.equal(value, buffers[name]) for name, value in model.named_buffers())  # BatchNorm's
+    model.negate_text_projection()
+    assert matching_score(model, batch, torch.device("cpu")) == pytest.approx(-score, abs=1e-6)
 
     gpo = GPO(pe_dim=8, hidden=8, init="uniform")
     lengths, features = torch.tensor([5, 2, 7]), torch.randn(3, 7, 4)

@@ -58,13 +58,13 @@ def uto_mu(config: RunConfig, global_step: int) -> float:
 
 
 @torch.no_grad()
-def matching_score(model: USER, batch, config: RunConfig, device: torch.device) -> float:
+def matching_score(model: USER, batch, device: torch.device) -> float:
     """The mean score of a batch's matching pairs, every rank's rows, as a training step's forward sees them
     (training mode, each rank's BatchNorm statistics over the global batch); the model's buffers (BatchNorm's
     running statistics) and the RNG (dropout's) are left as they were."""
     saved = [buffer.clone() for buffer in model.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
+        clip = batch.clip_image.to(device) if model.config.enhancement == "cge" else None
         images = model.encode_images(batch.regions.to(device), batch.region_lengths.to(device), clip)
         texts = model.encode_texts(batch.tokens.to(device), batch.token_lengths.to(device))
     for buffer, value in zip(model.buffers(), saved, strict=True):

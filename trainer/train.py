@@ -442,7 +442,7 @@ class _Training:
         reward has no gradient and a run can stay there (docs/architecture.md, "Seeds"). Scored on the first
         batch the run trains on, the same global batch on every rank, so every rank decides alike."""
         with contextlib.closing(loader.batches(0)) as batches:
-            score = matching_score(self.model, next(batches), self.config, self.device)
+            score = matching_score(self.model, next(batches), self.device)
         if score < 0:
             self.model.negate_text_projection()
         self.log.write({"step": 0, "epoch": 0, "start_score": round(score, 6), "text_negated": score < 0})
