@@ -298,6 +298,8 @@ def as_yaml(value) -> str:
 @example(overrides={"train.max_steps": 1})
 @example(overrides={"train.mu_start": 20})  # a warm-up without its length
 @example(overrides={"train.mu_start": 20, "train.mu_warmup_steps": 2})
+@example(overrides={"train.align_start": True})  # needs GPO's uniform start
+@example(overrides={"train.align_start": True, "model.gpo_init": "uniform"})
 def test_every_config_field_is_refused_in_one_line_or_trains(runner, small_run, overrides):
     out = small_run.tmp / "run"
     args = ["train", "--shards", small_run.shards, "--val-store", small_run.val]
