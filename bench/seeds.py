@@ -1,9 +1,10 @@
 """The demo's seed study (issue 31): `userpipe train --seeds` of the demo recipe as released (μ = 90 from the
 first step) and with the μ warm-up (train.mu_start = 20 rising to 90 over the first two epochs; and over the
 first epoch only), each for the demo's 3 epochs and both main recipes for 6; both 3-epoch recipes again with
-GPO's score layers starting at zero (model.gpo_init = uniform: mean pooling at the start); on the same
-shards; `userpipe report --compare` of all of them on the test split (1,000 images, 5,000 captions); and, from
-each run's log, what separates a low seed from a high one: the untrained model's score of every pair (the
+GPO's score layers starting at zero (model.gpo_init = uniform: mean pooling at the start), and the demo
+preset (the warm-up, the uniform start and train.align_start); on the same shards; `userpipe report
+--compare` of all of them on the test split (1,000 images, 5,000 captions); and, from each run's log, what
+separates a low seed from a high one: the untrained model's score of every pair (the
 step-1 `positive_score`: all pairs score alike at the start, see docs/architecture.md, "Seeds"), the
 validation RSUM after the first epoch, and the gap between matching and other pairs over the first epoch.
 Then three checks: twice the epochs and twice the images (6,400 generated images, seeds 1 and 3), the
@@ -12,7 +13,7 @@ untrained model of one seed with the data order of another, and SGE's BatchNorm 
 
 Needs the demo's store and shards (`just demo` makes them: data/demo.zarr, data/demo-shards/train). Writes
 the runs to --runs (a finished seed is kept: a rerun resumes) and bench/results/seeds.{json,md,png}. Two
-recipes train side by side (one process per core): about 2.5 hours on 2 cores.
+recipes train side by side (one process per core): about 3 hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -344,7 +345,7 @@ def main() -> None:
             ),
             "batchnorm": as_records(("seed", "val_rsum", "val_rsum_recomputed", "variance_ratio_max"), norms),
         },
-        "The demo over seeds: the released recipe, the μ warm-up and GPO's uniform start",
+        "The demo over seeds: the released recipe, the μ warm-up, GPO's uniform start, a sign-aligned start",
         "`python -m bench.seeds` (`just demo-seeds`): `userpipe train --config demo --seeds "
         f"{args.seeds}` for each recipe (its overrides: "
         + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in RECIPES.items())
