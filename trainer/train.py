@@ -441,6 +441,7 @@ class _Training:
         """The untrained model scores every pair about alike, at a sign its draw decides; below zero UTO's
         reward has no gradient and a run can stay there (docs/architecture.md, "Seeds"). Scored on the first
         batch the run trains on, the same global batch on every rank, so every rank decides alike."""
+        self.model.train()  # as the first step sees it, and BatchNorm's all-reduce on every rank alike
         with contextlib.closing(loader.batches(0)) as batches:
             score = matching_score(self.model, next(batches), self.device)
         if score < 0:
