@@ -64,8 +64,8 @@ demo-ablation: demo
     HF_HUB_OFFLINE=1 {{bin}}/userpipe report --run runs/demo --store data/demo.zarr --split test \
         --compare runs/demo-cge --compare runs/demo-vse --compare runs/demo-mask
 
-# the demo over 5 seeds, as released and with the μ warm-up: bench/results/seeds.{md,json,png} (about 30
-# minutes on 2 cores after `just demo`; finished seeds are kept)
+# the demo over 5 seeds: its preset, its parts and the released recipe: bench/results/seeds.{md,json,png}
+# (about 3 hours on 2 cores after `just demo`; finished seeds are kept)
 demo-seeds: demo
     {{bin}}/python -m bench.seeds
 

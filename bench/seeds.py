@@ -140,7 +140,7 @@ def schedule_checks(runs: Path) -> list[list]:
 
 def init_or_order(runs: Path) -> list[list]:
     """Rows (initialised from, data order from, start score, validation RSUM after epoch 1, best, test RSUM)
-    of the demo preset (the μ warm-up) with the untrained model of one seed and the data order, augmentation
+    of the μ warm-up recipe (GPO drawn) with the untrained model of one seed and the data order, augmentation
     and dropout of another (train.init_seed, train.seed), beside the two seeds' own runs."""
     pairs = {(1, 1): runs / "mu-warmup" / "seed-1", (3, 3): runs / "mu-warmup" / "seed-3"}
     for init, order in ((3, 1), (1, 3)):
@@ -376,7 +376,7 @@ def main() -> None:
             "",
             "## The untrained model or the data order?",
             "",
-            "The demo preset (the μ warm-up) with the untrained model of one seed (`train.init_seed`) and "
+            "The μ warm-up recipe (GPO drawn) with the untrained model of one seed (`train.init_seed`) and "
             "the data order, augmentation and dropout of another (`train.seed`), beside seeds 1 and 3 of "
             "the study.",
             "",

@@ -253,7 +253,10 @@ def _write_run_report(
     baseline: SplitEmbeddings | None,
 ) -> dict:
     model, config, tokenizer, trained = _evaluate(run, store, split)
+    records = JsonLog(run / LOG_NAME).records()
     untrained_model = initial_model(config).to(next(model.parameters()).device)
+    if any(r.get("text_negated") for r in records):  # the run's start, as train.align_start left it
+        untrained_model.negate_text_projection()
     metrics = {
         "trained": embedding_metrics([trained]),
         "untrained": embedding_metrics([encode_split(untrained_model, store, split, tokenizer)]),
@@ -261,7 +264,6 @@ def _write_run_report(
     }
     if baseline is not None:
         metrics["zero_shot"] = {"label": zero_shot_label(zero_shot), **embedding_metrics([baseline])}
-    records = JsonLog(run / LOG_NAME).records()
     validations = [r for r in records if "val" in r and r["step"] > 0]  # those a best checkpoint is of
     best_at = (
         when_validated(records, max(validations, key=lambda r: r["val"]["rsum"])) if validations else "?"

@@ -246,6 +246,12 @@ def test_align_start_negates_the_text_projection_when_the_first_batch_scores_bel
     first_step = next(r for r in log if "loss" in r)
     assert start["text_negated"] == (start["start_score"] < 0) == (seed == 1)
     assert first_step["positive_score"] == pytest.approx(abs(start["start_score"]), abs=1e-5)
+    # the baseline is the start as trained from, and `report` rebuilds the same from the seed and the log
+    assert log[0] == start and log[1]["step"] == 0 and "val" in log[1]
+    reported = run_cli(runner, "report", "--run", out, "--store", data.val, "--split", "val")
+    assert reported.exit_code == 0, reported.output
+    untrained = json.loads((out / "report.json").read_text())["untrained"]["rsum"]
+    assert untrained == pytest.approx(log[1]["val"]["rsum"], abs=1e-6)
     refused = run_cli(runner, *train_args(data, tmp_path / "drawn", "--set", "train.align_start=true"))
     assert refused.exit_code == 2
     assert "train.align_start needs model.gpo_init: uniform" in refused.output

@@ -63,13 +63,16 @@ def matching_score(model: USER, batch, device: torch.device) -> float:
     (training mode, each rank's BatchNorm statistics over the global batch); the model's buffers (BatchNorm's
     running statistics) and the RNG (dropout's) are left as they were."""
     saved = [buffer.clone() for buffer in model.buffers()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),  # as train_step
+    ):
         clip = batch.clip_image.to(device) if model.config.enhancement == "cge" else None
         images = model.encode_images(batch.regions.to(device), batch.region_lengths.to(device), clip)
         texts = model.encode_texts(batch.tokens.to(device), batch.token_lengths.to(device))
     for buffer, value in zip(model.buffers(), saved, strict=True):
         buffer.copy_(value)
-    return float((distributed.gather(images) * distributed.gather(texts)).sum(-1).mean())
+    return float((distributed.gather(images).float() * distributed.gather(texts).float()).sum(-1).mean())
 
 
 def train_step(

@@ -427,26 +427,28 @@ class _Training:
 
     def begin(self, loader: StreamingLoader) -> None:
         """A new run: each rank its own dropout masks, as one process draws them per row; rank 0 logs the
-        untrained model's numbers, the baseline every run is compared with; then train.align_start."""
+        untrained model's numbers (after train.align_start), the baseline every run is compared with."""
         if self.world.size > 1:
             torch.manual_seed(self.config.train.seed * 1_000_003 + self.world.rank)
+        if self.config.train.align_start:
+            self._align_start(loader)
         if self.world.main:
             baseline = validate(self.model, self.val_store, self.tokenizer, self.config.train.val_images)
             self.log.write({"step": 0, "epoch": 0, "val": baseline})
             self.baseline = with_sizes(baseline, *validation_sizes(self.run))
-        if self.config.train.align_start:
-            self._align_start(loader)
 
     def _align_start(self, loader: StreamingLoader) -> None:
         """The untrained model scores every pair about alike, at a sign its draw decides; below zero UTO's
         reward has no gradient and a run can stay there (docs/architecture.md, "Seeds"). Scored on the first
-        batch the run trains on, the same global batch on every rank, so every rank decides alike."""
+        batch the run trains on (every rank's rows); rank 0's decision holds on every rank, so that no
+        rounding difference near zero can leave the ranks' weights apart (DDP copies them once only)."""
         self.model.train()  # as the first step sees it, and BatchNorm's all-reduce on every rank alike
         with contextlib.closing(loader.batches(0)) as batches:
             score = matching_score(self.model, next(batches), self.device)
-        if score < 0:
+        negate = distributed.from_main(lambda: score < 0)
+        if negate:
             self.model.negate_text_projection()
-        self.log.write({"step": 0, "epoch": 0, "start_score": round(score, 6), "text_negated": score < 0})
+        self.log.write({"step": 0, "epoch": 0, "start_score": round(score, 6), "text_negated": negate})
 
     def run_epochs(self, loader: StreamingLoader, per_epoch: list[int], progress: TrainingProgress) -> None:
         """From the position to the last epoch (or `max_steps`): steps, their log lines, and the validations
