@@ -14,6 +14,7 @@ from userpipe.trainer.checkpoint import initial_model
 from userpipe.trainer.config import load_run_config
 from userpipe.trainer.model import (
     GPO,
+    USER,
     Dropout,
     ImageEncoder,
     MomentumQueue,
@@ -276,22 +277,20 @@ def test_init_seed_draws_the_untrained_model_and_train_seed_is_left_the_rest():
 
 
 def test_uniform_gpo_init_pools_by_the_mean_and_a_negated_text_projection_negates_every_score():
-    def start(gpo_init: str) -> dict[str, torch.Tensor]:
-        recipe = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, seed=5)
-        run = RunConfig(model=tiny_config(gpo_init=gpo_init), train=recipe)
-        return initial_model(run, bert=tiny_bert()).state_dict()
+    def start(gpo_init: str, **recipe) -> USER:
+        train = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, seed=5, **recipe)
+        return initial_model(RunConfig(model=tiny_config(gpo_init=gpo_init), train=train), bert=tiny_bert())
 
-    drawn, uniform = start("random"), start("uniform")
+    model = start("uniform").train()
+    drawn, uniform = start("random").state_dict(), model.state_dict()
     scores = {name for name in drawn if ".gpo.score." in name}
     # both towers and both key encoders
     assert {name.split(".")[0] for name in scores} == {"image", "text", "image_key", "text_key"}
     assert all(torch.equal(drawn[name], uniform[name]) for name in drawn.keys() - scores)
     assert all((uniform[name] == 0).all() and (drawn[name] != 0).any() for name in scores)
 
-    model = initial_model(
-        RunConfig(model=tiny_config(gpo_init="uniform"), train=TrainRecipe(epochs=1, batch_size=8, lr=1e-3)),
-        bert=tiny_bert(),
-    ).train()
+    with pytest.raises(ValidationError, match="train.align_start needs model.gpo_init: uniform"):
+        start("random", align_start=True)  # a drawn GPO does not pool a negated projection to its negation
     batch = SimpleNamespace(
         regions=torch.randn(8, 6, 12),
         region_lengths=torch.randint(2, 7, (8,)),

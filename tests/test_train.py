@@ -252,10 +252,6 @@ def test_align_start_negates_the_text_projection_when_the_first_batch_scores_bel
     assert reported.exit_code == 0, reported.output
     untrained = json.loads((out / "report.json").read_text())["untrained"]["rsum"]
     assert untrained == pytest.approx(log[1]["val"]["rsum"], abs=1e-6)
-    refused = run_cli(runner, *train_args(data, tmp_path / "drawn", "--set", "train.align_start=true"))
-    assert refused.exit_code == 2
-    assert "train.align_start needs model.gpo_init: uniform" in refused.output
-    assert not (tmp_path / "drawn").exists()
 
 
 def test_a_run_that_is_not_learning_is_told_and_stopped_when_asked(runner, data, tmp_path):

@@ -47,8 +47,10 @@ class JsonLog:
         for number, record in enumerate(records, 1):
             kinds = [key for key in LOG_LINES if isinstance(record, dict) and key in record]
             if len(kinds) != 1:
-                known = "a step, validation, change, warning or start"
-                raise InputError(f"{self.path} line {number} is not a log record ({known})")
+                known = ", ".join(LOG_LINES)
+                raise InputError(
+                    f"{self.path} line {number} is not a log record (exactly one of the keys {known})"
+                )
             validate_as(LOG_LINES[kinds[0]], record, f"{self.path} line {number}")
         return records
 

@@ -13,6 +13,7 @@ from torch.profiler import record_function
 from userpipe.schemas.errors import NonFiniteError
 from userpipe.schemas.run import RunConfig
 from userpipe.trainer import distributed
+from userpipe.trainer.losses import score_signals
 from userpipe.trainer.model import USER
 
 
@@ -57,22 +58,30 @@ def uto_mu(config: RunConfig, global_step: int) -> float:
     return recipe.mu_start + (mu - recipe.mu_start) * global_step / recipe.mu_warmup_steps
 
 
+def _forward_precision(device: torch.device):
+    """A step's forward: bf16 autocast on CUDA (the losses stay fp32), fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _clip(batch, enhancement: str, device: torch.device) -> torch.Tensor | None:
+    """The batch's CLIP globals, which only CGE reads."""
+    return batch.clip_image.to(device) if enhancement == "cge" else None
+
+
 @torch.no_grad()
 def matching_score(model: USER, batch, device: torch.device) -> float:
-    """The mean score of a batch's matching pairs, every rank's rows, as a training step's forward sees them
-    (training mode, each rank's BatchNorm statistics over the global batch); the model's buffers (BatchNorm's
-    running statistics) and the RNG (dropout's) are left as they were."""
+    """The mean score of a batch's matching pairs, every rank's rows (the step's `positive_score`), as a
+    training step's forward sees them (training mode, each rank's BatchNorm statistics over the global batch);
+    the model's buffers (BatchNorm's running statistics) and the RNG (dropout's) are left as they were."""
     saved = [buffer.clone() for buffer in model.buffers()]
-    with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),  # as train_step
-    ):
-        clip = batch.clip_image.to(device) if model.config.enhancement == "cge" else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _forward_precision(device):
+        clip = _clip(batch, model.config.enhancement, device)
         images = model.encode_images(batch.regions.to(device), batch.region_lengths.to(device), clip)
         texts = model.encode_texts(batch.tokens.to(device), batch.token_lengths.to(device))
     for buffer, value in zip(model.buffers(), saved, strict=True):
         buffer.copy_(value)
-    return float((distributed.gather(images).float() * distributed.gather(texts).float()).sum(-1).mean())
+    signals = score_signals(distributed.gather(images), distributed.gather(texts), model.config.gamma)
+    return float(signals["positive_score"])
 
 
 def train_step(
@@ -81,15 +90,14 @@ def train_step(
     """One optimizer step: forward (bf16 autocast on CUDA; the losses stay fp32), backward, clipping, the
     finiteness check, AdamW. Returns the losses, the model's score signals and the gradient norm before
     clipping."""
-    clip = batch.clip_image.to(device) if config.model.enhancement == "cge" else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with _forward_precision(device):
         losses = model(
             batch.regions.to(device),
             batch.region_lengths.to(device),
             batch.tokens.to(device),
             batch.token_lengths.to(device),
             batch.image_index.to(device),
-            clip=clip,
+            clip=_clip(batch, config.model.enhancement, device),  # `model` may be DDP's wrapper
             backend=config.train.backend,
             mu=uto_mu(config, position.global_step),
         )
